@@ -1,0 +1,116 @@
+"""The FastAPI application factory. Settings, keys and the database come in through a Node built
+by the caller, so a bad configuration is reported before the server starts."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import exchange
+from exchange.api import problems
+from exchange.api.routes import client_router, health_router, peer_router
+from exchange.errors import ExchangeError
+from exchange.node import Node
+from exchange.transport.peer import PeerTransport
+from exchange.transport.worker import DeliveryWorker
+
+
+class BodyLimit:
+    """Refuse request bodies above ``max_bytes`` with 413 problem JSON, declared or streamed."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = problems.problem(
+            413, "too-large", "Request body too large", f"the body exceeds {self.max_bytes} bytes"
+        )
+        await response(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def create_app(
+    node: Node, transport: PeerTransport | None = None, *, run_worker: bool = True
+) -> FastAPI:
+    """The node's ASGI app. With ``run_worker``, a delivery thread drains the outbox to
+    ``transport`` (required then) for the lifetime of the app."""
+    worker = DeliveryWorker(node, transport) if transport is not None else None
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        thread = None
+        if worker is not None and run_worker:
+            thread = threading.Thread(target=worker.run_forever, name="delivery", daemon=True)
+            thread.start()
+        try:
+            yield
+        finally:
+            if worker is not None:
+                worker.stop()
+            if thread is not None:
+                thread.join(timeout=30)
+            if transport is not None:
+                transport.close()
+
+    app = FastAPI(
+        title=f"exchange node ({node.party})",
+        version=exchange.__version__,
+        summary="Secure gateway for Polri-PDRM intelligence exchange on trafficking in persons",
+        description=(
+            "Every connection must present a client certificate. Local systems use `/v1/messages` "
+            "and `/v1/inbox` with a certificate from this node's CA registered by an administrator; "
+            "the partner node alone uses `/v1/peer/*`. Errors are RFC 9457 problem JSON."
+        ),
+        lifespan=lifespan,
+    )
+    app.state.node = node
+    wake: Callable[[], None] = worker.wake if worker is not None else (lambda: None)
+    app.state.worker_wake = wake
+    app.state.worker = worker
+    app.include_router(client_router)
+    app.include_router(peer_router)
+    app.include_router(health_router)
+    handlers: list[tuple[Any, Any]] = [
+        (ExchangeError, problems.exchange_error_handler),
+        (RequestValidationError, problems.validation_error_handler),
+        (StarletteHTTPException, problems.http_error_handler),
+        (Exception, problems.unexpected_error_handler),
+    ]
+    for exc_class, handler in handlers:
+        app.add_exception_handler(exc_class, handler)
+    app.add_middleware(BodyLimit, max_bytes=node.settings.max_body_bytes)
+    return app

@@ -1,0 +1,53 @@
+"""Who is calling: the verified client certificate, mapped to a registered client or the partner node.
+
+The TLS handshake already proved the certificate chains to a trusted CA (ours or the partner's).
+Here we decide *which* trust applies: local endpoints accept only certificates issued by our own CA
+and registered with ``exchange clients add``; peer endpoints accept only the partner's node
+certificate (issued by the partner CA pinned in the agreement, with the agreed node name).
+"""
+
+from __future__ import annotations
+
+from fastapi import Request
+
+from exchange import crypto
+from exchange.errors import Unauthorised
+from exchange.node import Node
+from exchange.policy import Actor
+
+
+def client_certificate(request: Request) -> bytes:
+    """The PEM of the caller's verified certificate. Raises Unauthorised if there is none."""
+    tls = request.scope.get("extensions", {}).get("tls")
+    chain = tls.get("client_cert_chain") if isinstance(tls, dict) else None
+    if not chain:
+        raise Unauthorised("no verified client certificate on this connection")
+    return str(chain[0]).encode()
+
+
+def node_of(request: Request) -> Node:
+    node: Node = request.app.state.node
+    return node
+
+
+def local_client(request: Request) -> Actor:
+    """FastAPI dependency: the registered local system calling. Raises Unauthorised (403)."""
+    node = node_of(request)
+    pem = client_certificate(request)
+    if not crypto.is_issued_by(pem, node.agreement.parties[node.party].ca_certificate.encode()):
+        raise Unauthorised("this certificate is not issued by this node's certificate authority")
+    actor = node.actor_for(crypto.certificate_info(pem).fingerprint)
+    if actor is None:
+        raise Unauthorised("this client certificate is not registered; ask an administrator to run `exchange clients add`")
+    return actor
+
+
+def partner_node(request: Request) -> None:
+    """FastAPI dependency: admit only the partner node's certificate. Raises Unauthorised (403)."""
+    node = node_of(request)
+    partner = node.agreement.parties[node.partner_party]
+    pem = client_certificate(request)
+    if not crypto.is_issued_by(pem, partner.ca_certificate.encode()):
+        raise Unauthorised("only the partner node may call this endpoint")
+    if crypto.certificate_info(pem).common_name != partner.node_name:
+        raise Unauthorised("only the partner node may call this endpoint")

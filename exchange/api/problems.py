@@ -1,0 +1,88 @@
+"""RFC 9457 problem details: the one table from error classes to HTTP status codes.
+
+Domain errors carry no status; this module decides it. Lookup walks the exception's class
+hierarchy, so a subclass inherits its family's status unless it has its own row.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from exchange.errors import (
+    ConfigurationError,
+    EnvelopeError,
+    ExchangeError,
+    InvalidInput,
+    LedgerIntegrityError,
+    NotFound,
+    PolicyRefusal,
+    TransportError,
+    Unauthorised,
+)
+
+PROBLEM_TYPE_BASE = "https://exchange.invalid/problems/"
+MEDIA_TYPE = "application/problem+json"
+
+#: error class -> (status, problem type slug, title)
+STATUS_TABLE: dict[type[ExchangeError], tuple[int, str, str]] = {
+    InvalidInput: (422, "invalid-input", "The request is invalid"),
+    NotFound: (404, "not-found", "Not found"),
+    Unauthorised: (403, "forbidden", "The client certificate is not registered for this API"),
+    PolicyRefusal: (403, "policy-refusal", "Refused by the agreement's rules"),
+    EnvelopeError: (400, "envelope-rejected", "The envelope was rejected"),
+    TransportError: (502, "partner-unreachable", "The partner node could not be reached"),
+    LedgerIntegrityError: (500, "ledger-integrity", "The ledger failed verification"),
+    ConfigurationError: (500, "configuration", "The node is misconfigured"),
+}
+
+
+def problem(status: int, slug: str, title: str, detail: str, **extra: Any) -> JSONResponse:
+    body = {"type": PROBLEM_TYPE_BASE + slug, "title": title, "status": status, "detail": detail, **extra}
+    return JSONResponse(body, status_code=status, media_type=MEDIA_TYPE)
+
+
+def _row_for(exc: ExchangeError) -> tuple[int, str, str]:
+    for cls in type(exc).__mro__:
+        if cls in STATUS_TABLE:
+            return STATUS_TABLE[cls]  # type: ignore[index]
+    return 500, "internal", "Internal error"
+
+
+async def exchange_error_handler(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ExchangeError)
+    status, slug, title = _row_for(exc)
+    extra: dict[str, Any] = {}
+    detail = str(exc)
+    if isinstance(exc, InvalidInput):
+        extra["errors"] = [{"field": e.field, "message": e.message} for e in exc.errors]
+    elif isinstance(exc, PolicyRefusal):
+        extra["violations"] = [{"rule": v.rule_id, "reason": v.reason} for v in exc.violations]
+    elif isinstance(exc, EnvelopeError):
+        detail = "rejected"  # a peer learns one opaque reason; the detail is in the log and ledger
+    elif status >= 500:
+        detail = title
+    return problem(status, slug, title, detail, **extra)
+
+
+async def validation_error_handler(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = [
+        {"field": "/".join(str(p) for p in err["loc"] if p != "body") or "(body)", "message": err["msg"]}
+        for err in exc.errors()
+    ]
+    detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+    return problem(422, "invalid-input", "The request is invalid", detail, errors=errors)
+
+
+async def http_error_handler(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    return problem(exc.status_code, f"http-{exc.status_code}", str(exc.detail), str(exc.detail))
+
+
+async def unexpected_error_handler(_request: Request, _exc: Exception) -> JSONResponse:
+    return problem(500, "internal", "Internal error", "an internal error occurred; it has been logged")

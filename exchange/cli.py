@@ -1,0 +1,306 @@
+"""The administrator's command line: ``exchange --help``.
+
+Every error is one line on stderr and a non-zero exit (2 for a refusal or bad input, 1 for an
+integrity failure), never a stack trace.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sys
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import tomli_w
+import typer
+from pydantic import ValidationError
+
+from exchange import crypto, envelope
+from exchange.agreement import load_agreement, parse_agreement
+from exchange.config import NODE_FILE, check_passphrase, load_settings
+from exchange.db import repo
+from exchange.db.engine import Database, upgrade
+from exchange.errors import ConfigurationError, ExchangeError, InvalidInput, LedgerIntegrityError
+from exchange.keys.store import create_node_keys, public_party_keys
+from exchange.pki import AGENCIES, TLSFiles, create_dev_pki, issue_client, node_name
+from exchange.types import PARTIES
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_enable=False)
+agreement_app = typer.Typer(no_args_is_help=True, help="Compose and check the agreement file.")
+db_app = typer.Typer(no_args_is_help=True, help="Database migrations.")
+clients_app = typer.Typer(no_args_is_help=True, help="Register local systems by their certificate.")
+pki_app = typer.Typer(no_args_is_help=True, help="The development PKI.")
+envelope_app = typer.Typer(no_args_is_help=True, help="Seal and open envelopes with JWK files.")
+audit_app = typer.Typer(no_args_is_help=True, help="Verify the audit ledger.")
+for sub, name in [(agreement_app, "agreement"), (db_app, "db"), (clients_app, "clients"), (pki_app, "pki"),
+                  (envelope_app, "envelope"), (audit_app, "audit")]:
+    app.add_typer(sub, name=name)
+
+DirOpt = Annotated[Path, typer.Option("--dir", help="the node directory", file_okay=False)]
+PARTY_FILE = "party.toml"
+
+
+def _passphrase_from_env() -> str:
+    import os
+
+    value = os.environ.get("EXCHANGE_KEY_PASSPHRASE")
+    path = os.environ.get("EXCHANGE_KEY_PASSPHRASE_FILE")
+    if value is None and path:
+        try:
+            value = Path(path).read_text().strip()
+        except OSError as exc:
+            raise ConfigurationError(f"cannot read EXCHANGE_KEY_PASSPHRASE_FILE: {exc}") from exc
+    if value is None:
+        raise ConfigurationError("set EXCHANGE_KEY_PASSPHRASE or EXCHANGE_KEY_PASSPHRASE_FILE")
+    return check_passphrase(value)
+
+
+@app.command()
+def init(
+    party: Annotated[str, typer.Option(help="ID (Indonesia) or MY (Malaysia)")],
+    directory: DirOpt,
+    port: Annotated[int, typer.Option(help="port the node listens on")] = 8443,
+    host: Annotated[str, typer.Option(help="address the node listens on")] = "127.0.0.1",
+    endpoint: Annotated[str | None, typer.Option(help="public https URL of this node")] = None,
+    hostname: Annotated[list[str] | None, typer.Option(help="DNS name for the TLS certificates")] = None,
+    dev_pki: Annotated[bool, typer.Option(help="create a development CA and certificates")] = True,
+) -> None:
+    """Create a node directory: settings, encrypted message keys, TLS material, party fragment."""
+    if party not in PARTIES:
+        raise InvalidInput(f"--party must be one of {', '.join(PARTIES)}, not {party!r}")
+    if (directory / NODE_FILE).exists():
+        raise ConfigurationError(f"{directory} is already a node directory")
+    passphrase = _passphrase_from_env()
+    directory.mkdir(parents=True, exist_ok=True)
+    ring = create_node_keys(directory / "keys", party, passphrase)  # type: ignore[arg-type]
+    tls = TLSFiles(directory / "tls")
+    if dev_pki:
+        create_dev_pki(tls, party, passphrase, hostnames=("localhost", *(hostname or [])),  # type: ignore[arg-type]
+                       ips=("127.0.0.1",))
+    (directory / NODE_FILE).write_text(tomli_w.dumps({"party": party, "listen_host": host, "listen_port": port}))
+    sig, enc = public_party_keys(ring)
+    fragment = {
+        "id": party,
+        "name": AGENCIES[party],
+        "endpoint": endpoint or f"https://{host}:{port}",
+        "node_name": node_name(party),  # type: ignore[arg-type]
+        "scheme": "POLRI" if party == "ID" else "ARAHAN",
+        "ca_certificate": tls.ca_cert.read_text() if tls.ca_cert.exists() else "",
+        "signing_keys": sig,
+        "encryption_keys": enc,
+    }
+    (directory / PARTY_FILE).write_text(tomli_w.dumps(fragment))
+    typer.echo(f"initialised node {party} in {directory}; share {directory / PARTY_FILE} with the partner")
+
+
+@agreement_app.command("compose")
+def agreement_compose(
+    party_file: Annotated[list[Path], typer.Option("--party", help="a party.toml from `exchange init` (twice)")],
+    out: Annotated[Path, typer.Option(help="where to write the agreement")],
+    version: Annotated[str | None, typer.Option(help="agreement version")] = None,
+) -> None:
+    """Compose an agreement from the two party fragments and the default terms."""
+    from importlib.resources import files
+
+    data: dict[str, Any] = tomllib.loads(files("exchange").joinpath("agreement_defaults.toml").read_text())
+    parties: dict[str, Any] = {}
+    for path in party_file:
+        fragment = tomllib.loads(path.read_text())
+        parties[str(fragment.pop("id"))] = fragment
+    data["parties"] = parties
+    if version:
+        data["version"] = version
+    agreement = parse_agreement(data, source="composed agreement")
+    out.write_text(tomli_w.dumps(data, multiline_strings=True))
+    typer.echo(f"agreement {agreement.version} written to {out} (sha256 {agreement.digest})")
+
+
+@agreement_app.command("check")
+def agreement_check(path: Annotated[Path, typer.Argument(help="agreement TOML file")]) -> None:
+    """Validate an agreement file and print its version and digest."""
+    agreement = load_agreement(path)
+    typer.echo(f"agreement {agreement.version} is valid (sha256 {agreement.digest})")
+
+
+@db_app.command("upgrade")
+def db_upgrade(directory: DirOpt) -> None:
+    """Apply the database migrations."""
+    settings = load_settings(directory)
+    upgrade(settings.database_url)
+    typer.echo("database is at the latest revision")
+
+
+def _node_scheme_levels(directory: Path) -> tuple[Database, list[str]]:
+    settings = load_settings(directory)
+    agreement = load_agreement(settings.agreement_file)
+    db = Database(settings.database_url)
+    db.check_migrated()
+    return db, list(agreement.schemes[agreement.parties[settings.party].scheme].levels)
+
+
+@clients_app.command("add")
+def clients_add(
+    directory: DirOpt,
+    client_id: Annotated[str, typer.Option("--id", help="a short stable name")],
+    cert: Annotated[Path, typer.Option(help="the client's certificate (PEM)", exists=True, dir_okay=False)],
+    agency: Annotated[str, typer.Option()],
+    unit: Annotated[str, typer.Option()],
+    clearance: Annotated[str, typer.Option(help="a level of this node's national scheme")],
+    role: Annotated[list[str] | None, typer.Option(help="a role (repeatable)")] = None,
+    message_type: Annotated[list[str] | None, typer.Option("--type", help="allowed type (repeatable; none: all)")] = None,
+    purpose: Annotated[list[str] | None, typer.Option(help="allowed purpose (repeatable; none: all)")] = None,
+) -> None:
+    """Register a local system by its certificate (issued by this node's CA)."""
+    settings = load_settings(directory)
+    db, levels = _node_scheme_levels(directory)
+    if clearance not in levels:
+        raise InvalidInput(f"--clearance must be one of {levels}, not {clearance!r}")
+    pem = cert.read_bytes()
+    own_ca = load_agreement(settings.agreement_file).parties[settings.party].ca_certificate.encode()
+    if not crypto.is_issued_by(pem, own_ca):
+        raise InvalidInput(f"{cert} is not issued by this node's certificate authority")
+    info = crypto.certificate_info(pem)
+    with db.transaction() as conn:
+        repo.insert_client(conn, {
+            "id": client_id, "cert_fingerprint": info.fingerprint, "agency": agency, "unit": unit,
+            "roles": role or [], "clearance": clearance, "message_types": message_type or [],
+            "purposes": purpose or [], "created_at": dt.datetime.now(dt.UTC).isoformat(),
+        })
+    typer.echo(f"registered {client_id} (certificate {info.fingerprint[:16]}…, clearance {clearance})")
+
+
+@clients_app.command("list")
+def clients_list(directory: DirOpt) -> None:
+    """List registered local systems."""
+    db, _ = _node_scheme_levels(directory)
+    with db.transaction() as conn:
+        rows = repo.list_clients(conn)
+    for row in rows:
+        typer.echo(f"{row['id']}\t{row['agency']}/{row['unit']}\tclearance={row['clearance']}\t"
+                   f"roles={','.join(row['roles']) or '-'}\tcert={row['cert_fingerprint'][:16]}…")
+    if not rows:
+        typer.echo("no clients registered")
+
+
+@clients_app.command("remove")
+def clients_remove(directory: DirOpt, client_id: Annotated[str, typer.Option("--id")]) -> None:
+    """Remove a local system; its certificate is refused from then on."""
+    db, _ = _node_scheme_levels(directory)
+    with db.transaction() as conn:
+        repo.delete_client(conn, client_id)
+    typer.echo(f"removed {client_id}")
+
+
+@pki_app.command("issue-client")
+def pki_issue_client(
+    directory: DirOpt,
+    name: Annotated[str, typer.Option(help="the client's common name")],
+    out: Annotated[Path, typer.Option(help="folder for the certificate and key", file_okay=False)],
+) -> None:
+    """Issue a local-system certificate from the node's development CA."""
+    settings = load_settings(directory)
+    cert, key = issue_client(TLSFiles(settings.tls_dir), _passphrase_from_env(), name, out, settings.party)
+    typer.echo(f"issued {cert} and {key}")
+
+
+@app.command()
+def serve(directory: DirOpt) -> None:
+    """Run the node (mutual TLS, delivery worker) until interrupted."""
+    import logging
+
+    from exchange.api.server import serve as run
+    from exchange.node import Node
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run(Node(load_settings(directory)))
+
+
+def _read_jwk(path: Path) -> Any:
+    from joserfc.jwk import OKPKey
+
+    try:
+        return OKPKey.import_key(json.loads(path.read_text()))
+    except (OSError, ValueError) as exc:
+        raise InvalidInput(f"{path} is not an OKP JWK: {exc}") from exc
+
+
+@envelope_app.command("seal")
+def envelope_seal(
+    message: Annotated[Path, typer.Option(help="the message JSON (with the envelope fields)")],
+    signing_key: Annotated[Path, typer.Option(help="sender's private Ed25519 JWK")],
+    recipient_key: Annotated[Path, typer.Option(help="recipient's public X25519 JWK")],
+) -> None:
+    """Sign and encrypt a message; prints the compact JWE."""
+    try:
+        body = json.loads(message.read_text())
+    except (OSError, ValueError) as exc:
+        raise InvalidInput(f"{message} is not a JSON file: {exc}") from exc
+    try:
+        typer.echo(envelope.seal(body, signing_key=_read_jwk(signing_key), recipient_key=_read_jwk(recipient_key)))
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from exc
+
+
+@envelope_app.command("open")
+def envelope_open(
+    envelope_file: Annotated[Path, typer.Option("--envelope", help="the compact JWE")],
+    decryption_key: Annotated[Path, typer.Option(help="recipient's private X25519 JWK")],
+    verification_key: Annotated[Path, typer.Option(help="sender's public Ed25519 JWK")],
+) -> None:
+    """Decrypt and verify an envelope; prints the verified header and message as JSON."""
+    dk, vk = _read_jwk(decryption_key), _read_jwk(verification_key)
+    opened = envelope.open_stored(
+        envelope_file.read_text().strip(), decryption_keys={dk.kid: dk}, verification_keys={vk.kid: vk}
+    )
+    typer.echo(json.dumps({"header": opened.header, "message": opened.message, "signer_kid": opened.signer_kid},
+                          indent=2, ensure_ascii=False))
+
+
+@audit_app.command("verify")
+def audit_verify(directory: DirOpt) -> None:
+    """Recompute the ledger chain from its first entry; exit 1 naming the first bad entry."""
+    from exchange.ledger import verify_chain
+
+    settings = load_settings(directory)
+    db = Database(settings.database_url)
+    db.check_migrated()
+    with db.transaction() as conn:
+        head = repo.read_ledger_head(conn)
+        checked = verify_chain(repo.iter_ledger(conn), size=head.size, head_hash=head.head_hash)
+    typer.echo(f"ledger verified: {checked} entries, head {head.head_hash}")
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option(help="where the two demo nodes live (recreated)")] = Path("keys/demo"),
+) -> None:
+    """Run two nodes on SQLite and exchange a request and its response between them."""
+    from exchange.demo import run_demo
+
+    run_demo(workdir)
+
+
+def main() -> None:
+    """Entry point: one-line errors, non-zero exits."""
+    try:
+        app(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except LedgerIntegrityError as exc:
+        typer.echo(f"error: ledger verification FAILED: {exc}", err=True)
+        sys.exit(1)
+    except ExchangeError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except ValidationError as exc:
+        typer.echo(f"error: {exc.errors()[0].get('msg')} at {exc.errors()[0].get('loc')}", err=True)
+        sys.exit(2)
+    except OSError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)

@@ -1,0 +1,133 @@
+"""Node settings: ``node.toml`` in the node directory, overridden by ``EXCHANGE_*`` variables.
+
+Settings are built by :func:`load_settings` inside the app factory or a CLI command, never at
+import time. Defensive limits (body size, clock skew, replay window) are named settings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from exchange.errors import ConfigurationError
+from exchange.types import PartyId
+
+NODE_FILE = "node.toml"
+MIN_PASSPHRASE_LENGTH = 12
+_PLACEHOLDERS = {"changeme", "changethis", "password", "passphrase", "secret"}
+
+
+class NodeSettings(BaseSettings):
+    """Everything a node process needs to know about itself.
+
+    Paths are relative to ``node_dir`` unless absolute.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="EXCHANGE_", extra="forbid")
+
+    node_dir: Path
+    party: PartyId
+    database_url: str = ""
+    agreement_file: Path = Path("agreement.toml")
+    listen_host: str = "127.0.0.1"
+    listen_port: int = Field(default=8443, ge=1, le=65535)
+    key_dir: Path = Path("keys")
+    tls_dir: Path = Path("tls")
+    key_passphrase: SecretStr | None = None
+    key_passphrase_file: Path | None = None
+    partner_endpoint: str | None = Field(
+        default=None, description="override of the partner endpoint named in the agreement"
+    )
+    max_body_bytes: int = Field(default=1_048_576, gt=0)
+    clock_skew_seconds: int = Field(default=300, ge=0)
+    replay_window_seconds: int = Field(default=30 * 86400, gt=0)
+    delivery_batch_size: int = Field(default=64, ge=1, le=1000)
+    delivery_poll_seconds: float = Field(default=0.2, gt=0)
+    delivery_backoff_base_seconds: float = Field(default=0.5, gt=0)
+    delivery_backoff_max_seconds: float = Field(default=300.0, gt=0)
+    delivery_lease_seconds: float = Field(default=60.0, gt=0)
+    peer_timeout_seconds: float = Field(default=10.0, gt=0)
+    inbox_page_max: int = Field(default=100, ge=1, le=1000)
+    log_level: str = "info"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_file = init_settings.init_kwargs.get("node_dir")  # type: ignore[attr-defined]
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, Path(toml_file) / NODE_FILE))
+        return tuple(sources)
+
+    @model_validator(mode="after")
+    def _resolve(self) -> NodeSettings:
+        base = self.node_dir
+        for name in ("agreement_file", "key_dir", "tls_dir"):
+            value: Path = getattr(self, name)
+            if not value.is_absolute():
+                object.__setattr__(self, name, base / value)
+        if not self.database_url:
+            object.__setattr__(self, "database_url", f"sqlite:///{base / 'node.db'}")
+        return self
+
+    def passphrase(self) -> str:
+        """The key passphrase, from ``EXCHANGE_KEY_PASSPHRASE`` or the secrets file.
+
+        Raises:
+            ConfigurationError: no passphrase, a placeholder, or one shorter than 12 characters.
+        """
+        if self.key_passphrase is not None:
+            value = self.key_passphrase.get_secret_value()
+        elif self.key_passphrase_file is not None:
+            try:
+                value = self.key_passphrase_file.read_text().strip()
+            except OSError as exc:
+                raise ConfigurationError(f"cannot read key passphrase file: {exc}") from exc
+        else:
+            raise ConfigurationError(
+                "no key passphrase: set EXCHANGE_KEY_PASSPHRASE or EXCHANGE_KEY_PASSPHRASE_FILE"
+            )
+        return check_passphrase(value)
+
+    def tls_path(self, name: str) -> Path:
+        """A file in the node's TLS directory."""
+        return self.tls_dir / name
+
+
+def check_passphrase(value: str) -> str:
+    """Return ``value`` if it is usable as a key passphrase, else raise ConfigurationError."""
+    if value.lower() in _PLACEHOLDERS:
+        raise ConfigurationError("the key passphrase is a placeholder; choose a real one")
+    if len(value) < MIN_PASSPHRASE_LENGTH:
+        raise ConfigurationError(f"the key passphrase must have at least {MIN_PASSPHRASE_LENGTH} characters")
+    return value
+
+
+def load_settings(node_dir: Path, **overrides: Any) -> NodeSettings:
+    """Load a node's settings from ``node_dir/node.toml`` and the environment.
+
+    Raises:
+        ConfigurationError: the directory is not an initialised node or a setting is invalid
+            (every invalid setting named).
+    """
+    if not (node_dir / NODE_FILE).is_file():
+        raise ConfigurationError(f"{node_dir} is not a node directory (no {NODE_FILE}); run `exchange init`")
+    try:
+        return NodeSettings(node_dir=node_dir, **overrides)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise ConfigurationError(f"invalid settings in {node_dir / NODE_FILE}: {problems}") from exc

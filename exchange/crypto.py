@@ -1,0 +1,269 @@
+"""The only module that touches cryptographic primitives directly.
+
+Everything else calls these recipes: key generation, passphrase-encrypted PEM files, JWK export,
+certificate authorities and certificates for the development PKI, certificate inspection. JOSE
+composition (sign, encrypt) is left to joserfc in ``exchange.envelope``.
+
+Invariants: private keys leave this module only as joserfc keys or as PEM encrypted with
+BestAvailableEncryption; TLS keys are ECDSA P-256 (every TLS stack and browser accepts them);
+message keys are Ed25519 (signing) and X25519 (key agreement).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hmac
+import ipaddress
+from dataclasses import dataclass
+from typing import Literal
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, x25519
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from joserfc.jwk import OKPKey
+
+from exchange.errors import KeyManagementError
+
+MessageKeyUse = Literal["sig", "enc"]
+CertificateKind = Literal["ca", "server", "node", "client"]
+
+
+def new_message_key(use: MessageKeyUse) -> bytes:
+    """A fresh private message key as unencrypted PKCS#8 PEM (Ed25519 for sig, X25519 for enc)."""
+    key: ed25519.Ed25519PrivateKey | x25519.X25519PrivateKey = (
+        ed25519.Ed25519PrivateKey.generate() if use == "sig" else x25519.X25519PrivateKey.generate()
+    )
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def encrypt_private_pem(pem: bytes, passphrase: str) -> bytes:
+    """Re-encode a private key PEM encrypted under ``passphrase``."""
+    key = serialization.load_pem_private_key(pem, password=None)
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(passphrase.encode()),
+    )
+
+
+def decrypt_private_pem(pem: bytes, passphrase: str) -> bytes:
+    """Decrypt a passphrase-protected private key PEM to unencrypted PKCS#8 PEM (in memory only).
+
+    Raises:
+        KeyManagementError: wrong passphrase or not a private key.
+    """
+    try:
+        key = serialization.load_pem_private_key(pem, password=passphrase.encode())
+    except (ValueError, TypeError) as exc:
+        raise KeyManagementError("cannot decrypt private key: wrong passphrase or damaged file") from exc
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def private_jwk(pem: bytes, kid: str) -> OKPKey:
+    """An OKP JWK (private) with ``kid`` from an unencrypted PKCS#8 PEM."""
+    return OKPKey.import_key(pem, parameters={"kid": kid})
+
+
+def message_key_id(party: str, use: MessageKeyUse, pem: bytes) -> str:
+    """A key id ``<party>-<use>-<thumbprint prefix>``: stable, unique, says whose key it is."""
+    return f"{party}-{use}-{OKPKey.import_key(pem).thumbprint()[:16]}"
+
+
+def public_jwk_dict(key: OKPKey) -> dict[str, str]:
+    """The public half of an OKP key as a JWK dict, with its ``kid``."""
+    data = key.as_dict(private=False)
+    return {k: str(v) for k, v in data.items()}
+
+
+def thumbprint(key: OKPKey) -> str:
+    """RFC 7638 thumbprint of a key (base64url SHA-256)."""
+    return key.thumbprint()
+
+
+def constant_time_equal(a: str | bytes, b: str | bytes) -> bool:
+    """Compare two digests without leaking where they differ."""
+    a_b = a.encode() if isinstance(a, str) else a
+    b_b = b.encode() if isinstance(b, str) else b
+    return hmac.compare_digest(a_b, b_b)
+
+
+# --- certificates -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IssuedCertificate:
+    """A certificate and its private key (PEM, the key encrypted under the given passphrase)."""
+
+    cert_pem: bytes
+    key_pem: bytes
+
+
+def _name(common_name: str, organisation: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, organisation),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+def _encrypted(key: ec.EllipticCurvePrivateKey, passphrase: str) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(passphrase.encode()),
+    )
+
+
+def make_ca(common_name: str, organisation: str, passphrase: str, *, days: int = 3650) -> IssuedCertificate:
+    """A self-signed certificate authority (ECDSA P-256) for a development PKI."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    name = _name(common_name, organisation)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return IssuedCertificate(cert.public_bytes(serialization.Encoding.PEM), _encrypted(key, passphrase))
+
+
+def issue_certificate(
+    ca: IssuedCertificate,
+    ca_passphrase: str,
+    *,
+    kind: Literal["server", "node", "client"],
+    common_name: str,
+    organisation: str,
+    passphrase: str,
+    dns_names: tuple[str, ...] = (),
+    ip_addresses: tuple[str, ...] = (),
+    days: int = 825,
+) -> IssuedCertificate:
+    """Issue a leaf certificate from ``ca``.
+
+    ``server`` certificates carry serverAuth and the given SANs; ``node`` certificates (node to node)
+    carry both serverAuth and clientAuth; ``client`` certificates carry clientAuth.
+
+    Raises:
+        KeyManagementError: the CA key cannot be decrypted.
+    """
+    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem)
+    try:
+        ca_key = serialization.load_pem_private_key(ca.key_pem, password=ca_passphrase.encode())
+    except (ValueError, TypeError) as exc:
+        raise KeyManagementError("cannot decrypt the CA key: wrong passphrase") from exc
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise KeyManagementError("the CA key is not an ECDSA key")
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    usages = {
+        "server": [ExtendedKeyUsageOID.SERVER_AUTH],
+        "node": [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
+        "client": [ExtendedKeyUsageOID.CLIENT_AUTH],
+    }[kind]
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common_name, organisation))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+    )
+    sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
+    sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in ip_addresses]
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())
+    return IssuedCertificate(cert.public_bytes(serialization.Encoding.PEM), _encrypted(key, passphrase))
+
+
+@dataclass(frozen=True)
+class CertificateInfo:
+    """What the node needs to know of a verified peer certificate."""
+
+    fingerprint: str  # hex SHA-256 of the DER encoding
+    common_name: str
+    issuer_common_name: str
+    not_after: dt.datetime
+
+
+def _load_cert(data: bytes) -> x509.Certificate:
+    try:
+        if data.lstrip().startswith(b"-----BEGIN"):
+            return x509.load_pem_x509_certificate(data)
+        return x509.load_der_x509_certificate(data)
+    except ValueError as exc:
+        raise KeyManagementError(f"not a certificate: {exc}") from exc
+
+
+def certificate_info(data: bytes) -> CertificateInfo:
+    """Fingerprint and names of a PEM or DER certificate. Raises KeyManagementError if unparsable."""
+    cert = _load_cert(data)
+    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    issuer_cns = cert.issuer.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return CertificateInfo(
+        fingerprint=cert.fingerprint(hashes.SHA256()).hex(),
+        common_name=str(cns[0].value) if cns else "",
+        issuer_common_name=str(issuer_cns[0].value) if issuer_cns else "",
+        not_after=cert.not_valid_after_utc,
+    )
+
+
+def is_issued_by(cert_data: bytes, ca_pem: bytes) -> bool:
+    """True when ``cert_data`` (PEM or DER) carries a valid signature of the CA in ``ca_pem``."""
+    cert = _load_cert(cert_data)
+    ca = _load_cert(ca_pem)
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def der_to_pem(der: bytes) -> str:
+    """PEM text of a DER certificate."""
+    return _load_cert(der).public_bytes(serialization.Encoding.PEM).decode()
+
+
+def check_private_key_matches(pem: bytes, passphrase: str, cert_pem: bytes) -> None:
+    """Raise KeyManagementError unless the encrypted private key ``pem`` belongs to ``cert_pem``."""
+    key = serialization.load_pem_private_key(decrypt_private_pem(pem, passphrase), password=None)
+    cert = _load_cert(cert_pem)
+    pub = serialization.PublicFormat.SubjectPublicKeyInfo
+    enc = serialization.Encoding.DER
+    if key.public_key().public_bytes(enc, pub) != cert.public_key().public_bytes(enc, pub):
+        raise KeyManagementError("the private key does not match the certificate")

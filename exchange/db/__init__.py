@@ -1,0 +1,1 @@
+"""Database I/O: tables, engine, and the repository functions that hold every query."""

@@ -1,0 +1,113 @@
+"""Engines and units of work.
+
+SQLite runs in WAL mode with ``synchronous=FULL`` and every transaction begun ``IMMEDIATE``, so
+writers are serialised by the database from their first statement (no stale-snapshot upgrade
+failures). PostgreSQL serialises ledger appends on the locked ``ledger_head`` row. Commit and
+rollback happen only in :meth:`Database.transaction`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import sqlalchemy as sa
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import Connection, Engine
+
+from exchange.errors import ConfigurationError, DatabaseNotMigrated
+
+
+def normalise_url(url: str) -> str:
+    """Use the psycopg 3 driver for ``postgresql://`` URLs."""
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url`` configured as the module docstring says.
+
+    Raises:
+        ConfigurationError: the URL is not a usable SQLAlchemy URL.
+    """
+    try:
+        engine = sa.create_engine(
+            normalise_url(url),
+            pool_pre_ping=not url.startswith("sqlite"),
+            **({"connect_args": {"check_same_thread": False, "timeout": 30}} if url.startswith("sqlite") else {}),
+        )
+    except (sa.exc.ArgumentError, ImportError) as exc:
+        raise ConfigurationError(f"invalid database URL: {exc}") from exc
+    if engine.dialect.name == "sqlite":
+
+        @sa.event.listens_for(engine, "connect")
+        def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.isolation_level = None  # let SQLAlchemy's begin event emit BEGIN
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        @sa.event.listens_for(engine, "begin")
+        def _sqlite_begin(conn: Connection) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def alembic_config(url: str) -> Config:
+    """An Alembic configuration for this project's ``migrations/`` folder and ``url``."""
+    from exchange.messages import data_dir
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(data_dir("migrations")))
+    cfg.set_main_option("sqlalchemy.url", normalise_url(url).replace("%", "%%"))
+    return cfg
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Run the migrations up to ``revision``."""
+    from alembic import command
+
+    command.upgrade(alembic_config(url), revision)
+
+
+class Database:
+    """An engine plus the unit of work. One per process."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """A connection in a transaction, committed on success and rolled back on error."""
+        with self.engine.begin() as conn:
+            yield conn
+
+    def check_migrated(self) -> None:
+        """Raise DatabaseNotMigrated unless the schema is at the migrations' head."""
+        head = ScriptDirectory.from_config(alembic_config(self.url)).get_current_head()
+        try:
+            with self.engine.connect() as conn:
+                current = MigrationContext.configure(conn).get_current_revision()
+        except sa.exc.OperationalError as exc:
+            raise ConfigurationError(f"cannot open the database: {exc.orig}") from exc
+        if current != head:
+            raise DatabaseNotMigrated(
+                f"the database is at revision {current or '(empty)'} but this code needs {head}:"
+                " run `exchange db upgrade --dir <node dir>`"
+            )
+
+    def dispose(self) -> None:
+        self.engine.dispose()

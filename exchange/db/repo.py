@@ -1,0 +1,234 @@
+"""Repository functions: every query of the project. Each takes a Connection inside a unit of work
+and never commits.
+
+Ledger appends: :func:`lock_ledger_head` must be the first statement of a transaction that appends;
+it locks the head row (PostgreSQL) or holds SQLite's write lock (``BEGIN IMMEDIATE``), so appends from
+any number of processes get consecutive sequence numbers with no gap and no fork, and an inbox
+sequence assigned under the same lock orders inbound messages by commit order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from exchange.db.schema import clients, ledger_entries, ledger_head, messages, outbox
+from exchange.errors import InvalidInput, LedgerIntegrityError, NotFound
+from exchange.ledger import EntryDraft, LedgerEntry, seal_entries
+
+# --- clients -------------------------------------------------------------------------------------
+
+
+def insert_client(conn: Connection, row: Mapping[str, Any]) -> None:
+    """Register a client. Raises InvalidInput if the id or certificate is already registered."""
+    clash = conn.execute(
+        sa.select(clients.c.id).where(
+            (clients.c.id == row["id"]) | (clients.c.cert_fingerprint == row["cert_fingerprint"])
+        )
+    ).first()
+    if clash is not None:
+        raise InvalidInput(f"client {clash.id!r} already has this id or certificate")
+    conn.execute(clients.insert().values(**row))
+
+
+def client_by_fingerprint(conn: Connection, fingerprint: str) -> dict[str, Any] | None:
+    row = conn.execute(sa.select(clients).where(clients.c.cert_fingerprint == fingerprint)).first()
+    return dict(row._mapping) if row else None
+
+
+def list_clients(conn: Connection) -> list[dict[str, Any]]:
+    return [dict(r._mapping) for r in conn.execute(sa.select(clients).order_by(clients.c.id))]
+
+
+def delete_client(conn: Connection, client_id: str) -> None:
+    """Remove a client. Raises NotFound if there is none with that id."""
+    if conn.execute(clients.delete().where(clients.c.id == client_id)).rowcount == 0:
+        raise NotFound(f"no client {client_id!r}")
+
+
+# --- messages ------------------------------------------------------------------------------------
+
+
+def insert_message(conn: Connection, row: Mapping[str, Any]) -> None:
+    conn.execute(messages.insert().values(**row))
+
+
+def get_message(conn: Connection, message_id: str) -> dict[str, Any] | None:
+    row = conn.execute(sa.select(messages).where(messages.c.id == message_id)).first()
+    return dict(row._mapping) if row else None
+
+
+def update_message(conn: Connection, message_id: str, **values: Any) -> None:
+    conn.execute(messages.update().where(messages.c.id == message_id).values(**values))
+
+
+def inbound_after(conn: Connection, after: int, limit: int) -> list[dict[str, Any]]:
+    """Inbound messages with an inbox sequence above ``after``, in order."""
+    rows = conn.execute(
+        sa.select(messages)
+        .where(messages.c.direction == "in", messages.c.inbox_seq > after)
+        .order_by(messages.c.inbox_seq)
+        .limit(limit)
+    )
+    return [dict(r._mapping) for r in rows]
+
+
+# --- outbox --------------------------------------------------------------------------------------
+
+
+def enqueue(conn: Connection, message_id: str, now: float) -> None:
+    conn.execute(outbox.insert().values(message_id=message_id, next_attempt_at=now, enqueued_at=now))
+
+
+@dataclass(frozen=True)
+class Claimed:
+    message_id: str
+    envelope: str
+    envelope_sha256: str
+    attempts: int
+    created_at: str
+
+
+def claim_due(conn: Connection, *, now: float, lease_seconds: float, limit: int) -> list[Claimed]:
+    """Lease up to ``limit`` due outbox rows to this worker.
+
+    Rows are locked with ``FOR UPDATE SKIP LOCKED`` (PostgreSQL) and their next attempt pushed past
+    the lease, so a second worker does not take them and a crashed worker's rows come back.
+    """
+    ids = [
+        r.message_id
+        for r in conn.execute(
+            sa.select(outbox.c.message_id)
+            .where(outbox.c.next_attempt_at <= now)
+            .order_by(outbox.c.next_attempt_at, outbox.c.message_id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+    ]
+    if not ids:
+        return []
+    conn.execute(
+        outbox.update()
+        .where(outbox.c.message_id.in_(ids))
+        .values(next_attempt_at=now + lease_seconds, attempts=outbox.c.attempts + 1)
+    )
+    rows = conn.execute(
+        sa.select(messages.c.id, messages.c.envelope, messages.c.envelope_sha256, messages.c.created_at, outbox.c.attempts)
+        .join(outbox, outbox.c.message_id == messages.c.id)
+        .where(messages.c.id.in_(ids))
+        .order_by(outbox.c.enqueued_at, messages.c.id)
+    )
+    return [Claimed(r.id, r.envelope, r.envelope_sha256, r.attempts, r.created_at) for r in rows]
+
+
+def reschedule(conn: Connection, message_id: str, *, next_attempt_at: float, error: str) -> None:
+    conn.execute(
+        outbox.update()
+        .where(outbox.c.message_id == message_id)
+        .values(next_attempt_at=next_attempt_at, last_error=error)
+    )
+
+
+def dequeue(conn: Connection, message_id: str) -> bool:
+    """Remove a message from the outbox; False if it was no longer there."""
+    return bool(conn.execute(outbox.delete().where(outbox.c.message_id == message_id)).rowcount)
+
+
+def outbox_size(conn: Connection) -> int:
+    return int(conn.execute(sa.select(sa.func.count()).select_from(outbox)).scalar_one())
+
+
+# --- ledger --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LedgerHead:
+    size: int
+    head_hash: str
+
+
+def lock_ledger_head(conn: Connection) -> LedgerHead:
+    """Lock and read the ledger head (see the module docstring). First statement of an append."""
+    row = conn.execute(
+        sa.select(ledger_head.c.size, ledger_head.c.head_hash).where(ledger_head.c.id == 1).with_for_update()
+    ).first()
+    if row is None:
+        raise LedgerIntegrityError("the ledger head row is missing")
+    return LedgerHead(int(row.size), str(row.head_hash))
+
+
+def read_ledger_head(conn: Connection) -> LedgerHead:
+    row = conn.execute(sa.select(ledger_head.c.size, ledger_head.c.head_hash).where(ledger_head.c.id == 1)).first()
+    if row is None:
+        raise LedgerIntegrityError("the ledger head row is missing")
+    return LedgerHead(int(row.size), str(row.head_hash))
+
+
+def append_ledger(conn: Connection, head: LedgerHead, drafts: Sequence[EntryDraft], at: str) -> LedgerHead:
+    """Append drafts after the locked ``head``; returns the new head (already written)."""
+    if not drafts:
+        return head
+    entries = seal_entries(drafts, size=head.size, head_hash=head.head_hash, at=at)
+    conn.execute(
+        ledger_entries.insert(),
+        [
+            {
+                "seq": e.seq,
+                "at": e.at,
+                "event": e.event,
+                "message_id": e.message_id,
+                "actor": e.actor,
+                "decision": e.decision,
+                "rules": list(e.rules),
+                "data": dict(e.data),
+                "prev_hash": e.prev_hash,
+                "entry_hash": e.entry_hash,
+            }
+            for e in entries
+        ],
+    )
+    new_head = LedgerHead(head.size + len(entries), entries[-1].entry_hash)
+    conn.execute(
+        ledger_head.update().where(ledger_head.c.id == 1).values(size=new_head.size, head_hash=new_head.head_hash)
+    )
+    return new_head
+
+
+def _entry(row: Any) -> LedgerEntry:
+    return LedgerEntry(
+        seq=int(row.seq),
+        at=row.at,
+        event=row.event,
+        message_id=row.message_id,
+        actor=row.actor,
+        decision=row.decision,
+        rules=tuple(row.rules),
+        data=row.data,
+        prev_hash=row.prev_hash,
+        entry_hash=row.entry_hash,
+    )
+
+
+def iter_ledger(conn: Connection, *, batch: int = 5000) -> Iterator[LedgerEntry]:
+    """Every ledger entry in sequence order, read in batches."""
+    last = -1
+    while True:
+        rows = conn.execute(
+            sa.select(ledger_entries).where(ledger_entries.c.seq > last).order_by(ledger_entries.c.seq).limit(batch)
+        ).all()
+        if not rows:
+            return
+        for row in rows:
+            yield _entry(row)
+        last = int(rows[-1].seq)
+
+
+def ledger_for_message(conn: Connection, message_id: str) -> list[LedgerEntry]:
+    rows = conn.execute(
+        sa.select(ledger_entries).where(ledger_entries.c.message_id == message_id).order_by(ledger_entries.c.seq)
+    )
+    return [_entry(r) for r in rows]

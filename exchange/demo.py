@@ -1,0 +1,210 @@
+"""``make demo``: two nodes on SQLite, a development PKI, a request and its response.
+
+Runs the real CLI and real servers as subprocesses, exactly as an operator would, then prints a
+readable summary. Leaves the two node directories under the work directory for inspection.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from exchange.client import ExchangeClient
+from exchange.errors import ExchangeError, TransportError
+
+PARTIES = (("ID", "Polri (Indonesia)", "polri-cms", "RAHASIA"), ("MY", "PDRM (Malaysia)", "pdrm-d7", "RAHSIA"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def exchange_cli(*args: str, env: dict[str, str]) -> str:
+    """Run the ``exchange`` CLI; raises ExchangeError with its stderr if it fails."""
+    proc = subprocess.run([sys.executable, "-m", "exchange", *args], env=env, capture_output=True, text=True,
+                          check=False)
+    if proc.returncode != 0:
+        raise ExchangeError(f"`exchange {' '.join(args)}` failed: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+class DemoNode:
+    """A node directory, its server process and a client certificate for its local system."""
+
+    def __init__(self, root: Path, party: str, label: str, client: str, clearance: str, env: dict[str, str]) -> None:
+        self.dir = root / party.lower()
+        self.party, self.label, self.client_name, self.clearance = party, label, client, clearance
+        self.port = free_port()
+        self.env = env
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def init(self) -> None:
+        exchange_cli("init", "--party", self.party, "--dir", str(self.dir), "--port", str(self.port), env=self.env)
+
+    def setup(self, agreement: Path) -> None:
+        shutil.copy(agreement, self.dir / "agreement.toml")
+        exchange_cli("db", "upgrade", "--dir", str(self.dir), env=self.env)
+        exchange_cli("pki", "issue-client", "--dir", str(self.dir), "--name", self.client_name,
+                     "--out", str(self.dir / "clients"), env=self.env)
+        exchange_cli("clients", "add", "--dir", str(self.dir), "--id", self.client_name,
+                     "--cert", str(self.dir / "clients" / f"{self.client_name}.pem"),
+                     "--agency", self.label.split()[0], "--unit", "Trafficking desk",
+                     "--clearance", self.clearance, "--role", "INVESTIGATOR", env=self.env)
+
+    def start(self) -> None:
+        log = (self.dir / "node.log").open("wb")
+        self.process = subprocess.Popen([sys.executable, "-m", "exchange", "serve", "--dir", str(self.dir)],
+                                        env=self.env, stdout=log, stderr=subprocess.STDOUT)
+
+    def client(self) -> ExchangeClient:
+        return ExchangeClient(
+            self.url, ca_file=self.dir / "tls" / "ca.pem",
+            cert_file=self.dir / "clients" / f"{self.client_name}.pem",
+            key_file=self.dir / "clients" / f"{self.client_name}-key.pem", key_password=self.env["EXCHANGE_KEY_PASSPHRASE"],
+        )
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process is not None and self.process.poll() is not None:
+                raise ExchangeError(f"node {self.party} exited; see {self.dir / 'node.log'}")
+            try:
+                with self.client() as c:
+                    c.health()
+                return
+            except (TransportError, OSError, Exception) as exc:
+                if time.monotonic() > deadline:
+                    raise ExchangeError(f"node {self.party} did not become ready: {exc}") from exc
+                time.sleep(0.2)
+
+    def stop(self) -> bool:
+        """SIGTERM the server; True if it completed a graceful shutdown (lifespan, worker)."""
+        if self.process is None:
+            return False
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+                return False
+        return "Application shutdown complete" in (self.dir / "node.log").read_text()
+
+
+def _line(label: str, value: Any) -> None:
+    print(f"  {label:<28} {value}")
+
+
+def run_demo(workdir: Path) -> None:
+    """Set up and run the two-node demo; raises ExchangeError if any step fails."""
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EXCHANGE_")}
+    env["EXCHANGE_KEY_PASSPHRASE"] = secrets.token_urlsafe(24)  # generated per run, never stored
+    nodes = [DemoNode(workdir, *spec, env=env) for spec in PARTIES]
+    polri, pdrm = nodes
+    print("== Setting up two nodes (development PKI, encrypted keys, SQLite) in", workdir)
+    for node in nodes:
+        node.init()
+    agreement = workdir / "agreement.toml"
+    exchange_cli("agreement", "compose", "--party", str(polri.dir / "party.toml"),
+                 "--party", str(pdrm.dir / "party.toml"), "--out", str(agreement), env=env)
+    for node in nodes:
+        node.setup(agreement)
+        node.start()
+    try:
+        for node in nodes:
+            node.wait_ready()
+        print(f"== Nodes up: ID at {polri.url}, MY at {pdrm.url} (mutual TLS)")
+        _conversation(polri, pdrm)
+    finally:
+        clean = [node.stop() for node in nodes]
+    if not all(clean):
+        raise ExchangeError("a node did not shut down cleanly; see node.log in the work directory")
+    print("== Both nodes shut down gracefully (SIGTERM, delivery worker stopped)")
+    for node in nodes:
+        out = exchange_cli("audit", "verify", "--dir", str(node.dir), env=env).strip()
+        print(f"  {node.party} {out}")
+    print("== Demo passed")
+
+
+def _conversation(polri: DemoNode, pdrm: DemoNode) -> None:
+    rfi = {
+        "type": "REQUEST_FOR_INFORMATION",
+        "case_ref": "ID-MY/2026/0042",
+        "purposes": ["TIP_INVESTIGATION"],
+        "classification": {"scheme": "POLRI", "level": "RAHASIA"},
+        "tlp": "AMBER",
+        "handling_codes": ["H0", "H2"],
+        "legal_basis": ["Polri-PDRM police cooperation agreement", "Palermo Protocol art. 10"],
+        "priority": "URGENT",
+        "payload": {
+            "summary": "Recruitment network moving workers from NTT via Batam to Johor",
+            "questions": ["Is recruiter pseudonym RCR-0193 known to PDRM?", "Any entries at Johor Bahru?"],
+            "subjects": [{"pseudonym": "RCR-0193", "role": "SUSPECT"}],
+        },
+    }
+    with polri.client() as polri_api, pdrm.client() as pdrm_api:
+        t0 = time.monotonic()
+        accepted = polri_api.submit(rfi)
+        delivered = polri_api.wait_for_status(accepted["id"], "delivered")
+        print(f"\n-- 1. Polri system '{polri.client_name}' sent a REQUEST_FOR_INFORMATION")
+        cls = accepted["classification"]
+        _line("message id", accepted["id"])
+        _line("classification (Indonesia)", f"{cls['level']} ({cls['scheme']}, common level {cls['common']})")
+        _line("equivalent in Malaysia", f"{cls['partner_equivalent']['level']} ({cls['partner_equivalent']['scheme']})")
+        _line("status", f"{delivered['status']} in {time.monotonic() - t0:.2f}s")
+        _line("signed receipt", f"from MY at {delivered['receipt']['received_at']}")
+
+        page = pdrm_api.inbox()
+        item = next(i for i in page["items"] if i["id"] == accepted["id"])
+        print(f"\n-- 2. PDRM system '{pdrm.client_name}' pulled its inbox ({len(page['items'])} message)")
+        _line("case", item["case_ref"])
+        _line("marking kept", f"{item['classification']['level']} ({item['classification']['scheme']})")
+        _line("protected in Malaysia as", item["classification"]["local_equivalent"])
+        _line("questions", len(item["payload"]["questions"]))
+
+        reply = {
+            "type": "RESPONSE", "case_ref": item["case_ref"], "in_reply_to": item["id"],
+            "purposes": ["TIP_INVESTIGATION"], "classification": {"scheme": "ARAHAN", "level": "SULIT"},
+            "tlp": "AMBER", "handling_codes": ["H0", "H2"],
+            "payload": {"outcome": "ANSWERED", "answers": [
+                {"question": 0, "answer": "Known: RCR-0193 is under PDRM D7 surveillance since March."},
+                {"question": 1, "answer": "Three entries via Stulang Laut in October."}]},
+        }
+        t1 = time.monotonic()
+        answered = pdrm_api.submit(reply)
+        done = pdrm_api.wait_for_status(answered["id"], "delivered")
+        cls = answered["classification"]
+        print(f"\n-- 3. PDRM replied with a RESPONSE in the same thread ({answered['thread_id'][:8]}…)")
+        _line("classification (Malaysia)", f"{cls['level']} ({cls['scheme']}, common level {cls['common']})")
+        _line("equivalent in Indonesia", f"{cls['partner_equivalent']['level']} (mapped up, never down)")
+        _line("status", f"{done['status']} in {time.monotonic() - t1:.2f}s")
+
+        back = polri_api.inbox()
+        got = next(i for i in back["items"] if i["id"] == answered["id"])
+        print(f"\n-- 4. Polri system pulled the reply ({len(back['items'])} message)")
+        _line("in reply to", got["in_reply_to"])
+        _line("marking kept", f"{got['classification']['level']} ({got['classification']['scheme']})")
+        _line("protected in Indonesia as", got["classification"]["local_equivalent"])
+        _line("outcome", got["payload"]["outcome"])
+        print()
+        for label, api in (("ID", polri_api), ("MY", pdrm_api)):
+            health = api.health()
+            _line(f"{label} ledger entries", f"{health['ledger_size']} (outbox {health['outbox']})")

@@ -1,0 +1,25 @@
+"""Seal and open envelopes (a JWS inside a JWE) and sign and verify receipts. Pure functions."""
+
+from exchange.envelope.jose import (
+    HEADER_FIELDS,
+    OpenedEnvelope,
+    envelope_digest,
+    open_envelope,
+    open_stored,
+    peek_header,
+    seal,
+)
+from exchange.envelope.receipt import Receipt, sign_receipt, verify_receipt
+
+__all__ = [
+    "HEADER_FIELDS",
+    "OpenedEnvelope",
+    "Receipt",
+    "envelope_digest",
+    "open_envelope",
+    "open_stored",
+    "peek_header",
+    "seal",
+    "sign_receipt",
+    "verify_receipt",
+]

@@ -1,0 +1,113 @@
+"""The project's exception tree.
+
+Every error the project raises on purpose derives from :class:`ExchangeError`. Families say where
+the fault lies; the API layer maps them to HTTP status codes in one table (``exchange.api.problems``)
+and the CLI turns them into a one-line message and a non-zero exit. Domain errors carry no status.
+
+::
+
+    ExchangeError
+    ├── ConfigurationError          settings or agreement file invalid, node not initialised
+    │   └── DatabaseNotMigrated     the schema is behind; run `exchange db upgrade`
+    ├── InvalidInput                bad data from a local client or an operator (field errors)
+    ├── NotFound                    no such message, client or entry
+    ├── Unauthorised                caller identity missing or not registered
+    ├── PolicyRefusal               the agreement's rules refused (names every rule id)
+    ├── EnvelopeError               an envelope or receipt failed verification (opaque to the peer)
+    │   └── ReplayRejected          outside the replay window, or same id with other content
+    ├── TransportError              the partner node could not be reached or answered badly
+    ├── LedgerIntegrityError        the ledger does not verify (names the first bad entry)
+    └── KeyManagementError          a key is missing, undecryptable or does not match the agreement
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+class ExchangeError(Exception):
+    """Root of every deliberate error in the project."""
+
+
+class ConfigurationError(ExchangeError):
+    """A settings file, agreement file or node directory is missing or invalid."""
+
+
+class DatabaseNotMigrated(ConfigurationError):
+    """The database schema is not at the revision this code expects."""
+
+
+@dataclass(frozen=True)
+class FieldError:
+    """One invalid field: a JSON-pointer-like location and what is wrong with it."""
+
+    field: str
+    message: str
+
+
+class InvalidInput(ExchangeError):
+    """Bad input from a client or operator; carries one entry per invalid field."""
+
+    def __init__(self, message: str, errors: Sequence[FieldError] = ()) -> None:
+        super().__init__(message)
+        self.errors = tuple(errors)
+
+
+class NotFound(ExchangeError):
+    """The requested object does not exist (or the caller may not know it exists)."""
+
+
+class Unauthorised(ExchangeError):
+    """The caller presented no usable identity or is not registered."""
+
+
+@dataclass(frozen=True)
+class RuleViolation:
+    """One rule of the agreement that refused, with its stable id and a reason."""
+
+    rule_id: str
+    reason: str
+
+
+class PolicyRefusal(ExchangeError):
+    """The agreement's rules refused the action; names every rule that refused."""
+
+    def __init__(self, violations: Sequence[RuleViolation]) -> None:
+        if not violations:
+            raise ValueError("a PolicyRefusal must name at least one rule")
+        self.violations = tuple(violations)
+        super().__init__("; ".join(f"{v.rule_id}: {v.reason}" for v in self.violations))
+
+
+class EnvelopeError(ExchangeError):
+    """An envelope or receipt failed verification.
+
+    ``reason`` is a short machine code for the log and the ledger; a peer only ever learns that
+    the envelope was rejected.
+    """
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class ReplayRejected(EnvelopeError):
+    """The envelope is outside the replay window or reuses a message id with other content."""
+
+
+class TransportError(ExchangeError):
+    """The partner node could not be reached or did not answer as the protocol requires."""
+
+
+class LedgerIntegrityError(ExchangeError):
+    """The ledger does not verify; ``seq`` names the first bad entry when known."""
+
+    def __init__(self, message: str, seq: int | None = None) -> None:
+        super().__init__(message)
+        self.seq = seq
+
+
+class KeyManagementError(ExchangeError):
+    """A key is missing, cannot be decrypted, or does not match the agreement."""

@@ -1,0 +1,1 @@
+"""Delivery to the partner node: the peer transport and the outbox worker."""

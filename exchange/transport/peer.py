@@ -1,0 +1,87 @@
+"""The peer transport: how envelopes reach the partner node.
+
+:class:`PeerTransport` is the narrow interface the delivery worker depends on. The real one,
+:class:`HttpsPeerTransport`, posts batches over mutual TLS with one long-lived sync httpx client
+(one ``ssl.SSLContext``: the partner's CA pinned, our node certificate loaded), because a client per
+request costs 6-30 ms and the async client costs ~4 ms CPU per request on these machines.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import httpx
+
+from exchange.errors import TransportError
+from exchange.node import PeerResult
+
+PEER_PATH = "/v1/peer/envelopes"
+
+
+class PeerTransport(Protocol):
+    """Sends a batch of envelopes and returns one result per envelope, in order."""
+
+    def send(self, envelopes: Sequence[str]) -> list[PeerResult]:
+        """Raises TransportError if the batch may not have been processed (retry it)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def client_ssl_context(*, ca_file: Path, cert_file: Path, key_file: Path, key_password: str) -> ssl.SSLContext:
+    """A TLS 1.2+ client context trusting only ``ca_file`` and presenting our certificate."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_file))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(cert_file), str(key_file), password=key_password)
+    return ctx
+
+
+def parse_results(body: object, expected: int) -> list[PeerResult]:
+    """Parse the peer's batch answer. Raises TransportError if it is not the agreed shape."""
+    if not isinstance(body, dict) or not isinstance(body.get("results"), list):
+        raise TransportError("the partner answered without a results list")
+    results = body["results"]
+    if len(results) != expected:
+        raise TransportError(f"the partner answered {len(results)} results for {expected} envelopes")
+    parsed = []
+    for item in results:
+        if not isinstance(item, dict):
+            raise TransportError("the partner answered a result that is not an object")
+        if item.get("status") == "accepted" and isinstance(item.get("receipt"), str):
+            parsed.append(PeerResult(True, item["receipt"]))
+        elif item.get("status") == "rejected":
+            parsed.append(PeerResult(False))
+        else:
+            raise TransportError("the partner answered a result of unknown status")
+    return parsed
+
+
+class HttpsPeerTransport:
+    """Batches of envelopes to the partner's ``/v1/peer/envelopes`` over mutual TLS."""
+
+    def __init__(self, base_url: str, ssl_context: ssl.SSLContext, timeout: float) -> None:
+        self._client = httpx.Client(
+            base_url=base_url,
+            verify=ssl_context,
+            timeout=timeout,
+            limits=httpx.Limits(max_connections=4, max_keepalive_connections=4),
+        )
+
+    def send(self, envelopes: Sequence[str]) -> list[PeerResult]:
+        try:
+            response = self._client.post(PEER_PATH, json={"envelopes": list(envelopes)})
+        except httpx.HTTPError as exc:
+            raise TransportError(f"partner unreachable: {type(exc).__name__}: {exc}") from exc
+        if response.status_code != 200:
+            raise TransportError(f"partner answered HTTP {response.status_code}")
+        try:
+            body = response.json()
+        except ValueError as exc:
+            raise TransportError("partner answered with a body that is not JSON") from exc
+        return parse_results(body, len(envelopes))
+
+    def close(self) -> None:
+        self._client.close()

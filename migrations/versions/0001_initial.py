@@ -1,0 +1,100 @@
+"""Initial schema: clients, messages, outbox, the hash-chained ledger and its head.
+
+Revision ID: 0001
+Revises:
+Create Date: 2026-11-23
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0001"
+down_revision = None
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "clients",
+        sa.Column("id", sa.String(64), primary_key=True),
+        sa.Column("cert_fingerprint", sa.String(64), nullable=False, unique=True),
+        sa.Column("agency", sa.String(128), nullable=False),
+        sa.Column("unit", sa.String(128), nullable=False),
+        sa.Column("roles", sa.JSON, nullable=False),
+        sa.Column("clearance", sa.String(64), nullable=False),
+        sa.Column("message_types", sa.JSON, nullable=False),
+        sa.Column("purposes", sa.JSON, nullable=False),
+        sa.Column("created_at", sa.String(40), nullable=False),
+    )
+    op.create_table(
+        "messages",
+        sa.Column("id", sa.String(64), primary_key=True),
+        sa.Column("direction", sa.String(3), nullable=False),
+        sa.Column("type", sa.String(64), nullable=False),
+        sa.Column("case_ref", sa.String(64), nullable=False),
+        sa.Column("thread_id", sa.String(64), nullable=False),
+        sa.Column("in_reply_to", sa.String(64)),
+        sa.Column("sender", sa.String(2), nullable=False),
+        sa.Column("recipient", sa.String(2), nullable=False),
+        sa.Column("scheme", sa.String(32), nullable=False),
+        sa.Column("level", sa.String(64), nullable=False),
+        sa.Column("common_level", sa.String(8), nullable=False),
+        sa.Column("local_level", sa.String(64), nullable=False),
+        sa.Column("tlp", sa.String(16), nullable=False),
+        sa.Column("handling_codes", sa.JSON, nullable=False),
+        sa.Column("purposes", sa.JSON, nullable=False),
+        sa.Column("agreement_version", sa.String(32), nullable=False),
+        sa.Column("created_at", sa.String(40), nullable=False),
+        sa.Column("submitted_by", sa.String(64)),
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("status_reason", sa.Text),
+        sa.Column("envelope", sa.Text, nullable=False),
+        sa.Column("envelope_sha256", sa.String(64), nullable=False),
+        sa.Column("receipt", sa.Text),
+        sa.Column("receipt_at", sa.String(40)),
+        sa.Column("inbox_seq", sa.BigInteger, unique=True),
+        sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("updated_at", sa.String(40), nullable=False),
+    )
+    op.create_index("ix_messages_direction_inbox_seq", "messages", ["direction", "inbox_seq"])
+    op.create_table(
+        "outbox",
+        sa.Column("message_id", sa.String(64), sa.ForeignKey("messages.id"), primary_key=True),
+        sa.Column("next_attempt_at", sa.Float, nullable=False),
+        sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("last_error", sa.Text),
+        sa.Column("enqueued_at", sa.Float, nullable=False),
+    )
+    op.create_index("ix_outbox_next_attempt_at", "outbox", ["next_attempt_at"])
+    head = op.create_table(
+        "ledger_head",
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("size", sa.BigInteger, nullable=False),
+        sa.Column("head_hash", sa.String(64), nullable=False),
+    )
+    op.bulk_insert(head, [{"id": 1, "size": 0, "head_hash": "0" * 64}])
+    op.create_table(
+        "ledger_entries",
+        sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
+        sa.Column("at", sa.String(40), nullable=False),
+        sa.Column("event", sa.String(48), nullable=False),
+        sa.Column("message_id", sa.String(64)),
+        sa.Column("actor", sa.String(64)),
+        sa.Column("decision", sa.String(16)),
+        sa.Column("rules", sa.JSON, nullable=False),
+        sa.Column("data", sa.JSON, nullable=False),
+        sa.Column("prev_hash", sa.String(64), nullable=False),
+        sa.Column("entry_hash", sa.String(64), nullable=False),
+    )
+    op.create_index("ix_ledger_entries_message_id", "ledger_entries", ["message_id"])
+
+
+def downgrade() -> None:
+    op.drop_table("ledger_entries")
+    op.drop_table("ledger_head")
+    op.drop_table("outbox")
+    op.drop_table("messages")
+    op.drop_table("clients")
