@@ -35,8 +35,14 @@ clients_app = typer.Typer(no_args_is_help=True, help="Register local systems by 
 pki_app = typer.Typer(no_args_is_help=True, help="The development PKI.")
 envelope_app = typer.Typer(no_args_is_help=True, help="Seal and open envelopes with JWK files.")
 audit_app = typer.Typer(no_args_is_help=True, help="Verify the audit ledger.")
-for sub, name in [(agreement_app, "agreement"), (db_app, "db"), (clients_app, "clients"), (pki_app, "pki"),
-                  (envelope_app, "envelope"), (audit_app, "audit")]:
+for sub, name in [
+    (agreement_app, "agreement"),
+    (db_app, "db"),
+    (clients_app, "clients"),
+    (pki_app, "pki"),
+    (envelope_app, "envelope"),
+    (audit_app, "audit"),
+]:
     app.add_typer(sub, name=name)
 
 DirOpt = Annotated[Path, typer.Option("--dir", help="the node directory", file_okay=False)]
@@ -75,18 +81,25 @@ def init(
         raise ConfigurationError(f"{directory} is already a node directory")
     passphrase = _passphrase_from_env()
     directory.mkdir(parents=True, exist_ok=True)
-    ring = create_node_keys(directory / "keys", party, passphrase)  # type: ignore[arg-type]
+    ring = create_node_keys(directory / "keys", party, passphrase)
     tls = TLSFiles(directory / "tls")
     if dev_pki:
-        create_dev_pki(tls, party, passphrase, hostnames=("localhost", *(hostname or [])),  # type: ignore[arg-type]
-                       ips=("127.0.0.1",))
-    (directory / NODE_FILE).write_text(tomli_w.dumps({"party": party, "listen_host": host, "listen_port": port}))
+        create_dev_pki(
+            tls,
+            party,
+            passphrase,
+            hostnames=("localhost", *(hostname or [])),
+            ips=("127.0.0.1",),
+        )
+    (directory / NODE_FILE).write_text(
+        tomli_w.dumps({"party": party, "listen_host": host, "listen_port": port})
+    )
     sig, enc = public_party_keys(ring)
     fragment = {
         "id": party,
         "name": AGENCIES[party],
         "endpoint": endpoint or f"https://{host}:{port}",
-        "node_name": node_name(party),  # type: ignore[arg-type]
+        "node_name": node_name(party),
         "scheme": "POLRI" if party == "ID" else "ARAHAN",
         "ca_certificate": tls.ca_cert.read_text() if tls.ca_cert.exists() else "",
         "signing_keys": sig,
@@ -98,7 +111,9 @@ def init(
 
 @agreement_app.command("compose")
 def agreement_compose(
-    party_file: Annotated[list[Path], typer.Option("--party", help="a party.toml from `exchange init` (twice)")],
+    party_file: Annotated[
+        list[Path], typer.Option("--party", help="a party.toml from `exchange init` (twice)")
+    ],
     out: Annotated[Path, typer.Option(help="where to write the agreement")],
     version: Annotated[str | None, typer.Option(help="agreement version")] = None,
 ) -> None:
@@ -133,12 +148,15 @@ def db_upgrade(directory: DirOpt) -> None:
     typer.echo("database is at the latest revision")
 
 
-def _node_scheme_levels(directory: Path) -> tuple[Database, list[str]]:
-    settings = load_settings(directory)
-    agreement = load_agreement(settings.agreement_file)
-    db = Database(settings.database_url)
-    db.check_migrated()
-    return db, list(agreement.schemes[agreement.parties[settings.party].scheme].levels)
+def _node_database(directory: Path) -> Database:
+    """The node's database, checked to be migrated; use it as a context manager."""
+    db = Database(load_settings(directory).database_url)
+    try:
+        db.check_migrated()
+    except ExchangeError:
+        db.dispose()
+        raise
+    return db
 
 
 @clients_app.command("add")
@@ -150,37 +168,50 @@ def clients_add(
     unit: Annotated[str, typer.Option()],
     clearance: Annotated[str, typer.Option(help="a level of this node's national scheme")],
     role: Annotated[list[str] | None, typer.Option(help="a role (repeatable)")] = None,
-    message_type: Annotated[list[str] | None, typer.Option("--type", help="allowed type (repeatable; none: all)")] = None,
+    message_type: Annotated[
+        list[str] | None, typer.Option("--type", help="allowed type (repeatable; none: all)")
+    ] = None,
     purpose: Annotated[list[str] | None, typer.Option(help="allowed purpose (repeatable; none: all)")] = None,
 ) -> None:
     """Register a local system by its certificate (issued by this node's CA)."""
     settings = load_settings(directory)
-    db, levels = _node_scheme_levels(directory)
+    agreement = load_agreement(settings.agreement_file)
+    levels = list(agreement.schemes[agreement.parties[settings.party].scheme].levels)
     if clearance not in levels:
         raise InvalidInput(f"--clearance must be one of {levels}, not {clearance!r}")
     pem = cert.read_bytes()
-    own_ca = load_agreement(settings.agreement_file).parties[settings.party].ca_certificate.encode()
+    own_ca = agreement.parties[settings.party].ca_certificate.encode()
     if not crypto.is_issued_by(pem, own_ca):
         raise InvalidInput(f"{cert} is not issued by this node's certificate authority")
     info = crypto.certificate_info(pem)
-    with db.transaction() as conn:
-        repo.insert_client(conn, {
-            "id": client_id, "cert_fingerprint": info.fingerprint, "agency": agency, "unit": unit,
-            "roles": role or [], "clearance": clearance, "message_types": message_type or [],
-            "purposes": purpose or [], "created_at": dt.datetime.now(dt.UTC).isoformat(),
-        })
+    with _node_database(directory) as db, db.transaction() as conn:
+        repo.insert_client(
+            conn,
+            {
+                "id": client_id,
+                "cert_fingerprint": info.fingerprint,
+                "agency": agency,
+                "unit": unit,
+                "roles": role or [],
+                "clearance": clearance,
+                "message_types": message_type or [],
+                "purposes": purpose or [],
+                "created_at": dt.datetime.now(dt.UTC).isoformat(),
+            },
+        )
     typer.echo(f"registered {client_id} (certificate {info.fingerprint[:16]}…, clearance {clearance})")
 
 
 @clients_app.command("list")
 def clients_list(directory: DirOpt) -> None:
     """List registered local systems."""
-    db, _ = _node_scheme_levels(directory)
-    with db.transaction() as conn:
+    with _node_database(directory) as db, db.transaction() as conn:
         rows = repo.list_clients(conn)
     for row in rows:
-        typer.echo(f"{row['id']}\t{row['agency']}/{row['unit']}\tclearance={row['clearance']}\t"
-                   f"roles={','.join(row['roles']) or '-'}\tcert={row['cert_fingerprint'][:16]}…")
+        typer.echo(
+            f"{row['id']}\t{row['agency']}/{row['unit']}\tclearance={row['clearance']}\t"
+            f"roles={','.join(row['roles']) or '-'}\tcert={row['cert_fingerprint'][:16]}…"
+        )
     if not rows:
         typer.echo("no clients registered")
 
@@ -188,8 +219,7 @@ def clients_list(directory: DirOpt) -> None:
 @clients_app.command("remove")
 def clients_remove(directory: DirOpt, client_id: Annotated[str, typer.Option("--id")]) -> None:
     """Remove a local system; its certificate is refused from then on."""
-    db, _ = _node_scheme_levels(directory)
-    with db.transaction() as conn:
+    with _node_database(directory) as db, db.transaction() as conn:
         repo.delete_client(conn, client_id)
     typer.echo(f"removed {client_id}")
 
@@ -239,7 +269,9 @@ def envelope_seal(
     except (OSError, ValueError) as exc:
         raise InvalidInput(f"{message} is not a JSON file: {exc}") from exc
     try:
-        typer.echo(envelope.seal(body, signing_key=_read_jwk(signing_key), recipient_key=_read_jwk(recipient_key)))
+        typer.echo(
+            envelope.seal(body, signing_key=_read_jwk(signing_key), recipient_key=_read_jwk(recipient_key))
+        )
     except ValueError as exc:
         raise InvalidInput(str(exc)) from exc
 
@@ -255,8 +287,13 @@ def envelope_open(
     opened = envelope.open_stored(
         envelope_file.read_text().strip(), decryption_keys={dk.kid: dk}, verification_keys={vk.kid: vk}
     )
-    typer.echo(json.dumps({"header": opened.header, "message": opened.message, "signer_kid": opened.signer_kid},
-                          indent=2, ensure_ascii=False))
+    typer.echo(
+        json.dumps(
+            {"header": opened.header, "message": opened.message, "signer_kid": opened.signer_kid},
+            indent=2,
+            ensure_ascii=False,
+        )
+    )
 
 
 @audit_app.command("verify")
@@ -264,10 +301,7 @@ def audit_verify(directory: DirOpt) -> None:
     """Recompute the ledger chain from its first entry; exit 1 naming the first bad entry."""
     from exchange.ledger import verify_chain
 
-    settings = load_settings(directory)
-    db = Database(settings.database_url)
-    db.check_migrated()
-    with db.transaction() as conn:
+    with _node_database(directory) as db, db.transaction() as conn:
         head = repo.read_ledger_head(conn)
         checked = verify_chain(repo.iter_ledger(conn), size=head.size, head_hash=head.head_hash)
     typer.echo(f"ledger verified: {checked} entries, head {head.head_hash}")
@@ -275,7 +309,9 @@ def audit_verify(directory: DirOpt) -> None:
 
 @app.command()
 def demo(
-    workdir: Annotated[Path, typer.Option(help="where the two demo nodes live (recreated)")] = Path("keys/demo"),
+    workdir: Annotated[Path, typer.Option(help="where the two demo nodes live (recreated)")] = Path(
+        "keys/demo"
+    ),
 ) -> None:
     """Run two nodes on SQLite and exchange a request and its response between them."""
     from exchange.demo import run_demo

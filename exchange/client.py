@@ -19,9 +19,18 @@ class ExchangeClient:
     """One keep-alive mTLS connection pool to a node's local-system API."""
 
     def __init__(
-        self, base_url: str, *, ca_file: Path, cert_file: Path, key_file: Path, key_password: str, timeout: float = 10
+        self,
+        base_url: str,
+        *,
+        ca_file: Path,
+        cert_file: Path,
+        key_file: Path,
+        key_password: str,
+        timeout: float = 10,
     ) -> None:
-        ctx = client_ssl_context(ca_file=ca_file, cert_file=cert_file, key_file=key_file, key_password=key_password)
+        ctx = client_ssl_context(
+            ca_file=ca_file, cert_file=cert_file, key_file=key_file, key_password=key_password
+        )
         self._http = httpx.Client(base_url=base_url, verify=ctx, timeout=timeout)
 
     def __enter__(self) -> ExchangeClient:
@@ -64,5 +73,7 @@ class ExchangeClient:
             if status["status"] == wanted:
                 return status
             if time.monotonic() > deadline:
-                raise TransportError(f"message {message_id} is {status['status']}, not {wanted}, after {timeout}s")
+                raise TransportError(
+                    f"message {message_id} is {status['status']}, not {wanted}, after {timeout}s"
+                )
             time.sleep(0.05)

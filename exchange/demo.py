@@ -20,7 +20,10 @@ from typing import Any
 from exchange.client import ExchangeClient
 from exchange.errors import ExchangeError, TransportError
 
-PARTIES = (("ID", "Polri (Indonesia)", "polri-cms", "RAHASIA"), ("MY", "PDRM (Malaysia)", "pdrm-d7", "RAHSIA"))
+PARTIES = (
+    ("ID", "Polri (Indonesia)", "polri-cms", "RAHASIA"),
+    ("MY", "PDRM (Malaysia)", "pdrm-d7", "RAHSIA"),
+)
 
 
 def free_port() -> int:
@@ -31,8 +34,9 @@ def free_port() -> int:
 
 def exchange_cli(*args: str, env: dict[str, str]) -> str:
     """Run the ``exchange`` CLI; raises ExchangeError with its stderr if it fails."""
-    proc = subprocess.run([sys.executable, "-m", "exchange", *args], env=env, capture_output=True, text=True,
-                          check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "exchange", *args], env=env, capture_output=True, text=True, check=False
+    )
     if proc.returncode != 0:
         raise ExchangeError(f"`exchange {' '.join(args)}` failed: {proc.stderr.strip()}")
     return proc.stdout
@@ -41,7 +45,9 @@ def exchange_cli(*args: str, env: dict[str, str]) -> str:
 class DemoNode:
     """A node directory, its server process and a client certificate for its local system."""
 
-    def __init__(self, root: Path, party: str, label: str, client: str, clearance: str, env: dict[str, str]) -> None:
+    def __init__(
+        self, root: Path, party: str, label: str, client: str, clearance: str, env: dict[str, str]
+    ) -> None:
         self.dir = root / party.lower()
         self.party, self.label, self.client_name, self.clearance = party, label, client, clearance
         self.port = free_port()
@@ -53,28 +59,60 @@ class DemoNode:
         return f"https://127.0.0.1:{self.port}"
 
     def init(self) -> None:
-        exchange_cli("init", "--party", self.party, "--dir", str(self.dir), "--port", str(self.port), env=self.env)
+        exchange_cli(
+            "init", "--party", self.party, "--dir", str(self.dir), "--port", str(self.port), env=self.env
+        )
 
     def setup(self, agreement: Path) -> None:
         shutil.copy(agreement, self.dir / "agreement.toml")
         exchange_cli("db", "upgrade", "--dir", str(self.dir), env=self.env)
-        exchange_cli("pki", "issue-client", "--dir", str(self.dir), "--name", self.client_name,
-                     "--out", str(self.dir / "clients"), env=self.env)
-        exchange_cli("clients", "add", "--dir", str(self.dir), "--id", self.client_name,
-                     "--cert", str(self.dir / "clients" / f"{self.client_name}.pem"),
-                     "--agency", self.label.split()[0], "--unit", "Trafficking desk",
-                     "--clearance", self.clearance, "--role", "INVESTIGATOR", env=self.env)
+        exchange_cli(
+            "pki",
+            "issue-client",
+            "--dir",
+            str(self.dir),
+            "--name",
+            self.client_name,
+            "--out",
+            str(self.dir / "clients"),
+            env=self.env,
+        )
+        exchange_cli(
+            "clients",
+            "add",
+            "--dir",
+            str(self.dir),
+            "--id",
+            self.client_name,
+            "--cert",
+            str(self.dir / "clients" / f"{self.client_name}.pem"),
+            "--agency",
+            self.label.split()[0],
+            "--unit",
+            "Trafficking desk",
+            "--clearance",
+            self.clearance,
+            "--role",
+            "INVESTIGATOR",
+            env=self.env,
+        )
 
     def start(self) -> None:
         log = (self.dir / "node.log").open("wb")
-        self.process = subprocess.Popen([sys.executable, "-m", "exchange", "serve", "--dir", str(self.dir)],
-                                        env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "exchange", "serve", "--dir", str(self.dir)],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
 
     def client(self) -> ExchangeClient:
         return ExchangeClient(
-            self.url, ca_file=self.dir / "tls" / "ca.pem",
+            self.url,
+            ca_file=self.dir / "tls" / "ca.pem",
             cert_file=self.dir / "clients" / f"{self.client_name}.pem",
-            key_file=self.dir / "clients" / f"{self.client_name}-key.pem", key_password=self.env["EXCHANGE_KEY_PASSPHRASE"],
+            key_file=self.dir / "clients" / f"{self.client_name}-key.pem",
+            key_password=self.env["EXCHANGE_KEY_PASSPHRASE"],
         )
 
     def wait_ready(self, timeout: float = 30) -> None:
@@ -123,8 +161,17 @@ def run_demo(workdir: Path) -> None:
     for node in nodes:
         node.init()
     agreement = workdir / "agreement.toml"
-    exchange_cli("agreement", "compose", "--party", str(polri.dir / "party.toml"),
-                 "--party", str(pdrm.dir / "party.toml"), "--out", str(agreement), env=env)
+    exchange_cli(
+        "agreement",
+        "compose",
+        "--party",
+        str(polri.dir / "party.toml"),
+        "--party",
+        str(pdrm.dir / "party.toml"),
+        "--out",
+        str(agreement),
+        env=env,
+    )
     for node in nodes:
         node.setup(agreement)
         node.start()
@@ -168,7 +215,10 @@ def _conversation(polri: DemoNode, pdrm: DemoNode) -> None:
         cls = accepted["classification"]
         _line("message id", accepted["id"])
         _line("classification (Indonesia)", f"{cls['level']} ({cls['scheme']}, common level {cls['common']})")
-        _line("equivalent in Malaysia", f"{cls['partner_equivalent']['level']} ({cls['partner_equivalent']['scheme']})")
+        _line(
+            "equivalent in Malaysia",
+            f"{cls['partner_equivalent']['level']} ({cls['partner_equivalent']['scheme']})",
+        )
         _line("status", f"{delivered['status']} in {time.monotonic() - t0:.2f}s")
         _line("signed receipt", f"from MY at {delivered['receipt']['received_at']}")
 
@@ -181,12 +231,20 @@ def _conversation(polri: DemoNode, pdrm: DemoNode) -> None:
         _line("questions", len(item["payload"]["questions"]))
 
         reply = {
-            "type": "RESPONSE", "case_ref": item["case_ref"], "in_reply_to": item["id"],
-            "purposes": ["TIP_INVESTIGATION"], "classification": {"scheme": "ARAHAN", "level": "SULIT"},
-            "tlp": "AMBER", "handling_codes": ["H0", "H2"],
-            "payload": {"outcome": "ANSWERED", "answers": [
-                {"question": 0, "answer": "Known: RCR-0193 is under PDRM D7 surveillance since March."},
-                {"question": 1, "answer": "Three entries via Stulang Laut in October."}]},
+            "type": "RESPONSE",
+            "case_ref": item["case_ref"],
+            "in_reply_to": item["id"],
+            "purposes": ["TIP_INVESTIGATION"],
+            "classification": {"scheme": "ARAHAN", "level": "SULIT"},
+            "tlp": "AMBER",
+            "handling_codes": ["H0", "H2"],
+            "payload": {
+                "outcome": "ANSWERED",
+                "answers": [
+                    {"question": 0, "answer": "Known: RCR-0193 is under PDRM D7 surveillance since March."},
+                    {"question": 1, "answer": "Three entries via Stulang Laut in October."},
+                ],
+            },
         }
         t1 = time.monotonic()
         answered = pdrm_api.submit(reply)

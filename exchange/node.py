@@ -22,7 +22,13 @@ from exchange.errors import EnvelopeError, NotFound, PolicyRefusal
 from exchange.keys.store import NodeKeys, PartnerKeys, check_keys_match_agreement, load_node_keys
 from exchange.ledger import EntryDraft
 from exchange.messages import MessageSubmission, build_message, validate_payload
-from exchange.policy import Actor, evaluate_inbound, evaluate_release, evaluate_submission, national_equivalent
+from exchange.policy import (
+    Actor,
+    evaluate_inbound,
+    evaluate_release,
+    evaluate_submission,
+    national_equivalent,
+)
 from exchange.types import KeyId, MessageId, PartyId
 
 log = logging.getLogger("exchange.node")
@@ -108,35 +114,64 @@ class Node:
                     actor=actor.client_id,
                     decision="deny",
                     rules=tuple(v.rule_id for v in refusal.violations),
-                    data={"type": submission.type, "case_ref": submission.case_ref,
-                          "agreement": self.agreement.version},
+                    data={
+                        "type": submission.type,
+                        "case_ref": submission.case_ref,
+                        "agreement": self.agreement.version,
+                    },
                 ),
             )
             raise
         thread_id = replied_to["thread_id"] if replied_to else None
         message = build_message(
-            submission, agreement=self.agreement, sender=self.party, actor=actor,
-            marking=decision.marking, now=now, thread_id=thread_id,
+            submission,
+            agreement=self.agreement,
+            sender=self.party,
+            actor=actor,
+            marking=decision.marking,
+            now=now,
+            thread_id=thread_id,
         )
         sealed = envelope.seal(message, signing_key=self.keys.signing, recipient_key=self.partner.encryption)
         digest = envelope.envelope_digest(sealed)
         mid = message["id"]
         with self.db.transaction() as conn:
             head = repo.lock_ledger_head(conn)
-            repo.insert_message(conn, rows.message_row(
-                message, direction="out", local_level=decision.marking.level, status="queued",
-                envelope=sealed, envelope_sha256=digest, submitted_by=actor.client_id, now=iso(now),
-            ))
+            repo.insert_message(
+                conn,
+                rows.message_row(
+                    message,
+                    direction="out",
+                    local_level=decision.marking.level,
+                    status="queued",
+                    envelope=sealed,
+                    envelope_sha256=digest,
+                    submitted_by=actor.client_id,
+                    now=iso(now),
+                ),
+            )
             repo.enqueue(conn, mid, now.timestamp())
-            repo.append_ledger(conn, head, [
-                EntryDraft(
-                    event="message.submitted", message_id=mid, actor=actor.client_id, decision="allow",
-                    rules=tuple(r.rule_id for r in decision.rules),
-                    data={"type": message["type"], "case_ref": message["case_ref"],
-                          "level": decision.marking.common, "envelope_sha256": digest,
-                          "agreement": self.agreement.version},
-                )
-            ], iso(now))
+            repo.append_ledger(
+                conn,
+                head,
+                [
+                    EntryDraft(
+                        event="message.submitted",
+                        message_id=mid,
+                        actor=actor.client_id,
+                        decision="allow",
+                        rules=tuple(r.rule_id for r in decision.rules),
+                        data={
+                            "type": message["type"],
+                            "case_ref": message["case_ref"],
+                            "level": decision.marking.common,
+                            "envelope_sha256": digest,
+                            "agreement": self.agreement.version,
+                        },
+                    )
+                ],
+                iso(now),
+            )
         partner_scheme = self.agreement.parties[self.partner_party].scheme
         return {
             "id": mid,
@@ -220,10 +255,16 @@ class Node:
             replay_window=dt.timedelta(seconds=self.settings.replay_window_seconds),
         )
 
-    def _rejection(self, digest: str, reason: str, message_id: str | None, rules: tuple[str, ...] = ()) -> EntryDraft:
+    def _rejection(
+        self, digest: str, reason: str, message_id: str | None, rules: tuple[str, ...] = ()
+    ) -> EntryDraft:
         return EntryDraft(
-            event="envelope.rejected", message_id=message_id, actor=self.partner_party, decision="deny",
-            rules=rules, data={"envelope_sha256": digest, "reason": reason},
+            event="envelope.rejected",
+            message_id=message_id,
+            actor=self.partner_party,
+            decision="deny",
+            rules=rules,
+            data={"envelope_sha256": digest, "reason": reason},
         )
 
     def _admit(
@@ -234,10 +275,15 @@ class Node:
         existing = repo.get_message(conn, mid)
         if existing is not None:
             if existing["direction"] == "in" and existing["envelope_sha256"] == opened.digest:
-                return PeerResult(True, existing["receipt"]), [EntryDraft(
-                    event="envelope.redelivered", message_id=mid, actor=self.partner_party, decision="allow",
-                    data={"envelope_sha256": opened.digest},
-                )]
+                return PeerResult(True, existing["receipt"]), [
+                    EntryDraft(
+                        event="envelope.redelivered",
+                        message_id=mid,
+                        actor=self.partner_party,
+                        decision="allow",
+                        data={"envelope_sha256": opened.digest},
+                    )
+                ]
             log.warning("rejected envelope for message %s: id reused with other content", mid)
             return PeerResult(False), [self._rejection(opened.digest, "duplicate-id", mid)]
         try:
@@ -247,23 +293,48 @@ class Node:
             log.warning("rejected envelope for message %s by policy: %s", mid, refusal)
             return PeerResult(False), [self._rejection(opened.digest, "policy", mid, rules)]
         receipt = envelope.sign_receipt(
-            message_id=mid, envelope_sha256=opened.digest, receiver=self.party, sender=self.partner_party,
-            received_at=now, signing_key=self.keys.signing,
+            message_id=mid,
+            envelope_sha256=opened.digest,
+            receiver=self.party,
+            sender=self.partner_party,
+            received_at=now,
+            signing_key=self.keys.signing,
         )
         row = rows.message_row(
-            message, direction="in", local_level=local_level, status="received", envelope=compact,
-            envelope_sha256=opened.digest, submitted_by=None, now=iso(now),
+            message,
+            direction="in",
+            local_level=local_level,
+            status="received",
+            envelope=compact,
+            envelope_sha256=opened.digest,
+            submitted_by=None,
+            now=iso(now),
         )
         row.update(receipt=receipt, receipt_at=iso(now), inbox_seq=inbox_seq)
         repo.insert_message(conn, row)
-        data = {"type": message["type"], "case_ref": message["case_ref"], "level": common,
-                "envelope_sha256": opened.digest, "signer_kid": opened.signer_kid,
-                "agreement": message["agreement"]["version"]}
+        data = {
+            "type": message["type"],
+            "case_ref": message["case_ref"],
+            "level": common,
+            "envelope_sha256": opened.digest,
+            "signer_kid": opened.signer_kid,
+            "agreement": message["agreement"]["version"],
+        }
         return PeerResult(True, receipt), [
-            EntryDraft(event="envelope.received", message_id=mid, actor=self.partner_party, decision="allow",
-                       rules=("R-TYPE-KNOWN", "R-PURPOSE-TYPE"), data=data),
-            EntryDraft(event="receipt.issued", message_id=mid, actor=self.party,
-                       data={"receipt_sha256": envelope.envelope_digest(receipt)}),
+            EntryDraft(
+                event="envelope.received",
+                message_id=mid,
+                actor=self.partner_party,
+                decision="allow",
+                rules=("R-TYPE-KNOWN", "R-PURPOSE-TYPE"),
+                data=data,
+            ),
+            EntryDraft(
+                event="receipt.issued",
+                message_id=mid,
+                actor=self.party,
+                data={"receipt_sha256": envelope.envelope_digest(receipt)},
+            ),
         ]
 
     # --- release to local systems ----------------------------------------------------------------
@@ -288,17 +359,25 @@ class Node:
                         break
                     cursor = int(row["inbox_seq"])
                     decision = evaluate_release(
-                        self.agreement, actor=actor, message_type=row["type"], common_level=row["common_level"]
+                        self.agreement,
+                        actor=actor,
+                        message_type=row["type"],
+                        common_level=row["common_level"],
                     )
                     if not decision.allowed:
                         continue
                     message = self._decrypt_stored(row["envelope"])
                     items.append(rows.inbox_item(row, message, cursor))
-                    drafts.append(EntryDraft(
-                        event="message.released", message_id=row["id"], actor=actor.client_id,
-                        decision="allow", rules=tuple(r.rule_id for r in decision.rules),
-                        data={"redacted": list(decision.redacted), "level": row["common_level"]},
-                    ))
+                    drafts.append(
+                        EntryDraft(
+                            event="message.released",
+                            message_id=row["id"],
+                            actor=actor.client_id,
+                            decision="allow",
+                            rules=tuple(r.rule_id for r in decision.rules),
+                            data={"redacted": list(decision.redacted), "level": row["common_level"]},
+                        )
+                    )
             repo.append_ledger(conn, head, drafts, iso(now))
         return InboxPage(items=items, next_cursor=cursor)
 

@@ -62,11 +62,16 @@ class TLSFiles:
 
     def check(self, passphrase: str) -> None:
         """Raise ConfigurationError naming any missing TLS file or a key that does not match."""
-        missing = [p.name for p in (self.ca_cert, self.server_cert, self.server_key, self.node_cert, self.node_key)
-                   if not p.is_file()]
+        missing = [
+            p.name
+            for p in (self.ca_cert, self.server_cert, self.server_key, self.node_cert, self.node_key)
+            if not p.is_file()
+        ]
         if missing:
             raise ConfigurationError(f"missing TLS files in {self.root}: {', '.join(missing)}")
-        crypto.check_private_key_matches(self.server_key.read_bytes(), passphrase, self.server_cert.read_bytes())
+        crypto.check_private_key_matches(
+            self.server_key.read_bytes(), passphrase, self.server_cert.read_bytes()
+        )
         crypto.check_private_key_matches(self.node_key.read_bytes(), passphrase, self.node_cert.read_bytes())
 
     def write(self, name: str, issued: crypto.IssuedCertificate) -> None:
@@ -84,17 +89,37 @@ def create_dev_pki(
     org = AGENCIES[party]
     ca = crypto.make_ca(f"{party} exchange development CA", org, passphrase)
     tls.write("ca", ca)
-    tls.write("server", crypto.issue_certificate(
-        ca, passphrase, kind="server", common_name=f"{party}-server", organisation=org,
-        passphrase=passphrase, dns_names=hostnames, ip_addresses=ips,
-    ))
-    tls.write("node", crypto.issue_certificate(
-        ca, passphrase, kind="node", common_name=node_name(party), organisation=org,
-        passphrase=passphrase, dns_names=hostnames, ip_addresses=ips,
-    ))
+    tls.write(
+        "server",
+        crypto.issue_certificate(
+            ca,
+            passphrase,
+            kind="server",
+            common_name=f"{party}-server",
+            organisation=org,
+            passphrase=passphrase,
+            dns_names=hostnames,
+            ip_addresses=ips,
+        ),
+    )
+    tls.write(
+        "node",
+        crypto.issue_certificate(
+            ca,
+            passphrase,
+            kind="node",
+            common_name=node_name(party),
+            organisation=org,
+            passphrase=passphrase,
+            dns_names=hostnames,
+            ip_addresses=ips,
+        ),
+    )
 
 
-def issue_client(tls: TLSFiles, passphrase: str, name: str, out_dir: Path, party: PartyId) -> tuple[Path, Path]:
+def issue_client(
+    tls: TLSFiles, passphrase: str, name: str, out_dir: Path, party: PartyId
+) -> tuple[Path, Path]:
     """Issue a local-client certificate from the node's development CA into ``out_dir``.
 
     The client's key is encrypted with the same passphrase; a real national system makes its own
@@ -104,7 +129,9 @@ def issue_client(tls: TLSFiles, passphrase: str, name: str, out_dir: Path, party
         ConfigurationError: the node has no development CA key.
     """
     if not tls.ca_key.is_file():
-        raise ConfigurationError(f"no development CA key at {tls.ca_key}: issue client certificates with your CA")
+        raise ConfigurationError(
+            f"no development CA key at {tls.ca_key}: issue client certificates with your CA"
+        )
     ca = crypto.IssuedCertificate(tls.ca_cert.read_bytes(), tls.ca_key.read_bytes())
     issued = crypto.issue_certificate(
         ca, passphrase, kind="client", common_name=name, organisation=AGENCIES[party], passphrase=passphrase

@@ -16,7 +16,9 @@ def run_migrations() -> None:
     )
     with connectable.connect() as connection:
         context.configure(
-            connection=connection, target_metadata=metadata, render_as_batch=connection.dialect.name == "sqlite"
+            connection=connection,
+            target_metadata=metadata,
+            render_as_batch=connection.dialect.name == "sqlite",
         )
         with context.begin_transaction():
             context.run_migrations()

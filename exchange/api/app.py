@@ -63,9 +63,7 @@ class _TooLarge(Exception):
     pass
 
 
-def create_app(
-    node: Node, transport: PeerTransport | None = None, *, run_worker: bool = True
-) -> FastAPI:
+def create_app(node: Node, transport: PeerTransport | None = None, *, run_worker: bool = True) -> FastAPI:
     """The node's ASGI app. With ``run_worker``, a delivery thread drains the outbox to
     ``transport`` (required then) for the lifetime of the app."""
     worker = DeliveryWorker(node, transport) if transport is not None else None

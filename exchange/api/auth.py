@@ -38,7 +38,9 @@ def local_client(request: Request) -> Actor:
         raise Unauthorised("this certificate is not issued by this node's certificate authority")
     actor = node.actor_for(crypto.certificate_info(pem).fingerprint)
     if actor is None:
-        raise Unauthorised("this client certificate is not registered; ask an administrator to run `exchange clients add`")
+        raise Unauthorised(
+            "this client certificate is not registered; ask an administrator to run `exchange clients add`"
+        )
     return actor
 
 

@@ -49,7 +49,7 @@ def problem(status: int, slug: str, title: str, detail: str, **extra: Any) -> JS
 def _row_for(exc: ExchangeError) -> tuple[int, str, str]:
     for cls in type(exc).__mro__:
         if cls in STATUS_TABLE:
-            return STATUS_TABLE[cls]  # type: ignore[index]
+            return STATUS_TABLE[cls]
     return 500, "internal", "Internal error"
 
 

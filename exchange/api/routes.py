@@ -13,7 +13,7 @@ from exchange.db import repo
 from exchange.messages import MessageSubmission
 from exchange.policy import Actor
 
-PROBLEM = {"content": {"application/problem+json": {}}}
+PROBLEM: dict[str, Any] = {"content": {"application/problem+json": {}}}
 COMMON_PROBLEMS: dict[int | str, dict[str, Any]] = {
     403: {"description": "Certificate not registered, or refused by policy (names every rule)", **PROBLEM},
     422: {"description": "Invalid request (names every invalid field)", **PROBLEM},

@@ -28,7 +28,10 @@ def peer_transport(node: Node, tls: TLSFiles) -> HttpsPeerTransport:
     partner_ca = tls.partner_ca
     partner_ca.write_text(node.agreement.parties[node.partner_party].ca_certificate)
     ctx = client_ssl_context(
-        ca_file=partner_ca, cert_file=tls.node_cert, key_file=tls.node_key, key_password=node.settings.passphrase()
+        ca_file=partner_ca,
+        cert_file=tls.node_cert,
+        key_file=tls.node_key,
+        key_password=node.settings.passphrase(),
     )
     endpoint = node.settings.partner_endpoint or node.agreement.parties[node.partner_party].endpoint
     return HttpsPeerTransport(endpoint, ctx, node.settings.peer_timeout_seconds)

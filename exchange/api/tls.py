@@ -57,4 +57,4 @@ class TLSHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         if self._tls is not None:
-            self.scope["extensions"] = {"tls": self._tls}
+            self.scope["extensions"] = {"tls": self._tls}  # type: ignore[dict-item]

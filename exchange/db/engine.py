@@ -38,7 +38,11 @@ def make_engine(url: str) -> Engine:
         engine = sa.create_engine(
             normalise_url(url),
             pool_pre_ping=not url.startswith("sqlite"),
-            **({"connect_args": {"check_same_thread": False, "timeout": 30}} if url.startswith("sqlite") else {}),
+            **(
+                {"connect_args": {"check_same_thread": False, "timeout": 30}}
+                if url.startswith("sqlite")
+                else {}
+            ),
         )
     except (sa.exc.ArgumentError, ImportError) as exc:
         raise ConfigurationError(f"invalid database URL: {exc}") from exc
@@ -111,3 +115,9 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+    def __enter__(self) -> Database:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.dispose()

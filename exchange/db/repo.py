@@ -117,7 +117,13 @@ def claim_due(conn: Connection, *, now: float, lease_seconds: float, limit: int)
         .values(next_attempt_at=now + lease_seconds, attempts=outbox.c.attempts + 1)
     )
     rows = conn.execute(
-        sa.select(messages.c.id, messages.c.envelope, messages.c.envelope_sha256, messages.c.created_at, outbox.c.attempts)
+        sa.select(
+            messages.c.id,
+            messages.c.envelope,
+            messages.c.envelope_sha256,
+            messages.c.created_at,
+            outbox.c.attempts,
+        )
         .join(outbox, outbox.c.message_id == messages.c.id)
         .where(messages.c.id.in_(ids))
         .order_by(outbox.c.enqueued_at, messages.c.id)
@@ -162,7 +168,9 @@ def lock_ledger_head(conn: Connection) -> LedgerHead:
 
 
 def read_ledger_head(conn: Connection) -> LedgerHead:
-    row = conn.execute(sa.select(ledger_head.c.size, ledger_head.c.head_hash).where(ledger_head.c.id == 1)).first()
+    row = conn.execute(
+        sa.select(ledger_head.c.size, ledger_head.c.head_hash).where(ledger_head.c.id == 1)
+    ).first()
     if row is None:
         raise LedgerIntegrityError("the ledger head row is missing")
     return LedgerHead(int(row.size), str(row.head_hash))
@@ -193,7 +201,9 @@ def append_ledger(conn: Connection, head: LedgerHead, drafts: Sequence[EntryDraf
     )
     new_head = LedgerHead(head.size + len(entries), entries[-1].entry_hash)
     conn.execute(
-        ledger_head.update().where(ledger_head.c.id == 1).values(size=new_head.size, head_hash=new_head.head_hash)
+        ledger_head.update()
+        .where(ledger_head.c.id == 1)
+        .values(size=new_head.size, head_hash=new_head.head_hash)
     )
     return new_head
 
@@ -218,7 +228,10 @@ def iter_ledger(conn: Connection, *, batch: int = 5000) -> Iterator[LedgerEntry]
     last = -1
     while True:
         rows = conn.execute(
-            sa.select(ledger_entries).where(ledger_entries.c.seq > last).order_by(ledger_entries.c.seq).limit(batch)
+            sa.select(ledger_entries)
+            .where(ledger_entries.c.seq > last)
+            .order_by(ledger_entries.c.seq)
+            .limit(batch)
         ).all()
         if not rows:
             return
@@ -229,6 +242,8 @@ def iter_ledger(conn: Connection, *, batch: int = 5000) -> Iterator[LedgerEntry]
 
 def ledger_for_message(conn: Connection, message_id: str) -> list[LedgerEntry]:
     rows = conn.execute(
-        sa.select(ledger_entries).where(ledger_entries.c.message_id == message_id).order_by(ledger_entries.c.seq)
+        sa.select(ledger_entries)
+        .where(ledger_entries.c.message_id == message_id)
+        .order_by(ledger_entries.c.seq)
     )
     return [_entry(r) for r in rows]

@@ -62,7 +62,7 @@ def _is_dict(value: Any) -> None:
 
 
 def _registry_entries() -> dict[str, HeaderParameter]:
-    kinds = {"classification": _is_dict, "agreement": _is_dict, "handling_codes": "list[str]"}
+    kinds: dict[str, Any] = {"classification": _is_dict, "agreement": _is_dict, "handling_codes": "list[str]"}
     return {
         name: HeaderParameter(f"exchange: {name}", kinds.get(name, "str"), required=True)
         for name in HEADER_FIELDS
@@ -179,7 +179,9 @@ def _decrypt_and_verify(
     if not isinstance(recipient_kid, str) or KeyId(recipient_kid) not in decryption_keys:
         raise EnvelopeError("unknown-recipient-key", f"kid {recipient_kid!r}")
     try:
-        decrypted = jwe.decrypt_compact(compact, decryption_keys[KeyId(recipient_kid)], registry=_JWE_REGISTRY)
+        decrypted = jwe.decrypt_compact(
+            compact, decryption_keys[KeyId(recipient_kid)], registry=_JWE_REGISTRY
+        )
     except (JoseError, ValueError) as exc:
         raise EnvelopeError("decrypt-failed", type(exc).__name__) from exc
     if decrypted.plaintext is None:
@@ -190,7 +192,9 @@ def _decrypt_and_verify(
     if not isinstance(signer_kid, str) or KeyId(signer_kid) not in verification_keys:
         raise EnvelopeError("unknown-signing-key", f"kid {signer_kid!r}")
     try:
-        verified = jws.deserialize_compact(signed, verification_keys[KeyId(signer_kid)], registry=_JWS_REGISTRY)
+        verified = jws.deserialize_compact(
+            signed, verification_keys[KeyId(signer_kid)], registry=_JWS_REGISTRY
+        )
     except (JoseError, ValueError) as exc:
         raise EnvelopeError("bad-signature", type(exc).__name__) from exc
     if verified.headers().get("typ") != SIGNED_TYP:

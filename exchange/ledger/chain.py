@@ -77,9 +77,7 @@ def chain_hash(prev_hash: str, leaf: bytes) -> str:
     return hashlib.sha256(bytes.fromhex(prev_hash) + leaf).hexdigest()
 
 
-def seal_entries(
-    drafts: Sequence[EntryDraft], *, size: int, head_hash: str, at: str
-) -> list[LedgerEntry]:
+def seal_entries(drafts: Sequence[EntryDraft], *, size: int, head_hash: str, at: str) -> list[LedgerEntry]:
     """Place drafts after a ledger of ``size`` entries ending in ``head_hash``."""
     entries = []
     prev = head_hash

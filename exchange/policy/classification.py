@@ -42,7 +42,8 @@ def national_equivalent(agreement: Agreement, common: str, scheme: str) -> str:
     """
     rank = agreement.level_rank(common)
     candidates = [
-        (agreement.level_rank(c), name) for name, c in agreement.schemes[scheme].levels.items()
+        (agreement.level_rank(c), name)
+        for name, c in agreement.schemes[scheme].levels.items()
         if agreement.level_rank(c) >= rank
     ]
     if not candidates:

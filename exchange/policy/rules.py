@@ -110,7 +110,9 @@ def evaluate_submission(
         outside = [p for p in purposes if p not in spec.purposes]
         check("R-PURPOSE-TYPE", not outside, f"purposes {outside} are not allowed for {message_type}")
     not_client = [p for p in purposes if actor.purposes and p not in actor.purposes]
-    check("R-CLIENT-PURPOSE", not not_client, f"client {actor.client_id} may not act for purposes {not_client}")
+    check(
+        "R-CLIENT-PURPOSE", not not_client, f"client {actor.client_id} may not act for purposes {not_client}"
+    )
     own_scheme = agreement.parties[party].scheme
     check(
         "R-CLASS-OWN-SCHEME",

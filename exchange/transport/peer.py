@@ -31,7 +31,9 @@ class PeerTransport(Protocol):
     def close(self) -> None: ...
 
 
-def client_ssl_context(*, ca_file: Path, cert_file: Path, key_file: Path, key_password: str) -> ssl.SSLContext:
+def client_ssl_context(
+    *, ca_file: Path, cert_file: Path, key_file: Path, key_password: str
+) -> ssl.SSLContext:
     """A TLS 1.2+ client context trusting only ``ca_file`` and presenting our certificate."""
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_file))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2

@@ -27,7 +27,7 @@ log = logging.getLogger("exchange.delivery")
 
 def backoff_delay(attempts: int, *, base: float, cap: float, jitter: float) -> float:
     """Exponential backoff with equal jitter: half fixed, half random (``jitter`` in [0, 1))."""
-    ceiling = min(cap, base * (2 ** max(0, attempts - 1)))
+    ceiling: float = min(cap, base * 2.0 ** max(0, attempts - 1))
     return ceiling / 2 + ceiling / 2 * jitter
 
 
@@ -55,11 +55,19 @@ class DeliveryWorker:
         now = self.clock()
         with self.node.db.transaction() as conn:
             claimed = repo.claim_due(
-                conn, now=now, lease_seconds=settings.delivery_lease_seconds, limit=settings.delivery_batch_size
+                conn,
+                now=now,
+                lease_seconds=settings.delivery_lease_seconds,
+                limit=settings.delivery_batch_size,
             )
             for item in claimed:
-                repo.update_message(conn, item.message_id, status="sent", attempts=item.attempts,
-                                    updated_at=iso(dt.datetime.fromtimestamp(now, dt.UTC)))
+                repo.update_message(
+                    conn,
+                    item.message_id,
+                    status="sent",
+                    attempts=item.attempts,
+                    updated_at=iso(dt.datetime.fromtimestamp(now, dt.UTC)),
+                )
         if not claimed:
             return 0
         try:
@@ -76,12 +84,16 @@ class DeliveryWorker:
         with self.node.db.transaction() as conn:
             for item in claimed:
                 delay = backoff_delay(
-                    item.attempts, base=settings.delivery_backoff_base_seconds,
-                    cap=settings.delivery_backoff_max_seconds, jitter=self.jitter(),
+                    item.attempts,
+                    base=settings.delivery_backoff_base_seconds,
+                    cap=settings.delivery_backoff_max_seconds,
+                    jitter=self.jitter(),
                 )
                 repo.reschedule(conn, item.message_id, next_attempt_at=now + delay, error=error)
                 repo.update_message(
-                    conn, item.message_id, status="queued",
+                    conn,
+                    item.message_id,
+                    status="queued",
                     status_reason=f"attempt {item.attempts} failed: {error}; retrying in {delay:.1f}s",
                     updated_at=iso(dt.datetime.fromtimestamp(now, dt.UTC)),
                 )
@@ -94,11 +106,18 @@ class DeliveryWorker:
         updates: list[tuple[str, dict[str, object]]] = []
         for item, result in zip(claimed, results, strict=True):
             if not result.accepted or result.receipt is None:
-                updates.append((item.message_id, {"status": "failed",
-                                                  "status_reason": "rejected by the partner node"}))
-                drafts.append(EntryDraft(event="message.delivery_failed", message_id=item.message_id,
-                                         actor=self.node.partner_party, decision="deny",
-                                         data={"envelope_sha256": item.envelope_sha256, "reason": "rejected"}))
+                updates.append(
+                    (item.message_id, {"status": "failed", "status_reason": "rejected by the partner node"})
+                )
+                drafts.append(
+                    EntryDraft(
+                        event="message.delivery_failed",
+                        message_id=item.message_id,
+                        actor=self.node.partner_party,
+                        decision="deny",
+                        data={"envelope_sha256": item.envelope_sha256, "reason": "rejected"},
+                    )
+                )
                 continue
             try:
                 receipt = envelope.verify_receipt(
@@ -110,20 +129,50 @@ class DeliveryWorker:
                 )
             except EnvelopeError as exc:
                 log.error("invalid receipt for message %s: %s", item.message_id, exc)
-                updates.append((item.message_id, {"status": "failed",
-                                                  "status_reason": f"invalid receipt: {exc.reason}"}))
-                drafts.append(EntryDraft(event="receipt.invalid", message_id=item.message_id,
-                                         actor=self.node.partner_party, decision="deny",
-                                         data={"reason": exc.reason}))
+                updates.append(
+                    (item.message_id, {"status": "failed", "status_reason": f"invalid receipt: {exc.reason}"})
+                )
+                drafts.append(
+                    EntryDraft(
+                        event="receipt.invalid",
+                        message_id=item.message_id,
+                        actor=self.node.partner_party,
+                        decision="deny",
+                        data={"reason": exc.reason},
+                    )
+                )
                 continue
-            updates.append((item.message_id, {"status": "delivered", "status_reason": None,
-                                              "receipt": receipt.compact, "receipt_at": receipt.received_at}))
-            drafts.append(EntryDraft(event="message.sent", message_id=item.message_id, actor=self.node.party,
-                                     data={"envelope_sha256": item.envelope_sha256, "attempts": item.attempts}))
-            drafts.append(EntryDraft(event="receipt.verified", message_id=item.message_id,
-                                     actor=self.node.partner_party, decision="allow",
-                                     data={"receipt_sha256": envelope.envelope_digest(receipt.compact),
-                                           "signer_kid": receipt.signer_kid}))
+            updates.append(
+                (
+                    item.message_id,
+                    {
+                        "status": "delivered",
+                        "status_reason": None,
+                        "receipt": receipt.compact,
+                        "receipt_at": receipt.received_at,
+                    },
+                )
+            )
+            drafts.append(
+                EntryDraft(
+                    event="message.sent",
+                    message_id=item.message_id,
+                    actor=self.node.party,
+                    data={"envelope_sha256": item.envelope_sha256, "attempts": item.attempts},
+                )
+            )
+            drafts.append(
+                EntryDraft(
+                    event="receipt.verified",
+                    message_id=item.message_id,
+                    actor=self.node.partner_party,
+                    decision="allow",
+                    data={
+                        "receipt_sha256": envelope.envelope_digest(receipt.compact),
+                        "signer_kid": receipt.signer_kid,
+                    },
+                )
+            )
         with self.node.db.transaction() as conn:
             head = repo.lock_ledger_head(conn)
             settled = [(mid, values) for mid, values in updates if repo.dequeue(conn, mid)]

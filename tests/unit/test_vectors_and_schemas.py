@@ -1,0 +1,83 @@
+"""The published envelope format: vectors open with two independent JOSE libraries, and what the
+code produces validates against the published JSON Schemas."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jsonschema import Draft202012Validator
+from jsonschema.validators import validator_for
+from jwcrypto import jwe as jc_jwe
+from jwcrypto import jwk as jc_jwk
+from jwcrypto import jws as jc_jws
+from referencing import Registry, Resource
+
+from exchange.envelope import envelope_digest, open_stored, peek_header
+from exchange.envelope.receipt import verify_receipt
+from exchange.types import KeyId
+
+SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
+VECTOR = json.loads((SCHEMAS / "vectors" / "envelope-v1.json").read_text())
+
+
+def validator(name: str) -> Any:
+    resources = [
+        (json.loads(p.read_text())["$id"], Resource.from_contents(json.loads(p.read_text())))
+        for p in SCHEMAS.glob("*.schema.json")
+    ]
+    schema = json.loads((SCHEMAS / name).read_text())
+    cls = validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema, registry=Registry().with_resources(resources))
+
+
+def test_vector_opens_with_joserfc_through_our_code() -> None:
+    from joserfc.jwk import OKPKey
+
+    keys = VECTOR["keys"]
+    dk = OKPKey.import_key(keys["recipient_encryption_private"])
+    vk = OKPKey.import_key(keys["sender_signing_public"])
+    opened = open_stored(VECTOR["envelope"], decryption_keys={KeyId(str(dk.kid)): dk},
+                         verification_keys={KeyId(str(vk.kid)): vk})
+    assert opened.message == VECTOR["expected_message"]
+    assert envelope_digest(VECTOR["envelope"]) == VECTOR["envelope_sha256"]
+    rk = OKPKey.import_key(keys["recipient_signing_public"])
+    receipt = verify_receipt(VECTOR["receipt"], verification_keys={KeyId(str(rk.kid)): rk},
+                             expected_message_id=VECTOR["expected_message"]["id"],
+                             expected_envelope_sha256=VECTOR["envelope_sha256"], expected_receiver="MY")
+    assert receipt.sender == "ID"
+
+
+def test_vector_opens_with_an_independent_library_jwcrypto() -> None:
+    keys = VECTOR["keys"]
+    token = jc_jwe.JWE()
+    token.deserialize(VECTOR["envelope"], key=jc_jwk.JWK(**keys["recipient_encryption_private"]))
+    inner = jc_jws.JWS()
+    inner.deserialize(token.payload.decode())
+    inner.verify(jc_jwk.JWK(**keys["sender_signing_public"]), alg="EdDSA")
+    assert json.loads(inner.payload) == VECTOR["expected_message"]
+    assert json.loads(token.objects["protected"])["msg_id"] == VECTOR["expected_message"]["id"]
+
+
+def test_vector_refuses_a_flipped_bit_in_jwcrypto_too() -> None:
+    parts = VECTOR["envelope"].split(".")
+    parts[3] = ("A" if parts[3][0] != "A" else "B") + parts[3][1:]
+    token = jc_jwe.JWE()
+    with pytest.raises(jc_jwe.InvalidJWEData):
+        token.deserialize(".".join(parts), key=jc_jwk.JWK(**VECTOR["keys"]["recipient_encryption_private"]))
+
+
+def test_vector_header_and_message_validate_against_the_published_schemas() -> None:
+    validator("envelope-header.schema.json").validate(peek_header(VECTOR["envelope"]))
+    validator("message.schema.json").validate(VECTOR["expected_message"])
+    receipt_body = json.loads(jc_jws.base64url_decode(VECTOR["receipt"].split(".")[1]))
+    validator("receipt.schema.json").validate(receipt_body)
+
+
+def test_every_payload_schema_is_a_valid_2020_12_schema() -> None:
+    for path in (SCHEMAS / "messages").glob("*.schema.json"):
+        Draft202012Validator.check_schema(json.loads(path.read_text()))
+
