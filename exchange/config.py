@@ -6,6 +6,7 @@ import time. Defensive limits (body size, clock skew, replay window) are named s
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +127,10 @@ def load_settings(node_dir: Path, **overrides: Any) -> NodeSettings:
     """
     if not (node_dir / NODE_FILE).is_file():
         raise ConfigurationError(f"{node_dir} is not a node directory (no {NODE_FILE}); run `exchange init`")
+    try:
+        tomllib.loads((node_dir / NODE_FILE).read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigurationError(f"{node_dir / NODE_FILE} is not valid TOML: {exc}") from exc
     try:
         return NodeSettings(node_dir=node_dir, **overrides)
     except ValidationError as exc:

@@ -81,9 +81,9 @@ def public_jwk_dict(key: OKPKey) -> dict[str, str]:
     return {k: str(v) for k, v in data.items()}
 
 
-def thumbprint(key: OKPKey) -> str:
-    """RFC 7638 thumbprint of a key (base64url SHA-256)."""
-    return key.thumbprint()
+def public_only(key: OKPKey) -> OKPKey:
+    """The public half of an OKP key, keeping its ``kid``."""
+    return OKPKey.import_key(key.as_dict(private=False))
 
 
 def constant_time_equal(a: str | bytes, b: str | bytes) -> bool:

@@ -14,11 +14,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from exchange.client import ExchangeClient
-from exchange.errors import ExchangeError, TransportError
+from exchange.errors import ExchangeError
 
 PARTIES = (
     ("ID", "Polri (Indonesia)", "polri-cms", "RAHASIA"),
@@ -42,8 +43,63 @@ def exchange_cli(*args: str, env: dict[str, str]) -> str:
     return proc.stdout
 
 
+class NodeProcess:
+    """A node server (``exchange serve``) as a child process: start, wait ready, stop or kill."""
+
+    def __init__(
+        self, node_dir: Path, env: dict[str, str], ready_client: Callable[[], ExchangeClient]
+    ) -> None:
+        self.dir = node_dir
+        self.env = env
+        self.ready_client = ready_client
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with (self.dir / "node.log").open("ab") as log:  # the child keeps its own descriptor
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "exchange", "serve", "--dir", str(self.dir)],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        """Block until the node answers /healthz over mTLS. Raises ExchangeError if it never does."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process is not None and self.process.poll() is not None:
+                raise ExchangeError(f"node in {self.dir} exited; see {self.dir / 'node.log'}")
+            try:
+                with self.ready_client() as c:
+                    c.health()
+                return
+            except Exception as exc:  # not up yet: refused, reset, TLS not ready
+                if time.monotonic() > deadline:
+                    raise ExchangeError(f"node in {self.dir} did not become ready: {exc}") from exc
+                time.sleep(0.1)
+
+    def stop(self) -> bool:
+        """SIGTERM the server; True if it completed a graceful shutdown (lifespan, worker)."""
+        if self.process is None:
+            return False
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                return False
+        return "Application shutdown complete" in (self.dir / "node.log").read_text()
+
+    def kill(self) -> None:
+        """SIGKILL: the crash case."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
 class DemoNode:
-    """A node directory, its server process and a client certificate for its local system."""
+    """A demo node directory, its local system's certificate, and its server process."""
 
     def __init__(
         self, root: Path, party: str, label: str, client: str, clearance: str, env: dict[str, str]
@@ -52,7 +108,7 @@ class DemoNode:
         self.party, self.label, self.client_name, self.clearance = party, label, client, clearance
         self.port = free_port()
         self.env = env
-        self.process: subprocess.Popen[bytes] | None = None
+        self.server = NodeProcess(self.dir, env, self.client)
 
     @property
     def url(self) -> str:
@@ -97,15 +153,6 @@ class DemoNode:
             env=self.env,
         )
 
-    def start(self) -> None:
-        log = (self.dir / "node.log").open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "exchange", "serve", "--dir", str(self.dir)],
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-
     def client(self) -> ExchangeClient:
         return ExchangeClient(
             self.url,
@@ -114,34 +161,6 @@ class DemoNode:
             key_file=self.dir / "clients" / f"{self.client_name}-key.pem",
             key_password=self.env["EXCHANGE_KEY_PASSPHRASE"],
         )
-
-    def wait_ready(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process is not None and self.process.poll() is not None:
-                raise ExchangeError(f"node {self.party} exited; see {self.dir / 'node.log'}")
-            try:
-                with self.client() as c:
-                    c.health()
-                return
-            except (TransportError, OSError, Exception) as exc:
-                if time.monotonic() > deadline:
-                    raise ExchangeError(f"node {self.party} did not become ready: {exc}") from exc
-                time.sleep(0.2)
-
-    def stop(self) -> bool:
-        """SIGTERM the server; True if it completed a graceful shutdown (lifespan, worker)."""
-        if self.process is None:
-            return False
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-                return False
-        return "Application shutdown complete" in (self.dir / "node.log").read_text()
 
 
 def _line(label: str, value: Any) -> None:
@@ -174,14 +193,14 @@ def run_demo(workdir: Path) -> None:
     )
     for node in nodes:
         node.setup(agreement)
-        node.start()
+        node.server.start()
     try:
         for node in nodes:
-            node.wait_ready()
+            node.server.wait_ready()
         print(f"== Nodes up: ID at {polri.url}, MY at {pdrm.url} (mutual TLS)")
         _conversation(polri, pdrm)
     finally:
-        clean = [node.stop() for node in nodes]
+        clean = [node.server.stop() for node in nodes]
     if not all(clean):
         raise ExchangeError("a node did not shut down cleanly; see node.log in the work directory")
     print("== Both nodes shut down gracefully (SIGTERM, delivery worker stopped)")

@@ -72,4 +72,4 @@ def db_urls(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str | None,
     if request.param == "sqlite":
         return (None, None)
     make = request.getfixturevalue("make_pg_database")
-    return (make(), make())  # type: ignore[operator]
+    return (make(), make())

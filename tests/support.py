@@ -54,7 +54,9 @@ class NodeDir:
         return self.path / "tls" / "ca.pem"
 
     def client(self, name: str) -> ClientFiles:
-        return ClientFiles(name, self.path / "clients" / f"{name}.pem", self.path / "clients" / f"{name}-key.pem")
+        return ClientFiles(
+            name, self.path / "clients" / f"{name}.pem", self.path / "clients" / f"{name}-key.pem"
+        )
 
 
 def set_node_options(node: Path, **values: object) -> None:
@@ -80,8 +82,16 @@ def make_pair(
         if url:
             set_node_options(path, database_url=url)
         nodes.append(NodeDir(party, path, port))
-    cli("agreement", "compose", "--party", str(nodes[0].path / "party.toml"),
-        "--party", str(nodes[1].path / "party.toml"), "--out", str(root / "agreement.toml"))
+    cli(
+        "agreement",
+        "compose",
+        "--party",
+        str(nodes[0].path / "party.toml"),
+        "--party",
+        str(nodes[1].path / "party.toml"),
+        "--out",
+        str(root / "agreement.toml"),
+    )
     for node in nodes:
         shutil.copy(root / "agreement.toml", node.path / "agreement.toml")
         cli("db", "upgrade", "--dir", str(node.path))
@@ -94,8 +104,23 @@ def make_pair(
 def register_client(node: NodeDir, name: str, clearance: str, *extra: str) -> ClientFiles:
     cli("pki", "issue-client", "--dir", str(node.path), "--name", name, "--out", str(node.path / "clients"))
     files = node.client(name)
-    cli("clients", "add", "--dir", str(node.path), "--id", name, "--cert", str(files.cert), "--agency",
-        "Polri" if node.party == "ID" else "PDRM", "--unit", "TPPO", "--clearance", clearance, *extra)
+    cli(
+        "clients",
+        "add",
+        "--dir",
+        str(node.path),
+        "--id",
+        name,
+        "--cert",
+        str(files.cert),
+        "--agency",
+        "Polri" if node.party == "ID" else "PDRM",
+        "--unit",
+        "TPPO",
+        "--clearance",
+        clearance,
+        *extra,
+    )
     return files
 
 

@@ -54,6 +54,15 @@ class TLSHttpToolsProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         self._tls = tls_extension(transport)
 
+    def shutdown(self) -> None:
+        """Graceful shutdown: an idle TLS connection is aborted rather than closed, because closing
+        waits for the peer's close_notify, which an idle keep-alive client never sends (the server
+        would then sit out its whole graceful-shutdown timeout). In-flight requests still finish."""
+        idle = self.cycle is None or self.cycle.response_complete
+        super().shutdown()
+        if idle and self._tls is not None:
+            self.transport.abort()
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
         if self._tls is not None:

@@ -17,8 +17,11 @@ from exchange.envelope import envelope_digest, seal, sign_receipt
 
 def main() -> None:
     keys = {}
-    for name, party, use in (("sender_signing", "ID", "sig"), ("recipient_encryption", "MY", "enc"),
-                             ("recipient_signing", "MY", "sig")):
+    for name, party, use in (
+        ("sender_signing", "ID", "sig"),
+        ("recipient_encryption", "MY", "enc"),
+        ("recipient_signing", "MY", "sig"),
+    ):
         pem = crypto.new_message_key(use)  # type: ignore[arg-type]
         keys[name] = crypto.private_jwk(pem, "TEST-" + crypto.message_key_id(party, use, pem))  # type: ignore[arg-type]
     created = dt.datetime(2026, 11, 23, 8, 0, tzinfo=dt.UTC)
@@ -46,10 +49,17 @@ def main() -> None:
     public_recipient = crypto.public_jwk_dict(keys["recipient_encryption"])
     from joserfc.jwk import OKPKey
 
-    compact = seal(message, signing_key=keys["sender_signing"], recipient_key=OKPKey.import_key(public_recipient))
-    receipt = sign_receipt(message_id=message["id"], envelope_sha256=envelope_digest(compact), receiver="MY",
-                           sender="ID", received_at=created + dt.timedelta(seconds=1),
-                           signing_key=keys["recipient_signing"])
+    compact = seal(
+        message, signing_key=keys["sender_signing"], recipient_key=OKPKey.import_key(public_recipient)
+    )
+    receipt = sign_receipt(
+        message_id=message["id"],
+        envelope_sha256=envelope_digest(compact),
+        receiver="MY",
+        sender="ID",
+        received_at=created + dt.timedelta(seconds=1),
+        signing_key=keys["recipient_signing"],
+    )
     vector = {
         "description": "TEST VECTOR ONLY. Keys are public test keys, never used by a node.",
         "keys": {

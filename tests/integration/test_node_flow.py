@@ -80,25 +80,38 @@ def test_a_request_crosses_and_its_response_comes_back(pair) -> None:  # type: i
     assert accepted["classification"]["partner_equivalent"] == {"scheme": "ARAHAN", "level": "RAHSIA"}
     assert DeliveryWorker(id_node, Loopback(my_node)).run_once() == 1
     status = id_node.status(polri, accepted["id"])
-    assert status["status"] == "delivered" and status["receipt"]["jws"].count(".") == 2
+    assert status["status"] == "delivered"
+    assert status["receipt"]["jws"].count(".") == 2
 
     page = my_node.inbox(pdrm, 0, 10, now())
     assert [i["id"] for i in page.items] == [accepted["id"]]
     item = page.items[0]
     assert item["payload"] == rfi()["payload"]
-    assert item["classification"] == {"scheme": "POLRI", "level": "RAHASIA", "common": "S", "local_equivalent": "RAHSIA"}
+    assert item["classification"] == {
+        "scheme": "POLRI",
+        "level": "RAHASIA",
+        "common": "S",
+        "local_equivalent": "RAHSIA",
+    }
 
     reply = my_node.submit(pdrm, MessageSubmission.model_validate(response_to(accepted["id"])), now())
     assert reply["thread_id"] == accepted["thread_id"]
     assert DeliveryWorker(my_node, Loopback(id_node)).run_once() == 1
     back = id_node.inbox(polri, 0, 10, now()).items
     assert back[0]["in_reply_to"] == accepted["id"]
-    assert back[0]["classification"]["level"] == "SULIT" and back[0]["classification"]["local_equivalent"] == "RAHASIA"
+    assert back[0]["classification"]["level"] == "SULIT"
+    assert back[0]["classification"]["local_equivalent"] == "RAHASIA"
 
     with id_node.db.transaction() as conn:
         events = [e.event for e in repo.iter_ledger(conn)]
-    assert events == ["message.submitted", "message.sent", "receipt.verified", "envelope.received", "receipt.issued",
-                      "message.released"]
+    assert events == [
+        "message.submitted",
+        "message.sent",
+        "receipt.verified",
+        "envelope.received",
+        "receipt.issued",
+        "message.released",
+    ]
 
 
 def test_the_stored_rows_and_ledger_hold_no_plaintext(pair) -> None:  # type: ignore[no-untyped-def]
@@ -110,7 +123,9 @@ def test_the_stored_rows_and_ledger_hold_no_plaintext(pair) -> None:  # type: ig
     my_node.inbox(actor(my_node, my_dir, "pdrm-d7"), 0, 10, now())
     for node in (id_node, my_node):
         with node.db.transaction() as conn:
-            dump = repr(conn.execute(sa.select(messages)).all()) + repr(conn.execute(sa.select(ledger_entries)).all())
+            dump = repr(conn.execute(sa.select(messages)).all()) + repr(
+                conn.execute(sa.select(ledger_entries)).all()
+            )
         assert secret not in dump
 
 
@@ -149,17 +164,21 @@ def test_release_only_to_cleared_systems(pair) -> None:  # type: ignore[no-untyp
 
 def test_a_redelivered_envelope_gets_the_same_receipt_and_is_stored_once(pair) -> None:  # type: ignore[no-untyped-def]
     id_dir, _my_dir, id_node, my_node = pair
-    accepted = id_node.submit(actor(id_node, id_dir, "polri-cms"), MessageSubmission.model_validate(rfi()), now())
+    accepted = id_node.submit(
+        actor(id_node, id_dir, "polri-cms"), MessageSubmission.model_validate(rfi()), now()
+    )
     with id_node.db.transaction() as conn:
         compact = repo.get_message(conn, accepted["id"])["envelope"]  # type: ignore[index]
     first = my_node.receive([compact], now())
     second = my_node.receive([compact, compact], now())
-    assert first[0].accepted and first[0].receipt == second[0].receipt == second[1].receipt
+    assert first[0].accepted
+    assert first[0].receipt == second[0].receipt == second[1].receipt
     with my_node.db.transaction() as conn:
         count = conn.execute(sa.select(sa.func.count()).select_from(messages)).scalar_one()
         events = [e.event for e in repo.iter_ledger(conn)]
     assert count == 1
-    assert events.count("envelope.received") == 1 and events.count("envelope.redelivered") == 2
+    assert events.count("envelope.received") == 1
+    assert events.count("envelope.redelivered") == 2
 
 
 def test_a_lost_answer_mid_delivery_is_retried_and_stored_once(pair) -> None:  # type: ignore[no-untyped-def]
@@ -172,7 +191,8 @@ def test_a_lost_answer_mid_delivery_is_retried_and_stored_once(pair) -> None:  #
     transport.lose_answer = True
     assert worker.run_once() == 0
     status = id_node.status(polri, accepted["id"])
-    assert status["status"] == "queued" and "connection reset" in status["status_reason"]
+    assert status["status"] == "queued"
+    assert "connection reset" in status["status_reason"]
     transport.lose_answer = False
     assert worker.run_once() == 0  # backing off: not due yet
     clock.now += 1.0
@@ -197,14 +217,15 @@ def test_partner_down_messages_wait_with_backoff_and_go_when_it_returns(pair) ->
             row = conn.execute(sa.text("select min(next_attempt_at) from outbox")).scalar_one()
         waits.append(row - clock.now)
         clock.now = row
-    assert waits == sorted(waits) and waits[-1] > waits[0]  # exponential backoff
+    assert waits == sorted(waits)
+    assert waits[-1] > waits[0]
     transport.down = False
     assert worker.run_once() == 3
     assert {id_node.status(polri, i)["status"] for i in ids} == {"delivered"}
 
 
 def test_a_restart_loses_nothing(pair, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    id_dir, my_dir, id_node, my_node = pair
+    id_dir, _my_dir, id_node, my_node = pair
     polri = actor(id_node, id_dir, "polri-cms")
     accepted = id_node.submit(polri, MessageSubmission.model_validate(rfi()), now())
     id_node.db.dispose()
@@ -225,10 +246,12 @@ def test_envelope_rejected_by_the_partner_is_marked_failed_and_ledgered(pair, tm
         repo.update_message(conn, accepted["id"], envelope=tampered, envelope_sha256=crypto_digest(tampered))
     assert DeliveryWorker(id_node, Loopback(my_node)).run_once() == 1
     status = id_node.status(polri, accepted["id"])
-    assert status["status"] == "failed" and "rejected" in status["status_reason"]
+    assert status["status"] == "failed"
+    assert "rejected" in status["status_reason"]
     with my_node.db.transaction() as conn:
         rejected = [e for e in repo.iter_ledger(conn) if e.event == "envelope.rejected"]
-    assert rejected and rejected[0].data["reason"] == "decrypt-failed"
+    assert rejected
+    assert rejected[0].data["reason"] == "decrypt-failed"
 
 
 def crypto_digest(compact: str) -> str:
@@ -241,7 +264,9 @@ def test_refusals_are_ledgered_and_nothing_is_queued(pair) -> None:  # type: ign
     id_dir, _my_dir, id_node, _my_node = pair
     polri = actor(id_node, id_dir, "polri-cms")
     with pytest.raises(PolicyRefusal):
-        id_node.submit(polri, MessageSubmission.model_validate(rfi(tlp="AMBER", handling_codes=["H9"])), now())
+        id_node.submit(
+            polri, MessageSubmission.model_validate(rfi(tlp="AMBER", handling_codes=["H9"])), now()
+        )
     with pytest.raises(InvalidInput) as info:
         id_node.submit(polri, MessageSubmission.model_validate(rfi(payload={"questions": []})), now())
     assert {e.field for e in info.value.errors} == {"payload", "payload/questions"}

@@ -18,11 +18,18 @@ def agreement_data() -> dict[str, Any]:
     for party, scheme in (("ID", "POLRI"), ("MY", "ARAHAN")):
         keys = {}
         for use in ("sig", "enc"):
-            pem = crypto.new_message_key(use)  # type: ignore[arg-type]
-            keys[use] = crypto.public_jwk_dict(crypto.private_jwk(pem, crypto.message_key_id(party, use, pem)))  # type: ignore[arg-type]
+            pem = crypto.new_message_key(use)
+            keys[use] = crypto.public_jwk_dict(
+                crypto.private_jwk(pem, crypto.message_key_id(party, use, pem))
+            )
         parties[party] = {
-            "name": party, "endpoint": f"https://{party.lower()}.example:8443", "node_name": f"{party}-node",
-            "ca_certificate": CA_PEM, "scheme": scheme, "signing_keys": [keys["sig"]], "encryption_keys": [keys["enc"]],
+            "name": party,
+            "endpoint": f"https://{party.lower()}.example:8443",
+            "node_name": f"{party}-node",
+            "ca_certificate": CA_PEM,
+            "scheme": scheme,
+            "signing_keys": [keys["sig"]],
+            "encryption_keys": [keys["enc"]],
         }
     data["parties"] = parties
     return data

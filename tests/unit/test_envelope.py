@@ -32,7 +32,7 @@ ID_SIG, ID_ENC, MY_SIG, MY_ENC = key("ID", "sig"), key("ID", "enc"), key("MY", "
 
 
 def public(k: OKPKey) -> OKPKey:
-    return OKPKey.import_key(crypto.public_jwk_dict(k))
+    return crypto.public_only(k)
 
 
 def message(**overrides: Any) -> dict[str, Any]:
@@ -89,9 +89,12 @@ def test_round_trip_returns_the_message_and_the_header_carries_the_security_fiel
     assert opened.message == message()
     assert opened.signer_kid == ID_SIG.kid
     header = envelope_jose.peek_header(compact)
-    assert header["alg"] == "ECDH-ES+A256KW" and header["enc"] == "A256GCM" and header["kid"] == MY_ENC.kid
+    assert header["alg"] == "ECDH-ES+A256KW"
+    assert header["enc"] == "A256GCM"
+    assert header["kid"] == MY_ENC.kid
     assert header["classification"] == message()["classification"]
-    assert header["msg_id"] == message()["id"] and header["handling_codes"] == ["H0", "H2"]
+    assert header["msg_id"] == message()["id"]
+    assert header["handling_codes"] == ["H0", "H2"]
     assert "payload" not in header  # content only inside the ciphertext
 
 
@@ -104,8 +107,13 @@ def test_tampered_ciphertext_is_refused() -> None:
 
 
 def test_header_swapped_between_two_envelopes_is_refused() -> None:
-    a, b = sealed(), sealed(id="5b0c8a1e-0000-4000-8000-000000000002", classification={
-        "scheme": "POLRI", "level": "BIASA", "common": "U"})
+    a, b = (
+        sealed(),
+        sealed(
+            id="5b0c8a1e-0000-4000-8000-000000000002",
+            classification={"scheme": "POLRI", "level": "BIASA", "common": "U"},
+        ),
+    )
     swapped = ".".join([b.split(".")[0], *a.split(".")[1:]])
     assert reason(swapped) == "decrypt-failed"  # the header is the AES-GCM AAD
 
@@ -115,8 +123,14 @@ def test_rewrapped_signed_message_with_a_lowered_classification_header_is_refuse
     under a header that claims a lower classification: the header no longer matches the signature."""
     inner = jwe.decrypt_compact(sealed(), MY_ENC, registry=envelope_jose._JWE_REGISTRY).plaintext
     assert inner is not None
-    forged_header = {"alg": "ECDH-ES+A256KW", "enc": "A256GCM", "kid": MY_ENC.kid, "typ": "exchange-envelope+jwe",
-                     "cty": "JOSE", **envelope_jose._header_of(message())}
+    forged_header = {
+        "alg": "ECDH-ES+A256KW",
+        "enc": "A256GCM",
+        "kid": MY_ENC.kid,
+        "typ": "exchange-envelope+jwe",
+        "cty": "JOSE",
+        **envelope_jose._header_of(message()),
+    }
     forged_header["classification"] = {"scheme": "POLRI", "level": "BIASA", "common": "U"}
     forged = jwe.encrypt_compact(forged_header, inner, public(MY_ENC), registry=envelope_jose._JWE_REGISTRY)
     assert reason(forged) == "header-mismatch"
@@ -173,8 +187,11 @@ def test_replay_outside_the_window_and_future_messages_are_refused() -> None:
 
 def test_stored_envelope_opens_later_without_freshness_checks() -> None:
     old = sealed(created_at=(NOW - dt.timedelta(days=400)).isoformat())
-    opened = open_stored(old, decryption_keys={KeyId(str(MY_ENC.kid)): MY_ENC},
-                         verification_keys={KeyId(str(ID_SIG.kid)): public(ID_SIG)})
+    opened = open_stored(
+        old,
+        decryption_keys={KeyId(str(MY_ENC.kid)): MY_ENC},
+        verification_keys={KeyId(str(ID_SIG.kid)): public(ID_SIG)},
+    )
     assert opened.message["id"] == message()["id"]
 
 
@@ -184,9 +201,17 @@ def test_malformed_input_is_refused_not_crashed(garbage: str) -> None:
 
 
 def test_inner_jws_must_be_signed_not_none() -> None:
-    unsigned = b64({"alg": "none", "kid": ID_SIG.kid, "typ": "exchange-message+jws"}) + "." + b64(message()) + "."
-    header = {"alg": "ECDH-ES+A256KW", "enc": "A256GCM", "kid": MY_ENC.kid, "typ": "exchange-envelope+jwe",
-              "cty": "JOSE", **envelope_jose._header_of(message())}
+    unsigned = (
+        b64({"alg": "none", "kid": ID_SIG.kid, "typ": "exchange-message+jws"}) + "." + b64(message()) + "."
+    )
+    header = {
+        "alg": "ECDH-ES+A256KW",
+        "enc": "A256GCM",
+        "kid": MY_ENC.kid,
+        "typ": "exchange-envelope+jwe",
+        "cty": "JOSE",
+        **envelope_jose._header_of(message()),
+    }
     compact = jwe.encrypt_compact(header, unsigned, public(MY_ENC), registry=envelope_jose._JWE_REGISTRY)
     assert reason(compact) == "bad-signature"
 
@@ -201,46 +226,88 @@ def test_seal_refuses_a_message_without_the_envelope_fields() -> None:
 def test_receipt_verifies_and_cannot_be_moved_to_another_envelope_or_message() -> None:
     compact = sealed()
     digest = envelope_jose.envelope_digest(compact)
-    receipt = sign_receipt(message_id=message()["id"], envelope_sha256=digest, receiver="MY", sender="ID",
-                           received_at=NOW, signing_key=MY_SIG)
+    receipt = sign_receipt(
+        message_id=message()["id"],
+        envelope_sha256=digest,
+        receiver="MY",
+        sender="ID",
+        received_at=NOW,
+        signing_key=MY_SIG,
+    )
     keys = {KeyId(str(MY_SIG.kid)): public(MY_SIG)}
-    verified = verify_receipt(receipt, verification_keys=keys, expected_message_id=message()["id"],
-                              expected_envelope_sha256=digest, expected_receiver="MY")
+    verified = verify_receipt(
+        receipt,
+        verification_keys=keys,
+        expected_message_id=message()["id"],
+        expected_envelope_sha256=digest,
+        expected_receiver="MY",
+    )
     assert verified.received_at == NOW.isoformat(timespec="microseconds")
-    for kwargs in ({"expected_envelope_sha256": "0" * 64}, {"expected_message_id": "other"},
-                   {"expected_receiver": "ID"}):
-        args: dict[str, Any] = {"verification_keys": keys, "expected_message_id": message()["id"],
-                                "expected_envelope_sha256": digest, "expected_receiver": "MY", **kwargs}
+    for kwargs in (
+        {"expected_envelope_sha256": "0" * 64},
+        {"expected_message_id": "other"},
+        {"expected_receiver": "ID"},
+    ):
+        args: dict[str, Any] = {
+            "verification_keys": keys,
+            "expected_message_id": message()["id"],
+            "expected_envelope_sha256": digest,
+            "expected_receiver": "MY",
+            **kwargs,
+        }
         with pytest.raises(EnvelopeError) as info:
             verify_receipt(receipt, **args)
         assert info.value.reason == "receipt-mismatch"
-    forged = sign_receipt(message_id=message()["id"], envelope_sha256=digest, receiver="MY", sender="ID",
-                          received_at=NOW, signing_key=crypto.private_jwk(crypto.new_message_key("sig"),
-                                                                          str(MY_SIG.kid)))
+    forged = sign_receipt(
+        message_id=message()["id"],
+        envelope_sha256=digest,
+        receiver="MY",
+        sender="ID",
+        received_at=NOW,
+        signing_key=crypto.private_jwk(crypto.new_message_key("sig"), str(MY_SIG.kid)),
+    )
     with pytest.raises(EnvelopeError) as info:
-        verify_receipt(forged, verification_keys=keys, expected_message_id=message()["id"],
-                       expected_envelope_sha256=digest, expected_receiver="MY")
+        verify_receipt(
+            forged,
+            verification_keys=keys,
+            expected_message_id=message()["id"],
+            expected_envelope_sha256=digest,
+            expected_receiver="MY",
+        )
     assert info.value.reason == "bad-signature"
 
 
 def test_an_envelope_is_not_accepted_as_a_receipt() -> None:
-    signed_message = jws.serialize_compact({"alg": "EdDSA", "kid": MY_SIG.kid, "typ": "exchange-message+jws"},
-                                           b"{}", MY_SIG, algorithms=["EdDSA"])
+    signed_message = jws.serialize_compact(
+        {"alg": "EdDSA", "kid": MY_SIG.kid, "typ": "exchange-message+jws"},
+        b"{}",
+        MY_SIG,
+        algorithms=["EdDSA"],
+    )
     with pytest.raises(EnvelopeError):
-        verify_receipt(signed_message, verification_keys={KeyId(str(MY_SIG.kid)): public(MY_SIG)},
-                       expected_message_id="x", expected_envelope_sha256="0" * 64, expected_receiver="MY")
+        verify_receipt(
+            signed_message,
+            verification_keys={KeyId(str(MY_SIG.kid)): public(MY_SIG)},
+            expected_message_id="x",
+            expected_envelope_sha256="0" * 64,
+            expected_receiver="MY",
+        )
 
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**53) + 1, 2**53 - 1) | st.text(max_size=40),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
     max_leaves=20,
 )
 
 
 @settings(max_examples=60, deadline=None)
-@given(payload=st.dictionaries(st.text(min_size=1, max_size=12), json_values, max_size=6),
-       codes=st.lists(st.sampled_from(["H0", "H1", "H2", "H3"]), unique=True))
+@given(
+    payload=st.dictionaries(st.text(min_size=1, max_size=12), json_values, max_size=6),
+    codes=st.lists(st.sampled_from(["H0", "H1", "H2", "H3"]), unique=True),
+)
 def test_property_seal_then_open_returns_the_message(payload: dict[str, Any], codes: list[str]) -> None:
     body = message(payload=payload, handling_codes=codes)
     assert open_as_my(seal(body, signing_key=ID_SIG, recipient_key=public(MY_ENC))).message == body

@@ -11,15 +11,27 @@ from exchange.ledger import GENESIS_HASH, EntryDraft, LedgerEntry, seal_entries,
 
 
 def ledger(n: int = 6) -> list[LedgerEntry]:
-    drafts = [EntryDraft(event="message.submitted", message_id=f"m{i}", actor="polri-cms", decision="allow",
-                         rules=("R-TYPE-KNOWN",), data={"envelope_sha256": f"{i:064x}"}) for i in range(n)]
+    drafts = [
+        EntryDraft(
+            event="message.submitted",
+            message_id=f"m{i}",
+            actor="polri-cms",
+            decision="allow",
+            rules=("R-TYPE-KNOWN",),
+            data={"envelope_sha256": f"{i:064x}"},
+        )
+        for i in range(n)
+    ]
     return seal_entries(drafts, size=0, head_hash=GENESIS_HASH, at="2026-11-23T00:00:00+00:00")
 
 
 def verify(entries: list[LedgerEntry], size: int | None = None, head: str | None = None) -> int:
     full = ledger()
-    return verify_chain(entries, size=len(full) if size is None else size,
-                        head_hash=full[-1].entry_hash if head is None else head)
+    return verify_chain(
+        entries,
+        size=len(full) if size is None else size,
+        head_hash=full[-1].entry_hash if head is None else head,
+    )
 
 
 def bad_seq(entries: list[LedgerEntry], **kwargs: object) -> int | None:
@@ -52,8 +64,12 @@ def test_a_changed_time_is_detected() -> None:
 
 def test_a_rehashed_entry_breaks_the_next_link() -> None:
     entries = ledger()
-    forged = seal_entries([EntryDraft(event="message.submitted", message_id="forged")], size=2,
-                          head_hash=entries[1].entry_hash, at=entries[2].at)[0]
+    forged = seal_entries(
+        [EntryDraft(event="message.submitted", message_id="forged")],
+        size=2,
+        head_hash=entries[1].entry_hash,
+        at=entries[2].at,
+    )[0]
     entries[2] = forged
     assert bad_seq(entries) == 3
 

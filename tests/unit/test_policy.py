@@ -9,7 +9,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from exchange.errors import PolicyRefusal
-from exchange.policy import Actor, evaluate_inbound, evaluate_release, evaluate_submission, national_equivalent
+from exchange.policy import (
+    Actor,
+    evaluate_inbound,
+    evaluate_release,
+    evaluate_submission,
+    national_equivalent,
+)
 from tests.unit.helpers import agreement
 
 AGREEMENT = agreement()
@@ -41,8 +47,15 @@ def test_property_equivalence_never_lowers_a_level(source: str, target: str, dat
 
 def submit(actor: Actor = ANALYST, **overrides: Any) -> Any:
     kwargs: dict[str, Any] = {
-        "party": "ID", "actor": actor, "message_type": "REQUEST_FOR_INFORMATION", "purposes": ["TIP_INVESTIGATION"],
-        "scheme": "POLRI", "level": "RAHASIA", "tlp": "AMBER", "handling_codes": ["H0"], "replied_to": None,
+        "party": "ID",
+        "actor": actor,
+        "message_type": "REQUEST_FOR_INFORMATION",
+        "purposes": ["TIP_INVESTIGATION"],
+        "scheme": "POLRI",
+        "level": "RAHASIA",
+        "tlp": "AMBER",
+        "handling_codes": ["H0"],
+        "replied_to": None,
         "in_reply_to": None,
     }
     kwargs.update(overrides)
@@ -54,7 +67,8 @@ def test_allowed_submission_has_marking_and_every_rule_recorded() -> None:
     assert (decision.marking.level, decision.marking.common) == ("RAHASIA", "S")
     assert all(r.allowed for r in decision.rules)
     assert {"R-TYPE-KNOWN", "R-CLIENT-TYPE", "R-CLEARANCE-SEND", "R-CLASS-OWN-SCHEME"} <= {
-        r.rule_id for r in decision.rules}
+        r.rule_id for r in decision.rules
+    }
 
 
 @pytest.mark.parametrize(
@@ -70,13 +84,25 @@ def test_allowed_submission_has_marking_and_every_rule_recorded() -> None:
         ({}, Actor("x", "Polri", "u", (), "S", ("RESPONSE",), ()), {"R-CLIENT-TYPE"}),
         ({}, Actor("x", "Polri", "u", (), "S", (), ("PREVENTION",)), {"R-CLIENT-PURPOSE"}),
         ({"message_type": "RESPONSE"}, ANALYST, {"R-REPLY-TARGET"}),
-        ({"message_type": "RESPONSE", "replied_to": {"direction": "out", "type": "REQUEST_FOR_INFORMATION"},
-          "in_reply_to": "m1"}, ANALYST, {"R-REPLY-TARGET"}),
-        ({"tlp": "PURPLE", "level": "SANGAT RAHASIA", "handling_codes": ["H7"]}, ANALYST,
-         {"R-TLP-KNOWN", "R-CLEARANCE-SEND", "R-HANDLING-KNOWN"}),
+        (
+            {
+                "message_type": "RESPONSE",
+                "replied_to": {"direction": "out", "type": "REQUEST_FOR_INFORMATION"},
+                "in_reply_to": "m1",
+            },
+            ANALYST,
+            {"R-REPLY-TARGET"},
+        ),
+        (
+            {"tlp": "PURPLE", "level": "SANGAT RAHASIA", "handling_codes": ["H7"]},
+            ANALYST,
+            {"R-TLP-KNOWN", "R-CLEARANCE-SEND", "R-HANDLING-KNOWN"},
+        ),
     ],
 )
-def test_refusals_name_every_rule_that_refused(overrides: dict[str, Any], actor: Actor, rules: set[str]) -> None:
+def test_refusals_name_every_rule_that_refused(
+    overrides: dict[str, Any], actor: Actor, rules: set[str]
+) -> None:
     with pytest.raises(PolicyRefusal) as info:
         submit(actor, **overrides)
     assert {v.rule_id for v in info.value.violations} == rules
@@ -85,14 +111,19 @@ def test_refusals_name_every_rule_that_refused(overrides: dict[str, Any], actor:
 
 def test_a_reply_to_a_received_request_is_allowed() -> None:
     decision = submit(
-        message_type="RESPONSE", replied_to={"direction": "in", "type": "REQUEST_FOR_INFORMATION"}, in_reply_to="m1"
+        message_type="RESPONSE",
+        replied_to={"direction": "in", "type": "REQUEST_FOR_INFORMATION"},
+        in_reply_to="m1",
     )
     assert any(r.rule_id == "R-REPLY-TARGET" and r.allowed for r in decision.rules)
 
 
 def test_inbound_keeps_the_originator_marking_and_maps_up() -> None:
-    message = {"type": "RESPONSE", "purposes": ["TIP_INVESTIGATION"],
-               "classification": {"scheme": "ARAHAN", "level": "SULIT", "common": "C"}}
+    message = {
+        "type": "RESPONSE",
+        "purposes": ["TIP_INVESTIGATION"],
+        "classification": {"scheme": "ARAHAN", "level": "SULIT", "common": "C"},
+    }
     assert evaluate_inbound(AGREEMENT, party="ID", message=message) == ("C", "RAHASIA")
 
 
@@ -112,10 +143,18 @@ def test_inbound_refuses_inconsistent_markings(classification: dict[str, str]) -
 
 @pytest.mark.parametrize(
     ("clearance", "types", "level", "allowed"),
-    [("S", (), "S", True), ("R", (), "S", False), ("TS", ("REQUEST_FOR_INFORMATION",), "C", False), ("C", ("RESPONSE",), "C", True)],
+    [
+        ("S", (), "S", True),
+        ("R", (), "S", False),
+        ("TS", ("REQUEST_FOR_INFORMATION",), "C", False),
+        ("C", ("RESPONSE",), "C", True),
+    ],
 )
 def test_release_needs_clearance_and_type_entitlement(
     clearance: str, types: tuple[str, ...], level: str, allowed: bool
 ) -> None:
     actor = Actor("c", "PDRM", "D7", (), clearance, types, ())
-    assert evaluate_release(AGREEMENT, actor=actor, message_type="RESPONSE", common_level=level).allowed is allowed
+    assert (
+        evaluate_release(AGREEMENT, actor=actor, message_type="RESPONSE", common_level=level).allowed
+        is allowed
+    )

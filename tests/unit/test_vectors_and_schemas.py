@@ -40,14 +40,21 @@ def test_vector_opens_with_joserfc_through_our_code() -> None:
     keys = VECTOR["keys"]
     dk = OKPKey.import_key(keys["recipient_encryption_private"])
     vk = OKPKey.import_key(keys["sender_signing_public"])
-    opened = open_stored(VECTOR["envelope"], decryption_keys={KeyId(str(dk.kid)): dk},
-                         verification_keys={KeyId(str(vk.kid)): vk})
+    opened = open_stored(
+        VECTOR["envelope"],
+        decryption_keys={KeyId(str(dk.kid)): dk},
+        verification_keys={KeyId(str(vk.kid)): vk},
+    )
     assert opened.message == VECTOR["expected_message"]
     assert envelope_digest(VECTOR["envelope"]) == VECTOR["envelope_sha256"]
     rk = OKPKey.import_key(keys["recipient_signing_public"])
-    receipt = verify_receipt(VECTOR["receipt"], verification_keys={KeyId(str(rk.kid)): rk},
-                             expected_message_id=VECTOR["expected_message"]["id"],
-                             expected_envelope_sha256=VECTOR["envelope_sha256"], expected_receiver="MY")
+    receipt = verify_receipt(
+        VECTOR["receipt"],
+        verification_keys={KeyId(str(rk.kid)): rk},
+        expected_message_id=VECTOR["expected_message"]["id"],
+        expected_envelope_sha256=VECTOR["envelope_sha256"],
+        expected_receiver="MY",
+    )
     assert receipt.sender == "ID"
 
 
@@ -80,4 +87,3 @@ def test_vector_header_and_message_validate_against_the_published_schemas() -> N
 def test_every_payload_schema_is_a_valid_2020_12_schema() -> None:
     for path in (SCHEMAS / "messages").glob("*.schema.json"):
         Draft202012Validator.check_schema(json.loads(path.read_text()))
-

@@ -1,0 +1,291 @@
+"""Two real nodes (``exchange serve`` under uvicorn) over mutual TLS on loopback."""
+
+from __future__ import annotations
+
+import os
+import ssl
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from exchange import crypto
+from exchange.client import ExchangeClient
+from exchange.demo import NodeProcess
+from exchange.errors import ExchangeError
+from tests.support import (
+    PASSPHRASE,
+    ClientFiles,
+    NodeDir,
+    make_pair,
+    register_client,
+    response_to,
+    rfi,
+    set_node_options,
+)
+
+pytestmark = pytest.mark.e2e
+
+
+@dataclass
+class Running:
+    node: NodeDir
+    process: NodeProcess
+    client_files: ClientFiles
+
+    def client(self, files: ClientFiles | None = None) -> ExchangeClient:
+        f = files or self.client_files
+        return ExchangeClient(
+            self.node.url, ca_file=self.node.ca, cert_file=f.cert, key_file=f.key, key_password=PASSPHRASE
+        )
+
+    def db(self) -> sa.Engine:
+        return sa.create_engine(f"sqlite:///{self.node.path / 'node.db'}")
+
+    def count_messages(self, message_id: str) -> int:
+        engine = self.db()
+        with engine.connect() as conn:
+            n = conn.execute(
+                sa.text("select count(*) from messages where id = :i"), {"i": message_id}
+            ).scalar_one()
+        engine.dispose()
+        return int(n)
+
+
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Running, Running]]:
+    root = tmp_path_factory.mktemp("e2e")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("EXCHANGE_KEY_PASSPHRASE", PASSPHRASE)
+    id_dir, my_dir = make_pair(root)
+    for nd in (id_dir, my_dir):
+        set_node_options(
+            nd.path,
+            delivery_backoff_base_seconds=0.1,
+            delivery_backoff_max_seconds=0.5,
+            delivery_lease_seconds=3.0,
+            delivery_poll_seconds=0.05,
+        )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EXCHANGE_")}
+    env["EXCHANGE_KEY_PASSPHRASE"] = PASSPHRASE
+    running = []
+    for nd, name in ((id_dir, "polri-cms"), (my_dir, "pdrm-d7")):
+        files = nd.client(name)
+        holder: dict[str, Running] = {}
+        process = NodeProcess(nd.path, env, lambda h=holder: h["r"].client())  # type: ignore[misc]
+        run = Running(nd, process, files)
+        holder["r"] = run
+        process.start()
+        running.append(run)
+    try:
+        for run in running:
+            run.process.wait_ready()
+        yield running[0], running[1]
+    finally:
+        for run in running:
+            run.process.stop()
+        mp.undo()
+
+
+def wait_status(
+    client: ExchangeClient, message_id: str, wanted: str, timeout: float = 30
+) -> dict[str, object]:
+    return client.wait_for_status(message_id, wanted, timeout)
+
+
+def test_a_request_crosses_and_the_reply_comes_back(nodes: tuple[Running, Running]) -> None:
+    polri, pdrm = nodes
+    with polri.client() as id_api, pdrm.client() as my_api:
+        accepted = id_api.submit(rfi())
+        delivered = wait_status(id_api, accepted["id"], "delivered")
+        assert delivered["receipt"] is not None
+        inbox = my_api.inbox()
+        item = next(i for i in inbox["items"] if i["id"] == accepted["id"])
+        assert item["payload"] == rfi()["payload"]
+        reply = my_api.submit(response_to(accepted["id"]))
+        wait_status(my_api, reply["id"], "delivered")
+        cursor = 0
+        got = []
+        while True:
+            page = id_api.inbox(after=cursor)
+            if not page["items"]:
+                break
+            got += page["items"]
+            cursor = page["next_cursor"]
+        assert any(i["id"] == reply["id"] and i["in_reply_to"] == accepted["id"] for i in got)
+
+
+def test_bad_input_gets_problem_json_naming_each_field(nodes: tuple[Running, Running]) -> None:
+    polri, _ = nodes
+    with polri.client() as api:
+        r = api.request("POST", "/v1/messages", json={"type": "REQUEST_FOR_INFORMATION", "case_ref": "x"})
+        assert r.status_code == 422
+        assert r.headers["content-type"] == "application/problem+json"
+        fields = {e["field"] for e in r.json()["errors"]}
+        assert {"case_ref", "purposes", "classification", "tlp", "payload"} <= fields
+        r = api.request(
+            "POST",
+            "/v1/messages",
+            json=rfi(classification={"scheme": "POLRI", "level": "SANGAT RAHASIA"}, handling_codes=["H9"]),
+        )
+        assert r.status_code == 403
+        assert {v["rule"] for v in r.json()["violations"]} == {"R-CLEARANCE-SEND", "R-HANDLING-KNOWN"}
+        r = api.request(
+            "POST", "/v1/messages", content=b"{not json", headers={"content-type": "application/json"}
+        )
+        assert r.status_code == 422
+        assert r.headers["content-type"] == "application/problem+json"
+        r = api.request("GET", "/v1/messages/does-not-exist")
+        assert r.status_code == 404
+        assert r.json()["type"].endswith("/not-found")
+        big = rfi(payload={"summary": "x" * 2_000_000, "questions": ["q"]})
+        r = api.request("POST", "/v1/messages", json=big)
+        assert r.status_code == 413
+
+
+def _context(ca: Path, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(ca))
+    if cert is not None:
+        ctx.load_cert_chain(str(cert), str(key), password=PASSPHRASE)
+    return ctx
+
+
+def test_a_client_from_the_wrong_ca_or_without_a_certificate_fails_the_handshake(
+    nodes: tuple[Running, Running], tmp_path: Path
+) -> None:
+    polri, _ = nodes
+    rogue_ca = crypto.make_ca("rogue CA", "rogue", PASSPHRASE)
+    rogue = crypto.issue_certificate(
+        rogue_ca,
+        PASSPHRASE,
+        kind="client",
+        common_name="polri-cms",
+        organisation="rogue",
+        passphrase=PASSPHRASE,
+    )
+    (tmp_path / "rogue.pem").write_bytes(rogue.cert_pem)
+    (tmp_path / "rogue-key.pem").write_bytes(rogue.key_pem)
+    for ctx in (
+        _context(polri.node.ca, tmp_path / "rogue.pem", tmp_path / "rogue-key.pem"),
+        _context(polri.node.ca),
+    ):
+        with httpx.Client(verify=ctx) as http, pytest.raises(httpx.TransportError):
+            http.get(f"{polri.node.url}/healthz")
+
+
+def test_an_unregistered_certificate_from_the_right_ca_gets_403(nodes: tuple[Running, Running]) -> None:
+    polri, _ = nodes
+    from tests.support import cli
+
+    cli(
+        "pki",
+        "issue-client",
+        "--dir",
+        str(polri.node.path),
+        "--name",
+        "stranger",
+        "--out",
+        str(polri.node.path / "x"),
+    )
+    stranger = ClientFiles(
+        "stranger", polri.node.path / "x" / "stranger.pem", polri.node.path / "x" / "stranger-key.pem"
+    )
+    with polri.client(stranger) as api:
+        r = api.request("GET", "/v1/inbox")
+        assert r.status_code == 403
+        assert r.headers["content-type"] == "application/problem+json"
+        assert "not registered" in r.json()["detail"]
+
+
+def test_a_removed_client_is_refused_from_then_on(nodes: tuple[Running, Running]) -> None:
+    polri, _ = nodes
+    from tests.support import cli
+
+    files = register_client(polri.node, "temp-system", "TERBATAS")
+    with polri.client(files) as api:
+        assert api.request("GET", "/v1/inbox").status_code == 200
+        cli("clients", "remove", "--dir", str(polri.node.path), "--id", "temp-system")
+        assert api.request("GET", "/v1/inbox").status_code == 403
+
+
+def test_peer_endpoints_accept_only_the_partner_node(nodes: tuple[Running, Running]) -> None:
+    polri, pdrm = nodes
+    # a registered local client of MY cannot pose as the ID node
+    with pdrm.client() as api:
+        r = api.request("POST", "/v1/peer/envelopes", json={"envelopes": ["x.y.z.w.v"]})
+        assert r.status_code == 403
+    # nor can MY's own node certificate call MY's peer endpoint
+    own_node = _context(
+        pdrm.node.ca, pdrm.node.path / "tls" / "node.pem", pdrm.node.path / "tls" / "node-key.pem"
+    )
+    with httpx.Client(verify=own_node) as http:
+        assert http.post(f"{pdrm.node.url}/v1/peer/envelopes", json={"envelopes": ["a"]}).status_code == 403
+    # the ID node certificate is admitted, and garbage gets one opaque "rejected"
+    id_node = _context(
+        pdrm.node.ca, polri.node.path / "tls" / "node.pem", polri.node.path / "tls" / "node-key.pem"
+    )
+    with httpx.Client(verify=id_node) as http:
+        r = http.post(f"{pdrm.node.url}/v1/peer/envelopes", json={"envelopes": ["x.y.z.w.v"]})
+        assert r.status_code == 200
+        assert r.json() == {"results": [{"status": "rejected"}]}
+
+
+def test_a_redelivered_envelope_is_stored_once_with_the_same_receipt(nodes: tuple[Running, Running]) -> None:
+    polri, pdrm = nodes
+    with polri.client() as api:
+        accepted = api.submit(rfi())
+        first = wait_status(api, accepted["id"], "delivered")
+    engine = polri.db()
+    with engine.connect() as conn:
+        compact = conn.execute(
+            sa.text("select envelope from messages where id = :i"), {"i": accepted["id"]}
+        ).scalar_one()
+    engine.dispose()
+    id_node = _context(
+        pdrm.node.ca, polri.node.path / "tls" / "node.pem", polri.node.path / "tls" / "node-key.pem"
+    )
+    with httpx.Client(verify=id_node) as http:
+        r = http.post(f"{pdrm.node.url}/v1/peer/envelopes", json={"envelopes": [compact]})
+    assert r.json()["results"][0]["receipt"] == first["receipt"]["jws"]  # type: ignore[index]
+    assert pdrm.count_messages(accepted["id"]) == 1
+
+
+def test_with_the_partner_stopped_messages_wait_and_go_when_it_returns(
+    nodes: tuple[Running, Running],
+) -> None:
+    polri, pdrm = nodes
+    assert pdrm.process.stop()
+    with polri.client() as api:
+        accepted = api.submit(rfi())
+        time.sleep(1.0)
+        status = api.status(accepted["id"])
+        assert status["status"] in {"queued", "sent"}
+        assert status["attempts"] >= 1
+        pdrm.process.start()
+        pdrm.process.wait_ready()
+        wait_status(api, accepted["id"], "delivered")
+    assert pdrm.count_messages(accepted["id"]) == 1
+
+
+@pytest.mark.parametrize("victim", ["sender", "receiver"])
+def test_a_kill_in_the_middle_of_delivery_loses_nothing_and_duplicates_nothing(
+    nodes: tuple[Running, Running], victim: str
+) -> None:
+    polri, pdrm = nodes
+    with polri.client() as api:
+        ids = [api.submit(rfi())["id"] for _ in range(30)]
+    target = polri if victim == "sender" else pdrm
+    target.process.kill()  # SIGKILL while the batch is in flight or queued
+    target.process.start()
+    target.process.wait_ready()
+    with polri.client() as api:
+        for mid in ids:
+            try:
+                wait_status(api, mid, "delivered", timeout=60)
+            except ExchangeError as exc:  # pragma: no cover - the assertion message is the point
+                pytest.fail(str(exc))
+    assert all(pdrm.count_messages(mid) == 1 for mid in ids)

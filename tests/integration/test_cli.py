@@ -1,0 +1,207 @@
+"""The admin CLI: precise one-line errors and non-zero exits, never a stack trace."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+import tomli_w
+
+from exchange import crypto
+from tests.support import PASSPHRASE, make_pair, set_node_options
+
+
+def run(*args: str, passphrase: str | None = PASSPHRASE) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EXCHANGE_")}
+    if passphrase is not None:
+        env["EXCHANGE_KEY_PASSPHRASE"] = passphrase
+    return subprocess.run(
+        [sys.executable, "-m", "exchange", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str], code: int, *needles: str) -> None:
+    assert proc.returncode == code, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture
+def pair(tmp_path: Path):  # type: ignore[no-untyped-def]
+    return make_pair(tmp_path)
+
+
+def test_serve_on_a_directory_that_is_not_a_node(tmp_path: Path) -> None:
+    one_line_error(run("serve", "--dir", str(tmp_path)), 2, "not a node directory", "exchange init")
+
+
+def test_init_refuses_a_weak_or_missing_passphrase(tmp_path: Path) -> None:
+    one_line_error(
+        run("init", "--party", "ID", "--dir", str(tmp_path / "n"), passphrase="changeme"), 2, "placeholder"
+    )
+    one_line_error(
+        run("init", "--party", "ID", "--dir", str(tmp_path / "n"), passphrase="short"), 2, "12 characters"
+    )
+    one_line_error(
+        run("init", "--party", "ID", "--dir", str(tmp_path / "n"), passphrase=None),
+        2,
+        "EXCHANGE_KEY_PASSPHRASE",
+    )
+    one_line_error(run("init", "--party", "XX", "--dir", str(tmp_path / "n")), 2, "--party")
+
+
+def test_a_node_refuses_to_start_on_an_invalid_agreement_naming_the_fields(pair) -> None:  # type: ignore[no-untyped-def]
+    id_dir, _ = pair
+    path = id_dir.path / "agreement.toml"
+    data = tomllib.loads(path.read_text())
+    data["schemes"]["POLRI"]["levels"]["RAHASIA"] = "SECRETISH"
+    data["message_types"]["RESPONSE"]["purposes"].append("GOSSIP")
+    path.write_text(tomli_w.dumps(data))
+    one_line_error(run("serve", "--dir", str(id_dir.path)), 2, "schemes.POLRI.levels.RAHASIA", "GOSSIP")
+
+
+def test_a_node_refuses_keys_that_the_agreement_does_not_pin(pair, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    id_dir, _my_dir = pair
+    path = id_dir.path / "agreement.toml"
+    data = tomllib.loads(path.read_text())
+    data["parties"]["ID"]["signing_keys"] = data["parties"]["MY"]["signing_keys"]
+    path.write_text(tomli_w.dumps(data))
+    one_line_error(run("serve", "--dir", str(id_dir.path)), 2, "signing key", "not pinned")
+
+
+def test_a_wrong_passphrase_is_refused_clearly(pair) -> None:  # type: ignore[no-untyped-def]
+    id_dir, _ = pair
+    one_line_error(
+        run("serve", "--dir", str(id_dir.path), passphrase="a-wrong-passphrase!"), 2, "wrong passphrase"
+    )
+
+
+def test_an_unmigrated_database_is_refused_with_the_command_to_run(tmp_path: Path) -> None:
+    proc = run("init", "--party", "ID", "--dir", str(tmp_path / "n"))
+    assert proc.returncode == 0, proc.stderr
+    one_line_error(run("clients", "list", "--dir", str(tmp_path / "n")), 2, "exchange db upgrade")
+
+
+def test_invalid_settings_are_named(pair) -> None:  # type: ignore[no-untyped-def]
+    id_dir, _ = pair
+    path = id_dir.path / "node.toml"
+    original = path.read_text()
+    set_node_options(id_dir.path, listen_port=99999, max_body_bytes="lots", colour="blue")
+    one_line_error(run("serve", "--dir", str(id_dir.path)), 2, "listen_port", "max_body_bytes", "colour")
+    path.write_text(original + "listen_port = 1\n")  # a key twice: not TOML
+    one_line_error(run("serve", "--dir", str(id_dir.path)), 2, "not valid TOML")
+
+
+def test_clients_add_refuses_a_certificate_from_another_ca_and_a_bad_clearance(pair, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    id_dir, _ = pair
+    other = crypto.issue_certificate(
+        crypto.make_ca("other", "other", PASSPHRASE),
+        PASSPHRASE,
+        kind="client",
+        common_name="x",
+        organisation="o",
+        passphrase=PASSPHRASE,
+    )
+    (tmp_path / "other.pem").write_bytes(other.cert_pem)
+    base = ["clients", "add", "--dir", str(id_dir.path), "--id", "x", "--agency", "a", "--unit", "u"]
+    one_line_error(
+        run(*base, "--cert", str(tmp_path / "other.pem"), "--clearance", "RAHASIA"),
+        2,
+        "not issued by this node's certificate authority",
+    )
+    one_line_error(
+        run(*base, "--cert", str(id_dir.client("polri-cms").cert), "--clearance", "SULIT"),
+        2,
+        "--clearance must be one of",
+    )
+    one_line_error(
+        run(*base, "--cert", str(id_dir.client("polri-cms").cert), "--clearance", "RAHASIA"),
+        2,
+        "already has this id or certificate",
+    )
+
+
+def test_audit_verify_passes_then_names_the_first_tampered_entry(pair) -> None:  # type: ignore[no-untyped-def]
+    id_dir, _ = pair
+    engine = sa.create_engine(f"sqlite:///{id_dir.path / 'node.db'}")
+    from exchange.db import repo
+    from exchange.db.engine import Database
+    from exchange.ledger import EntryDraft
+
+    with Database(f"sqlite:///{id_dir.path / 'node.db'}") as db, db.transaction() as conn:
+        head = repo.lock_ledger_head(conn)
+        repo.append_ledger(conn, head, [EntryDraft(event=f"e{i}", decision="allow") for i in range(5)], "t")
+    ok = run("audit", "verify", "--dir", str(id_dir.path))
+    assert ok.returncode == 0
+    assert "5 entries" in ok.stdout
+    with engine.begin() as conn:
+        conn.execute(sa.text("update ledger_entries set decision = 'deny' where seq = 3"))
+    one_line_error(run("audit", "verify", "--dir", str(id_dir.path)), 1, "entry 3")
+    with engine.begin() as conn:
+        conn.execute(sa.text("update ledger_entries set decision = 'allow' where seq = 3"))
+        conn.execute(sa.text("delete from ledger_entries where seq = 4"))
+    one_line_error(run("audit", "verify", "--dir", str(id_dir.path)), 1, "entry 4")
+    engine.dispose()
+
+
+def test_envelope_seal_and_open_work_on_jwk_files(tmp_path: Path) -> None:
+    import json
+
+    from tests.unit.test_envelope import ID_SIG, MY_ENC, message
+
+    (tmp_path / "sk.json").write_text(json.dumps(ID_SIG.as_dict(private=True)))
+    (tmp_path / "vk.json").write_text(json.dumps(ID_SIG.as_dict(private=False)))
+    (tmp_path / "dk.json").write_text(json.dumps(MY_ENC.as_dict(private=True)))
+    (tmp_path / "rk.json").write_text(json.dumps(MY_ENC.as_dict(private=False)))
+    (tmp_path / "m.json").write_text(json.dumps(message()))
+    sealed = run(
+        "envelope",
+        "seal",
+        "--message",
+        str(tmp_path / "m.json"),
+        "--signing-key",
+        str(tmp_path / "sk.json"),
+        "--recipient-key",
+        str(tmp_path / "rk.json"),
+    )
+    assert sealed.returncode == 0, sealed.stderr
+    (tmp_path / "e.jwe").write_text(sealed.stdout)
+    opened = run(
+        "envelope",
+        "open",
+        "--envelope",
+        str(tmp_path / "e.jwe"),
+        "--decryption-key",
+        str(tmp_path / "dk.json"),
+        "--verification-key",
+        str(tmp_path / "vk.json"),
+    )
+    assert opened.returncode == 0, opened.stderr
+    assert json.loads(opened.stdout)["message"] == message()
+    one_line_error(
+        run(
+            "envelope",
+            "open",
+            "--envelope",
+            str(tmp_path / "e.jwe"),
+            "--decryption-key",
+            str(tmp_path / "rk.json"),
+            "--verification-key",
+            str(tmp_path / "vk.json"),
+        ),
+        2,
+    )
