@@ -10,6 +10,7 @@ on its identity whatever the TOML formatting. Changing a rule is an edit here, n
 from __future__ import annotations
 
 import tomllib
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -117,7 +118,7 @@ class Agreement(_Strict):
             raise ValueError("; ".join(problems))
         return self
 
-    @property
+    @cached_property
     def digest(self) -> str:
         """SHA-256 (hex) of the agreement's canonical JSON: its identity beside ``version``."""
         return sha256_hex(canonical_json(self.model_dump(mode="json", by_alias=True)))

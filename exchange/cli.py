@@ -205,7 +205,7 @@ def clients_add(
 @clients_app.command("list")
 def clients_list(directory: DirOpt) -> None:
     """List registered local systems."""
-    with _node_database(directory) as db, db.transaction() as conn:
+    with _node_database(directory) as db, db.read() as conn:
         rows = repo.list_clients(conn)
     for row in rows:
         typer.echo(
@@ -301,7 +301,7 @@ def audit_verify(directory: DirOpt) -> None:
     """Recompute the ledger chain from its first entry; exit 1 naming the first bad entry."""
     from exchange.ledger import verify_chain
 
-    with _node_database(directory) as db, db.transaction() as conn:
+    with _node_database(directory) as db, db.read() as conn:
         head = repo.read_ledger_head(conn)
         checked = verify_chain(repo.iter_ledger(conn), size=head.size, head_hash=head.head_hash)
     typer.echo(f"ledger verified: {checked} entries, head {head.head_hash}")

@@ -12,6 +12,7 @@ message keys are Ed25519 (signing) and X25519 (key agreement).
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hmac
 import ipaddress
 from dataclasses import dataclass
@@ -230,6 +231,7 @@ def _load_cert(data: bytes) -> x509.Certificate:
         raise KeyManagementError(f"not a certificate: {exc}") from exc
 
 
+@functools.lru_cache(maxsize=1024)
 def certificate_info(data: bytes) -> CertificateInfo:
     """Fingerprint and names of a PEM or DER certificate. Raises KeyManagementError if unparsable."""
     cert = _load_cert(data)
@@ -243,6 +245,7 @@ def certificate_info(data: bytes) -> CertificateInfo:
     )
 
 
+@functools.lru_cache(maxsize=1024)
 def is_issued_by(cert_data: bytes, ca_pem: bytes) -> bool:
     """True when ``cert_data`` (PEM or DER) carries a valid signature of the CA in ``ca_pem``."""
     cert = _load_cert(cert_data)

@@ -74,7 +74,7 @@ class Node:
 
     def actor_for(self, fingerprint: str) -> Actor | None:
         """The registered local system holding the certificate with this fingerprint, if any."""
-        with self.db.transaction() as conn:
+        with self.db.read() as conn:
             row = repo.client_by_fingerprint(conn, fingerprint)
         return rows.actor_from_row(self.agreement, self.party, row) if row else None
 
@@ -90,7 +90,7 @@ class Node:
         validate_payload(self.agreement, submission.type, submission.payload)
         replied_to = None
         if submission.in_reply_to:
-            with self.db.transaction() as conn:
+            with self.db.read() as conn:
                 replied_to = repo.get_message(conn, submission.in_reply_to)
         try:
             decision = evaluate_submission(
@@ -193,7 +193,7 @@ class Node:
         Raises:
             NotFound: no such message, or the caller may not see it (indistinguishable).
         """
-        with self.db.transaction() as conn:
+        with self.db.read() as conn:
             row = repo.get_message(conn, message_id)
         if row is None or not self._may_see(actor, row):
             raise NotFound(f"no message {message_id}")

@@ -89,7 +89,7 @@ def receive_envelopes(batch: EnvelopeBatch, request: Request) -> dict[str, Any]:
 @health_router.get("/healthz", summary="Liveness and a few gauges")
 def health(request: Request) -> dict[str, Any]:
     node = node_of(request)
-    with node.db.transaction() as conn:
+    with node.db.read() as conn:
         outbox = repo.outbox_size(conn)
         head = repo.read_ledger_head(conn)
     return {

@@ -1,9 +1,10 @@
 """Engines and units of work.
 
-SQLite runs in WAL mode with ``synchronous=FULL`` and every transaction begun ``IMMEDIATE``, so
-writers are serialised by the database from their first statement (no stale-snapshot upgrade
-failures). PostgreSQL serialises ledger appends on the locked ``ledger_head`` row. Commit and
-rollback happen only in :meth:`Database.transaction`.
+SQLite runs in WAL mode with ``synchronous=FULL``; every write transaction begins ``IMMEDIATE``,
+so writers are serialised by the database from their first statement (no stale-snapshot upgrade
+failures), while read transactions (:meth:`Database.read`) begin deferred and never wait for a
+writer. PostgreSQL serialises ledger appends on the locked ``ledger_head`` row. Commit and rollback
+happen only in :meth:`Database.transaction` and :meth:`Database.read`.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ def normalise_url(url: str) -> str:
     return url
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for ``url`` configured as the module docstring says.
+def make_engine(url: str, *, writer: bool = True) -> Engine:
+    """An engine for ``url`` configured as the module docstring says (``writer``: BEGIN IMMEDIATE).
 
     Raises:
         ConfigurationError: the URL is not a usable SQLAlchemy URL.
@@ -60,7 +61,7 @@ def make_engine(url: str) -> Engine:
 
         @sa.event.listens_for(engine, "begin")
         def _sqlite_begin(conn: Connection) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if writer else "BEGIN")
 
     return engine
 
@@ -88,6 +89,7 @@ class Database:
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = make_engine(url)
+        self.reader = make_engine(url, writer=False) if self.engine.dialect.name == "sqlite" else self.engine
 
     @property
     def dialect(self) -> str:
@@ -97,6 +99,12 @@ class Database:
     def transaction(self) -> Iterator[Connection]:
         """A connection in a transaction, committed on success and rolled back on error."""
         with self.engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        """A connection in a read-only unit of work (on SQLite it never waits for a writer)."""
+        with self.reader.begin() as conn:
             yield conn
 
     def check_migrated(self) -> None:
@@ -115,6 +123,7 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        self.reader.dispose()
 
     def __enter__(self) -> Database:
         return self

@@ -32,7 +32,7 @@ def insert_client(conn: Connection, row: Mapping[str, Any]) -> None:
     ).first()
     if clash is not None:
         raise InvalidInput(f"client {clash.id!r} already has this id or certificate")
-    conn.execute(clients.insert().values(**row))
+    conn.execute(clients.insert(), dict(row))
 
 
 def client_by_fingerprint(conn: Connection, fingerprint: str) -> dict[str, Any] | None:
@@ -54,7 +54,7 @@ def delete_client(conn: Connection, client_id: str) -> None:
 
 
 def insert_message(conn: Connection, row: Mapping[str, Any]) -> None:
-    conn.execute(messages.insert().values(**row))
+    conn.execute(messages.insert(), dict(row))
 
 
 def get_message(conn: Connection, message_id: str) -> dict[str, Any] | None:
@@ -81,7 +81,7 @@ def inbound_after(conn: Connection, after: int, limit: int) -> list[dict[str, An
 
 
 def enqueue(conn: Connection, message_id: str, now: float) -> None:
-    conn.execute(outbox.insert().values(message_id=message_id, next_attempt_at=now, enqueued_at=now))
+    conn.execute(outbox.insert(), {"message_id": message_id, "next_attempt_at": now, "enqueued_at": now})
 
 
 @dataclass(frozen=True)
