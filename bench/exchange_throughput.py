@@ -41,15 +41,19 @@ SUBMISSION = {
 }
 
 
-def load(make_client: Callable[[], ExchangeClient], messages: int, clients: int) -> float:
-    """Submit ``messages`` from ``clients`` threads; returns the wall time of the first submission."""
+def load(make_client: Callable[[], ExchangeClient], messages: int, clients: int, rate: float = 0) -> float:
+    """Submit ``messages`` from ``clients`` threads, as fast as possible (``rate`` 0: closed loop) or
+    paced to ``rate`` messages per second overall (open loop). Returns the time of the first one."""
     per = [messages // clients + (1 if i < messages % clients else 0) for i in range(clients)]
     start = time.time()
     errors: list[str] = []
 
     def worker(n: int) -> None:
+        interval = clients / rate if rate else 0.0
         with make_client() as api:
-            for _ in range(n):
+            for k in range(n):
+                if interval:
+                    time.sleep(max(0.0, start + k * interval - time.time()))
                 r = api.request("POST", "/v1/messages", json=SUBMISSION)
                 if r.status_code != 202:
                     errors.append(r.text)
@@ -64,10 +68,16 @@ def load(make_client: Callable[[], ExchangeClient], messages: int, clients: int)
     return start
 
 
-def wait_delivered(db: Path, table: str, messages: int, timeout: float = 600) -> list[tuple[str, str]]:
+def wait_delivered(
+    db: Path, table: str, messages: int, after: float, timeout: float = 600
+) -> list[tuple[str, str]]:
+    """(created, delivered) times of the messages created after ``after``, once all are delivered."""
     engine = sa.create_engine(f"sqlite:///{db}")
     deadline = time.monotonic() + timeout
-    query = sa.text(f"select created_at, updated_at from {table} where status = 'delivered'")  # noqa: S608
+    since = dt.datetime.fromtimestamp(after, dt.UTC).isoformat(timespec="microseconds")
+    query = sa.text(
+        f"select created_at, updated_at from {table} where status = 'delivered' and created_at >= :since"  # noqa: S608
+    ).bindparams(since=since)
     while True:
         with engine.connect() as conn:
             done = [(r[0], r[1]) for r in conn.execute(query)]
@@ -84,8 +94,20 @@ def summarise(label: str, first_submit: float, done: list[tuple[str, str]]) -> d
     last = max(dt.datetime.fromisoformat(u).timestamp() for _, u in done)
     rate = len(done) / (last - first_submit)
     p50, p99 = statistics.median(lat), lat[min(len(lat) - 1, int(len(lat) * 0.99))]
-    print(f"{label:<34} {len(done):>6} msgs  {rate:>8.1f} msg/s  p50 {p50:>7.1f} ms  p99 {p99:>7.1f} ms")
+    print(f"{label:<50} {len(done):>6} msgs  {rate:>8.1f} msg/s  p50 {p50:>7.1f} ms  p99 {p99:>7.1f} ms")
     return {"rate": rate, "p50": p50, "p99": p99}
+
+
+def phases(
+    label: str, make_client: Callable[[], ExchangeClient], db: Path, table: str, args: argparse.Namespace
+) -> dict[str, dict[str, float]]:
+    """Saturation (closed loop, all clients flat out), then latency at a paced offered rate."""
+    first = load(make_client, args.messages, args.clients)
+    saturated = summarise(f"{label}, saturated", first, wait_delivered(db, table, args.messages, first))
+    paced_n = max(50, int(args.rate * 15))
+    first = load(make_client, paced_n, args.clients, rate=args.rate)
+    paced = summarise(f"{label}, {args.rate:g} msg/s", first, wait_delivered(db, table, paced_n, first))
+    return {"max": saturated, "paced": paced}
 
 
 def main() -> None:
@@ -94,6 +116,7 @@ def main() -> None:
     )
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--rate", type=float, default=40.0, help="offered load for the latency phase (msg/s)")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="exchange-bench-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("EXCHANGE_")}
@@ -128,11 +151,8 @@ def main() -> None:
             node.server.start()
         for node in (polri, pdrm):
             node.server.wait_ready()
-        first = load(polri.client, args.messages, args.clients)
-        secure = summarise(
-            "exchange (sign+encrypt+ledger)",
-            first,
-            wait_delivered(polri.dir / "node.db", "messages", args.messages),
+        secure = phases(
+            "exchange (sign+encrypt+ledger)", polri.client, polri.dir / "node.db", "messages", args
         )
         for node in (polri, pdrm):
             node.server.stop()
@@ -186,19 +206,16 @@ def main() -> None:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
-        first = load(plain_client, args.messages, args.clients)
-        plain = summarise(
-            "plain store-and-forward",
-            first,
-            wait_delivered(root / f"plain-{polri.party}.db", "plain_messages", args.messages),
-        )
+        plain_db = root / f"plain-{polri.party}.db"
+        plain = phases("plain store-and-forward", plain_client, plain_db, "plain_messages", args)
         for p in procs:
             p.terminate()
             p.wait(30)
         print(
-            f"\nratio secure/plain: throughput {secure['rate'] / plain['rate']:.2f}x, "
-            f"p50 latency {secure['p50'] / plain['p50']:.2f}x, "
-            f"p99 latency {secure['p99'] / plain['p99']:.2f}x"
+            "\nratio secure/plain: saturation throughput "
+            f"{secure['max']['rate'] / plain['max']['rate']:.2f}x; "
+            f"at {args.rate:g} msg/s p50 latency {secure['paced']['p50'] / plain['paced']['p50']:.2f}x, "
+            f"p99 latency {secure['paced']['p99'] / plain['paced']['p99']:.2f}x"
         )
     finally:
         for node in (polri, pdrm):

@@ -13,10 +13,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy.engine import Connection
+
 from exchange import envelope
 from exchange.agreement import Agreement, load_agreement
 from exchange.config import NodeSettings
 from exchange.db import repo, rows
+from exchange.db.committer import GroupCommitter
 from exchange.db.engine import Database
 from exchange.errors import EnvelopeError, NotFound, PolicyRefusal
 from exchange.keys.store import NodeKeys, PartnerKeys, check_keys_match_agreement, load_node_keys
@@ -65,6 +68,12 @@ class Node:
         self.partner: PartnerKeys = PartnerKeys.from_agreement(self.agreement, self.partner_party)
         self.db = db or Database(settings.database_url)
         self.db.check_migrated()
+        self.committer = GroupCommitter(self.db)
+
+    def close(self) -> None:
+        """Commit what is pending and release the database."""
+        self.committer.close()
+        self.db.dispose()
 
     @property
     def accepted_agreements(self) -> dict[str, str]:
@@ -135,8 +144,8 @@ class Node:
         sealed = envelope.seal(message, signing_key=self.keys.signing, recipient_key=self.partner.encryption)
         digest = envelope.envelope_digest(sealed)
         mid = message["id"]
-        with self.db.transaction() as conn:
-            head = repo.lock_ledger_head(conn)
+
+        def write(conn: Connection, head: repo.LedgerHead) -> repo.LedgerHead:
             repo.insert_message(
                 conn,
                 rows.message_row(
@@ -151,7 +160,7 @@ class Node:
                 ),
             )
             repo.enqueue(conn, mid, now.timestamp())
-            repo.append_ledger(
+            return repo.append_ledger(
                 conn,
                 head,
                 [
@@ -172,6 +181,8 @@ class Node:
                 ],
                 iso(now),
             )
+
+        self.committer.run(write)
         partner_scheme = self.agreement.parties[self.partner_party].scheme
         return {
             "id": mid,
@@ -389,9 +400,7 @@ class Node:
     # --- ledger ----------------------------------------------------------------------------------
 
     def _ledger(self, now: dt.datetime, *drafts: EntryDraft) -> None:
-        with self.db.transaction() as conn:
-            head = repo.lock_ledger_head(conn)
-            repo.append_ledger(conn, head, list(drafts), iso(now))
+        self.committer.run(lambda conn, head: repo.append_ledger(conn, head, list(drafts), iso(now)))
 
 
 __all__ = ["InboxPage", "KeyId", "MessageId", "Node", "NotFound", "PeerResult"]

@@ -59,4 +59,7 @@ def serve(node: Node) -> None:
         timeout_graceful_shutdown=20,
         server_header=False,
     )
-    uvicorn.Server(config).run()
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        node.close()

@@ -64,8 +64,8 @@ def pair(tmp_path: Path, db_urls: tuple[str | None, str | None]):  # type: ignor
     id_dir, my_dir = make_pair(tmp_path, db_urls)
     id_node, my_node = Node(load_settings(id_dir.path)), Node(load_settings(my_dir.path))
     yield id_dir, my_dir, id_node, my_node
-    id_node.db.dispose()
-    my_node.db.dispose()
+    id_node.close()
+    my_node.close()
 
 
 def now() -> dt.datetime:
@@ -228,11 +228,11 @@ def test_a_restart_loses_nothing(pair, tmp_path: Path) -> None:  # type: ignore[
     id_dir, _my_dir, id_node, my_node = pair
     polri = actor(id_node, id_dir, "polri-cms")
     accepted = id_node.submit(polri, MessageSubmission.model_validate(rfi()), now())
-    id_node.db.dispose()
+    id_node.close()
     restarted = Node(load_settings(id_dir.path))  # a new process would do the same
     assert DeliveryWorker(restarted, Loopback(my_node)).run_once() == 1
     assert restarted.status(polri, accepted["id"])["status"] == "delivered"
-    restarted.db.dispose()
+    restarted.close()
 
 
 def test_envelope_rejected_by_the_partner_is_marked_failed_and_ledgered(pair, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

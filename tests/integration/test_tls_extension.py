@@ -118,4 +118,4 @@ def test_the_api_fails_closed_without_the_tls_extension(tmp_path: Path) -> None:
     for response in asyncio.run(calls()):
         assert response.status_code == 403
         assert response.headers["content-type"] == "application/problem+json"
-    node.db.dispose()
+    node.close()

@@ -1,0 +1,108 @@
+"""Group commit: many small write units share one transaction, one ledger lock and one fsync.
+
+Request threads prepare their rows (all CPU work: validation, policy, sealing) and hand the
+committer a unit of work, a function ``apply(conn, head) -> head`` that writes its rows and ledger
+entries after the given ledger head. The committer thread takes whatever units are pending, runs
+them in one transaction (each inside a savepoint, so a failing unit is rolled back alone and its
+caller gets the exception), commits once, then releases every caller.
+
+Guarantee: :meth:`GroupCommitter.run` returns only after the unit is committed, and raises if it
+was not. Appends stay serialised by the database (the head row lock / SQLite's write lock), so
+several processes may each run a committer against one database.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+
+from sqlalchemy.engine import Connection
+
+from exchange.db import repo
+from exchange.db.engine import Database
+
+log = logging.getLogger("exchange.committer")
+
+Unit = Callable[[Connection, repo.LedgerHead], repo.LedgerHead]
+
+
+class GroupCommitter:
+    """One background thread committing batches of units for one Database."""
+
+    def __init__(self, db: Database, max_batch: int = 256) -> None:
+        self.db = db
+        self.max_batch = max_batch
+        self._queue: queue.Queue[tuple[Unit, Future[None]] | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def run(self, unit: Unit) -> None:
+        """Commit ``unit``; block until it is durable. Re-raises the unit's or the commit's error."""
+        self._ensure_started()
+        future: Future[None] = Future()
+        self._queue.put((unit, future))
+        future.result()
+
+    def close(self) -> None:
+        """Finish the pending units and stop the thread."""
+        with self._lock:
+            if self._thread is not None:
+                self._queue.put(None)
+                self._thread.join(timeout=30)
+                self._thread = None
+
+    def _ensure_started(self) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="group-commit", daemon=True)
+                self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < self.max_batch:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            self._commit(batch)
+            if stop:
+                return
+
+    def _commit(self, batch: list[tuple[Unit, Future[None]]]) -> None:
+        outcomes: list[BaseException | None] = []
+        try:
+            with self.db.transaction() as conn:
+                head = repo.lock_ledger_head(conn)
+                for unit, _ in batch:
+                    savepoint = conn.begin_nested()
+                    try:
+                        new_head = unit(conn, head)
+                    except Exception as exc:
+                        savepoint.rollback()
+                        outcomes.append(exc)
+                        continue
+                    savepoint.commit()
+                    head = new_head
+                    outcomes.append(None)
+        except Exception as exc:  # the commit itself failed: nothing in the batch is durable
+            log.exception("group commit of %d unit(s) failed", len(batch))
+            for _, future in batch:
+                future.set_exception(exc)
+            return
+        for (_, future), outcome in zip(batch, outcomes, strict=True):
+            if outcome is None:
+                future.set_result(None)
+            else:
+                future.set_exception(outcome)

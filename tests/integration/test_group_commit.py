@@ -1,0 +1,96 @@
+"""Group commit: concurrent submissions share transactions, none is lost, a failing unit is isolated."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from exchange import crypto
+from exchange.config import load_settings
+from exchange.db import repo
+from exchange.db.schema import messages
+from exchange.ledger import EntryDraft, verify_chain
+from exchange.messages import MessageSubmission
+from exchange.node import Node
+from tests.support import make_pair, rfi
+
+
+def test_concurrent_submissions_are_all_committed_with_a_verifiable_ledger(
+    tmp_path: Path, db_urls: tuple[str | None, str | None]
+) -> None:
+    id_dir, _ = make_pair(tmp_path, db_urls)
+    node = Node(load_settings(id_dir.path))
+    actor = node.actor_for(crypto.certificate_info(id_dir.client("polri-cms").cert.read_bytes()).fingerprint)
+    assert actor is not None
+    submission = MessageSubmission.model_validate(rfi())
+    ids: list[str] = []
+    lock = threading.Lock()
+
+    def submitter() -> None:
+        for _ in range(25):
+            accepted = node.submit(actor, submission, dt.datetime.now(dt.UTC))
+            with lock:
+                ids.append(accepted["id"])
+
+    threads = [threading.Thread(target=submitter) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with node.db.read() as conn:
+        stored = {r.id for r in conn.execute(sa.select(messages.c.id))}
+        head = repo.read_ledger_head(conn)
+        assert verify_chain(repo.iter_ledger(conn), size=head.size, head_hash=head.head_hash) == 200
+        assert repo.outbox_size(conn) == 200
+    assert stored == set(ids)
+    assert len(ids) == 200
+    node.close()
+
+
+def test_a_failing_unit_fails_alone(tmp_path: Path) -> None:
+    id_dir, _ = make_pair(tmp_path)
+    node = Node(load_settings(id_dir.path))
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(6)
+
+    def good(i: int) -> None:
+        barrier.wait()
+        drafts = [EntryDraft(event=f"ok{i}")]
+        node.committer.run(lambda conn, head: repo.append_ledger(conn, head, drafts, "t"))
+
+    def bad() -> None:
+        def unit(conn: sa.Connection, head: repo.LedgerHead) -> repo.LedgerHead:
+            repo.append_ledger(conn, head, [EntryDraft(event="half-written")], "t")
+            raise ValueError("this unit fails after writing")
+
+        barrier.wait()
+        try:
+            node.committer.run(unit)
+        except ValueError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=good, args=(i,)) for i in range(5)] + [threading.Thread(target=bad)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 1
+    with node.db.read() as conn:
+        events = sorted(e.event for e in repo.iter_ledger(conn))
+        head = repo.read_ledger_head(conn)
+        verify_chain(repo.iter_ledger(conn), size=head.size, head_hash=head.head_hash)
+    assert events == [f"ok{i}" for i in range(5)]
+    node.close()
+
+
+def test_a_unit_after_close_restarts_the_committer(tmp_path: Path) -> None:
+    id_dir, _ = make_pair(tmp_path)
+    node = Node(load_settings(id_dir.path))
+    node.committer.close()
+    node.committer.run(lambda conn, head: repo.append_ledger(conn, head, [EntryDraft(event="after")], "t"))
+    with node.db.read() as conn:
+        assert [e.event for e in repo.iter_ledger(conn)] == ["after"]
+    node.close()
