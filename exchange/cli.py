@@ -298,13 +298,13 @@ def envelope_open(
 
 @audit_app.command("verify")
 def audit_verify(directory: DirOpt) -> None:
-    """Recompute the ledger chain from its first entry; exit 1 naming the first bad entry."""
-    from exchange.ledger import verify_chain
+    """Recompute the Merkle tree from every stored leaf; exit 1 naming the first bad entry."""
+    from exchange.ledger import verify_rows
 
     with _node_database(directory) as db, db.read() as conn:
         head = repo.read_ledger_head(conn)
-        checked = verify_chain(repo.iter_ledger(conn), size=head.size, head_hash=head.head_hash)
-    typer.echo(f"ledger verified: {checked} entries, head {head.head_hash}")
+        checked = verify_rows(repo.ledger_rows(conn), size=head.size, root=head.root)
+    typer.echo(f"ledger verified: {checked} entries, root {head.root.hex()}")
 
 
 @app.command()

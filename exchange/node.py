@@ -123,9 +123,9 @@ class Node:
                     actor=actor.client_id,
                     decision="deny",
                     rules=tuple(v.rule_id for v in refusal.violations),
+                    case_ref=submission.case_ref,
                     data={
                         "type": submission.type,
-                        "case_ref": submission.case_ref,
                         "agreement": self.agreement.version,
                     },
                 ),
@@ -170,9 +170,9 @@ class Node:
                         actor=actor.client_id,
                         decision="allow",
                         rules=tuple(r.rule_id for r in decision.rules),
+                        case_ref=message["case_ref"],
                         data={
                             "type": message["type"],
-                            "case_ref": message["case_ref"],
                             "level": decision.marking.common,
                             "envelope_sha256": digest,
                             "agreement": self.agreement.version,
@@ -325,7 +325,6 @@ class Node:
         repo.insert_message(conn, row)
         data = {
             "type": message["type"],
-            "case_ref": message["case_ref"],
             "level": common,
             "envelope_sha256": opened.digest,
             "signer_kid": opened.signer_kid,
@@ -335,6 +334,7 @@ class Node:
             EntryDraft(
                 event="envelope.received",
                 message_id=mid,
+                case_ref=message["case_ref"],
                 actor=self.partner_party,
                 decision="allow",
                 rules=("R-TYPE-KNOWN", "R-PURPOSE-TYPE"),
@@ -343,6 +343,7 @@ class Node:
             EntryDraft(
                 event="receipt.issued",
                 message_id=mid,
+                case_ref=message["case_ref"],
                 actor=self.party,
                 data={"receipt_sha256": envelope.envelope_digest(receipt)},
             ),
@@ -383,6 +384,7 @@ class Node:
                         EntryDraft(
                             event="message.released",
                             message_id=row["id"],
+                            case_ref=row["case_ref"],
                             actor=actor.client_id,
                             decision="allow",
                             rules=tuple(r.rule_id for r in decision.rules),

@@ -16,9 +16,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from exchange.db.schema import clients, ledger_entries, ledger_head, messages, outbox
+from exchange.db.schema import clients, ledger_entries, ledger_head, ledger_subtrees, messages, outbox
 from exchange.errors import InvalidInput, LedgerIntegrityError, NotFound
-from exchange.ledger import EntryDraft, LedgerEntry, seal_entries
+from exchange.ledger import EntryDraft, Frontier, LedgerEntry, decode_leaf, leaf_bytes, rules_column
+from exchange.ledger.log import Row
+from exchange.ledger.merkle import leaf_hash
 
 # --- clients -------------------------------------------------------------------------------------
 
@@ -154,96 +156,111 @@ def outbox_size(conn: Connection) -> int:
 @dataclass(frozen=True)
 class LedgerHead:
     size: int
-    head_hash: str
+    root: bytes
+    frontier: Frontier
+
+
+def _head(row: Any) -> LedgerHead:
+    if row is None:
+        raise LedgerIntegrityError("the ledger head row is missing")
+    return LedgerHead(int(row.size), bytes(row.root_hash), Frontier.from_json(int(row.size), row.frontier))
 
 
 def lock_ledger_head(conn: Connection) -> LedgerHead:
     """Lock and read the ledger head (see the module docstring). First statement of an append."""
-    row = conn.execute(
-        sa.select(ledger_head.c.size, ledger_head.c.head_hash).where(ledger_head.c.id == 1).with_for_update()
-    ).first()
-    if row is None:
-        raise LedgerIntegrityError("the ledger head row is missing")
-    return LedgerHead(int(row.size), str(row.head_hash))
+    query = sa.select(ledger_head).where(ledger_head.c.id == 1).with_for_update()
+    return _head(conn.execute(query).first())
 
 
 def read_ledger_head(conn: Connection) -> LedgerHead:
-    row = conn.execute(
-        sa.select(ledger_head.c.size, ledger_head.c.head_hash).where(ledger_head.c.id == 1)
-    ).first()
-    if row is None:
-        raise LedgerIntegrityError("the ledger head row is missing")
-    return LedgerHead(int(row.size), str(row.head_hash))
+    return _head(conn.execute(sa.select(ledger_head).where(ledger_head.c.id == 1)).first())
 
 
 def append_ledger(conn: Connection, head: LedgerHead, drafts: Sequence[EntryDraft], at: str) -> LedgerHead:
-    """Append drafts after the locked ``head``; returns the new head (already written)."""
+    """Append drafts as leaves after the locked ``head``; stores every subtree they complete and
+    returns the new head (already written)."""
     if not drafts:
         return head
-    entries = seal_entries(drafts, size=head.size, head_hash=head.head_hash, at=at)
-    conn.execute(
-        ledger_entries.insert(),
-        [
+    frontier = Frontier(head.size, list(head.frontier.nodes))
+    rows, nodes = [], []
+    for offset, draft in enumerate(drafts):
+        seq = head.size + offset
+        leaf = leaf_bytes(seq, at, draft)
+        for level, idx, digest in frontier.append(leaf_hash(leaf)):
+            nodes.append({"level": level, "idx": idx, "hash": digest})
+        rows.append(
             {
-                "seq": e.seq,
-                "at": e.at,
-                "event": e.event,
-                "message_id": e.message_id,
-                "actor": e.actor,
-                "decision": e.decision,
-                "rules": list(e.rules),
-                "data": dict(e.data),
-                "prev_hash": e.prev_hash,
-                "entry_hash": e.entry_hash,
+                "seq": seq,
+                "at": at,
+                "event": draft.event,
+                "message_id": draft.message_id,
+                "case_ref": draft.case_ref,
+                "actor": draft.actor,
+                "decision": draft.decision,
+                "rules": rules_column(draft.rules),
+                "leaf": leaf.decode(),
             }
-            for e in entries
-        ],
-    )
-    new_head = LedgerHead(head.size + len(entries), entries[-1].entry_hash)
+        )
+    conn.execute(ledger_entries.insert(), rows)
+    conn.execute(ledger_subtrees.insert(), nodes)
+    new_head = LedgerHead(frontier.size, frontier.root(), frontier)
     conn.execute(
         ledger_head.update()
         .where(ledger_head.c.id == 1)
-        .values(size=new_head.size, head_hash=new_head.head_hash)
+        .values(size=new_head.size, root_hash=new_head.root, frontier=frontier.to_json())
     )
     return new_head
 
 
-def _entry(row: Any) -> LedgerEntry:
-    return LedgerEntry(
-        seq=int(row.seq),
-        at=row.at,
-        event=row.event,
-        message_id=row.message_id,
-        actor=row.actor,
-        decision=row.decision,
-        rules=tuple(row.rules),
-        data=row.data,
-        prev_hash=row.prev_hash,
-        entry_hash=row.entry_hash,
+class SqlSubtrees:
+    """The stored complete subtrees, as a SubtreeSource for proofs (one indexed read each)."""
+
+    _query = sa.select(ledger_subtrees.c.hash).where(
+        ledger_subtrees.c.level == sa.bindparam("level"), ledger_subtrees.c.idx == sa.bindparam("idx")
     )
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def subtree(self, level: int, index: int) -> bytes:
+        digest = self.conn.execute(self._query, {"level": level, "idx": index}).scalar()
+        if digest is None:
+            raise LedgerIntegrityError(f"the stored tree lacks the subtree at level {level}, index {index}")
+        return bytes(digest)
+
+
+def ledger_rows(conn: Connection, *, batch: int = 20_000) -> Iterator[Row]:
+    """Every entry as the verifier reads it (index columns, leaf, stored leaf hash), in order."""
+    query = (
+        "SELECT e.seq, e.at, e.event, e.message_id, e.case_ref, e.actor, e.decision, e.rules, e.leaf, s.hash"
+        " FROM ledger_entries e LEFT JOIN ledger_subtrees s ON s.level = 0 AND s.idx = e.seq ORDER BY e.seq"
+    )
+    result = conn.execution_options(stream_results=True, max_row_buffer=batch).exec_driver_sql(query)
+    for part in result.partitions(batch):
+        yield from (tuple(r) for r in part)
 
 
 def iter_ledger(conn: Connection, *, batch: int = 5000) -> Iterator[LedgerEntry]:
-    """Every ledger entry in sequence order, read in batches."""
+    """Every ledger entry in sequence order, decoded from its leaf."""
     last = -1
     while True:
-        rows = conn.execute(
-            sa.select(ledger_entries)
+        leaves = conn.execute(
+            sa.select(ledger_entries.c.seq, ledger_entries.c.leaf)
             .where(ledger_entries.c.seq > last)
             .order_by(ledger_entries.c.seq)
             .limit(batch)
         ).all()
-        if not rows:
+        if not leaves:
             return
-        for row in rows:
-            yield _entry(row)
-        last = int(rows[-1].seq)
+        for row in leaves:
+            yield decode_leaf(row.leaf.encode())
+        last = int(leaves[-1].seq)
 
 
 def ledger_for_message(conn: Connection, message_id: str) -> list[LedgerEntry]:
     rows = conn.execute(
-        sa.select(ledger_entries)
+        sa.select(ledger_entries.c.leaf)
         .where(ledger_entries.c.message_id == message_id)
         .order_by(ledger_entries.c.seq)
     )
-    return [_entry(r) for r in rows]
+    return [decode_leaf(r.leaf.encode()) for r in rows]

@@ -69,21 +69,31 @@ ledger_head = sa.Table(
     metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
     sa.Column("size", sa.BigInteger, nullable=False),
-    sa.Column("head_hash", sa.String(64), nullable=False),
+    sa.Column("root_hash", sa.LargeBinary(32), nullable=False),
+    sa.Column("frontier", sa.Text, nullable=False),  # JSON [[level, hex], ...]
 )
 
 ledger_entries = sa.Table(
     "ledger_entries",
     metadata,
-    sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),  # = leaf index
     sa.Column("at", sa.String(40), nullable=False),
     sa.Column("event", sa.String(48), nullable=False),
     sa.Column("message_id", sa.String(64)),
+    sa.Column("case_ref", sa.String(64)),
     sa.Column("actor", sa.String(64)),
     sa.Column("decision", sa.String(16)),
-    sa.Column("rules", sa.JSON, nullable=False),
-    sa.Column("data", sa.JSON, nullable=False),
-    sa.Column("prev_hash", sa.String(64), nullable=False),
-    sa.Column("entry_hash", sa.String(64), nullable=False),
+    sa.Column("rules", sa.Text, nullable=False),  # " R-A R-B " for searching
+    sa.Column("leaf", sa.Text, nullable=False),  # the canonical leaf the tree hashes
 )
 sa.Index("ix_ledger_entries_message_id", ledger_entries.c.message_id)
+sa.Index("ix_ledger_entries_case_ref", ledger_entries.c.case_ref)
+sa.Index("ix_ledger_entries_event", ledger_entries.c.event)
+
+ledger_subtrees = sa.Table(
+    "ledger_subtrees",
+    metadata,
+    sa.Column("level", sa.SmallInteger, primary_key=True, autoincrement=False),
+    sa.Column("idx", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("hash", sa.LargeBinary(32), nullable=False),
+)

@@ -1,12 +1,14 @@
-"""The audit ledger's pure core: entries, their canonical encoding, and verification."""
+"""The audit ledger's pure core: entries and leaves, the Merkle log, proofs, checkpoints."""
 
-from exchange.ledger.chain import (
-    GENESIS_HASH,
-    EntryDraft,
-    LedgerEntry,
-    chain_hash,
-    seal_entries,
-    verify_chain,
-)
+from exchange.ledger.entries import EntryDraft, LedgerEntry, decode_leaf, leaf_bytes
+from exchange.ledger.log import Frontier, rules_column, verify_rows
 
-__all__ = ["GENESIS_HASH", "EntryDraft", "LedgerEntry", "chain_hash", "seal_entries", "verify_chain"]
+__all__ = [
+    "EntryDraft",
+    "Frontier",
+    "LedgerEntry",
+    "decode_leaf",
+    "leaf_bytes",
+    "rules_column",
+    "verify_rows",
+]

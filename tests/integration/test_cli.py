@@ -137,18 +137,27 @@ def test_clients_add_refuses_a_certificate_from_another_ca_and_a_bad_clearance(p
 
 def test_audit_verify_passes_then_names_the_first_tampered_entry(pair) -> None:  # type: ignore[no-untyped-def]
     id_dir, _ = pair
-    engine = sa.create_engine(f"sqlite:///{id_dir.path / 'node.db'}")
     from exchange.db import repo
     from exchange.db.engine import Database
     from exchange.ledger import EntryDraft
 
-    with Database(f"sqlite:///{id_dir.path / 'node.db'}") as db, db.transaction() as conn:
+    url = f"sqlite:///{id_dir.path / 'node.db'}"
+    with Database(url) as db, db.transaction() as conn:
         head = repo.lock_ledger_head(conn)
         repo.append_ledger(conn, head, [EntryDraft(event=f"e{i}", decision="allow") for i in range(5)], "t")
     ok = run("audit", "verify", "--dir", str(id_dir.path))
-    assert ok.returncode == 0
+    assert ok.returncode == 0, ok.stderr
     assert "5 entries" in ok.stdout
-    with engine.begin() as conn:
+    engine = sa.create_engine(url)
+    with pytest.raises(sa.exc.DatabaseError, match="append-only"), engine.begin() as conn:
+        conn.execute(sa.text("update ledger_entries set decision = 'deny' where seq = 3"))
+    with pytest.raises(sa.exc.DatabaseError, match="append-only"), engine.begin() as conn:
+        conn.execute(sa.text("delete from ledger_entries where seq = 4"))
+    with (
+        engine.begin() as conn
+    ):  # a database administrator can drop the triggers: verification still catches it
+        for name in ("ledger_entries_no_update", "ledger_entries_no_delete"):
+            conn.execute(sa.text(f"drop trigger {name}"))
         conn.execute(sa.text("update ledger_entries set decision = 'deny' where seq = 3"))
     one_line_error(run("audit", "verify", "--dir", str(id_dir.path)), 1, "entry 3")
     with engine.begin() as conn:

@@ -12,7 +12,7 @@ from exchange import crypto
 from exchange.config import load_settings
 from exchange.db import repo
 from exchange.db.schema import messages
-from exchange.ledger import EntryDraft, verify_chain
+from exchange.ledger import EntryDraft, verify_rows
 from exchange.messages import MessageSubmission
 from exchange.node import Node
 from tests.support import make_pair, rfi
@@ -43,7 +43,7 @@ def test_concurrent_submissions_are_all_committed_with_a_verifiable_ledger(
     with node.db.read() as conn:
         stored = {r.id for r in conn.execute(sa.select(messages.c.id))}
         head = repo.read_ledger_head(conn)
-        assert verify_chain(repo.iter_ledger(conn), size=head.size, head_hash=head.head_hash) == 200
+        assert verify_rows(repo.ledger_rows(conn), size=head.size, root=head.root) == 200
         assert repo.outbox_size(conn) == 200
     assert stored == set(ids)
     assert len(ids) == 200
@@ -81,7 +81,7 @@ def test_a_failing_unit_fails_alone(tmp_path: Path) -> None:
     with node.db.read() as conn:
         events = sorted(e.event for e in repo.iter_ledger(conn))
         head = repo.read_ledger_head(conn)
-        verify_chain(repo.iter_ledger(conn), size=head.size, head_hash=head.head_hash)
+        verify_rows(repo.ledger_rows(conn), size=head.size, root=head.root)
     assert events == [f"ok{i}" for i in range(5)]
     node.close()
 
