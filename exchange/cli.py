@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sys
+from contextlib import closing
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any
@@ -301,9 +302,9 @@ def audit_verify(directory: DirOpt) -> None:
     """Recompute the Merkle tree from every stored leaf; exit 1 naming the first bad entry."""
     from exchange.ledger import verify_rows
 
-    with _node_database(directory) as db, db.read() as conn:
+    with _node_database(directory) as db, db.read() as conn, closing(repo.ledger_rows(conn)) as rows:
         head = repo.read_ledger_head(conn)
-        checked = verify_rows(repo.ledger_rows(conn), size=head.size, root=head.root)
+        checked = verify_rows(rows, size=head.size, root=head.root)
     typer.echo(f"ledger verified: {checked} entries, root {head.root.hex()}")
 
 

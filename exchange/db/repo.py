@@ -213,31 +213,43 @@ def append_ledger(conn: Connection, head: LedgerHead, drafts: Sequence[EntryDraf
 
 
 class SqlSubtrees:
-    """The stored complete subtrees, as a SubtreeSource for proofs (one indexed read each)."""
-
-    _query = sa.select(ledger_subtrees.c.hash).where(
-        ledger_subtrees.c.level == sa.bindparam("level"), ledger_subtrees.c.idx == sa.bindparam("idx")
-    )
+    """The stored complete subtrees, as a SubtreeSource for proofs: one primary-key read each,
+    through the DB-API cursor (proofs read O(log n) of them)."""
 
     def __init__(self, conn: Connection) -> None:
-        self.conn = conn
+        dbapi = conn.connection.dbapi_connection
+        assert dbapi is not None
+        self._cursor = dbapi.cursor()
+        mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"  # the driver's placeholder, not data
+        self._sql = f"SELECT hash FROM ledger_subtrees WHERE level = {mark} AND idx = {mark}"  # noqa: S608
 
     def subtree(self, level: int, index: int) -> bytes:
-        digest = self.conn.execute(self._query, {"level": level, "idx": index}).scalar()
-        if digest is None:
+        self._cursor.execute(self._sql, (level, index))
+        row = self._cursor.fetchone()
+        if row is None:
             raise LedgerIntegrityError(f"the stored tree lacks the subtree at level {level}, index {index}")
-        return bytes(digest)
+        return bytes(row[0])
+
+
+_LEDGER_SCAN = (
+    "SELECT e.seq, e.at, e.event, e.message_id, e.case_ref, e.actor, e.decision, e.rules, e.leaf, s.hash"
+    " FROM ledger_entries e LEFT JOIN ledger_subtrees s ON s.level = 0 AND s.idx = e.seq ORDER BY e.seq"
+)
 
 
 def ledger_rows(conn: Connection, *, batch: int = 20_000) -> Iterator[Row]:
-    """Every entry as the verifier reads it (index columns, leaf, stored leaf hash), in order."""
-    query = (
-        "SELECT e.seq, e.at, e.event, e.message_id, e.case_ref, e.actor, e.decision, e.rules, e.leaf, s.hash"
-        " FROM ledger_entries e LEFT JOIN ledger_subtrees s ON s.level = 0 AND s.idx = e.seq ORDER BY e.seq"
-    )
-    result = conn.execution_options(stream_results=True, max_row_buffer=batch).exec_driver_sql(query)
-    for part in result.partitions(batch):
-        yield from (tuple(r) for r in part)
+    """Every entry as the verifier reads it (index columns, leaf, stored leaf hash), in order,
+    through the raw DB-API cursor (server-side on PostgreSQL): a million rows without Row objects.
+    A caller that may stop early closes it (``contextlib.closing``) while ``conn`` is open."""
+    dbapi = conn.connection.dbapi_connection
+    assert dbapi is not None
+    cursor = dbapi.cursor(name="ledger_scan") if conn.dialect.name == "postgresql" else dbapi.cursor()
+    try:
+        cursor.execute(_LEDGER_SCAN)
+        while part := cursor.fetchmany(batch):
+            yield from part
+    finally:
+        cursor.close()
 
 
 def iter_ledger(conn: Connection, *, batch: int = 5000) -> Iterator[LedgerEntry]:

@@ -12,6 +12,9 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from hmac import compare_digest
+
+import orjson
 
 from exchange.crypto import constant_time_equal
 from exchange.errors import LedgerIntegrityError
@@ -81,8 +84,17 @@ def verify_rows(
             first checkpoint whose root the ledger does not reproduce, or a truncated tail.
     """
     wanted = dict(checkpoints or {})
-    frontier = Frontier.empty()
     sha256 = hashlib.sha256
+    stack: list[bytes] = []  # the right frontier's hashes; merges follow the bits of the count
+
+    def current_root() -> bytes:
+        if not stack:
+            return EMPTY_ROOT
+        root = stack[-1]
+        for h in reversed(stack[:-1]):
+            root = sha256(b"\x01" + h + root).digest()
+        return root
+
     expected = 0
     for seq, at, event, message_id, case_ref, actor, decision, rules, leaf, stored_hash in rows:
         if seq != expected:
@@ -91,7 +103,7 @@ def verify_rows(
             )
         raw = leaf.encode()
         try:
-            doc = json.loads(raw)
+            doc = orjson.loads(raw)
             same = (
                 doc["seq"] == seq
                 and doc["at"] == at
@@ -102,18 +114,23 @@ def verify_rows(
                 and doc["decision"] == decision
                 and rules_column(doc["rules"]) == rules
             )
-        except (ValueError, KeyError, TypeError):
+        except (orjson.JSONDecodeError, KeyError, TypeError):
             same = False
         if not same:
             raise LedgerIntegrityError(f"entry {seq} was altered (its columns disagree with its leaf)", seq)
         computed = sha256(b"\x00" + raw).digest()
-        if stored_hash is None or not constant_time_equal(computed, bytes(stored_hash)):
+        if stored_hash is None or not compare_digest(computed, stored_hash):
             raise LedgerIntegrityError(
                 f"entry {seq} was altered (its leaf does not match its stored hash)", seq
             )
-        frontier.append(computed)
+        stack.append(computed)
+        k = expected
+        while k & 1:
+            right = stack.pop()
+            stack[-1] = sha256(b"\x01" + stack[-1] + right).digest()
+            k >>= 1
         expected += 1
-        if expected in wanted and not constant_time_equal(frontier.root(), wanted.pop(expected)):
+        if expected in wanted and not constant_time_equal(current_root(), wanted.pop(expected)):
             raise LedgerIntegrityError(
                 f"the checkpoint at size {expected} does not match the ledger: an entry up to {expected - 1}"
                 " was altered",
@@ -127,7 +144,7 @@ def verify_rows(
         )
     if wanted:
         raise LedgerIntegrityError(f"checkpoints at sizes {sorted(wanted)} lie beyond the ledger's end")
-    if not constant_time_equal(frontier.root(), root):
+    if not constant_time_equal(current_root(), root):
         raise LedgerIntegrityError(
             "the ledger's entries do not reproduce its recorded root: a leaf was altered"
         )
