@@ -46,6 +46,17 @@ class Party(_Strict):
     scheme: str = Field(description="id of the party's national classification scheme")
     signing_keys: tuple[PublicJWK, ...] = Field(min_length=1)
     encryption_keys: tuple[PublicJWK, ...] = Field(min_length=1)
+    checkpoint_key: PublicJWK = Field(description="Ed25519 key of the party's ledger checkpoints")
+
+    @property
+    def ledger_origin(self) -> str:
+        """The origin line of the party's checkpoints."""
+        return f"{self.node_name}/ledger"
+
+    @property
+    def witness_name(self) -> str:
+        """The key name of the party's cosignatures of the partner's checkpoints."""
+        return f"{self.node_name}/witness"
 
     @field_validator("ca_certificate")
     @classmethod
@@ -60,6 +71,8 @@ class Party(_Strict):
             raise ValueError("signing_keys must be Ed25519")
         if any(k.crv != "X25519" for k in self.encryption_keys):
             raise ValueError("encryption_keys must be X25519")
+        if self.checkpoint_key.crv != "Ed25519":
+            raise ValueError("checkpoint_key must be Ed25519")
         return self
 
 

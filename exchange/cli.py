@@ -9,25 +9,27 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sys
-from contextlib import closing
 import tomllib
+from contextlib import closing
 from pathlib import Path
 from typing import Annotated, Any
 
 import click
 import tomli_w
 import typer
+from joserfc.jwk import OKPKey
 from pydantic import ValidationError
 
 from exchange import crypto, envelope
-from exchange.agreement import load_agreement, parse_agreement
+from exchange.agreement import Agreement, load_agreement, parse_agreement
 from exchange.config import NODE_FILE, check_passphrase, load_settings
 from exchange.db import repo
 from exchange.db.engine import Database, upgrade
 from exchange.errors import ConfigurationError, ExchangeError, InvalidInput, LedgerIntegrityError
 from exchange.keys.store import create_node_keys, public_party_keys
+from exchange.ledger.audit import AuditKeys, verify_audit
 from exchange.pki import AGENCIES, TLSFiles, create_dev_pki, issue_client, node_name
-from exchange.types import PARTIES
+from exchange.types import PARTIES, PartyId
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_enable=False)
 agreement_app = typer.Typer(no_args_is_help=True, help="Compose and check the agreement file.")
@@ -95,7 +97,6 @@ def init(
     (directory / NODE_FILE).write_text(
         tomli_w.dumps({"party": party, "listen_host": host, "listen_port": port})
     )
-    sig, enc = public_party_keys(ring)
     fragment = {
         "id": party,
         "name": AGENCIES[party],
@@ -103,8 +104,7 @@ def init(
         "node_name": node_name(party),
         "scheme": "POLRI" if party == "ID" else "ARAHAN",
         "ca_certificate": tls.ca_cert.read_text() if tls.ca_cert.exists() else "",
-        "signing_keys": sig,
-        "encryption_keys": enc,
+        **public_party_keys(ring),
     }
     (directory / PARTY_FILE).write_text(tomli_w.dumps(fragment))
     typer.echo(f"initialised node {party} in {directory}; share {directory / PARTY_FILE} with the partner")
@@ -250,8 +250,6 @@ def serve(directory: DirOpt) -> None:
 
 
 def _read_jwk(path: Path) -> Any:
-    from joserfc.jwk import OKPKey
-
     try:
         return OKPKey.import_key(json.loads(path.read_text()))
     except (OSError, ValueError) as exc:
@@ -297,15 +295,36 @@ def envelope_open(
     )
 
 
+def audit_keys(agreement: Agreement, party: PartyId) -> AuditKeys:
+    """The public keys an audit of ``party``'s ledger checks against, from the agreement."""
+    own, partner = agreement.parties[party], agreement.parties[agreement.partner_of(party)]
+    return AuditKeys(
+        origin=own.ledger_origin,
+        checkpoint_key=OKPKey.import_key(own.checkpoint_key.model_dump()),
+        witness_name=own.witness_name,
+        partner_origin=partner.ledger_origin,
+        partner_key=OKPKey.import_key(partner.checkpoint_key.model_dump()),
+        partner_witness_name=partner.witness_name,
+    )
+
+
 @audit_app.command("verify")
 def audit_verify(directory: DirOpt) -> None:
-    """Recompute the Merkle tree from every stored leaf; exit 1 naming the first bad entry."""
-    from exchange.ledger import verify_rows
-
+    """Recompute the Merkle tree from every stored leaf and check every checkpoint, cosignature and
+    witnessed partner checkpoint; exit 1 naming the first bad entry or checkpoint."""
+    settings = load_settings(directory)
+    keys = audit_keys(load_agreement(settings.agreement_file), settings.party)
     with _node_database(directory) as db, db.read() as conn, closing(repo.ledger_rows(conn)) as rows:
         head = repo.read_ledger_head(conn)
-        checked = verify_rows(rows, size=head.size, root=head.root)
-    typer.echo(f"ledger verified: {checked} entries, root {head.root.hex()}")
+        report = verify_audit(
+            rows,
+            size=head.size,
+            root=head.root,
+            checkpoints=repo.all_checkpoints(conn),
+            witnessed=repo.all_witnessed(conn),
+            keys=keys,
+        )
+    typer.echo(f"ledger verified: {report.summary()}")
 
 
 @app.command()

@@ -56,6 +56,7 @@ class NodeSettings(BaseSettings):
     delivery_backoff_max_seconds: float = Field(default=300.0, gt=0)
     delivery_lease_seconds: float = Field(default=60.0, gt=0)
     peer_timeout_seconds: float = Field(default=10.0, gt=0)
+    checkpoint_interval_seconds: float = Field(default=5.0, gt=0)
     inbox_page_max: int = Field(default=100, ge=1, le=1000)
     log_level: str = "info"
 

@@ -27,14 +27,14 @@ from joserfc.jwk import OKPKey
 
 from exchange.errors import KeyManagementError
 
-MessageKeyUse = Literal["sig", "enc"]
+MessageKeyUse = Literal["sig", "enc", "ckpt"]  # ckpt: the ledger checkpoint key (Ed25519)
 CertificateKind = Literal["ca", "server", "node", "client"]
 
 
 def new_message_key(use: MessageKeyUse) -> bytes:
-    """A fresh private message key as unencrypted PKCS#8 PEM (Ed25519 for sig, X25519 for enc)."""
+    """A fresh private key as unencrypted PKCS#8 PEM (X25519 for enc, Ed25519 otherwise)."""
     key: ed25519.Ed25519PrivateKey | x25519.X25519PrivateKey = (
-        ed25519.Ed25519PrivateKey.generate() if use == "sig" else x25519.X25519PrivateKey.generate()
+        x25519.X25519PrivateKey.generate() if use == "enc" else ed25519.Ed25519PrivateKey.generate()
     )
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -85,6 +85,34 @@ def public_jwk_dict(key: OKPKey) -> dict[str, str]:
 def public_only(key: OKPKey) -> OKPKey:
     """The public half of an OKP key, keeping its ``kid``."""
     return OKPKey.import_key(key.as_dict(private=False))
+
+
+def ed25519_raw_public(key: OKPKey) -> bytes:
+    """The 32-byte raw public key of an Ed25519 OKP key."""
+    public = key.public_key
+    if not isinstance(public, ed25519.Ed25519PublicKey):
+        raise KeyManagementError("not an Ed25519 key")
+    return public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def ed25519_sign(key: OKPKey, message: bytes) -> bytes:
+    """A raw Ed25519 signature (64 bytes) by a private OKP key."""
+    private = key.private_key
+    if not isinstance(private, ed25519.Ed25519PrivateKey):
+        raise KeyManagementError("not a private Ed25519 key")
+    return private.sign(message)
+
+
+def ed25519_verify(key: OKPKey, signature: bytes, message: bytes) -> bool:
+    """True when ``signature`` is a valid Ed25519 signature of ``message`` by ``key``."""
+    public = key.public_key
+    if not isinstance(public, ed25519.Ed25519PublicKey):
+        return False
+    try:
+        public.verify(signature, message)
+    except InvalidSignature:
+        return False
+    return True
 
 
 def constant_time_equal(a: str | bytes, b: str | bytes) -> bool:

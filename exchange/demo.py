@@ -121,6 +121,8 @@ class DemoNode:
 
     def setup(self, agreement: Path) -> None:
         shutil.copy(agreement, self.dir / "agreement.toml")
+        with (self.dir / "node.toml").open("a") as settings:
+            settings.write("checkpoint_interval_seconds = 1.0\n")
         exchange_cli("db", "upgrade", "--dir", str(self.dir), env=self.env)
         exchange_cli(
             "pki",
@@ -210,6 +212,18 @@ def run_demo(workdir: Path) -> None:
     print("== Demo passed")
 
 
+def _wait_cosigned(api: ExchangeClient, timeout: float = 30) -> dict[str, Any]:
+    """Wait until the node's latest checkpoint covers its whole ledger and the partner cosigned it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        health = api.health()
+        if health["cosigned_size"] == health["ledger_size"] > 0:
+            return health
+        if time.monotonic() > deadline:
+            raise ExchangeError(f"the checkpoint was not cosigned in {timeout}s: {health}")
+        time.sleep(0.2)
+
+
 def _conversation(polri: DemoNode, pdrm: DemoNode) -> None:
     rfi = {
         "type": "REQUEST_FOR_INFORMATION",
@@ -281,7 +295,11 @@ def _conversation(polri: DemoNode, pdrm: DemoNode) -> None:
         _line("marking kept", f"{got['classification']['level']} ({got['classification']['scheme']})")
         _line("protected in Indonesia as", got["classification"]["local_equivalent"])
         _line("outcome", got["payload"]["outcome"])
-        print()
+        print("\n-- 5. Each node signs a checkpoint of its ledger; the other verifies it and cosigns")
         for label, api in (("ID", polri_api), ("MY", pdrm_api)):
-            health = api.health()
-            _line(f"{label} ledger entries", f"{health['ledger_size']} (outbox {health['outbox']})")
+            health = _wait_cosigned(api)
+            _line(
+                f"{label} ledger",
+                f"{health['ledger_size']} entries, checkpoint at size {health['checkpoint_size']}"
+                f" cosigned by the partner (outbox {health['outbox']})",
+            )

@@ -17,6 +17,7 @@ and the CLI turns them into a one-line message and a non-zero exit. Domain error
     │   └── ReplayRejected          outside the replay window, or same id with other content
     ├── TransportError              the partner node could not be reached or answered badly
     ├── LedgerIntegrityError        the ledger does not verify (names the first bad entry)
+    │   └── CheckpointConflict      a partner checkpoint is inconsistent with one already witnessed
     └── KeyManagementError          a key is missing, undecryptable or does not match the agreement
 """
 
@@ -107,6 +108,15 @@ class LedgerIntegrityError(ExchangeError):
     def __init__(self, message: str, seq: int | None = None) -> None:
         super().__init__(message)
         self.seq = seq
+
+
+class CheckpointConflict(LedgerIntegrityError):
+    """The partner's checkpoint contradicts one this node witnessed (fork, rollback, bad proof):
+    a security incident for both sides. ``witnessed_size`` is the size this node holds."""
+
+    def __init__(self, message: str, witnessed_size: int) -> None:
+        super().__init__(message)
+        self.witnessed_size = witnessed_size
 
 
 class KeyManagementError(ExchangeError):

@@ -16,8 +16,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import exchange
 from exchange.api import problems
 from exchange.api.routes import client_router, health_router, peer_router
+from exchange.checkpoints import CheckpointService
 from exchange.errors import ExchangeError
 from exchange.node import Node
+from exchange.transport.checkpointer import Checkpointer
 from exchange.transport.peer import PeerTransport
 from exchange.transport.worker import DeliveryWorker
 
@@ -66,20 +68,30 @@ class _TooLarge(Exception):
 def create_app(node: Node, transport: PeerTransport | None = None, *, run_worker: bool = True) -> FastAPI:
     """The node's ASGI app. With ``run_worker``, a delivery thread drains the outbox to
     ``transport`` (required then) for the lifetime of the app."""
-    worker = DeliveryWorker(node, transport) if transport is not None else None
+    checkpoints = CheckpointService(node)
+    worker = DeliveryWorker(node, transport, checkpoints=checkpoints) if transport is not None else None
+    checkpointer = (
+        Checkpointer(checkpoints, transport, node.settings.checkpoint_interval_seconds)
+        if transport is not None
+        else None
+    )
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        thread = None
-        if worker is not None and run_worker:
-            thread = threading.Thread(target=worker.run_forever, name="delivery", daemon=True)
+        threads = []
+        if run_worker:
+            for name, loop in (("delivery", worker), ("checkpointer", checkpointer)):
+                if loop is not None:
+                    threads.append(threading.Thread(target=loop.run_forever, name=name, daemon=True))
+        for thread in threads:
             thread.start()
         try:
             yield
         finally:
-            if worker is not None:
-                worker.stop()
-            if thread is not None:
+            for loop in (worker, checkpointer):
+                if loop is not None:
+                    loop.stop()
+            for thread in threads:
                 thread.join(timeout=30)
             if transport is not None:
                 transport.close()
@@ -96,6 +108,7 @@ def create_app(node: Node, transport: PeerTransport | None = None, *, run_worker
         lifespan=lifespan,
     )
     app.state.node = node
+    app.state.checkpoints = checkpoints
     wake: Callable[[], None] = worker.wake if worker is not None else (lambda: None)
     app.state.worker_wake = wake
     app.state.worker = worker

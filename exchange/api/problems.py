@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from exchange.errors import (
+    CheckpointConflict,
     ConfigurationError,
     EnvelopeError,
     ExchangeError,
@@ -24,6 +25,7 @@ from exchange.errors import (
     TransportError,
     Unauthorised,
 )
+from exchange.ledger.checkpoint import CheckpointError
 
 PROBLEM_TYPE_BASE = "https://exchange.invalid/problems/"
 MEDIA_TYPE = "application/problem+json"
@@ -36,6 +38,8 @@ STATUS_TABLE: dict[type[ExchangeError], tuple[int, str, str]] = {
     PolicyRefusal: (403, "policy-refusal", "Refused by the agreement's rules"),
     EnvelopeError: (400, "envelope-rejected", "The envelope was rejected"),
     TransportError: (502, "partner-unreachable", "The partner node could not be reached"),
+    CheckpointConflict: (409, "checkpoint-conflict", "The checkpoint conflicts with one already witnessed"),
+    CheckpointError: (400, "invalid-checkpoint", "The checkpoint is malformed or not validly signed"),
     LedgerIntegrityError: (500, "ledger-integrity", "The ledger failed verification"),
     ConfigurationError: (500, "configuration", "The node is misconfigured"),
 }
@@ -62,6 +66,8 @@ async def exchange_error_handler(_request: Request, exc: Exception) -> JSONRespo
         extra["errors"] = [{"field": e.field, "message": e.message} for e in exc.errors]
     elif isinstance(exc, PolicyRefusal):
         extra["violations"] = [{"rule": v.rule_id, "reason": v.reason} for v in exc.violations]
+    elif isinstance(exc, CheckpointConflict):
+        extra["witnessed_size"] = exc.witnessed_size
     elif isinstance(exc, EnvelopeError):
         detail = "rejected"  # a peer learns one opaque reason; the detail is in the log and ledger
     elif status >= 500:

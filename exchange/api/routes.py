@@ -9,7 +9,10 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 
 from exchange.api.auth import local_client, node_of, partner_node
+from exchange.checkpoints import CheckpointService
 from exchange.db import repo
+from exchange.errors import CheckpointConflict, FieldError, InvalidInput
+from exchange.ledger.checkpoint import CheckpointError
 from exchange.messages import MessageSubmission
 from exchange.policy import Actor
 
@@ -24,6 +27,11 @@ peer_router = APIRouter(prefix="/v1/peer", tags=["partner node"], dependencies=[
 health_router = APIRouter(tags=["operations"])
 
 LocalClient = Annotated[Actor, Depends(local_client)]
+
+
+def checkpoints_of(request: Request) -> CheckpointService:
+    service: CheckpointService = request.app.state.checkpoints
+    return service
 
 
 def _now() -> dt.datetime:
@@ -72,18 +80,52 @@ def inbox(
 
 class EnvelopeBatch(BaseModel):
     envelopes: list[str] = Field(min_length=1, max_length=1000)
+    checkpoint: str | None = Field(default=None, description="the sender's latest signed checkpoint")
 
 
 @peer_router.post("/envelopes", summary="Deliver envelopes (partner node only)")
 def receive_envelopes(batch: EnvelopeBatch, request: Request) -> dict[str, Any]:
-    """One result per envelope, in order: ``accepted`` with a signed receipt, or ``rejected``."""
+    """One result per envelope, in order: ``accepted`` with a signed receipt, or ``rejected``.
+
+    ``checkpoint`` says what the receiver made of the sender's attached checkpoint: ``ok``,
+    ``conflict`` (a split view: a security incident on both sides) or ``invalid``.
+    """
     results = node_of(request).receive(batch.envelopes, _now())
+    checkpoint_status = None
+    if batch.checkpoint is not None:
+        try:
+            checkpoints_of(request).observe(batch.checkpoint, _now())
+            checkpoint_status = "ok"
+        except CheckpointConflict:
+            checkpoint_status = "conflict"
+        except CheckpointError:
+            checkpoint_status = "invalid"
     return {
         "results": [
             {"status": "accepted", "receipt": r.receipt} if r.accepted else {"status": "rejected"}
             for r in results
-        ]
+        ],
+        "checkpoint": checkpoint_status,
     }
+
+
+class WitnessBody(BaseModel):
+    checkpoint: str = Field(description="a C2SP signed-note checkpoint of the partner's ledger")
+    from_size: int = Field(ge=0, description="the size the consistency proof starts from")
+    proof: list[str] = Field(default_factory=list, max_length=64, description="hex SHA-256 hashes")
+
+
+@peer_router.post("/checkpoints", summary="Witness a checkpoint (partner node only)")
+def witness_checkpoint(body: WitnessBody, request: Request) -> dict[str, Any]:
+    """Cosign the partner's checkpoint (C2SP cosignature/v1) if it is consistent with the last one
+    witnessed. 409 with ``witnessed_size`` when the proof starts elsewhere or the checkpoint
+    conflicts (fork, rollback, failed proof: a security incident, ledgered)."""
+    try:
+        proof = [bytes.fromhex(p) for p in body.proof]
+    except ValueError as exc:
+        raise InvalidInput("proof elements must be hex", [FieldError("proof", str(exc))]) from exc
+    line = checkpoints_of(request).witness(body.checkpoint, body.from_size, proof, _now())
+    return {"cosignature": line}
 
 
 @health_router.get("/healthz", summary="Liveness and a few gauges")
@@ -92,10 +134,14 @@ def health(request: Request) -> dict[str, Any]:
     with node.db.read() as conn:
         outbox = repo.outbox_size(conn)
         head = repo.read_ledger_head(conn)
+    status = checkpoints_of(request).status()
     return {
         "status": "ok",
         "party": node.party,
         "agreement": {"version": node.agreement.version, "digest": node.agreement.digest},
         "outbox": outbox,
         "ledger_size": head.size,
+        "checkpoint_size": status["latest"]["size"] if status["latest"] else 0,
+        "cosigned_size": status["latest_cosigned"]["size"] if status["latest_cosigned"] else 0,
+        "partner_witnessed_size": status["partner_witnessed"]["size"] if status["partner_witnessed"] else 0,
     }

@@ -9,14 +9,23 @@ sequence assigned under the same lock orders inbound messages by commit order.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from exchange.db.schema import clients, ledger_entries, ledger_head, ledger_subtrees, messages, outbox
+from exchange.db.schema import (
+    checkpoints,
+    clients,
+    ledger_entries,
+    ledger_head,
+    ledger_subtrees,
+    messages,
+    outbox,
+    witnessed,
+)
 from exchange.errors import InvalidInput, LedgerIntegrityError, NotFound
 from exchange.ledger import EntryDraft, Frontier, LedgerEntry, decode_leaf, leaf_bytes, rules_column
 from exchange.ledger.log import Row
@@ -237,7 +246,7 @@ _LEDGER_SCAN = (
 )
 
 
-def ledger_rows(conn: Connection, *, batch: int = 20_000) -> Iterator[Row]:
+def ledger_rows(conn: Connection, *, batch: int = 20_000) -> Generator[Row, None, None]:
     """Every entry as the verifier reads it (index columns, leaf, stored leaf hash), in order,
     through the raw DB-API cursor (server-side on PostgreSQL): a million rows without Row objects.
     A caller that may stop early closes it (``contextlib.closing``) while ``conn`` is open."""
@@ -276,3 +285,42 @@ def ledger_for_message(conn: Connection, message_id: str) -> list[LedgerEntry]:
         .order_by(ledger_entries.c.seq)
     )
     return [decode_leaf(r.leaf.encode()) for r in rows]
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+
+def latest_checkpoint(conn: Connection, *, cosigned: bool = False) -> dict[str, Any] | None:
+    """This node's latest checkpoint (optionally: the latest one the partner cosigned)."""
+    query = sa.select(checkpoints).order_by(checkpoints.c.size.desc()).limit(1)
+    if cosigned:
+        query = query.where(checkpoints.c.cosignature.is_not(None))
+    row = conn.execute(query).first()
+    return dict(row._mapping) if row else None
+
+
+def insert_checkpoint(conn: Connection, *, size: int, root: bytes, note: str, at: str) -> None:
+    conn.execute(checkpoints.insert(), {"size": size, "root_hash": root, "note": note, "created_at": at})
+
+
+def record_cosignature(conn: Connection, size: int, line: str, at: str) -> None:
+    conn.execute(
+        checkpoints.update().where(checkpoints.c.size == size).values(cosignature=line, cosigned_at=at)
+    )
+
+
+def all_checkpoints(conn: Connection) -> list[dict[str, Any]]:
+    return [dict(r._mapping) for r in conn.execute(sa.select(checkpoints).order_by(checkpoints.c.size))]
+
+
+def latest_witnessed(conn: Connection) -> dict[str, Any] | None:
+    row = conn.execute(sa.select(witnessed).order_by(witnessed.c.size.desc()).limit(1)).first()
+    return dict(row._mapping) if row else None
+
+
+def insert_witnessed(conn: Connection, row: Mapping[str, Any]) -> None:
+    conn.execute(witnessed.insert(), dict(row))
+
+
+def all_witnessed(conn: Connection) -> list[dict[str, Any]]:
+    return [dict(r._mapping) for r in conn.execute(sa.select(witnessed).order_by(witnessed.c.size))]

@@ -97,3 +97,26 @@ ledger_subtrees = sa.Table(
     sa.Column("idx", sa.BigInteger, primary_key=True, autoincrement=False),
     sa.Column("hash", sa.LargeBinary(32), nullable=False),
 )
+
+checkpoints = sa.Table(
+    "checkpoints",
+    metadata,
+    sa.Column("size", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("root_hash", sa.LargeBinary(32), nullable=False),
+    sa.Column("note", sa.Text, nullable=False),
+    sa.Column("created_at", sa.String(40), nullable=False),
+    sa.Column("cosignature", sa.Text),  # the partner's cosignature line, once witnessed
+    sa.Column("cosigned_at", sa.String(40)),
+)
+
+witnessed = sa.Table(
+    "witnessed",
+    metadata,
+    sa.Column("size", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("root_hash", sa.LargeBinary(32), nullable=False),
+    sa.Column("note", sa.Text, nullable=False),
+    sa.Column("previous_size", sa.BigInteger, nullable=False),
+    sa.Column("proof", sa.Text, nullable=False),  # JSON list of hex hashes, from previous_size
+    sa.Column("cosignature", sa.Text, nullable=False),
+    sa.Column("witnessed_at", sa.String(40), nullable=False),
+)

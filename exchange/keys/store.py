@@ -66,6 +66,7 @@ class NodeKeys:
 
     party: PartyId
     signing: OKPKey
+    checkpoint: OKPKey  # signs the node's ledger checkpoints and cosigns the partner's
     decryption: dict[KeyId, OKPKey]  # every non-revoked encryption key, so old envelopes open
     encryption_kid: KeyId
 
@@ -101,7 +102,8 @@ def create_node_keys(key_dir: Path, party: PartyId, passphrase: str) -> KeyRing:
     key_dir.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.UTC).isoformat()
     records = []
-    for use in ("sig", "enc"):
+    uses: tuple[crypto.MessageKeyUse, ...] = ("sig", "enc", "ckpt")
+    for use in uses:
         pem = crypto.new_message_key(use)
         kid = crypto.message_key_id(party, use, pem)
         path = key_dir / f"{use}-{kid}.pem"
@@ -132,12 +134,14 @@ def load_node_keys(key_dir: Path, passphrase: str) -> NodeKeys:
         return crypto.private_jwk(crypto.decrypt_private_pem(data, passphrase), record.kid)
 
     signing = load(ring.active("sig"))
+    checkpoint = load(ring.active("ckpt"))
     decryption = {
         KeyId(r.kid): load(r) for r in ring.keys if r.use == "enc" and r.status in ("active", "retired")
     }
     return NodeKeys(
         party=ring.party,
         signing=signing,
+        checkpoint=checkpoint,
         decryption=decryption,
         encryption_kid=KeyId(ring.active("enc").kid),
     )
@@ -150,6 +154,9 @@ class PartnerKeys:
     party: PartyId
     verification: dict[KeyId, OKPKey]
     encryption: OKPKey  # the current encryption key: the last one listed
+    checkpoint: OKPKey  # verifies the party's checkpoints and cosignatures
+    ledger_origin: str
+    witness_name: str
 
     @classmethod
     def from_agreement(cls, agreement: Agreement, party: PartyId) -> PartnerKeys:
@@ -163,6 +170,9 @@ class PartnerKeys:
             party=party,
             verification=verification,
             encryption=OKPKey.import_key(last.model_dump(), parameters={"kid": last.kid}),
+            checkpoint=OKPKey.import_key(entry.checkpoint_key.model_dump()),
+            ledger_origin=entry.ledger_origin,
+            witness_name=entry.witness_name,
         )
 
 
@@ -175,16 +185,19 @@ def check_keys_match_agreement(keys: NodeKeys, agreement: Agreement) -> None:
         raise KeyManagementError(
             f"the node's signing key {keys.signing_kid} is not pinned in agreement {agreement.version}"
         )
+    if entry.checkpoint_key.x != crypto.public_jwk_dict(keys.checkpoint)["x"]:
+        raise KeyManagementError(f"the node's checkpoint key is not pinned in agreement {agreement.version}")
     if pinned_enc.get(keys.encryption_kid) != keys.public_encryption_jwk()["x"]:
         raise KeyManagementError(
             f"the node's encryption key {keys.encryption_kid} is not pinned in agreement {agreement.version}"
         )
 
 
-def public_party_keys(ring: KeyRing) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    """The non-revoked public signing and encryption JWKs of a ring, for the agreement."""
+def public_party_keys(ring: KeyRing) -> dict[str, list[dict[str, str]] | dict[str, str]]:
+    """The non-revoked public keys of a ring, as the agreement's party entry lists them."""
     usable = [k for k in ring.keys if k.status in ("active", "retired")]
-    return (
-        [dict(k.public_jwk) for k in usable if k.use == "sig"],
-        [dict(k.public_jwk) for k in usable if k.use == "enc"],
-    )
+    return {
+        "signing_keys": [dict(k.public_jwk) for k in usable if k.use == "sig"],
+        "encryption_keys": [dict(k.public_jwk) for k in usable if k.use == "enc"],
+        "checkpoint_key": dict(ring.active("ckpt").public_jwk),
+    }

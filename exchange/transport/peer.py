@@ -10,22 +10,38 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import httpx
 
+from exchange.checkpoints import WitnessRequest
 from exchange.errors import TransportError
 from exchange.node import PeerResult
 
 PEER_PATH = "/v1/peer/envelopes"
+WITNESS_PATH = "/v1/peer/checkpoints"
+
+
+@dataclass(frozen=True)
+class WitnessAnswer:
+    """The partner's answer to a witness request: a cosignature, or the size it holds instead."""
+
+    cosignature: str | None
+    witnessed_size: int | None = None
 
 
 class PeerTransport(Protocol):
-    """Sends a batch of envelopes and returns one result per envelope, in order."""
+    """How the node reaches the partner: envelope batches and witness requests."""
 
-    def send(self, envelopes: Sequence[str]) -> list[PeerResult]:
-        """Raises TransportError if the batch may not have been processed (retry it)."""
+    def send(self, envelopes: Sequence[str], checkpoint: str | None = None) -> list[PeerResult]:
+        """One result per envelope, in order. Raises TransportError if the batch may not have
+        been processed (retry it)."""
+        ...
+
+    def witness(self, request: WitnessRequest) -> WitnessAnswer:
+        """Ask the partner to cosign. Raises TransportError if it could not answer."""
         ...
 
     def close(self) -> None: ...
@@ -72,9 +88,11 @@ class HttpsPeerTransport:
             limits=httpx.Limits(max_connections=4, max_keepalive_connections=4),
         )
 
-    def send(self, envelopes: Sequence[str]) -> list[PeerResult]:
+    def send(self, envelopes: Sequence[str], checkpoint: str | None = None) -> list[PeerResult]:
         try:
-            response = self._client.post(PEER_PATH, json={"envelopes": list(envelopes)})
+            response = self._client.post(
+                PEER_PATH, json={"envelopes": list(envelopes), "checkpoint": checkpoint}
+            )
         except httpx.HTTPError as exc:
             raise TransportError(f"partner unreachable: {type(exc).__name__}: {exc}") from exc
         if response.status_code != 200:
@@ -84,6 +102,25 @@ class HttpsPeerTransport:
         except ValueError as exc:
             raise TransportError("partner answered with a body that is not JSON") from exc
         return parse_results(body, len(envelopes))
+
+    def witness(self, request: WitnessRequest) -> WitnessAnswer:
+        body = {
+            "checkpoint": request.note,
+            "from_size": request.from_size,
+            "proof": [p.hex() for p in request.proof],
+        }
+        try:
+            response = self._client.post(WITNESS_PATH, json=body)
+            answer = response.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            raise TransportError(f"witness request failed: {type(exc).__name__}: {exc}") from exc
+        if response.status_code == 200 and isinstance(answer.get("cosignature"), str):
+            return WitnessAnswer(answer["cosignature"])
+        if response.status_code == 409 and isinstance(answer.get("witnessed_size"), int):
+            return WitnessAnswer(None, answer["witnessed_size"])
+        raise TransportError(
+            f"the partner refused to witness: HTTP {response.status_code}: {answer.get('detail')}"
+        )
 
     def close(self) -> None:
         self._client.close()

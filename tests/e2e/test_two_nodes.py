@@ -68,6 +68,7 @@ def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Running, R
             delivery_backoff_base_seconds=0.1,
             delivery_backoff_max_seconds=0.5,
             delivery_lease_seconds=3.0,
+            checkpoint_interval_seconds=0.5,
             delivery_poll_seconds=0.05,
         )
     env = {k: v for k, v in os.environ.items() if not k.startswith("EXCHANGE_")}
@@ -231,7 +232,7 @@ def test_peer_endpoints_accept_only_the_partner_node(nodes: tuple[Running, Runni
     with httpx.Client(verify=id_node) as http:
         r = http.post(f"{pdrm.node.url}/v1/peer/envelopes", json={"envelopes": ["x.y.z.w.v"]})
         assert r.status_code == 200
-        assert r.json() == {"results": [{"status": "rejected"}]}
+        assert r.json() == {"results": [{"status": "rejected"}], "checkpoint": None}
 
 
 def test_a_redelivered_envelope_is_stored_once_with_the_same_receipt(nodes: tuple[Running, Running]) -> None:
@@ -289,3 +290,16 @@ def test_a_kill_in_the_middle_of_delivery_loses_nothing_and_duplicates_nothing(
             except ExchangeError as exc:  # pragma: no cover - the assertion message is the point
                 pytest.fail(str(exc))
     assert all(pdrm.count_messages(mid) == 1 for mid in ids)
+
+
+def test_each_node_s_checkpoint_gets_cosigned_by_the_other(nodes: tuple[Running, Running]) -> None:
+    polri, pdrm = nodes
+    for run in (polri, pdrm):
+        with run.client() as api:
+            deadline = time.monotonic() + 30
+            while True:
+                health = api.health()
+                if health["cosigned_size"] == health["ledger_size"] > 0:
+                    break
+                assert time.monotonic() < deadline, health
+                time.sleep(0.2)

@@ -11,14 +11,22 @@ import pytest
 import sqlalchemy as sa
 
 from exchange import crypto
+from exchange.checkpoints import CheckpointService, WitnessRequest
 from exchange.config import load_settings
 from exchange.db import repo
 from exchange.db.engine import Database
 from exchange.db.schema import ledger_entries, messages
-from exchange.errors import DatabaseNotMigrated, InvalidInput, PolicyRefusal, TransportError
+from exchange.errors import (
+    CheckpointConflict,
+    DatabaseNotMigrated,
+    InvalidInput,
+    PolicyRefusal,
+    TransportError,
+)
 from exchange.messages import MessageSubmission
 from exchange.node import Node, PeerResult
 from exchange.policy import Actor
+from exchange.transport.peer import WitnessAnswer
 from exchange.transport.worker import DeliveryWorker
 from tests.support import NodeDir, make_pair, register_client, response_to, rfi
 
@@ -32,7 +40,7 @@ class Loopback:
         self.lose_answer = False  # deliver, then fail as if the connection dropped
         self.batches = 0
 
-    def send(self, envelopes: Sequence[str]) -> list[PeerResult]:
+    def send(self, envelopes: Sequence[str], checkpoint: str | None = None) -> list[PeerResult]:
         if self.down:
             raise TransportError("partner unreachable: connection refused")
         self.batches += 1
@@ -40,6 +48,17 @@ class Loopback:
         if self.lose_answer:
             raise TransportError("connection reset after the request was sent")
         return results
+
+    def witness(self, request: WitnessRequest) -> WitnessAnswer:
+        if self.down:
+            raise TransportError("partner unreachable: connection refused")
+        try:
+            line = CheckpointService(self.partner).witness(
+                request.note, request.from_size, request.proof, dt.datetime.now(dt.UTC)
+            )
+        except CheckpointConflict as exc:
+            return WitnessAnswer(None, exc.witnessed_size)
+        return WitnessAnswer(line)
 
     def close(self) -> None:
         pass

@@ -17,7 +17,7 @@ def agreement_data() -> dict[str, Any]:
     parties = {}
     for party, scheme in (("ID", "POLRI"), ("MY", "ARAHAN")):
         keys = {}
-        for use in ("sig", "enc"):
+        for use in ("sig", "enc", "ckpt"):
             pem = crypto.new_message_key(use)
             keys[use] = crypto.public_jwk_dict(
                 crypto.private_jwk(pem, crypto.message_key_id(party, use, pem))
@@ -29,6 +29,8 @@ def agreement_data() -> dict[str, Any]:
             "ca_certificate": CA_PEM,
             "scheme": scheme,
             "signing_keys": [keys["sig"]],
+            "checkpoint_key": {k: v for k, v in keys["ckpt"].items() if k != "kid"}
+            | {"kid": keys["ckpt"]["kid"]},
             "encryption_keys": [keys["enc"]],
         }
     data["parties"] = parties

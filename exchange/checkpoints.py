@@ -1,0 +1,227 @@
+"""Checkpoints and witnessing: the node's use cases around its own and the partner's tree heads.
+
+- :meth:`CheckpointService.sign_latest` signs a checkpoint of the ledger when it has grown.
+- :meth:`CheckpointService.to_witness` is what the node asks the partner to cosign next: its latest
+  checkpoint and a consistency proof from the last one the partner cosigned.
+- :meth:`CheckpointService.witness` is the partner side: verify the signature (pinned key), require a
+  proof from exactly the size it last witnessed, verify it, store, cosign. A checkpoint that forks,
+  rolls back or fails its proof is refused and ledgered as a security incident.
+- :meth:`CheckpointService.observe` checks a checkpoint riding on a delivery batch: a signed
+  checkpoint of a size already witnessed with another root is a split view, caught at once.
+
+Routine checkpoints and cosignatures are kept in their own tables, not ledgered: a ledger entry per
+checkpoint would grow the ledger and call for another checkpoint, for ever. Incidents are ledgered.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from exchange.canonical import sha256_hex
+from exchange.crypto import constant_time_equal
+from exchange.db import repo
+from exchange.errors import CheckpointConflict
+from exchange.ledger import EntryDraft
+from exchange.ledger.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    cosign,
+    sign_checkpoint,
+    verify_checkpoint,
+    verify_cosignature,
+)
+from exchange.ledger.merkle import ProofError, consistency_proof, verify_consistency
+from exchange.node import Node, iso
+
+log = logging.getLogger("exchange.checkpoints")
+
+
+@dataclass(frozen=True)
+class WitnessRequest:
+    """A checkpoint to have cosigned, with the proof from the partner's last cosigned size."""
+
+    note: str
+    size: int
+    from_size: int
+    proof: list[bytes]
+
+
+class CheckpointService:
+    """Checkpoint use cases for one node."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        own = node.agreement.parties[node.party]
+        self.origin = own.ledger_origin
+        self.witness_name = own.witness_name
+
+    # --- this node's checkpoints -----------------------------------------------------------------
+
+    def sign_latest(self, now: dt.datetime) -> int | None:
+        """Sign a checkpoint of the current ledger if it grew since the last one; returns its size."""
+        with self.node.db.transaction() as conn:
+            head = repo.read_ledger_head(conn)
+            last = repo.latest_checkpoint(conn)
+            if head.size == 0 or (last is not None and last["size"] >= head.size):
+                return None
+            note = sign_checkpoint(self.origin, head.size, head.root, self.node.keys.checkpoint)
+            repo.insert_checkpoint(conn, size=head.size, root=head.root, note=note, at=iso(now))
+        return head.size
+
+    def latest_note(self) -> str | None:
+        with self.node.db.read() as conn:
+            last = repo.latest_checkpoint(conn)
+        return str(last["note"]) if last else None
+
+    def to_witness(self, from_size: int | None = None) -> WitnessRequest | None:
+        """The latest checkpoint not yet cosigned, with a proof from ``from_size`` (default: the
+        last cosigned size; 0 when none has been)."""
+        with self.node.db.read() as conn:
+            last = repo.latest_checkpoint(conn)
+            if last is None or last["cosignature"] is not None:
+                return None
+            if from_size is None:
+                cosigned = repo.latest_checkpoint(conn, cosigned=True)
+                from_size = int(cosigned["size"]) if cosigned else 0
+            size = int(last["size"])
+            proof = [] if from_size == 0 else consistency_proof(repo.SqlSubtrees(conn), from_size, size)
+        return WitnessRequest(str(last["note"]), size, from_size, proof)
+
+    def record_cosignature(self, request: WitnessRequest, line: str, now: dt.datetime) -> int:
+        """Verify and keep the partner's cosignature of our checkpoint; returns its timestamp.
+
+        Raises:
+            CheckpointError: it is not a valid cosignature by the partner's witness key.
+        """
+        partner = self.node.partner
+        checkpoint = verify_checkpoint(request.note, origin=self.origin, key=self.node.keys.checkpoint)
+        timestamp = verify_cosignature(checkpoint, line, witness=partner.witness_name, key=partner.checkpoint)
+        with self.node.db.transaction() as conn:
+            repo.record_cosignature(conn, request.size, line, iso(now))
+        return timestamp
+
+    # --- the partner's checkpoints ---------------------------------------------------------------
+
+    def _verify_partner(self, note: str) -> Checkpoint:
+        partner = self.node.partner
+        return verify_checkpoint(note, origin=partner.ledger_origin, key=partner.checkpoint)
+
+    def witness(self, note: str, from_size: int, proof: list[bytes], now: dt.datetime) -> str:
+        """Cosign the partner's checkpoint if it is consistent with everything witnessed before.
+
+        Raises:
+            CheckpointError: the note is malformed or not signed by the partner's pinned key.
+            CheckpointConflict: ``from_size`` is not the size last witnessed (ask again from
+                ``witnessed_size``), or the checkpoint forks, rolls back or fails its proof (an
+                incident, ledgered before raising).
+        """
+        checkpoint = self._verify_partner(note)
+        incident: str | None = None
+        with self.node.db.transaction() as conn:
+            repo.lock_ledger_head(conn)  # one witness decision at a time, across processes
+            last = repo.latest_witnessed(conn)
+            held = int(last["size"]) if last else 0
+            if last is not None and checkpoint.size == held:
+                if constant_time_equal(bytes(last["root_hash"]), checkpoint.root):
+                    return str(last["cosignature"])  # asked again: the same answer
+                incident = f"fork: a second root for size {held}"
+            elif last is not None and checkpoint.size < held:
+                incident = f"rollback: size {checkpoint.size} after size {held} was witnessed"
+            elif from_size != held:
+                raise CheckpointConflict(f"witnessed size is {held}, not {from_size}", held)
+            elif last is not None:
+                try:
+                    verify_consistency(
+                        held, checkpoint.size, proof, bytes(last["root_hash"]), checkpoint.root
+                    )
+                except ProofError as exc:
+                    incident = f"inconsistent with the checkpoint witnessed at size {held}: {exc}"
+            elif proof:
+                raise CheckpointConflict("the first checkpoint witnessed takes no proof", 0)
+            if incident is None:
+                line = cosign(
+                    checkpoint,
+                    witness=self.witness_name,
+                    key=self.node.keys.checkpoint,
+                    timestamp=int(now.timestamp()),
+                )
+                repo.insert_witnessed(
+                    conn,
+                    {
+                        "size": checkpoint.size,
+                        "root_hash": checkpoint.root,
+                        "note": note,
+                        "previous_size": held,
+                        "proof": json.dumps([p.hex() for p in proof]),
+                        "cosignature": line,
+                        "witnessed_at": iso(now),
+                    },
+                )
+                return line
+        self._incident(checkpoint, note, incident, now)
+        raise CheckpointConflict(f"security incident: the partner's checkpoint is refused ({incident})", held)
+
+    def observe(self, note: str, now: dt.datetime) -> None:
+        """Check a checkpoint attached to a delivery batch against what was witnessed.
+
+        Raises:
+            CheckpointError: not a checkpoint signed by the partner's pinned key.
+            CheckpointConflict: a split view (another root for a witnessed size), ledgered first.
+        """
+        checkpoint = self._verify_partner(note)
+        with self.node.db.read() as conn:
+            same = [w for w in repo.all_witnessed(conn) if w["size"] == checkpoint.size]
+        if same and not constant_time_equal(bytes(same[0]["root_hash"]), checkpoint.root):
+            reason = f"split view: a second root for size {checkpoint.size}"
+            self._incident(checkpoint, note, reason, now)
+            raise CheckpointConflict(f"security incident: {reason}", checkpoint.size)
+
+    def _incident(self, checkpoint: Checkpoint, note: str, reason: str, now: dt.datetime) -> None:
+        log.error("SECURITY INCIDENT: partner checkpoint refused: %s", reason)
+        self.node.committer.run(
+            lambda conn, head: repo.append_ledger(
+                conn,
+                head,
+                [
+                    EntryDraft(
+                        event="checkpoint.incident",
+                        actor=self.node.partner_party,
+                        decision="deny",
+                        data={
+                            "origin": checkpoint.origin,
+                            "size": checkpoint.size,
+                            "reason": reason.split(":")[0],
+                            "note_sha256": sha256_hex(note),
+                        },
+                    )
+                ],
+                iso(now),
+            )
+        )
+
+    def status(self) -> dict[str, Any]:
+        """Latest own checkpoint (and whether the partner cosigned it), latest witnessed one."""
+        with self.node.db.read() as conn:
+            own = repo.latest_checkpoint(conn)
+            cosigned = repo.latest_checkpoint(conn, cosigned=True)
+            seen = repo.latest_witnessed(conn)
+        return {
+            "latest": {"size": own["size"], "note": own["note"]} if own else None,
+            "latest_cosigned": (
+                {
+                    "size": cosigned["size"],
+                    "cosignature": cosigned["cosignature"],
+                    "cosigned_at": cosigned["cosigned_at"],
+                }
+                if cosigned
+                else None
+            ),
+            "partner_witnessed": {"size": seen["size"], "note": seen["note"]} if seen else None,
+        }
+
+
+__all__ = ["CheckpointError", "CheckpointService", "WitnessRequest"]

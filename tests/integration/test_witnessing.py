@@ -1,0 +1,147 @@
+"""Checkpoints witnessed by the partner: cosigned when consistent; forks, rollbacks, split views and
+forgeries refused and ledgered as incidents; the audit checks it all afterwards."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from collections.abc import Iterator
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from exchange import crypto
+from exchange.checkpoints import CheckpointService
+from exchange.cli import audit_keys
+from exchange.config import load_settings
+from exchange.db import repo
+from exchange.errors import CheckpointConflict, LedgerIntegrityError
+from exchange.ledger import EntryDraft
+from exchange.ledger.audit import verify_audit
+from exchange.ledger.checkpoint import CheckpointError, sign_checkpoint
+from exchange.node import Node
+from exchange.transport.checkpointer import Checkpointer
+from tests.integration.test_node_flow import Loopback
+from tests.support import make_pair
+
+NOW = dt.datetime.now(dt.UTC)
+
+
+@pytest.fixture
+def nodes(tmp_path: Path, db_urls: tuple[str | None, str | None]) -> Iterator[tuple[Node, Node]]:
+    id_dir, my_dir = make_pair(tmp_path, db_urls)
+    pair = Node(load_settings(id_dir.path)), Node(load_settings(my_dir.path))
+    yield pair
+    for node in pair:
+        node.close()
+
+
+def grow(node: Node, n: int) -> None:
+    node.committer.run(lambda conn, head: repo.append_ledger(conn, head, [EntryDraft(event="x")] * n, "t"))
+
+
+def audit(node: Node) -> str:
+    with node.db.read() as conn, closing(repo.ledger_rows(conn)) as rows:
+        head = repo.read_ledger_head(conn)
+        return verify_audit(
+            rows,
+            size=head.size,
+            root=head.root,
+            checkpoints=repo.all_checkpoints(conn),
+            witnessed=repo.all_witnessed(conn),
+            keys=audit_keys(node.agreement, node.party),
+        ).summary()
+
+
+def incidents(node: Node) -> list[str]:
+    with node.db.read() as conn:
+        return [e.data["reason"] for e in repo.iter_ledger(conn) if e.event == "checkpoint.incident"]
+
+
+def test_checkpoints_are_cosigned_round_after_round_and_audit_clean(nodes: tuple[Node, Node]) -> None:
+    id_node, my_node = nodes
+    checkpointer = Checkpointer(CheckpointService(id_node), Loopback(my_node), 1)
+    for n in (3, 1, 9):
+        grow(id_node, n)
+        assert checkpointer.run_once() is not None
+    assert checkpointer.run_once() is None  # nothing new: no checkpoint, no request
+    status = CheckpointService(id_node).status()
+    assert status["latest_cosigned"]["size"] == 13
+    assert "3 signed checkpoints" in audit(id_node)
+    assert "3 partner cosignatures" in audit(id_node)
+    assert "3 partner checkpoints witnessed" in audit(my_node)
+    assert incidents(my_node) == []
+
+
+def test_a_lost_cosignature_is_recovered_from_the_witnessed_size(nodes: tuple[Node, Node]) -> None:
+    id_node, my_node = nodes
+    service = CheckpointService(id_node)
+    grow(id_node, 4)
+    service.sign_latest(NOW)
+    request = service.to_witness()
+    assert request is not None
+    CheckpointService(my_node).witness(request.note, request.from_size, request.proof, NOW)  # answer lost
+    grow(id_node, 3)
+    assert Checkpointer(service, Loopback(my_node), 1).run_once() == 7  # 409 -> proof from 4 -> cosigned
+    assert "2 partner checkpoints witnessed" in audit(my_node)
+
+
+def _fork(node: Node, size: int) -> str:
+    """A checkpoint signed with the node's real checkpoint key over a tree that is not its ledger."""
+    origin = node.agreement.parties[node.party].ledger_origin
+    return sign_checkpoint(origin, size, hashlib.sha256(b"rewritten history").digest(), node.keys.checkpoint)
+
+
+def test_a_forked_checkpoint_is_refused_and_ledgered(nodes: tuple[Node, Node]) -> None:
+    id_node, my_node = nodes
+    grow(id_node, 5)
+    assert Checkpointer(CheckpointService(id_node), Loopback(my_node), 1).run_once() == 5
+    witness = CheckpointService(my_node)
+    with pytest.raises(CheckpointConflict, match="fork"):
+        witness.witness(_fork(id_node, 5), 5, [], NOW)  # same size, another root
+    with pytest.raises(CheckpointConflict, match="inconsistent"):
+        witness.witness(_fork(id_node, 9), 5, [hashlib.sha256(b"x").digest()], NOW)  # proof cannot hold
+    with pytest.raises(CheckpointConflict, match="rollback"):
+        witness.witness(_fork(id_node, 3), 5, [], NOW)  # smaller than witnessed
+    assert incidents(my_node) == ["fork", "inconsistent with the checkpoint witnessed at size 5", "rollback"]
+    assert "1 partner checkpoints witnessed" in audit(my_node)  # nothing refused was stored
+
+
+def test_a_split_view_on_a_delivery_batch_is_caught_at_once(nodes: tuple[Node, Node]) -> None:
+    id_node, my_node = nodes
+    grow(id_node, 6)
+    Checkpointer(CheckpointService(id_node), Loopback(my_node), 1).run_once()
+    witness = CheckpointService(my_node)
+    witness.observe(CheckpointService(id_node).latest_note() or "", NOW)  # the honest one: fine
+    with pytest.raises(CheckpointConflict, match="split view"):
+        witness.observe(_fork(id_node, 6), NOW)
+    assert incidents(my_node) == ["split view"]
+
+
+def test_checkpoints_not_signed_by_the_partner_key_are_refused(nodes: tuple[Node, Node]) -> None:
+    id_node, my_node = nodes
+    origin = id_node.agreement.parties["ID"].ledger_origin
+    stranger = crypto.private_jwk(crypto.new_message_key("ckpt"), "x")
+    forged = sign_checkpoint(origin, 1, hashlib.sha256(b"r").digest(), stranger)
+    with pytest.raises(CheckpointError):
+        CheckpointService(my_node).witness(forged, 0, [], NOW)
+    with pytest.raises(CheckpointError):  # MY's own key cannot speak for ID's log either
+        CheckpointService(my_node).witness(
+            sign_checkpoint(origin, 1, b"\0" * 32, my_node.keys.checkpoint), 0, [], NOW
+        )
+
+
+def test_the_audit_names_a_forged_or_rewritten_checkpoint(nodes: tuple[Node, Node]) -> None:
+    id_node, my_node = nodes
+    grow(id_node, 4)
+    Checkpointer(CheckpointService(id_node), Loopback(my_node), 1).run_once()
+    with id_node.db.transaction() as conn:
+        conn.execute(sa.text("update checkpoints set note = :n"), {"n": _fork(id_node, 4)})
+    with pytest.raises(LedgerIntegrityError, match="checkpoint at size 4"):
+        audit(id_node)
+    with my_node.db.transaction() as conn:
+        conn.execute(sa.text("update witnessed set cosignature = replace(cosignature, 'A', 'B')"))
+    with pytest.raises(LedgerIntegrityError, match="witnessed partner checkpoint at size 4"):
+        audit(my_node)

@@ -1,0 +1,81 @@
+"""C2SP checkpoints and cosignatures (pure): format, signatures, and forgeries refused."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+
+import pytest
+
+from exchange import crypto
+from exchange.ledger.checkpoint import (
+    CheckpointError,
+    cosign,
+    key_id,
+    sign_checkpoint,
+    verify_checkpoint,
+    verify_cosignature,
+)
+
+KEY = crypto.private_jwk(crypto.new_message_key("ckpt"), "ckpt")
+OTHER = crypto.private_jwk(crypto.new_message_key("ckpt"), "other")
+ROOT = hashlib.sha256(b"root").digest()
+ORIGIN = "ID-node/ledger"
+
+
+def test_a_checkpoint_note_has_the_c2sp_shape_and_verifies() -> None:
+    note = sign_checkpoint(ORIGIN, 42, ROOT, KEY)
+    body, sig_line = note.split("\n\n")
+    assert body.split("\n") == [ORIGIN, "42", base64.b64encode(ROOT).decode()]
+    assert sig_line.startswith(f"\u2014 {ORIGIN} ")
+    assert sig_line.endswith("\n")
+    raw = base64.b64decode(sig_line.strip().split(" ")[2])
+    assert raw[:4] == key_id(ORIGIN, crypto.ed25519_raw_public(KEY), 0x01)
+    assert len(raw) == 68
+    checkpoint = verify_checkpoint(note, origin=ORIGIN, key=crypto.public_only(KEY))
+    assert (checkpoint.size, checkpoint.root) == (42, ROOT)
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda n: n.replace("\n42\n", "\n43\n"),  # another size under the same signature
+        lambda n: n.replace(ORIGIN, "MY-node/ledger", 1),  # another origin
+        lambda n: n.split("\n\n")[0] + "\n\n",  # signature removed
+        lambda n: n[:-5] + ("A" if n[-5] != "A" else "B") + n[-4:],  # signature bytes changed
+        lambda n: n.replace("\n\n", "\n"),  # not a note
+    ],
+)
+def test_a_tampered_checkpoint_is_refused(tamper: object) -> None:
+    note = sign_checkpoint(ORIGIN, 42, ROOT, KEY)
+    with pytest.raises(CheckpointError):
+        verify_checkpoint(tamper(note), origin=ORIGIN, key=crypto.public_only(KEY))  # type: ignore[operator]
+
+
+def test_a_checkpoint_signed_by_another_key_is_refused() -> None:
+    forged = sign_checkpoint(ORIGIN, 42, ROOT, OTHER)
+    with pytest.raises(CheckpointError, match="no valid signature"):
+        verify_checkpoint(forged, origin=ORIGIN, key=crypto.public_only(KEY))
+
+
+def test_a_cosignature_verifies_and_binds_witness_time_and_checkpoint() -> None:
+    checkpoint = verify_checkpoint(sign_checkpoint(ORIGIN, 42, ROOT, KEY), origin=ORIGIN, key=KEY)
+    line = cosign(checkpoint, witness="MY-node/witness", key=OTHER, timestamp=1_790_000_000)
+    raw = base64.b64decode(line.split(" ")[2])
+    assert raw[:4] == key_id("MY-node/witness", crypto.ed25519_raw_public(OTHER), 0x04)
+    assert int.from_bytes(raw[4:12], "big") == 1_790_000_000
+    public = crypto.public_only(OTHER)
+    assert verify_cosignature(checkpoint, line, witness="MY-node/witness", key=public) == 1_790_000_000
+    later = bytearray(raw)
+    later[11] ^= 1  # another timestamp under the same signature
+    forged_time = f"\u2014 MY-node/witness {base64.b64encode(bytes(later)).decode()}"
+    other_checkpoint = verify_checkpoint(sign_checkpoint(ORIGIN, 43, ROOT, KEY), origin=ORIGIN, key=KEY)
+    for bad_checkpoint, bad_line, witness in (
+        (checkpoint, forged_time, "MY-node/witness"),
+        (other_checkpoint, line, "MY-node/witness"),
+        (checkpoint, line, "ID-node/witness"),
+    ):
+        with pytest.raises(CheckpointError):
+            verify_cosignature(bad_checkpoint, bad_line, witness=witness, key=public)
+    with pytest.raises(CheckpointError):
+        verify_cosignature(checkpoint, line, witness="MY-node/witness", key=crypto.public_only(KEY))
