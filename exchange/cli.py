@@ -10,7 +10,6 @@ import datetime as dt
 import json
 import sys
 import tomllib
-from contextlib import closing
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,15 +20,16 @@ from joserfc.jwk import OKPKey
 from pydantic import ValidationError
 
 from exchange import crypto, envelope
-from exchange.agreement import Agreement, load_agreement, parse_agreement
+from exchange.agreement import load_agreement, parse_agreement
+from exchange.auditing import AuditService, audit_keys
 from exchange.config import NODE_FILE, check_passphrase, load_settings
 from exchange.db import repo
 from exchange.db.engine import Database, upgrade
 from exchange.errors import ConfigurationError, ExchangeError, InvalidInput, LedgerIntegrityError
 from exchange.keys.store import create_node_keys, public_party_keys
-from exchange.ledger.audit import AuditKeys, verify_audit
+from exchange.ledger.bundle import verify_bundle
 from exchange.pki import AGENCIES, TLSFiles, create_dev_pki, issue_client, node_name
-from exchange.types import PARTIES, PartyId
+from exchange.types import PARTIES
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_enable=False)
 agreement_app = typer.Typer(no_args_is_help=True, help="Compose and check the agreement file.")
@@ -295,36 +295,95 @@ def envelope_open(
     )
 
 
-def audit_keys(agreement: Agreement, party: PartyId) -> AuditKeys:
-    """The public keys an audit of ``party``'s ledger checks against, from the agreement."""
-    own, partner = agreement.parties[party], agreement.parties[agreement.partner_of(party)]
-    return AuditKeys(
-        origin=own.ledger_origin,
-        checkpoint_key=OKPKey.import_key(own.checkpoint_key.model_dump()),
-        witness_name=own.witness_name,
-        partner_origin=partner.ledger_origin,
-        partner_key=OKPKey.import_key(partner.checkpoint_key.model_dump()),
-        partner_witness_name=partner.witness_name,
-    )
+def _audit_service(directory: Path) -> AuditService:
+    settings = load_settings(directory)
+    return AuditService(_node_database(directory), load_agreement(settings.agreement_file), settings.party)
 
 
 @audit_app.command("verify")
-def audit_verify(directory: DirOpt) -> None:
-    """Recompute the Merkle tree from every stored leaf and check every checkpoint, cosignature and
-    witnessed partner checkpoint; exit 1 naming the first bad entry or checkpoint."""
-    settings = load_settings(directory)
-    keys = audit_keys(load_agreement(settings.agreement_file), settings.party)
-    with _node_database(directory) as db, db.read() as conn, closing(repo.ledger_rows(conn)) as rows:
-        head = repo.read_ledger_head(conn)
-        report = verify_audit(
-            rows,
-            size=head.size,
-            root=head.root,
-            checkpoints=repo.all_checkpoints(conn),
-            witnessed=repo.all_witnessed(conn),
-            keys=keys,
+def audit_verify(
+    directory: Annotated[
+        Path | None, typer.Option("--dir", help="the node directory", file_okay=False)
+    ] = None,
+    bundle: Annotated[Path | None, typer.Option(help="an export bundle, verified offline")] = None,
+    agreement_file: Annotated[
+        Path | None, typer.Option("--agreement", help="the agreement (with --bundle)")
+    ] = None,
+) -> None:
+    """Verify a node's whole ledger (the Merkle tree from every stored leaf, every checkpoint,
+    cosignature and witnessed checkpoint), or an export bundle offline against the agreement's keys.
+    Exits 1 naming the first bad entry or checkpoint."""
+    if bundle is not None:
+        if agreement_file is None:
+            raise InvalidInput(
+                "--bundle needs --agreement: the keys are checked against the agreement, not the bundle"
+            )
+        agreement = load_agreement(agreement_file)
+        try:
+            data = json.loads(bundle.read_text())
+            party = data["party"]
+            keys = audit_keys(agreement, party)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InvalidInput(f"{bundle} is not an audit bundle: {exc}") from exc
+        if data.get("agreement", {}).get("digest") != agreement.digest:
+            raise InvalidInput(f"{bundle} was exported under another agreement than {agreement_file}")
+        checked = verify_bundle(
+            data,
+            origin=keys.origin,
+            checkpoint_key=keys.checkpoint_key,
+            partner_witness=keys.partner_witness_name,
+            partner_key=keys.partner_key,
         )
+        typer.echo(checked.summary())
+        return
+    if directory is None:
+        raise InvalidInput("give --dir (a node) or --bundle with --agreement")
+    service = _audit_service(directory)
+    with service.db:
+        report = service.verify()
     typer.echo(f"ledger verified: {report.summary()}")
+
+
+@audit_app.command("prove")
+def audit_prove(
+    directory: DirOpt,
+    inclusion: Annotated[
+        int | None, typer.Option(help="prove this entry (sequence number) is in the tree")
+    ] = None,
+    consistency: Annotated[int | None, typer.Option(help="prove the tree of this size is a prefix")] = None,
+    size: Annotated[int | None, typer.Option(help="the tree size (default: the whole ledger)")] = None,
+) -> None:
+    """Print an inclusion or a consistency proof as JSON."""
+    if (inclusion is None) == (consistency is None):
+        raise InvalidInput("give exactly one of --inclusion SEQ or --consistency SIZE")
+    service = _audit_service(directory)
+    with service.db:
+        proof = (
+            service.inclusion(inclusion, size)
+            if inclusion is not None
+            else service.consistency(consistency or 0, size)
+        )
+    typer.echo(json.dumps(proof, indent=2))
+
+
+@audit_app.command("export")
+def audit_export(
+    directory: DirOpt,
+    out: Annotated[Path, typer.Option(help="where to write the bundle (JSON)")],
+    start: Annotated[int, typer.Option("--from", help="first entry")] = 0,
+    end: Annotated[
+        int | None, typer.Option("--to", help="one past the last entry (default: the checkpoint's size)")
+    ] = None,
+) -> None:
+    """Write an audit bundle: entries, the signed and cosigned checkpoint, and the range proof."""
+    service = _audit_service(directory)
+    with service.db:
+        data = service.export(start, end)
+    out.write_text(json.dumps(data, indent=1))
+    typer.echo(
+        f"wrote entries {data['range']['start']}..{data['range']['end'] - 1} proven against the checkpoint"
+        f" of size {data['checkpoint']['size']} to {out}"
+    )
 
 
 @app.command()

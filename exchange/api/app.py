@@ -15,7 +15,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import exchange
 from exchange.api import problems
-from exchange.api.routes import client_router, health_router, peer_router
+from exchange.api.routes import audit_router, client_router, console_router, health_router, peer_router
+from exchange.auditing import AuditService
 from exchange.checkpoints import CheckpointService
 from exchange.errors import ExchangeError
 from exchange.node import Node
@@ -109,12 +110,15 @@ def create_app(node: Node, transport: PeerTransport | None = None, *, run_worker
     )
     app.state.node = node
     app.state.checkpoints = checkpoints
+    app.state.audit = AuditService(node.db, node.agreement, node.party)
     wake: Callable[[], None] = worker.wake if worker is not None else (lambda: None)
     app.state.worker_wake = wake
     app.state.worker = worker
     app.include_router(client_router)
     app.include_router(peer_router)
     app.include_router(health_router)
+    app.include_router(audit_router)
+    app.include_router(console_router)
     handlers: list[tuple[Any, Any]] = [
         (ExchangeError, problems.exchange_error_handler),
         (RequestValidationError, problems.validation_error_handler),

@@ -30,8 +30,28 @@ def node_of(request: Request) -> Node:
     return node
 
 
+AUDITOR_ROLE = "AUDITOR"
+
+
 def local_client(request: Request) -> Actor:
-    """FastAPI dependency: the registered local system calling. Raises Unauthorised (403)."""
+    """FastAPI dependency: the registered local system calling (not an auditor: auditors never see
+    message content). Raises Unauthorised (403)."""
+    actor = registered_client(request)
+    if AUDITOR_ROLE in actor.roles:
+        raise Unauthorised("auditors have no access to messages; use /v1/audit")
+    return actor
+
+
+def auditor(request: Request) -> Actor:
+    """FastAPI dependency: a registered client with the AUDITOR role. Raises Unauthorised (403)."""
+    actor = registered_client(request)
+    if AUDITOR_ROLE not in actor.roles:
+        raise Unauthorised("this endpoint is for clients registered with the AUDITOR role")
+    return actor
+
+
+def registered_client(request: Request) -> Actor:
+    """The registered client calling, whatever its roles. Raises Unauthorised (403)."""
     node = node_of(request)
     pem = client_certificate(request)
     if not crypto.is_issued_by(pem, node.agreement.parties[node.party].ca_certificate.encode()):

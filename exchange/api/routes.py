@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import datetime as dt
+from importlib.resources import files
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
 
-from exchange.api.auth import local_client, node_of, partner_node
+from exchange.api.auth import auditor, local_client, node_of, partner_node
+from exchange.auditing import AuditService, EntryFilter
 from exchange.checkpoints import CheckpointService
 from exchange.db import repo
-from exchange.errors import CheckpointConflict, FieldError, InvalidInput
+from exchange.errors import CheckpointConflict, FieldError, InvalidInput, LedgerIntegrityError
 from exchange.ledger.checkpoint import CheckpointError
 from exchange.messages import MessageSubmission
 from exchange.policy import Actor
@@ -25,6 +28,9 @@ COMMON_PROBLEMS: dict[int | str, dict[str, Any]] = {
 client_router = APIRouter(prefix="/v1", tags=["local systems"], responses=COMMON_PROBLEMS)
 peer_router = APIRouter(prefix="/v1/peer", tags=["partner node"], dependencies=[Depends(partner_node)])
 health_router = APIRouter(tags=["operations"])
+audit_router = APIRouter(
+    prefix="/v1/audit", tags=["auditors"], dependencies=[Depends(auditor)], responses=COMMON_PROBLEMS
+)
 
 LocalClient = Annotated[Actor, Depends(local_client)]
 
@@ -145,3 +151,88 @@ def health(request: Request) -> dict[str, Any]:
         "cosigned_size": status["latest_cosigned"]["size"] if status["latest_cosigned"] else 0,
         "partner_witnessed_size": status["partner_witnessed"]["size"] if status["partner_witnessed"] else 0,
     }
+
+
+def audit_of(request: Request) -> AuditService:
+    service: AuditService = request.app.state.audit
+    return service
+
+
+@audit_router.get("/entries", summary="Ledger entries (no content)")
+def audit_entries(
+    request: Request,
+    case: str | None = None,
+    message: str | None = None,
+    event: str | None = None,
+    rule: str | None = None,
+    since: Annotated[str | None, Query(description="RFC 3339 time, inclusive")] = None,
+    until: Annotated[str | None, Query(description="RFC 3339 time, exclusive")] = None,
+    after: Annotated[int, Query(ge=-1, description="cursor: next_cursor of the previous page")] = -1,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> dict[str, Any]:
+    """Entries matching every filter given: ids, case references, decisions, rule ids, hashes."""
+    where = EntryFilter(case_ref=case, message_id=message, event=event, rule=rule, since=since, until=until)
+    return audit_of(request).entries(where, after, limit)
+
+
+@audit_router.get("/checkpoints", summary="Signed checkpoints, cosignatures, witnessed checkpoints")
+def audit_checkpoints(request: Request) -> dict[str, Any]:
+    return audit_of(request).checkpoints()
+
+
+@audit_router.get("/proofs/inclusion", summary="Inclusion proof of an entry")
+def audit_inclusion(
+    request: Request, seq: Annotated[int, Query(ge=0)], size: Annotated[int | None, Query(ge=1)] = None
+) -> dict[str, Any]:
+    return audit_of(request).inclusion(seq, size)
+
+
+@audit_router.get("/proofs/consistency", summary="Consistency proof between two tree sizes")
+def audit_consistency(
+    request: Request, old: Annotated[int, Query(ge=1)], new: Annotated[int | None, Query(ge=1)] = None
+) -> dict[str, Any]:
+    return audit_of(request).consistency(old, new)
+
+
+@audit_router.post("/verify", summary="Verify the whole ledger now")
+def audit_verify(request: Request) -> dict[str, Any]:
+    """Recompute the tree and check every checkpoint and cosignature; names the first failure."""
+    try:
+        report = audit_of(request).verify()
+    except LedgerIntegrityError as exc:
+        return {"ok": False, "error": str(exc), "first_bad_entry": exc.seq}
+    return {
+        "ok": True,
+        "summary": report.summary(),
+        "entries": report.entries,
+        "checkpoints": report.checkpoints,
+        "cosignatures": report.cosignatures,
+        "witnessed": report.witnessed,
+    }
+
+
+@audit_router.get("/export", summary="Download an audit bundle")
+def audit_export(
+    request: Request,
+    start: Annotated[int, Query(alias="from", ge=0)] = 0,
+    end: Annotated[int | None, Query(alias="to")] = None,
+) -> JSONResponse:
+    """Entries, the signed and cosigned checkpoint, and the range proof, for offline verification
+    with ``exchange audit verify --bundle FILE --agreement AGREEMENT``."""
+    bundle = audit_of(request).export(start, end)
+    name = f"audit-{bundle['party']}-{bundle['range']['start']}-{bundle['range']['end']}.json"
+    return JSONResponse(bundle, headers={"content-disposition": f'attachment; filename="{name}"'})
+
+
+console_router = APIRouter(tags=["auditors"], dependencies=[Depends(auditor)])
+CONSOLE_HTML = files("exchange.api").joinpath("static/audit.html")
+CONSOLE_CSP = "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'"
+
+
+@console_router.get("/audit", summary="The auditor console (HTML)", response_class=HTMLResponse)
+def audit_console() -> HTMLResponse:
+    """A browser console over the audit API, for clients registered with the AUDITOR role."""
+    return HTMLResponse(
+        CONSOLE_HTML.read_text(),
+        headers={"content-security-policy": CONSOLE_CSP},
+    )

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import ssl
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -15,81 +12,17 @@ import sqlalchemy as sa
 
 from exchange import crypto
 from exchange.client import ExchangeClient
-from exchange.demo import NodeProcess
 from exchange.errors import ExchangeError
+from tests.e2e.harness import Running
 from tests.support import (
     PASSPHRASE,
     ClientFiles,
-    NodeDir,
-    make_pair,
     register_client,
     response_to,
     rfi,
-    set_node_options,
 )
 
 pytestmark = pytest.mark.e2e
-
-
-@dataclass
-class Running:
-    node: NodeDir
-    process: NodeProcess
-    client_files: ClientFiles
-
-    def client(self, files: ClientFiles | None = None) -> ExchangeClient:
-        f = files or self.client_files
-        return ExchangeClient(
-            self.node.url, ca_file=self.node.ca, cert_file=f.cert, key_file=f.key, key_password=PASSPHRASE
-        )
-
-    def db(self) -> sa.Engine:
-        return sa.create_engine(f"sqlite:///{self.node.path / 'node.db'}")
-
-    def count_messages(self, message_id: str) -> int:
-        engine = self.db()
-        with engine.connect() as conn:
-            n = conn.execute(
-                sa.text("select count(*) from messages where id = :i"), {"i": message_id}
-            ).scalar_one()
-        engine.dispose()
-        return int(n)
-
-
-@pytest.fixture(scope="module")
-def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Running, Running]]:
-    root = tmp_path_factory.mktemp("e2e")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("EXCHANGE_KEY_PASSPHRASE", PASSPHRASE)
-    id_dir, my_dir = make_pair(root)
-    for nd in (id_dir, my_dir):
-        set_node_options(
-            nd.path,
-            delivery_backoff_base_seconds=0.1,
-            delivery_backoff_max_seconds=0.5,
-            delivery_lease_seconds=3.0,
-            checkpoint_interval_seconds=0.5,
-            delivery_poll_seconds=0.05,
-        )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EXCHANGE_")}
-    env["EXCHANGE_KEY_PASSPHRASE"] = PASSPHRASE
-    running = []
-    for nd, name in ((id_dir, "polri-cms"), (my_dir, "pdrm-d7")):
-        files = nd.client(name)
-        holder: dict[str, Running] = {}
-        process = NodeProcess(nd.path, env, lambda h=holder: h["r"].client())  # type: ignore[misc]
-        run = Running(nd, process, files)
-        holder["r"] = run
-        process.start()
-        running.append(run)
-    try:
-        for run in running:
-            run.process.wait_ready()
-        yield running[0], running[1]
-    finally:
-        for run in running:
-            run.process.stop()
-        mp.undo()
 
 
 def wait_status(

@@ -13,8 +13,8 @@ import pytest
 import sqlalchemy as sa
 
 from exchange import crypto
+from exchange.auditing import audit_keys
 from exchange.checkpoints import CheckpointService
-from exchange.cli import audit_keys
 from exchange.config import load_settings
 from exchange.db import repo
 from exchange.errors import CheckpointConflict, LedgerIntegrityError

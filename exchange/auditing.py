@@ -1,0 +1,230 @@
+"""What an auditor can see and check: entries (never content), checkpoints, proofs, verification,
+export bundles. Used by the audit API and the CLI; needs the database and the agreement, no keys."""
+
+from __future__ import annotations
+
+from contextlib import closing
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from joserfc.jwk import OKPKey
+
+from exchange.agreement import Agreement
+from exchange.db import repo
+from exchange.db.engine import Database
+from exchange.db.schema import ledger_entries
+from exchange.errors import InvalidInput, LedgerIntegrityError, NotFound
+from exchange.ledger import decode_leaf
+from exchange.ledger.audit import AuditKeys, AuditReport, verify_audit
+from exchange.ledger.bundle import build_bundle
+from exchange.ledger.merkle import ProofError, consistency_proof, inclusion_proof, leaf_hash, root_hash
+from exchange.types import PartyId
+
+MAX_EXPORT = 100_000
+
+
+def audit_keys(agreement: Agreement, party: PartyId) -> AuditKeys:
+    """The public keys an audit of ``party``'s ledger checks against, from the agreement."""
+    own, partner = agreement.parties[party], agreement.parties[agreement.partner_of(party)]
+    return AuditKeys(
+        origin=own.ledger_origin,
+        checkpoint_key=OKPKey.import_key(own.checkpoint_key.model_dump()),
+        witness_name=own.witness_name,
+        partner_origin=partner.ledger_origin,
+        partner_key=OKPKey.import_key(partner.checkpoint_key.model_dump()),
+        partner_witness_name=partner.witness_name,
+    )
+
+
+@dataclass(frozen=True)
+class EntryFilter:
+    case_ref: str | None = None
+    message_id: str | None = None
+    event: str | None = None
+    rule: str | None = None
+    since: str | None = None
+    until: str | None = None
+
+
+def _entry_view(leaf: str) -> dict[str, Any]:
+    entry = decode_leaf(leaf.encode())
+    return {
+        "seq": entry.seq,
+        "at": entry.at,
+        "event": entry.event,
+        "message_id": entry.message_id,
+        "case_ref": entry.case_ref,
+        "actor": entry.actor,
+        "decision": entry.decision,
+        "rules": list(entry.rules),
+        "data": dict(entry.data),
+        "leaf_hash": leaf_hash(entry.leaf).hex(),
+    }
+
+
+class AuditService:
+    """Audit use cases over one node's database and agreement."""
+
+    def __init__(self, db: Database, agreement: Agreement, party: PartyId) -> None:
+        self.db = db
+        self.agreement = agreement
+        self.party = party
+        self.keys = audit_keys(agreement, party)
+
+    def entries(self, where: EntryFilter, after: int = -1, limit: int = 100) -> dict[str, Any]:
+        """Entries matching every given filter, in order, from the cursor on."""
+        c = ledger_entries.c
+        query = sa.select(c.seq, c.leaf).where(c.seq > after).order_by(c.seq).limit(limit)
+        for column, value in (
+            (c.case_ref, where.case_ref),
+            (c.message_id, where.message_id),
+            (c.event, where.event),
+        ):
+            if value:
+                query = query.where(column == value)
+        if where.rule:
+            query = query.where(c.rules.contains(f" {where.rule} "))
+        if where.since:
+            query = query.where(c.at >= where.since)
+        if where.until:
+            query = query.where(c.at < where.until)
+        with self.db.read() as conn:
+            rows = conn.execute(query).all()
+        items = [_entry_view(r.leaf) for r in rows]
+        return {"items": items, "next_cursor": items[-1]["seq"] if items else after}
+
+    def checkpoints(self) -> dict[str, Any]:
+        """Every signed checkpoint with its cosignature, and every partner checkpoint witnessed."""
+        with self.db.read() as conn:
+            own = repo.all_checkpoints(conn)
+            seen = repo.all_witnessed(conn)
+        return {
+            "origin": self.keys.origin,
+            "cosigner": self.keys.partner_witness_name,
+            "checkpoints": [
+                {
+                    "size": r["size"],
+                    "root": bytes(r["root_hash"]).hex(),
+                    "note": r["note"],
+                    "signed_at": r["created_at"],
+                    "cosignature": r["cosignature"],
+                    "cosigned_at": r["cosigned_at"],
+                }
+                for r in own
+            ],
+            "witnessed": [
+                {
+                    "size": r["size"],
+                    "root": bytes(r["root_hash"]).hex(),
+                    "note": r["note"],
+                    "previous_size": r["previous_size"],
+                    "witnessed_at": r["witnessed_at"],
+                }
+                for r in seen
+            ],
+        }
+
+    def _size(self, conn: sa.Connection, size: int | None) -> int:
+        head = repo.read_ledger_head(conn)
+        size = head.size if size is None else size
+        if not 0 < size <= head.size:
+            raise InvalidInput(f"the ledger has {head.size} entries; a tree size must be 1..{head.size}")
+        return size
+
+    def inclusion(self, seq: int, size: int | None = None) -> dict[str, Any]:
+        """An inclusion proof of entry ``seq`` in the tree of ``size`` (default: the whole ledger)."""
+        with self.db.read() as conn:
+            size = self._size(conn, size)
+            if not 0 <= seq < size:
+                raise InvalidInput(f"entry {seq} is not in a tree of size {size}")
+            source = repo.SqlSubtrees(conn)
+            proof = inclusion_proof(source, seq, size)
+            leaf = conn.execute(
+                sa.select(ledger_entries.c.leaf).where(ledger_entries.c.seq == seq)
+            ).scalar_one()
+            root = root_hash(source, size)
+        return {
+            "seq": seq,
+            "size": size,
+            "leaf": leaf,
+            "leaf_hash": leaf_hash(leaf.encode()).hex(),
+            "root": root.hex(),
+            "proof": [p.hex() for p in proof],
+        }
+
+    def consistency(self, old: int, new: int | None = None) -> dict[str, Any]:
+        """A consistency proof from tree size ``old`` to ``new`` (default: the whole ledger)."""
+        with self.db.read() as conn:
+            new = self._size(conn, new)
+            source = repo.SqlSubtrees(conn)
+            try:
+                proof = consistency_proof(source, old, new)
+            except ProofError as exc:
+                raise InvalidInput(str(exc)) from exc
+            return {
+                "old_size": old,
+                "new_size": new,
+                "old_root": root_hash(source, old).hex(),
+                "new_root": root_hash(source, new).hex(),
+                "proof": [p.hex() for p in proof],
+            }
+
+    def verify(self) -> AuditReport:
+        """Verify the whole ledger, checkpoints, cosignatures and witnessed checkpoints.
+
+        Raises:
+            LedgerIntegrityError: naming the first bad entry or checkpoint.
+        """
+        with self.db.read() as conn, closing(repo.ledger_rows(conn)) as rows:
+            head = repo.read_ledger_head(conn)
+            return verify_audit(
+                rows,
+                size=head.size,
+                root=head.root,
+                checkpoints=repo.all_checkpoints(conn),
+                witnessed=repo.all_witnessed(conn),
+                keys=self.keys,
+            )
+
+    def export(self, start: int, end: int | None = None) -> dict[str, Any]:
+        """A bundle of entries ``[start, end)`` proven against the latest cosigned checkpoint (or the
+        latest checkpoint, if none is cosigned yet) that covers them.
+
+        Raises:
+            InvalidInput: a bad range. NotFound: no signed checkpoint covers the range yet.
+        """
+        with self.db.read() as conn:
+            checkpoint = repo.latest_checkpoint(conn, cosigned=True) or repo.latest_checkpoint(conn)
+            if checkpoint is None:
+                raise NotFound("no signed checkpoint yet: wait for the next one")
+            size = int(checkpoint["size"])
+            end = size if end is None else end
+            if not 0 <= start < end or end - start > MAX_EXPORT:
+                raise InvalidInput(f"export a range of 1..{MAX_EXPORT} entries, start < end")
+            if end > size:
+                raise NotFound(
+                    f"the latest signed checkpoint covers entries below {size}; wait for the next one"
+                )
+            rows = conn.execute(
+                sa.select(ledger_entries.c.seq, ledger_entries.c.leaf)
+                .where(ledger_entries.c.seq >= start, ledger_entries.c.seq < end)
+                .order_by(ledger_entries.c.seq)
+            ).all()
+            if [r.seq for r in rows] != list(range(start, end)):
+                raise LedgerIntegrityError(f"entries {start}..{end - 1} are not all in the ledger")
+            own = self.agreement.parties[self.party]
+            partner = self.agreement.parties[self.agreement.partner_of(self.party)]
+            return build_bundle(
+                party=self.party,
+                agreement={"version": self.agreement.version, "digest": self.agreement.digest},
+                entries=[(int(r.seq), str(r.leaf)) for r in rows],
+                source=repo.SqlSubtrees(conn),
+                checkpoint=checkpoint,
+                keys={
+                    "origin": own.ledger_origin,
+                    "checkpoint_key": own.checkpoint_key.model_dump(),
+                    "partner_witness": partner.witness_name,
+                    "partner_key": partner.checkpoint_key.model_dump(),
+                },
+            )

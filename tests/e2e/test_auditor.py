@@ -1,0 +1,210 @@
+"""Auditors: the read-only role over the audit API and the console in a real headless browser."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from exchange.client import ExchangeClient
+from exchange.ledger.merkle import verify_consistency, verify_inclusion
+from tests.e2e.harness import Running
+from tests.support import PASSPHRASE, ClientFiles, register_client, response_to, rfi
+
+pytestmark = pytest.mark.e2e
+SECRET = "PAYLOAD-SECRET-RECRUITER-NAME-0193"
+
+
+@pytest.fixture(scope="module")
+def audited(nodes: tuple[Running, Running]) -> tuple[Running, ClientFiles, str]:
+    """A conversation on the nodes, an auditor registered on ID, and a checkpoint cosigned."""
+    polri, pdrm = nodes
+    auditor = register_client(polri.node, "auditor-1", "BIASA", "--role", "AUDITOR")
+    with polri.client() as id_api, pdrm.client() as my_api:
+        sent = id_api.submit(
+            rfi(case_ref="ID-MY/2026/AUDIT", payload={"summary": SECRET, "questions": [SECRET]})
+        )
+        id_api.wait_for_status(sent["id"], "delivered")
+        my_api.inbox()
+        reply = my_api.submit(response_to(sent["id"], case_ref="ID-MY/2026/AUDIT"))
+        my_api.wait_for_status(reply["id"], "delivered")
+        id_api.inbox()
+        deadline = time.monotonic() + 30
+        while (h := id_api.health())["cosigned_size"] != h["ledger_size"]:
+            assert time.monotonic() < deadline, h
+            time.sleep(0.2)
+    return polri, auditor, sent["id"]
+
+
+def auditor_api(run: Running, files: ClientFiles) -> ExchangeClient:
+    return run.client(files)
+
+
+def test_auditors_see_entries_checkpoints_and_proofs_never_content(
+    audited: tuple[Running, ClientFiles, str],
+) -> None:
+    polri, auditor, message_id = audited
+    with auditor_api(polri, auditor) as api:
+        everything = api.request("GET", "/v1/audit/entries", params={"limit": 1000})
+        assert everything.status_code == 200
+        assert SECRET not in everything.text
+        history = api.request("GET", "/v1/audit/entries", params={"message": message_id}).json()["items"]
+        assert [e["event"] for e in history][:3] == ["message.submitted", "message.sent", "receipt.verified"]
+        by_case = api.request("GET", "/v1/audit/entries", params={"case": "ID-MY/2026/AUDIT"}).json()["items"]
+        assert {e["case_ref"] for e in by_case} == {"ID-MY/2026/AUDIT"}
+        by_rule = api.request("GET", "/v1/audit/entries", params={"rule": "R-CLEARANCE-RELEASE"}).json()[
+            "items"
+        ]
+        assert by_rule
+        assert all("R-CLEARANCE-RELEASE" in e["rules"] for e in by_rule)
+        checkpoints = api.request("GET", "/v1/audit/checkpoints").json()
+        assert checkpoints["checkpoints"][-1]["cosignature"]
+        size = checkpoints["checkpoints"][-1]["size"]
+        inc = api.request("GET", "/v1/audit/proofs/inclusion", params={"seq": 0, "size": size}).json()
+        verify_inclusion(
+            bytes.fromhex(inc["leaf_hash"]),
+            0,
+            size,
+            [bytes.fromhex(p) for p in inc["proof"]],
+            bytes.fromhex(checkpoints["checkpoints"][-1]["root"]),
+        )
+        con = api.request("GET", "/v1/audit/proofs/consistency", params={"old": 1, "new": size}).json()
+        verify_consistency(
+            1,
+            size,
+            [bytes.fromhex(p) for p in con["proof"]],
+            bytes.fromhex(con["old_root"]),
+            bytes.fromhex(con["new_root"]),
+        )
+        verdict = api.request("POST", "/v1/audit/verify").json()
+        assert verdict["ok"] is True
+        assert verdict["cosignatures"] >= 1
+        assert api.request("GET", "/v1/audit/proofs/inclusion", params={"seq": 10**6}).status_code == 422
+
+
+def test_roles_are_kept_apart(audited: tuple[Running, ClientFiles, str]) -> None:
+    polri, auditor, _ = audited
+    with auditor_api(polri, auditor) as api:
+        assert api.request("GET", "/v1/inbox").status_code == 403  # auditors never get content
+        assert api.request("POST", "/v1/messages", json=rfi()).status_code == 403
+    with polri.client() as api:  # a local system is not an auditor
+        assert api.request("GET", "/v1/audit/entries").status_code == 403
+        assert api.request("GET", "/audit").status_code == 403
+
+
+def test_an_exported_bundle_verifies_offline_and_a_tampered_one_does_not(
+    audited: tuple[Running, ClientFiles, str], tmp_path: Path
+) -> None:
+    polri, auditor, _ = audited
+    with auditor_api(polri, auditor) as api:
+        response = api.request("GET", "/v1/audit/export", params={"from": 1})
+    assert response.status_code == 200
+    assert "attachment" in response.headers["content-disposition"]
+    bundle = tmp_path / "bundle.json"
+    bundle.write_text(response.text)
+    agreement = polri.node.path / "agreement.toml"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EXCHANGE_")}
+    offline = [
+        sys.executable,
+        "-m",
+        "exchange",
+        "audit",
+        "verify",
+        "--bundle",
+        str(bundle),
+        "--agreement",
+        str(agreement),
+    ]
+    ok = subprocess.run(offline, capture_output=True, text=True, env=env, check=False)
+    assert ok.returncode == 0, ok.stderr
+    assert "cosigned by the partner" in ok.stdout
+    data = json.loads(response.text)
+    original = data["entries"][0]["leaf"]
+    data["entries"][0]["leaf"] = original.replace('"event":"', '"event":"x', 1)
+    assert data["entries"][0]["leaf"] != original
+    bundle.write_text(json.dumps(data))
+    bad = subprocess.run(offline, capture_output=True, text=True, env=env, check=False)
+    assert bad.returncode == 1
+    assert "altered" in bad.stderr
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _browser_or_skip() -> str:
+    if CHROMIUM is None:
+        message = "Debian's chromium is not installed (apt-get install chromium); .ci/run installs it"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return CHROMIUM
+
+
+def test_the_console_in_a_real_browser(audited: tuple[Running, ClientFiles, str], tmp_path: Path) -> None:
+    chromium = _browser_or_skip()
+    from playwright.sync_api import expect, sync_playwright
+
+    polri, auditor, message_id = audited
+    os.environ["NODE_EXTRA_CA_CERTS"] = str(polri.node.ca)  # Playwright's TLS client trusts the node CA
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=chromium,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+                "--disable-quic",
+            ],
+        )
+        context = browser.new_context(
+            client_certificates=[
+                {
+                    "origin": polri.node.url,
+                    "certPath": str(auditor.cert),
+                    "keyPath": str(auditor.key),
+                    "passphrase": PASSPHRASE,
+                }
+            ],
+            accept_downloads=True,
+            ignore_https_errors=False,
+        )
+        page = context.new_page()
+        page.goto(f"{polri.node.url}/audit")
+        expect(page.locator("#node")).to_have_text("ID-node/ledger")
+        expect(page.locator("#entries tbody tr").first).to_be_visible()
+        assert SECRET not in page.content()
+        expect(page.locator("#checkpoints tbody tr").first).to_contain_text("MY-node/witness")
+
+        page.fill("input[name=event]", "message.released")
+        page.click("#search")
+        expect(page.locator("#entries tbody tr")).to_have_count(1)
+        expect(page.locator("#entries tbody tr").first).to_contain_text("message.released")
+
+        page.fill("input[name=event]", "")
+        page.click("#search")
+        page.locator(f"a.msg[title='{message_id}']").first.click()
+        expect(page.locator("#history")).to_contain_text(message_id)
+        expect(page.locator("#entries tbody tr").first).to_contain_text("message.submitted")
+        expect(page.locator("#entries tbody")).to_contain_text("receipt.verified")
+
+        page.click("#verify")
+        expect(page.locator("#verify-result")).to_contain_text("PASSED", timeout=20_000)
+
+        with page.expect_download() as download_info:
+            page.click("#download")
+        path = tmp_path / "console-bundle.json"
+        download_info.value.save_as(path)
+        assert json.loads(path.read_text())["format"] == "exchange-audit-bundle/1"
+        page.screenshot(path=str(tmp_path / "console.png"), full_page=True)
+        context.close()
+        browser.close()
+    os.environ.pop("NODE_EXTRA_CA_CERTS", None)
