@@ -94,6 +94,11 @@ class AuditService:
         items = [_entry_view(r.leaf) for r in rows]
         return {"items": items, "next_cursor": items[-1]["seq"] if items else after}
 
+    def message_history(self, message_id: str) -> list[dict[str, Any]]:
+        """This node's entries about one message (metadata only)."""
+        items: list[dict[str, Any]] = self.entries(EntryFilter(message_id=message_id), limit=1000)["items"]
+        return items
+
     def checkpoints(self) -> dict[str, Any]:
         """Every signed checkpoint with its cosignature, and every partner checkpoint witnessed."""
         with self.db.read() as conn:

@@ -6,8 +6,8 @@
 - :meth:`CheckpointService.witness` is the partner side: verify the signature (pinned key), require a
   proof from exactly the size it last witnessed, verify it, store, cosign. A checkpoint that forks,
   rolls back or fails its proof is refused and ledgered as a security incident.
-- :meth:`CheckpointService.observe` checks a checkpoint riding on a delivery batch: a signed
-  checkpoint of a size already witnessed with another root is a split view, caught at once.
+- Every message carries its sender's latest checkpoint; the receiving node judges it as it admits the
+  message (``exchange.node.Node.receive``): a split view or a rollback is caught within one message.
 
 Routine checkpoints and cosignatures are kept in their own tables, not ledgered: a ledger entry per
 checkpoint would grow the ledger and call for another checkpoint, for ever. Incidents are ledgered.
@@ -71,11 +71,6 @@ class CheckpointService:
             note = sign_checkpoint(self.origin, head.size, head.root, self.node.keys.checkpoint)
             repo.insert_checkpoint(conn, size=head.size, root=head.root, note=note, at=iso(now))
         return head.size
-
-    def latest_note(self) -> str | None:
-        with self.node.db.read() as conn:
-            last = repo.latest_checkpoint(conn)
-        return str(last["note"]) if last else None
 
     def to_witness(self, from_size: int | None = None) -> WitnessRequest | None:
         """The latest checkpoint not yet cosigned, with a proof from ``from_size`` (default: the
@@ -164,21 +159,6 @@ class CheckpointService:
                 return line
         self._incident(checkpoint, note, incident, now)
         raise CheckpointConflict(f"security incident: the partner's checkpoint is refused ({incident})", held)
-
-    def observe(self, note: str, now: dt.datetime) -> None:
-        """Check a checkpoint attached to a delivery batch against what was witnessed.
-
-        Raises:
-            CheckpointError: not a checkpoint signed by the partner's pinned key.
-            CheckpointConflict: a split view (another root for a witnessed size), ledgered first.
-        """
-        checkpoint = self._verify_partner(note)
-        with self.node.db.read() as conn:
-            same = [w for w in repo.all_witnessed(conn) if w["size"] == checkpoint.size]
-        if same and not constant_time_equal(bytes(same[0]["root_hash"]), checkpoint.root):
-            reason = f"split view: a second root for size {checkpoint.size}"
-            self._incident(checkpoint, note, reason, now)
-            raise CheckpointConflict(f"security incident: {reason}", checkpoint.size)
 
     def _incident(self, checkpoint: Checkpoint, note: str, reason: str, now: dt.datetime) -> None:
         log.error("SECURITY INCIDENT: partner checkpoint refused: %s", reason)

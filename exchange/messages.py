@@ -103,8 +103,10 @@ def build_message(
     now: dt.datetime,
     message_id: MessageId | None = None,
     thread_id: str | None = None,
+    checkpoint: str | None = None,
 ) -> dict[str, Any]:
-    """The message as it is signed: submission, marking, parties, agreement identity and time."""
+    """The message as it is signed: submission, marking, parties, agreement identity, time, and the
+    sender's latest signed ledger checkpoint (so the receiver catches a rollback or split view)."""
     mid = message_id or MessageId(str(uuid.uuid4()))
     return {
         "format": MESSAGE_FORMAT,
@@ -125,5 +127,6 @@ def build_message(
         "priority": submission.priority,
         "response_due": submission.response_due.isoformat() if submission.response_due else None,
         "origin": {"agency": actor.agency, "unit": actor.unit},
+        "checkpoint": checkpoint,
         "payload": submission.payload,
     }

@@ -17,13 +17,16 @@ from sqlalchemy.engine import Connection
 
 from exchange import envelope
 from exchange.agreement import Agreement, load_agreement
+from exchange.canonical import sha256_hex
 from exchange.config import NodeSettings
+from exchange.crypto import constant_time_equal
 from exchange.db import repo, rows
 from exchange.db.committer import GroupCommitter
 from exchange.db.engine import Database
 from exchange.errors import EnvelopeError, NotFound, PolicyRefusal
 from exchange.keys.store import NodeKeys, PartnerKeys, check_keys_match_agreement, load_node_keys
 from exchange.ledger import EntryDraft
+from exchange.ledger.checkpoint import CheckpointError, verify_checkpoint
 from exchange.messages import MessageSubmission, build_message, validate_payload
 from exchange.policy import (
     Actor,
@@ -132,6 +135,8 @@ class Node:
             )
             raise
         thread_id = replied_to["thread_id"] if replied_to else None
+        with self.db.read() as conn:
+            latest = repo.latest_checkpoint(conn)
         message = build_message(
             submission,
             agreement=self.agreement,
@@ -140,6 +145,7 @@ class Node:
             marking=decision.marking,
             now=now,
             thread_id=thread_id,
+            checkpoint=str(latest["note"]) if latest else None,
         )
         sealed = envelope.seal(message, signing_key=self.keys.signing, recipient_key=self.partner.encryption)
         digest = envelope.envelope_digest(sealed)
@@ -330,7 +336,7 @@ class Node:
             "signer_kid": opened.signer_kid,
             "agreement": message["agreement"]["version"],
         }
-        return PeerResult(True, receipt), [
+        drafts = [
             EntryDraft(
                 event="envelope.received",
                 message_id=mid,
@@ -348,6 +354,48 @@ class Node:
                 data={"receipt_sha256": envelope.envelope_digest(receipt)},
             ),
         ]
+        incident = self._judge_checkpoint(conn, message)
+        if incident is not None:
+            log.error("SECURITY INCIDENT: message %s carries a partner checkpoint that %s", mid, incident)
+            drafts.append(
+                EntryDraft(
+                    event="checkpoint.incident",
+                    message_id=mid,
+                    actor=self.partner_party,
+                    decision="deny",
+                    data={
+                        "reason": incident.split(":")[0],
+                        "note_sha256": sha256_hex(str(message.get("checkpoint"))),
+                    },
+                )
+            )
+        return PeerResult(True, receipt), drafts
+
+    def _judge_checkpoint(self, conn: Any, message: dict[str, Any]) -> str | None:
+        """What is wrong with the sender's checkpoint carried in a verified message, if anything.
+
+        A split view: a checkpoint of a size already witnessed, with another root. A rollback: a
+        checkpoint smaller than one witnessed before the message was sealed (an honest sender's
+        larger checkpoint is signed, and so witnessed, only after it sealed the message).
+        """
+        note = message.get("checkpoint")
+        if note is None:
+            return None
+        try:
+            checkpoint = verify_checkpoint(
+                str(note), origin=self.partner.ledger_origin, key=self.partner.checkpoint
+            )
+        except CheckpointError as exc:
+            return f"invalid: {exc}"
+        same = repo.witnessed_at_size(conn, checkpoint.size)
+        if same is not None and not constant_time_equal(bytes(same["root_hash"]), checkpoint.root):
+            return f"split view: a second root for size {checkpoint.size}"
+        sealed = dt.datetime.fromisoformat(str(message["created_at"]))
+        earlier = repo.first_witnessed_above(conn, checkpoint.size)
+        skew = dt.timedelta(seconds=self.settings.clock_skew_seconds)
+        if earlier is not None and dt.datetime.fromisoformat(earlier) + skew < sealed:
+            return f"rollback: size {checkpoint.size} sealed after a larger one was witnessed at {earlier}"
+        return None
 
     # --- release to local systems ----------------------------------------------------------------
 

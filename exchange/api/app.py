@@ -70,7 +70,7 @@ def create_app(node: Node, transport: PeerTransport | None = None, *, run_worker
     """The node's ASGI app. With ``run_worker``, a delivery thread drains the outbox to
     ``transport`` (required then) for the lifetime of the app."""
     checkpoints = CheckpointService(node)
-    worker = DeliveryWorker(node, transport, checkpoints=checkpoints) if transport is not None else None
+    worker = DeliveryWorker(node, transport) if transport is not None else None
     checkpointer = (
         Checkpointer(checkpoints, transport, node.settings.checkpoint_interval_seconds)
         if transport is not None
@@ -110,6 +110,7 @@ def create_app(node: Node, transport: PeerTransport | None = None, *, run_worker
     )
     app.state.node = node
     app.state.checkpoints = checkpoints
+    app.state.transport = transport
     app.state.audit = AuditService(node.db, node.agreement, node.party)
     wake: Callable[[], None] = worker.wake if worker is not None else (lambda: None)
     app.state.worker_wake = wake

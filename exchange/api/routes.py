@@ -14,8 +14,7 @@ from exchange.api.auth import auditor, local_client, node_of, partner_node
 from exchange.auditing import AuditService, EntryFilter
 from exchange.checkpoints import CheckpointService
 from exchange.db import repo
-from exchange.errors import CheckpointConflict, FieldError, InvalidInput, LedgerIntegrityError
-from exchange.ledger.checkpoint import CheckpointError
+from exchange.errors import FieldError, InvalidInput, LedgerIntegrityError, TransportError
 from exchange.messages import MessageSubmission
 from exchange.policy import Actor
 
@@ -86,33 +85,26 @@ def inbox(
 
 class EnvelopeBatch(BaseModel):
     envelopes: list[str] = Field(min_length=1, max_length=1000)
-    checkpoint: str | None = Field(default=None, description="the sender's latest signed checkpoint")
 
 
 @peer_router.post("/envelopes", summary="Deliver envelopes (partner node only)")
 def receive_envelopes(batch: EnvelopeBatch, request: Request) -> dict[str, Any]:
-    """One result per envelope, in order: ``accepted`` with a signed receipt, or ``rejected``.
-
-    ``checkpoint`` says what the receiver made of the sender's attached checkpoint: ``ok``,
-    ``conflict`` (a split view: a security incident on both sides) or ``invalid``.
-    """
+    """One result per envelope, in order: ``accepted`` with a signed receipt, or ``rejected``."""
     results = node_of(request).receive(batch.envelopes, _now())
-    checkpoint_status = None
-    if batch.checkpoint is not None:
-        try:
-            checkpoints_of(request).observe(batch.checkpoint, _now())
-            checkpoint_status = "ok"
-        except CheckpointConflict:
-            checkpoint_status = "conflict"
-        except CheckpointError:
-            checkpoint_status = "invalid"
     return {
         "results": [
             {"status": "accepted", "receipt": r.receipt} if r.accepted else {"status": "rejected"}
             for r in results
-        ],
-        "checkpoint": checkpoint_status,
+        ]
     }
+
+
+@peer_router.get(
+    "/audit/messages/{message_id}", summary="This node's record of a message (partner node only)"
+)
+def peer_message_history(message_id: str, request: Request) -> dict[str, Any]:
+    """For the partner's auditors: this node's ledger entries about one message, metadata only."""
+    return {"entries": audit_of(request).message_history(message_id)}
 
 
 class WitnessBody(BaseModel):
@@ -173,6 +165,29 @@ def audit_entries(
     """Entries matching every filter given: ids, case references, decisions, rule ids, hashes."""
     where = EntryFilter(case_ref=case, message_id=message, event=event, rule=rule, since=since, until=until)
     return audit_of(request).entries(where, after, limit)
+
+
+@audit_router.get("/messages/{message_id}", summary="A message's history on both nodes")
+def audit_message_history(message_id: str, request: Request) -> dict[str, Any]:
+    """This node's ledger entries about the message and the partner node's (fetched over the peer
+    link; metadata only). ``partner_error`` says why the partner's part is missing, if it is."""
+    node = node_of(request)
+    own = audit_of(request).message_history(message_id)
+    partner: list[dict[str, Any]] = []
+    error = None
+    transport = request.app.state.transport
+    if transport is None:
+        error = "no peer link in this process"
+    else:
+        try:
+            partner = transport.message_history(message_id)
+        except TransportError as exc:
+            error = str(exc)
+    return {
+        "message_id": message_id,
+        "nodes": {node.party: own, node.partner_party: partner},
+        "partner_error": error,
+    }
 
 
 @audit_router.get("/checkpoints", summary="Signed checkpoints, cosignatures, witnessed checkpoints")

@@ -324,3 +324,16 @@ def insert_witnessed(conn: Connection, row: Mapping[str, Any]) -> None:
 
 def all_witnessed(conn: Connection) -> list[dict[str, Any]]:
     return [dict(r._mapping) for r in conn.execute(sa.select(witnessed).order_by(witnessed.c.size))]
+
+
+def witnessed_at_size(conn: Connection, size: int) -> dict[str, Any] | None:
+    row = conn.execute(sa.select(witnessed).where(witnessed.c.size == size)).first()
+    return dict(row._mapping) if row else None
+
+
+def first_witnessed_above(conn: Connection, size: int) -> str | None:
+    """When the first partner checkpoint larger than ``size`` was witnessed, if one was."""
+    value = conn.execute(
+        sa.select(sa.func.min(witnessed.c.witnessed_at)).where(witnessed.c.size > size)
+    ).scalar()
+    return str(value) if value is not None else None

@@ -12,7 +12,7 @@ import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import httpx
 
@@ -22,6 +22,7 @@ from exchange.node import PeerResult
 
 PEER_PATH = "/v1/peer/envelopes"
 WITNESS_PATH = "/v1/peer/checkpoints"
+HISTORY_PATH = "/v1/peer/audit/messages"
 
 
 @dataclass(frozen=True)
@@ -35,13 +36,17 @@ class WitnessAnswer:
 class PeerTransport(Protocol):
     """How the node reaches the partner: envelope batches and witness requests."""
 
-    def send(self, envelopes: Sequence[str], checkpoint: str | None = None) -> list[PeerResult]:
+    def send(self, envelopes: Sequence[str]) -> list[PeerResult]:
         """One result per envelope, in order. Raises TransportError if the batch may not have
         been processed (retry it)."""
         ...
 
     def witness(self, request: WitnessRequest) -> WitnessAnswer:
         """Ask the partner to cosign. Raises TransportError if it could not answer."""
+        ...
+
+    def message_history(self, message_id: str) -> list[dict[str, Any]]:
+        """The partner's ledger entries about a message (no content). Raises TransportError."""
         ...
 
     def close(self) -> None: ...
@@ -88,11 +93,9 @@ class HttpsPeerTransport:
             limits=httpx.Limits(max_connections=4, max_keepalive_connections=4),
         )
 
-    def send(self, envelopes: Sequence[str], checkpoint: str | None = None) -> list[PeerResult]:
+    def send(self, envelopes: Sequence[str]) -> list[PeerResult]:
         try:
-            response = self._client.post(
-                PEER_PATH, json={"envelopes": list(envelopes), "checkpoint": checkpoint}
-            )
+            response = self._client.post(PEER_PATH, json={"envelopes": list(envelopes)})
         except httpx.HTTPError as exc:
             raise TransportError(f"partner unreachable: {type(exc).__name__}: {exc}") from exc
         if response.status_code != 200:
@@ -121,6 +124,16 @@ class HttpsPeerTransport:
         raise TransportError(
             f"the partner refused to witness: HTTP {response.status_code}: {answer.get('detail')}"
         )
+
+    def message_history(self, message_id: str) -> list[dict[str, Any]]:
+        try:
+            response = self._client.get(f"{HISTORY_PATH}/{message_id}")
+            body = response.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            raise TransportError(f"history request failed: {type(exc).__name__}: {exc}") from exc
+        if response.status_code != 200 or not isinstance(body.get("entries"), list):
+            raise TransportError(f"the partner refused the history request: HTTP {response.status_code}")
+        return list(body["entries"])
 
     def close(self) -> None:
         self._client.close()

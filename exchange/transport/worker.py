@@ -1,7 +1,6 @@
 """The delivery worker: drains the transactional outbox to the partner node.
 
-Every batch carries the node's latest signed checkpoint, so the partner can catch a split view
-at once. Guarantees: a message leaves the outbox only in the transaction that records its verified receipt
+Guarantees: a message leaves the outbox only in the transaction that records its verified receipt
 (delivered) or the partner's rejection (failed), together with their ledger entries. A crash at any
 point leaves the row in the outbox; its lease expires and it is sent again, and the partner answers
 a redelivery with the original receipt. Transport failures back off exponentially with jitter.
@@ -17,7 +16,6 @@ import time
 from collections.abc import Callable
 
 from exchange import envelope
-from exchange.checkpoints import CheckpointService
 from exchange.db import repo
 from exchange.errors import EnvelopeError, TransportError
 from exchange.ledger import EntryDraft
@@ -43,11 +41,9 @@ class DeliveryWorker:
         *,
         clock: Callable[[], float] = time.time,
         jitter: Callable[[], float] = random.random,
-        checkpoints: CheckpointService | None = None,
     ) -> None:
         self.node = node
         self.transport = transport
-        self.checkpoints = checkpoints
         self.clock = clock
         self.jitter = jitter
         self._stop = threading.Event()
@@ -75,8 +71,7 @@ class DeliveryWorker:
         if not claimed:
             return 0
         try:
-            note = self.checkpoints.latest_note() if self.checkpoints else None
-            results = self.transport.send([c.envelope for c in claimed], checkpoint=note)
+            results = self.transport.send([c.envelope for c in claimed])
         except TransportError as exc:
             self._retry_later(claimed, str(exc))
             return 0

@@ -56,6 +56,15 @@ def test_auditors_see_entries_checkpoints_and_proofs_never_content(
         assert SECRET not in everything.text
         history = api.request("GET", "/v1/audit/entries", params={"message": message_id}).json()["items"]
         assert [e["event"] for e in history][:3] == ["message.submitted", "message.sent", "receipt.verified"]
+        both = api.request("GET", f"/v1/audit/messages/{message_id}").json()
+        assert both["partner_error"] is None
+        assert {e["event"] for e in both["nodes"]["MY"]} >= {
+            "envelope.received",
+            "receipt.issued",
+            "message.released",
+        }
+        assert {e["event"] for e in both["nodes"]["ID"]} >= {"message.submitted", "receipt.verified"}
+        assert SECRET not in json.dumps(both)
         by_case = api.request("GET", "/v1/audit/entries", params={"case": "ID-MY/2026/AUDIT"}).json()["items"]
         assert {e["case_ref"] for e in by_case} == {"ID-MY/2026/AUDIT"}
         by_rule = api.request("GET", "/v1/audit/entries", params={"rule": "R-CLEARANCE-RELEASE"}).json()[
@@ -192,9 +201,10 @@ def test_the_console_in_a_real_browser(audited: tuple[Running, ClientFiles, str]
         page.fill("input[name=event]", "")
         page.click("#search")
         page.locator(f"a.msg[title='{message_id}']").first.click()
-        expect(page.locator("#history")).to_contain_text(message_id)
+        expect(page.locator("#history")).to_contain_text(message_id + " on both nodes")
         expect(page.locator("#entries tbody tr").first).to_contain_text("message.submitted")
         expect(page.locator("#entries tbody")).to_contain_text("receipt.verified")
+        expect(page.locator("#entries tbody tr[data-node=MY]").first).to_contain_text("envelope.received")
 
         page.click("#verify")
         expect(page.locator("#verify-result")).to_contain_text("PASSED", timeout=20_000)

@@ -6,11 +6,13 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
 from exchange import crypto
+from exchange.auditing import AuditService
 from exchange.checkpoints import CheckpointService, WitnessRequest
 from exchange.config import load_settings
 from exchange.db import repo
@@ -40,7 +42,7 @@ class Loopback:
         self.lose_answer = False  # deliver, then fail as if the connection dropped
         self.batches = 0
 
-    def send(self, envelopes: Sequence[str], checkpoint: str | None = None) -> list[PeerResult]:
+    def send(self, envelopes: Sequence[str]) -> list[PeerResult]:
         if self.down:
             raise TransportError("partner unreachable: connection refused")
         self.batches += 1
@@ -48,6 +50,11 @@ class Loopback:
         if self.lose_answer:
             raise TransportError("connection reset after the request was sent")
         return results
+
+    def message_history(self, message_id: str) -> list[dict[str, Any]]:
+        return AuditService(self.partner.db, self.partner.agreement, self.partner.party).message_history(
+            message_id
+        )
 
     def witness(self, request: WitnessRequest) -> WitnessAnswer:
         if self.down:

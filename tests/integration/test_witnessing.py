@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from exchange import crypto
+from exchange import crypto, envelope
 from exchange.auditing import audit_keys
 from exchange.checkpoints import CheckpointService
 from exchange.config import load_settings
@@ -21,10 +21,12 @@ from exchange.errors import CheckpointConflict, LedgerIntegrityError
 from exchange.ledger import EntryDraft
 from exchange.ledger.audit import verify_audit
 from exchange.ledger.checkpoint import CheckpointError, sign_checkpoint
+from exchange.messages import MessageSubmission, build_message
 from exchange.node import Node
+from exchange.policy import Actor, evaluate_submission
 from exchange.transport.checkpointer import Checkpointer
 from tests.integration.test_node_flow import Loopback
-from tests.support import make_pair
+from tests.support import make_pair, rfi
 
 NOW = dt.datetime.now(dt.UTC)
 
@@ -109,15 +111,57 @@ def test_a_forked_checkpoint_is_refused_and_ledgered(nodes: tuple[Node, Node]) -
     assert "1 partner checkpoints witnessed" in audit(my_node)  # nothing refused was stored
 
 
-def test_a_split_view_on_a_delivery_batch_is_caught_at_once(nodes: tuple[Node, Node]) -> None:
+def _message_from(node: Node, checkpoint: str | None, created: dt.datetime) -> str:
+    """A genuine sealed message from ``node`` carrying ``checkpoint``, created at ``created``."""
+    actor = Actor("polri-cms", "Polri", "TPPO", (), "S", (), ())
+    submission = MessageSubmission.model_validate(rfi())
+    decision = evaluate_submission(
+        node.agreement,
+        party=node.party,
+        actor=actor,
+        message_type=submission.type,
+        purposes=submission.purposes,
+        scheme="POLRI",
+        level="RAHASIA",
+        tlp="AMBER",
+        handling_codes=["H0"],
+        replied_to=None,
+        in_reply_to=None,
+    )
+    message = build_message(
+        submission,
+        agreement=node.agreement,
+        sender=node.party,
+        actor=actor,
+        marking=decision.marking,
+        now=created,
+        checkpoint=checkpoint,
+    )
+    return envelope.seal(message, signing_key=node.keys.signing, recipient_key=node.partner.encryption)
+
+
+def test_a_split_view_or_a_rollback_in_one_message_is_caught_and_ledgered(nodes: tuple[Node, Node]) -> None:
     id_node, my_node = nodes
-    grow(id_node, 6)
-    Checkpointer(CheckpointService(id_node), Loopback(my_node), 1).run_once()
-    witness = CheckpointService(my_node)
-    witness.observe(CheckpointService(id_node).latest_note() or "", NOW)  # the honest one: fine
-    with pytest.raises(CheckpointConflict, match="split view"):
-        witness.observe(_fork(id_node, 6), NOW)
+    grow(id_node, 3)
+    CheckpointService(id_node).sign_latest(NOW)
+    with id_node.db.read() as conn:
+        small = repo.latest_checkpoint(conn)
+    grow(id_node, 3)
+    Checkpointer(CheckpointService(id_node), Loopback(my_node), 1).run_once()  # MY witnessed size 6
+    with id_node.db.read() as conn:
+        honest = repo.latest_checkpoint(conn)
+    assert small is not None
+    assert honest is not None
+    now = dt.datetime.now(dt.UTC)
+    assert my_node.receive([_message_from(id_node, honest["note"], now)], now)[0].accepted
+    assert my_node.receive([_message_from(id_node, small["note"], now)], now)[0].accepted
+    assert incidents(my_node) == []  # an older checkpoint sealed before the newer was witnessed: honest
+    forked = _fork(id_node, 6)
+    assert my_node.receive([_message_from(id_node, forked, now)], now)[0].accepted  # content still verified
     assert incidents(my_node) == ["split view"]
+    later = now + dt.timedelta(seconds=my_node.settings.clock_skew_seconds + 60)
+    assert my_node.receive([_message_from(id_node, small["note"], later)], later)[0].accepted
+    assert incidents(my_node) == ["split view", "rollback"]
 
 
 def test_checkpoints_not_signed_by_the_partner_key_are_refused(nodes: tuple[Node, Node]) -> None:
