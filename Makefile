@@ -30,6 +30,8 @@ test: lint typecheck pytest
 
 bench: $(STAMP)
 	$(BIN)/python bench/exchange_throughput.py
+	$(BIN)/python bench/ledger.py
+	$(BIN)/python bench/merkle_proofs.py
 
 clean:
 	rm -rf $(VENV) keys/demo .pytest_cache .mypy_cache .ruff_cache
