@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import secrets
 import shutil
 import statistics
 import subprocess
@@ -28,7 +27,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from exchange.client import ExchangeClient
-from exchange.demo import DemoNode, exchange_cli, free_port
+from exchange.demo import free_port, set_up_pair
 
 SUBMISSION = {
     "type": "REQUEST_FOR_INFORMATION",
@@ -119,29 +118,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=40.0, help="offered load for the latency phase (msg/s)")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="exchange-bench-"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EXCHANGE_")}
-    env["EXCHANGE_KEY_PASSPHRASE"] = secrets.token_urlsafe(24)
-    polri = DemoNode(root, "ID", "Polri", "polri-cms", "RAHASIA", env)
-    pdrm = DemoNode(root, "MY", "PDRM", "pdrm-d7", "RAHSIA", env)
+    polri, pdrm = set_up_pair(root, 'log_level = "warning"')
+    env = polri.env
     try:
-        for node in (polri, pdrm):
-            node.init()
-        exchange_cli(
-            "agreement",
-            "compose",
-            "--party",
-            str(polri.dir / "party.toml"),
-            "--party",
-            str(pdrm.dir / "party.toml"),
-            "--out",
-            str(root / "agreement.toml"),
-            env=env,
-        )
-        for node in (polri, pdrm):
-            node.setup(root / "agreement.toml")
-            (node.dir / "node.toml").write_text(
-                (node.dir / "node.toml").read_text() + 'log_level = "warning"\n'
-            )
         print(
             f"machine: {os.cpu_count()} cores; {args.messages} messages of ~3.3 KB payload; "
             f"{args.clients} client threads; SQLite WAL on both sides\n"

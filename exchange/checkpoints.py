@@ -157,31 +157,29 @@ class CheckpointService:
                     },
                 )
                 return line
-        self._incident(checkpoint, note, incident, now)
-        raise CheckpointConflict(f"security incident: the partner's checkpoint is refused ({incident})", held)
-
-    def _incident(self, checkpoint: Checkpoint, note: str, reason: str, now: dt.datetime) -> None:
-        log.error("SECURITY INCIDENT: partner checkpoint refused: %s", reason)
-        self.node.committer.run(
-            lambda conn, head: repo.append_ledger(
-                conn,
-                head,
-                [
-                    EntryDraft(
-                        event="checkpoint.incident",
-                        actor=self.node.partner_party,
-                        decision="deny",
-                        data={
-                            "origin": checkpoint.origin,
-                            "size": checkpoint.size,
-                            "reason": reason.split(":")[0],
-                            "note_sha256": sha256_hex(note),
-                        },
-                    )
-                ],
-                iso(now),
-            )
+        self._incident(checkpoint.origin, checkpoint.size, note, incident, now)
+        raise CheckpointConflict(
+            f"security incident: the partner's checkpoint is refused ({incident})", held, incident=True
         )
+
+    def refused_by_partner(self, request: WitnessRequest, now: dt.datetime) -> None:
+        """Ledger the partner's refusal of our checkpoint: an incident on this side too."""
+        self._incident(self.origin, request.size, request.note, "refused by the partner", now)
+
+    def _incident(self, origin: str, size: int, note: str, reason: str, now: dt.datetime) -> None:
+        log.error("SECURITY INCIDENT: checkpoint %s at size %d: %s", origin, size, reason)
+        draft = EntryDraft(
+            event="checkpoint.incident",
+            actor=self.node.partner_party,
+            decision="deny",
+            data={
+                "origin": origin,
+                "size": size,
+                "reason": reason.split(":")[0],
+                "note_sha256": sha256_hex(note),
+            },
+        )
+        self.node.committer.run(lambda conn, head: repo.append_ledger(conn, head, [draft], iso(now)))
 
     def status(self) -> dict[str, Any]:
         """Latest own checkpoint (and whether the partner cosigned it), latest witnessed one."""

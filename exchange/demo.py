@@ -169,19 +169,15 @@ def _line(label: str, value: Any) -> None:
     print(f"  {label:<28} {value}")
 
 
-def run_demo(workdir: Path) -> None:
-    """Set up and run the two-node demo; raises ExchangeError if any step fails."""
-    if workdir.exists():
-        shutil.rmtree(workdir)
-    workdir.mkdir(parents=True)
+def set_up_pair(root: Path, *extra_settings: str) -> tuple[DemoNode, DemoNode]:
+    """Two initialised nodes under ``root`` sharing one agreement, migrated, each with a registered
+    local system; a fresh passphrase for this run only. ``extra_settings`` are node.toml lines."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("EXCHANGE_")}
     env["EXCHANGE_KEY_PASSPHRASE"] = secrets.token_urlsafe(24)  # generated per run, never stored
-    nodes = [DemoNode(workdir, *spec, env=env) for spec in PARTIES]
-    polri, pdrm = nodes
-    print("== Setting up two nodes (development PKI, encrypted keys, SQLite) in", workdir)
-    for node in nodes:
+    polri, pdrm = (DemoNode(root, *spec, env=env) for spec in PARTIES)
+    for node in (polri, pdrm):
         node.init()
-    agreement = workdir / "agreement.toml"
+    agreement = root / "agreement.toml"
     exchange_cli(
         "agreement",
         "compose",
@@ -193,8 +189,21 @@ def run_demo(workdir: Path) -> None:
         str(agreement),
         env=env,
     )
-    for node in nodes:
+    for node in (polri, pdrm):
         node.setup(agreement)
+        with (node.dir / "node.toml").open("a") as settings:
+            settings.writelines(line + "\n" for line in extra_settings)
+    return polri, pdrm
+
+
+def run_demo(workdir: Path) -> None:
+    """Set up and run the two-node demo; raises ExchangeError if any step fails."""
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    print("== Setting up two nodes (development PKI, encrypted keys, SQLite) in", workdir)
+    polri, pdrm = nodes = list(set_up_pair(workdir))
+    for node in nodes:
         node.server.start()
     try:
         for node in nodes:
@@ -207,7 +216,7 @@ def run_demo(workdir: Path) -> None:
         raise ExchangeError("a node did not shut down cleanly; see node.log in the work directory")
     print("== Both nodes shut down gracefully (SIGTERM, delivery worker stopped)")
     for node in nodes:
-        out = exchange_cli("audit", "verify", "--dir", str(node.dir), env=env).strip()
+        out = exchange_cli("audit", "verify", "--dir", str(node.dir), env=node.env).strip()
         print(f"  {node.party} {out}")
     print("== Demo passed")
 

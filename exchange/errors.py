@@ -111,12 +111,14 @@ class LedgerIntegrityError(ExchangeError):
 
 
 class CheckpointConflict(LedgerIntegrityError):
-    """The partner's checkpoint contradicts one this node witnessed (fork, rollback, bad proof):
-    a security incident for both sides. ``witnessed_size`` is the size this node holds."""
+    """A partner checkpoint that cannot be witnessed. ``witnessed_size`` is the size this node holds;
+    ``incident`` says the checkpoint contradicts one already witnessed (fork, rollback, failed proof):
+    a security incident for both sides. Without it, the proof merely started at another size."""
 
-    def __init__(self, message: str, witnessed_size: int) -> None:
+    def __init__(self, message: str, witnessed_size: int, *, incident: bool = False) -> None:
         super().__init__(message)
         self.witnessed_size = witnessed_size
+        self.incident = incident
 
 
 class KeyManagementError(ExchangeError):

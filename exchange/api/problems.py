@@ -68,6 +68,7 @@ async def exchange_error_handler(_request: Request, exc: Exception) -> JSONRespo
         extra["violations"] = [{"rule": v.rule_id, "reason": v.reason} for v in exc.violations]
     elif isinstance(exc, CheckpointConflict):
         extra["witnessed_size"] = exc.witnessed_size
+        extra["incident"] = exc.incident
     elif isinstance(exc, EnvelopeError):
         detail = "rejected"  # a peer learns one opaque reason; the detail is in the log and ledger
     elif status >= 500:

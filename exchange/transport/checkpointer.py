@@ -38,7 +38,7 @@ class Checkpointer:
         if request is None:
             return None
         answer = self.transport.witness(request)
-        if answer.cosignature is None and answer.witnessed_size is not None:
+        if answer.cosignature is None and answer.witnessed_size is not None and not answer.incident:
             if answer.witnessed_size > request.size:
                 log.error(
                     "SECURITY INCIDENT: the partner witnessed size %d, beyond our ledger",
@@ -50,7 +50,7 @@ class Checkpointer:
                 return None
             answer = self.transport.witness(request)
         if answer.cosignature is None:
-            log.error("SECURITY INCIDENT: the partner refused our checkpoint at size %d", request.size)
+            self.service.refused_by_partner(request, now)
             return None
         self.service.record_cosignature(request, answer.cosignature, now)
         return request.size

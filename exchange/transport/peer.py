@@ -31,6 +31,7 @@ class WitnessAnswer:
 
     cosignature: str | None
     witnessed_size: int | None = None
+    incident: bool = False  # the partner refused the checkpoint as contradicting what it witnessed
 
 
 class PeerTransport(Protocol):
@@ -120,7 +121,7 @@ class HttpsPeerTransport:
         if response.status_code == 200 and isinstance(answer.get("cosignature"), str):
             return WitnessAnswer(answer["cosignature"])
         if response.status_code == 409 and isinstance(answer.get("witnessed_size"), int):
-            return WitnessAnswer(None, answer["witnessed_size"])
+            return WitnessAnswer(None, answer["witnessed_size"], bool(answer.get("incident")))
         raise TransportError(
             f"the partner refused to witness: HTTP {response.status_code}: {answer.get('detail')}"
         )

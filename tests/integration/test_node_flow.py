@@ -64,7 +64,7 @@ class Loopback:
                 request.note, request.from_size, request.proof, dt.datetime.now(dt.UTC)
             )
         except CheckpointConflict as exc:
-            return WitnessAnswer(None, exc.witnessed_size)
+            return WitnessAnswer(None, exc.witnessed_size, exc.incident)
         return WitnessAnswer(line)
 
     def close(self) -> None:

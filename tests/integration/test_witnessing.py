@@ -6,20 +6,18 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 from collections.abc import Iterator
-from contextlib import closing
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
 from exchange import crypto, envelope
-from exchange.auditing import audit_keys
+from exchange.auditing import AuditService
 from exchange.checkpoints import CheckpointService
 from exchange.config import load_settings
 from exchange.db import repo
 from exchange.errors import CheckpointConflict, LedgerIntegrityError
 from exchange.ledger import EntryDraft
-from exchange.ledger.audit import verify_audit
 from exchange.ledger.checkpoint import CheckpointError, sign_checkpoint
 from exchange.messages import MessageSubmission, build_message
 from exchange.node import Node
@@ -45,16 +43,7 @@ def grow(node: Node, n: int) -> None:
 
 
 def audit(node: Node) -> str:
-    with node.db.read() as conn, closing(repo.ledger_rows(conn)) as rows:
-        head = repo.read_ledger_head(conn)
-        return verify_audit(
-            rows,
-            size=head.size,
-            root=head.root,
-            checkpoints=repo.all_checkpoints(conn),
-            witnessed=repo.all_witnessed(conn),
-            keys=audit_keys(node.agreement, node.party),
-        ).summary()
+    return AuditService(node.db, node.agreement, node.party).verify().summary()
 
 
 def incidents(node: Node) -> list[str]:
@@ -189,3 +178,15 @@ def test_the_audit_names_a_forged_or_rewritten_checkpoint(nodes: tuple[Node, Nod
         conn.execute(sa.text("update witnessed set cosignature = replace(cosignature, 'A', 'B')"))
     with pytest.raises(LedgerIntegrityError, match="witnessed partner checkpoint at size 4"):
         audit(my_node)
+
+
+def test_a_refused_checkpoint_is_an_incident_on_both_sides(nodes: tuple[Node, Node]) -> None:
+    id_node, my_node = nodes
+    grow(id_node, 5)
+    assert Checkpointer(CheckpointService(id_node), Loopback(my_node), 1).run_once() == 5
+    with my_node.db.transaction() as conn:  # MY's record now contradicts ID's honest log
+        conn.execute(sa.text("update witnessed set root_hash = :r"), {"r": hashlib.sha256(b"other").digest()})
+    grow(id_node, 2)
+    assert Checkpointer(CheckpointService(id_node), Loopback(my_node), 1).run_once() is None
+    assert incidents(my_node) == ["inconsistent with the checkpoint witnessed at size 5"]
+    assert incidents(id_node) == ["refused by the partner"]
