@@ -3,6 +3,10 @@ export bundles. Used by the audit API and the CLI; needs the database and the ag
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+from collections.abc import Mapping
+from concurrent.futures import ProcessPoolExecutor, wait
 from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +22,7 @@ from exchange.errors import InvalidInput, LedgerIntegrityError, NotFound
 from exchange.ledger import decode_leaf
 from exchange.ledger.audit import AuditKeys, AuditReport, verify_audit
 from exchange.ledger.bundle import build_bundle
+from exchange.ledger.log import combine_ranges, verify_range
 from exchange.ledger.merkle import ProofError, consistency_proof, inclusion_proof, leaf_hash, root_hash
 from exchange.types import PartyId
 
@@ -175,22 +180,32 @@ class AuditService:
                 "proof": [p.hex() for p in proof],
             }
 
-    def verify(self) -> AuditReport:
-        """Verify the whole ledger, checkpoints, cosignatures and witnessed checkpoints.
+    def verify(self, *, workers: int | None = None, chunk: int | None = None) -> AuditReport:
+        """Verify the whole ledger, checkpoints, cosignatures and witnessed checkpoints. The entries
+        are checked in aligned chunks by ``workers`` processes (default: one per core) when the
+        ledger is large, then recombined exactly as the tree is built.
 
         Raises:
             LedgerIntegrityError: naming the first bad entry or checkpoint.
         """
-        with self.db.read() as conn, closing(repo.ledger_rows(conn)) as rows:
+        with self.db.read() as conn:
             head = repo.read_ledger_head(conn)
-            return verify_audit(
-                rows,
-                size=head.size,
-                root=head.root,
-                checkpoints=repo.all_checkpoints(conn),
-                witnessed=repo.all_witnessed(conn),
-                keys=self.keys,
+            checkpoints = repo.all_checkpoints(conn)
+            witnessed = repo.all_witnessed(conn)
+            beyond = conn.execute(
+                sa.select(sa.func.count())
+                .select_from(ledger_entries)
+                .where(ledger_entries.c.seq >= head.size)
+            ).scalar_one()
+        if beyond:
+            raise LedgerIntegrityError(f"{beyond} entries lie beyond the ledger's recorded end", head.size)
+
+        def verify_entries(marks: Mapping[int, bytes]) -> int:
+            return verify_ledger_entries(
+                self.db.url, size=head.size, root=head.root, marks=marks, workers=workers, chunk=chunk
             )
+
+        return verify_audit(verify_entries, checkpoints=checkpoints, witnessed=witnessed, keys=self.keys)
 
     def export(self, start: int, end: int | None = None) -> dict[str, Any]:
         """A bundle of entries ``[start, end)`` proven against the latest cosigned checkpoint (or the
@@ -233,3 +248,55 @@ class AuditService:
                     "partner_key": partner.checkpoint_key.model_dump(),
                 },
             )
+
+
+def _chunk_size(size: int, workers: int) -> int:
+    """A power of two giving each worker a few chunks of at least 2**14 entries."""
+    target = max(1 << 14, size // (workers * 4))
+    return 1 << (target.bit_length() - 1)
+
+
+def _verify_chunk(
+    url: str, start: int, stop: int, marks: tuple[int, ...]
+) -> tuple[int, int, bytes, dict[int, bytes]]:
+    """Verify entries ``[start, stop)`` with a connection of its own (in a worker process)."""
+    with (
+        Database(url) as db,
+        db.read() as conn,
+        closing(repo.ledger_rows(conn, start=start, stop=stop)) as rows,
+    ):
+        digest, partial = verify_range(rows, start=start, stop=stop, marks=marks)
+    return start, stop, digest, partial
+
+
+def verify_ledger_entries(
+    url: str,
+    *,
+    size: int,
+    root: bytes,
+    marks: Mapping[int, bytes],
+    workers: int | None = None,
+    chunk: int | None = None,
+) -> int:
+    """Verify every entry of the ledger at ``url`` against its head ``(size, root)`` and the
+    checkpoint roots ``marks``, in aligned chunks over ``workers`` processes (default: one per core).
+
+    Raises:
+        LedgerIntegrityError: naming the first bad entry or checkpoint.
+    """
+    workers = workers or os.cpu_count() or 1
+    chunk = chunk or _chunk_size(size, workers)
+    ranges = [(a, min(a + chunk, size)) for a in range(0, size, chunk)]
+    if workers == 1 or len(ranges) <= 1:
+        parts = [_verify_chunk(url, a, b, tuple(marks)) for a, b in ranges]
+    else:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            futures = [pool.submit(_verify_chunk, url, a, b, tuple(marks)) for a, b in ranges]
+            wait(futures)
+        failures = [exc for f in futures if (exc := f.exception()) is not None]
+        if failures:  # the first bad entry of the ledger is the lowest one found
+            raise min(failures, key=lambda e: getattr(e, "seq", None) or 0)
+        parts = [f.result() for f in futures]
+    combine_ranges(parts, size=size, root=root, checkpoints=marks)
+    return size

@@ -191,12 +191,13 @@ def append_ledger(conn: Connection, head: LedgerHead, drafts: Sequence[EntryDraf
     if not drafts:
         return head
     frontier = Frontier(head.size, list(head.frontier.nodes))
-    rows, nodes = [], []
+    rows: list[dict[str, Any]] = []
+    nodes: list[dict[str, Any]] = []
     for offset, draft in enumerate(drafts):
         seq = head.size + offset
         leaf = leaf_bytes(seq, at, draft)
-        for level, idx, digest in frontier.append(leaf_hash(leaf)):
-            nodes.append({"level": level, "idx": idx, "hash": digest})
+        digest = leaf_hash(leaf)
+        nodes.extend({"level": lv, "idx": ix, "hash": h} for lv, ix, h in frontier.append(digest) if lv > 0)
         rows.append(
             {
                 "seq": seq,
@@ -208,10 +209,12 @@ def append_ledger(conn: Connection, head: LedgerHead, drafts: Sequence[EntryDraf
                 "decision": draft.decision,
                 "rules": rules_column(draft.rules),
                 "leaf": leaf.decode(),
+                "leaf_hash": digest,
             }
         )
     conn.execute(ledger_entries.insert(), rows)
-    conn.execute(ledger_subtrees.insert(), nodes)
+    if nodes:
+        conn.execute(ledger_subtrees.insert(), nodes)
     new_head = LedgerHead(frontier.size, frontier.root(), frontier)
     conn.execute(
         ledger_head.update()
@@ -223,17 +226,21 @@ def append_ledger(conn: Connection, head: LedgerHead, drafts: Sequence[EntryDraf
 
 class SqlSubtrees:
     """The stored complete subtrees, as a SubtreeSource for proofs: one primary-key read each,
-    through the DB-API cursor (proofs read O(log n) of them)."""
+    through the DB-API cursor (proofs read O(log n) of them). Level 0 is each entry's leaf hash."""
 
     def __init__(self, conn: Connection) -> None:
         dbapi = conn.connection.dbapi_connection
         assert dbapi is not None
         self._cursor = dbapi.cursor()
         mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"  # the driver's placeholder, not data
-        self._sql = f"SELECT hash FROM ledger_subtrees WHERE level = {mark} AND idx = {mark}"  # noqa: S608
+        self._leaf_sql = f"SELECT leaf_hash FROM ledger_entries WHERE seq = {mark}"  # noqa: S608
+        self._node_sql = f"SELECT hash FROM ledger_subtrees WHERE level = {mark} AND idx = {mark}"  # noqa: S608
 
     def subtree(self, level: int, index: int) -> bytes:
-        self._cursor.execute(self._sql, (level, index))
+        if level == 0:
+            self._cursor.execute(self._leaf_sql, (index,))
+        else:
+            self._cursor.execute(self._node_sql, (level, index))
         row = self._cursor.fetchone()
         if row is None:
             raise LedgerIntegrityError(f"the stored tree lacks the subtree at level {level}, index {index}")
@@ -241,20 +248,24 @@ class SqlSubtrees:
 
 
 _LEDGER_SCAN = (
-    "SELECT e.seq, e.at, e.event, e.message_id, e.case_ref, e.actor, e.decision, e.rules, e.leaf, s.hash"
-    " FROM ledger_entries e LEFT JOIN ledger_subtrees s ON s.level = 0 AND s.idx = e.seq ORDER BY e.seq"
+    "SELECT seq, at, event, message_id, case_ref, actor, decision, rules, leaf, leaf_hash"
+    " FROM ledger_entries WHERE seq >= {mark} AND seq < {mark} ORDER BY seq"
 )
+_NO_END = 2**62
 
 
-def ledger_rows(conn: Connection, *, batch: int = 20_000) -> Generator[Row, None, None]:
+def ledger_rows(
+    conn: Connection, *, start: int = 0, stop: int | None = None, batch: int = 20_000
+) -> Generator[Row, None, None]:
     """Every entry as the verifier reads it (index columns, leaf, stored leaf hash), in order,
     through the raw DB-API cursor (server-side on PostgreSQL): a million rows without Row objects.
     A caller that may stop early closes it (``contextlib.closing``) while ``conn`` is open."""
     dbapi = conn.connection.dbapi_connection
     assert dbapi is not None
     cursor = dbapi.cursor(name="ledger_scan") if conn.dialect.name == "postgresql" else dbapi.cursor()
+    mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
     try:
-        cursor.execute(_LEDGER_SCAN)
+        cursor.execute(_LEDGER_SCAN.format(mark=mark), (start, _NO_END if stop is None else stop))
         while part := cursor.fetchmany(batch):
             yield from part
     finally:

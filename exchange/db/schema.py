@@ -85,12 +85,13 @@ ledger_entries = sa.Table(
     sa.Column("decision", sa.String(16)),
     sa.Column("rules", sa.Text, nullable=False),  # " R-A R-B " for searching
     sa.Column("leaf", sa.Text, nullable=False),  # the canonical leaf the tree hashes
+    sa.Column("leaf_hash", sa.LargeBinary(32), nullable=False),  # level 0 of the tree
 )
 sa.Index("ix_ledger_entries_message_id", ledger_entries.c.message_id)
 sa.Index("ix_ledger_entries_case_ref", ledger_entries.c.case_ref)
 sa.Index("ix_ledger_entries_event", ledger_entries.c.event)
 
-ledger_subtrees = sa.Table(
+ledger_subtrees = sa.Table(  # complete subtrees of level >= 1 (level 0: ledger_entries.leaf_hash)
     "ledger_subtrees",
     metadata,
     sa.Column("level", sa.SmallInteger, primary_key=True, autoincrement=False),

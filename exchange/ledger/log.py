@@ -16,7 +16,6 @@ from hmac import compare_digest
 
 import orjson
 
-from exchange.crypto import constant_time_equal
 from exchange.errors import LedgerIntegrityError
 from exchange.ledger.merkle import EMPTY_ROOT, leaf_hash, node_hash
 
@@ -73,29 +72,34 @@ def rules_column(rules: Sequence[str]) -> str:
     return " " + " ".join(rules) + " " if rules else ""
 
 
-def verify_rows(
-    rows: Iterable[Row], *, size: int, root: bytes, checkpoints: Mapping[int, bytes] | None = None
-) -> int:
-    """Recompute the Merkle tree from stored rows; check every column against its leaf, the recorded
-    head, and the root at every checkpoint size. Returns the number of entries checked.
+def _fold(nodes: Sequence[bytes], right: bytes | None) -> bytes:
+    """Right-fold hashes of consecutive aligned subtrees (left to right) into one root."""
+    if right is None:
+        if not nodes:
+            return EMPTY_ROOT
+        right, nodes = nodes[-1], nodes[:-1]
+    for h in reversed(nodes):
+        right = hashlib.sha256(b"\x01" + h + right).digest()
+    return right
+
+
+def verify_range(
+    rows: Iterable[Row], *, start: int, stop: int, marks: Iterable[int] = ()
+) -> tuple[bytes, dict[int, bytes]]:
+    """Check the entries ``[start, stop)`` (``start`` a multiple of a power of two >= the range):
+    each is present in order, its columns agree with its leaf and its leaf with its stored hash.
+
+    Returns the range's Merkle hash and, for each mark ``m`` in ``(start, stop]``, the hash of
+    ``[start, m)``: enough to rebuild the root at any checkpoint size from the parts.
 
     Raises:
-        LedgerIntegrityError: naming the first entry that is missing, out of place or altered, the
-            first checkpoint whose root the ledger does not reproduce, or a truncated tail.
+        LedgerIntegrityError: naming the first entry that is missing, out of place or altered.
     """
-    wanted = dict(checkpoints or {})
+    wanted = {m for m in marks if start < m <= stop}
+    partial: dict[int, bytes] = {}
     sha256 = hashlib.sha256
-    stack: list[bytes] = []  # the right frontier's hashes; merges follow the bits of the count
-
-    def current_root() -> bytes:
-        if not stack:
-            return EMPTY_ROOT
-        root = stack[-1]
-        for h in reversed(stack[:-1]):
-            root = sha256(b"\x01" + h + root).digest()
-        return root
-
-    expected = 0
+    stack: list[bytes] = []
+    expected = start
     for seq, at, event, message_id, case_ref, actor, decision, rules, leaf, stored_hash in rows:
         if seq != expected:
             raise LedgerIntegrityError(
@@ -124,31 +128,85 @@ def verify_rows(
                 f"entry {seq} was altered (its leaf does not match its stored hash)", seq
             )
         stack.append(computed)
-        k = expected
+        k = expected - start
         while k & 1:
             right = stack.pop()
             stack[-1] = sha256(b"\x01" + stack[-1] + right).digest()
             k >>= 1
         expected += 1
-        if expected in wanted and not constant_time_equal(current_root(), wanted.pop(expected)):
-            raise LedgerIntegrityError(
-                f"the checkpoint at size {expected} does not match the ledger: an entry up to {expected - 1}"
-                " was altered",
-                seq=expected - 1,
-            )
-    if expected != size:
+        if expected in wanted:
+            partial[expected] = _fold(stack, None)
+    if expected != stop:
         raise LedgerIntegrityError(
-            f"the ledger holds {expected} entries but its head records {size}: entry {expected} onwards is"
-            " missing",
+            f"the ledger ends at entry {expected - 1} but its head records {stop} entries: entry {expected}"
+            " onwards is missing",
             seq=expected,
         )
-    if wanted:
-        raise LedgerIntegrityError(f"checkpoints at sizes {sorted(wanted)} lie beyond the ledger's end")
-    if not constant_time_equal(current_root(), root):
+    return _fold(stack, None), partial
+
+
+def combine_ranges(
+    parts: Sequence[tuple[int, int, bytes, Mapping[int, bytes]]],
+    *,
+    size: int,
+    root: bytes,
+    checkpoints: Mapping[int, bytes] | None = None,
+) -> None:
+    """Rebuild the root and every checkpoint root from consecutive verified ranges
+    ``(start, stop, hash, partials)`` of equal power-of-two length (the last may be shorter).
+
+    Raises:
+        LedgerIntegrityError: a checkpoint or the head's root is not what the entries give.
+    """
+    frontier = Frontier.empty()
+    marks = dict(checkpoints or {})
+    last: bytes | None = None
+    for start, stop, digest, partials in parts:
+        for size_at, partial in sorted(partials.items()):
+            if size_at in marks:
+                got = _fold([h for _, h in frontier.nodes], partial)
+                if not compare_digest(got, marks.pop(size_at)):
+                    raise LedgerIntegrityError(
+                        f"the checkpoint at size {size_at} does not match the ledger: an entry up to"
+                        f" {size_at - 1} was altered",
+                        seq=size_at - 1,
+                    )
+        if stop - start == (parts[0][1] - parts[0][0]):
+            frontier.nodes.append((0, digest))  # chunk-level: merge equal neighbours like leaves
+            k = start // (parts[0][1] - parts[0][0])
+            while k & 1:
+                (_, right), (_, left) = frontier.nodes.pop(), frontier.nodes.pop()
+                frontier.nodes.append((0, hashlib.sha256(b"\x01" + left + right).digest()))
+                k >>= 1
+        else:
+            last = digest
+    if marks:
+        raise LedgerIntegrityError(f"checkpoints at sizes {sorted(marks)} lie beyond the ledger's end")
+    total = _fold([h for _, h in frontier.nodes], last) if (parts or size) else EMPTY_ROOT
+    if not compare_digest(total, root):
         raise LedgerIntegrityError(
             "the ledger's entries do not reproduce its recorded root: a leaf was altered"
         )
-    return expected
 
 
-__all__ = ["Frontier", "Row", "leaf_hash", "rules_column", "verify_rows"]
+def verify_rows(
+    rows: Iterable[Row], *, size: int, root: bytes, checkpoints: Mapping[int, bytes] | None = None
+) -> int:
+    """Recompute the Merkle tree from stored rows in one pass; check every column against its leaf,
+    the recorded head, and the root at every checkpoint size. Returns the number of entries checked.
+
+    Raises:
+        LedgerIntegrityError: naming the first entry that is missing, out of place or altered, the
+            first checkpoint whose root the ledger does not reproduce, or a truncated tail.
+    """
+    if size == 0:
+        for row in rows:
+            raise LedgerIntegrityError(f"entry {row[0]} lies beyond the ledger's recorded end", seq=row[0])
+        combine_ranges([], size=0, root=root, checkpoints=checkpoints)
+        return 0
+    digest, partial = verify_range(rows, start=0, stop=size, marks=(checkpoints or {}).keys())
+    combine_ranges([(0, size, digest, partial)], size=size, root=root, checkpoints=checkpoints)
+    return size
+
+
+__all__ = ["Frontier", "Row", "combine_ranges", "leaf_hash", "rules_column", "verify_range", "verify_rows"]

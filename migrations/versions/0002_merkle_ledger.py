@@ -1,4 +1,5 @@
-"""The ledger becomes an RFC 6962 Merkle log: leaves, complete subtrees, head with root and frontier;
+"""The ledger becomes an RFC 6962 Merkle log: leaves with their hashes, complete subtrees of level 1
+and up, a head with root and frontier;
 ledger rows become append-only in the database itself.
 
 Existing first-ledger entries are re-encoded as leaves (same content, ``case_ref`` lifted out of
@@ -58,6 +59,7 @@ def upgrade() -> None:
         sa.Column("decision", sa.String(16)),
         sa.Column("rules", sa.Text, nullable=False),
         sa.Column("leaf", sa.Text, nullable=False),
+        sa.Column("leaf_hash", sa.LargeBinary(32), nullable=False),
     )
     op.create_index("ix_ledger_entries_message_id", "ledger_entries", ["message_id"])
     op.create_index("ix_ledger_entries_case_ref", "ledger_entries", ["case_ref"])
@@ -100,11 +102,10 @@ def upgrade() -> None:
                 "decision": row.decision,
                 "rules": " " + " ".join(rules) + " " if rules else "",
                 "leaf": leaf.decode(),
+                "leaf_hash": hashlib.sha256(b"\x00" + leaf).digest(),
             }
         )
-        h = hashlib.sha256(b"\x00" + leaf).digest()
-        nodes.append({"level": 0, "idx": position, "hash": h})
-        frontier.append((0, h))
+        frontier.append((0, rows[-1]["leaf_hash"]))
         while len(frontier) >= 2 and frontier[-1][0] == frontier[-2][0]:
             (level, right), (_, left) = frontier.pop(), frontier.pop()
             frontier.append((level + 1, _node(left, right)))
@@ -116,6 +117,7 @@ def upgrade() -> None:
             root = _node(h, root)
     if rows:
         op.bulk_insert(entries, rows)
+    if nodes:
         op.bulk_insert(subtrees, nodes)
     op.bulk_insert(
         head,

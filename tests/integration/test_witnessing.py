@@ -190,3 +190,28 @@ def test_a_refused_checkpoint_is_an_incident_on_both_sides(nodes: tuple[Node, No
     assert Checkpointer(CheckpointService(id_node), Loopback(my_node), 1).run_once() is None
     assert incidents(my_node) == ["inconsistent with the checkpoint witnessed at size 5"]
     assert incidents(id_node) == ["refused by the partner"]
+
+
+def test_chunked_parallel_verification_agrees_and_names_the_first_bad_entry(nodes: tuple[Node, Node]) -> None:
+    id_node, my_node = nodes
+    checkpointer = Checkpointer(CheckpointService(id_node), Loopback(my_node), 1)
+    for n in (3, 30, 37, 30):  # checkpoints at 3, 33, 70, 100: inside and at the ends of chunks
+        grow(id_node, n)
+        checkpointer.run_once()
+    service = AuditService(id_node.db, id_node.agreement, id_node.party)
+    single = service.verify(workers=1).summary()
+    assert "100 entries, 4 signed checkpoints" in single
+    assert service.verify(workers=2, chunk=8).summary() == single
+    drop = (
+        ["drop trigger ledger_entries_append_only on ledger_entries"]
+        if id_node.db.dialect == "postgresql"
+        else ["drop trigger ledger_entries_no_update"]
+    )
+    with id_node.db.transaction() as conn:  # a database administrator's tampering
+        for statement in drop:
+            conn.execute(sa.text(statement))
+        conn.execute(sa.text("update ledger_entries set event = 'y' where seq in (37, 90)"))
+    with pytest.raises(LedgerIntegrityError, match="entry 37 was altered"):
+        service.verify(workers=2, chunk=8)
+    with pytest.raises(LedgerIntegrityError, match="entry 37 was altered"):
+        service.verify(workers=1)
