@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import sys
 import tomllib
 from pathlib import Path
@@ -22,7 +23,7 @@ from pydantic import ValidationError
 from exchange import crypto, envelope
 from exchange.agreement import load_agreement, parse_agreement
 from exchange.auditing import AuditService, audit_keys
-from exchange.config import NODE_FILE, check_passphrase, load_settings
+from exchange.config import NODE_FILE, load_settings, resolve_passphrase
 from exchange.db import repo
 from exchange.db.engine import Database, upgrade
 from exchange.errors import ConfigurationError, ExchangeError, InvalidInput, LedgerIntegrityError
@@ -53,18 +54,9 @@ PARTY_FILE = "party.toml"
 
 
 def _passphrase_from_env() -> str:
-    import os
-
-    value = os.environ.get("EXCHANGE_KEY_PASSPHRASE")
-    path = os.environ.get("EXCHANGE_KEY_PASSPHRASE_FILE")
-    if value is None and path:
-        try:
-            value = Path(path).read_text().strip()
-        except OSError as exc:
-            raise ConfigurationError(f"cannot read EXCHANGE_KEY_PASSPHRASE_FILE: {exc}") from exc
-    if value is None:
-        raise ConfigurationError("set EXCHANGE_KEY_PASSPHRASE or EXCHANGE_KEY_PASSPHRASE_FILE")
-    return check_passphrase(value)
+    """The passphrase of a command that runs before any node.toml exists (init, issuing certificates)."""
+    file = os.environ.get("EXCHANGE_KEY_PASSPHRASE_FILE")
+    return resolve_passphrase(os.environ.get("EXCHANGE_KEY_PASSPHRASE"), Path(file) if file else None)
 
 
 @app.command()

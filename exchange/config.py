@@ -92,22 +92,26 @@ class NodeSettings(BaseSettings):
         Raises:
             ConfigurationError: no passphrase, a placeholder, or one shorter than 12 characters.
         """
-        if self.key_passphrase is not None:
-            value = self.key_passphrase.get_secret_value()
-        elif self.key_passphrase_file is not None:
-            try:
-                value = self.key_passphrase_file.read_text().strip()
-            except OSError as exc:
-                raise ConfigurationError(f"cannot read key passphrase file: {exc}") from exc
-        else:
-            raise ConfigurationError(
-                "no key passphrase: set EXCHANGE_KEY_PASSPHRASE or EXCHANGE_KEY_PASSPHRASE_FILE"
-            )
-        return check_passphrase(value)
+        secret = self.key_passphrase.get_secret_value() if self.key_passphrase is not None else None
+        return resolve_passphrase(secret, self.key_passphrase_file)
 
-    def tls_path(self, name: str) -> Path:
-        """A file in the node's TLS directory."""
-        return self.tls_dir / name
+
+def resolve_passphrase(value: str | None, file: Path | None) -> str:
+    """The key passphrase given directly or in a secrets file, checked by :func:`check_passphrase`.
+
+    Raises:
+        ConfigurationError: neither given, the file unreadable, or the passphrase unusable.
+    """
+    if value is None and file is not None:
+        try:
+            value = file.read_text().strip()
+        except OSError as exc:
+            raise ConfigurationError(f"cannot read key passphrase file: {exc}") from exc
+    if value is None:
+        raise ConfigurationError(
+            "no key passphrase: set EXCHANGE_KEY_PASSPHRASE or EXCHANGE_KEY_PASSPHRASE_FILE"
+        )
+    return check_passphrase(value)
 
 
 def check_passphrase(value: str) -> str:

@@ -100,10 +100,9 @@ class Node:
             PolicyRefusal: naming every rule that refused (the refusal itself is ledgered).
         """
         validate_payload(self.agreement, submission.type, submission.payload)
-        replied_to = None
-        if submission.in_reply_to:
-            with self.db.read() as conn:
-                replied_to = repo.get_message(conn, submission.in_reply_to)
+        with self.db.read() as conn:  # one read: the message answered, and our latest checkpoint
+            replied_to = repo.get_message(conn, submission.in_reply_to) if submission.in_reply_to else None
+            latest = repo.latest_checkpoint(conn)
         try:
             decision = evaluate_submission(
                 self.agreement,
@@ -135,8 +134,6 @@ class Node:
             )
             raise
         thread_id = replied_to["thread_id"] if replied_to else None
-        with self.db.read() as conn:
-            latest = repo.latest_checkpoint(conn)
         message = build_message(
             submission,
             agreement=self.agreement,

@@ -289,15 +289,6 @@ def iter_ledger(conn: Connection, *, batch: int = 5000) -> Iterator[LedgerEntry]
         last = int(leaves[-1].seq)
 
 
-def ledger_for_message(conn: Connection, message_id: str) -> list[LedgerEntry]:
-    rows = conn.execute(
-        sa.select(ledger_entries.c.leaf)
-        .where(ledger_entries.c.message_id == message_id)
-        .order_by(ledger_entries.c.seq)
-    )
-    return [decode_leaf(r.leaf.encode()) for r in rows]
-
-
 # --- checkpoints ---------------------------------------------------------------------------------
 
 

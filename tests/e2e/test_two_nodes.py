@@ -152,17 +152,25 @@ def test_peer_endpoints_accept_only_the_partner_node(nodes: tuple[Running, Runni
     with pdrm.client() as api:
         r = api.request("POST", "/v1/peer/envelopes", json={"envelopes": ["x.y.z.w.v"]})
         assert r.status_code == 403
+        # nor witness checkpoints or read the ledger's message history as the partner would
+        r = api.request("POST", "/v1/peer/checkpoints", json={"checkpoint": "x", "from_size": 0, "proof": []})
+        assert r.status_code == 403
+        assert api.request("GET", "/v1/peer/audit/messages/some-id").status_code == 403
     # nor can MY's own node certificate call MY's peer endpoint
     own_node = _context(
         pdrm.node.ca, pdrm.node.path / "tls" / "node.pem", pdrm.node.path / "tls" / "node-key.pem"
     )
     with httpx.Client(verify=own_node) as http:
         assert http.post(f"{pdrm.node.url}/v1/peer/envelopes", json={"envelopes": ["a"]}).status_code == 403
+        assert http.get(f"{pdrm.node.url}/v1/peer/audit/messages/some-id").status_code == 403
     # the ID node certificate is admitted, and garbage gets one opaque "rejected"
     id_node = _context(
         pdrm.node.ca, polri.node.path / "tls" / "node.pem", polri.node.path / "tls" / "node-key.pem"
     )
     with httpx.Client(verify=id_node) as http:
+        # the partner node is no auditor and no local system of this node
+        assert http.get(f"{pdrm.node.url}/v1/audit/entries").status_code == 403
+        assert http.get(f"{pdrm.node.url}/v1/inbox").status_code == 403
         r = http.post(f"{pdrm.node.url}/v1/peer/envelopes", json={"envelopes": ["x.y.z.w.v"]})
         assert r.status_code == 200
         assert r.json() == {"results": [{"status": "rejected"}]}
