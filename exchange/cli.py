@@ -94,7 +94,6 @@ def init(
         "name": AGENCIES[party],
         "endpoint": endpoint or f"https://{host}:{port}",
         "node_name": node_name(party),
-        "scheme": "POLRI" if party == "ID" else "ARAHAN",
         "ca_certificate": tls.ca_cert.read_text() if tls.ca_cert.exists() else "",
         **public_party_keys(ring),
     }
@@ -118,6 +117,10 @@ def agreement_compose(
     for path in party_file:
         fragment = tomllib.loads(path.read_text())
         parties[str(fragment.pop("id"))] = fragment
+    for pid, fragment in parties.items():  # each party classifies in the scheme the terms give it
+        scheme = data.get("party_schemes", {}).get(pid)
+        if scheme is not None:
+            fragment["scheme"] = scheme
     data["parties"] = parties
     if version:
         data["version"] = version
@@ -160,18 +163,36 @@ def clients_add(
     agency: Annotated[str, typer.Option()],
     unit: Annotated[str, typer.Option()],
     clearance: Annotated[str, typer.Option(help="a level of this node's national scheme")],
-    role: Annotated[list[str] | None, typer.Option(help="a role (repeatable)")] = None,
     message_type: Annotated[
-        list[str] | None, typer.Option("--type", help="allowed type (repeatable; none: all)")
+        list[str], typer.Option("--type", help="an entitled message type (repeatable), or ALL")
+    ],
+    purpose: Annotated[list[str], typer.Option(help="an entitled purpose (repeatable), or ALL")],
+    role: Annotated[list[str] | None, typer.Option(help="a role of the agreement (repeatable)")] = None,
+    case: Annotated[
+        list[str] | None, typer.Option("--case", help="restrict to this case reference (repeatable)")
     ] = None,
-    purpose: Annotated[list[str] | None, typer.Option(help="allowed purpose (repeatable; none: all)")] = None,
 ) -> None:
-    """Register a local system by its certificate (issued by this node's CA)."""
+    """Register a local system by its certificate (issued by this node's CA). It may do only what
+    it is registered for: its message types and purposes (``ALL`` must be said), its cases (every
+    case unless restricted) and its unit's addressed messages."""
     settings = load_settings(directory)
     agreement = load_agreement(settings.agreement_file)
     levels = list(agreement.schemes[agreement.parties[settings.party].scheme].levels)
     if clearance not in levels:
         raise InvalidInput(f"--clearance must be one of {levels}, not {clearance!r}")
+    units = agreement.organisations[settings.party].units
+    if unit not in units:
+        raise InvalidInput(f"--unit must be one of {sorted(units)}, not {unit!r}")
+    for option, given, known in (
+        ("--type", message_type, agreement.message_types),
+        ("--purpose", purpose, agreement.purposes),
+        ("--role", role or [], agreement.roles),
+    ):
+        unknown = [v for v in given if v not in known and not (v == "ALL" and option != "--role")]
+        if unknown:
+            raise InvalidInput(
+                f"{option}: {unknown} not among {sorted(known)}" + (" or ALL" if option != "--role" else "")
+            )
     pem = cert.read_bytes()
     own_ca = agreement.parties[settings.party].ca_certificate.encode()
     if not crypto.is_issued_by(pem, own_ca):
@@ -187,8 +208,9 @@ def clients_add(
                 "unit": unit,
                 "roles": role or [],
                 "clearance": clearance,
-                "message_types": message_type or [],
-                "purposes": purpose or [],
+                "message_types": message_type,
+                "purposes": purpose,
+                "cases": case or ["ALL"],
                 "created_at": dt.datetime.now(dt.UTC).isoformat(),
             },
         )

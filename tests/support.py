@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import secrets
 import shutil
 import socket
@@ -13,7 +14,10 @@ from pathlib import Path
 import tomli_w
 from typer.testing import CliRunner
 
+from exchange import envelope
 from exchange.cli import app
+from exchange.messages import MessageSubmission, Origin, draft_from_submission
+from exchange.node import Node
 
 PASSPHRASE = "tests-" + secrets.token_urlsafe(18)  # generated per run, never stored
 RUNNER = CliRunner()
@@ -101,9 +105,19 @@ def make_pair(
     return nodes[0], nodes[1]
 
 
+UNITS = {"ID": "TPPO", "MY": "ATIPSOM"}  # each party's anti-trafficking unit in the default terms
+
+
 def register_client(node: NodeDir, name: str, clearance: str, *extra: str) -> ClientFiles:
+    """Issue and register a client; entitled to every type and purpose, in the party's trafficking
+    unit, unless ``extra`` options say otherwise."""
     cli("pki", "issue-client", "--dir", str(node.path), "--name", name, "--out", str(node.path / "clients"))
     files = node.client(name)
+    defaults = [
+        *([] if "--type" in extra else ["--type", "ALL"]),
+        *([] if "--purpose" in extra else ["--purpose", "ALL"]),
+        *([] if "--unit" in extra else ["--unit", UNITS[node.party]]),
+    ]
     cli(
         "clients",
         "add",
@@ -115,10 +129,9 @@ def register_client(node: NodeDir, name: str, clearance: str, *extra: str) -> Cl
         str(files.cert),
         "--agency",
         "Polri" if node.party == "ID" else "PDRM",
-        "--unit",
-        "TPPO",
         "--clearance",
         clearance,
+        *defaults,
         *extra,
     )
     return files
@@ -133,6 +146,7 @@ def rfi(**overrides: object) -> dict[str, object]:
         "classification": {"scheme": "POLRI", "level": "RAHASIA"},
         "tlp": "AMBER",
         "handling_codes": ["H0"],
+        "legal_basis": ["Polri-PDRM police cooperation agreement"],
         "payload": {"summary": "Recruiters moving workers via Batam", "questions": ["Known to PDRM?"]},
     }
     body.update(overrides)
@@ -148,7 +162,28 @@ def response_to(message_id: str, **overrides: object) -> dict[str, object]:
         "purposes": ["TIP_INVESTIGATION"],
         "classification": {"scheme": "ARAHAN", "level": "SULIT"},
         "tlp": "AMBER",
+        "legal_basis": ["Polri-PDRM police cooperation agreement"],
         "payload": {"outcome": "ANSWERED", "answers": [{"question": 0, "answer": "Yes, since March."}]},
     }
     body.update(overrides)
     return body
+
+
+def signed_message(
+    node: Node, created: dt.datetime, checkpoint: str | None = None, **overrides: object
+) -> str:
+    """A genuinely sealed envelope from ``node`` to its partner for ``rfi(**overrides)`` (or a body
+    given as overrides), built from the draft exactly as submit builds it, without the rules."""
+    submission = MessageSubmission.model_validate(rfi(**overrides))
+    draft = draft_from_submission(
+        submission,
+        agreement=node.agreement,
+        catalogue=node.catalogue,
+        sender=node.party,
+        origin=Origin(agency="Polri" if node.party == "ID" else "PDRM", unit=UNITS[node.party]),
+        now=created,
+        checkpoint=checkpoint,
+    )
+    return envelope.seal(
+        draft.signed_json(), signing_key=node.keys.signing, recipient_key=node.partner.encryption
+    )
