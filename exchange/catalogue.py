@@ -32,6 +32,9 @@ DATA_CATEGORIES = (
     "operational-plan",
 )
 
+#: categories that are not personal data: no data subject owns them
+NON_PERSONAL_CATEGORIES = frozenset({"operational-plan"})
+
 PSEUDONYM_PATTERN = r"^[A-Z0-9][A-Z0-9-]{2,39}$"
 Pseudonym = Annotated[str, Field(pattern=PSEUDONYM_PATTERN)]
 Text = Annotated[str, Field(min_length=1, max_length=4000)]

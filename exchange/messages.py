@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from exchange.agreement import Agreement
-from exchange.catalogue import PAYLOAD_MODELS, PSEUDONYM_PATTERN, payload_schema
+from exchange.catalogue import NON_PERSONAL_CATEGORIES, PAYLOAD_MODELS, PSEUDONYM_PATTERN, payload_schema
 from exchange.errors import ConfigurationError, FieldError, InvalidInput
 from exchange.policy.classification import Marking, classify
 from exchange.policy.redaction import ProtectedValue, Shape, protected_values, shape_of
@@ -317,7 +317,7 @@ def _vocabulary_errors(agreement: Agreement, fields: Mapping[str, Any]) -> list[
     unknown("tlp", [t for t in [fields["tlp"]] if t is not None], agreement.tlp)
     unknown("handling_codes", fields["handling_codes"], agreement.handling_codes)
     unknown("priority", [fields["priority"]], agreement.priorities)
-    pseudonyms = [s.pseudonym for s in fields["data_subjects"]]
+    pseudonyms = [s["pseudonym"] for s in fields["data_subjects"]]
     if len(set(pseudonyms)) != len(pseudonyms):
         errors.append(FieldError("data_subjects", "each pseudonym is listed once"))
     return errors
@@ -335,8 +335,10 @@ def personal_data(
     protected = tuple(protected_values(catalogue.shapes[message_type], payload))
     roles = {s.pseudonym: _effective_role(s, child_age) for s in subjects}
     present = set(roles.values())
-    present.update(
-        roles.get(p.subject, UNATTRIBUTED_ROLE) if p.subject else UNATTRIBUTED_ROLE for p in protected
+    present.update(  # personal data no listed subject owns counts as a child victim's
+        roles.get(p.subject, UNATTRIBUTED_ROLE) if p.subject else UNATTRIBUTED_ROLE
+        for p in protected
+        if p.category not in NON_PERSONAL_CATEGORIES
     )
     return {
         "protected": protected,
