@@ -253,15 +253,20 @@ def render(schema: dict[str, Any]) -> str:
 
 
 def write_schemas(folder: Path) -> list[Path]:
-    """Write every payload schema into ``folder``; returns the files written."""
+    """Write every payload schema into ``folder/messages`` and the signed message's schema into
+    ``folder/message.schema.json``; returns the files written."""
+    from exchange.messages import signed_message_schema  # the signed form is built on the catalogue
+
     written = []
     for name in PAYLOAD_MODELS:
-        path = folder / f"{name}.schema.json"
+        path = folder / "messages" / f"{name}.schema.json"
         path.write_text(render(payload_schema(name)))
         written.append(path)
-    return written
+    path = folder / "message.schema.json"
+    path.write_text(render(signed_message_schema()))
+    return [*written, path]
 
 
-if __name__ == "__main__":  # pragma: no cover - a developer's tool
-    for path in write_schemas(Path(sys.argv[1] if len(sys.argv) > 1 else "schemas/messages")):
-        print(path)
+if __name__ == "__main__":  # pragma: no cover - a developer's tool: python -m exchange.catalogue schemas
+    for written in write_schemas(Path(sys.argv[1] if len(sys.argv) > 1 else "schemas")):
+        print(written)

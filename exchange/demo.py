@@ -352,7 +352,7 @@ def _child_victim(polri: DemoNode, pdrm: DemoNode) -> None:
             }
         ],
         "payload": {
-            "summary": "A girl from NTT reported working in a Johor restaurant, passport held by the employer",
+            "summary": "A girl from NTT found working in a Johor restaurant; the employer holds her passport",
             "victims": [
                 {
                     "subject": "VCT-0007",

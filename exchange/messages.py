@@ -174,6 +174,18 @@ class SignedMessage(_Value):
         return value
 
 
+def signed_message_schema() -> dict[str, Any]:
+    """The JSON Schema of the signed message, as published in ``schemas/message.schema.json``."""
+    schema = SignedMessage.model_json_schema()
+    schema["description"] = (
+        "The payload of the inner JWS (RFC 8785 canonical JSON). JWS header: {alg: EdDSA, kid: the "
+        "sender's Ed25519 key id, typ: exchange-message+jws}. `payload` is valid against the schema "
+        "of its type in messages/."
+    )
+    header = {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": "urn:exchange:message:2"}
+    return {**header, **schema}
+
+
 @dataclass(frozen=True)
 class Message:
     """A message as every core function sees it: typed, its personal data indexed.

@@ -10,11 +10,15 @@ import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import tomli_w
+from joserfc import jwe, jws
+from joserfc.registry import HeaderParameter
 from typer.testing import CliRunner
 
 from exchange import envelope
+from exchange.canonical import canonical_json
 from exchange.cli import app
 from exchange.messages import MessageSubmission, Origin, draft_from_submission
 from exchange.node import Node
@@ -187,3 +191,29 @@ def signed_message(
     return envelope.seal(
         draft.signed_json(), signing_key=node.keys.signing, recipient_key=node.partner.encryption
     )
+
+
+def forge_envelope(node: Node, signed: dict[str, Any], header_source: dict[str, Any]) -> str:
+    """An envelope genuinely signed and encrypted by ``node`` whose signed payload is ``signed``
+    as given (for example missing a field), its JWE header taken from ``header_source``: what a
+    partner node at another software version, or a buggy one, could send."""
+    signer = jws.serialize_compact(
+        {"alg": "EdDSA", "kid": node.keys.signing.kid, "typ": "exchange-message+jws"},
+        canonical_json(signed),
+        node.keys.signing,
+        registry=jws.JWSRegistry(algorithms=["EdDSA"]),
+    )
+    fields = {param: header_source[field] for param, field in envelope.HEADER_FIELDS.items()}
+    protected = {
+        "alg": "ECDH-ES+A256KW",
+        "enc": "A256GCM",
+        "kid": node.partner.encryption.kid,
+        "typ": "exchange-envelope+jwe",
+        "cty": "JOSE",
+        **fields,
+    }
+    registry = jwe.JWERegistry(
+        header_registry={name: HeaderParameter(name, lambda _value: None) for name in fields},
+        algorithms=["ECDH-ES+A256KW", "A256GCM"],
+    )
+    return jwe.encrypt_compact(protected, signer, node.partner.encryption, registry=registry)

@@ -61,7 +61,9 @@ def test_bad_input_gets_problem_json_naming_each_field(nodes: tuple[Running, Run
         assert r.headers["content-type"] == "application/problem+json"
         fields = {e["field"] for e in r.json()["errors"]}
         assert {"case_ref", "payload"} <= fields
-        bare = {k: v for k, v in rfi().items() if k not in ("purposes", "classification", "tlp", "legal_basis")}
+        bare = {
+            k: v for k, v in rfi().items() if k not in ("purposes", "classification", "tlp", "legal_basis")
+        }
         r = api.request("POST", "/v1/messages", json=bare)
         assert r.status_code == 403
         (complete,) = r.json()["violations"]

@@ -306,7 +306,10 @@ def test_refusals_are_ledgered_and_nothing_is_queued(pair) -> None:  # type: ign
     assert [e.event for e in entries] == ["submission.refused"]
     assert "R-COMPLETE@1" in entries[0].rules
     assert entries[0].data["refused"] == ["R-COMPLETE@1"]
-    assert entries[0].data["agreement"] == {"version": id_node.agreement.version, "digest": id_node.agreement.digest}
+    assert entries[0].data["agreement"] == {
+        "version": id_node.agreement.version,
+        "digest": id_node.agreement.digest,
+    }
 
 
 def test_an_unmigrated_database_is_refused_naming_the_command(tmp_path: Path) -> None:
