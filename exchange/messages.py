@@ -344,8 +344,11 @@ def personal_data(
 ) -> dict[str, Any]:
     """The personal-data index of a payload: ``protected``, ``roles``, ``subject_roles`` and
     ``categories`` (the fields of :class:`Message` derived from its payload and subjects)."""
-    protected = tuple(protected_values(catalogue.shapes[message_type], payload))
     roles = {s.pseudonym: _effective_role(s, child_age) for s in subjects}
+    protected = tuple(
+        replace(p, role=roles.get(p.subject, UNATTRIBUTED_ROLE) if p.subject else UNATTRIBUTED_ROLE)
+        for p in protected_values(catalogue.shapes[message_type], payload)
+    )
     present = set(roles.values())
     present.update(  # personal data no listed subject owns counts as a child victim's
         roles.get(p.subject, UNATTRIBUTED_ROLE) if p.subject else UNATTRIBUTED_ROLE

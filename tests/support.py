@@ -173,11 +173,11 @@ def response_to(message_id: str, **overrides: object) -> dict[str, object]:
     return body
 
 
-def signed_message(
+def signed_json(
     node: Node, created: dt.datetime, checkpoint: str | None = None, **overrides: object
-) -> str:
-    """A genuinely sealed envelope from ``node`` to its partner for ``rfi(**overrides)`` (or a body
-    given as overrides), built from the draft exactly as submit builds it, without the rules."""
+) -> dict[str, Any]:
+    """The signed form of ``rfi(**overrides)`` from ``node``, built from the draft exactly as submit
+    builds it, without the rules (so a test can play a partner that does not apply them)."""
     submission = MessageSubmission.model_validate(rfi(**overrides))
     draft = draft_from_submission(
         submission,
@@ -188,8 +188,17 @@ def signed_message(
         now=created,
         checkpoint=checkpoint,
     )
+    return draft.signed_json()
+
+
+def signed_message(
+    node: Node, created: dt.datetime, checkpoint: str | None = None, **overrides: object
+) -> str:
+    """A genuinely sealed envelope from ``node`` to its partner of :func:`signed_json`."""
     return envelope.seal(
-        draft.signed_json(), signing_key=node.keys.signing, recipient_key=node.partner.encryption
+        signed_json(node, created, checkpoint, **overrides),
+        signing_key=node.keys.signing,
+        recipient_key=node.partner.encryption,
     )
 
 

@@ -178,6 +178,7 @@ class Decision:
 @dataclass(frozen=True)
 class _Compiled:
     rule: Rule
+    ref: str
     when: Condition | None
     require: Condition | None
 
@@ -191,11 +192,13 @@ class Policy:
         for rule in agreement.rules:
             compiled = _Compiled(
                 rule,
+                rule.ref,
                 compile_condition(rule.when) if rule.when is not None else None,
                 compile_condition(rule.require) if rule.require is not None else None,
             )
             for action in rule.on:
                 self.by_action.setdefault(action, []).append(compiled)
+        self.refs = {action: tuple(c.ref for c in rules) for action, rules in self.by_action.items()}
 
     _cache: dict[str, Policy] = {}  # noqa: RUF012 - one compiled policy per agreement digest
 
@@ -286,17 +289,19 @@ def decide(
     """
     consent = use is not None and any(c.covers(message.id, use, now) for c in consents)
     facts = _facts(agreement, actor, message, use, consent, reply or ReplyContext())
-    compiled = Policy.of(agreement).by_action.get(action, [])
+    policy = Policy.of(agreement)
+    compiled = policy.by_action.get(action, [])
     changes: list[Change] = []
     redactions: dict[tuple[str | int, ...], Redaction] = {}
     applied: list[str] = []
     level, tlp = facts["message.level"], facts["message.tlp"]
     handling = set(message.handling_codes)
+    subjects: dict[str, Any] | None = None
     for item in compiled:
         then = item.rule.then
         if then is None or (item.when is not None and not item.when(facts)):
             continue
-        ref = item.rule.ref
+        ref = item.ref
         applied.append(ref)
         if then.raise_level is not None and (
             level is None or agreement.level_rank(then.raise_level) > agreement.level_rank(level)
@@ -313,14 +318,18 @@ def decide(
                 handling.add(code)
                 changes.append(Change(ref, item.rule.id, "handling", "", code, item.rule.reason))
         for spec, handler in ((then.redact, False), (then.replace_with_handler, True)):
-            if spec is None:
+            if spec is None or not message.protected:
                 continue
+            if subjects is None:
+                subjects = {s.pseudonym: s for s in message.data_subjects}
             for value in message.protected:
-                if value.path in redactions or value.category not in spec.categories:
+                if (
+                    value.category not in spec.categories
+                    or value.role not in spec.subject_roles
+                    or value.path in redactions
+                ):
                     continue
-                if message.role_of(value.subject) not in spec.subject_roles:
-                    continue
-                subject = message.subject(value.subject)
+                subject = subjects.get(value.subject) if value.subject else None
                 replacement = (
                     (subject.handler_ref if handler else subject.pseudonym) if subject else None
                 ) or REDACTED
@@ -335,13 +344,13 @@ def decide(
             rule = item.rule
             missing = missing_facts(rule.require or {}, facts)
             reason = rule.reason + (f" (missing: {', '.join(missing)})" if missing else "")
-            refusals.append(Refusal(rule.ref, rule.id, reason, rule.remedy))
+            refusals.append(Refusal(item.ref, rule.id, reason, rule.remedy))
     return Decision(
         action=action,
-        evaluated=tuple(item.rule.ref for item in compiled),
+        evaluated=policy.refs.get(action, ()),
         refusals=tuple(refusals),
         changes=tuple(changes),
-        redactions=tuple(sorted(redactions.values(), key=lambda r: [str(p) for p in r.path])),
+        redactions=tuple(redactions[v.path] for v in message.protected if v.path in redactions),
         level=level,
         tlp=tlp,
         handling_codes=tuple(sorted(handling)),

@@ -14,7 +14,6 @@ is removed (every categorised field is optional in the catalogue).
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,11 +35,13 @@ class Shape:
 
 @dataclass(frozen=True)
 class ProtectedValue:
-    """A value of a data category in a payload, and the pseudonym of its subject (None: unknown)."""
+    """A value of a data category in a payload, the pseudonym of its subject (None: unknown) and
+    the role that subject counts as (resolved by the message that holds it)."""
 
     path: Path
     category: str
     subject: str | None
+    role: str = ""
 
 
 def pointer(path: Path) -> str:
@@ -107,12 +108,23 @@ def protected_values(shape: Shape, payload: Any) -> list[ProtectedValue]:
 
 
 def replace_values(payload: Mapping[str, Any], replacements: Sequence[tuple[Path, str]]) -> dict[str, Any]:
-    """A copy of ``payload`` with the value at each path replaced (see the module docstring)."""
-    result: dict[str, Any] = copy.deepcopy(dict(payload))
+    """A copy of ``payload`` with the value at each path replaced (see the module docstring).
+
+    Copy on write: only the objects and lists on the way to a replaced value are copied; the rest
+    is shared with ``payload``, which is never modified.
+    """
+    result: dict[str, Any] = dict(payload)
+    copied: set[Path] = {()}
     for path, replacement in replacements:
         parent: Any = result
-        for step in path[:-1]:
-            parent = parent[step]
+        for depth, step in enumerate(path[:-1]):
+            child = parent[step]
+            here = path[: depth + 1]
+            if here not in copied:
+                child = dict(child) if isinstance(child, Mapping) else list(child)
+                parent[step] = child
+                copied.add(here)
+            parent = child
         last = path[-1]
         value = parent[last]
         if isinstance(value, str):

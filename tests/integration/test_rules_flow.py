@@ -24,6 +24,7 @@ from tests.support import (
     register_client,
     response_to,
     rfi,
+    signed_json,
     signed_message,
 )
 
@@ -113,19 +114,7 @@ SIGNED_FIELDS = [
 
 
 def _signed(node: Node) -> dict[str, Any]:
-    submission = MessageSubmission.model_validate(rfi())
-    from exchange.messages import Origin, draft_from_submission
-
-    draft = draft_from_submission(
-        submission,
-        agreement=node.agreement,
-        catalogue=node.catalogue,
-        sender=node.party,
-        origin=Origin(agency="Polri", unit="TPPO"),
-        now=now(),
-        checkpoint=None,
-    )
-    return draft.signed_json()
+    return signed_json(node, now())
 
 
 def _rejections(node: Node) -> list[dict[str, Any]]:
