@@ -11,6 +11,8 @@ and the CLI turns them into a one-line message and a non-zero exit. Domain error
     │   └── DatabaseNotMigrated     the schema is behind; run `exchange db upgrade`
     ├── InvalidInput                bad data from a local client or an operator (field errors)
     ├── NotFound                    no such message, client or entry
+    │   └── ContentDestroyed        the message existed; its content was destroyed (when, why)
+    ├── ContentUnavailable          stored content does not open (its key is gone or it was moved)
     ├── Unauthorised                caller identity missing or not registered
     ├── PolicyRefusal               the agreement's rules refused (names every rule id)
     ├── EnvelopeError               an envelope or receipt failed verification (opaque to the peer)
@@ -57,6 +59,20 @@ class InvalidInput(ExchangeError):
 
 class NotFound(ExchangeError):
     """The requested object does not exist (or the caller may not know it exists)."""
+
+
+class ContentDestroyed(NotFound):
+    """The message existed but its content was destroyed (retention or the originator's request)."""
+
+    def __init__(self, message_id: str, destroyed_at: str, reason: str) -> None:
+        super().__init__(f"the content of message {message_id} was destroyed at {destroyed_at}: {reason}")
+        self.message_id = message_id
+        self.destroyed_at = destroyed_at
+        self.reason = reason
+
+
+class ContentUnavailable(ExchangeError):
+    """Stored content does not open: its key-encryption key is gone, or it is not this message's."""
 
 
 class Unauthorised(ExchangeError):

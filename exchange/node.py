@@ -19,11 +19,13 @@ from exchange import envelope
 from exchange.agreement import Agreement, load_agreement
 from exchange.canonical import sha256_hex
 from exchange.config import NodeSettings
+from exchange.content import ContentStore, destroy_after
 from exchange.crypto import constant_time_equal
 from exchange.db import repo, rows
 from exchange.db.committer import GroupCommitter
 from exchange.db.engine import Database
-from exchange.errors import EnvelopeError, NotFound
+from exchange.errors import ContentDestroyed, EnvelopeError, NotFound
+from exchange.keys.kek import KekStore
 from exchange.keys.store import NodeKeys, PartnerKeys, check_keys_match_agreement, load_node_keys
 from exchange.ledger import EntryDraft
 from exchange.ledger.checkpoint import CheckpointError, verify_checkpoint
@@ -94,6 +96,7 @@ class Node:
         self.keys: NodeKeys = load_node_keys(settings.key_dir, settings.passphrase())
         check_keys_match_agreement(self.keys, self.agreement)
         self.catalogue = Catalogue.for_agreement(self.agreement)
+        self.content = ContentStore(KekStore(settings.key_dir / "kek", settings.passphrase()))
         self.partner_party: PartyId = self.agreement.partner_of(self.party)
         self.partner: PartnerKeys = PartnerKeys.from_agreement(self.agreement, self.partner_party)
         self.db = db or Database(settings.database_url)
@@ -168,9 +171,9 @@ class Node:
             )
             raise decision.refusal()
         message = self._protected(draft, decision)
-        sealed = envelope.seal(
-            message.signed_json(), signing_key=self.keys.signing, recipient_key=self.partner.encryption
-        )
+        signed_json = message.signed_json()
+        signed = envelope.sign(signed_json, signing_key=self.keys.signing)
+        sealed = envelope.seal_signed(signed, signed_json, recipient_key=self.partner.encryption)
         digest = envelope.envelope_digest(sealed)
         assert message.marking is not None
         stored = rows.message_row(
@@ -184,8 +187,13 @@ class Node:
             submitted_by=actor.client_id,
             now=iso(now),
         )
+        stored.update(
+            destroy_after=destroy_after(self.agreement, message.type, now),
+            signer_kid=self.keys.signing.kid,
+        )
 
         def write(conn: Connection, head: repo.LedgerHead) -> repo.LedgerHead:
+            stored.update(self.content.seal(stored, signed))  # under the ledger lock: the live KEK
             repo.insert_message(conn, stored)
             repo.enqueue(conn, message.id, now.timestamp())
             return repo.append_ledger(
@@ -347,7 +355,7 @@ class Node:
                     drafts.append(self._rejection(envelope.envelope_digest(compact), item.reason, None))
                     results.append(PeerResult(False))
                     continue
-                result, new = self._admit(conn, compact, item, now, head.size + len(drafts) + 1)
+                result, new = self._admit(conn, item, now, head.size + len(drafts) + 1)
                 drafts.extend(new)
                 results.append(result)
             repo.append_ledger(conn, head, drafts, at)
@@ -386,7 +394,7 @@ class Node:
         )
 
     def _admit(
-        self, conn: Any, compact: str, admitted: Admitted, now: dt.datetime, inbox_seq: int
+        self, conn: Any, admitted: Admitted, now: dt.datetime, inbox_seq: int
     ) -> tuple[PeerResult, list[EntryDraft]]:
         opened, message = admitted.opened, admitted.message
         mid = message.id
@@ -424,12 +432,19 @@ class Node:
             decision=decision,
             local_level=rows.local_marking(self.agreement, self.party, decision.level),
             status="received",
-            envelope=compact,
+            envelope=None,  # the transport JWE is not kept: its digest is, and the receipt names it
             envelope_sha256=opened.digest,
             submitted_by=None,
             now=iso(now),
         )
-        row.update(receipt=receipt, receipt_at=iso(now), inbox_seq=inbox_seq)
+        row.update(
+            receipt=receipt,
+            receipt_at=iso(now),
+            inbox_seq=inbox_seq,
+            signer_kid=opened.signer_kid,
+            destroy_after=destroy_after(self.agreement, message.type, message.created_at),
+        )
+        row.update(self.content.seal(row, opened.signed))
         repo.insert_message(conn, row)
         data = {"type": message.type, "envelope_sha256": opened.digest, "signer_kid": opened.signer_kid}
         drafts = [
@@ -531,7 +546,9 @@ class Node:
                 if len(items) >= limit:
                     break
                 cursor = int(row["inbox_seq"])
-                item, entry = self._release(actor, row, cursor, now, purposes)
+                if row["destroyed_at"] is not None:
+                    continue  # nothing left to release; its metadata stays in the case view
+                item, entry, _decision = self._release(actor, row, cursor, now, purposes)
                 drafts.append(entry)
                 if item is not None:
                     items.append(item)
@@ -546,13 +563,13 @@ class Node:
         cursor: int,
         now: dt.datetime,
         purposes: frozenset[str] | None,
-    ) -> tuple[dict[str, Any] | None, EntryDraft]:
+    ) -> tuple[dict[str, Any] | None, EntryDraft, Decision]:
         """Decide one release (on metadata first, so a refused message is never decrypted)."""
         view = rows.message_view(row)
         use = Use(purposes) if purposes is not None else default_use(actor, view)
         decision = decide("release", agreement=self.agreement, message=view, actor=actor, use=use, now=now)
         if decision.allowed:
-            message = self._decrypt_stored(row["envelope"])
+            message = self.stored_message(row)
             decision = decide(
                 "release", agreement=self.agreement, message=message, actor=actor, use=use, now=now
             )
@@ -566,15 +583,56 @@ class Node:
             data={"level": row["common_level"], "use": sorted(use.purposes), **decision.ledger_data()},
         )
         if not decision.allowed:
-            return None, entry
+            return None, entry, decision
         payload = redacted_payload(message, decision)
-        return rows.inbox_item(row, message, payload, decision, cursor), entry
+        return rows.inbox_item(row, message, payload, decision, cursor), entry, decision
 
-    def _decrypt_stored(self, compact: str) -> Message:
-        opened = envelope.open_stored(
-            compact, decryption_keys=self.keys.decryption, verification_keys=self.partner.verification
-        )
-        return parse_signed(opened.message, agreement=self.agreement, catalogue=self.catalogue)
+    def stored_message(self, row: dict[str, Any]) -> Message:
+        """The typed message of a stored row, from its content at rest. The signature is not checked
+        again: it was verified when the message was admitted (or made here), under the keys then.
+
+        Raises:
+            ContentDestroyed: its content was destroyed.
+        """
+        signed = envelope.signed_payload(self.content.open(row))
+        return parse_signed(signed, agreement=self.agreement, catalogue=self.catalogue)
+
+    def read(self, actor: Actor, message_id: str, now: dt.datetime) -> dict[str, Any]:
+        """A message's content for a local system: the sender reads what it sent; a received one is
+        released by the rules (redacted, ledgered) as from the inbox.
+
+        Raises:
+            NotFound: no such message, or the caller may not see it.
+            ContentDestroyed: it may, but the content was destroyed (when and why).
+            PolicyRefusal: the release rules refused (ledgered).
+        """
+        with self.db.read() as conn:
+            row = repo.get_message(conn, message_id)
+        if row is None or not self._may_see(actor, row, now):
+            raise NotFound(f"no message {message_id}")
+        if row["destroyed_at"] is not None:
+            raise ContentDestroyed(row["id"], row["destroyed_at"], row["destroyed_reason"])
+        if row["direction"] == "out":
+            message = self.stored_message(row)
+            self._ledger(
+                now,
+                EntryDraft(
+                    event=LedgerEvent.READ,
+                    message_id=row["id"],
+                    case_ref=row["case_ref"],
+                    actor=actor.client_id,
+                    decision="allow",
+                ),
+            )
+            return rows.content_view(row, message, dict(message.payload), ())
+        item, entry = self._release(actor, row, int(row["inbox_seq"] or 0), now, None)
+        self._ledger(now, entry)
+        if item is None:
+            raise PolicyRefusal(
+                [RuleViolation(r, "") for r in entry.data.get("refused", [])]
+                or [RuleViolation("R-RELEASE", "refused")]
+            )
+        return item
 
     # --- ledger ----------------------------------------------------------------------------------
 

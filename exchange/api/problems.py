@@ -16,6 +16,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from exchange.errors import (
     CheckpointConflict,
     ConfigurationError,
+    ContentDestroyed,
+    ContentUnavailable,
     EnvelopeError,
     ExchangeError,
     InvalidInput,
@@ -34,6 +36,8 @@ MEDIA_TYPE = "application/problem+json"
 STATUS_TABLE: dict[type[ExchangeError], tuple[int, str, str]] = {
     InvalidInput: (422, "invalid-input", "The request is invalid"),
     NotFound: (404, "not-found", "Not found"),
+    ContentDestroyed: (410, "destroyed", "The message's content was destroyed"),
+    ContentUnavailable: (500, "content-unavailable", "Stored content could not be opened"),
     Unauthorised: (403, "forbidden", "The client certificate is not registered for this API"),
     PolicyRefusal: (403, "policy-refusal", "Refused by the agreement's rules"),
     EnvelopeError: (400, "envelope-rejected", "The envelope was rejected"),
@@ -69,6 +73,9 @@ async def exchange_error_handler(_request: Request, exc: Exception) -> JSONRespo
             {"rule": v.rule_id, "version": v.rule_version, "reason": v.reason, "remedy": v.remedy}
             for v in exc.violations
         ]
+    elif isinstance(exc, ContentDestroyed):
+        extra["destroyed_at"] = exc.destroyed_at
+        extra["reason"] = exc.reason
     elif isinstance(exc, CheckpointConflict):
         extra["witnessed_size"] = exc.witnessed_size
         extra["incident"] = exc.incident

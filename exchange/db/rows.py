@@ -12,7 +12,7 @@ from typing import Any
 
 from exchange.agreement import Agreement
 from exchange.messages import Message, Origin
-from exchange.policy import Actor, Decision, Marking, national_equivalent
+from exchange.policy import Actor, Decision, Marking, Redaction, national_equivalent
 from exchange.types import PartyId
 
 ALL = "ALL"  # a client entitled to every type, purpose or case says so explicitly
@@ -25,7 +25,7 @@ def message_row(
     decision: Decision,
     local_level: str,
     status: str,
-    envelope: str,
+    envelope: str | None,
     envelope_sha256: str,
     submitted_by: str | None,
     now: str,
@@ -134,6 +134,10 @@ def status_view(row: dict[str, Any]) -> dict[str, Any]:
     view.update(
         status=row["status"],
         status_reason=row["status_reason"],
+        destroyed=(
+            {"at": row["destroyed_at"], "reason": row["destroyed_reason"]} if row["destroyed_at"] else None
+        ),
+        destroy_after=row["destroy_after"],
         attempts=row["attempts"],
         envelope_sha256=row["envelope_sha256"],
         receipt=(
@@ -155,9 +159,18 @@ def inbox_item(
     row: dict[str, Any], message: Message, payload: dict[str, Any], decision: Decision, cursor: int
 ) -> dict[str, Any]:
     """One released message: metadata, the redacted payload, what was redacted, and its cursor."""
+    item = content_view(row, message, payload, decision.redactions)
+    item["cursor"] = cursor
+    return item
+
+
+def content_view(
+    row: dict[str, Any], message: Message, payload: dict[str, Any], redactions: tuple[Redaction, ...]
+) -> dict[str, Any]:
+    """A message with its content as a local system may see it: metadata, markings, subjects, the
+    (redacted) payload and what was redacted."""
     item = _metadata(row)
     item.update(
-        cursor=cursor,
         legal_basis=list(message.legal_basis),
         grading=message.grading.model_dump(mode="json") if message.grading else None,
         priority=message.priority,
@@ -165,7 +178,7 @@ def inbox_item(
         origin=message.origin.model_dump(mode="json"),
         data_subjects=[s.model_dump(mode="json", exclude_none=True) for s in message.data_subjects],
         mla_reference=message.mla_reference,
-        redacted=[{"path": r.pointer, "rule": r.rule} for r in decision.redactions],
+        redacted=[{"path": r.pointer, "rule": r.rule} for r in redactions],
         payload=payload,
     )
     return item

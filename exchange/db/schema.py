@@ -44,7 +44,7 @@ messages = sa.Table(
     sa.Column("submitted_by", sa.String(64)),
     sa.Column("status", sa.String(16), nullable=False),
     sa.Column("status_reason", sa.Text),
-    sa.Column("envelope", sa.Text, nullable=False),  # the JWE: encrypted at rest
+    sa.Column("envelope", sa.Text),  # the transport JWE, kept only until delivered
     sa.Column("envelope_sha256", sa.String(64), nullable=False),
     sa.Column("receipt", sa.Text),
     sa.Column("receipt_at", sa.String(40)),
@@ -57,7 +57,20 @@ messages = sa.Table(
     sa.Column("subject_roles", sa.JSON, nullable=False),
     sa.Column("categories", sa.JSON, nullable=False),
     sa.Column("mla_reference", sa.String(128)),
+    sa.Column("kind", sa.String(16), nullable=False, server_default="information"),  # or control
+    sa.Column("content", sa.Text),  # the signed JWS, encrypted at rest (exchange.envelope.at_rest)
+    sa.Column("content_kid", sa.String(32)),  # the KEK that wraps it
+    sa.Column("content_sha256", sa.String(64)),  # of the signed JWS: evidence after destruction
+    sa.Column("signer_kid", sa.String(128)),
+    sa.Column("destroy_after", sa.String(40)),
+    sa.Column("destroyed_at", sa.String(40)),
+    sa.Column("destroyed_reason", sa.Text),
+    sa.Column("response_due", sa.String(40)),
+    sa.Column("overdue_at", sa.String(40)),  # when the overdue request was ledgered
 )
+sa.Index("ix_messages_destroy_after", messages.c.destroy_after)
+sa.Index("ix_messages_content_kid", messages.c.content_kid)
+sa.Index("ix_messages_in_reply_to", messages.c.in_reply_to)
 sa.Index("ix_messages_case_ref", messages.c.case_ref)
 sa.Index("ix_messages_thread_id", messages.c.thread_id)
 sa.Index("ix_messages_direction_inbox_seq", messages.c.direction, messages.c.inbox_seq)
@@ -129,4 +142,36 @@ witnessed = sa.Table(
     sa.Column("proof", sa.Text, nullable=False),  # JSON list of hex hashes, from previous_size
     sa.Column("cosignature", sa.Text, nullable=False),
     sa.Column("witnessed_at", sa.String(40), nullable=False),
+)
+
+consent_requests = sa.Table(
+    "consent_requests",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("message_id", sa.String(64), nullable=False, index=True),
+    sa.Column("direction", sa.String(3), nullable=False),  # out: we asked; in: asked of us
+    sa.Column("requested_by", sa.String(64)),
+    sa.Column("recipient", sa.String(64)),
+    sa.Column("purposes", sa.JSON, nullable=False),
+    sa.Column("justification", sa.Text, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("requested_at", sa.String(40), nullable=False),
+    sa.Column("decided_by", sa.String(64)),
+    sa.Column("decided_at", sa.String(40)),
+    sa.Column("conditions", sa.Text),
+    sa.Column("expires_at", sa.String(40)),
+    sa.Column("revoked_at", sa.String(40)),
+)
+
+reclassifications = sa.Table(
+    "reclassifications",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("message_id", sa.String(64), nullable=False, index=True),
+    sa.Column("scheme", sa.String(32), nullable=False),
+    sa.Column("from_level", sa.String(64), nullable=False),
+    sa.Column("to_level", sa.String(64), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("notice_id", sa.String(64), nullable=False),
+    sa.Column("at", sa.String(40), nullable=False),
 )

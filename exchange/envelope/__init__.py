@@ -8,6 +8,9 @@ from exchange.envelope.jose import (
     open_stored,
     peek_header,
     seal,
+    seal_signed,
+    sign,
+    signed_payload,
 )
 from exchange.envelope.receipt import Receipt, sign_receipt, verify_receipt
 
@@ -20,6 +23,9 @@ __all__ = [
     "open_stored",
     "peek_header",
     "seal",
+    "seal_signed",
+    "sign",
     "sign_receipt",
+    "signed_payload",
     "verify_receipt",
 ]

@@ -86,6 +86,7 @@ class OpenedEnvelope:
     signer_kid: KeyId
     recipient_kid: KeyId
     digest: str  # hex SHA-256 of the compact JWE as received
+    signed: str = ""  # the verified compact JWS (kept at rest as evidence)
 
 
 def envelope_digest(compact: str) -> str:
@@ -100,20 +101,43 @@ def _header_of(message: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"message lacks the envelope field {exc.args[0]!r}") from exc
 
 
+def sign(message: Mapping[str, Any], *, signing_key: OKPKey) -> str:
+    """The compact JWS of ``message`` (canonical JSON). Raises ``ValueError`` without a kid."""
+    if signing_key.kid is None:
+        raise ValueError("the signing key must carry a kid")
+    return jws.serialize_compact(
+        {"alg": JWS_ALG, "kid": signing_key.kid, "typ": SIGNED_TYP},
+        canonical_json(dict(message)),
+        signing_key,
+        registry=_JWS_REGISTRY,
+    )
+
+
+def signed_payload(signed: str) -> dict[str, Any]:
+    """The message inside a compact JWS, NOT verified: only for a JWS this node signed itself or
+    verified when it admitted it (content at rest). Raises EnvelopeError("malformed")."""
+    try:
+        payload = json.loads(jws.extract_compact(signed.encode()).payload)
+    except (JoseError, ValueError) as exc:
+        raise EnvelopeError("malformed", "not a compact JWS with a JSON payload") from exc
+    if not isinstance(payload, dict):
+        raise EnvelopeError("malformed", "the signed payload is not an object")
+    return payload
+
+
 def seal(message: Mapping[str, Any], *, signing_key: OKPKey, recipient_key: OKPKey) -> str:
     """Sign ``message`` (canonical JSON) and encrypt it for ``recipient_key``.
 
     Returns the compact JWE. Raises ``ValueError`` if the message lacks an envelope field or
     holds a value JSON cannot represent.
     """
-    if signing_key.kid is None or recipient_key.kid is None:
-        raise ValueError("both keys must carry a kid")
-    signed = jws.serialize_compact(
-        {"alg": JWS_ALG, "kid": signing_key.kid, "typ": SIGNED_TYP},
-        canonical_json(dict(message)),
-        signing_key,
-        registry=_JWS_REGISTRY,
-    )
+    return seal_signed(sign(message, signing_key=signing_key), message, recipient_key=recipient_key)
+
+
+def seal_signed(signed: str, message: Mapping[str, Any], *, recipient_key: OKPKey) -> str:
+    """Encrypt the JWS ``signed`` of ``message`` for ``recipient_key`` (the envelope's JWE)."""
+    if recipient_key.kid is None:
+        raise ValueError("the recipient key must carry a kid")
     protected = {
         "alg": JWE_ALG,
         "enc": JWE_ENC,
@@ -214,6 +238,7 @@ def _decrypt_and_verify(
         signer_kid=KeyId(signer_kid),
         recipient_kid=KeyId(recipient_kid),
         digest=envelope_digest(compact),
+        signed=signed.decode() if isinstance(signed, bytes) else str(signed),
     )
 
 
