@@ -625,13 +625,10 @@ class Node:
                 ),
             )
             return rows.content_view(row, message, dict(message.payload), ())
-        item, entry = self._release(actor, row, int(row["inbox_seq"] or 0), now, None)
+        item, entry, decision = self._release(actor, row, int(row["inbox_seq"] or 0), now, None)
         self._ledger(now, entry)
         if item is None:
-            raise PolicyRefusal(
-                [RuleViolation(r, "") for r in entry.data.get("refused", [])]
-                or [RuleViolation("R-RELEASE", "refused")]
-            )
+            raise decision.refusal()
         return item
 
     # --- ledger ----------------------------------------------------------------------------------
