@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from exchange.cli import app
 
 PASSPHRASE = "tests-" + secrets.token_urlsafe(18)  # generated per run, never stored
+CLIENT_PASSPHRASE = "client-" + secrets.token_urlsafe(18)  # local systems' keys have their own
 RUNNER = CliRunner()
 
 
