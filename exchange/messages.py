@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from jsonschema import Draft202012Validator
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from exchange.agreement import Agreement
 from exchange.errors import ConfigurationError, FieldError, InvalidInput
@@ -60,6 +60,18 @@ class MessageSubmission(BaseModel):
     priority: Literal["ROUTINE", "URGENT"] = "ROUTINE"
     response_due: dt.datetime | None = None
     payload: dict[str, Any]
+
+    @field_validator("response_due")
+    @classmethod
+    def _due_is_future_and_zoned(cls, value: dt.datetime | None) -> dt.datetime | None:
+        """A deadline names its time zone and lies ahead (checked at the API edge, on arrival)."""
+        if value is None:
+            return None
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError("must name its time zone (Z or +07:00)")
+        if value <= dt.datetime.now(dt.UTC):
+            raise ValueError("is in the past")
+        return value
 
 
 @functools.cache
