@@ -64,6 +64,12 @@ def client_ssl_context(
     return ctx
 
 
+def escape_segment(value: str) -> str:
+    """``value`` as one URL path segment: every reserved character and every dot percent-encoded,
+    so that ``/``, ``?``, ``#`` and ``..`` in an id can never change which path the partner sees."""
+    return quote(value, safe="").replace(".", "%2E")
+
+
 def parse_results(body: object, expected: int) -> list[PeerResult]:
     """Parse the peer's batch answer. Raises TransportError if it is not the agreed shape."""
     if not isinstance(body, dict) or not isinstance(body.get("results"), list):
@@ -129,7 +135,7 @@ class HttpsPeerTransport:
 
     def message_history(self, message_id: str) -> list[dict[str, Any]]:
         try:
-            response = self._client.get(f"{HISTORY_PATH}/{quote(message_id, safe='')}")
+            response = self._client.get(f"{HISTORY_PATH}/{escape_segment(message_id)}")
             body = response.json()
         except (httpx.HTTPError, ValueError) as exc:
             raise TransportError(f"history request failed: {type(exc).__name__}: {exc}") from exc
