@@ -18,7 +18,7 @@ from exchange.api.problems import MEDIA_TYPE, PROBLEM_STATUSES, Problem
 PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
 UNAUTHENTICATED_PATHS = {"/healthz"}
 #: problems an operation answers beyond those its shape implies, by path
-EXTRA_PROBLEMS: dict[str, set[int]] = {"/v1/peer/checkpoints": {400, 409}}
+EXTRA_PROBLEMS: dict[str, set[int]] = {"/v1/peer/checkpoints": {400, 409}, "/v1/audit/export": {404}}
 SECURITY_SCHEME = {
     "type": "mutualTLS",
     "description": (
