@@ -40,8 +40,16 @@ def write_private(path: Path, data: bytes | str) -> Path:
 
 
 def create_private(path: Path) -> None:
-    """Create ``path`` empty and owner-only if it does not exist; make it owner-only if it does."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, FILE_MODE)
+    """Create ``path`` empty and owner-only if it does not exist; make it owner-only if it does.
+
+    An existing file is never opened: closing a descriptor of a SQLite database releases every POSIX
+    lock this process holds on it, under the feet of its open connections.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    except FileExistsError:
+        path.chmod(FILE_MODE)
+        return
     try:
         os.fchmod(fd, FILE_MODE)
     finally:
