@@ -9,12 +9,11 @@ on its identity whatever the TOML formatting. Changing a rule is an edit here, n
 
 from __future__ import annotations
 
-import json
 import tomllib
 from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -111,7 +110,74 @@ class MessageType(_Strict):
     )
     purposes: tuple[str, ...] = Field(min_length=1)
     replies_to: tuple[str, ...] = ()
+    intelligence: bool = Field(default=False, description="carries intelligence: must be graded")
     retention_days: int = Field(default=1825, gt=0)
+
+
+class Organisation(_Strict):
+    """A party's police organisation: which agencies count as police, and its addressable units."""
+
+    police_agencies: tuple[str, ...] = Field(min_length=1)
+    units: dict[Identifier, str] = Field(min_length=1)
+
+
+class ThirdParty(_Strict):
+    """A recipient outside the two police forces that onward releases may name."""
+
+    name: str
+    police: bool = False
+
+
+Action = Literal["submit", "receive", "release", "onward"]
+ACTIONS: tuple[Action, ...] = ("submit", "receive", "release", "onward")
+SUBJECT_ROLES = ("SUSPECT", "VICTIM_ADULT", "VICTIM_CHILD", "AGE_UNKNOWN", "WITNESS", "INFORMANT")
+
+
+class Replacement(_Strict):
+    """Which personal data an obligation replaces: categories of subjects in these roles."""
+
+    subject_roles: tuple[str, ...] = Field(min_length=1)
+    categories: tuple[str, ...] = Field(min_length=1)
+
+
+class Obligation(_Strict):
+    """What an obligation rule changes when it applies."""
+
+    raise_level: str | None = None
+    raise_tlp: str | None = None
+    add_handling: tuple[str, ...] = ()
+    redact: Replacement | None = None
+    replace_with_handler: Replacement | None = None
+
+
+class Rule(_Strict):
+    """One rule of the agreement: a check (``require``) or an obligation (``then``)."""
+
+    id: str = Field(pattern=r"^R-[A-Z0-9-]{1,62}$")
+    version: int = Field(ge=1)
+    on: tuple[Action, ...] = Field(min_length=1)
+    when: dict[str, Any] | None = None
+    require: dict[str, Any] | None = None
+    then: Obligation | None = None
+    reason: str = Field(min_length=1)
+    remedy: str = ""
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Rule:
+        from exchange.policy.conditions import compile_condition  # the condition language
+
+        if (self.require is None) == (self.then is None):
+            raise ValueError(f"rule {self.id}: give exactly one of require (a check) or then (an obligation)")
+        for name in ("when", "require"):
+            spec = getattr(self, name)
+            if spec is not None:
+                compile_condition(spec, f"rule {self.id}.{name}")
+        return self
+
+    @property
+    def ref(self) -> str:
+        """``id@version``, as decisions and the ledger name the rule."""
+        return f"{self.id}@{self.version}"
 
 
 class Agreement(_Strict):
@@ -124,15 +190,60 @@ class Agreement(_Strict):
     schemes: dict[str, Scheme]
     purposes: dict[Identifier, str] = Field(min_length=1)
     handling_codes: dict[Identifier, str] = Field(min_length=1)
-    tlp: tuple[str, ...] = ("CLEAR", "GREEN", "AMBER", "AMBER+STRICT", "RED")
+    tlp: tuple[str, ...] = Field(min_length=1, description="TLP values, least to most restrictive")
+    priorities: tuple[str, ...] = Field(min_length=1)
+    party_schemes: dict[PartyId, str] = Field(description="each party's national scheme (for compose)")
+    roles: dict[Identifier, str] = Field(min_length=1)
+    organisations: dict[PartyId, Organisation]
+    third_parties: dict[Identifier, ThirdParty] = Field(default_factory=dict)
+    child_age: int = Field(default=18, ge=1, le=30, description="a victim younger than this is a child")
     message_types: dict[Identifier, MessageType] = Field(min_length=1)
+    rules: tuple[Rule, ...] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _consistent(self) -> Agreement:
         problems = consistency_problems(self.model_dump(mode="json", by_alias=True))
+        problems.extend(self._rule_problems())
+        if set(self.organisations) != set(PARTIES):
+            problems.append(f"organisations must name exactly {list(PARTIES)}")
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _rule_problems(self) -> list[str]:
+        problems: list[str] = []
+        seen: set[str] = set()
+        for rule in self.rules:
+            if rule.id in seen:
+                problems.append(f"rules: {rule.id} is defined twice")
+            seen.add(rule.id)
+            then = rule.then
+            if then is None:
+                continue
+            if then.raise_level is not None and then.raise_level not in self.common_levels:
+                problems.append(f"rule {rule.id}: unknown level {then.raise_level!r}")
+            if then.raise_tlp is not None and then.raise_tlp not in self.tlp:
+                problems.append(f"rule {rule.id}: unknown TLP {then.raise_tlp!r}")
+            for code in then.add_handling:
+                if code not in self.handling_codes:
+                    problems.append(f"rule {rule.id}: unknown handling code {code!r}")
+            for replacement in (then.redact, then.replace_with_handler):
+                if replacement is None:
+                    continue
+                for role in replacement.subject_roles:
+                    if role not in SUBJECT_ROLES:
+                        problems.append(f"rule {rule.id}: unknown subject role {role!r}")
+        for action in ACTIONS:  # an empty policy is an error, never "allow all"
+            if not any(action in r.on and r.require is not None for r in self.rules):
+                problems.append(f"rules: no check rule for the {action} action")
+        return problems
+
+    def tlp_rank(self, tlp: str) -> int:
+        """Position of a TLP value (0 = least restrictive). Raises ValueError if unknown."""
+        return self.tlp.index(tlp)
+
+    def units_of(self, party: PartyId) -> frozenset[str]:
+        return frozenset(self.organisations[party].units)
 
     @cached_property
     def digest(self) -> str:
@@ -212,21 +323,13 @@ def consistency_problems(data: Mapping[str, Any]) -> list[str]:
 
 
 def _schema_problem(schema_file: str) -> str | None:
-    """Why a payload schema named by the agreement is unusable, or None."""
-    from jsonschema import Draft202012Validator
-    from jsonschema.exceptions import SchemaError
+    """Why a payload schema named by the agreement is unusable (not one of the catalogue's), or None."""
+    from exchange.catalogue import PAYLOAD_MODELS
 
-    from exchange.messages import data_dir  # messages imports this module: import at use
-
-    path = data_dir("schemas") / "messages" / schema_file
-    try:
-        Draft202012Validator.check_schema(json.loads(path.read_text()))
-    except FileNotFoundError:
-        return f"no such payload schema {path}"
-    except (OSError, ValueError) as exc:
-        return f"{path} is not JSON: {exc}"
-    except SchemaError as exc:
-        return f"{path} is not a valid JSON Schema: {exc.message}"
+    stem = schema_file.removesuffix(".schema.json")
+    if stem not in PAYLOAD_MODELS:
+        known = ", ".join(f"{s}.schema.json" for s in PAYLOAD_MODELS)
+        return f"no such payload schema {schema_file!r} in the catalogue ({known})"
     return None
 
 
@@ -239,12 +342,11 @@ def parse_agreement(data: dict[str, Any], source: str = "agreement") -> Agreemen
     try:
         return Agreement.model_validate(data)
     except ValidationError as exc:
-        problems = [
-            f"{'.'.join(str(p) for p in err['loc']) or '(document)'}: {err['msg']}"
-            for err in exc.errors()
-            if err["loc"]  # the cross-reference errors are reported below, each on its own
-        ]
-        problems += consistency_problems(data)
+        errors = exc.errors()
+        problems = [f"{'.'.join(str(p) for p in err['loc']) or '(document)'}: {err['msg']}" for err in errors]
+        if any(err["loc"] for err in errors):  # the cross-checks did not run: run them on the raw data
+            problems = [p for p, err in zip(problems, errors, strict=True) if err["loc"]]
+            problems += consistency_problems(data)
         raise ConfigurationError(f"{source} is invalid: {'; '.join(problems)}") from exc
 
 

@@ -89,7 +89,9 @@ class AuditService:
             if value:
                 query = query.where(column == value)
         if where.rule:
-            query = query.where(c.rules.contains(f" {where.rule} "))
+            # a rule ref (R-X@1) exactly, or a rule id at any version
+            wanted = f" {where.rule} " if "@" in where.rule else f" {where.rule}@"
+            query = query.where(c.rules.contains(wanted))
         if where.since:
             query = query.where(c.at >= where.since)
         if where.until:

@@ -25,7 +25,7 @@ from joserfc.jwk import OKPKey
 from pydantic import ValidationError
 
 from exchange import crypto, envelope
-from exchange.agreement import Agreement, load_agreement, parse_agreement
+from exchange.agreement import load_agreement, parse_agreement
 from exchange.auditing import AuditService, audit_keys
 from exchange.config import NODE_FILE, check_passphrase, load_settings, resolve_passphrase
 from exchange.db import repo
@@ -69,8 +69,6 @@ CLIENT_PASSPHRASE_VAR = "EXCHANGE_CLIENT_KEY_PASSPHRASE"  # noqa: S105 (a variab
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _HOST_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 HOSTNAME_PATTERN = re.compile(rf"(?=.{{1,253}}$){_HOST_LABEL}(?:\.{_HOST_LABEL})*\.?")
-#: roles a client may hold when the agreement lists none (AUDITOR: ledger metadata only)
-DEFAULT_ROLES = ("AUDITOR", "INVESTIGATOR", "ANALYST", "LIAISON", "CHILD_PROTECTION", "VICTIM_SERVICES")
 
 
 @app.callback()
@@ -164,7 +162,6 @@ def init(
         "node_key_sha256": crypto.public_key_sha256(tls.node_cert.read_bytes())
         if tls.node_cert.exists()
         else "",
-        "scheme": "POLRI" if party == "ID" else "ARAHAN",
         "ca_certificate": tls.ca_cert.read_text() if tls.ca_cert.exists() else "",
         **public_party_keys(ring),
     }
@@ -194,6 +191,10 @@ def agreement_compose(
         if not isinstance(fragment.get("id"), str):
             raise InvalidInput(f"--party {path} has no party id: use a party.toml from `exchange init`")
         parties[str(fragment.pop("id"))] = fragment
+    for pid, fragment in parties.items():  # each party classifies in the scheme the terms give it
+        scheme = data.get("party_schemes", {}).get(pid)
+        if scheme is not None:
+            fragment["scheme"] = scheme
     data["parties"] = parties
     if version:
         data["version"] = version
@@ -232,20 +233,6 @@ def _node_database(directory: Path) -> Database:
     return db
 
 
-def _known_roles(agreement: Agreement) -> tuple[str, ...]:
-    roles = getattr(agreement, "roles", None)  # the agreement's list of roles, where it has one
-    return tuple(roles) if roles else DEFAULT_ROLES
-
-
-def _check_listed(option: str, values: list[str], allowed: object) -> None:
-    known = sorted(str(v) for v in allowed)  # type: ignore[attr-defined]
-    unknown = [v for v in values if v not in known]
-    if unknown:
-        raise InvalidInput(
-            f"{option} {', '.join(map(repr, unknown))} unknown: choose from {', '.join(known)}"
-        )
-
-
 def _check_text(option: str, value: str) -> str:
     if not value.strip() or not value.isprintable() or len(value) > 128:
         raise InvalidInput(f"{option} must be 1-128 printable characters, not {value!r}")
@@ -282,6 +269,10 @@ def clients_add(
     agency: Annotated[str, typer.Option()],
     unit: Annotated[str, typer.Option()],
     clearance: Annotated[str, typer.Option(help="a level of this node's national scheme")],
+    message_type: Annotated[
+        list[str], typer.Option("--type", help="an entitled message type (repeatable), or ALL")
+    ],
+    purpose: Annotated[list[str], typer.Option(help="an entitled purpose (repeatable), or ALL")],
     cert: Annotated[
         Path | None, typer.Option(help="the client's certificate (PEM)", exists=True, dir_okay=False)
     ] = None,
@@ -292,17 +283,17 @@ def clients_add(
     out: Annotated[
         Path | None, typer.Option(help="with --csr: where to write the client's certificate", dir_okay=False)
     ] = None,
-    role: Annotated[list[str] | None, typer.Option(help="a role (repeatable)")] = None,
-    message_type: Annotated[
-        list[str] | None, typer.Option("--type", help="allowed type (repeatable; none: all)")
+    role: Annotated[list[str] | None, typer.Option(help="a role of the agreement (repeatable)")] = None,
+    case: Annotated[
+        list[str] | None, typer.Option("--case", help="restrict to this case reference (repeatable)")
     ] = None,
-    purpose: Annotated[list[str] | None, typer.Option(help="allowed purpose (repeatable; none: all)")] = None,
 ) -> None:
     """Register a local system by its certificate (issued by this node's CA), or sign its CSR with
-    the node's CA and register the certificate (the client's private key never leaves it)."""
+    the node's CA and register the certificate (the client's private key never leaves it). It may do
+    only what it is registered for: its message types and purposes (``ALL`` must be said), its cases
+    (every case unless restricted) and its unit's addressed messages."""
     _check_name("--id", client_id)
     _check_text("--agency", agency)
-    _check_text("--unit", unit)
     if (cert is None) == (csr is None):
         raise InvalidInput("give exactly one of --cert FILE or --csr FILE")
     if csr is not None and out is None:
@@ -312,9 +303,19 @@ def clients_add(
     levels = list(agreement.schemes[agreement.parties[settings.party].scheme].levels)
     if clearance not in levels:
         raise InvalidInput(f"--clearance must be one of {levels}, not {clearance!r}")
-    _check_listed("--role", role or [], _known_roles(agreement))
-    _check_listed("--type", message_type or [], agreement.message_types)
-    _check_listed("--purpose", purpose or [], agreement.purposes)
+    units = agreement.organisations[settings.party].units
+    if unit not in units:
+        raise InvalidInput(f"--unit must be one of {sorted(units)}, not {unit!r}")
+    for option, given, known in (
+        ("--type", message_type, agreement.message_types),
+        ("--purpose", purpose, agreement.purposes),
+        ("--role", role or [], agreement.roles),
+    ):
+        unknown = [v for v in given if v not in known and not (v == "ALL" and option != "--role")]
+        if unknown:
+            raise InvalidInput(
+                f"{option}: {unknown} not among {sorted(known)}" + (" or ALL" if option != "--role" else "")
+            )
     tls = TLSFiles(settings.tls_dir)
     if csr is not None and out is not None:
         try:
@@ -339,8 +340,9 @@ def clients_add(
                 "unit": unit,
                 "roles": role or [],
                 "clearance": clearance,
-                "message_types": message_type or [],
-                "purposes": purpose or [],
+                "message_types": message_type,
+                "purposes": purpose,
+                "cases": case or ["ALL"],
                 "created_at": dt.datetime.now(dt.UTC).isoformat(),
             },
         )

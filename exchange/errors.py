@@ -65,10 +65,13 @@ class Unauthorised(ExchangeError):
 
 @dataclass(frozen=True)
 class RuleViolation:
-    """One rule of the agreement that refused, with its stable id and a reason."""
+    """One rule of the agreement that refused: its stable id, a reason, its ``id@version`` and what
+    would satisfy it."""
 
     rule_id: str
     reason: str
+    rule_version: str = ""
+    remedy: str = ""
 
 
 class PolicyRefusal(ExchangeError):

@@ -19,8 +19,7 @@ from exchange.api.guard import RequestGuard, SecurityHeaders
 from exchange.api.routes import audit_router, client_router, console_router, health_router, peer_router
 from exchange.auditing import AuditService
 from exchange.checkpoints import CheckpointService
-from exchange.errors import ExchangeError, FieldError, InvalidInput
-from exchange.messages import validate_payload
+from exchange.errors import ExchangeError, FieldError
 from exchange.node import Node
 from exchange.transport.checkpointer import Checkpointer
 from exchange.transport.peer import PeerTransport
@@ -34,11 +33,7 @@ def payload_errors(node: Node, body: dict[str, Any]) -> list[FieldError]:
         return []
     if not isinstance(payload, dict):
         return []
-    try:
-        validate_payload(node.agreement, message_type, payload)
-    except InvalidInput as exc:
-        return list(exc.errors)
-    return []
+    return node.catalogue.payload_errors(message_type, payload)
 
 
 def create_app(node: Node, transport: PeerTransport | None = None, *, run_worker: bool = True) -> FastAPI:

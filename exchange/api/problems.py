@@ -113,7 +113,10 @@ async def exchange_error_handler(_request: Request, exc: Exception) -> JSONRespo
     if isinstance(exc, InvalidInput):
         extra["errors"] = [{"field": e.field, "message": e.message} for e in exc.errors]
     elif isinstance(exc, PolicyRefusal):
-        extra["violations"] = [{"rule": v.rule_id, "reason": v.reason} for v in exc.violations]
+        extra["violations"] = [
+            {"rule": v.rule_id, "version": v.rule_version, "reason": v.reason, "remedy": v.remedy}
+            for v in exc.violations
+        ]
     elif isinstance(exc, CheckpointConflict):
         extra["witnessed_size"] = exc.witnessed_size
         extra["incident"] = exc.incident

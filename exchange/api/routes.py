@@ -44,11 +44,31 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+class Raised(BaseModel):
+    rule: str
+    version: str = Field(description="id@version of the rule")
+    kind: str = Field(description="level, tlp or handling")
+    from_: str = Field(alias="from")
+    to: str
+    reason: str
+
+
+class Replaced(BaseModel):
+    path: str = Field(description="where in the message a value was replaced (never the value)")
+    rule: str
+
+
 class Accepted(BaseModel):
     id: str
     status: str
     thread_id: str
-    classification: dict[str, Any]
+    classification: dict[str, Any] = Field(
+        description="the final marking in this node's scheme and its equivalent in the partner's"
+    )
+    tlp: str
+    handling_codes: list[str]
+    raised: list[Raised] = Field(description="every floor that raised the marking, with its rule and reason")
+    replaced: list[Replaced] = Field(description="identities replaced before sealing (an informant's)")
     envelope_sha256: str
 
 
@@ -56,8 +76,9 @@ class Accepted(BaseModel):
 def submit_message(submission: MessageSubmission, actor: LocalClient, request: Request) -> dict[str, Any]:
     """Validate, classify, apply the agreement's rules, seal and queue a message for the partner.
 
-    Answers 202 with the message id and its final classification (in both national schemes), or a
-    problem naming every invalid field (422) or every rule that refused (403).
+    Answers 202 with the message id, its final classification (in both national schemes) and every
+    floor that raised it, or a problem naming every invalid field (422) or every rule that refused
+    with what would satisfy it (403).
     """
     node = node_of(request)
     accepted = node.submit(actor, submission, _now())
@@ -70,7 +91,14 @@ def submit_message(submission: MessageSubmission, actor: LocalClient, request: R
 )
 def message_status(message_id: str, actor: LocalClient, request: Request) -> dict[str, Any]:
     """queued, sent, delivered (with the partner's signed receipt) or failed (with the reason)."""
-    return node_of(request).status(actor, message_id)
+    return node_of(request).status(actor, message_id, _now())
+
+
+@client_router.get("/cases/{case_ref:path}", summary="A case with its messages, in this client's view")
+def case_view(case_ref: str, actor: LocalClient, request: Request) -> dict[str, Any]:
+    """Every message of the case this system may see (sent by it, or released to it by the rules),
+    oldest first, metadata only; 404 if it may see none."""
+    return node_of(request).case(actor, case_ref, _now())
 
 
 @client_router.get("/inbox", summary="Pull received messages", response_model=models.InboxPage)
@@ -81,10 +109,19 @@ def inbox(
         int, Query(ge=0, le=models.MAX_INT64, description="cursor: next_cursor of the previous page")
     ] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    purpose: Annotated[
+        list[str] | None, Query(description="the use of this pull (default: the client's purposes)")
+    ] = None,
 ) -> dict[str, Any]:
-    """Messages from the partner this system is cleared for, in order, from the cursor on."""
+    """Messages from the partner this system may receive, in order, from the cursor on, each with
+    its marking in both schemes and the paths the rules redacted. Every release and every refusal is
+    ledgered with the rules that decided it."""
     node = node_of(request)
-    page = node.inbox(actor, after, min(limit, node.settings.inbox_page_max), _now())
+    unknown = [p for p in purpose or [] if p not in node.agreement.purposes]
+    if unknown:
+        raise InvalidInput("unknown purpose", [FieldError("purpose", f"{unknown} not among the purposes")])
+    use = frozenset(purpose) if purpose else None
+    page = node.inbox(actor, after, min(limit, node.settings.inbox_page_max), _now(), use)
     return {"items": page.items, "next_cursor": page.next_cursor}
 
 

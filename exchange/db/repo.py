@@ -88,6 +88,23 @@ def inbound_after(conn: Connection, after: int, limit: int) -> list[dict[str, An
     return [dict(r._mapping) for r in rows]
 
 
+def messages_in_case(conn: Connection, case_ref: str, limit: int) -> list[dict[str, Any]]:
+    """The messages of a case (both directions), oldest first."""
+    rows = conn.execute(
+        sa.select(messages)
+        .where(messages.c.case_ref == case_ref)
+        .order_by(messages.c.created_at)
+        .limit(limit)
+    )
+    return [dict(r._mapping) for r in rows]
+
+
+def messages_in_thread(conn: Connection, thread_id: str, limit: int = 200) -> list[dict[str, Any]]:
+    """The messages of a thread (both directions)."""
+    rows = conn.execute(sa.select(messages).where(messages.c.thread_id == thread_id).limit(limit))
+    return [dict(r._mapping) for r in rows]
+
+
 # --- outbox --------------------------------------------------------------------------------------
 
 

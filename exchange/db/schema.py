@@ -18,6 +18,7 @@ clients = sa.Table(
     sa.Column("message_types", sa.JSON, nullable=False),
     sa.Column("purposes", sa.JSON, nullable=False),
     sa.Column("created_at", sa.String(40), nullable=False),
+    sa.Column("cases", sa.JSON, nullable=False),  # ["ALL"] or the case references it may handle
 )
 
 messages = sa.Table(
@@ -50,7 +51,15 @@ messages = sa.Table(
     sa.Column("inbox_seq", sa.BigInteger, unique=True),
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
     sa.Column("updated_at", sa.String(40), nullable=False),
+    # what release decisions read without decrypting: never a value, only roles, categories, names
+    sa.Column("addressed_to", sa.JSON, nullable=False),
+    sa.Column("recipients", sa.JSON, nullable=False),
+    sa.Column("subject_roles", sa.JSON, nullable=False),
+    sa.Column("categories", sa.JSON, nullable=False),
+    sa.Column("mla_reference", sa.String(128)),
 )
+sa.Index("ix_messages_case_ref", messages.c.case_ref)
+sa.Index("ix_messages_thread_id", messages.c.thread_id)
 sa.Index("ix_messages_direction_inbox_seq", messages.c.direction, messages.c.inbox_seq)
 
 outbox = sa.Table(

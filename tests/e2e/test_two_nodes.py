@@ -60,14 +60,28 @@ def test_bad_input_gets_problem_json_naming_each_field(nodes: tuple[Running, Run
         assert r.status_code == 422
         assert r.headers["content-type"] == "application/problem+json"
         fields = {e["field"] for e in r.json()["errors"]}
-        assert {"case_ref", "purposes", "classification", "tlp", "payload"} <= fields
+        assert {"case_ref", "payload"} <= fields
+        bare = {
+            k: v for k, v in rfi().items() if k not in ("purposes", "classification", "tlp", "legal_basis")
+        }
+        r = api.request("POST", "/v1/messages", json=bare)
+        assert r.status_code == 403
+        (complete,) = r.json()["violations"]
+        assert complete["rule"] == "R-COMPLETE"
+        for missing in ("message.classification", "message.tlp", "message.purposes", "message.legal_basis"):
+            assert missing in complete["reason"]
         r = api.request(
             "POST",
             "/v1/messages",
-            json=rfi(classification={"scheme": "POLRI", "level": "SANGAT RAHASIA"}, handling_codes=["H9"]),
+            json=rfi(classification={"scheme": "POLRI", "level": "SANGAT RAHASIA"}, tlp="RED"),
         )
         assert r.status_code == 403
-        assert {v["rule"] for v in r.json()["violations"]} == {"R-CLEARANCE-SEND", "R-HANDLING-KNOWN"}
+        violations = r.json()["violations"]
+        assert {v["rule"] for v in violations} == {"R-CLEARANCE-SEND", "R-TLP-RED-RECIPIENTS"}
+        assert all(v["remedy"] and v["version"] == v["rule"] + "@1" for v in violations)
+        r = api.request("POST", "/v1/messages", json=rfi(handling_codes=["H9"]))
+        assert r.status_code == 422
+        assert [e["field"] for e in r.json()["errors"]] == ["handling_codes"]
         r = api.request(
             "POST", "/v1/messages", content=b"{not json", headers={"content-type": "application/json"}
         )

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 import tomli_w
 
 from exchange import crypto
-from tests.support import PASSPHRASE, make_pair, set_node_options
+from tests.support import PASSPHRASE, cli, make_pair, set_node_options
 
 
 def run(*args: str, passphrase: str | None = PASSPHRASE) -> subprocess.CompletedProcess[str]:
@@ -119,7 +119,8 @@ def test_clients_add_refuses_a_certificate_from_another_ca_and_a_bad_clearance(p
         passphrase=PASSPHRASE,
     )
     (tmp_path / "other.pem").write_bytes(other.cert_pem)
-    base = ["clients", "add", "--dir", str(id_dir.path), "--id", "x", "--agency", "a", "--unit", "u"]
+    base = ["clients", "add", "--dir", str(id_dir.path), "--id", "x", "--agency", "a", "--unit", "TPPO"]
+    base += ["--type", "ALL", "--purpose", "ALL"]
     one_line_error(
         run(*base, "--cert", str(tmp_path / "other.pem"), "--clearance", "RAHASIA"),
         2,
@@ -135,6 +136,29 @@ def test_clients_add_refuses_a_certificate_from_another_ca_and_a_bad_clearance(p
         2,
         "already has this id or certificate",
     )
+
+
+def test_clients_add_takes_only_what_the_agreement_defines(pair) -> None:  # type: ignore[no-untyped-def]
+    id_dir, _ = pair
+    cli(
+        "pki",
+        "issue-client",
+        "--dir",
+        str(id_dir.path),
+        "--name",
+        "new",
+        "--out",
+        str(id_dir.path / "clients"),
+    )
+    base = ["clients", "add", "--dir", str(id_dir.path), "--id", "new", "--agency", "Polri"]
+    base += ["--cert", str(id_dir.client("new").cert), "--clearance", "RAHASIA"]
+    entitled = ["--type", "ALL", "--purpose", "ALL"]
+    one_line_error(run(*base, "--unit", "D7", *entitled), 2, "--unit must be one of")
+    one_line_error(run(*base, "--unit", "TPPO", "--type", "GOSSIP", "--purpose", "ALL"), 2, "--type")
+    one_line_error(run(*base, "--unit", "TPPO", "--type", "ALL", "--purpose", "FUN"), 2, "--purpose")
+    one_line_error(run(*base, "--unit", "TPPO", *entitled, "--role", "SPY"), 2, "--role")
+    one_line_error(run(*base, "--unit", "TPPO", *entitled, "--role", "ALL"), 2, "--role")
+    assert "registered new" in cli(*base, "--unit", "TPPO", *entitled, "--role", "ANALYST")
 
 
 def test_audit_verify_passes_then_names_the_first_tampered_entry(pair) -> None:  # type: ignore[no-untyped-def]

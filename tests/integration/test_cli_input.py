@@ -123,7 +123,11 @@ def test_an_unknown_log_level_in_node_toml_is_named(pair: tuple[NodeDir, NodeDir
 
 def _add(node: NodeDir, *args: str) -> subprocess.CompletedProcess[str]:
     base = ["clients", "add", "--dir", str(node.path), "--agency", "Polri", "--unit", "TPPO"]
-    return run(*base, "--clearance", "RAHASIA", *args)
+    defaults = [
+        *([] if "--type" in args else ["--type", "ALL"]),
+        *([] if "--purpose" in args else ["--purpose", "ALL"]),
+    ]
+    return run(*base, "--clearance", "RAHASIA", *defaults, *args)
 
 
 def test_clients_add_refuses_unknown_roles_types_purposes_and_bad_ids(pair: tuple[NodeDir, NodeDir]) -> None:

@@ -1,0 +1,17 @@
+"""The names of ledger events about messages and decisions, defined once."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class LedgerEvent(StrEnum):
+    SUBMITTED = "message.submitted"
+    SUBMISSION_REFUSED = "submission.refused"
+    RECEIVED = "envelope.received"
+    REDELIVERED = "envelope.redelivered"
+    REJECTED = "envelope.rejected"
+    RECEIPT_ISSUED = "receipt.issued"
+    RELEASED = "message.released"
+    RELEASE_REFUSED = "release.refused"
+    POLICY_INCIDENT = "policy.incident"
