@@ -118,11 +118,17 @@ def test_a_duplicate_json_key_is_400(nodes: tuple[Running, Running]) -> None:
 
 def test_every_invalid_field_comes_in_one_answer(nodes: tuple[Running, Running]) -> None:
     polri, _ = nodes
-    bad = rfi(case_ref="no spaces allowed", tlp="PURPLE", payload={"questions": "not a list"})
     with polri.client() as api:
+        # a field the request model refuses, and the payload: one answer
+        bad = rfi(case_ref="no spaces allowed", payload={"questions": "not a list"})
         body = _problem(api.request("POST", "/v1/messages", json=bad), 422)
-    fields = {e["field"] for e in body["errors"]}  # type: ignore[attr-defined]
-    assert {"case_ref", "tlp", "payload", "payload/questions"} <= fields, fields
+        fields = {e["field"] for e in body["errors"]}  # type: ignore[attr-defined]
+        assert {"case_ref", "payload/summary", "payload/questions"} <= fields, fields
+        # words the agreement does not define, and the payload: one answer
+        bad = rfi(tlp="PURPLE", purposes=["FUN"], payload={"questions": "not a list"})
+        body = _problem(api.request("POST", "/v1/messages", json=bad), 422)
+        fields = {e["field"] for e in body["errors"]}  # type: ignore[attr-defined]
+        assert {"tlp", "purposes", "payload/summary", "payload/questions"} <= fields, fields
 
 
 def test_405_names_the_allowed_methods(nodes: tuple[Running, Running]) -> None:
@@ -148,9 +154,11 @@ def test_response_due_in_the_past_or_without_time_zone_is_422(nodes: tuple[Runni
     naive = (dt.datetime.now() + dt.timedelta(days=1)).replace(microsecond=0).isoformat()
     ahead = (dt.datetime.now(dt.UTC) + dt.timedelta(days=1)).isoformat()
     with polri.client() as api:
-        for due, why in ((past, "past"), (naive, "time zone")):
+        for due, why in ((past, "future"), (naive, "time zone")):
             body = _problem(api.request("POST", "/v1/messages", json=rfi(response_due=due)), 422)
-            assert why in str(body["detail"])
+            errors = [e for e in body["errors"] if e["field"] == "response_due"]  # type: ignore[attr-defined]
+            assert len(errors) == 1, body
+            assert why in errors[0]["message"]
         assert api.request("POST", "/v1/messages", json=rfi(response_due=ahead)).status_code == 202
 
 
