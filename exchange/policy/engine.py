@@ -146,11 +146,7 @@ class Decision:
 
     @property
     def decision(self) -> str:
-        return (
-            "deny"
-            if self.refusals
-            else ("allow-with-changes" if self.changes or self.redactions else "allow")
-        )
+        return "deny" if self.refusals else ("allow+changes" if self.changes or self.redactions else "allow")
 
     def refusal(self) -> PolicyRefusal:
         """The refusal to raise (naming every rule that refused). Raises ValueError if allowed."""

@@ -21,6 +21,7 @@ def test_openapi_describes_the_client_and_peer_api(tmp_path: Path) -> None:
         "/v1/messages",
         "/v1/messages/{message_id}",
         "/v1/inbox",
+        "/v1/cases/{case_ref}",
         "/v1/peer/envelopes",
         "/healthz",
     } <= set(paths)
@@ -29,7 +30,12 @@ def test_openapi_describes_the_client_and_peer_api(tmp_path: Path) -> None:
     assert "application/problem+json" in submit["responses"]["403"]["content"]
     assert "application/problem+json" in submit["responses"]["422"]["content"]
     body = spec["components"]["schemas"]["MessageSubmission"]
-    assert {"type", "case_ref", "purposes", "classification", "tlp", "payload"} <= set(body["required"])
+    assert {"type", "case_ref", "payload"} <= set(body["required"])  # the rest: R-COMPLETE names it
+    assert {"purposes", "classification", "tlp", "legal_basis", "data_subjects", "recipients"} <= set(
+        body["properties"]
+    )
+    accepted = spec["components"]["schemas"]["Accepted"]
+    assert {"raised", "replaced", "classification", "tlp"} <= set(accepted["required"])
 
 
 def test_the_openapi_documents_every_problem_answer_typed_bodies_and_mutual_tls(tmp_path: Path) -> None:
