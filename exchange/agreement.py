@@ -10,14 +10,16 @@ on its identity whatever the TOML formatting. Changing a rule is an edit here, n
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from exchange import crypto
 from exchange.canonical import canonical_json, sha256_hex
-from exchange.errors import ConfigurationError
+from exchange.errors import ConfigurationError, KeyManagementError
 from exchange.types import PARTIES, PartyId
 
 Identifier = Annotated[str, Field(pattern=r"^[A-Z][A-Z0-9_+ -]{0,63}$")]
@@ -41,7 +43,15 @@ class Party(_Strict):
 
     name: str
     endpoint: str = Field(pattern=r"^https://", description="base URL of the node's mTLS API")
-    node_name: str = Field(description="common name of the node's node-to-node certificate")
+    node_name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="common name of the node's node-to-node certificate",
+    )
+    node_key_sha256: str = Field(
+        pattern=r"^[0-9a-f]{64}$",
+        description="pin of the node-to-node certificate: hex SHA-256 of its SubjectPublicKeyInfo "
+        "(`exchange pki pin`); the partner admits no other key on its peer endpoints",
+    )
     ca_certificate: str = Field(description="PEM of the party's certificate authority")
     scheme: str = Field(description="id of the party's national classification scheme")
     signing_keys: tuple[PublicJWK, ...] = Field(min_length=1)
@@ -63,6 +73,12 @@ class Party(_Strict):
     def _pem(cls, value: str) -> str:
         if "-----BEGIN CERTIFICATE-----" not in value:
             raise ValueError("must be a PEM certificate")
+        try:
+            info = crypto.certificate_info(value.encode())
+        except KeyManagementError as exc:
+            raise ValueError(f"is not a readable certificate ({exc})") from exc
+        if not info.is_ca:
+            raise ValueError("is not a CA certificate")
         return value
 
     @model_validator(mode="after")
@@ -87,7 +103,11 @@ class MessageType(_Strict):
     """A message type: its payload schema, allowed purposes and what it may answer."""
 
     description: str = ""
-    schema_file: str = Field(alias="schema", description="file under schemas/messages/")
+    schema_file: str = Field(
+        alias="schema",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*\.json$",
+        description="file under schemas/messages/",
+    )
     purposes: tuple[str, ...] = Field(min_length=1)
     replies_to: tuple[str, ...] = ()
     intelligence: bool = Field(default=False, description="carries intelligence: must be graded")
@@ -182,25 +202,7 @@ class Agreement(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> Agreement:
-        problems: list[str] = []
-        if set(self.parties) != set(PARTIES):
-            problems.append(f"parties must be exactly {list(PARTIES)}")
-        if len(set(self.common_levels)) != len(self.common_levels):
-            problems.append("common_levels has duplicates")
-        for sid, scheme in self.schemes.items():
-            for name, common in scheme.levels.items():
-                if common not in self.common_levels:
-                    problems.append(f"schemes.{sid}.levels.{name}: unknown common level {common!r}")
-        for pid, party in self.parties.items():
-            if party.scheme not in self.schemes:
-                problems.append(f"parties.{pid}.scheme: unknown scheme {party.scheme!r}")
-        for tid, mtype in self.message_types.items():
-            for purpose in mtype.purposes:
-                if purpose not in self.purposes:
-                    problems.append(f"message_types.{tid}.purposes: unknown purpose {purpose!r}")
-            for target in mtype.replies_to:
-                if target not in self.message_types:
-                    problems.append(f"message_types.{tid}.replies_to: unknown type {target!r}")
+        problems = consistency_problems(self.model_dump(mode="json", by_alias=True))
         problems.extend(self._rule_problems())
         if set(self.organisations) != set(PARTIES):
             problems.append(f"organisations must name exactly {list(PARTIES)}")
@@ -257,19 +259,95 @@ class Agreement(_Strict):
         return self.common_levels.index(common_level)
 
 
+def _dict(value: object) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _list(value: object) -> list[Any]:
+    return list(value) if isinstance(value, list | tuple) else []
+
+
+def consistency_problems(data: Mapping[str, Any]) -> list[str]:
+    """Every cross-reference error of an agreement document, each naming its field.
+
+    Works on the raw document too (tolerating fields of the wrong shape, which field validation
+    reports), so that one check reports every error at once rather than one round at a time.
+    """
+    problems: list[str] = []
+    parties, schemes = _dict(data.get("parties")), _dict(data.get("schemes"))
+    common_levels = _list(data.get("common_levels"))
+    purposes, message_types = _dict(data.get("purposes")), _dict(data.get("message_types"))
+    if set(parties) != set(PARTIES):
+        problems.append(f"parties must be exactly {list(PARTIES)}")
+    if len(set(map(str, common_levels))) != len(common_levels):
+        problems.append("common_levels has duplicates")
+    for sid, scheme in schemes.items():
+        for name, common in _dict(_dict(scheme).get("levels")).items():
+            if common not in common_levels:
+                problems.append(f"schemes.{sid}.levels.{name}: unknown common level {common!r}")
+    used_schemes: dict[str, str] = {}
+    kids: dict[str, str] = {}
+    for pid, party in parties.items():
+        entry = _dict(party)
+        scheme = entry.get("scheme")
+        if isinstance(scheme, str):
+            if scheme not in schemes:
+                problems.append(f"parties.{pid}.scheme: unknown scheme {scheme!r}")
+            elif scheme in used_schemes:
+                problems.append(
+                    f"parties.{pid}.scheme: {scheme!r} is already the scheme of {used_schemes[scheme]}"
+                )
+            used_schemes.setdefault(scheme, str(pid))
+        keys = [*_list(entry.get("signing_keys")), *_list(entry.get("encryption_keys"))]
+        keys.append(entry.get("checkpoint_key"))
+        for key in keys:
+            kid = _dict(key).get("kid")
+            if isinstance(kid, str):
+                if kid in kids:
+                    problems.append(f"parties.{pid}: key id {kid!r} is used twice (also in {kids[kid]})")
+                kids.setdefault(kid, f"parties.{pid}")
+    for tid, mtype in message_types.items():
+        spec = _dict(mtype)
+        for purpose in _list(spec.get("purposes")):
+            if purpose not in purposes:
+                problems.append(f"message_types.{tid}.purposes: unknown purpose {purpose!r}")
+        for target in _list(spec.get("replies_to")):
+            if target not in message_types:
+                problems.append(f"message_types.{tid}.replies_to: unknown type {target!r}")
+        schema = spec.get("schema")
+        if isinstance(schema, str) and "/" not in schema and not schema.startswith("."):
+            problem = _schema_problem(schema)
+            if problem:
+                problems.append(f"message_types.{tid}.schema: {problem}")
+    return problems
+
+
+def _schema_problem(schema_file: str) -> str | None:
+    """Why a payload schema named by the agreement is unusable (not one of the catalogue's), or None."""
+    from exchange.catalogue import PAYLOAD_MODELS
+
+    stem = schema_file.removesuffix(".schema.json")
+    if stem not in PAYLOAD_MODELS:
+        known = ", ".join(f"{s}.schema.json" for s in PAYLOAD_MODELS)
+        return f"no such payload schema {schema_file!r} in the catalogue ({known})"
+    return None
+
+
 def parse_agreement(data: dict[str, Any], source: str = "agreement") -> Agreement:
     """Validate a parsed agreement document.
 
     Raises:
-        ConfigurationError: naming every invalid field.
+        ConfigurationError: naming every invalid field and every inconsistency, all at once.
     """
     try:
         return Agreement.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(document)'}: {err['msg']}" for err in exc.errors()
-        )
-        raise ConfigurationError(f"{source} is invalid: {problems}") from exc
+        errors = exc.errors()
+        problems = [f"{'.'.join(str(p) for p in err['loc']) or '(document)'}: {err['msg']}" for err in errors]
+        if any(err["loc"] for err in errors):  # the cross-checks did not run: run them on the raw data
+            problems = [p for p, err in zip(problems, errors, strict=True) if err["loc"]]
+            problems += consistency_problems(data)
+        raise ConfigurationError(f"{source} is invalid: {'; '.join(problems)}") from exc
 
 
 def load_agreement(path: Path) -> Agreement:

@@ -177,7 +177,7 @@ class DemoNode:
             ca_file=self.dir / "tls" / "ca.pem",
             cert_file=self.dir / "clients" / f"{name}.pem",
             key_file=self.dir / "clients" / f"{name}-key.pem",
-            key_password=self.env["EXCHANGE_KEY_PASSPHRASE"],
+            key_password=self.env["EXCHANGE_CLIENT_KEY_PASSPHRASE"],
         )
 
 
@@ -190,6 +190,7 @@ def set_up_pair(root: Path, *extra_settings: str) -> tuple[DemoNode, DemoNode]:
     local system; a fresh passphrase for this run only. ``extra_settings`` are node.toml lines."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("EXCHANGE_")}
     env["EXCHANGE_KEY_PASSPHRASE"] = secrets.token_urlsafe(24)  # generated per run, never stored
+    env["EXCHANGE_CLIENT_KEY_PASSPHRASE"] = secrets.token_urlsafe(24)  # the local systems' own
     polri, pdrm = (DemoNode(root, *spec, env=env) for spec in PARTIES)
     for node in (polri, pdrm):
         node.init()

@@ -24,6 +24,7 @@ from exchange.messages import MessageSubmission, Origin, draft_from_submission
 from exchange.node import Node
 
 PASSPHRASE = "tests-" + secrets.token_urlsafe(18)  # generated per run, never stored
+CLIENT_PASSPHRASE = "client-" + secrets.token_urlsafe(18)  # local systems' keys have their own
 RUNNER = CliRunner()
 
 

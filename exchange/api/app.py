@@ -6,64 +6,34 @@ from __future__ import annotations
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import exchange
-from exchange.api import problems
+from exchange.api import openapi, problems
+from exchange.api.guard import RequestGuard, SecurityHeaders
 from exchange.api.routes import audit_router, client_router, console_router, health_router, peer_router
 from exchange.auditing import AuditService
 from exchange.checkpoints import CheckpointService
-from exchange.errors import ExchangeError
+from exchange.errors import ExchangeError, FieldError
 from exchange.node import Node
 from exchange.transport.checkpointer import Checkpointer
 from exchange.transport.peer import PeerTransport
 from exchange.transport.worker import DeliveryWorker
 
 
-class BodyLimit:
-    """Refuse request bodies above ``max_bytes`` with 413 problem JSON, declared or streamed."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(scope, receive, send)
-            return
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise _TooLarge
-            return message
-
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await self._refuse(scope, receive, send)
-
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = problems.problem(
-            413, "too-large", "Request body too large", f"the body exceeds {self.max_bytes} bytes"
-        )
-        await response(scope, receive, send)
-
-
-class _TooLarge(Exception):
-    pass
+def payload_errors(node: Node, body: dict[str, Any]) -> list[FieldError]:
+    """The payload's schema errors in a submission whose other fields failed validation."""
+    message_type, payload = body.get("type"), body.get("payload")
+    if not isinstance(message_type, str) or message_type not in node.agreement.message_types:
+        return []
+    if not isinstance(payload, dict):
+        return []
+    return node.catalogue.payload_errors(message_type, payload)
 
 
 def create_app(node: Node, transport: PeerTransport | None = None, *, run_worker: bool = True) -> FastAPI:
@@ -107,7 +77,10 @@ def create_app(node: Node, transport: PeerTransport | None = None, *, run_worker
             "the partner node alone uses `/v1/peer/*`. Errors are RFC 9457 problem JSON."
         ),
         lifespan=lifespan,
+        docs_url=None,  # no third-party scripts in the node's origin: read /openapi.json with local tools
+        redoc_url=None,
     )
+    openapi.install(app)
     app.state.node = node
     app.state.checkpoints = checkpoints
     app.state.transport = transport
@@ -115,6 +88,7 @@ def create_app(node: Node, transport: PeerTransport | None = None, *, run_worker
     wake: Callable[[], None] = worker.wake if worker is not None else (lambda: None)
     app.state.worker_wake = wake
     app.state.worker = worker
+    setattr(app.state, problems.MORE_FIELD_ERRORS, {"/v1/messages": partial(payload_errors, node)})
     app.include_router(client_router)
     app.include_router(peer_router)
     app.include_router(health_router)
@@ -128,5 +102,6 @@ def create_app(node: Node, transport: PeerTransport | None = None, *, run_worker
     ]
     for exc_class, handler in handlers:
         app.add_exception_handler(exc_class, handler)
-    app.add_middleware(BodyLimit, max_bytes=node.settings.max_body_bytes)
+    app.add_middleware(RequestGuard, max_bytes=node.settings.max_body_bytes)
+    app.add_middleware(SecurityHeaders)  # outermost: the guard's refusals carry the headers too
     return app

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
 
+from exchange.api import models
 from exchange.api.auth import auditor, local_client, node_of, partner_node
 from exchange.auditing import AuditService, EntryFilter
 from exchange.checkpoints import CheckpointService
@@ -85,7 +86,9 @@ def submit_message(submission: MessageSubmission, actor: LocalClient, request: R
     return accepted
 
 
-@client_router.get("/messages/{message_id}", summary="Status of a message")
+@client_router.get(
+    "/messages/{message_id}", summary="Status of a message", response_model=models.MessageStatus
+)
 def message_status(message_id: str, actor: LocalClient, request: Request) -> dict[str, Any]:
     """queued, sent, delivered (with the partner's signed receipt) or failed (with the reason)."""
     return node_of(request).status(actor, message_id, _now())
@@ -98,11 +101,13 @@ def case_view(case_ref: str, actor: LocalClient, request: Request) -> dict[str, 
     return node_of(request).case(actor, case_ref, _now())
 
 
-@client_router.get("/inbox", summary="Pull received messages")
+@client_router.get("/inbox", summary="Pull received messages", response_model=models.InboxPage)
 def inbox(
     actor: LocalClient,
     request: Request,
-    after: Annotated[int, Query(ge=0, description="cursor: next_cursor of the previous page")] = 0,
+    after: Annotated[
+        int, Query(ge=0, le=models.MAX_INT64, description="cursor: next_cursor of the previous page")
+    ] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     purpose: Annotated[
         list[str] | None, Query(description="the use of this pull (default: the client's purposes)")
@@ -124,7 +129,12 @@ class EnvelopeBatch(BaseModel):
     envelopes: list[str] = Field(min_length=1, max_length=1000)
 
 
-@peer_router.post("/envelopes", summary="Deliver envelopes (partner node only)")
+@peer_router.post(
+    "/envelopes",
+    summary="Deliver envelopes (partner node only)",
+    response_model=models.EnvelopeResults,
+    response_model_exclude_none=True,
+)
 def receive_envelopes(batch: EnvelopeBatch, request: Request) -> dict[str, Any]:
     """One result per envelope, in order: ``accepted`` with a signed receipt, or ``rejected``."""
     results = node_of(request).receive(batch.envelopes, _now())
@@ -137,7 +147,9 @@ def receive_envelopes(batch: EnvelopeBatch, request: Request) -> dict[str, Any]:
 
 
 @peer_router.get(
-    "/audit/messages/{message_id}", summary="This node's record of a message (partner node only)"
+    "/audit/messages/{message_id}",
+    summary="This node's record of a message (partner node only)",
+    response_model=models.LedgerEntries,
 )
 def peer_message_history(message_id: str, request: Request) -> dict[str, Any]:
     """For the partner's auditors: this node's ledger entries about one message, metadata only."""
@@ -146,11 +158,15 @@ def peer_message_history(message_id: str, request: Request) -> dict[str, Any]:
 
 class WitnessBody(BaseModel):
     checkpoint: str = Field(description="a C2SP signed-note checkpoint of the partner's ledger")
-    from_size: int = Field(ge=0, description="the size the consistency proof starts from")
+    from_size: int = Field(
+        ge=0, le=models.MAX_INT64, description="the size the consistency proof starts from"
+    )
     proof: list[str] = Field(default_factory=list, max_length=64, description="hex SHA-256 hashes")
 
 
-@peer_router.post("/checkpoints", summary="Witness a checkpoint (partner node only)")
+@peer_router.post(
+    "/checkpoints", summary="Witness a checkpoint (partner node only)", response_model=models.Cosignature
+)
 def witness_checkpoint(body: WitnessBody, request: Request) -> dict[str, Any]:
     """Cosign the partner's checkpoint (C2SP cosignature/v1) if it is consistent with the last one
     witnessed. 409 with ``witnessed_size`` when the proof starts elsewhere or the checkpoint
@@ -163,7 +179,7 @@ def witness_checkpoint(body: WitnessBody, request: Request) -> dict[str, Any]:
     return {"cosignature": line}
 
 
-@health_router.get("/healthz", summary="Liveness and a few gauges")
+@health_router.get("/healthz", summary="Liveness and a few gauges", response_model=models.Health)
 def health(request: Request) -> dict[str, Any]:
     node = node_of(request)
     with node.db.read() as conn:
@@ -187,16 +203,18 @@ def audit_of(request: Request) -> AuditService:
     return service
 
 
-@audit_router.get("/entries", summary="Ledger entries (no content)")
+@audit_router.get("/entries", summary="Ledger entries (no content)", response_model=models.EntryPage)
 def audit_entries(
     request: Request,
     case: str | None = None,
     message: str | None = None,
     event: str | None = None,
     rule: str | None = None,
-    since: Annotated[str | None, Query(description="RFC 3339 time, inclusive")] = None,
-    until: Annotated[str | None, Query(description="RFC 3339 time, exclusive")] = None,
-    after: Annotated[int, Query(ge=-1, description="cursor: next_cursor of the previous page")] = -1,
+    since: Annotated[models.RFC3339, Query(description="RFC 3339 time, inclusive")] = None,
+    until: Annotated[models.RFC3339, Query(description="RFC 3339 time, exclusive")] = None,
+    after: Annotated[
+        int, Query(ge=-1, le=models.MAX_INT64, description="cursor: next_cursor of the previous page")
+    ] = -1,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> dict[str, Any]:
     """Entries matching every filter given: ids, case references, decisions, rule ids, hashes."""
@@ -204,7 +222,11 @@ def audit_entries(
     return audit_of(request).entries(where, after, limit)
 
 
-@audit_router.get("/messages/{message_id}", summary="A message's history on both nodes")
+@audit_router.get(
+    "/messages/{message_id}",
+    summary="A message's history on both nodes",
+    response_model=models.MessageHistory,
+)
 def audit_message_history(message_id: str, request: Request) -> dict[str, Any]:
     """This node's ledger entries about the message and the partner node's (fetched over the peer
     link; metadata only). ``partner_error`` says why the partner's part is missing, if it is."""
@@ -227,26 +249,40 @@ def audit_message_history(message_id: str, request: Request) -> dict[str, Any]:
     }
 
 
-@audit_router.get("/checkpoints", summary="Signed checkpoints, cosignatures, witnessed checkpoints")
+@audit_router.get(
+    "/checkpoints",
+    summary="Signed checkpoints, cosignatures, witnessed checkpoints",
+    response_model=models.Checkpoints,
+)
 def audit_checkpoints(request: Request) -> dict[str, Any]:
     return audit_of(request).checkpoints()
 
 
-@audit_router.get("/proofs/inclusion", summary="Inclusion proof of an entry")
+@audit_router.get(
+    "/proofs/inclusion", summary="Inclusion proof of an entry", response_model=models.InclusionProof
+)
 def audit_inclusion(
-    request: Request, seq: Annotated[int, Query(ge=0)], size: Annotated[int | None, Query(ge=1)] = None
+    request: Request,
+    seq: Annotated[int, Query(ge=0, le=models.MAX_INT64)],
+    size: Annotated[int | None, Query(ge=1, le=models.MAX_INT64)] = None,
 ) -> dict[str, Any]:
     return audit_of(request).inclusion(seq, size)
 
 
-@audit_router.get("/proofs/consistency", summary="Consistency proof between two tree sizes")
+@audit_router.get(
+    "/proofs/consistency",
+    summary="Consistency proof between two tree sizes",
+    response_model=models.ConsistencyProof,
+)
 def audit_consistency(
-    request: Request, old: Annotated[int, Query(ge=1)], new: Annotated[int | None, Query(ge=1)] = None
+    request: Request,
+    old: Annotated[int, Query(ge=1, le=models.MAX_INT64)],
+    new: Annotated[int | None, Query(ge=1, le=models.MAX_INT64)] = None,
 ) -> dict[str, Any]:
     return audit_of(request).consistency(old, new)
 
 
-@audit_router.post("/verify", summary="Verify the whole ledger now")
+@audit_router.post("/verify", summary="Verify the whole ledger now", response_model=models.VerifyReport)
 def audit_verify(request: Request) -> dict[str, Any]:
     """Recompute the tree and check every checkpoint and cosignature; names the first failure."""
     try:
@@ -263,11 +299,11 @@ def audit_verify(request: Request) -> dict[str, Any]:
     }
 
 
-@audit_router.get("/export", summary="Download an audit bundle")
+@audit_router.get("/export", summary="Download an audit bundle", response_model=models.AuditBundle)
 def audit_export(
     request: Request,
-    start: Annotated[int, Query(alias="from", ge=0)] = 0,
-    end: Annotated[int | None, Query(alias="to")] = None,
+    start: Annotated[int, Query(alias="from", ge=0, le=models.MAX_INT64)] = 0,
+    end: Annotated[int | None, Query(alias="to", ge=1, le=models.MAX_INT64)] = None,
 ) -> JSONResponse:
     """Entries, the signed and cosigned checkpoint, and the range proof, for offline verification
     with ``exchange audit verify --bundle FILE --agreement AGREEMENT``."""

@@ -13,9 +13,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import quote
 
 import httpx
 
+from exchange import tls_policy
 from exchange.checkpoints import WitnessRequest
 from exchange.errors import TransportError
 from exchange.node import PeerResult
@@ -56,11 +58,16 @@ class PeerTransport(Protocol):
 def client_ssl_context(
     *, ca_file: Path, cert_file: Path, key_file: Path, key_password: str
 ) -> ssl.SSLContext:
-    """A TLS 1.2+ client context trusting only ``ca_file`` and presenting our certificate."""
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_file))
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    """A TLS 1.2+ (AEAD only) client context trusting only ``ca_file`` and presenting our certificate."""
+    ctx = tls_policy.harden(ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_file)))
     ctx.load_cert_chain(str(cert_file), str(key_file), password=key_password)
     return ctx
+
+
+def escape_segment(value: str) -> str:
+    """``value`` as one URL path segment: every reserved character and every dot percent-encoded,
+    so that ``/``, ``?``, ``#`` and ``..`` in an id can never change which path the partner sees."""
+    return quote(value, safe="").replace(".", "%2E")
 
 
 def parse_results(body: object, expected: int) -> list[PeerResult]:
@@ -128,7 +135,7 @@ class HttpsPeerTransport:
 
     def message_history(self, message_id: str) -> list[dict[str, Any]]:
         try:
-            response = self._client.get(f"{HISTORY_PATH}/{message_id}")
+            response = self._client.get(f"{HISTORY_PATH}/{escape_segment(message_id)}")
             body = response.json()
         except (httpx.HTTPError, ValueError) as exc:
             raise TransportError(f"history request failed: {type(exc).__name__}: {exc}") from exc

@@ -15,7 +15,7 @@ import pytest
 from exchange.client import ExchangeClient
 from exchange.ledger.merkle import verify_consistency, verify_inclusion
 from tests.e2e.harness import Running
-from tests.support import PASSPHRASE, ClientFiles, register_client, response_to, rfi
+from tests.support import CLIENT_PASSPHRASE, ClientFiles, register_client, response_to, rfi
 
 pytestmark = pytest.mark.e2e
 SECRET = "PAYLOAD-SECRET-RECRUITER-NAME-0193"
@@ -178,7 +178,7 @@ def test_the_console_in_a_real_browser(audited: tuple[Running, ClientFiles, str]
                     "origin": polri.node.url,
                     "certPath": str(auditor.cert),
                     "keyPath": str(auditor.key),
-                    "passphrase": PASSPHRASE,
+                    "passphrase": CLIENT_PASSPHRASE,
                 }
             ],
             accept_downloads=True,

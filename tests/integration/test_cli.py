@@ -78,7 +78,9 @@ def test_a_node_refuses_keys_that_the_agreement_does_not_pin(pair, tmp_path: Pat
     id_dir, _my_dir = pair
     path = id_dir.path / "agreement.toml"
     data = tomllib.loads(path.read_text())
-    data["parties"]["ID"]["signing_keys"] = data["parties"]["MY"]["signing_keys"]
+    stranger = crypto.new_message_key("sig")
+    key = crypto.public_jwk_dict(crypto.private_jwk(stranger, crypto.message_key_id("ID", "sig", stranger)))
+    data["parties"]["ID"]["signing_keys"] = [key]
     path.write_text(tomli_w.dumps(data))
     one_line_error(run("serve", "--dir", str(id_dir.path)), 2, "signing key", "not pinned")
 
