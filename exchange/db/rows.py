@@ -62,6 +62,7 @@ def message_row(
         "subject_roles": sorted(message.subject_roles),
         "categories": sorted(message.categories),
         "mla_reference": message.mla_reference,
+        "response_due": message.response_due.isoformat() if message.response_due else None,
     }
 
 

@@ -72,7 +72,17 @@ def downgrade() -> None:
     op.drop_index("ix_messages_content_kid", "messages")
     op.drop_index("ix_messages_destroy_after", "messages")
     with op.batch_alter_table("messages") as batch:
-        for name in ("overdue_at", "response_due", "destroyed_reason", "destroyed_at", "destroy_after",
-                     "signer_kid", "content_sha256", "content_kid", "content", "kind"):
+        for name in (
+            "overdue_at",
+            "response_due",
+            "destroyed_reason",
+            "destroyed_at",
+            "destroy_after",
+            "signer_kid",
+            "content_sha256",
+            "content_kid",
+            "content",
+            "kind",
+        ):
             batch.drop_column(name)
         batch.alter_column("envelope", existing_type=sa.Text, nullable=False)
