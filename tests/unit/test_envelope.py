@@ -335,7 +335,9 @@ def _wrap(payload: bytes, *, drop: tuple[str, ...] = (), **extra: Any) -> str:
         del header[name]
     sealer_knows = {name: HeaderParameter(name, "str") for name in extra if name.startswith("x_")}
     registry = jwe.JWERegistry(
-        header_registry=sealer_knows, algorithms=["ECDH-ES+A256KW", "A256GCM"], strict_check_header=False
+        header_registry=envelope_jose._registry_entries() | sealer_knows,
+        algorithms=["ECDH-ES+A256KW", "A256GCM"],
+        strict_check_header=False,
     )
     return jwe.encrypt_compact(header, signed, public(MY_ENC), registry=registry)
 
