@@ -3,18 +3,27 @@
 It names the two parties and their node endpoints, CA certificates and initial public message
 keys; the common classification levels and each national scheme mapped onto them; message types,
 purposes and handling codes. It is validated once when loaded (parse, don't validate) and
-identified by its ``version`` and a SHA-256 over its RFC 8785 canonical JSON, so the two nodes agree
-on its identity whatever the TOML formatting. Changing a rule is an edit here, never to code.
+identified by its ``version`` and its digest: the SHA-256 of the RFC 8785 canonical JSON of the
+document **as written** (the TOML file parsed to JSON; no defaults added), so anyone computes it from
+the file with public tools (``schemas/agreement-digest.md``), and the two nodes agree on it whatever
+the TOML formatting. Changing a rule is an edit here, never to code.
 """
 
 from __future__ import annotations
 
 import tomllib
-from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from exchange.canonical import canonical_json, sha256_hex
 from exchange.errors import ConfigurationError
@@ -131,10 +140,16 @@ class Agreement(_Strict):
             raise ValueError("; ".join(problems))
         return self
 
-    @cached_property
+    _document_digest: str | None = PrivateAttr(default=None)
+
+    @property
     def digest(self) -> str:
-        """SHA-256 (hex) of the agreement's canonical JSON: its identity beside ``version``."""
-        return sha256_hex(canonical_json(self.model_dump(mode="json", by_alias=True)))
+        """SHA-256 (hex) of the RFC 8785 form of the document as written: its identity beside
+        ``version`` (:func:`document_digest`). Raises ConfigurationError for an agreement not read
+        through :func:`parse_agreement`, whose document is unknown."""
+        if self._document_digest is None:
+            raise ConfigurationError("the agreement's digest is known only for a parsed document")
+        return self._document_digest
 
     def partner_of(self, party: PartyId) -> PartyId:
         """The other party."""
@@ -145,19 +160,39 @@ class Agreement(_Strict):
         return self.common_levels.index(common_level)
 
 
-def parse_agreement(data: dict[str, Any], source: str = "agreement") -> Agreement:
-    """Validate a parsed agreement document.
+def document_digest(data: dict[str, Any]) -> str:
+    """The agreement digest of a parsed document: hex SHA-256 of its RFC 8785 canonical JSON.
+
+    The same as ``python3 -c 'import hashlib,sys,tomllib,rfc8785;
+    print(hashlib.sha256(rfc8785.dumps(tomllib.load(open(sys.argv[1],"rb")))).hexdigest())' FILE``.
 
     Raises:
-        ConfigurationError: naming every invalid field.
+        ConfigurationError: the document holds a value JSON cannot (a TOML date or time).
     """
     try:
-        return Agreement.model_validate(data)
+        return sha256_hex(canonical_json(data))
+    except ValueError as exc:
+        raise ConfigurationError(
+            f"the agreement must hold only JSON values (no TOML dates or times): {exc}"
+        ) from exc
+
+
+def parse_agreement(data: dict[str, Any], source: str = "agreement") -> Agreement:
+    """Validate a parsed agreement document; its digest is :func:`document_digest` of ``data``.
+
+    Raises:
+        ConfigurationError: naming every invalid field, or a value JSON cannot hold.
+    """
+    digest = document_digest(data)
+    try:
+        agreement = Agreement.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or '(document)'}: {err['msg']}" for err in exc.errors()
         )
         raise ConfigurationError(f"{source} is invalid: {problems}") from exc
+    agreement._document_digest = digest
+    return agreement
 
 
 def load_agreement(path: Path) -> Agreement:
