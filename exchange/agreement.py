@@ -11,6 +11,7 @@ the TOML formatting. Changing a rule is an edit here, never to code.
 
 from __future__ import annotations
 
+import base64
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any
@@ -27,6 +28,7 @@ from pydantic import (
 
 from exchange.canonical import canonical_json, sha256_hex
 from exchange.errors import ConfigurationError
+from exchange.ledger.checkpoint import SIG_COSIGNATURE_V1, SIG_ED25519, CheckpointError, NoteVerifier
 from exchange.types import PARTIES, PartyId
 
 Identifier = Annotated[str, Field(pattern=r"^[A-Z][A-Z0-9_+ -]{0,63}$")]
@@ -56,6 +58,12 @@ class Party(_Strict):
     signing_keys: tuple[PublicJWK, ...] = Field(min_length=1)
     encryption_keys: tuple[PublicJWK, ...] = Field(min_length=1)
     checkpoint_key: PublicJWK = Field(description="Ed25519 key of the party's ledger checkpoints")
+    ledger_key: str | None = Field(
+        default=None, description="note verifier key of the party's checkpoints (name+keyid+base64)"
+    )
+    witness_key: str | None = Field(
+        default=None, description="note verifier key of the party's cosignatures (name+keyid+base64)"
+    )
 
     @property
     def ledger_origin(self) -> str:
@@ -66,6 +74,26 @@ class Party(_Strict):
     def witness_name(self) -> str:
         """The key name of the party's cosignatures of the partner's checkpoints."""
         return f"{self.node_name}/witness"
+
+    @property
+    def ledger_verifier(self) -> NoteVerifier:
+        """Verifies the party's checkpoints (signed-note Ed25519, type 0x01, named by the origin)."""
+        return NoteVerifier(self.ledger_origin, SIG_ED25519, jwk_raw(self.checkpoint_key))
+
+    @property
+    def witness_verifier(self) -> NoteVerifier:
+        """Verifies the party's cosignatures of the partner's checkpoints (cosignature/v1, 0x04)."""
+        return NoteVerifier(self.witness_name, SIG_COSIGNATURE_V1, jwk_raw(self.checkpoint_key))
+
+    @model_validator(mode="after")
+    def _note_keys(self) -> Party:
+        for given, derived in (
+            (self.ledger_key, self.ledger_verifier),
+            (self.witness_key, self.witness_verifier),
+        ):
+            if given is not None and given != derived.vkey:
+                raise ValueError(f"{given!r} is not the note key of checkpoint_key ({derived.vkey})")
+        return self
 
     @field_validator("ca_certificate")
     @classmethod
@@ -83,6 +111,37 @@ class Party(_Strict):
         if self.checkpoint_key.crv != "Ed25519":
             raise ValueError("checkpoint_key must be Ed25519")
         return self
+
+
+def jwk_raw(jwk: PublicJWK) -> bytes:
+    return base64.urlsafe_b64decode(jwk.x + "=")
+
+
+class Witness(_Strict):
+    """A further witness (a regional organisation, an oversight body) that cosigns both parties'
+    checkpoints through the C2SP tlog-witness protocol."""
+
+    key: str = Field(description="its cosignature/v1 note verifier key: name+keyid+base64(0x04 || key)")
+    url: str = Field(pattern=r"^https?://", description="its submission prefix (POST <url>/add-checkpoint)")
+
+    @field_validator("key")
+    @classmethod
+    def _vkey(cls, value: str) -> str:
+        try:
+            verifier = NoteVerifier.parse(value)
+        except CheckpointError as exc:
+            raise ValueError(str(exc)) from exc
+        if verifier.algorithm != SIG_COSIGNATURE_V1:
+            raise ValueError("a witness key is a cosignature/v1 (0x04) verifier key")
+        return value
+
+    @property
+    def verifier(self) -> NoteVerifier:
+        return NoteVerifier.parse(self.key)
+
+    @property
+    def name(self) -> str:
+        return self.verifier.name
 
 
 class Scheme(_Strict):
@@ -114,6 +173,7 @@ class Agreement(_Strict):
     handling_codes: dict[Identifier, str] = Field(min_length=1)
     tlp: tuple[str, ...] = ("CLEAR", "GREEN", "AMBER", "AMBER+STRICT", "RED")
     message_types: dict[Identifier, MessageType] = Field(min_length=1)
+    witnesses: tuple[Witness, ...] = Field(default=(), description="further witnesses of both ledgers")
 
     @model_validator(mode="after")
     def _consistent(self) -> Agreement:
@@ -136,6 +196,9 @@ class Agreement(_Strict):
             for target in mtype.replies_to:
                 if target not in self.message_types:
                     problems.append(f"message_types.{tid}.replies_to: unknown type {target!r}")
+        names = [w.name for w in self.witnesses] + [p.witness_name for p in self.parties.values()]
+        if len(set(names)) != len(names):
+            problems.append("witnesses: every witness key name must be distinct (from the parties' too)")
         if problems:
             raise ValueError("; ".join(problems))
         return self

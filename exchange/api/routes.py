@@ -7,14 +7,23 @@ from importlib.resources import files
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 
 from exchange.api.auth import auditor, local_client, node_of, partner_node
+from exchange.api.problems import problem
 from exchange.auditing import AuditService, EntryFilter
 from exchange.checkpoints import CheckpointService
 from exchange.db import repo
-from exchange.errors import FieldError, InvalidInput, LedgerIntegrityError, TransportError
+from exchange.errors import CheckpointConflict, LedgerIntegrityError, TransportError
+from exchange.ledger.checkpoint import CheckpointError, parse_body, split_note
+from exchange.ledger.witness_protocol import (
+    ADD_CHECKPOINT,
+    SIZE_MEDIA_TYPE,
+    encode_size,
+    parse_add_checkpoint,
+)
 from exchange.messages import MessageSubmission
 from exchange.policy import Actor
 
@@ -107,23 +116,56 @@ def peer_message_history(message_id: str, request: Request) -> dict[str, Any]:
     return {"entries": audit_of(request).message_history(message_id)}
 
 
-class WitnessBody(BaseModel):
-    checkpoint: str = Field(description="a C2SP signed-note checkpoint of the partner's ledger")
-    from_size: int = Field(ge=0, description="the size the consistency proof starts from")
-    proof: list[str] = Field(default_factory=list, max_length=64, description="hex SHA-256 hashes")
+WITNESS_STATUS = {"bad-request": 400, "inconsistent": 422}
 
 
-@peer_router.post("/checkpoints", summary="Witness a checkpoint (partner node only)")
-def witness_checkpoint(body: WitnessBody, request: Request) -> dict[str, Any]:
-    """Cosign the partner's checkpoint (C2SP cosignature/v1) if it is consistent with the last one
-    witnessed. 409 with ``witnessed_size`` when the proof starts elsewhere or the checkpoint
-    conflicts (fork, rollback, failed proof: a security incident, ledgered)."""
+@peer_router.post(
+    "/witness" + ADD_CHECKPOINT,
+    summary="C2SP tlog-witness add-checkpoint (partner node only)",
+    response_class=PlainTextResponse,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+            "description": "old <size>, consistency proof lines (base64), an empty line, the checkpoint",
+        }
+    },
+    responses={
+        200: {"description": "the cosignature line(s)", "content": {"text/plain": {}}},
+        400: {"description": "malformed, or an old size beyond the checkpoint", **PROBLEM},
+        403: {"description": "not signed by the partner's pinned checkpoint key", **PROBLEM},
+        404: {"description": "a checkpoint of another log than the partner's", **PROBLEM},
+        409: {
+            "description": "the witness's size (old size mismatch, or a fork)",
+            "content": {SIZE_MEDIA_TYPE: {}},
+        },
+        422: {"description": "the consistency proof does not verify (an incident)", **PROBLEM},
+    },
+)
+async def witness_add_checkpoint(request: Request) -> Response:
+    """Cosign the partner's checkpoint as a C2SP tlog-witness (https://c2sp.org/tlog-witness) if it
+    is consistent with the last one witnessed. A fork, a rollback or a failed proof is refused and
+    ledgered as a security incident."""
     try:
-        proof = [bytes.fromhex(p) for p in body.proof]
-    except ValueError as exc:
-        raise InvalidInput("proof elements must be hex", [FieldError("proof", str(exc))]) from exc
-    line = checkpoints_of(request).witness(body.checkpoint, body.from_size, proof, _now())
-    return {"cosignature": line}
+        add = parse_add_checkpoint(await request.body())
+        origin = parse_body(split_note(add.note)[0])[0]
+    except CheckpointError as exc:
+        return problem(400, "invalid-checkpoint", "Malformed add-checkpoint request", str(exc))
+    service = checkpoints_of(request)
+    if origin != node_of(request).partner.ledger_origin:
+        return problem(404, "unknown-log", "Unknown log", "this node witnesses only its partner's log")
+    try:
+        line = await run_in_threadpool(service.witness, add.note, add.old_size, add.proof, _now())
+    except CheckpointError as exc:
+        return problem(403, "invalid-checkpoint", "The checkpoint is not validly signed", str(exc))
+    except CheckpointConflict as exc:
+        status = WITNESS_STATUS.get(exc.reason, 409)
+        if exc.reason == "rollback" and add.old_size > exc.witnessed_size:
+            status = 400
+        if status == 409:
+            return Response(encode_size(exc.witnessed_size), status_code=409, media_type=SIZE_MEDIA_TYPE)
+        return problem(status, "checkpoint-conflict", "The checkpoint is refused", str(exc))
+    return PlainTextResponse(line + "\n")
 
 
 @health_router.get("/healthz", summary="Liveness and a few gauges")
@@ -235,7 +277,8 @@ def audit_export(
     """Entries, the signed and cosigned checkpoint, and the range proof, for offline verification
     with ``exchange audit verify --bundle FILE --agreement AGREEMENT``."""
     bundle = audit_of(request).export(start, end)
-    name = f"audit-{bundle['party']}-{bundle['range']['start']}-{bundle['range']['end']}.json"
+    first, last = bundle["entries"][0]["index"], bundle["entries"][-1]["index"]
+    name = f"audit-{bundle['party']}-{first}-{last + 1}.json"
     return JSONResponse(bundle, headers={"content-disposition": f'attachment; filename="{name}"'})
 
 
