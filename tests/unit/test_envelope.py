@@ -15,6 +15,7 @@ from joserfc.jwk import OKPKey
 from joserfc.registry import HeaderParameter
 
 from exchange import crypto
+from exchange.canonical import canonical_json
 from exchange.envelope import jose as envelope_jose
 from exchange.envelope import open_envelope, open_stored, seal, sign_receipt, verify_receipt
 from exchange.errors import EnvelopeError, ReplayRejected
@@ -346,7 +347,7 @@ def _wrap(payload: bytes, *, drop: tuple[str, ...] = (), **extra: Any) -> str:
     return jwe.encrypt_compact(header, signed, public(MY_ENC), registry=registry)
 
 
-CANONICAL = envelope_jose.canonical_json(message())
+CANONICAL = canonical_json(message())
 
 
 def test_the_wrap_helper_builds_an_envelope_that_opens() -> None:
