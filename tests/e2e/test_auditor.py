@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -54,6 +55,9 @@ def test_auditors_see_entries_checkpoints_and_proofs_never_content(
         everything = api.request("GET", "/v1/audit/entries", params={"limit": 1000})
         assert everything.status_code == 200
         assert SECRET not in everything.text
+        for item in everything.json()["items"]:  # the raw leaf, which hashes to the tree's leaf hash
+            assert hashlib.sha256(b"\x00" + item["leaf"].encode()).hexdigest() == item["leaf_hash"]
+            assert json.loads(item["leaf"])["seq"] == item["seq"]
         history = api.request("GET", "/v1/audit/entries", params={"message": message_id}).json()["items"]
         assert [e["event"] for e in history][:3] == ["message.submitted", "message.sent", "receipt.verified"]
         both = api.request("GET", f"/v1/audit/messages/{message_id}").json()
@@ -132,7 +136,18 @@ def test_an_exported_bundle_verifies_offline_and_a_tampered_one_does_not(
     ]
     ok = subprocess.run(offline, capture_output=True, text=True, env=env, check=False)
     assert ok.returncode == 0, ok.stderr
-    assert "cosigned by the partner" in ok.stdout
+    assert "cosigned by MY-node/witness" in ok.stdout
+    stripped = json.loads(response.text)
+    stripped["checkpoint"] = stripped["checkpoint"].split("\u2014 MY-node/witness")[0]
+    bundle.write_text(json.dumps(stripped))
+    uncosigned = subprocess.run(offline, capture_output=True, text=True, env=env, check=False)
+    assert uncosigned.returncode == 1
+    assert "not cosigned by the partner" in uncosigned.stderr
+    allowed = subprocess.run(
+        [*offline, "--allow-uncosigned"], capture_output=True, text=True, env=env, check=False
+    )
+    assert allowed.returncode == 0, allowed.stderr
+    assert "NOT cosigned" in allowed.stdout
     data = json.loads(response.text)
     original = data["entries"][0]["leaf"]
     data["entries"][0]["leaf"] = original.replace('"event":"', '"event":"x', 1)
@@ -213,7 +228,7 @@ def test_the_console_in_a_real_browser(audited: tuple[Running, ClientFiles, str]
             page.click("#download")
         path = tmp_path / "console-bundle.json"
         download_info.value.save_as(path)
-        assert json.loads(path.read_text())["format"] == "exchange-audit-bundle/1"
+        assert json.loads(path.read_text())["format"] == "exchange-audit-bundle/2"
         page.screenshot(path=str(tmp_path / "console.png"), full_page=True)
         context.close()
         browser.close()
