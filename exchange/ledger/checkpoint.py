@@ -75,7 +75,7 @@ class NoteVerifier:
     def parse(cls, vkey: str) -> NoteVerifier:
         """Parse ``<name>+<hex key id>+<base64(type || key)>``. Raises CheckpointError if the text is
         malformed, the type unsupported, or the key id not that of the name and key."""
-        parts = vkey.split("+")
+        parts = vkey.split("+", 2)  # the base64 key material may itself hold '+'
         if len(parts) != 3 or len(parts[1]) != 8:
             raise CheckpointError(f"not a verifier key: {vkey!r}")
         name, hex_id, b64 = parts

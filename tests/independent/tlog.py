@@ -154,7 +154,7 @@ def key_hash(name: str, kind: int, public: bytes) -> bytes:
 
 
 def parse_vkey(vkey: str) -> Verifier:
-    name, hash_hex, material = vkey.split("+")
+    name, hash_hex, material = vkey.split("+", 2)
     raw = base64.b64decode(material, validate=True)
     if len(hash_hex) != 8 or raw[0] not in (0x01, 0x04) or len(raw) != 33:
         raise Invalid("unsupported vkey")
@@ -171,7 +171,7 @@ def make_vkey(name: str, kind: int, private: Ed25519PrivateKey) -> str:
 
 def parse_skey(skey: str) -> tuple[str, Ed25519PrivateKey]:
     """The Go note package's ``PRIVATE+KEY+<name>+<hash>+<base64(0x01 || seed)>``."""
-    parts = skey.split("+")
+    parts = skey.split("+", 4)
     if parts[:2] != ["PRIVATE", "KEY"] or len(parts) != 5:
         raise Invalid("not a signer key")
     raw = base64.b64decode(parts[4])
