@@ -11,6 +11,15 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
+from exchange.api.audit_models import (
+    AuditBundle,
+    Checkpoints,
+    ConsistencyProof,
+    EntriesPage,
+    InclusionProof,
+    MessageHistory,
+    Verification,
+)
 from exchange.api.auth import auditor, local_client, node_of, partner_node
 from exchange.api.problems import problem
 from exchange.auditing import AuditService, EntryFilter
@@ -192,7 +201,7 @@ def audit_of(request: Request) -> AuditService:
     return service
 
 
-@audit_router.get("/entries", summary="Ledger entries (no content)")
+@audit_router.get("/entries", summary="Ledger entries (no content)", response_model=EntriesPage)
 def audit_entries(
     request: Request,
     case: str | None = None,
@@ -209,7 +218,9 @@ def audit_entries(
     return audit_of(request).entries(where, after, limit)
 
 
-@audit_router.get("/messages/{message_id}", summary="A message's history on both nodes")
+@audit_router.get(
+    "/messages/{message_id}", summary="A message's history on both nodes", response_model=MessageHistory
+)
 def audit_message_history(message_id: str, request: Request) -> dict[str, Any]:
     """This node's ledger entries about the message and the partner node's (fetched over the peer
     link; metadata only). ``partner_error`` says why the partner's part is missing, if it is."""
@@ -232,26 +243,34 @@ def audit_message_history(message_id: str, request: Request) -> dict[str, Any]:
     }
 
 
-@audit_router.get("/checkpoints", summary="Signed checkpoints, cosignatures, witnessed checkpoints")
+@audit_router.get(
+    "/checkpoints",
+    summary="Signed checkpoints, cosignatures, witnessed checkpoints, verifier keys",
+    response_model=Checkpoints,
+)
 def audit_checkpoints(request: Request) -> dict[str, Any]:
+    """Every checkpoint this node signed with its cosignatures, every partner checkpoint it
+    witnessed, and the note verifier keys (name+keyid+base64) that check them."""
     return audit_of(request).checkpoints()
 
 
-@audit_router.get("/proofs/inclusion", summary="Inclusion proof of an entry")
+@audit_router.get("/proofs/inclusion", summary="Inclusion proof of an entry", response_model=InclusionProof)
 def audit_inclusion(
     request: Request, seq: Annotated[int, Query(ge=0)], size: Annotated[int | None, Query(ge=1)] = None
 ) -> dict[str, Any]:
     return audit_of(request).inclusion(seq, size)
 
 
-@audit_router.get("/proofs/consistency", summary="Consistency proof between two tree sizes")
+@audit_router.get(
+    "/proofs/consistency", summary="Consistency proof between two tree sizes", response_model=ConsistencyProof
+)
 def audit_consistency(
     request: Request, old: Annotated[int, Query(ge=1)], new: Annotated[int | None, Query(ge=1)] = None
 ) -> dict[str, Any]:
     return audit_of(request).consistency(old, new)
 
 
-@audit_router.post("/verify", summary="Verify the whole ledger now")
+@audit_router.post("/verify", summary="Verify the whole ledger now", response_model=Verification)
 def audit_verify(request: Request) -> dict[str, Any]:
     """Recompute the tree and check every checkpoint and cosignature; names the first failure."""
     try:
@@ -264,18 +283,20 @@ def audit_verify(request: Request) -> dict[str, Any]:
         "entries": report.entries,
         "checkpoints": report.checkpoints,
         "cosignatures": report.cosignatures,
+        "witness_cosignatures": dict(report.witness_cosignatures),
         "witnessed": report.witnessed,
     }
 
 
-@audit_router.get("/export", summary="Download an audit bundle")
+@audit_router.get("/export", summary="Download an audit bundle", response_model=AuditBundle)
 def audit_export(
     request: Request,
     start: Annotated[int, Query(alias="from", ge=0)] = 0,
     end: Annotated[int | None, Query(alias="to")] = None,
 ) -> JSONResponse:
-    """Entries, the signed and cosigned checkpoint, and the range proof, for offline verification
-    with ``exchange audit verify --bundle FILE --agreement AGREEMENT``."""
+    """Entries with their RFC 9162 inclusion proofs, the cosigned checkpoint and a consistency proof
+    (schemas/audit-bundle.schema.json), for offline verification with
+    ``exchange audit verify --bundle FILE --agreement AGREEMENT`` or public tools."""
     bundle = audit_of(request).export(start, end)
     first, last = bundle["entries"][0]["index"], bundle["entries"][-1]["index"]
     name = f"audit-{bundle['party']}-{first}-{last + 1}.json"
