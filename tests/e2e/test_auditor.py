@@ -207,6 +207,8 @@ def test_the_console_in_a_real_browser(audited: tuple[Running, ClientFiles, str]
         expect(page.locator("#entries tbody tr").first).to_be_visible()
         assert SECRET not in page.content()
         expect(page.locator("#checkpoints tbody tr").first).to_contain_text("MY-node/witness")
+        expect(page.locator("#verifier-keys")).to_contain_text("ID-node/ledger+")
+        expect(page.locator("#verifier-keys")).to_contain_text("MY-node/witness+")
 
         page.fill("input[name=event]", "message.released")
         page.click("#search")
