@@ -157,7 +157,7 @@ async def witness_add_checkpoint(request: Request) -> Response:
     ledgered as a security incident."""
     try:
         add = parse_add_checkpoint(await request.body())
-        origin = parse_body(split_note(add.note)[0])[0]
+        origin, size, _, _ = parse_body(split_note(add.note)[0])
     except CheckpointError as exc:
         return problem(400, "invalid-checkpoint", "Malformed add-checkpoint request", str(exc))
     service = checkpoints_of(request)
@@ -169,10 +169,11 @@ async def witness_add_checkpoint(request: Request) -> Response:
         return problem(403, "invalid-checkpoint", "The checkpoint is not validly signed", str(exc))
     except CheckpointConflict as exc:
         status = WITNESS_STATUS.get(exc.reason, 409)
-        if exc.reason == "rollback" and add.old_size > exc.witnessed_size:
-            status = 400
+        if exc.reason == "rollback" and add.old_size > size:
+            status = 400  # the spec's first check: an old size beyond the checkpoint
         if status == 409:
-            return Response(encode_size(exc.witnessed_size), status_code=409, media_type=SIZE_MEDIA_TYPE)
+            # exactly the media type the spec names (Starlette would append a charset to a text/ type)
+            return Response(encode_size(exc.witnessed_size), 409, headers={"content-type": SIZE_MEDIA_TYPE})
         return problem(status, "checkpoint-conflict", "The checkpoint is refused", str(exc))
     return PlainTextResponse(line + "\n")
 
