@@ -192,8 +192,13 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
-def _canonical_message(payload: bytes) -> dict[str, Any]:
-    """The signed message, if ``payload`` is exactly the RFC 8785 form of a JSON object."""
+def canonical_object(payload: bytes) -> dict[str, Any]:
+    """The JSON object ``payload`` encodes, if it is exactly that object's RFC 8785 form.
+
+    Raises:
+        EnvelopeError: ``malformed``: not JSON, not an object, a duplicate member, or other bytes
+            than the canonical form (whitespace, escapes, member order, number spelling).
+    """
     try:
         message = json.loads(payload, object_pairs_hook=_no_duplicates)
     except (ValueError, RecursionError) as exc:
@@ -255,7 +260,7 @@ def _decrypt_and_verify(
         raise EnvelopeError("bad-signature", type(exc).__name__) from exc
     if verified.headers().get("typ") != SIGNED_TYP:
         raise EnvelopeError("malformed", "inner JWS has the wrong typ")
-    message = _canonical_message(verified.payload)
+    message = canonical_object(verified.payload)
     for param, field in HEADER_FIELDS.items():
         if canonical_json(protected.get(param)) != canonical_json(message.get(field)):
             raise EnvelopeError("header-mismatch", f"{param} differs from the signed {field}")

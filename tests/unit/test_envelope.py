@@ -408,3 +408,35 @@ def test_a_missing_required_header_field_is_malformed_not_decrypt_failed(field: 
 
 def test_a_cty_other_than_jose_is_refused() -> None:
     assert reason(_wrap(CANONICAL, cty="JWT")) == "malformed"
+
+
+def test_a_receipt_whose_signed_body_is_not_canonical_is_refused() -> None:
+    """The same rule as the envelope: a duplicate ``envelope_sha256`` could name two envelopes."""
+    digest = envelope_jose.envelope_digest(sealed())
+    body = {
+        "envelope_sha256": digest,
+        "message_id": message()["id"],
+        "received_at": NOW.isoformat(timespec="microseconds"),
+        "receiver": "MY",
+        "sender": "ID",
+    }
+    canonical = canonical_json(body).decode()
+    for payload in (
+        canonical.replace('{"envelope_sha256":', '{"envelope_sha256":"' + "0" * 64 + '","envelope_sha256":'),
+        json.dumps(body),
+    ):
+        receipt = jws.serialize_compact(
+            {"alg": "EdDSA", "kid": MY_SIG.kid, "typ": "exchange-receipt+jws"},
+            payload.encode(),
+            MY_SIG,
+            registry=envelope_jose._JWS_REGISTRY,
+        )
+        with pytest.raises(EnvelopeError) as info:
+            verify_receipt(
+                receipt,
+                verification_keys={KeyId(str(MY_SIG.kid)): public(MY_SIG)},
+                expected_message_id=message()["id"],
+                expected_envelope_sha256=digest,
+                expected_receiver="MY",
+            )
+        assert info.value.reason == "malformed"
