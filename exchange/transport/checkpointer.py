@@ -43,12 +43,14 @@ class Checkpointer:
         further witness. Returns the size the partner cosigned in this round, if any."""
         now = dt.datetime.now(dt.UTC)
         self.service.sign_latest(now)
-        cosigned = self._round(self.transport.witness, None, now)
-        for witness in self.witnesses:
-            try:
-                self._round(witness.witness, witness, now)
-            except (TransportError, CheckpointError) as exc:
-                log.warning("witness %s did not cosign: %s", witness.name, exc)
+        try:
+            cosigned = self._round(self.transport.witness, None, now)
+        finally:  # a partner outage does not hold back the further witnesses, nor they each other
+            for witness in self.witnesses:
+                try:
+                    self._round(witness.witness, witness, now)
+                except (TransportError, CheckpointError) as exc:
+                    log.warning("witness %s did not cosign: %s", witness.name, exc)
         return cosigned
 
     def _round(

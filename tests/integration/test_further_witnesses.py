@@ -19,7 +19,7 @@ from exchange.auditing import AuditService
 from exchange.checkpoints import CheckpointService
 from exchange.config import load_settings
 from exchange.db import repo
-from exchange.errors import LedgerIntegrityError
+from exchange.errors import LedgerIntegrityError, TransportError
 from exchange.ledger import EntryDraft
 from exchange.ledger.bundle import verify_bundle
 from exchange.node import Node
@@ -148,3 +148,18 @@ def test_a_witness_that_refuses_is_an_incident(setup: tuple[Node, Node, MiniWitn
     with id_node.db.read() as conn:
         reasons = [e.data["reason"] for e in repo.iter_ledger(conn) if e.event == "checkpoint.incident"]
     assert reasons == [f"refused by witness {NAME}"]
+
+
+def test_a_partner_outage_does_not_hold_back_the_further_witness(
+    setup: tuple[Node, Node, MiniWitness, NodeDir],
+) -> None:
+    id_node, my_node, witness, _ = setup
+    loopback = Loopback(my_node)
+    loopback.down = True
+    rounds = Checkpointer(CheckpointService(id_node), loopback, 1, [HttpWitness(NAME, witness.url, 5)])
+    grow(id_node, 3)
+    with pytest.raises(TransportError):
+        rounds.run_once()
+    assert witness.answers == [3]  # cosigned by the further witness all the same
+    loopback.down = False
+    assert rounds.run_once() == 3
