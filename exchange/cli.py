@@ -332,7 +332,8 @@ def audit_verify(
             partner = agreement.parties[agreement.partner_of(data["party"])]
         except (ValueError, KeyError, TypeError) as exc:
             raise InvalidInput(f"{bundle} is not an audit bundle: {exc}") from exc
-        if data.get("agreement", {}).get("digest") != agreement.digest:
+        named = data.get("agreement")
+        if not isinstance(named, dict) or named.get("digest") != agreement.digest:
             raise InvalidInput(f"{bundle} was exported under another agreement than {agreement_file}")
         checked = verify_bundle(
             data,

@@ -174,9 +174,12 @@ def verify_bundle(
     items = bundle.get("entries")
     if not isinstance(items, list) or not items:
         raise LedgerIntegrityError("the bundle holds no entries")
-    start = items[0].get("index") if isinstance(items[0], dict) else None
-    if not isinstance(start, int) or [e.get("index") for e in items] != list(
-        range(start, start + len(items))
+    indexes = [e.get("index") if isinstance(e, dict) else None for e in items]
+    start = indexes[0] if type(indexes[0]) is int else -1
+    if (
+        start < 0
+        or any(type(i) is not int for i in indexes)
+        or indexes != list(range(start, start + len(items)))
     ):
         raise LedgerIntegrityError("the bundle's entries are not a consecutive range")
     end = start + len(items)
@@ -201,6 +204,8 @@ def verify_bundle(
         decoded.append(entry)
     since = None
     consistency = bundle.get("consistency")
+    if consistency is not None and not isinstance(consistency, dict):
+        raise LedgerIntegrityError("the bundle's consistency member is not an object")
     if consistency is not None:
         earlier, _ = _checkpoint(consistency.get("checkpoint"), log, all_witnesses, "earlier checkpoint")
         if earlier.size < end:

@@ -149,3 +149,41 @@ def test_a_bundle_checked_against_other_keys_is_refused() -> None:
     b = bundle(8, 0, 8)
     with pytest.raises(LedgerIntegrityError, match="checkpoint"):
         verify_bundle(b, log=NoteVerifier.of(ORIGIN, PARTNER, SIG_ED25519), partner_witness=PARTNER_WITNESS)
+
+
+def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    found = [prefix] if prefix else []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found += _paths(item, (*prefix, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value[:2]):
+            found += _paths(item, (*prefix, index))
+    return found
+
+
+@pytest.mark.parametrize("replacement", [None, 7, "x", [], {}, True])
+def test_a_bundle_with_any_member_of_the_wrong_type_is_refused_cleanly(replacement: Any) -> None:
+    """Whatever member is replaced, the verifier refuses with LedgerIntegrityError, never a crash."""
+    original = bundle(9, 2, 6, first=7)
+    for path in _paths(original):
+        b = copy.deepcopy(original)
+        target = b
+        for key in path[:-1]:
+            target = target[key]
+        if target[path[-1]] == replacement:
+            continue
+        target[path[-1]] = replacement
+        try:
+            verify(b)
+        except LedgerIntegrityError:
+            continue
+        if path == ("consistency",) and replacement is None:
+            continue  # a bundle need not carry an earlier checkpoint
+        assert path in {
+            ("party",),
+            ("agreement",),
+            ("agreement", "version"),
+            ("agreement", "digest"),
+            ("origin",),
+        }, path
