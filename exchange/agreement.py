@@ -121,27 +121,25 @@ class Witness(_Strict):
     """A further witness (a regional organisation, an oversight body) that cosigns both parties'
     checkpoints through the C2SP tlog-witness protocol."""
 
+    name: str = Field(description="its key name, as its cosignature lines carry it")
     key: str = Field(description="its cosignature/v1 note verifier key: name+keyid+base64(0x04 || key)")
     url: str = Field(pattern=r"^https?://", description="its submission prefix (POST <url>/add-checkpoint)")
 
-    @field_validator("key")
-    @classmethod
-    def _vkey(cls, value: str) -> str:
+    @model_validator(mode="after")
+    def _vkey(self) -> Witness:
         try:
-            verifier = NoteVerifier.parse(value)
+            verifier = NoteVerifier.parse(self.key)
         except CheckpointError as exc:
-            raise ValueError(str(exc)) from exc
+            raise ValueError(f"key: {exc}") from exc
         if verifier.algorithm != SIG_COSIGNATURE_V1:
-            raise ValueError("a witness key is a cosignature/v1 (0x04) verifier key")
-        return value
+            raise ValueError("key: a witness key is a cosignature/v1 (0x04) verifier key")
+        if verifier.name != self.name:
+            raise ValueError(f"key: names {verifier.name!r}, not the witness {self.name!r}")
+        return self
 
     @property
     def verifier(self) -> NoteVerifier:
         return NoteVerifier.parse(self.key)
-
-    @property
-    def name(self) -> str:
-        return self.verifier.name
 
 
 class Scheme(_Strict):

@@ -44,7 +44,7 @@ def setup(
         for node in (id_dir, my_dir):
             path = node.path / "agreement.toml"
             data = tomllib.loads(path.read_text())
-            data["witnesses"] = [{"key": witness.vkey, "url": witness.url}]
+            data["witnesses"] = [{"name": NAME, "key": witness.vkey, "url": witness.url}]
             path.write_text(tomli_w.dumps(data, multiline_strings=True))
         pair = Node(load_settings(id_dir.path)), Node(load_settings(my_dir.path))
         yield pair[0], pair[1], witness, id_dir

@@ -1,4 +1,5 @@
-"""The agreement digest is computable from the file with public tools (schemas/agreement-digest.md)."""
+"""The agreement digest is computable from the file with public tools (schemas/agreement-digest.md);
+the further witnesses the agreement names are checked when it is loaded."""
 
 from __future__ import annotations
 
@@ -72,3 +73,38 @@ def test_the_digest_is_what_json_tools_see() -> None:
     from exchange.agreement import parse_agreement
 
     assert parse_agreement(data).digest == hashlib.sha256(text.encode()).hexdigest()
+
+
+def test_a_further_witness_must_have_a_cosignature_key_of_its_own_name() -> None:
+    from exchange.agreement import parse_agreement
+
+    data = agreement_data()
+    vkey = "w.example/1+" + "00" * 4 + "+" + "B" + "A" * 43
+    good = _witness_vkey("w.example/1")
+    data["witnesses"] = [{"name": "w.example/1", "key": good, "url": "https://w.example"}]
+    assert parse_agreement(data).witnesses[0].verifier.vkey == good
+    for bad, needle in (
+        ({"name": "w.example/2", "key": good, "url": "https://w.example"}, "not the witness"),
+        ({"name": "w.example/1", "key": vkey, "url": "https://w.example"}, "key id"),
+        ({"name": "w.example/1", "key": good, "url": "ftp://w.example"}, "url"),
+        (
+            {"name": "ID-node/witness", "key": _witness_vkey("ID-node/witness"), "url": "https://x"},
+            "distinct",
+        ),
+    ):
+        data["witnesses"] = [bad]
+        with pytest.raises(ConfigurationError, match=needle):
+            parse_agreement(data)
+    log_key = parse_agreement(agreement_data()).parties["ID"].ledger_verifier.vkey  # type 0x01
+    data["witnesses"] = [{"name": "ID-node/ledger", "key": log_key, "url": "https://x"}]
+    with pytest.raises(ConfigurationError, match="cosignature/v1"):
+        parse_agreement(data)
+
+
+def _witness_vkey(name: str) -> str:
+    from exchange import crypto
+    from exchange.ledger.checkpoint import SIG_COSIGNATURE_V1, NoteVerifier
+
+    return NoteVerifier.of(
+        name, crypto.private_jwk(crypto.new_message_key("ckpt"), "w"), SIG_COSIGNATURE_V1
+    ).vkey
