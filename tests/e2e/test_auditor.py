@@ -16,7 +16,8 @@ import pytest
 from exchange.client import ExchangeClient
 from exchange.ledger.merkle import verify_consistency, verify_inclusion
 from tests.e2e.harness import Running
-from tests.support import PASSPHRASE, ClientFiles, register_client, response_to, rfi
+from tests.support import PASSPHRASE, ClientFiles, cli, register_client, response_to, rfi
+from tests.unit.test_auditor_guide import block
 
 pytestmark = pytest.mark.e2e
 SECRET = "PAYLOAD-SECRET-RECRUITER-NAME-0193"
@@ -122,6 +123,7 @@ def test_an_exported_bundle_verifies_offline_and_a_tampered_one_does_not(
     bundle = tmp_path / "bundle.json"
     bundle.write_text(response.text)
     agreement = polri.node.path / "agreement.toml"
+    _check_by_hand(tmp_path, json.loads(response.text), agreement)
     env = {k: v for k, v in os.environ.items() if not k.startswith("EXCHANGE_")}
     offline = [
         sys.executable,
@@ -156,6 +158,43 @@ def test_an_exported_bundle_verifies_offline_and_a_tampered_one_does_not(
     bad = subprocess.run(offline, capture_output=True, text=True, env=env, check=False)
     assert bad.returncode == 1
     assert "altered" in bad.stderr
+
+
+def _check_by_hand(tmp_path: Path, bundle: dict[str, object], agreement: Path) -> None:
+    """The auditor's guide, steps 2 to 4, on a real node's bundle: public tools and the keys that
+    `exchange audit keys` prints, nothing of ours."""
+    keys = {
+        row.split("\t")[2].split("+")[0]: row.split("\t")[2]
+        for row in cli("audit", "keys", "--agreement", str(agreement)).splitlines()
+    }
+    work = tmp_path / "by-hand"
+    work.mkdir()
+    (work / "bundle.json").write_text(json.dumps(bundle))
+    (work / "inclusion.py").write_text(block("inclusion"))
+    included = subprocess.run(
+        [sys.executable, "-I", "inclusion.py", "bundle.json"],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert included.returncode == 0, included.stderr
+    (work / "checkpoint.txt").write_text(str(bundle["checkpoint"]))
+    signed = subprocess.run(
+        ["bash", "-c", block("checkpoint") + block("cosignature")],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "LANG": "C.UTF-8",
+            "LOG_VKEY": keys["ID-node/ledger"],
+            "WITNESS_VKEY": keys["MY-node/witness"],
+        },
+    )
+    assert signed.returncode == 0, signed.stderr
+    assert signed.stdout.count("Signature Verified Successfully") == 2
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
