@@ -21,7 +21,7 @@ from joserfc.jwk import OKPKey
 from pydantic import ValidationError
 
 from exchange import crypto, envelope
-from exchange.agreement import PublicJWK, jwk_raw, load_agreement, parse_agreement
+from exchange.agreement import Agreement, PublicJWK, jwk_raw, load_agreement, parse_agreement
 from exchange.auditing import AuditService, verifier_keys
 from exchange.config import NODE_FILE, load_settings, resolve_passphrase
 from exchange.db import repo
@@ -315,6 +315,12 @@ def audit_verify(
             "--allow-uncosigned", help="accept a bundle the partner node did not cosign (weaker: says so)"
         ),
     ] = False,
+    require_witness: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--require-witness", help="a further witness whose cosignature must be there (repeatable)"
+        ),
+    ] = None,
 ) -> None:
     """Verify a node's whole ledger (the Merkle tree from every stored leaf, every checkpoint,
     cosignature, further witness cosignature and witnessed checkpoint), or an export bundle offline
@@ -341,6 +347,7 @@ def audit_verify(
             partner_witness=partner.witness_verifier,
             witnesses=[w.verifier for w in agreement.witnesses],
             allow_uncosigned=allow_uncosigned,
+            require=_known_witnesses(agreement, require_witness or []),
         )
         typer.echo(checked.summary())
         return
@@ -350,6 +357,14 @@ def audit_verify(
     with service.db:
         report = service.verify()
     typer.echo(f"ledger verified: {report.summary()}")
+
+
+def _known_witnesses(agreement: Agreement, names: list[str]) -> list[str]:
+    known = {w.name for w in agreement.witnesses}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise InvalidInput(f"--require-witness: {', '.join(unknown)} is not a witness the agreement names")
+    return names
 
 
 @audit_app.command("keys")

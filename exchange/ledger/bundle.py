@@ -154,13 +154,15 @@ def verify_bundle(
     partner_witness: NoteVerifier,
     witnesses: Sequence[NoteVerifier] = (),
     allow_uncosigned: bool = False,
+    require: Sequence[str] = (),
 ) -> BundleReport:
     """Verify a bundle with the keys the agreement pins: the log's checkpoint key, the partner
-    node's witness key and any further witness keys.
+    node's witness key and any further witness keys; ``require`` names further witnesses whose
+    cosignature must be there too.
 
     Raises:
-        LedgerIntegrityError: naming the first entry or part that does not verify, or the missing
-            partner cosignature (unless ``allow_uncosigned``).
+        LedgerIntegrityError: naming the first entry or part that does not verify, the missing
+            partner cosignature (unless ``allow_uncosigned``), or a required witness's.
     """
     if bundle.get("format") != BUNDLE_FORMAT:
         raise LedgerIntegrityError(f"not an {BUNDLE_FORMAT} bundle")
@@ -171,6 +173,9 @@ def verify_bundle(
             f"the bundle's checkpoint is not cosigned by the partner node ({partner_witness.name}):"
             " nothing shows the partner saw this history (--allow-uncosigned accepts that)"
         )
+    missing = sorted(set(require) - set(cosigners))
+    if missing:
+        raise LedgerIntegrityError(f"the bundle's checkpoint is not cosigned by {', '.join(missing)}")
     items = bundle.get("entries")
     if not isinstance(items, list) or not items:
         raise LedgerIntegrityError("the bundle holds no entries")

@@ -17,6 +17,7 @@ import tomli_w
 from exchange.agreement import load_agreement
 from exchange.auditing import AuditService
 from exchange.checkpoints import CheckpointService
+from exchange.cli import app
 from exchange.config import load_settings
 from exchange.db import repo
 from exchange.errors import LedgerIntegrityError, TransportError
@@ -28,7 +29,7 @@ from exchange.transport.peer import HttpWitness
 from tests.independent import tlog
 from tests.independent.witness import MiniWitness
 from tests.integration.test_node_flow import Loopback
-from tests.support import NodeDir, cli, make_pair
+from tests.support import RUNNER, NodeDir, cli, make_pair
 
 NAME = "witness.aseanapol.example/w1"
 
@@ -89,6 +90,26 @@ def test_a_further_witness_cosigns_through_the_protocol_and_the_audit_checks_it(
         witnesses=[w.verifier for w in id_node.agreement.witnesses],
     )
     assert set(report.cosigners) == {"MY-node/witness", NAME}
+    agreement_file = str(id_dir.path / "agreement.toml")
+    (id_dir.path / "bundle.json").write_text(json.dumps(bundle))
+    offline = ("audit", "verify", "--bundle", str(id_dir.path / "bundle.json"), "--agreement", agreement_file)
+    assert NAME in cli(*offline, "--require-witness", NAME)
+    stripped = dict(bundle, checkpoint=bundle["checkpoint"].split(f"\u2014 {NAME}")[0])
+    (id_dir.path / "stripped.json").write_text(json.dumps(stripped))
+    refused = RUNNER.invoke(
+        app,
+        [
+            *offline[:2],
+            "--bundle",
+            str(id_dir.path / "stripped.json"),
+            "--agreement",
+            agreement_file,
+            "--require-witness",
+            NAME,
+        ],
+    )
+    assert isinstance(refused.exception, LedgerIntegrityError)
+    assert f"not cosigned by {NAME}" in str(refused.exception)
     assert report.since_size == 3  # entries 0..2 were first covered by the checkpoint of size 3
     assert [e.seq for e in report.entries] == [0, 1, 2]
     # the independent implementation opens the bundle's checkpoint with the published keys alone
