@@ -259,7 +259,7 @@ class AuditService:
             if checkpoint is None:
                 raise NotFound("no signed checkpoint yet: wait for the next one")
             size = int(checkpoint["size"])
-            end = size if end is None else end
+            end = min(size, start + MAX_EXPORT) if end is None else end
             if not 0 <= start < end or end - start > MAX_EXPORT:
                 raise InvalidInput(f"export a range of 1..{MAX_EXPORT} entries, start < end")
             if end > size:

@@ -412,7 +412,10 @@ def audit_export(
     out: Annotated[Path, typer.Option(help="where to write the bundle (JSON)")],
     start: Annotated[int, typer.Option("--from", help="first entry")] = 0,
     end: Annotated[
-        int | None, typer.Option("--to", help="one past the last entry (default: the checkpoint's size)")
+        int | None,
+        typer.Option(
+            "--to", help="one past the last entry (default: the checkpoint's size, at most 10,000 entries)"
+        ),
     ] = None,
 ) -> None:
     """Write an audit bundle: entries with RFC 9162 inclusion proofs, the cosigned checkpoint, and a

@@ -20,7 +20,7 @@ from exchange.checkpoints import CheckpointService
 from exchange.cli import app
 from exchange.config import load_settings
 from exchange.db import repo
-from exchange.errors import LedgerIntegrityError, TransportError
+from exchange.errors import InvalidInput, LedgerIntegrityError, TransportError
 from exchange.ledger import EntryDraft
 from exchange.ledger.bundle import verify_bundle
 from exchange.node import Node
@@ -184,3 +184,16 @@ def test_a_partner_outage_does_not_hold_back_the_further_witness(
     assert witness.answers == [3]  # cosigned by the further witness all the same
     loopback.down = False
     assert rounds.run_once() == 3
+
+
+def test_an_export_without_an_end_stops_at_the_bundle_limit(
+    setup: tuple[Node, Node, MiniWitness, NodeDir], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    id_node, my_node, witness, _ = setup
+    grow(id_node, 12)
+    checkpointer(id_node, my_node, witness).run_once()
+    monkeypatch.setattr("exchange.auditing.MAX_EXPORT", 5)
+    audit = AuditService(id_node.db, id_node.agreement, id_node.party)
+    assert [e["index"] for e in audit.export(4)["entries"]] == [4, 5, 6, 7, 8]
+    with pytest.raises(InvalidInput):
+        audit.export(0, 12)

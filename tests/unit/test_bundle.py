@@ -1,4 +1,5 @@
-"""Offline audit bundles: range proofs reproduce the signed root; tampering is refused."""
+"""Offline audit bundles: per-entry RFC 9162 inclusion proofs and a consistency proof reproduce the
+signed roots; tampering, a missing cosignature and members of the wrong type are refused."""
 
 from __future__ import annotations
 
