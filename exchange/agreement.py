@@ -3,23 +3,34 @@
 It names the two parties and their node endpoints, CA certificates and initial public message
 keys; the common classification levels and each national scheme mapped onto them; message types,
 purposes and handling codes. It is validated once when loaded (parse, don't validate) and
-identified by its ``version`` and a SHA-256 over its RFC 8785 canonical JSON, so the two nodes agree
-on its identity whatever the TOML formatting. Changing a rule is an edit here, never to code.
+identified by its ``version`` and its digest: the SHA-256 of the RFC 8785 canonical JSON of the
+document **as written** (the TOML file parsed to JSON; no defaults added), so anyone computes it from
+the file with public tools (``schemas/agreement-digest.md``), and the two nodes agree on it whatever
+the TOML formatting. Changing a rule is an edit here, never to code.
 """
 
 from __future__ import annotations
 
+import base64
 import tomllib
 from collections.abc import Mapping
-from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from exchange import crypto
 from exchange.canonical import canonical_json, sha256_hex
 from exchange.errors import ConfigurationError, KeyManagementError
+from exchange.ledger.checkpoint import SIG_COSIGNATURE_V1, SIG_ED25519, CheckpointError, NoteVerifier
 from exchange.types import PARTIES, PartyId
 
 Identifier = Annotated[str, Field(pattern=r"^[A-Z][A-Z0-9_+ -]{0,63}$")]
@@ -57,6 +68,12 @@ class Party(_Strict):
     signing_keys: tuple[PublicJWK, ...] = Field(min_length=1)
     encryption_keys: tuple[PublicJWK, ...] = Field(min_length=1)
     checkpoint_key: PublicJWK = Field(description="Ed25519 key of the party's ledger checkpoints")
+    ledger_key: str | None = Field(
+        default=None, description="note verifier key of the party's checkpoints (name+keyid+base64)"
+    )
+    witness_key: str | None = Field(
+        default=None, description="note verifier key of the party's cosignatures (name+keyid+base64)"
+    )
 
     @property
     def ledger_origin(self) -> str:
@@ -67,6 +84,26 @@ class Party(_Strict):
     def witness_name(self) -> str:
         """The key name of the party's cosignatures of the partner's checkpoints."""
         return f"{self.node_name}/witness"
+
+    @property
+    def ledger_verifier(self) -> NoteVerifier:
+        """Verifies the party's checkpoints (signed-note Ed25519, type 0x01, named by the origin)."""
+        return NoteVerifier(self.ledger_origin, SIG_ED25519, jwk_raw(self.checkpoint_key))
+
+    @property
+    def witness_verifier(self) -> NoteVerifier:
+        """Verifies the party's cosignatures of the partner's checkpoints (cosignature/v1, 0x04)."""
+        return NoteVerifier(self.witness_name, SIG_COSIGNATURE_V1, jwk_raw(self.checkpoint_key))
+
+    @model_validator(mode="after")
+    def _note_keys(self) -> Party:
+        for given, derived in (
+            (self.ledger_key, self.ledger_verifier),
+            (self.witness_key, self.witness_verifier),
+        ):
+            if given is not None and given != derived.vkey:
+                raise ValueError(f"{given!r} is not the note key of checkpoint_key ({derived.vkey})")
+        return self
 
     @field_validator("ca_certificate")
     @classmethod
@@ -90,6 +127,35 @@ class Party(_Strict):
         if self.checkpoint_key.crv != "Ed25519":
             raise ValueError("checkpoint_key must be Ed25519")
         return self
+
+
+def jwk_raw(jwk: PublicJWK) -> bytes:
+    return base64.urlsafe_b64decode(jwk.x + "=")
+
+
+class Witness(_Strict):
+    """A further witness (a regional organisation, an oversight body) that cosigns both parties'
+    checkpoints through the C2SP tlog-witness protocol."""
+
+    name: str = Field(description="its key name, as its cosignature lines carry it")
+    key: str = Field(description="its cosignature/v1 note verifier key: name+keyid+base64(0x04 || key)")
+    url: str = Field(pattern=r"^https?://", description="its submission prefix (POST <url>/add-checkpoint)")
+
+    @model_validator(mode="after")
+    def _vkey(self) -> Witness:
+        try:
+            verifier = NoteVerifier.parse(self.key)
+        except CheckpointError as exc:
+            raise ValueError(f"key: {exc}") from exc
+        if verifier.algorithm != SIG_COSIGNATURE_V1:
+            raise ValueError("key: a witness key is a cosignature/v1 (0x04) verifier key")
+        if verifier.name != self.name:
+            raise ValueError(f"key: names {verifier.name!r}, not the witness {self.name!r}")
+        return self
+
+    @property
+    def verifier(self) -> NoteVerifier:
+        return NoteVerifier.parse(self.key)
 
 
 class Scheme(_Strict):
@@ -199,6 +265,7 @@ class Agreement(_Strict):
     child_age: int = Field(default=18, ge=1, le=30, description="a victim younger than this is a child")
     message_types: dict[Identifier, MessageType] = Field(min_length=1)
     rules: tuple[Rule, ...] = Field(min_length=1)
+    witnesses: tuple[Witness, ...] = Field(default=(), description="further witnesses of both ledgers")
 
     @model_validator(mode="after")
     def _consistent(self) -> Agreement:
@@ -206,6 +273,9 @@ class Agreement(_Strict):
         problems.extend(self._rule_problems())
         if set(self.organisations) != set(PARTIES):
             problems.append(f"organisations must name exactly {list(PARTIES)}")
+        names = [w.name for w in self.witnesses] + [p.witness_name for p in self.parties.values()]
+        if len(set(names)) != len(names):
+            problems.append("witnesses: every witness key name must be distinct (from the parties' too)")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -245,10 +315,16 @@ class Agreement(_Strict):
     def units_of(self, party: PartyId) -> frozenset[str]:
         return frozenset(self.organisations[party].units)
 
-    @cached_property
+    _document_digest: str | None = PrivateAttr(default=None)
+
+    @property
     def digest(self) -> str:
-        """SHA-256 (hex) of the agreement's canonical JSON: its identity beside ``version``."""
-        return sha256_hex(canonical_json(self.model_dump(mode="json", by_alias=True)))
+        """SHA-256 (hex) of the RFC 8785 form of the document as written: its identity beside
+        ``version`` (:func:`document_digest`). Raises ConfigurationError for an agreement not read
+        through :func:`parse_agreement`, whose document is unknown."""
+        if self._document_digest is None:
+            raise ConfigurationError("the agreement's digest is known only for a parsed document")
+        return self._document_digest
 
     def partner_of(self, party: PartyId) -> PartyId:
         """The other party."""
@@ -333,14 +409,32 @@ def _schema_problem(schema_file: str) -> str | None:
     return None
 
 
-def parse_agreement(data: dict[str, Any], source: str = "agreement") -> Agreement:
-    """Validate a parsed agreement document.
+def document_digest(data: dict[str, Any]) -> str:
+    """The agreement digest of a parsed document: hex SHA-256 of its RFC 8785 canonical JSON.
+
+    The same as ``python3 -c 'import hashlib,sys,tomllib,rfc8785;
+    print(hashlib.sha256(rfc8785.dumps(tomllib.load(open(sys.argv[1],"rb")))).hexdigest())' FILE``.
 
     Raises:
-        ConfigurationError: naming every invalid field and every inconsistency, all at once.
+        ConfigurationError: the document holds a value JSON cannot (a TOML date or time).
     """
     try:
-        return Agreement.model_validate(data)
+        return sha256_hex(canonical_json(data))
+    except ValueError as exc:
+        raise ConfigurationError(
+            f"the agreement must hold only JSON values (no TOML dates or times): {exc}"
+        ) from exc
+
+
+def parse_agreement(data: dict[str, Any], source: str = "agreement") -> Agreement:
+    """Validate a parsed agreement document; its digest is :func:`document_digest` of ``data``.
+
+    Raises:
+        ConfigurationError: naming every invalid field, or a value JSON cannot hold.
+    """
+    digest = document_digest(data)
+    try:
+        agreement = Agreement.model_validate(data)
     except ValidationError as exc:
         errors = exc.errors()
         problems = [f"{'.'.join(str(p) for p in err['loc']) or '(document)'}: {err['msg']}" for err in errors]
@@ -348,6 +442,8 @@ def parse_agreement(data: dict[str, Any], source: str = "agreement") -> Agreemen
             problems = [p for p, err in zip(problems, errors, strict=True) if err["loc"]]
             problems += consistency_problems(data)
         raise ConfigurationError(f"{source} is invalid: {'; '.join(problems)}") from exc
+    agreement._document_digest = digest
+    return agreement
 
 
 def load_agreement(path: Path) -> Agreement:

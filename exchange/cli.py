@@ -25,8 +25,8 @@ from joserfc.jwk import OKPKey
 from pydantic import ValidationError
 
 from exchange import crypto, envelope
-from exchange.agreement import load_agreement, parse_agreement
-from exchange.auditing import AuditService, audit_keys
+from exchange.agreement import Agreement, PublicJWK, jwk_raw, load_agreement, parse_agreement
+from exchange.auditing import AuditService, verifier_keys
 from exchange.config import NODE_FILE, check_passphrase, load_settings, resolve_passphrase
 from exchange.db import repo
 from exchange.db.engine import Database, current_revision, upgrade
@@ -41,6 +41,7 @@ from exchange.errors import (
 from exchange.files import private_dir, private_umask, restrict_tree, write_private
 from exchange.keys.store import create_node_keys, public_party_keys
 from exchange.ledger.bundle import verify_bundle
+from exchange.ledger.checkpoint import SIG_COSIGNATURE_V1, SIG_ED25519, NoteVerifier
 from exchange.pki import AGENCIES, TLSFiles, create_dev_pki, issue_client, node_name, sign_client_request
 from exchange.types import PARTIES
 
@@ -165,6 +166,13 @@ def init(
         "ca_certificate": tls.ca_cert.read_text() if tls.ca_cert.exists() else "",
         **public_party_keys(ring),
     }
+    checkpoint_key = PublicJWK.model_validate(fragment["checkpoint_key"])
+    fragment["ledger_key"] = NoteVerifier(
+        f"{node_name(party)}/ledger", SIG_ED25519, jwk_raw(checkpoint_key)
+    ).vkey
+    fragment["witness_key"] = NoteVerifier(
+        f"{node_name(party)}/witness", SIG_COSIGNATURE_V1, jwk_raw(checkpoint_key)
+    ).vkey
     write_private(directory / PARTY_FILE, tomli_w.dumps(fragment))
     restrict_tree(directory)
     typer.echo(f"initialised node {party} in {directory}; share {directory / PARTY_FILE} with the partner")
@@ -502,10 +510,23 @@ def audit_verify(
     agreement_file: Annotated[
         Path | None, typer.Option("--agreement", help="the agreement (with --bundle)")
     ] = None,
+    allow_uncosigned: Annotated[
+        bool,
+        typer.Option(
+            "--allow-uncosigned", help="accept a bundle the partner node did not cosign (weaker: says so)"
+        ),
+    ] = False,
+    require_witness: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--require-witness", help="a further witness whose cosignature must be there (repeatable)"
+        ),
+    ] = None,
 ) -> None:
     """Verify a node's whole ledger (the Merkle tree from every stored leaf, every checkpoint,
-    cosignature and witnessed checkpoint), or an export bundle offline against the agreement's keys.
-    Exits 1 naming the first bad entry or checkpoint."""
+    cosignature, further witness cosignature and witnessed checkpoint), or an export bundle offline
+    against the agreement's keys (a bundle the partner did not cosign fails unless
+    --allow-uncosigned). Exits 1 naming the first bad entry or checkpoint."""
     if bundle is not None:
         if agreement_file is None:
             raise InvalidInput(
@@ -514,18 +535,20 @@ def audit_verify(
         agreement = load_agreement(agreement_file)
         try:
             data = json.loads(bundle.read_text())
-            party = data["party"]
-            keys = audit_keys(agreement, party)
+            own = agreement.parties[data["party"]]
+            partner = agreement.parties[agreement.partner_of(data["party"])]
         except (ValueError, KeyError, TypeError) as exc:
             raise InvalidInput(f"{bundle} is not an audit bundle: {exc}") from exc
-        if data.get("agreement", {}).get("digest") != agreement.digest:
+        named = data.get("agreement")
+        if not isinstance(named, dict) or named.get("digest") != agreement.digest:
             raise InvalidInput(f"{bundle} was exported under another agreement than {agreement_file}")
         checked = verify_bundle(
             data,
-            origin=keys.origin,
-            checkpoint_key=keys.checkpoint_key,
-            partner_witness=keys.partner_witness_name,
-            partner_key=keys.partner_key,
+            log=own.ledger_verifier,
+            partner_witness=partner.witness_verifier,
+            witnesses=[w.verifier for w in agreement.witnesses],
+            allow_uncosigned=allow_uncosigned,
+            require=_known_witnesses(agreement, require_witness or []),
         )
         typer.echo(checked.summary())
         return
@@ -535,6 +558,31 @@ def audit_verify(
     with service.db:
         report = service.verify()
     typer.echo(f"ledger verified: {report.summary()}")
+
+
+def _known_witnesses(agreement: Agreement, names: list[str]) -> list[str]:
+    known = {w.name for w in agreement.witnesses}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise InvalidInput(f"--require-witness: {', '.join(unknown)} is not a witness the agreement names")
+    return names
+
+
+@audit_app.command("keys")
+def audit_keys_command(
+    directory: Annotated[
+        Path | None, typer.Option("--dir", help="the node directory", file_okay=False)
+    ] = None,
+    agreement_file: Annotated[Path | None, typer.Option("--agreement", help="the agreement file")] = None,
+) -> None:
+    """Print the note verifier keys (name+keyid+base64) the agreement pins: who signs which
+    checkpoints and cosignatures. One key per line, tab-separated: holder, what it signs, key."""
+    if (directory is None) == (agreement_file is None):
+        raise InvalidInput("give exactly one of --dir (a node) or --agreement FILE")
+    path = agreement_file if agreement_file is not None else load_settings(directory or Path()).agreement_file
+    agreement = load_agreement(path)
+    for row in verifier_keys(agreement):
+        typer.echo(f"{row['holder']}\t{row['signs']}\t{row['key']}")
 
 
 @audit_app.command("prove")
@@ -565,18 +613,21 @@ def audit_export(
     out: Annotated[Path, typer.Option(help="where to write the bundle (JSON)")],
     start: Annotated[int, typer.Option("--from", help="first entry")] = 0,
     end: Annotated[
-        int | None, typer.Option("--to", help="one past the last entry (default: the checkpoint's size)")
+        int | None,
+        typer.Option(
+            "--to", help="one past the last entry (default: the checkpoint's size, at most 10,000 entries)"
+        ),
     ] = None,
 ) -> None:
-    """Write an audit bundle: entries, the signed and cosigned checkpoint, and the range proof."""
+    """Write an audit bundle: entries with RFC 9162 inclusion proofs, the cosigned checkpoint, and a
+    consistency proof from the first checkpoint that covered them."""
     service = _audit_service(directory)
     with service.db:
         data = service.export(start, end)
     write_private(out, json.dumps(data, indent=1))
-    typer.echo(
-        f"wrote entries {data['range']['start']}..{data['range']['end'] - 1} proven against the checkpoint"
-        f" of size {data['checkpoint']['size']} to {out}"
-    )
+    first, last = data["entries"][0]["index"], data["entries"][-1]["index"]
+    size = data["checkpoint"].split("\n")[1]
+    typer.echo(f"wrote entries {first}..{last} proven against the checkpoint of size {size} to {out}")
 
 
 @app.command()

@@ -11,6 +11,7 @@ message keys are Ed25519 (signing) and X25519 (key agreement).
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import functools
 import hmac
@@ -104,6 +105,14 @@ def ed25519_raw_public(key: OKPKey) -> bytes:
     if not isinstance(public, ed25519.Ed25519PublicKey):
         raise KeyManagementError("not an Ed25519 key")
     return public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def ed25519_public_key(raw: bytes) -> OKPKey:
+    """An Ed25519 OKP public key from its 32 raw bytes. Raises KeyManagementError otherwise."""
+    if len(raw) != 32:
+        raise KeyManagementError("an Ed25519 public key is 32 bytes")
+    x = base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+    return OKPKey.import_key({"kty": "OKP", "crv": "Ed25519", "x": x})
 
 
 def ed25519_sign(key: OKPKey, message: bytes) -> bytes:

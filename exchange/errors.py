@@ -132,12 +132,23 @@ class LedgerIntegrityError(ExchangeError):
 class CheckpointConflict(LedgerIntegrityError):
     """A partner checkpoint that cannot be witnessed. ``witnessed_size`` is the size this node holds;
     ``incident`` says the checkpoint contradicts one already witnessed (fork, rollback, failed proof):
-    a security incident for both sides. Without it, the proof merely started at another size."""
+    a security incident for both sides. Without it, the proof merely started at another size.
+    ``reason`` is one of :data:`CONFLICT_REASONS` (the witness protocol answers by it)."""
 
-    def __init__(self, message: str, witnessed_size: int, *, incident: bool = False) -> None:
+    def __init__(
+        self, message: str, witnessed_size: int, *, incident: bool = False, reason: str = "size-mismatch"
+    ) -> None:
         super().__init__(message)
+        if reason not in CONFLICT_REASONS:
+            raise ValueError(f"unknown conflict reason {reason!r}")
         self.witnessed_size = witnessed_size
         self.incident = incident
+        self.reason = reason
+
+
+#: Why a checkpoint is not witnessed: the request's old size is not the witnessed size, a second
+#: root for the witnessed size, a smaller size, a failed consistency proof, a malformed request.
+CONFLICT_REASONS = ("size-mismatch", "fork", "rollback", "inconsistent", "bad-request")
 
 
 class KeyManagementError(ExchangeError):

@@ -22,7 +22,7 @@ from exchange.checkpoints import CheckpointService
 from exchange.errors import ExchangeError, FieldError
 from exchange.node import Node
 from exchange.transport.checkpointer import Checkpointer
-from exchange.transport.peer import PeerTransport
+from exchange.transport.peer import HttpWitness, PeerTransport
 from exchange.transport.worker import DeliveryWorker
 
 
@@ -41,8 +41,11 @@ def create_app(node: Node, transport: PeerTransport | None = None, *, run_worker
     ``transport`` (required then) for the lifetime of the app."""
     checkpoints = CheckpointService(node)
     worker = DeliveryWorker(node, transport) if transport is not None else None
+    witnesses = [
+        HttpWitness(w.name, w.url, node.settings.peer_timeout_seconds) for w in node.agreement.witnesses
+    ]
     checkpointer = (
-        Checkpointer(checkpoints, transport, node.settings.checkpoint_interval_seconds)
+        Checkpointer(checkpoints, transport, node.settings.checkpoint_interval_seconds, witnesses)
         if transport is not None
         else None
     )
@@ -66,6 +69,8 @@ def create_app(node: Node, transport: PeerTransport | None = None, *, run_worker
                 thread.join(timeout=30)
             if transport is not None:
                 transport.close()
+            if checkpointer is not None:
+                checkpointer.close()
 
     app = FastAPI(
         title=f"exchange node ({node.party})",

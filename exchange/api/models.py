@@ -70,61 +70,9 @@ class LedgerEntries(_Open):
     entries: list[dict[str, Any]] = Field(description="ledger entries: ids, hashes, decisions; no content")
 
 
-class Cosignature(_Open):
-    cosignature: str = Field(description="a C2SP cosignature/v1 line")
-
-
 class Health(_Open):
     status: Literal["ok"]
     party: str
     agreement: dict[str, str]
     outbox: int
     ledger_size: int
-
-
-class EntryPage(_Open):
-    items: list[dict[str, Any]]
-    next_cursor: int
-
-
-class MessageHistory(_Open):
-    message_id: str
-    nodes: dict[str, list[dict[str, Any]]] = Field(description="each node's ledger entries, by party")
-    partner_error: str | None = None
-
-
-class Checkpoints(_Open):
-    origin: str
-    cosigner: str
-    checkpoints: list[dict[str, Any]]
-    witnessed: list[dict[str, Any]]
-
-
-class InclusionProof(_Open):
-    seq: int
-    size: int
-    leaf: str
-    leaf_hash: str
-    root: str
-    proof: list[str]
-
-
-class ConsistencyProof(_Open):
-    old_size: int
-    new_size: int
-    old_root: str
-    new_root: str
-    proof: list[str]
-
-
-class VerifyReport(_Open):
-    ok: bool
-    summary: str | None = None
-    error: str | None = None
-    first_bad_entry: int | None = None
-
-
-class AuditBundle(_Open):
-    party: str
-    range: dict[str, int]
-    checkpoint: dict[str, Any]

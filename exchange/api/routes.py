@@ -7,15 +7,33 @@ from importlib.resources import files
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 
 from exchange.api import models
+from exchange.api.audit_models import (
+    AuditBundle,
+    Checkpoints,
+    ConsistencyProof,
+    EntriesPage,
+    InclusionProof,
+    MessageHistory,
+    Verification,
+)
 from exchange.api.auth import auditor, local_client, node_of, partner_node
+from exchange.api.problems import problem
 from exchange.auditing import AuditService, EntryFilter
 from exchange.checkpoints import CheckpointService
 from exchange.db import repo
-from exchange.errors import FieldError, InvalidInput, LedgerIntegrityError, TransportError
+from exchange.errors import CheckpointConflict, FieldError, InvalidInput, LedgerIntegrityError, TransportError
+from exchange.ledger.checkpoint import CheckpointError, parse_body, split_note
+from exchange.ledger.witness_protocol import (
+    ADD_CHECKPOINT,
+    SIZE_MEDIA_TYPE,
+    encode_size,
+    parse_add_checkpoint,
+)
 from exchange.messages import MessageSubmission
 from exchange.policy import Actor
 
@@ -156,27 +174,57 @@ def peer_message_history(message_id: str, request: Request) -> dict[str, Any]:
     return {"entries": audit_of(request).message_history(message_id)}
 
 
-class WitnessBody(BaseModel):
-    checkpoint: str = Field(description="a C2SP signed-note checkpoint of the partner's ledger")
-    from_size: int = Field(
-        ge=0, le=models.MAX_INT64, description="the size the consistency proof starts from"
-    )
-    proof: list[str] = Field(default_factory=list, max_length=64, description="hex SHA-256 hashes")
+WITNESS_STATUS = {"bad-request": 400, "inconsistent": 422}
 
 
 @peer_router.post(
-    "/checkpoints", summary="Witness a checkpoint (partner node only)", response_model=models.Cosignature
+    "/witness" + ADD_CHECKPOINT,
+    summary="C2SP tlog-witness add-checkpoint (partner node only)",
+    response_class=PlainTextResponse,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+            "description": "old <size>, consistency proof lines (base64), an empty line, the checkpoint",
+        }
+    },
+    responses={
+        200: {"description": "the cosignature line(s)", "content": {"text/plain": {}}},
+        400: {"description": "malformed, or an old size beyond the checkpoint", **PROBLEM},
+        403: {"description": "not signed by the partner's pinned checkpoint key", **PROBLEM},
+        404: {"description": "a checkpoint of another log than the partner's", **PROBLEM},
+        409: {
+            "description": "the witness's size (old size mismatch, or a fork)",
+            "content": {SIZE_MEDIA_TYPE: {}},
+        },
+        422: {"description": "the consistency proof does not verify (an incident)", **PROBLEM},
+    },
 )
-def witness_checkpoint(body: WitnessBody, request: Request) -> dict[str, Any]:
-    """Cosign the partner's checkpoint (C2SP cosignature/v1) if it is consistent with the last one
-    witnessed. 409 with ``witnessed_size`` when the proof starts elsewhere or the checkpoint
-    conflicts (fork, rollback, failed proof: a security incident, ledgered)."""
+async def witness_add_checkpoint(request: Request) -> Response:
+    """Cosign the partner's checkpoint as a C2SP tlog-witness (https://c2sp.org/tlog-witness) if it
+    is consistent with the last one witnessed. A fork, a rollback or a failed proof is refused and
+    ledgered as a security incident."""
     try:
-        proof = [bytes.fromhex(p) for p in body.proof]
-    except ValueError as exc:
-        raise InvalidInput("proof elements must be hex", [FieldError("proof", str(exc))]) from exc
-    line = checkpoints_of(request).witness(body.checkpoint, body.from_size, proof, _now())
-    return {"cosignature": line}
+        add = parse_add_checkpoint(await request.body())
+        origin, size, _, _ = parse_body(split_note(add.note)[0])
+    except CheckpointError as exc:
+        return problem(400, "invalid-checkpoint", "Malformed add-checkpoint request", str(exc))
+    service = checkpoints_of(request)
+    if origin != node_of(request).partner.ledger_origin:
+        return problem(404, "unknown-log", "Unknown log", "this node witnesses only its partner's log")
+    try:
+        line = await run_in_threadpool(service.witness, add.note, add.old_size, add.proof, _now())
+    except CheckpointError as exc:
+        return problem(403, "invalid-checkpoint", "The checkpoint is not validly signed", str(exc))
+    except CheckpointConflict as exc:
+        status = WITNESS_STATUS.get(exc.reason, 409)
+        if exc.reason == "rollback" and add.old_size > size:
+            status = 400  # the spec's first check: an old size beyond the checkpoint
+        if status == 409:
+            # exactly the media type the spec names (Starlette would append a charset to a text/ type)
+            return Response(encode_size(exc.witnessed_size), 409, headers={"content-type": SIZE_MEDIA_TYPE})
+        return problem(status, "checkpoint-conflict", "The checkpoint is refused", str(exc))
+    return PlainTextResponse(line + "\n")
 
 
 @health_router.get("/healthz", summary="Liveness and a few gauges", response_model=models.Health)
@@ -203,7 +251,7 @@ def audit_of(request: Request) -> AuditService:
     return service
 
 
-@audit_router.get("/entries", summary="Ledger entries (no content)", response_model=models.EntryPage)
+@audit_router.get("/entries", summary="Ledger entries (no content)", response_model=EntriesPage)
 def audit_entries(
     request: Request,
     case: str | None = None,
@@ -223,9 +271,7 @@ def audit_entries(
 
 
 @audit_router.get(
-    "/messages/{message_id}",
-    summary="A message's history on both nodes",
-    response_model=models.MessageHistory,
+    "/messages/{message_id}", summary="A message's history on both nodes", response_model=MessageHistory
 )
 def audit_message_history(message_id: str, request: Request) -> dict[str, Any]:
     """This node's ledger entries about the message and the partner node's (fetched over the peer
@@ -251,16 +297,16 @@ def audit_message_history(message_id: str, request: Request) -> dict[str, Any]:
 
 @audit_router.get(
     "/checkpoints",
-    summary="Signed checkpoints, cosignatures, witnessed checkpoints",
-    response_model=models.Checkpoints,
+    summary="Signed checkpoints, cosignatures, witnessed checkpoints, verifier keys",
+    response_model=Checkpoints,
 )
 def audit_checkpoints(request: Request) -> dict[str, Any]:
+    """Every checkpoint this node signed with its cosignatures, every partner checkpoint it
+    witnessed, and the note verifier keys (name+keyid+base64) that check them."""
     return audit_of(request).checkpoints()
 
 
-@audit_router.get(
-    "/proofs/inclusion", summary="Inclusion proof of an entry", response_model=models.InclusionProof
-)
+@audit_router.get("/proofs/inclusion", summary="Inclusion proof of an entry", response_model=InclusionProof)
 def audit_inclusion(
     request: Request,
     seq: Annotated[int, Query(ge=0, le=models.MAX_INT64)],
@@ -270,9 +316,7 @@ def audit_inclusion(
 
 
 @audit_router.get(
-    "/proofs/consistency",
-    summary="Consistency proof between two tree sizes",
-    response_model=models.ConsistencyProof,
+    "/proofs/consistency", summary="Consistency proof between two tree sizes", response_model=ConsistencyProof
 )
 def audit_consistency(
     request: Request,
@@ -282,7 +326,7 @@ def audit_consistency(
     return audit_of(request).consistency(old, new)
 
 
-@audit_router.post("/verify", summary="Verify the whole ledger now", response_model=models.VerifyReport)
+@audit_router.post("/verify", summary="Verify the whole ledger now", response_model=Verification)
 def audit_verify(request: Request) -> dict[str, Any]:
     """Recompute the tree and check every checkpoint and cosignature; names the first failure."""
     try:
@@ -295,20 +339,23 @@ def audit_verify(request: Request) -> dict[str, Any]:
         "entries": report.entries,
         "checkpoints": report.checkpoints,
         "cosignatures": report.cosignatures,
+        "witness_cosignatures": dict(report.witness_cosignatures),
         "witnessed": report.witnessed,
     }
 
 
-@audit_router.get("/export", summary="Download an audit bundle", response_model=models.AuditBundle)
+@audit_router.get("/export", summary="Download an audit bundle", response_model=AuditBundle)
 def audit_export(
     request: Request,
     start: Annotated[int, Query(alias="from", ge=0, le=models.MAX_INT64)] = 0,
     end: Annotated[int | None, Query(alias="to", ge=1, le=models.MAX_INT64)] = None,
 ) -> JSONResponse:
-    """Entries, the signed and cosigned checkpoint, and the range proof, for offline verification
-    with ``exchange audit verify --bundle FILE --agreement AGREEMENT``."""
+    """Entries with their RFC 9162 inclusion proofs, the cosigned checkpoint and a consistency proof
+    (schemas/audit-bundle.schema.json), for offline verification with
+    ``exchange audit verify --bundle FILE --agreement AGREEMENT`` or public tools."""
     bundle = audit_of(request).export(start, end)
-    name = f"audit-{bundle['party']}-{bundle['range']['start']}-{bundle['range']['end']}.json"
+    first, last = bundle["entries"][0]["index"], bundle["entries"][-1]["index"]
+    name = f"audit-{bundle['party']}-{first}-{last + 1}.json"
     return JSONResponse(bundle, headers={"content-disposition": f'attachment; filename="{name}"'})
 
 

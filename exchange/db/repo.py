@@ -26,6 +26,7 @@ from exchange.db.schema import (
     messages,
     outbox,
     reclassifications,
+    witness_cosignatures,
     witnessed,
 )
 from exchange.errors import InvalidInput, LedgerIntegrityError, NotFound
@@ -431,6 +432,49 @@ def record_cosignature(conn: Connection, size: int, line: str, at: str) -> None:
 
 def all_checkpoints(conn: Connection) -> list[dict[str, Any]]:
     return [dict(r._mapping) for r in conn.execute(sa.select(checkpoints).order_by(checkpoints.c.size))]
+
+
+def record_witness_cosignature(conn: Connection, size: int, witness: str, line: str, at: str) -> None:
+    """Keep a further witness's cosignature of our checkpoint of ``size`` (once per witness)."""
+    exists = conn.execute(
+        sa.select(witness_cosignatures.c.size).where(
+            witness_cosignatures.c.size == size, witness_cosignatures.c.witness == witness
+        )
+    ).first()
+    if exists is None:
+        conn.execute(
+            witness_cosignatures.insert(),
+            {"size": size, "witness": witness, "cosignature": line, "cosigned_at": at},
+        )
+
+
+def latest_cosigned_by(conn: Connection, witness: str) -> int:
+    """The largest of our checkpoint sizes ``witness`` cosigned (0 if none)."""
+    value = conn.execute(
+        sa.select(sa.func.max(witness_cosignatures.c.size)).where(witness_cosignatures.c.witness == witness)
+    ).scalar()
+    return int(value) if value is not None else 0
+
+
+def witness_cosignatures_by_size(conn: Connection) -> dict[int, dict[str, str]]:
+    """Every further witness cosignature: size -> {witness name: line}."""
+    found: dict[int, dict[str, str]] = {}
+    for row in conn.execute(sa.select(witness_cosignatures).order_by(witness_cosignatures.c.size)):
+        found.setdefault(int(row.size), {})[str(row.witness)] = str(row.cosignature)
+    return found
+
+
+def checkpoint_at(conn: Connection, size: int) -> dict[str, Any] | None:
+    row = conn.execute(sa.select(checkpoints).where(checkpoints.c.size == size)).first()
+    return dict(row._mapping) if row else None
+
+
+def first_checkpoint_covering(conn: Connection, size: int) -> dict[str, Any] | None:
+    """The smallest of our checkpoints of at least ``size``."""
+    row = conn.execute(
+        sa.select(checkpoints).where(checkpoints.c.size >= size).order_by(checkpoints.c.size).limit(1)
+    ).first()
+    return dict(row._mapping) if row else None
 
 
 def latest_witnessed(conn: Connection) -> dict[str, Any] | None:

@@ -175,3 +175,12 @@ reclassifications = sa.Table(
     sa.Column("notice_id", sa.String(64), nullable=False),
     sa.Column("at", sa.String(40), nullable=False),
 )
+witness_cosignatures = sa.Table(  # cosignatures of our checkpoints by the agreement's further witnesses
+    "witness_cosignatures",
+    metadata,
+    sa.Column("size", sa.BigInteger, sa.ForeignKey("checkpoints.size"), primary_key=True),
+    sa.Column("witness", sa.String(255), primary_key=True),
+    sa.Column("cosignature", sa.Text, nullable=False),
+    sa.Column("cosigned_at", sa.String(40), nullable=False),
+)
+sa.Index("ix_witness_cosignatures_witness_size", witness_cosignatures.c.witness, witness_cosignatures.c.size)

@@ -4,7 +4,12 @@
 Guarantees of :func:`open_envelope` when it returns:
 - the JWE decrypted under one of our keys named by its ``kid`` (so it was meant for us), with the
   protected header authenticated by AES-GCM;
-- the JWS verified under a signing key of the expected sender, named by its ``kid``;
+- the JWS verified under a signing key of the expected sender, named by its ``kid``, and its payload
+  is exactly the RFC 8785 canonical form of the message (so it has no duplicate member and no two
+  parsers can read two different messages from the same signed bytes);
+- the JWE protected header has every required field (``malformed`` otherwise, before decrypting),
+  ``cty`` is ``JOSE``, and any ``crit`` parameter is one this implementation understands; other
+  unknown parameters are ignored, as RFC 7515 §4 and RFC 7516 §4 require;
 - every security field of the JWE protected header equals the same field of the signed message,
   so a header cannot be swapped between envelopes or edited in transit;
 - sender and recipient are the expected parties, the agreement is one we hold, and the creation
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import hmac
 import json
 import warnings
 from collections.abc import Mapping
@@ -23,7 +29,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from joserfc import jwe, jws
-from joserfc.errors import JoseError, SecurityWarning
+from joserfc.errors import (
+    InvalidHeaderValueError,
+    JoseError,
+    MissingHeaderError,
+    SecurityWarning,
+    UnsupportedHeaderError,
+)
 from joserfc.jwk import OKPKey
 from joserfc.registry import HeaderParameter
 
@@ -73,8 +85,14 @@ class _EnvelopeJWERegistry(jwe.JWERegistry):
     max_ciphertext_length = MAX_ENVELOPE_BYTES
 
 
-_JWE_REGISTRY = _EnvelopeJWERegistry(header_registry=_registry_entries(), algorithms=[JWE_ALG, JWE_ENC])
-_JWS_REGISTRY = jws.JWSRegistry(algorithms=[JWS_ALG])
+# strict_check_header=False: an unknown parameter not listed in ``crit`` must be ignored (RFC 7516 §4,
+# RFC 7515 §4); joserfc still refuses a ``crit`` that names a parameter outside the registry.
+_JWE_REGISTRY = _EnvelopeJWERegistry(
+    header_registry=_registry_entries(), algorithms=[JWE_ALG, JWE_ENC], strict_check_header=False
+)
+_JWS_REGISTRY = jws.JWSRegistry(algorithms=[JWS_ALG], strict_check_header=False)
+#: Header parameters this implementation understands, beyond the JOSE registries: what ``crit`` may name.
+UNDERSTOOD_PARAMS = frozenset(HEADER_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -191,6 +209,35 @@ def _parse_time(value: Any) -> dt.datetime:
     return parsed
 
 
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    names = [name for name, _ in pairs]
+    if len(set(names)) != len(names):
+        raise EnvelopeError("malformed", "the signed payload has a duplicate member")
+    return dict(pairs)
+
+
+def canonical_object(payload: bytes) -> dict[str, Any]:
+    """The JSON object ``payload`` encodes, if it is exactly that object's RFC 8785 form.
+
+    Raises:
+        EnvelopeError: ``malformed``: not JSON, not an object, a duplicate member, or other bytes
+            than the canonical form (whitespace, escapes, member order, number spelling).
+    """
+    try:
+        message = json.loads(payload, object_pairs_hook=_no_duplicates)
+    except (ValueError, RecursionError) as exc:
+        raise EnvelopeError("malformed", "signed payload is not JSON") from exc
+    if not isinstance(message, dict):
+        raise EnvelopeError("malformed", "signed payload is not an object")
+    try:
+        canonical = canonical_json(message)
+    except ValueError as exc:
+        raise EnvelopeError("malformed", "signed payload holds a value outside RFC 8785") from exc
+    if not hmac.compare_digest(canonical, payload):
+        raise EnvelopeError("malformed", "signed payload is not its RFC 8785 canonical form")
+    return message
+
+
 def _decrypt_and_verify(
     compact: str, decryption_keys: Mapping[KeyId, OKPKey], verification_keys: Mapping[KeyId, OKPKey]
 ) -> OpenedEnvelope:
@@ -199,6 +246,18 @@ def _decrypt_and_verify(
     header = peek_header(compact)
     if header.get("alg") != JWE_ALG or header.get("enc") != JWE_ENC or header.get("typ") != ENVELOPE_TYP:
         raise EnvelopeError("malformed", "unexpected alg, enc or typ")
+    if header.get("cty") != "JOSE":
+        raise EnvelopeError("malformed", "cty is not JOSE: the plaintext must be a JWS")
+    missing = [param for param in HEADER_FIELDS if param not in header]
+    if missing:
+        raise EnvelopeError("malformed", f"the protected header lacks {', '.join(missing)}")
+    crit = header.get("crit")
+    if crit is not None and (
+        not isinstance(crit, list)
+        or not crit
+        or any(not isinstance(p, str) or p not in UNDERSTOOD_PARAMS or p not in header for p in crit)
+    ):
+        raise EnvelopeError("malformed", f"crit names a parameter not understood: {crit!r}")
     recipient_kid = header.get("kid")
     if not isinstance(recipient_kid, str) or KeyId(recipient_kid) not in decryption_keys:
         raise EnvelopeError("unknown-recipient-key", f"kid {recipient_kid!r}")
@@ -206,6 +265,8 @@ def _decrypt_and_verify(
         decrypted = jwe.decrypt_compact(
             compact, decryption_keys[KeyId(recipient_kid)], registry=_JWE_REGISTRY
         )
+    except (MissingHeaderError, InvalidHeaderValueError, UnsupportedHeaderError) as exc:
+        raise EnvelopeError("malformed", type(exc).__name__) from exc
     except (JoseError, ValueError) as exc:
         raise EnvelopeError("decrypt-failed", type(exc).__name__) from exc
     if decrypted.plaintext is None:
@@ -223,12 +284,7 @@ def _decrypt_and_verify(
         raise EnvelopeError("bad-signature", type(exc).__name__) from exc
     if verified.headers().get("typ") != SIGNED_TYP:
         raise EnvelopeError("malformed", "inner JWS has the wrong typ")
-    try:
-        message = json.loads(verified.payload)
-    except ValueError as exc:
-        raise EnvelopeError("malformed", "signed payload is not JSON") from exc
-    if not isinstance(message, dict):
-        raise EnvelopeError("malformed", "signed payload is not an object")
+    message = canonical_object(verified.payload)
     for param, field in HEADER_FIELDS.items():
         if canonical_json(protected.get(param)) != canonical_json(message.get(field)):
             raise EnvelopeError("header-mismatch", f"{param} differs from the signed {field}")

@@ -5,7 +5,7 @@ The transport envelope becomes optional (kept only until delivery); ``content`` 
 encrypted under its own data key, wrapped by a key-encryption key that lives in the key directory.
 
 Revision ID: 0007
-Revises: 0004
+Revises: 0005
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0007"
-down_revision = "0004"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 

@@ -167,7 +167,7 @@ def test_peer_endpoints_accept_only_the_partner_node(nodes: tuple[Running, Runni
         r = api.request("POST", "/v1/peer/envelopes", json={"envelopes": ["x.y.z.w.v"]})
         assert r.status_code == 403
         # nor witness checkpoints or read the ledger's message history as the partner would
-        r = api.request("POST", "/v1/peer/checkpoints", json={"checkpoint": "x", "from_size": 0, "proof": []})
+        r = api.request("POST", "/v1/peer/witness/add-checkpoint", content=b"old 0\n\nx\n")
         assert r.status_code == 403
         assert api.request("GET", "/v1/peer/audit/messages/some-id").status_code == 403
     # nor can MY's own node certificate call MY's peer endpoint
@@ -187,6 +187,7 @@ def test_peer_endpoints_accept_only_the_partner_node(nodes: tuple[Running, Runni
         assert http.get(f"{pdrm.node.url}/v1/inbox").status_code == 403
         r = http.post(f"{pdrm.node.url}/v1/peer/envelopes", json={"envelopes": ["x.y.z.w.v"]})
         assert r.status_code == 200
+        _witness_protocol_answers(http, pdrm, polri)
         assert r.json() == {"results": [{"status": "rejected"}]}
 
 
@@ -258,3 +259,25 @@ def test_each_node_s_checkpoint_gets_cosigned_by_the_other(nodes: tuple[Running,
                     break
                 assert time.monotonic() < deadline, health
                 time.sleep(0.2)
+
+
+def _witness_protocol_answers(http: httpx.Client, pdrm: Running, polri: Running) -> None:
+    """MY's C2SP tlog-witness endpoint, called as the ID node: the status codes the spec requires."""
+    url = f"{pdrm.node.url}/v1/peer/witness/add-checkpoint"
+    assert http.post(url, content=b"garbage").status_code == 400
+    deadline = time.monotonic() + 30
+    while True:  # ID's checkpointer signs one within a second of the ledger growing
+        with polri.db().connect() as conn:
+            note = conn.execute(sa.text("select note from checkpoints order by size desc limit 1")).scalar()
+        if note is not None:
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    stale = http.post(url, content=b"old 0\n\n" + note.encode())  # MY has witnessed ID's log already
+    assert stale.status_code == 409
+    assert stale.headers["content-type"].startswith("text/x.tlog.size")
+    witnessed = int(stale.text)
+    assert witnessed > 0
+    assert stale.text == f"{witnessed}\n"
+    other_log = note.replace("ID-node/ledger", "XX-node/ledger")
+    assert http.post(url, content=b"old 0\n\n" + other_log.encode()).status_code == 404

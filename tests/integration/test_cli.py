@@ -240,3 +240,47 @@ def test_envelope_seal_and_open_work_on_jwk_files(tmp_path: Path) -> None:
         ),
         2,
     )
+
+
+def test_envelope_open_refuses_a_signed_payload_with_a_duplicate_member(tmp_path: Path) -> None:
+    import json
+
+    from tests.unit.test_envelope import CANONICAL, ID_SIG, MY_ENC, _wrap
+
+    duplicated = CANONICAL.decode().replace('"tlp":"AMBER"', '"tlp":"RED","tlp":"AMBER"').encode()
+    (tmp_path / "e.jwe").write_text(_wrap(duplicated))
+    (tmp_path / "vk.json").write_text(json.dumps(ID_SIG.as_dict(private=False)))
+    (tmp_path / "dk.json").write_text(json.dumps(MY_ENC.as_dict(private=True)))
+    refused = run(
+        "envelope",
+        "open",
+        "--envelope",
+        str(tmp_path / "e.jwe"),
+        "--decryption-key",
+        str(tmp_path / "dk.json"),
+        "--verification-key",
+        str(tmp_path / "vk.json"),
+    )
+    one_line_error(refused, 2, "malformed", "duplicate member")
+
+
+def test_audit_keys_prints_the_note_verifier_keys_the_agreement_pins(tmp_path: Path) -> None:
+    from exchange.agreement import load_agreement
+
+    id_dir, _ = make_pair(tmp_path)
+    agreement = load_agreement(id_dir.path / "agreement.toml")
+    out = run("audit", "keys", "--agreement", str(id_dir.path / "agreement.toml"))
+    assert out.returncode == 0, out.stderr
+    rows = [line.split("\t") for line in out.stdout.strip().splitlines()]
+    assert [(r[0], r[2]) for r in rows] == [
+        ("ID", agreement.parties["ID"].ledger_verifier.vkey),
+        ("ID", agreement.parties["ID"].witness_verifier.vkey),
+        ("MY", agreement.parties["MY"].ledger_verifier.vkey),
+        ("MY", agreement.parties["MY"].witness_verifier.vkey),
+    ]
+    assert agreement.parties["ID"].ledger_key == agreement.parties["ID"].ledger_verifier.vkey  # from init
+    data = tomllib.loads((id_dir.path / "agreement.toml").read_text())
+    data["parties"]["ID"]["ledger_key"] = agreement.parties["MY"].ledger_verifier.vkey
+    (tmp_path / "wrong.toml").write_text(tomli_w.dumps(data))
+    one_line_error(run("agreement", "check", str(tmp_path / "wrong.toml")), 2, "not the note key")
+    one_line_error(run("audit", "keys"), 2, "--agreement")

@@ -55,7 +55,7 @@ def test_the_openapi_documents_every_problem_answer_typed_bodies_and_mutual_tls(
         assert submit[status]["content"] == {"application/problem+json": {"schema": PROBLEM_REF}}, status
     assert "Retry-After" in submit["503"]["headers"]
     assert "404" in spec["paths"]["/v1/messages/{message_id}"]["get"]["responses"]
-    assert "409" in spec["paths"]["/v1/peer/checkpoints"]["post"]["responses"]
+    assert "409" in spec["paths"]["/v1/peer/witness/add-checkpoint"]["post"]["responses"]
     for path, item in spec["paths"].items():
         for method, operation in item.items():
             ok = operation["responses"].get("200") or operation["responses"].get("202")
@@ -63,7 +63,34 @@ def test_the_openapi_documents_every_problem_answer_typed_bodies_and_mutual_tls(
             if path != "/audit":  # the auditor console is HTML
                 assert ok["content"]["application/json"]["schema"] != {}, (method, path)
             for status, answer in operation["responses"].items():
-                if int(status) >= 400:
+                if int(status) >= 400 and (path, status) != ("/v1/peer/witness/add-checkpoint", "409"):
                     assert answer["content"]["application/problem+json"]["schema"] == PROBLEM_REF
     assert app.docs_url is None
     assert app.redoc_url is None
+
+
+def test_every_audit_answer_has_a_schema_and_the_witness_protocol_is_described(tmp_path: Path) -> None:
+    id_dir, _ = make_pair(tmp_path)
+    node = Node(load_settings(id_dir.path))
+    spec = create_app(node, run_worker=False).openapi()
+    node.close()
+    paths, schemas = spec["paths"], spec["components"]["schemas"]
+    expected = {
+        ("/v1/audit/entries", "get"): "EntriesPage",
+        ("/v1/audit/messages/{message_id}", "get"): "MessageHistory",
+        ("/v1/audit/checkpoints", "get"): "Checkpoints",
+        ("/v1/audit/proofs/inclusion", "get"): "InclusionProof",
+        ("/v1/audit/proofs/consistency", "get"): "ConsistencyProof",
+        ("/v1/audit/verify", "post"): "Verification",
+        ("/v1/audit/export", "get"): "AuditBundle",
+    }
+    for (path, method), model in expected.items():
+        answer = paths[path][method]["responses"]["200"]["content"]["application/json"]["schema"]
+        assert answer == {"$ref": f"#/components/schemas/{model}"}, path
+        assert model in schemas
+    assert "leaf" in schemas["AuditEntry"]["required"]
+    assert "verifier_keys" in schemas["Checkpoints"]["required"]
+    witness = paths["/v1/peer/witness/add-checkpoint"]["post"]
+    assert {"200", "400", "403", "404", "409", "422"} <= set(witness["responses"])
+    assert "text/x.tlog.size" in witness["responses"]["409"]["content"]
+    assert "/v1/peer/checkpoints" not in paths  # the JSON witnessing API is gone
