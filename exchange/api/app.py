@@ -16,7 +16,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import exchange
 from exchange.api import openapi, problems
 from exchange.api.guard import RequestGuard, SecurityHeaders
-from exchange.api.routes import audit_router, client_router, console_router, health_router, peer_router
+from exchange.api.routes import (
+    WITNESS_PATH,
+    audit_router,
+    client_router,
+    console_router,
+    health_router,
+    peer_router,
+)
 from exchange.auditing import AuditService
 from exchange.checkpoints import CheckpointService
 from exchange.errors import ExchangeError, FieldError
@@ -107,6 +114,7 @@ def create_app(node: Node, transport: PeerTransport | None = None, *, run_worker
     ]
     for exc_class, handler in handlers:
         app.add_exception_handler(exc_class, handler)
-    app.add_middleware(RequestGuard, max_bytes=node.settings.max_body_bytes)
+    raw_paths = frozenset({peer_router.prefix + WITNESS_PATH})
+    app.add_middleware(RequestGuard, max_bytes=node.settings.max_body_bytes, raw_paths=raw_paths)
     app.add_middleware(SecurityHeaders)  # outermost: the guard's refusals carry the headers too
     return app

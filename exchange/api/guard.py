@@ -5,7 +5,9 @@ every answer carries the security headers.
 ``Content-Length`` or streamed chunked) and then answers, as RFC 9457 problem JSON:
 
 - 413 for a body over the limit;
-- 415 for a non-empty body that is not ``application/json`` (or ``+json``);
+- 415 for a non-empty body that is not ``application/json`` (or ``+json``), except on the
+  ``raw_paths`` whose own format is not JSON (the C2SP witness protocol's text body), which are only
+  bounded and left to their route's strict parser;
 - 400 for malformed JSON, with the line and column, and for a key repeated in one object
   (which JSON parsers resolve differently: the last one wins here, the first one elsewhere);
 - 422 for a string (key or value) holding a lone UTF-16 surrogate such as ``\\ud800``, which no
@@ -82,9 +84,10 @@ def _is_json(content_type: bytes) -> bool:
 class RequestGuard:
     """Bound, type-check and parse-check request bodies (see the module docstring)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, raw_paths: frozenset[str] = frozenset()) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.raw_paths = raw_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -110,7 +113,8 @@ class RequestGuard:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
-        refusal = self._check(body, headers.get(b"content-type", b""))
+        raw = scope.get("path") in self.raw_paths
+        refusal = None if raw else self._check(body, headers.get(b"content-type", b""))
         if refusal is not None:
             await refusal(scope, receive, send)
             return

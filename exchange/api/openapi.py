@@ -59,6 +59,9 @@ def complete(spec: dict[str, Any]) -> dict[str, Any]:
         for operation in item.values():
             responses = operation.setdefault("responses", {})
             for status in sorted(_problem_statuses(path, operation)):
+                content = responses.get(str(status), {}).get("content", {})
+                if content and not {MEDIA_TYPE, "application/json"} & set(content):
+                    continue  # an answer in the route's own format (the witness protocol's 409)
                 responses[str(status)] = {
                     "description": PROBLEM_STATUSES.get(status, "Problem"),
                     "content": {MEDIA_TYPE: {"schema": PROBLEM_REF}},

@@ -175,10 +175,11 @@ def peer_message_history(message_id: str, request: Request) -> dict[str, Any]:
 
 
 WITNESS_STATUS = {"bad-request": 400, "inconsistent": 422}
+WITNESS_PATH = "/witness" + ADD_CHECKPOINT  # under /v1/peer: its body is the spec's text, not JSON
 
 
 @peer_router.post(
-    "/witness" + ADD_CHECKPOINT,
+    WITNESS_PATH,
     summary="C2SP tlog-witness add-checkpoint (partner node only)",
     response_class=PlainTextResponse,
     openapi_extra={

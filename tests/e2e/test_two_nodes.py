@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import ssl
 import time
 from pathlib import Path
@@ -10,9 +11,11 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from exchange import crypto
+from exchange import crypto, envelope
 from exchange.client import ExchangeClient
+from exchange.config import load_settings
 from exchange.errors import ExchangeError
+from exchange.node import Node
 from tests.e2e.harness import Running
 from tests.support import (
     PASSPHRASE,
@@ -20,6 +23,7 @@ from tests.support import (
     register_client,
     response_to,
     rfi,
+    signed_message,
 )
 
 pytestmark = pytest.mark.e2e
@@ -193,22 +197,21 @@ def test_peer_endpoints_accept_only_the_partner_node(nodes: tuple[Running, Runni
 
 def test_a_redelivered_envelope_is_stored_once_with_the_same_receipt(nodes: tuple[Running, Running]) -> None:
     polri, pdrm = nodes
-    with polri.client() as api:
-        accepted = api.submit(rfi())
-        first = wait_status(api, accepted["id"], "delivered")
-    engine = polri.db()
-    with engine.connect() as conn:
-        compact = conn.execute(
-            sa.text("select envelope from messages where id = :i"), {"i": accepted["id"]}
-        ).scalar_one()
-    engine.dispose()
+    sender = Node(load_settings(polri.node.path))  # the ID node's keys: the envelope as its worker sends it
+    try:
+        compact = signed_message(sender, dt.datetime.now(dt.UTC))
+    finally:
+        sender.close()
     id_node = _context(
         pdrm.node.ca, polri.node.path / "tls" / "node.pem", polri.node.path / "tls" / "node-key.pem"
     )
-    with httpx.Client(verify=id_node) as http:
-        r = http.post(f"{pdrm.node.url}/v1/peer/envelopes", json={"envelopes": [compact]})
-    assert r.json()["results"][0]["receipt"] == first["receipt"]["jws"]  # type: ignore[index]
-    assert pdrm.count_messages(accepted["id"]) == 1
+    with httpx.Client(verify=id_node) as http:  # delivered, then again as after a lost answer
+        first = http.post(f"{pdrm.node.url}/v1/peer/envelopes", json={"envelopes": [compact]}).json()
+        again = http.post(f"{pdrm.node.url}/v1/peer/envelopes", json={"envelopes": [compact]}).json()
+    assert first["results"][0]["status"] == "accepted"
+    assert again["results"][0]["receipt"] == first["results"][0]["receipt"]
+    mid = envelope.peek_header(compact)["msg_id"]
+    assert pdrm.count_messages(mid) == 1
 
 
 def test_with_the_partner_stopped_messages_wait_and_go_when_it_returns(
