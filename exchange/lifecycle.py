@@ -786,7 +786,6 @@ class Lifecycle:
                         "destroyed_at": p["destroyed_at"],
                         "envelope_sha256": p["envelope_sha256"],
                         "content_sha256": p["content_sha256"],
-                        "certificate_sha256": message.payload_digest,
                     }
                     if matches
                     else {"reason": "digests-differ"},
