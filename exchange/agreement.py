@@ -178,6 +178,10 @@ class MessageType(_Strict):
     purposes: tuple[str, ...] = Field(min_length=1)
     replies_to: tuple[str, ...] = ()
     intelligence: bool = Field(default=False, description="carries intelligence: must be graded")
+    kind: Literal["information", "control"] = Field(
+        default="information",
+        description="information goes to the inbox; control changes an earlier message (exchange.lifecycle)",
+    )
     retention_days: int = Field(default=1825, gt=0)
 
 

@@ -249,6 +249,72 @@ class EvidenceTransfer(_Part):
     persons: list[Person] = persons()
 
 
+# --- control messages: they change the state of an earlier message (exchange.lifecycle) -----------
+
+MessageRef = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9/._:-]*$")]
+Reason = Annotated[str, Field(min_length=1, max_length=2000, description="without identities")]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class ConsentRequest(_Part):
+    request_id: MessageRef
+    message_id: MessageRef = Field(description="the originator's message the use is asked for")
+    recipient: Annotated[str, Field(pattern=r"^[A-Z][A-Z0-9_]{0,63}$")] | None = Field(
+        description="a third party of the agreement, or none for a use by the receiving police itself"
+    )
+    purposes: list[Annotated[str, Field(max_length=64)]] = Field(min_length=1, max_length=16)
+    justification: Reason
+
+
+class ConsentDecision(_Part):
+    request_id: MessageRef
+    message_id: MessageRef
+    decision: Literal["GRANTED", "REFUSED", "REVOKED"]
+    conditions: Reason | None = None
+    expires_at: dt.datetime | None = None
+
+
+class ReleaseNotice(_Part):
+    message_id: MessageRef
+    recipient: Annotated[str, Field(max_length=64)]
+    purposes: list[Annotated[str, Field(max_length=64)]] = Field(min_length=1, max_length=16)
+    released_at: dt.datetime
+
+
+class NewMarking(_Part):
+    scheme: Annotated[str, Field(max_length=32)]
+    level: Annotated[str, Field(max_length=64)]
+
+
+class ReclassificationNotice(_Part):
+    notice_id: MessageRef
+    message_id: MessageRef
+    classification: NewMarking
+    reason: Reason
+
+
+class ReturnOrDestroyRequest(_Part):
+    message_id: MessageRef
+    reason: Reason
+
+
+class DestructionCertificate(_Part):
+    message_id: MessageRef
+    envelope_sha256: Sha256
+    content_sha256: Sha256
+    destroyed_at: dt.datetime
+    reason: Reason
+
+
+class SecurityIncidentNotification(_Part):
+    incident_id: MessageRef
+    kind: Literal["UNAUTHORISED_ACCESS", "DISCLOSURE", "LOSS", "KEY_COMPROMISE", "OTHER"]
+    message_ids: list[MessageRef] = Field(default_factory=list, max_length=1000)
+    detected_at: dt.datetime
+    personal_data: bool = Field(description="personal data is affected (UU 27/2022: a 72-hour notice)")
+    summary: Reason
+
+
 PAYLOAD_MODELS: dict[str, type[BaseModel]] = {
     "request_for_information": RequestForInformation,
     "response": Response,
@@ -260,6 +326,13 @@ PAYLOAD_MODELS: dict[str, type[BaseModel]] = {
     "victim_identification_referral": VictimIdentificationReferral,
     "victim_repatriation": VictimRepatriation,
     "evidence_transfer": EvidenceTransfer,
+    "consent_request": ConsentRequest,
+    "consent_decision": ConsentDecision,
+    "release_notice": ReleaseNotice,
+    "reclassification_notice": ReclassificationNotice,
+    "return_or_destroy_request": ReturnOrDestroyRequest,
+    "destruction_certificate": DestructionCertificate,
+    "security_incident_notification": SecurityIncidentNotification,
 }
 
 

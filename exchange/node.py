@@ -38,6 +38,7 @@ from exchange.keys.store import NodeKeys, PartnerKeys, check_keys_match_agreemen
 from exchange.ledger import EntryDraft
 from exchange.ledger.checkpoint import CheckpointError, verify_checkpoint
 from exchange.ledger.events import LedgerEvent
+from exchange.lifecycle import Lifecycle
 from exchange.messages import (
     Catalogue,
     MalformedMessage,
@@ -59,6 +60,7 @@ from exchange.policy import (
     redacted_payload,
 )
 from exchange.policy.redaction import pointer
+from exchange.retention import DeadlineService, RetentionService
 from exchange.types import KeyId, MessageId, PartyId
 
 log = logging.getLogger("exchange.node")
@@ -112,6 +114,9 @@ class Node:
         self.db.check_migrated()
         self.committer = GroupCommitter(self.db)
         self.wake_delivery: Callable[[], None] = lambda: None  # set by the app to its delivery loop
+        self.lifecycle = Lifecycle(self)
+        self.retention = RetentionService(self.db, self.content, self.party)
+        self.deadlines = DeadlineService(self.db, self.agreement, self.committer, self.party)
 
     def close(self) -> None:
         """Commit what is pending and release the database."""
@@ -336,6 +341,8 @@ class Node:
     def may_see(self, actor: Actor, row: dict[str, Any], now: dt.datetime) -> bool:
         """A sent message is seen by the system that sent it; a received one by a system the release
         rules allow (metadata decision, no decryption)."""
+        if row["kind"] == "control":
+            return False  # a node's own protocol: no local system reads it
         if row["direction"] == "out":
             return bool(row["submitted_by"] == actor.client_id)
         message = rows.message_view(row)
@@ -369,6 +376,7 @@ class Node:
                 log.warning("rejected envelope %s: %s", envelope.envelope_digest(compact)[:16], exc)
                 opened.append(exc)
         results: list[PeerResult] = []
+        retired: list[str] = []
         drafts: list[EntryDraft] = []
         at = iso(now)
         with self.db.transaction() as conn:
@@ -380,7 +388,7 @@ class Node:
                     continue
                 try:
                     with conn.begin_nested():  # one envelope's failure rejects that envelope alone
-                        result, new = self._admit(conn, item, now, head.size + len(drafts) + 1)
+                        result, new = self._admit(conn, item, now, head.size + len(drafts) + 1, retired)
                 except Exception:
                     log.exception("envelope for message %s could not be admitted", item.message.id)
                     result, new = (
@@ -390,6 +398,8 @@ class Node:
                 drafts.extend(new)
                 results.append(result)
             repo.append_ledger(conn, head, drafts, at)
+        self.content.retire(retired)  # KEKs a destruction on request no longer needs
+        self.wake_delivery()  # answers (a destruction certificate) go out at once
         return results
 
     def _open(self, compact: str, now: dt.datetime) -> Admitted:
@@ -425,8 +435,10 @@ class Node:
         )
 
     def _admit(
-        self, conn: Any, admitted: Admitted, now: dt.datetime, inbox_seq: int
+        self, conn: Any, admitted: Admitted, now: dt.datetime, inbox_seq: int, retired: list[str]
     ) -> tuple[PeerResult, list[EntryDraft]]:
+        """Admit one verified envelope inside the batch's transaction; KEKs a control message
+        retires are added to ``retired``, to destroy once the transaction committed."""
         opened, message = admitted.opened, admitted.message
         mid = message.id
         existing = repo.get_message(conn, mid)
@@ -479,6 +491,9 @@ class Node:
             signer_kid=opened.signer_kid,
             destroy_after=destroy_after(self.agreement, message.type, message.created_at),
         )
+        control = self.agreement.message_types[message.type].kind == "control"
+        if control:
+            row.update(kind="control", inbox_seq=None)  # handled here, never released to an inbox
         row.update(self.content.seal(row, opened.signed))
         repo.insert_message(conn, row)
         data = {"type": message.type, "envelope_sha256": opened.digest, "signer_kid": opened.signer_kid}
@@ -524,6 +539,10 @@ class Node:
                     },
                 )
             )
+        if control:
+            effects = self.lifecycle.apply_control(conn, message, now)
+            drafts.extend(effects.drafts)
+            retired.extend(effects.retired_keks)
         incident = self._judge_checkpoint(conn, message)
         if incident is not None:
             log.error("SECURITY INCIDENT: message %s carries a partner checkpoint that %s", mid, incident)
