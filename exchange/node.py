@@ -321,9 +321,12 @@ class Node:
         """
         with self.db.read() as conn:
             row = repo.get_message(conn, message_id)
+            history = repo.reclassifications_of(conn, message_id) if row else []
         if row is None or not self.may_see(actor, row, now):
             raise NotFound(f"no message {message_id}")
-        return rows.status_view(row)
+        view = rows.status_view(row)
+        view["reclassifications"] = history  # the originator's marking over time
+        return view
 
     def case(self, actor: Actor, case_ref: str, now: dt.datetime) -> dict[str, Any]:
         """Every message of a case that this local system may see (metadata only), oldest first.
