@@ -214,18 +214,14 @@ class ControlProtocol:
             RETURN_OR_DESTROY_REQUEST: (self._on_return_or_destroy, "in"),
             DESTRUCTION_CERTIFICATE: (self._on_certificate, "out"),
         }.get(message.type)
+        if message.type == SECURITY_INCIDENT_NOTIFICATION:
+            log.error("SECURITY INCIDENT notified by the partner: %s", payload.get("kind"))
+            return Effects([self._incident_entry(message, payload)])
         if handler is None:
             return Effects(
                 [
                     self._control_entry(
-                        LedgerEvent.INCIDENT_NOTIFIED,
-                        message,
-                        "allow",
-                        {
-                            "kind": payload.get("kind"),
-                            "personal_data": payload.get("personal_data"),
-                            "about": payload.get("message_ids", []),
-                        },
+                        LedgerEvent.CONTROL_REJECTED, message, "deny", {"reason": "unknown-type"}
                     )
                 ]
             )
@@ -240,6 +236,27 @@ class ControlProtocol:
                 ]
             )
         return apply(conn, message, target, now)
+
+    def _incident_entry(self, message: Message, payload: Any) -> EntryDraft:
+        """What the ledger keeps of an incident notice: its kind, the messages, the notice clock."""
+        data: dict[str, Any] = {
+            "kind": payload.get("kind"),
+            "personal_data": payload.get("personal_data"),
+            "about": list(payload.get("message_ids", [])),
+            "detected_at": str(payload.get("detected_at")),
+        }
+        if payload.get("personal_data") and message.recipient == "ID":  # UU 27/2022: 72 hours to notify
+            detected = dt.datetime.fromisoformat(str(payload.get("detected_at")))
+            data["notify_by"] = (detected + dt.timedelta(hours=72)).isoformat()
+        about = data["about"][0] if data["about"] else message.id
+        return EntryDraft(
+            event=LedgerEvent.INCIDENT_NOTIFIED,
+            message_id=about,
+            case_ref=message.case_ref,
+            actor=message.sender,
+            decision="incident",
+            data={"control": message.id, **data},
+        )
 
     def _control_entry(
         self, event: LedgerEvent, message: Message, decision: str, data: dict[str, Any]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import uuid
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Connection
@@ -29,11 +30,12 @@ from exchange.control import (
     RECLASSIFICATION_NOTICE,
     RELEASE_NOTICE,
     RETURN_OR_DESTROY_REQUEST,
+    SECURITY_INCIDENT_NOTIFICATION,
     ControlProtocol,
     iso,
 )
 from exchange.db import repo, rows
-from exchange.errors import ContentDestroyed, FieldError, InvalidInput, NotFound
+from exchange.errors import ContentDestroyed, FieldError, InvalidInput, NotFound, Unauthorised
 from exchange.ledger import EntryDraft
 from exchange.ledger.events import LedgerEvent
 from exchange.policy import Actor, Consent, Marking, Use, decide, redacted_payload
@@ -398,6 +400,53 @@ class Lifecycle(ControlProtocol):
 
         return dict(self._transaction(now, work))
 
+    def notify_incident(self, actor: Actor, notice: IncidentNotice, now: dt.datetime) -> dict[str, Any]:
+        """Tell the originator of received messages that they were accessed or disclosed without
+        authority (a security incident), signed; both nodes ledger it.
+
+        Raises:
+            Unauthorised: the caller is not a consent decider of this node.
+            NotFound: a message is not one received from the partner.
+        """
+        if not self._decides(actor):
+            raise Unauthorised("only this node's consent deciders notify security incidents")
+        with self.node.db.read() as conn:
+            found = [repo.get_message(conn, mid) for mid in notice.message_ids]
+        targets = [
+            r for r in found if r is not None and r["direction"] == "in" and r["kind"] == "information"
+        ]
+        if not notice.message_ids or len(targets) != len(notice.message_ids):
+            raise NotFound("name messages received from the partner")
+        incident_id = str(uuid.uuid4())
+        payload = {
+            "incident_id": incident_id,
+            "kind": notice.kind,
+            "message_ids": list(notice.message_ids),
+            "detected_at": notice.detected_at.isoformat(),
+            "personal_data": notice.personal_data,
+            "summary": notice.summary,
+        }
+
+        def work(conn: Connection) -> tuple[dict[str, Any], list[EntryDraft], list[str]]:
+            drafts = self.queue_control(conn, SECURITY_INCIDENT_NOTIFICATION, targets[0], payload, now)
+            drafts.append(
+                EntryDraft(
+                    event=LedgerEvent.INCIDENT_NOTIFIED,
+                    message_id=targets[0]["id"],
+                    case_ref=targets[0]["case_ref"],
+                    actor=actor.client_id,
+                    decision="incident",
+                    data={
+                        "kind": notice.kind,
+                        "about": list(notice.message_ids),
+                        "personal_data": notice.personal_data,
+                    },
+                )
+            )
+            return {"incident_id": incident_id, "status": "notified"}, drafts, []
+
+        return dict(self._transaction(now, work))
+
     def return_or_destroy(
         self, actor: Actor, message_id: str, *, reason: str, now: dt.datetime
     ) -> dict[str, Any]:
@@ -420,3 +469,14 @@ class Lifecycle(ControlProtocol):
             return {"message_id": message_id, "status": "requested"}, drafts, []
 
         return dict(self._transaction(now, work))
+
+
+@dataclass(frozen=True)
+class IncidentNotice:
+    """What a security incident notice says."""
+
+    kind: str
+    message_ids: tuple[str, ...]
+    detected_at: dt.datetime
+    personal_data: bool
+    summary: str

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 
 from exchange.api.auth import local_client, node_of
+from exchange.lifecycle import IncidentNotice
 from exchange.policy import Actor
 
 PROBLEM: dict[str, Any] = {"content": {"application/problem+json": {}}}
@@ -148,6 +149,28 @@ def return_or_destroy(
 ) -> dict[str, Any]:
     """The partner destroys the message's content and answers with a signed destruction certificate."""
     return node_of(request).lifecycle.return_or_destroy(actor, message_id, reason=body.reason, now=_now())
+
+
+class IncidentBody(BaseModel):
+    kind: Literal["UNAUTHORISED_ACCESS", "DISCLOSURE", "LOSS", "KEY_COMPROMISE", "OTHER"]
+    message_ids: list[Annotated[str, Field(max_length=64)]] = Field(min_length=1, max_length=1000)
+    detected_at: dt.datetime
+    personal_data: bool = Field(description="personal data is affected (UU 27/2022: a 72-hour notice)")
+    summary: Annotated[str, Field(min_length=1, max_length=2000, description="no identities")]
+
+
+@router.post("/incidents", status_code=202, summary="Notify the originator of a security incident")
+def notify_incident(body: IncidentBody, actor: LocalClient, request: Request) -> dict[str, Any]:
+    """For this node's consent deciders: tell the partner that messages it sent were accessed or
+    disclosed without authority. Both nodes ledger the incident."""
+    notice = IncidentNotice(
+        kind=body.kind,
+        message_ids=tuple(body.message_ids),
+        detected_at=body.detected_at,
+        personal_data=body.personal_data,
+        summary=body.summary,
+    )
+    return node_of(request).lifecycle.notify_incident(actor, notice, _now())
 
 
 @router.get("/requests", summary="Requests awaiting an answer (and the overdue ones)")

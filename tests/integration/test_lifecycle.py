@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import tomllib
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -305,3 +306,36 @@ def test_overdue_requests_are_listed_and_ledgered_once(pair) -> None:  # type: i
     assert my_node.deadlines.run(later) == 1
     assert my_node.deadlines.run(later) == 0  # ledgered once
     assert events(my_node).count("request.overdue") == 1
+
+
+def test_a_security_incident_is_notified_to_the_originator_with_its_clock(pair) -> None:  # type: ignore[no-untyped-def]
+    from exchange.errors import Unauthorised
+    from exchange.lifecycle import IncidentNotice
+
+    id_dir, my_dir, id_node, my_node = pair
+    sent = submit(id_node, actor(id_node, id_dir, "polri-cms"), rfi())
+    deliver(id_node, my_node)
+    detected = now() - dt.timedelta(hours=1)
+    notice = IncidentNotice(
+        kind="UNAUTHORISED_ACCESS",
+        message_ids=(sent["id"],),
+        detected_at=detected,
+        personal_data=True,
+        summary="a workstation of the desk was compromised",
+    )
+    with pytest.raises(Unauthorised):  # only the node's consent deciders notify
+        my_node.lifecycle.notify_incident(actor(my_node, my_dir, "pdrm-d7"), notice, now())
+    boss = supervisor(my_node, my_dir)
+    with pytest.raises(NotFound):  # only about messages received from the partner
+        my_node.lifecycle.notify_incident(boss, replace(notice, message_ids=("nope",)), now())
+    my_node.lifecycle.notify_incident(boss, notice, now())
+    deliver(my_node, id_node)
+    with id_node.db.read() as conn:
+        (entry,) = [e for e in repo.iter_ledger(conn) if e.event == "incident.notified"]
+    assert (entry.message_id, entry.data["kind"], entry.data["about"]) == (
+        sent["id"],
+        "UNAUTHORISED_ACCESS",
+        [sent["id"]],
+    )
+    assert entry.data["notify_by"] == (detected + dt.timedelta(hours=72)).isoformat()  # UU 27/2022
+    assert "incident.notified" in events(my_node)
