@@ -36,6 +36,7 @@ SUBMISSION = {
     "classification": {"scheme": "POLRI", "level": "RAHASIA"},
     "tlp": "AMBER",
     "handling_codes": ["H0"],
+    "legal_basis": ["Polri-PDRM police cooperation agreement"],
     "payload": {"summary": "benchmark " + "x" * 3000, "questions": ["q1", "q2", "q3"]},
 }
 
