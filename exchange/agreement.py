@@ -270,6 +270,10 @@ class Agreement(_Strict):
     consent_decider_roles: tuple[str, ...] = Field(
         default=("SUPERVISOR",), description="roles whose systems decide the partner's consent requests"
     )
+    explicit_purposes: tuple[str, ...] = Field(
+        default=("JUDICIAL_EVIDENCE",),
+        description="purposes a release serves only when the client declares them",
+    )
     control_legal_basis: tuple[str, ...] = Field(
         default=("the bilateral police cooperation agreement",),
         min_length=1,

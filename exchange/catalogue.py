@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 CATEGORY = "x-exchange-category"
 SUBJECT_REF = "x-exchange-subject-ref"
@@ -271,14 +271,14 @@ class ConsentDecision(_Part):
     message_id: MessageRef
     decision: Literal["GRANTED", "REFUSED", "REVOKED"]
     conditions: Reason | None = None
-    expires_at: dt.datetime | None = None
+    expires_at: AwareDatetime | None = None
 
 
 class ReleaseNotice(_Part):
     message_id: MessageRef
     recipient: Annotated[str, Field(max_length=64)]
     purposes: list[Annotated[str, Field(max_length=64)]] = Field(min_length=1, max_length=16)
-    released_at: dt.datetime
+    released_at: AwareDatetime
 
 
 class NewMarking(_Part):
@@ -302,7 +302,7 @@ class DestructionCertificate(_Part):
     message_id: MessageRef
     envelope_sha256: Sha256
     content_sha256: Sha256
-    destroyed_at: dt.datetime
+    destroyed_at: AwareDatetime
     reason: Reason
 
 
@@ -310,7 +310,7 @@ class SecurityIncidentNotification(_Part):
     incident_id: MessageRef
     kind: Literal["UNAUTHORISED_ACCESS", "DISCLOSURE", "LOSS", "KEY_COMPROMISE", "OTHER"]
     message_ids: list[MessageRef] = Field(default_factory=list, max_length=1000)
-    detected_at: dt.datetime
+    detected_at: AwareDatetime
     personal_data: bool = Field(description="personal data is affected (UU 27/2022: a 72-hour notice)")
     summary: Reason
 

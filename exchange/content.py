@@ -20,6 +20,7 @@ from sqlalchemy.engine import Connection
 from exchange.agreement import Agreement
 from exchange.canonical import sha256_hex
 from exchange.db import repo
+from exchange.db.engine import Database
 from exchange.envelope.at_rest import metadata_digest, open_at_rest, rewrap, seal_at_rest
 from exchange.errors import ContentDestroyed
 from exchange.keys.kek import KekStore, period_of
@@ -73,8 +74,8 @@ class ContentStore:
         for period in sorted(periods):
             old = self.keks.kids(period)
             keep = [r for r in repo.contents_under(conn, old) if r["id"] not in doomed]
+            new = self.keks.create(period)  # always: so no old KEK of the period is its live one
             if keep:
-                new = self.keks.create(period)
                 for row in keep:
                     meta = metadata_digest(row)
                     content = rewrap(
@@ -106,10 +107,17 @@ class ContentStore:
             )
         return drafts, retired
 
-    def retire(self, kids: Sequence[str]) -> None:
-        """Destroy KEK files after the transaction that stopped needing them committed."""
+    def retire(self, kids: Sequence[str], db: Database) -> None:
+        """Destroy KEK files after the transaction that stopped needing them committed; a KEK some
+        committed content still names is kept (and logged: a bug, never a loss)."""
+        if not kids:
+            return
+        with db.read() as conn:
+            needed = repo.referenced_kids(conn)
         for kid in kids:
-            if self.keks.destroy(kid):
+            if kid in needed:
+                log.error("key-encryption key %s is still needed by stored content: kept", kid)
+            elif self.keks.destroy(kid):
                 log.info("key-encryption key %s destroyed", kid)
 
     def sweep(self, conn: Connection) -> list[str]:

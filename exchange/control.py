@@ -16,6 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pydantic import AwareDatetime, TypeAdapter
 from sqlalchemy.engine import Connection
 
 from exchange import envelope
@@ -24,7 +25,7 @@ from exchange.db import repo, rows
 from exchange.ledger import EntryDraft
 from exchange.ledger.events import LedgerEvent
 from exchange.messages import Message, Origin, personal_data
-from exchange.policy import Marking, decide, national_equivalent
+from exchange.policy import Consent, Marking, decide, national_equivalent
 
 if TYPE_CHECKING:
     from exchange.agreement import Agreement
@@ -53,6 +54,19 @@ class Effects:
     drafts: list[EntryDraft] = field(default_factory=list)
     retired_keks: list[str] = field(default_factory=list)
     wake: bool = False
+
+
+def consent_of(row: dict[str, Any]) -> Consent | None:
+    """The Consent a granted request gives (None if it is not granted)."""
+    if row["status"] not in ("granted", "revoked") or row["expires_at"] is None:
+        return None
+    return Consent(
+        message_id=row["message_id"],
+        recipient=row["recipient"],
+        purposes=frozenset(row["purposes"]),
+        expires_at=dt.datetime.fromisoformat(row["expires_at"]),
+        revoked_at=dt.datetime.fromisoformat(row["revoked_at"]) if row["revoked_at"] else None,
+    )
 
 
 class ControlProtocol:
@@ -237,6 +251,11 @@ class ControlProtocol:
             )
         return apply(conn, message, target, now)
 
+    def _rejected(self, message: Message, reason: str) -> Effects:
+        return Effects(
+            [self._control_entry(LedgerEvent.CONTROL_REJECTED, message, "deny", {"reason": reason})]
+        )
+
     def _incident_entry(self, message: Message, payload: Any) -> EntryDraft:
         """What the ledger keeps of an incident notice: its kind, the messages, the notice clock."""
         data: dict[str, Any] = {
@@ -274,6 +293,11 @@ class ControlProtocol:
         self, conn: Connection, message: Message, target: dict[str, Any], now: dt.datetime
     ) -> Effects:
         p = message.payload
+        recipient = p.get("recipient")
+        if (recipient is not None and recipient not in self.agreement.third_parties) or not set(
+            p["purposes"]
+        ) <= set(self.agreement.purposes):
+            return self._rejected(message, "not-in-the-agreement")
         stored = {
             "id": p["request_id"],
             "message_id": target["id"],
@@ -303,14 +327,10 @@ class ControlProtocol:
         p = message.payload
         request = repo.get_consent_request(conn, str(p["request_id"]))
         if request is None or request["direction"] != "out" or request["message_id"] != target["id"]:
-            return Effects(
-                [
-                    self._control_entry(
-                        LedgerEvent.CONTROL_REJECTED, message, "deny", {"reason": "unknown-request"}
-                    )
-                ]
-            )
+            return self._rejected(message, "unknown-request")
         verdict = p["decision"]
+        if request["status"] == "revoked" or (verdict != "REVOKED" and request["status"] != "pending"):
+            return self._rejected(message, "already-decided")  # a late or repeated decision changes nothing
         values: dict[str, Any] = (
             {"status": "revoked", "revoked_at": iso(now)}
             if verdict == "REVOKED"
@@ -318,7 +338,7 @@ class ControlProtocol:
                 "status": "granted" if verdict == "GRANTED" else "refused",
                 "decided_at": iso(now),
                 "conditions": p.get("conditions"),
-                "expires_at": p.get("expires_at"),
+                "expires_at": _utc(p.get("expires_at")),
             }
         )
         repo.update_consent_request(conn, request["id"], **values)
@@ -330,16 +350,26 @@ class ControlProtocol:
         self, conn: Connection, message: Message, target: dict[str, Any], now: dt.datetime
     ) -> Effects:
         p = message.payload
+        granted = [  # what this node consented to: a release under no consent of ours is an incident
+            r
+            for r in repo.consent_requests_for(conn, direction="in", message_ids=[target["id"]])
+            if r["status"] == "granted"
+            and r["recipient"] == p["recipient"]
+            and set(p["purposes"]) <= set(r["purposes"])
+        ]
+        if not granted:
+            log.error("SECURITY INCIDENT: the partner released message %s without our consent", target["id"])
         return Effects(
             [
                 self._control_entry(
                     LedgerEvent.ONWARD_RELEASED,
                     message,
-                    "allow",
+                    "allow" if granted else "incident",
                     {
                         "recipient": p["recipient"],
                         "use": p["purposes"],
                         "released_at": p["released_at"],
+                        "consented": bool(granted),
                     },
                 )
             ]
@@ -443,6 +473,16 @@ class ControlProtocol:
                 "expires_at": request["expires_at"],
             },
         )
+
+
+def _utc(value: Any) -> str | None:
+    """An aware time of a validated control payload, normalised to UTC ISO 8601 for storage."""
+    if value is None:
+        return None
+    return _AWARE.validate_python(value).astimezone(dt.UTC).isoformat()
+
+
+_AWARE: TypeAdapter[dt.datetime] = TypeAdapter(AwareDatetime)
 
 
 def _remarked(message: Message, marking: Marking) -> Message:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Connection
@@ -38,25 +38,12 @@ from exchange.db import repo, rows
 from exchange.errors import ContentDestroyed, FieldError, InvalidInput, NotFound, Unauthorised
 from exchange.ledger import EntryDraft
 from exchange.ledger.events import LedgerEvent
-from exchange.policy import Actor, Consent, Marking, Use, decide, redacted_payload
+from exchange.policy import Actor, Marking, Use, decide, redacted_payload
 
 if TYPE_CHECKING:
     from exchange.node import Node
 
 log = logging.getLogger("exchange.lifecycle")
-
-
-def consent_of(row: dict[str, Any]) -> Consent | None:
-    """The Consent a granted request gives (None if it is not granted)."""
-    if row["status"] not in ("granted", "revoked") or row["expires_at"] is None:
-        return None
-    return Consent(
-        message_id=row["message_id"],
-        recipient=row["recipient"],
-        purposes=frozenset(row["purposes"]),
-        expires_at=dt.datetime.fromisoformat(row["expires_at"]),
-        revoked_at=dt.datetime.fromisoformat(row["revoked_at"]) if row["revoked_at"] else None,
-    )
 
 
 def request_view(row: dict[str, Any], now: dt.datetime) -> dict[str, Any]:
@@ -97,7 +84,7 @@ class Lifecycle(ControlProtocol):
             head = repo.lock_ledger_head(conn)
             result, drafts, retired = work(conn)
             repo.append_ledger(conn, head, drafts, iso(now))
-        self.node.content.retire(retired)
+        self.node.content.retire(retired, self.node.db)
         self.node.wake_delivery()
         return result
 
@@ -113,18 +100,23 @@ class Lifecycle(ControlProtocol):
     def _own_outbound(self, actor: Actor, message_id: str) -> dict[str, Any]:
         with self.node.db.read() as conn:
             row = repo.get_message(conn, message_id)
-        allowed = (
-            row is not None
-            and row["direction"] == "out"
-            and row["kind"] == "information"
-            and (row["submitted_by"] == actor.client_id or self._decides(actor))
-        )
-        if row is None or not allowed:
+        if row is None or not self._acts_for_originator(actor, row):
             raise NotFound(f"no message {message_id} sent by this system")
         return row
 
     def _decides(self, actor: Actor) -> bool:
         return bool(actor.roles & frozenset(self.agreement.consent_decider_roles))
+
+    def _acts_for_originator(self, actor: Actor, row: dict[str, Any]) -> bool:
+        """Whether ``actor`` speaks for this node as the originator of ``row``: the system that sent
+        it, or a consent decider cleared for its level and entitled to its case (never beyond)."""
+        if row["direction"] != "out" or row["kind"] != "information":
+            return False
+        if row["submitted_by"] == actor.client_id:
+            return True
+        cleared = self.agreement.level_rank(actor.clearance) >= self.agreement.level_rank(row["common_level"])
+        entitled = actor.cases is None or row["case_ref"] in actor.cases
+        return self._decides(actor) and cleared and entitled
 
     # --- consent: the receiving side ------------------------------------------------------------------
 
@@ -217,9 +209,9 @@ class Lifecycle(ControlProtocol):
                 [FieldError("recipient", f"not among {sorted(self.agreement.third_parties)}")],
             )
         message = self.node.stored_message(row)
-        with self.node.db.read() as conn:
-            held = repo.consent_requests_for(conn, direction="out", message_ids=[message_id])
-        consents = [c for r in held if (c := consent_of(r)) is not None]
+        view = rows.message_view(row)  # decided at the protection stored here (floors, reclassification)
+        message = replace(message, marking=view.marking, tlp=view.tlp, handling_codes=view.handling_codes)
+        consents = self.node.consents_for([message_id]).get(message_id, [])
         use = Use(frozenset(purposes), recipient=recipient)
         decision = decide(
             "onward",
@@ -271,7 +263,12 @@ class Lifecycle(ControlProtocol):
         """Requests about this node's messages (for the agreement's consent deciders) and the
         caller's own requests to the partner, with their age."""
         with self.node.db.read() as conn:
-            asked_of_us = repo.consent_requests_for(conn, direction="in") if self._decides(actor) else []
+            asked_of_us = [
+                r
+                for r in (repo.consent_requests_for(conn, direction="in") if self._decides(actor) else [])
+                if (target := repo.get_message(conn, r["message_id"]))
+                and self._acts_for_originator(actor, target)
+            ]
             ours = [
                 r
                 for r in repo.consent_requests_for(conn, direction="out")
@@ -322,10 +319,13 @@ class Lifecycle(ControlProtocol):
     def _request_to_decide(self, actor: Actor, request_id: str, *, pending: bool) -> dict[str, Any]:
         with self.node.db.read() as conn:
             request = repo.get_consent_request(conn, request_id)
+            target = repo.get_message(conn, request["message_id"]) if request else None
         if (
             request is None
+            or target is None
             or request["direction"] != "in"
             or not self._decides(actor)
+            or not self._acts_for_originator(actor, target)
             or (pending and request["status"] != "pending")
         ):
             raise NotFound(f"no {'pending ' if pending else ''}consent request {request_id} for this system")
@@ -334,7 +334,12 @@ class Lifecycle(ControlProtocol):
     def _send_decision(
         self, actor: Actor, request: dict[str, Any], values: dict[str, Any], verdict: str, now: dt.datetime
     ) -> dict[str, Any]:
+        expected = "granted" if verdict == "REVOKED" else "pending"
+
         def work(conn: Connection) -> tuple[dict[str, Any], list[EntryDraft], list[str]]:
+            current = repo.get_consent_request(conn, request["id"])  # under the ledger lock: decided once
+            if current is None or current["status"] != expected:
+                raise NotFound(f"no {expected} consent request {request['id']}")
             repo.update_consent_request(conn, request["id"], **values)
             target = repo.get_message(conn, request["message_id"])
             assert target is not None
@@ -373,6 +378,10 @@ class Lifecycle(ControlProtocol):
         own = self.agreement.parties[self.node.party].scheme
         levels = self.agreement.schemes[own].levels
         errors = [] if level in levels else [FieldError("level", f"one of {list(levels)}")]
+        if level in levels and self.agreement.level_rank(levels[level]) > self.agreement.level_rank(
+            actor.clearance
+        ):
+            errors.append(FieldError("level", "above this system's clearance"))
         errors += [] if reason.strip() else [FieldError("reason", "say why")]
         if errors:
             raise InvalidInput("the reclassification is invalid", errors)

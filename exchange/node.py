@@ -21,6 +21,7 @@ from exchange.canonical import sha256_hex
 from exchange.catalogue import NON_PERSONAL_CATEGORIES
 from exchange.config import NodeSettings
 from exchange.content import ContentStore, destroy_after
+from exchange.control import consent_of
 from exchange.crypto import constant_time_equal
 from exchange.db import repo, rows
 from exchange.db.committer import GroupCommitter
@@ -51,6 +52,7 @@ from exchange.messages import (
 )
 from exchange.policy import (
     Actor,
+    Consent,
     Decision,
     Marking,
     ReplyContext,
@@ -86,9 +88,10 @@ class Admitted:
     message: Message
 
 
-def default_use(actor: Actor, message: Message) -> Use:
-    """The use of a release that declares none: the client's purposes that the message allows."""
-    return Use(actor.purposes & frozenset(message.purposes))
+def default_use(actor: Actor, message: Message, explicit: frozenset[str]) -> Use:
+    """The use of a release that declares none: the client's purposes that the message allows,
+    except those the agreement wants declared (judicial use)."""
+    return Use((actor.purposes & frozenset(message.purposes)) - explicit)
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,7 @@ class Node:
         self.keys: NodeKeys = load_node_keys(settings.key_dir, settings.passphrase())
         check_keys_match_agreement(self.keys, self.agreement)
         self.catalogue = Catalogue.for_agreement(self.agreement)
+        self.explicit_purposes = frozenset(self.agreement.explicit_purposes)
         self.content = ContentStore(KekStore(settings.key_dir / "kek", settings.passphrase()))
         self.partner_party: PartyId = self.agreement.partner_of(self.party)
         self.partner: PartnerKeys = PartnerKeys.from_agreement(self.agreement, self.partner_party)
@@ -354,7 +358,7 @@ class Node:
             agreement=self.agreement,
             message=message,
             actor=actor,
-            use=default_use(actor, message),
+            use=default_use(actor, message, self.explicit_purposes),
             now=now,
         ).allowed
 
@@ -390,8 +394,10 @@ class Node:
                     results.append(PeerResult(False))
                     continue
                 try:
+                    freed: list[str] = []  # counted only if this envelope's savepoint commits
                     with conn.begin_nested():  # one envelope's failure rejects that envelope alone
-                        result, new = self._admit(conn, item, now, head.size + len(drafts) + 1, retired)
+                        result, new = self._admit(conn, item, now, head.size + len(drafts) + 1, freed)
+                    retired.extend(freed)
                 except Exception:
                     log.exception("envelope for message %s could not be admitted", item.message.id)
                     result, new = (
@@ -401,7 +407,7 @@ class Node:
                 drafts.extend(new)
                 results.append(result)
             repo.append_ledger(conn, head, drafts, at)
-        self.content.retire(retired)  # KEKs a destruction on request no longer needs
+        self.content.retire(retired, self.db)  # KEKs a destruction on request no longer needs
         self.wake_delivery()  # answers (a destruction certificate) go out at once
         return results
 
@@ -614,13 +620,16 @@ class Node:
             if not batch:
                 break
             budget -= len(batch)
+            consents = self.consents_for([row["id"] for row in batch])
             for row in batch:
                 if len(items) >= limit:
                     break
                 cursor = int(row["inbox_seq"])
                 if row["destroyed_at"] is not None:
                     continue  # nothing left to release; its metadata stays in the case view
-                item, entry, _decision = self._release(actor, row, cursor, now, purposes)
+                item, entry, _decision = self._release(
+                    actor, row, cursor, now, purposes, consents.get(row["id"], [])
+                )
                 drafts.append(entry)
                 if item is not None:
                     items.append(item)
@@ -635,11 +644,20 @@ class Node:
         cursor: int,
         now: dt.datetime,
         purposes: frozenset[str] | None,
+        consents: Sequence[Consent] = (),
     ) -> tuple[dict[str, Any] | None, EntryDraft, Decision]:
         """Decide one release (on metadata first, so a refused message is never decrypted)."""
         view = rows.message_view(row)
-        use = Use(purposes) if purposes is not None else default_use(actor, view)
-        decision = decide("release", agreement=self.agreement, message=view, actor=actor, use=use, now=now)
+        use = Use(purposes) if purposes is not None else default_use(actor, view, self.explicit_purposes)
+        decision = decide(
+            "release",
+            agreement=self.agreement,
+            message=view,
+            actor=actor,
+            use=use,
+            consents=consents,
+            now=now,
+        )
         if decision.allowed:
             try:
                 message = self.stored_message(row)
@@ -654,7 +672,13 @@ class Node:
                 addressed_to=view.addressed_to,
             )
             decision = decide(
-                "release", agreement=self.agreement, message=protected, actor=actor, use=use, now=now
+                "release",
+                agreement=self.agreement,
+                message=protected,
+                actor=actor,
+                use=use,
+                consents=consents,
+                now=now,
             )
         entry = EntryDraft(
             event=LedgerEvent.RELEASED if decision.allowed else LedgerEvent.RELEASE_REFUSED,
@@ -669,6 +693,17 @@ class Node:
             return None, entry, decision
         payload = redacted_payload(message, decision)
         return rows.inbox_item(row, message, payload, decision, cursor), entry, decision
+
+    def consents_for(self, message_ids: Sequence[str]) -> dict[str, list[Consent]]:
+        """The originator's consents this node holds, by message (one query for a page)."""
+        with self.db.read() as conn:
+            held = repo.consent_requests_for(conn, direction="out", message_ids=list(message_ids))
+        found: dict[str, list[Consent]] = {}
+        for request in held:
+            consent = consent_of(request)
+            if consent is not None:
+                found.setdefault(consent.message_id, []).append(consent)
+        return found
 
     def _unreadable(self, actor: Actor, row: dict[str, Any], decision: Decision, why: str) -> EntryDraft:
         return EntryDraft(
@@ -688,7 +723,15 @@ class Node:
         Raises:
             ContentDestroyed: its content was destroyed.
         """
-        signed = envelope.signed_payload(self.content.open(row))
+        try:
+            compact = self.content.open(row)
+        except ContentUnavailable:  # re-wrapped meanwhile by a destruction in its period: read again
+            with self.db.read() as conn:
+                fresh = repo.get_message(conn, row["id"])
+            if fresh is None or fresh["content_kid"] == row["content_kid"]:
+                raise
+            compact = self.content.open(fresh)
+        signed = envelope.signed_payload(compact)
         return parse_signed(signed, agreement=self.agreement, catalogue=self.catalogue)
 
     def read(self, actor: Actor, message_id: str, now: dt.datetime) -> dict[str, Any]:
@@ -719,8 +762,11 @@ class Node:
                 ),
             )
             return rows.content_view(row, message, dict(message.payload), ())
-        item, entry, decision = self._release(actor, row, int(row["inbox_seq"] or 0), now, None)
+        held = self.consents_for([row["id"]]).get(row["id"], [])
+        item, entry, decision = self._release(actor, row, int(row["inbox_seq"] or 0), now, None, held)
         self.ledger(now, entry)
+        if item is None and decision.allowed:  # allowed, but the content does not open
+            raise ContentUnavailable(f"the content of message {message_id} cannot be opened")
         if item is None:
             raise decision.refusal()
         return item

@@ -58,7 +58,7 @@ class RetentionService:
                 break
         with self.db.read() as conn:
             leftovers = self.content.sweep(conn)
-        self.content.retire(leftovers)
+        self.content.retire(leftovers, self.db)
         return total
 
     def destroy(self, message_ids: list[str], reason: str, now: dt.datetime) -> list[dict[str, Any]]:
@@ -72,7 +72,7 @@ class RetentionService:
             ]
             drafts, retired = self.content.destroy(conn, rows, reason=reason, at=at, actor=self.party)
             repo.append_ledger(conn, head, drafts, at)
-        self.content.retire(retired)
+        self.content.retire(retired, self.db)
         if rows:
             log.info("destroyed the content of %d message(s): %s", len(rows), reason)
         return rows

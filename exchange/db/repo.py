@@ -143,7 +143,10 @@ def referenced_kids(conn: Connection) -> set[str]:
 
 
 def mark_destroyed(conn: Connection, message_id: str, *, at: str, reason: str) -> None:
-    """Forget a message's content and transport envelope; its metadata and digests stay."""
+    """Forget a message's content and transport envelope; its metadata and digests stay. One still
+    queued leaves the outbox (status ``destroyed``): it is never delivered."""
+    undelivered = bool(conn.execute(outbox.delete().where(outbox.c.message_id == message_id)).rowcount)
+    values: dict[str, Any] = {"status": "destroyed"} if undelivered else {}
     conn.execute(
         messages.update()
         .where(messages.c.id == message_id)
@@ -154,6 +157,7 @@ def mark_destroyed(conn: Connection, message_id: str, *, at: str, reason: str) -
             destroyed_at=at,
             destroyed_reason=reason,
             updated_at=at,
+            **values,
         )
     )
 

@@ -245,6 +245,8 @@ def parse_body(body: str) -> tuple[str, int, bytes, tuple[str, ...]]:
     origin, size_text, root_b64 = lines[0], lines[1], lines[2]
     if not size_text.isascii() or not size_text.isdigit() or (size_text != "0" and size_text[0] == "0"):
         raise CheckpointError("the checkpoint size is not a decimal number")
+    if len(size_text) > 18:  # below 2**63: every size a database can hold
+        raise CheckpointError("the checkpoint size is out of range")
     try:
         root = base64.b64decode(root_b64, validate=True)
     except (ValueError, binascii.Error) as exc:

@@ -339,3 +339,168 @@ def test_a_security_incident_is_notified_to_the_originator_with_its_clock(pair) 
     )
     assert entry.data["notify_by"] == (detected + dt.timedelta(hours=72)).isoformat()  # UU 27/2022
     assert "incident.notified" in events(my_node)
+
+
+# --- findings of the adversarial review of issue 7, each performed ---------------------------------------
+
+
+def test_a_destruction_rolled_back_with_its_envelope_retires_no_key(pair, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    id_dir, my_dir, id_node, my_node = pair
+    polri = actor(id_node, id_dir, "polri-cms")
+    keep, doomed = submit(id_node, polri, rfi()), submit(id_node, polri, rfi())
+    deliver(id_node, my_node)
+    id_node.lifecycle.return_or_destroy(polri, doomed["id"], reason="withdrawn", now=now())
+    judge = my_node._judge_checkpoint
+
+    def hostile(conn: Any, message: Any) -> Any:  # whatever fails after the destruction in the savepoint
+        if message.type == "RETURN_OR_DESTROY_REQUEST":
+            raise OverflowError("a checkpoint size no database holds")
+        return judge(conn, message)
+
+    monkeypatch.setattr(my_node, "_judge_checkpoint", hostile)
+    deliver(id_node, my_node)
+    d7 = actor(my_node, my_dir, "pdrm-d7")
+    assert my_node.read(d7, keep["id"], now())["id"] == keep["id"]  # its period's key was not destroyed
+    assert my_node.read(d7, doomed["id"], now())["id"] == doomed["id"]  # and nothing was destroyed
+
+
+def test_a_crash_before_the_keys_are_destroyed_is_mended_by_the_next_run(  # type: ignore[no-untyped-def]
+    pair, tmp_path: Path, monkeypatch
+) -> None:
+    id_dir, my_dir, id_node, my_node = pair
+    accepted = submit(id_node, actor(id_node, id_dir, "polri-cms"), rfi())
+    deliver(id_node, my_node)
+    backup = _copy_database(my_node, my_dir, tmp_path)
+    with my_node.db.read() as conn:
+        row = repo.get_message(conn, accepted["id"])
+    assert row is not None
+    later = dt.datetime.fromisoformat(row["destroy_after"]) + dt.timedelta(days=1)
+    retire = my_node.content.retire
+    monkeypatch.setattr(my_node.content, "retire", lambda kids, db: None)  # the crash: committed, keys kept
+    my_node.retention.run(later)
+    monkeypatch.setattr(my_node.content, "retire", retire)
+    my_node.retention.run(later)  # the next run sweeps what no content needs
+    keys = KekStore(my_dir.path / "keys" / "kek", PASSPHRASE)
+    with pytest.raises(ContentUnavailable):
+        keys.get(row["content_kid"])
+    if not isinstance(backup, tuple):
+        saved = _contents_in(backup, accepted["id"])
+        for kid in keys.kids():
+            with pytest.raises(ContentUnavailable):
+                open_at_rest(
+                    saved["content"], message_id=row["id"], meta=metadata_digest(row), kek=_only(keys, kid)
+                )
+
+
+def test_a_supervisor_acts_for_the_originator_only_within_its_clearance_and_cases(pair) -> None:  # type: ignore[no-untyped-def]
+    id_dir, my_dir, id_node, my_node = pair
+    sent = submit(id_node, actor(id_node, id_dir, "polri-cms"), rfi())
+    deliver(id_node, my_node)
+    low = client(id_node, id_dir, "polri-low-boss", "TERBATAS", "--role", "SUPERVISOR")
+    elsewhere = client(
+        id_node, id_dir, "polri-other-boss", "RAHASIA", "--role", "SUPERVISOR", "--case", "ID-MY/2026/9999"
+    )
+    for boss in (low, elsewhere):
+        with pytest.raises(NotFound):
+            id_node.lifecycle.reclassify(boss, sent["id"], level="BIASA", reason="x", now=now())
+        with pytest.raises(NotFound):
+            id_node.lifecycle.return_or_destroy(boss, sent["id"], reason="x", now=now())
+    my_node.lifecycle.request_consent(
+        actor(my_node, my_dir, "pdrm-d7"),
+        sent["id"],
+        recipient="INTERPOL",
+        purposes=["TIP_INVESTIGATION"],
+        justification="red notice",
+        now=now(),
+    )
+    deliver(my_node, id_node)
+    assert id_node.lifecycle.consent_requests(low, now()) == []
+    assert len(id_node.lifecycle.consent_requests(supervisor(id_node, id_dir), now())) == 1
+
+
+def test_a_read_that_races_a_rewrap_reads_again(pair) -> None:  # type: ignore[no-untyped-def]
+    id_dir, _my_dir, id_node, my_node = pair
+    polri = actor(id_node, id_dir, "polri-cms")
+    keep, doomed = submit(id_node, polri, rfi()), submit(id_node, polri, rfi())
+    deliver(id_node, my_node)
+    with my_node.db.read() as conn:
+        stale = repo.get_message(conn, keep["id"])  # read before the destruction re-wraps its period
+    my_node.retention.destroy([doomed["id"]], "test", now())
+    assert stale is not None
+    assert my_node.stored_message(stale).id == keep["id"]
+
+
+def test_a_consent_makes_judicial_use_and_another_purpose_possible(pair) -> None:  # type: ignore[no-untyped-def]
+    id_dir, my_dir, id_node, my_node = pair
+    sent = submit(
+        id_node,
+        actor(id_node, id_dir, "polri-cms"),
+        rfi(handling_codes=["H1"], purposes=["TIP_INVESTIGATION", "JUDICIAL_EVIDENCE"]),
+    )
+    deliver(id_node, my_node)
+    d7 = actor(my_node, my_dir, "pdrm-d7")
+    assert len(my_node.inbox(d7, 0, 10, now()).items) == 1  # by default not a judicial use: released
+    judicial = frozenset({"JUDICIAL_EVIDENCE"})
+    assert my_node.inbox(d7, 0, 10, now(), judicial).items == []  # H1: refused without consent
+    analysis = frozenset({"STRATEGIC_ANALYSIS"})
+    assert my_node.inbox(d7, 0, 10, now(), analysis).items == []  # outside the message's purposes
+    boss = supervisor(id_node, id_dir)
+    for purposes in (["JUDICIAL_EVIDENCE"], ["STRATEGIC_ANALYSIS"]):
+        request = my_node.lifecycle.request_consent(
+            d7, sent["id"], recipient=None, purposes=purposes, justification="court case", now=now()
+        )
+        deliver(my_node, id_node)
+        id_node.lifecycle.decide_consent(
+            boss,
+            request["id"],
+            grant=True,
+            conditions=None,
+            expires_at=now() + dt.timedelta(days=1),
+            now=now(),
+        )
+        deliver(id_node, my_node)
+    assert len(my_node.inbox(d7, 0, 10, now(), judicial).items) == 1
+    assert len(my_node.inbox(d7, 0, 10, now(), analysis).items) == 1
+
+
+def test_a_consent_is_decided_once_and_a_late_decision_changes_nothing(pair) -> None:  # type: ignore[no-untyped-def]
+    id_dir, my_dir, id_node, my_node = pair
+    sent = submit(id_node, actor(id_node, id_dir, "polri-cms"), rfi())
+    deliver(id_node, my_node)
+    request = my_node.lifecycle.request_consent(
+        actor(my_node, my_dir, "pdrm-d7"),
+        sent["id"],
+        recipient="INTERPOL",
+        purposes=["TIP_INVESTIGATION"],
+        justification="x",
+        now=now(),
+    )
+    deliver(my_node, id_node)
+    boss = supervisor(id_node, id_dir)
+    pending = id_node.lifecycle._request_to_decide(boss, request["id"], pending=True)
+    id_node.lifecycle.decide_consent(
+        boss, request["id"], grant=False, conditions=None, expires_at=None, now=now()
+    )
+    with pytest.raises(NotFound):  # a second decision that passed the check before the first committed
+        id_node.lifecycle._send_decision(boss, pending, {"status": "granted"}, "GRANTED", now())
+
+
+def test_a_consent_decision_with_a_naive_expiry_is_malformed() -> None:
+    from exchange.catalogue import ConsentDecision
+
+    decision = {"request_id": "r", "message_id": "m", "decision": "GRANTED"}
+    with pytest.raises(ValueError, match="timezone"):
+        ConsentDecision.model_validate({**decision, "expires_at": "2031-01-01T00:00:00"})
+    numeric = ConsentDecision.model_validate({**decision, "expires_at": "1893456000"}).expires_at
+    assert numeric is not None
+    assert numeric.tzinfo is not None  # a POSIX time is a UTC time, stored normalised
+
+
+def test_a_message_destroyed_while_queued_leaves_the_outbox(pair) -> None:  # type: ignore[no-untyped-def]
+    id_dir, _my_dir, id_node, my_node = pair
+    polri = actor(id_node, id_dir, "polri-cms")
+    queued, other = submit(id_node, polri, rfi()), submit(id_node, polri, rfi())
+    id_node.retention.destroy([queued["id"]], "test", now())
+    assert deliver(id_node, my_node) == 1  # the other one goes; the round does not fail
+    assert id_node.status(polri, queued["id"], now())["status"] == "destroyed"
+    assert id_node.status(polri, other["id"], now())["status"] == "delivered"
