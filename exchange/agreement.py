@@ -105,6 +105,12 @@ class Agreement(_Strict):
     handling_codes: dict[Identifier, str] = Field(min_length=1)
     tlp: tuple[str, ...] = ("CLEAR", "GREEN", "AMBER", "AMBER+STRICT", "RED")
     message_types: dict[Identifier, MessageType] = Field(min_length=1)
+    max_envelope_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        ge=16 * 1024,
+        le=256 * 1024 * 1024,
+        description="the largest sealed envelope either node sends or opens; submission refuses more",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Agreement:

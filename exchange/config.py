@@ -59,6 +59,26 @@ class NodeSettings(BaseSettings):
     checkpoint_interval_seconds: float = Field(default=5.0, gt=0)
     inbox_page_max: int = Field(default=100, ge=1, le=1000)
     log_level: str = "info"
+    delivery_max_wait_seconds: float = Field(
+        default=7 * 86400,
+        gt=0,
+        description="an undelivered message ends `failed` (reason `expired`) after this long, or"
+        " earlier if the partner's replay window (less the margin) is shorter",
+    )
+    delivery_expiry_margin_seconds: float = Field(
+        default=600.0,
+        ge=0,
+        description="kept free before the replay window ends: clock difference plus transit time",
+    )
+    delivery_worker_id: str | None = Field(
+        default=None,
+        max_length=200,
+        description="who holds outbox leases; default host name and node directory, so a restarted"
+        " node recognises and takes back its own leases",
+    )
+    unavailable_retry_after_seconds: int = Field(
+        default=5, ge=1, description="the Retry-After of a 503 while the database is unavailable"
+    )
 
     @classmethod
     def settings_customise_sources(

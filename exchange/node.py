@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,11 +92,21 @@ class Node:
 
     # --- outbound --------------------------------------------------------------------------------
 
-    def submit(self, actor: Actor, submission: MessageSubmission, now: dt.datetime) -> dict[str, Any]:
+    def submit(
+        self,
+        actor: Actor,
+        submission: MessageSubmission,
+        now: dt.datetime,
+        on_write: Callable[[Connection, str], None] | None = None,
+    ) -> dict[str, Any]:
         """Accept a local system's message: validate, decide, seal and queue it in one transaction.
+
+        ``on_write(conn, message_id)`` runs inside that transaction (an idempotency key is stored
+        with the message it names); if it raises, nothing is written.
 
         Raises:
             InvalidInput: the payload does not match its type's schema.
+            MessageTooLarge: the sealed envelope would exceed the agreement's limit.
             PolicyRefusal: naming every rule that refused (the refusal itself is ledgered).
         """
         validate_payload(self.agreement, submission.type, submission.payload)
@@ -145,6 +155,7 @@ class Node:
             checkpoint=str(latest["note"]) if latest else None,
         )
         sealed = envelope.seal(message, signing_key=self.keys.signing, recipient_key=self.partner.encryption)
+        envelope.check_envelope_size(sealed, self.agreement.max_envelope_bytes)
         digest = envelope.envelope_digest(sealed)
         mid = message["id"]
 
@@ -163,6 +174,8 @@ class Node:
                 ),
             )
             repo.enqueue(conn, mid, now.timestamp())
+            if on_write is not None:
+                on_write(conn, mid)
             return repo.append_ledger(
                 conn,
                 head,
@@ -267,6 +280,7 @@ class Node:
             now=now,
             clock_skew=dt.timedelta(seconds=self.settings.clock_skew_seconds),
             replay_window=dt.timedelta(seconds=self.settings.replay_window_seconds),
+            max_envelope_bytes=self.agreement.max_envelope_bytes,
         )
 
     def _rejection(
@@ -441,7 +455,10 @@ class Node:
 
     def _decrypt_stored(self, compact: str) -> dict[str, Any]:
         return envelope.open_stored(
-            compact, decryption_keys=self.keys.decryption, verification_keys=self.partner.verification
+            compact,
+            decryption_keys=self.keys.decryption,
+            verification_keys=self.partner.verification,
+            max_envelope_bytes=self.agreement.max_envelope_bytes,
         ).message
 
     # --- ledger ----------------------------------------------------------------------------------

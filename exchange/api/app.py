@@ -18,27 +18,31 @@ from exchange.api import problems
 from exchange.api.routes import audit_router, client_router, console_router, health_router, peer_router
 from exchange.auditing import AuditService
 from exchange.checkpoints import CheckpointService
+from exchange.envelope import peer_body_limit
 from exchange.errors import ExchangeError
 from exchange.node import Node
 from exchange.transport.checkpointer import Checkpointer
-from exchange.transport.peer import PeerTransport
+from exchange.transport.peer import PEER_PATH, PeerTransport
 from exchange.transport.worker import DeliveryWorker
 
 
 class BodyLimit:
-    """Refuse request bodies above ``max_bytes`` with 413 problem JSON, declared or streamed."""
+    """Refuse request bodies above ``max_bytes`` with 413 problem JSON, declared or streamed.
+    ``path_limits`` overrides the limit for exact paths (the peer envelope batches)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, path_limits: dict[str, int] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.path_limits = path_limits or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        max_bytes = self.path_limits.get(scope["path"], self.max_bytes)
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(scope, receive, send)
+        if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+            await self._refuse(scope, receive, send, max_bytes)
             return
         seen = 0
 
@@ -46,18 +50,18 @@ class BodyLimit:
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
+            if seen > max_bytes:
                 raise _TooLarge
             return message
 
         try:
             await self.app(scope, limited, send)
         except _TooLarge:
-            await self._refuse(scope, receive, send)
+            await self._refuse(scope, receive, send, max_bytes)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, max_bytes: int) -> None:
         response = problems.problem(
-            413, "too-large", "Request body too large", f"the body exceeds {self.max_bytes} bytes"
+            413, "too-large", "Request body too large", f"the body exceeds {max_bytes} bytes"
         )
         await response(scope, receive, send)
 
@@ -128,5 +132,10 @@ def create_app(node: Node, transport: PeerTransport | None = None, *, run_worker
     ]
     for exc_class, handler in handlers:
         app.add_exception_handler(exc_class, handler)
-    app.add_middleware(BodyLimit, max_bytes=node.settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimit,
+        max_bytes=node.settings.max_body_bytes,
+        # the partner may send one envelope as large as the agreement allows (exchange/envelope/size.py)
+        path_limits={PEER_PATH: peer_body_limit(node.agreement.max_envelope_bytes)},
+    )
     return app

@@ -6,7 +6,7 @@ import datetime as dt
 from importlib.resources import files
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
 
@@ -15,6 +15,8 @@ from exchange.auditing import AuditService, EntryFilter
 from exchange.checkpoints import CheckpointService
 from exchange.db import repo
 from exchange.errors import FieldError, InvalidInput, LedgerIntegrityError, TransportError
+from exchange.idempotency import HEADER as IDEMPOTENCY_HEADER
+from exchange.idempotency import IdempotentSubmission
 from exchange.messages import MessageSubmission
 from exchange.policy import Actor
 
@@ -32,6 +34,10 @@ audit_router = APIRouter(
 )
 
 LocalClient = Annotated[Actor, Depends(local_client)]
+IDEMPOTENCY_DOC = (
+    "1-128 visible ASCII characters chosen by the client: a retry with the same key and body returns"
+    " the original answer; the same key with another body is refused (422)"
+)
 
 
 def checkpoints_of(request: Request) -> CheckpointService:
@@ -52,15 +58,27 @@ class Accepted(BaseModel):
 
 
 @client_router.post("/messages", status_code=202, response_model=Accepted, summary="Submit a message")
-def submit_message(submission: MessageSubmission, actor: LocalClient, request: Request) -> dict[str, Any]:
+def submit_message(
+    submission: MessageSubmission,
+    actor: LocalClient,
+    request: Request,
+    response: Response,
+    idempotency_key: Annotated[
+        str | None, Header(alias=IDEMPOTENCY_HEADER, description=IDEMPOTENCY_DOC)
+    ] = None,
+) -> dict[str, Any]:
     """Validate, classify, apply the agreement's rules, seal and queue a message for the partner.
 
     Answers 202 with the message id and its final classification (in both national schemes), or a
-    problem naming every invalid field (422) or every rule that refused (403).
+    problem naming every invalid field (422) or every rule that refused (403). With an
+    ``Idempotency-Key``, a retry answers the original 202 (``Idempotent-Replayed: true``).
     """
     node = node_of(request)
-    accepted = node.submit(actor, submission, _now())
-    request.app.state.worker_wake()
+    accepted, replayed = IdempotentSubmission(node).submit(actor, submission, idempotency_key, _now())
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    else:
+        request.app.state.worker_wake()
     return accepted
 
 

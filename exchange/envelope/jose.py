@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import functools
 import json
 import warnings
 from collections.abc import Mapping
@@ -40,7 +41,7 @@ JWE_ALG = "ECDH-ES+A256KW"
 JWE_ENC = "A256GCM"
 ENVELOPE_TYP = "exchange-envelope+jwe"
 SIGNED_TYP = "exchange-message+jws"
-MAX_ENVELOPE_BYTES = 4 * 1024 * 1024
+MAX_ENVELOPE_BYTES = 16 * 1024 * 1024  # the agreement's default max_envelope_bytes
 
 #: JWE protected header parameter -> field of the signed message it must equal.
 HEADER_FIELDS: dict[str, str] = {
@@ -69,12 +70,19 @@ def _registry_entries() -> dict[str, HeaderParameter]:
     }
 
 
-class _EnvelopeJWERegistry(jwe.JWERegistry):
-    max_ciphertext_length = MAX_ENVELOPE_BYTES
+@functools.lru_cache(maxsize=8)
+def _registries(max_envelope_bytes: int) -> tuple[jwe.JWERegistry, jws.JWSRegistry]:
+    """The JOSE registries with their size limits set from the agreement's ``max_envelope_bytes``
+    (the library's defaults, 64 KB of ciphertext and 128 KB of JWS payload, would refuse a message
+    the sender accepted)."""
+    jwe_registry = jwe.JWERegistry(header_registry=_registry_entries(), algorithms=[JWE_ALG, JWE_ENC])
+    jwe_registry.max_ciphertext_length = max_envelope_bytes
+    jws_registry = jws.JWSRegistry(algorithms=[JWS_ALG])
+    jws_registry.max_payload_length = max_envelope_bytes
+    return jwe_registry, jws_registry
 
 
-_JWE_REGISTRY = _EnvelopeJWERegistry(header_registry=_registry_entries(), algorithms=[JWE_ALG, JWE_ENC])
-_JWS_REGISTRY = jws.JWSRegistry(algorithms=[JWS_ALG])
+_JWE_REGISTRY, _JWS_REGISTRY = _registries(MAX_ENVELOPE_BYTES)
 
 
 @dataclass(frozen=True)
@@ -168,10 +176,14 @@ def _parse_time(value: Any) -> dt.datetime:
 
 
 def _decrypt_and_verify(
-    compact: str, decryption_keys: Mapping[KeyId, OKPKey], verification_keys: Mapping[KeyId, OKPKey]
+    compact: str,
+    decryption_keys: Mapping[KeyId, OKPKey],
+    verification_keys: Mapping[KeyId, OKPKey],
+    max_envelope_bytes: int,
 ) -> OpenedEnvelope:
-    if len(compact) > MAX_ENVELOPE_BYTES:
-        raise EnvelopeError("malformed", "envelope too large")
+    if len(compact) > max_envelope_bytes:
+        raise EnvelopeError("too-large", f"{len(compact)} bytes, limit {max_envelope_bytes}")
+    jwe_registry, jws_registry = _registries(max_envelope_bytes)
     header = peek_header(compact)
     if header.get("alg") != JWE_ALG or header.get("enc") != JWE_ENC or header.get("typ") != ENVELOPE_TYP:
         raise EnvelopeError("malformed", "unexpected alg, enc or typ")
@@ -179,9 +191,7 @@ def _decrypt_and_verify(
     if not isinstance(recipient_kid, str) or KeyId(recipient_kid) not in decryption_keys:
         raise EnvelopeError("unknown-recipient-key", f"kid {recipient_kid!r}")
     try:
-        decrypted = jwe.decrypt_compact(
-            compact, decryption_keys[KeyId(recipient_kid)], registry=_JWE_REGISTRY
-        )
+        decrypted = jwe.decrypt_compact(compact, decryption_keys[KeyId(recipient_kid)], registry=jwe_registry)
     except (JoseError, ValueError) as exc:
         raise EnvelopeError("decrypt-failed", type(exc).__name__) from exc
     if decrypted.plaintext is None:
@@ -193,7 +203,7 @@ def _decrypt_and_verify(
         raise EnvelopeError("unknown-signing-key", f"kid {signer_kid!r}")
     try:
         verified = jws.deserialize_compact(
-            signed, verification_keys[KeyId(signer_kid)], registry=_JWS_REGISTRY
+            signed, verification_keys[KeyId(signer_kid)], registry=jws_registry
         )
     except (JoseError, ValueError) as exc:
         raise EnvelopeError("bad-signature", type(exc).__name__) from exc
@@ -218,14 +228,18 @@ def _decrypt_and_verify(
 
 
 def open_stored(
-    compact: str, *, decryption_keys: Mapping[KeyId, OKPKey], verification_keys: Mapping[KeyId, OKPKey]
+    compact: str,
+    *,
+    decryption_keys: Mapping[KeyId, OKPKey],
+    verification_keys: Mapping[KeyId, OKPKey],
+    max_envelope_bytes: int = MAX_ENVELOPE_BYTES,
 ) -> OpenedEnvelope:
     """Decrypt and verify an envelope this node already admitted and stored (no freshness checks).
 
     Raises:
         EnvelopeError: as :func:`open_envelope`, for the cryptographic and header checks.
     """
-    return _decrypt_and_verify(compact, decryption_keys, verification_keys)
+    return _decrypt_and_verify(compact, decryption_keys, verification_keys, max_envelope_bytes)
 
 
 def open_envelope(
@@ -239,18 +253,20 @@ def open_envelope(
     now: dt.datetime,
     clock_skew: dt.timedelta,
     replay_window: dt.timedelta,
+    max_envelope_bytes: int = MAX_ENVELOPE_BYTES,
 ) -> OpenedEnvelope:
     """Decrypt, verify and admit an envelope (see the module docstring for the guarantees).
 
-    ``accepted_agreements`` maps each agreement version this node holds to its digest.
+    ``accepted_agreements`` maps each agreement version this node holds to its digest;
+    ``max_envelope_bytes`` is the agreement's limit, which the JOSE library's limits follow.
 
     Raises:
         EnvelopeError: reason ``malformed``, ``unknown-recipient-key``, ``decrypt-failed``,
-            ``unknown-signing-key``, ``bad-signature``, ``header-mismatch``, ``wrong-recipient``,
-            ``wrong-sender`` or ``unknown-agreement``.
+            ``unknown-signing-key``, ``bad-signature``, ``header-mismatch``, ``too-large``,
+            ``wrong-recipient``, ``wrong-sender`` or ``unknown-agreement``.
         ReplayRejected: reason ``expired`` or ``future``.
     """
-    opened = _decrypt_and_verify(compact, decryption_keys, verification_keys)
+    opened = _decrypt_and_verify(compact, decryption_keys, verification_keys, max_envelope_bytes)
     message, signer_kid = opened.message, opened.signer_kid
     if message["recipient"] != expected_recipient:
         raise EnvelopeError("wrong-recipient", f"addressed to {message['recipient']!r}")
