@@ -176,11 +176,13 @@ class Database:
         Raises:
             DatabaseUnavailable: the database could not be reached.
         """
-        with self._available(), self.reader.begin() as conn:
+        with self._available(write=False), self.reader.begin() as conn:
             yield conn
 
     @contextmanager
-    def _available(self) -> Iterator[None]:
+    def _available(self, *, write: bool = True) -> Iterator[None]:
+        """Convert unavailability to DatabaseUnavailable. Only a committed write ends the
+        condition: with a full disk, reads still succeed while every write fails."""
         try:
             yield
         except sa.exc.SQLAlchemyError as exc:
@@ -188,7 +190,8 @@ class Database:
                 raise
             self.availability.failed(exc)
             raise DatabaseUnavailable(f"the database is unavailable: {type(exc).__name__}") from exc
-        self.availability.succeeded()
+        if write:
+            self.availability.succeeded()
 
     def check_migrated(self) -> None:
         """Raise DatabaseNotMigrated unless the schema is at the migrations' head."""
