@@ -42,12 +42,13 @@ def statuses(run: Running, ids: list[str]) -> dict[str, str]:
     engine = run.db()
     with engine.connect() as conn:
         rows = conn.execute(
-            sa.select(sa.column("id"), sa.column("status"))
-            .select_from(sa.table("messages"))
-            .where(sa.column("id").in_(ids))
+            sa.text("select id, status from messages where id in :ids").bindparams(
+                sa.bindparam("ids", expanding=True)
+            ),
+            {"ids": ids},
         ).all()
     engine.dispose()
-    return {r.id: r.status for r in rows}
+    return {str(r.id): str(r.status) for r in rows}
 
 
 def wait_all_delivered(run: Running, ids: list[str], timeout: float) -> float:
