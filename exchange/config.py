@@ -53,7 +53,9 @@ class NodeSettings(BaseSettings):
     delivery_batch_size: int = Field(default=64, ge=1, le=1000)
     delivery_poll_seconds: float = Field(default=0.2, gt=0)
     delivery_backoff_base_seconds: float = Field(default=0.5, gt=0)
-    delivery_backoff_max_seconds: float = Field(default=300.0, gt=0)
+    delivery_backoff_max_seconds: float = Field(
+        default=10.0, gt=0, description="the longest wait between two probes of an unreachable partner"
+    )
     delivery_lease_seconds: float = Field(default=60.0, gt=0)
     peer_timeout_seconds: float = Field(default=10.0, gt=0)
     checkpoint_interval_seconds: float = Field(default=5.0, gt=0)
