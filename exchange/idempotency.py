@@ -8,10 +8,10 @@ was accepted. It sends the same request again with the same ``Idempotency-Key`` 
   body;
 - a normal submission otherwise.
 
-Keys are per client (one client cannot learn or replay another's), stored in the very transaction
-that writes the message they name (``Node.submit``'s ``on_write``), so a key exists if and only if
-its message does, whatever crashes. Two concurrent requests with one key are serialised by that
-write: the second finds the key under the ledger lock and answers like a retry.
+Keys are per client (one client cannot learn or replay another's), stored with the original answer
+in the very transaction that writes the message they name (``Node.submit``'s ``on_write``), so a key
+exists if and only if its message does, whatever crashes. Two concurrent requests with one key are
+serialised by that write: the second finds the key under the ledger lock and answers like a retry.
 """
 
 from __future__ import annotations
@@ -91,9 +91,9 @@ class IdempotentSubmission:
         with self.node.db.read() as conn:
             prior = idempotency_keys.get(conn, actor.client_id, key)
         if prior is not None:
-            return self._replay(actor, prior, digest), True
+            return self._replay(prior, digest), True
 
-        def record(conn: Connection, message_id: str) -> None:
+        def record(conn: Connection, answer: dict[str, Any]) -> None:
             raced = idempotency_keys.get(conn, actor.client_id, key)
             if raced is not None:
                 raise _Raced(raced)
@@ -102,34 +102,21 @@ class IdempotentSubmission:
                 client_id=actor.client_id,
                 key=key,
                 request_sha256=digest,
-                message_id=message_id,
+                message_id=str(answer["id"]),
+                response=json.dumps(answer),
                 at=iso(now),
             )
 
         try:
-            answer = self.node.submit(actor, submission, now, on_write=record)
+            return self.node.submit(actor, submission, now, on_write=record), False
         except _Raced as raced:
-            return self._replay(actor, raced.row, digest), True
-        with self.node.db.transaction() as conn:
-            idempotency_keys.record_response(conn, actor.client_id, key, json.dumps(answer))
-        return answer, False
+            return self._replay(raced.row, digest), True
 
-    def _replay(self, actor: Actor, prior: idempotency_keys.KeyRow, digest: str) -> dict[str, Any]:
+    def _replay(self, prior: idempotency_keys.KeyRow, digest: str) -> dict[str, Any]:
         if prior.request_sha256 != digest:
             raise IdempotencyKeyReused(
                 f"this {HEADER} was already used for a different request (message {prior.message_id})",
                 [FieldError(HEADER, "already used with a different body: use a new key")],
             )
-        if prior.response is not None:
-            answer: dict[str, Any] = json.loads(prior.response)
-            return answer
-        # Committed, but the answer not yet recorded (a concurrent first request still finishing,
-        # or a crash between the two commits): the same fields, from the stored message.
-        view = self.node.status(actor, prior.message_id)
-        return {
-            "id": view["id"],
-            "status": "queued",
-            "thread_id": view["thread_id"],
-            "classification": view["classification"],
-            "envelope_sha256": view["envelope_sha256"],
-        }
+        answer: dict[str, Any] = json.loads(prior.response)
+        return answer

@@ -97,12 +97,12 @@ class Node:
         actor: Actor,
         submission: MessageSubmission,
         now: dt.datetime,
-        on_write: Callable[[Connection, str], None] | None = None,
+        on_write: Callable[[Connection, dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
         """Accept a local system's message: validate, decide, seal and queue it in one transaction.
 
-        ``on_write(conn, message_id)`` runs inside that transaction (an idempotency key is stored
-        with the message it names); if it raises, nothing is written.
+        ``on_write(conn, answer)`` runs inside that transaction with the answer this returns (an
+        idempotency key is stored with its message and answer); if it raises, nothing is written.
 
         Raises:
             InvalidInput: the payload does not match its type's schema.
@@ -159,6 +159,21 @@ class Node:
         digest = envelope.envelope_digest(sealed)
         mid = message["id"]
 
+        partner_scheme = self.agreement.parties[self.partner_party].scheme
+        answer: dict[str, Any] = {
+            "id": mid,
+            "status": "queued",
+            "thread_id": message["thread_id"],
+            "classification": {
+                **message["classification"],
+                "partner_equivalent": {
+                    "scheme": partner_scheme,
+                    "level": national_equivalent(self.agreement, decision.marking.common, partner_scheme),
+                },
+            },
+            "envelope_sha256": digest,
+        }
+
         def write(conn: Connection, head: repo.LedgerHead) -> repo.LedgerHead:
             repo.insert_message(
                 conn,
@@ -175,7 +190,7 @@ class Node:
             )
             repo.enqueue(conn, mid, now.timestamp())
             if on_write is not None:
-                on_write(conn, mid)
+                on_write(conn, answer)
             return repo.append_ledger(
                 conn,
                 head,
@@ -199,20 +214,7 @@ class Node:
             )
 
         self.committer.run(write)
-        partner_scheme = self.agreement.parties[self.partner_party].scheme
-        return {
-            "id": mid,
-            "status": "queued",
-            "thread_id": message["thread_id"],
-            "classification": {
-                **message["classification"],
-                "partner_equivalent": {
-                    "scheme": partner_scheme,
-                    "level": national_equivalent(self.agreement, decision.marking.common, partner_scheme),
-                },
-            },
-            "envelope_sha256": digest,
-        }
+        return answer
 
     def status(self, actor: Actor, message_id: str) -> dict[str, Any]:
         """What a local system may know of a message's delivery.

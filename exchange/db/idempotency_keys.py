@@ -20,7 +20,7 @@ class KeyRow:
     key: str
     request_sha256: str
     message_id: str
-    response: str | None  # the original answer as JSON, once recorded
+    response: str  # the original answer, JSON
 
 
 def get(conn: Connection, client_id: str, key: str) -> KeyRow | None:
@@ -35,7 +35,14 @@ def get(conn: Connection, client_id: str, key: str) -> KeyRow | None:
 
 
 def insert(
-    conn: Connection, *, client_id: str, key: str, request_sha256: str, message_id: str, at: str
+    conn: Connection,
+    *,
+    client_id: str,
+    key: str,
+    request_sha256: str,
+    message_id: str,
+    response: str,
+    at: str,
 ) -> None:
     conn.execute(
         idempotency_keys.insert(),
@@ -44,14 +51,7 @@ def insert(
             "key": key,
             "request_sha256": request_sha256,
             "message_id": message_id,
+            "response": response,
             "created_at": at,
         },
-    )
-
-
-def record_response(conn: Connection, client_id: str, key: str, response: str) -> None:
-    conn.execute(
-        idempotency_keys.update()
-        .where(idempotency_keys.c.client_id == client_id, idempotency_keys.c.key == key)
-        .values(response=response)
     )

@@ -73,7 +73,7 @@ idempotency_keys = sa.Table(  # a submission's Idempotency-Key, stored with the 
     sa.Column("key", sa.String(128), primary_key=True),
     sa.Column("request_sha256", sa.String(64), nullable=False),
     sa.Column("message_id", sa.String(64), sa.ForeignKey("messages.id"), nullable=False),
-    sa.Column("response", sa.Text),  # the original 202 answer, JSON
+    sa.Column("response", sa.Text, nullable=False),  # the original 202 answer, JSON
     sa.Column("created_at", sa.String(40), nullable=False),
 )
 

@@ -26,7 +26,7 @@ def upgrade() -> None:
         sa.Column("key", sa.String(128), primary_key=True),
         sa.Column("request_sha256", sa.String(64), nullable=False),
         sa.Column("message_id", sa.String(64), sa.ForeignKey("messages.id"), nullable=False),
-        sa.Column("response", sa.Text),
+        sa.Column("response", sa.Text, nullable=False),
         sa.Column("created_at", sa.String(40), nullable=False),
     )
 
