@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/exchange_throughput.py
 	$(BIN)/python bench/ledger.py
 	$(BIN)/python bench/merkle_proofs.py
+	$(BIN)/python bench/policy_engine.py
 
 clean:
 	rm -rf $(VENV) keys/demo .pytest_cache .mypy_cache .ruff_cache

@@ -172,7 +172,7 @@ def main() -> None:
                 ca_file=polri.dir / "tls" / "ca.pem",
                 cert_file=polri.dir / "clients" / "polri-cms.pem",
                 key_file=polri.dir / "clients" / "polri-cms-key.pem",
-                key_password=env["EXCHANGE_KEY_PASSPHRASE"],
+                key_password=env["EXCHANGE_CLIENT_KEY_PASSPHRASE"],
             )
 
         deadline = time.monotonic() + 30

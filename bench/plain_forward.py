@@ -26,7 +26,8 @@ from fastapi import FastAPI
 from exchange.agreement import load_agreement
 from exchange.api.tls import TLSHttpToolsProtocol
 from exchange.db.engine import make_engine
-from exchange.messages import MessageSubmission, validate_payload
+from exchange.errors import InvalidInput
+from exchange.messages import Catalogue, MessageSubmission
 from exchange.transport.peer import client_ssl_context
 
 meta = sa.MetaData()
@@ -49,13 +50,16 @@ def build(db_url: str, partner: str, ctx: ssl.SSLContext, agreement_file: Path) 
     engine = make_engine(db_url)
     meta.create_all(engine)
     agreement = load_agreement(agreement_file)
+    catalogue = Catalogue.for_agreement(agreement)
     wake = threading.Event()
     stop = threading.Event()
     app = FastAPI()
 
     @app.post("/v1/messages", status_code=202)
     def submit(submission: MessageSubmission) -> dict[str, Any]:
-        validate_payload(agreement, submission.type, submission.payload)
+        errors = catalogue.payload_errors(submission.type, submission.payload)
+        if errors:
+            raise InvalidInput("the payload is invalid", errors)
         mid = str(uuid.uuid4())
         t = now_iso()
         with engine.begin() as conn:

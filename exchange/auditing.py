@@ -22,11 +22,12 @@ from exchange.errors import InvalidInput, LedgerIntegrityError, NotFound
 from exchange.ledger import decode_leaf
 from exchange.ledger.audit import AuditKeys, AuditReport, verify_audit
 from exchange.ledger.bundle import build_bundle
+from exchange.ledger.checkpoint import checkpoint_with
 from exchange.ledger.log import combine_ranges, verify_range
 from exchange.ledger.merkle import ProofError, consistency_proof, inclusion_proof, leaf_hash, root_hash
 from exchange.types import PartyId
 
-MAX_EXPORT = 100_000
+MAX_EXPORT = 10_000  # entries per bundle: each carries its own inclusion proof
 
 
 def audit_keys(agreement: Agreement, party: PartyId) -> AuditKeys:
@@ -39,7 +40,34 @@ def audit_keys(agreement: Agreement, party: PartyId) -> AuditKeys:
         partner_origin=partner.ledger_origin,
         partner_key=OKPKey.import_key(partner.checkpoint_key.model_dump()),
         partner_witness_name=partner.witness_name,
+        witnesses=tuple(w.verifier for w in agreement.witnesses),
     )
+
+
+def verifier_keys(agreement: Agreement) -> list[dict[str, str]]:
+    """Every note verifier key the agreement pins: whose, what it signs, the key."""
+    rows = []
+    for pid, party in agreement.parties.items():
+        partner = agreement.partner_of(pid)
+        rows.append(
+            {"holder": pid, "signs": f"{pid}'s ledger checkpoints", "key": party.ledger_verifier.vkey}
+        )
+        rows.append(
+            {
+                "holder": pid,
+                "signs": f"cosignatures of {partner}'s checkpoints",
+                "key": party.witness_verifier.vkey,
+            }
+        )
+    for witness in agreement.witnesses:
+        rows.append(
+            {
+                "holder": f"witness at {witness.url}",
+                "signs": "cosignatures of both ledgers",
+                "key": witness.key,
+            }
+        )
+    return rows
 
 
 @dataclass(frozen=True)
@@ -64,6 +92,7 @@ def _entry_view(leaf: str) -> dict[str, Any]:
         "decision": entry.decision,
         "rules": list(entry.rules),
         "data": dict(entry.data),
+        "leaf": leaf,
         "leaf_hash": leaf_hash(entry.leaf).hex(),
     }
 
@@ -89,7 +118,9 @@ class AuditService:
             if value:
                 query = query.where(column == value)
         if where.rule:
-            query = query.where(c.rules.contains(f" {where.rule} "))
+            # a rule ref (R-X@1) exactly, or a rule id at any version
+            wanted = f" {where.rule} " if "@" in where.rule else f" {where.rule}@"
+            query = query.where(c.rules.contains(wanted))
         if where.since:
             query = query.where(c.at >= where.since)
         if where.until:
@@ -109,9 +140,11 @@ class AuditService:
         with self.db.read() as conn:
             own = repo.all_checkpoints(conn)
             seen = repo.all_witnessed(conn)
+            further = repo.witness_cosignatures_by_size(conn)
         return {
             "origin": self.keys.origin,
             "cosigner": self.keys.partner_witness_name,
+            "verifier_keys": verifier_keys(self.agreement),
             "checkpoints": [
                 {
                     "size": r["size"],
@@ -120,6 +153,7 @@ class AuditService:
                     "signed_at": r["created_at"],
                     "cosignature": r["cosignature"],
                     "cosigned_at": r["cosigned_at"],
+                    "witness_cosignatures": further.get(int(r["size"]), {}),
                 }
                 for r in own
             ],
@@ -192,6 +226,7 @@ class AuditService:
             head = repo.read_ledger_head(conn)
             checkpoints = repo.all_checkpoints(conn)
             witnessed = repo.all_witnessed(conn)
+            further = repo.witness_cosignatures_by_size(conn)
             beyond = conn.execute(
                 sa.select(sa.func.count())
                 .select_from(ledger_entries)
@@ -205,11 +240,18 @@ class AuditService:
                 self.db.url, size=head.size, root=head.root, marks=marks, workers=workers, chunk=chunk
             )
 
-        return verify_audit(verify_entries, checkpoints=checkpoints, witnessed=witnessed, keys=self.keys)
+        return verify_audit(
+            verify_entries,
+            checkpoints=checkpoints,
+            witnessed=witnessed,
+            keys=self.keys,
+            witness_cosignatures=further,
+        )
 
     def export(self, start: int, end: int | None = None) -> dict[str, Any]:
-        """A bundle of entries ``[start, end)`` proven against the latest cosigned checkpoint (or the
-        latest checkpoint, if none is cosigned yet) that covers them.
+        """A bundle of entries ``[start, end)`` (``schemas/audit-bundle.schema.json``) proven against
+        the latest checkpoint the partner cosigned (or the latest checkpoint, if none is cosigned yet),
+        with the consistency proof from the first checkpoint that covered them.
 
         Raises:
             InvalidInput: a bad range. NotFound: no signed checkpoint covers the range yet.
@@ -219,7 +261,7 @@ class AuditService:
             if checkpoint is None:
                 raise NotFound("no signed checkpoint yet: wait for the next one")
             size = int(checkpoint["size"])
-            end = size if end is None else end
+            end = min(size, start + MAX_EXPORT) if end is None else end
             if not 0 <= start < end or end - start > MAX_EXPORT:
                 raise InvalidInput(f"export a range of 1..{MAX_EXPORT} entries, start < end")
             if end > size:
@@ -233,21 +275,29 @@ class AuditService:
             ).all()
             if [r.seq for r in rows] != list(range(start, end)):
                 raise LedgerIntegrityError(f"entries {start}..{end - 1} are not all in the ledger")
-            own = self.agreement.parties[self.party]
-            partner = self.agreement.parties[self.agreement.partner_of(self.party)]
+            source = repo.SqlSubtrees(conn)
+            further = repo.witness_cosignatures_by_size(conn)
+            first = repo.first_checkpoint_covering(conn, end)
+            earliest = None
+            if first is not None and int(first["size"]) < size:
+                proof = consistency_proof(source, int(first["size"]), size)
+                earliest = (_cosigned_note(first, further), proof)
             return build_bundle(
                 party=self.party,
                 agreement={"version": self.agreement.version, "digest": self.agreement.digest},
+                origin=self.keys.origin,
                 entries=[(int(r.seq), str(r.leaf)) for r in rows],
-                source=repo.SqlSubtrees(conn),
-                checkpoint=checkpoint,
-                keys={
-                    "origin": own.ledger_origin,
-                    "checkpoint_key": own.checkpoint_key.model_dump(),
-                    "partner_witness": partner.witness_name,
-                    "partner_key": partner.checkpoint_key.model_dump(),
-                },
+                source=source,
+                checkpoint=_cosigned_note(checkpoint, further),
+                size=size,
+                earliest=earliest,
             )
+
+
+def _cosigned_note(record: Mapping[str, Any], further: Mapping[int, Mapping[str, str]]) -> str:
+    """A checkpoint note with every cosignature line kept for it (the partner's first)."""
+    lines = [str(record["cosignature"])] if record["cosignature"] else []
+    return checkpoint_with(str(record["note"]), lines + list(further.get(int(record["size"]), {}).values()))
 
 
 def _chunk_size(size: int, workers: int) -> int:

@@ -3,9 +3,12 @@
 - :meth:`CheckpointService.sign_latest` signs a checkpoint of the ledger when it has grown.
 - :meth:`CheckpointService.to_witness` is what the node asks the partner to cosign next: its latest
   checkpoint and a consistency proof from the last one the partner cosigned.
-- :meth:`CheckpointService.witness` is the partner side: verify the signature (pinned key), require a
-  proof from exactly the size it last witnessed, verify it, store, cosign. A checkpoint that forks,
-  rolls back or fails its proof is refused and ledgered as a security incident.
+- :meth:`CheckpointService.witness` is the partner side, a C2SP tlog-witness: verify the signature
+  (pinned key), require a proof from exactly the size it last witnessed, verify it, store, cosign. A
+  checkpoint that forks, rolls back or fails its proof is refused and ledgered as a security incident.
+- The agreement may name further witnesses; the node has them cosign its checkpoints through the same
+  protocol (:meth:`CheckpointService.to_witness` and :meth:`CheckpointService.record_cosignature`
+  with ``witness``) and keeps their cosignatures beside the partner's.
 - Every message carries its sender's latest checkpoint; the receiving node judges it as it admits the
   message (``exchange.node.Node.receive``): a split view or a rollback is caught within one message.
 
@@ -29,10 +32,12 @@ from exchange.ledger import EntryDraft
 from exchange.ledger.checkpoint import (
     Checkpoint,
     CheckpointError,
+    NoteVerifier,
     cosign,
+    parse_signature_line,
     sign_checkpoint,
     verify_checkpoint,
-    verify_cosignature,
+    verify_cosignatures,
 )
 from exchange.ledger.merkle import ProofError, consistency_proof, verify_consistency
 from exchange.node import Node, iso
@@ -72,31 +77,54 @@ class CheckpointService:
             repo.insert_checkpoint(conn, size=head.size, root=head.root, note=note, at=iso(now))
         return head.size
 
-    def to_witness(self, from_size: int | None = None) -> WitnessRequest | None:
-        """The latest checkpoint not yet cosigned, with a proof from ``from_size`` (default: the
-        last cosigned size; 0 when none has been)."""
+    def to_witness(self, from_size: int | None = None, witness: str | None = None) -> WitnessRequest | None:
+        """The latest checkpoint not yet cosigned by ``witness`` (default: the partner node), with a
+        proof from ``from_size`` (default: the last size that witness cosigned; 0 when none)."""
         with self.node.db.read() as conn:
             last = repo.latest_checkpoint(conn)
-            if last is None or last["cosignature"] is not None:
+            if last is None:
                 return None
-            if from_size is None:
-                cosigned = repo.latest_checkpoint(conn, cosigned=True)
-                from_size = int(cosigned["size"]) if cosigned else 0
             size = int(last["size"])
+            if witness is None:
+                if last["cosignature"] is not None:
+                    return None
+                if from_size is None:
+                    cosigned = repo.latest_checkpoint(conn, cosigned=True)
+                    from_size = int(cosigned["size"]) if cosigned else 0
+            else:
+                done = repo.latest_cosigned_by(conn, witness)
+                if done >= size:
+                    return None
+                from_size = done if from_size is None else from_size
+            if not 0 <= from_size <= size:
+                return None
             proof = [] if from_size == 0 else consistency_proof(repo.SqlSubtrees(conn), from_size, size)
         return WitnessRequest(str(last["note"]), size, from_size, proof)
 
-    def record_cosignature(self, request: WitnessRequest, line: str, now: dt.datetime) -> int:
-        """Verify and keep the partner's cosignature of our checkpoint; returns its timestamp.
+    def record_cosignature(
+        self, request: WitnessRequest, lines: str, now: dt.datetime, witness: NoteVerifier | None = None
+    ) -> int:
+        """Verify and keep the cosignature of our checkpoint by ``witness`` (default: the partner
+        node) found in a witness's answer (cosignature lines; lines by other keys are ignored).
+        Returns its timestamp.
 
         Raises:
-            CheckpointError: it is not a valid cosignature by the partner's witness key.
+            CheckpointError: no valid cosignature by that witness key, or a bad one.
         """
-        partner = self.node.partner
+        verifier = witness or self.node.agreement.parties[self.node.partner_party].witness_verifier
         checkpoint = verify_checkpoint(request.note, origin=self.origin, key=self.node.keys.checkpoint)
-        timestamp = verify_cosignature(checkpoint, line, witness=partner.witness_name, key=partner.checkpoint)
+        text = lines if lines.endswith("\n") else lines + "\n"
+        timestamp = verify_cosignatures(checkpoint, text, [verifier])[verifier.name]
+        line = next(
+            sig.line
+            for sig in (parse_signature_line(x) for x in text[:-1].split("\n"))
+            if sig.name == verifier.name and sig.key_id == verifier.key_id
+        )
         with self.node.db.transaction() as conn:
-            repo.record_cosignature(conn, request.size, line, iso(now))
+            if witness is None:
+                repo.record_cosignature(conn, request.size, line, iso(now))
+            else:
+                repo.record_witness_cosignature(conn, request.size, verifier.name, line, iso(now))
         return timestamp
 
     # --- the partner's checkpoints ---------------------------------------------------------------
@@ -106,37 +134,55 @@ class CheckpointService:
         return verify_checkpoint(note, origin=partner.ledger_origin, key=partner.checkpoint)
 
     def witness(self, note: str, from_size: int, proof: list[bytes], now: dt.datetime) -> str:
-        """Cosign the partner's checkpoint if it is consistent with everything witnessed before.
+        """Cosign the partner's checkpoint if it is consistent with everything witnessed before, as a
+        C2SP tlog-witness (https://c2sp.org/tlog-witness) answers ``add-checkpoint``.
 
         Raises:
-            CheckpointError: the note is malformed or not signed by the partner's pinned key.
-            CheckpointConflict: ``from_size`` is not the size last witnessed (ask again from
-                ``witnessed_size``), or the checkpoint forks, rolls back or fails its proof (an
-                incident, ledgered before raising).
+            CheckpointError: the note is malformed or not signed by the partner's pinned key, or a
+                line by that key does not verify.
+            CheckpointConflict: with ``reason`` ``size-mismatch`` (``from_size`` is not the size last
+                witnessed: ask again from ``witnessed_size``), ``bad-request`` (an old size beyond
+                the checkpoint, or a proof from size 0), or, ledgered as incidents before raising,
+                ``fork`` (another root for the witnessed size), ``rollback`` (a smaller size) and
+                ``inconsistent`` (the proof fails).
         """
         checkpoint = self._verify_partner(note)
-        incident: str | None = None
+        incident: tuple[str, str] | None = None
         with self.node.db.transaction() as conn:
-            repo.lock_ledger_head(conn)  # one witness decision at a time, across processes
+            repo.lock_ledger_head(conn)  # check and record atomically, across processes
             last = repo.latest_witnessed(conn)
             held = int(last["size"]) if last else 0
-            if last is not None and checkpoint.size == held:
-                if constant_time_equal(bytes(last["root_hash"]), checkpoint.root):
-                    return str(last["cosignature"])  # asked again: the same answer
-                incident = f"fork: a second root for size {held}"
-            elif last is not None and checkpoint.size < held:
-                incident = f"rollback: size {checkpoint.size} after size {held} was witnessed"
+            if last is not None and checkpoint.size < held:
+                incident = ("rollback", f"rollback: size {checkpoint.size} after size {held} was witnessed")
+            elif from_size > checkpoint.size:
+                raise CheckpointConflict(
+                    f"old size {from_size} is beyond the checkpoint's {checkpoint.size}",
+                    held,
+                    reason="bad-request",
+                )
             elif from_size != held:
                 raise CheckpointConflict(f"witnessed size is {held}, not {from_size}", held)
-            elif last is not None:
+            elif last is None:
+                if proof:
+                    raise CheckpointConflict("the proof must be empty from size 0", 0, reason="bad-request")
+            elif checkpoint.size == held:
+                if proof:
+                    raise CheckpointConflict(
+                        "the proof between equal sizes is empty", held, reason="bad-request"
+                    )
+                if constant_time_equal(bytes(last["root_hash"]), checkpoint.root):
+                    return str(last["cosignature"])  # asked again: the same answer
+                incident = ("fork", f"fork: a second root for size {held}")
+            else:
                 try:
                     verify_consistency(
                         held, checkpoint.size, proof, bytes(last["root_hash"]), checkpoint.root
                     )
                 except ProofError as exc:
-                    incident = f"inconsistent with the checkpoint witnessed at size {held}: {exc}"
-            elif proof:
-                raise CheckpointConflict("the first checkpoint witnessed takes no proof", 0)
+                    incident = (
+                        "inconsistent",
+                        f"inconsistent with the checkpoint witnessed at size {held}: {exc}",
+                    )
             if incident is None:
                 line = cosign(
                     checkpoint,
@@ -157,14 +203,22 @@ class CheckpointService:
                     },
                 )
                 return line
-        self._incident(checkpoint.origin, checkpoint.size, note, incident, now)
+        reason, text = incident
+        self._incident(checkpoint.origin, checkpoint.size, note, text, now)
         raise CheckpointConflict(
-            f"security incident: the partner's checkpoint is refused ({incident})", held, incident=True
+            f"security incident: the partner's checkpoint is refused ({text})",
+            held,
+            incident=True,
+            reason=reason,
         )
 
-    def refused_by_partner(self, request: WitnessRequest, now: dt.datetime) -> None:
-        """Ledger the partner's refusal of our checkpoint: an incident on this side too."""
-        self._incident(self.origin, request.size, request.note, "refused by the partner", now)
+    def refused_by_partner(
+        self, request: WitnessRequest, now: dt.datetime, witness: str | None = None
+    ) -> None:
+        """Ledger the refusal of our checkpoint by the partner (or a further ``witness``): an
+        incident on this side too."""
+        who = "the partner" if witness is None else f"witness {witness}"
+        self._incident(self.origin, request.size, request.note, f"refused by {who}", now)
 
     def _incident(self, origin: str, size: int, note: str, reason: str, now: dt.datetime) -> None:
         log.error("SECURITY INCIDENT: checkpoint %s at size %d: %s", origin, size, reason)

@@ -7,12 +7,16 @@ integrity failure), never a stack trace.
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import json
+import logging
 import os
+import re
 import sys
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import click
 import tomli_w
@@ -21,15 +25,24 @@ from joserfc.jwk import OKPKey
 from pydantic import ValidationError
 
 from exchange import crypto, envelope
-from exchange.agreement import load_agreement, parse_agreement
-from exchange.auditing import AuditService, audit_keys
-from exchange.config import NODE_FILE, load_settings, resolve_passphrase
+from exchange.agreement import Agreement, PublicJWK, jwk_raw, load_agreement, parse_agreement
+from exchange.auditing import AuditService, verifier_keys
+from exchange.config import NODE_FILE, check_passphrase, load_settings, resolve_passphrase
 from exchange.db import repo
-from exchange.db.engine import Database, upgrade
-from exchange.errors import ConfigurationError, ExchangeError, InvalidInput, LedgerIntegrityError
+from exchange.db.engine import Database, current_revision, upgrade
+from exchange.errors import (
+    ConfigurationError,
+    EnvelopeError,
+    ExchangeError,
+    InvalidInput,
+    KeyManagementError,
+    LedgerIntegrityError,
+)
+from exchange.files import private_dir, private_umask, restrict_tree, write_private
 from exchange.keys.store import create_node_keys, public_party_keys
 from exchange.ledger.bundle import verify_bundle
-from exchange.pki import AGENCIES, TLSFiles, create_dev_pki, issue_client, node_name
+from exchange.ledger.checkpoint import SIG_COSIGNATURE_V1, SIG_ED25519, NoteVerifier
+from exchange.pki import AGENCIES, TLSFiles, create_dev_pki, issue_client, node_name, sign_client_request
 from exchange.types import PARTIES
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_enable=False)
@@ -51,6 +64,53 @@ for sub, name in [
 
 DirOpt = Annotated[Path, typer.Option("--dir", help="the node directory", file_okay=False)]
 PARTY_FILE = "party.toml"
+CLIENT_PASSPHRASE_VAR = "EXCHANGE_CLIENT_KEY_PASSPHRASE"  # noqa: S105 (a variable name)
+
+#: a client id or certificate name: also a file name, so no separators, no dot first, no controls
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_HOST_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+HOSTNAME_PATTERN = re.compile(rf"(?=.{{1,253}}$){_HOST_LABEL}(?:\.{_HOST_LABEL})*\.?")
+
+
+@app.callback()
+def _every_command() -> None:
+    """Owner-only files whatever the umask; Alembic's progress lines stay out of the output."""
+    private_umask()
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def _check_name(option: str, value: str) -> str:
+    if not NAME_PATTERN.fullmatch(value):
+        raise InvalidInput(
+            f"{option} must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit,"
+            f" not {value!r}"
+        )
+    return value
+
+
+def _check_host(option: str, value: str) -> str:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        if not HOSTNAME_PATTERN.fullmatch(value):
+            raise InvalidInput(f"{option} must be an IP address or a DNS name, not {value!r}") from None
+    return value
+
+
+def _check_endpoint(value: str) -> str:
+    try:
+        url = urlsplit(value)
+        port = url.port
+    except ValueError as exc:
+        raise InvalidInput(f"--endpoint is not a URL: {exc}") from exc
+    if url.scheme != "https" or not url.hostname:
+        raise InvalidInput(f"--endpoint must be an https:// URL with a host, not {value!r}")
+    if url.username or url.password or url.query or url.fragment or url.path not in ("", "/"):
+        raise InvalidInput(f"--endpoint must be https://HOST[:PORT] only, not {value!r}")
+    _check_host("--endpoint", url.hostname)
+    if port == 0:
+        raise InvalidInput("--endpoint has port 0")
+    return value.rstrip("/")
 
 
 def _passphrase_from_env() -> str:
@@ -63,7 +123,7 @@ def _passphrase_from_env() -> str:
 def init(
     party: Annotated[str, typer.Option(help="ID (Indonesia) or MY (Malaysia)")],
     directory: DirOpt,
-    port: Annotated[int, typer.Option(help="port the node listens on")] = 8443,
+    port: Annotated[int, typer.Option(help="port the node listens on", min=1, max=65535)] = 8443,
     host: Annotated[str, typer.Option(help="address the node listens on")] = "127.0.0.1",
     endpoint: Annotated[str | None, typer.Option(help="public https URL of this node")] = None,
     hostname: Annotated[list[str] | None, typer.Option(help="DNS name for the TLS certificates")] = None,
@@ -72,10 +132,16 @@ def init(
     """Create a node directory: settings, encrypted message keys, TLS material, party fragment."""
     if party not in PARTIES:
         raise InvalidInput(f"--party must be one of {', '.join(PARTIES)}, not {party!r}")
+    _check_host("--host", host)
+    for name in hostname or []:
+        _check_host("--hostname", name)
+    public_endpoint = _check_endpoint(endpoint) if endpoint else f"https://{host}:{port}"
+    if directory.exists() and not directory.is_dir():
+        raise InvalidInput(f"--dir {directory} is a file, not a folder")
     if (directory / NODE_FILE).exists():
         raise ConfigurationError(f"{directory} is already a node directory")
     passphrase = _passphrase_from_env()
-    directory.mkdir(parents=True, exist_ok=True)
+    private_dir(directory)
     ring = create_node_keys(directory / "keys", party, passphrase)
     tls = TLSFiles(directory / "tls")
     if dev_pki:
@@ -86,19 +152,29 @@ def init(
             hostnames=("localhost", *(hostname or [])),
             ips=("127.0.0.1",),
         )
-    (directory / NODE_FILE).write_text(
-        tomli_w.dumps({"party": party, "listen_host": host, "listen_port": port})
+    write_private(
+        directory / NODE_FILE, tomli_w.dumps({"party": party, "listen_host": host, "listen_port": port})
     )
     fragment = {
         "id": party,
         "name": AGENCIES[party],
-        "endpoint": endpoint or f"https://{host}:{port}",
+        "endpoint": public_endpoint,
         "node_name": node_name(party),
-        "scheme": "POLRI" if party == "ID" else "ARAHAN",
+        "node_key_sha256": crypto.public_key_sha256(tls.node_cert.read_bytes())
+        if tls.node_cert.exists()
+        else "",
         "ca_certificate": tls.ca_cert.read_text() if tls.ca_cert.exists() else "",
         **public_party_keys(ring),
     }
-    (directory / PARTY_FILE).write_text(tomli_w.dumps(fragment))
+    checkpoint_key = PublicJWK.model_validate(fragment["checkpoint_key"])
+    fragment["ledger_key"] = NoteVerifier(
+        f"{node_name(party)}/ledger", SIG_ED25519, jwk_raw(checkpoint_key)
+    ).vkey
+    fragment["witness_key"] = NoteVerifier(
+        f"{node_name(party)}/witness", SIG_COSIGNATURE_V1, jwk_raw(checkpoint_key)
+    ).vkey
+    write_private(directory / PARTY_FILE, tomli_w.dumps(fragment))
+    restrict_tree(directory)
     typer.echo(f"initialised node {party} in {directory}; share {directory / PARTY_FILE} with the partner")
 
 
@@ -116,13 +192,22 @@ def agreement_compose(
     data: dict[str, Any] = tomllib.loads(files("exchange").joinpath("agreement_defaults.toml").read_text())
     parties: dict[str, Any] = {}
     for path in party_file:
-        fragment = tomllib.loads(path.read_text())
+        try:
+            fragment = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise InvalidInput(f"--party {path} is not a TOML party file: {exc}") from exc
+        if not isinstance(fragment.get("id"), str):
+            raise InvalidInput(f"--party {path} has no party id: use a party.toml from `exchange init`")
         parties[str(fragment.pop("id"))] = fragment
+    for pid, fragment in parties.items():  # each party classifies in the scheme the terms give it
+        scheme = data.get("party_schemes", {}).get(pid)
+        if scheme is not None:
+            fragment["scheme"] = scheme
     data["parties"] = parties
     if version:
         data["version"] = version
     agreement = parse_agreement(data, source="composed agreement")
-    out.write_text(tomli_w.dumps(data, multiline_strings=True))
+    write_private(out, tomli_w.dumps(data, multiline_strings=True))
     typer.echo(f"agreement {agreement.version} written to {out} (sha256 {agreement.digest})")
 
 
@@ -137,8 +222,12 @@ def agreement_check(path: Annotated[Path, typer.Argument(help="agreement TOML fi
 def db_upgrade(directory: DirOpt) -> None:
     """Apply the database migrations."""
     settings = load_settings(directory)
-    upgrade(settings.database_url)
-    typer.echo("database is at the latest revision")
+    before = current_revision(settings.database_url)
+    after = upgrade(settings.database_url)
+    if before == after:
+        typer.echo(f"database already at the latest revision ({after})")
+    else:
+        typer.echo(f"database upgraded from {before or '(empty)'} to {after}")
 
 
 def _node_database(directory: Path) -> Database:
@@ -152,31 +241,103 @@ def _node_database(directory: Path) -> Database:
     return db
 
 
+def _check_text(option: str, value: str) -> str:
+    if not value.strip() or not value.isprintable() or len(value) > 128:
+        raise InvalidInput(f"{option} must be 1-128 printable characters, not {value!r}")
+    return value
+
+
+def _check_client_certificate(path: Path, pem: bytes, tls: TLSFiles, own_ca: bytes) -> crypto.CertificateInfo:
+    """The certificate's details if it may identify a local system: issued by this node's CA, for
+    client authentication only, and none of the node's own certificates."""
+    try:
+        info = crypto.certificate_info(pem)
+    except KeyManagementError as exc:
+        raise InvalidInput(f"--cert {path} is not a certificate: {exc}") from exc
+    if not crypto.is_issued_by(pem, own_ca):
+        raise InvalidInput(f"--cert {path} is not issued by this node's certificate authority")
+    own = {
+        crypto.certificate_info(p.read_bytes()).fingerprint
+        for p in (tls.ca_cert, tls.server_cert, tls.node_cert)
+        if p.is_file()
+    }
+    if info.fingerprint in own:
+        raise InvalidInput(f"--cert {path} is one of this node's own certificates, not a local system's")
+    if info.is_ca or crypto.NODE_PURPOSE_OID in info.purposes or crypto.SERVER_AUTH_OID in info.purposes:
+        raise InvalidInput(f"--cert {path} is a CA, node or server certificate, not a local system's")
+    if crypto.CLIENT_AUTH_OID not in info.purposes:
+        raise InvalidInput(f"--cert {path} is not for client authentication (extended key usage)")
+    return info
+
+
 @clients_app.command("add")
 def clients_add(
     directory: DirOpt,
     client_id: Annotated[str, typer.Option("--id", help="a short stable name")],
-    cert: Annotated[Path, typer.Option(help="the client's certificate (PEM)", exists=True, dir_okay=False)],
     agency: Annotated[str, typer.Option()],
     unit: Annotated[str, typer.Option()],
     clearance: Annotated[str, typer.Option(help="a level of this node's national scheme")],
-    role: Annotated[list[str] | None, typer.Option(help="a role (repeatable)")] = None,
     message_type: Annotated[
-        list[str] | None, typer.Option("--type", help="allowed type (repeatable; none: all)")
+        list[str], typer.Option("--type", help="an entitled message type (repeatable), or ALL")
+    ],
+    purpose: Annotated[list[str], typer.Option(help="an entitled purpose (repeatable), or ALL")],
+    cert: Annotated[
+        Path | None, typer.Option(help="the client's certificate (PEM)", exists=True, dir_okay=False)
     ] = None,
-    purpose: Annotated[list[str] | None, typer.Option(help="allowed purpose (repeatable; none: all)")] = None,
+    csr: Annotated[
+        Path | None,
+        typer.Option(help="the client's certificate signing request: the node's CA signs it", dir_okay=False),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="with --csr: where to write the client's certificate", dir_okay=False)
+    ] = None,
+    role: Annotated[list[str] | None, typer.Option(help="a role of the agreement (repeatable)")] = None,
+    case: Annotated[
+        list[str] | None, typer.Option("--case", help="restrict to this case reference (repeatable)")
+    ] = None,
 ) -> None:
-    """Register a local system by its certificate (issued by this node's CA)."""
+    """Register a local system by its certificate (issued by this node's CA), or sign its CSR with
+    the node's CA and register the certificate (the client's private key never leaves it). It may do
+    only what it is registered for: its message types and purposes (``ALL`` must be said), its cases
+    (every case unless restricted) and its unit's addressed messages."""
+    _check_name("--id", client_id)
+    _check_text("--agency", agency)
+    if (cert is None) == (csr is None):
+        raise InvalidInput("give exactly one of --cert FILE or --csr FILE")
+    if csr is not None and out is None:
+        raise InvalidInput("--csr needs --out: where to write the client's certificate")
     settings = load_settings(directory)
     agreement = load_agreement(settings.agreement_file)
     levels = list(agreement.schemes[agreement.parties[settings.party].scheme].levels)
     if clearance not in levels:
         raise InvalidInput(f"--clearance must be one of {levels}, not {clearance!r}")
-    pem = cert.read_bytes()
+    units = agreement.organisations[settings.party].units
+    if unit not in units:
+        raise InvalidInput(f"--unit must be one of {sorted(units)}, not {unit!r}")
+    for option, given, known in (
+        ("--type", message_type, agreement.message_types),
+        ("--purpose", purpose, agreement.purposes),
+        ("--role", role or [], agreement.roles),
+    ):
+        unknown = [v for v in given if v not in known and not (v == "ALL" and option != "--role")]
+        if unknown:
+            raise InvalidInput(
+                f"{option}: {unknown} not among {sorted(known)}" + (" or ALL" if option != "--role" else "")
+            )
+    tls = TLSFiles(settings.tls_dir)
+    if csr is not None and out is not None:
+        try:
+            request = csr.read_bytes()
+        except OSError as exc:
+            raise InvalidInput(f"--csr {csr}: {exc.strerror}") from exc
+        pem = sign_client_request(tls, _passphrase_from_env(), request, settings.party, client_id)
+        write_private(out, pem)
+        cert = out
+    else:
+        assert cert is not None
+        pem = cert.read_bytes()
     own_ca = agreement.parties[settings.party].ca_certificate.encode()
-    if not crypto.is_issued_by(pem, own_ca):
-        raise InvalidInput(f"{cert} is not issued by this node's certificate authority")
-    info = crypto.certificate_info(pem)
+    info = _check_client_certificate(cert, pem, tls, own_ca)
     with _node_database(directory) as db, db.transaction() as conn:
         repo.insert_client(
             conn,
@@ -187,8 +348,9 @@ def clients_add(
                 "unit": unit,
                 "roles": role or [],
                 "clearance": clearance,
-                "message_types": message_type or [],
-                "purposes": purpose or [],
+                "message_types": message_type,
+                "purposes": purpose,
+                "cases": case or ["ALL"],
                 "created_at": dt.datetime.now(dt.UTC).isoformat(),
             },
         )
@@ -212,6 +374,7 @@ def clients_list(directory: DirOpt) -> None:
 @clients_app.command("remove")
 def clients_remove(directory: DirOpt, client_id: Annotated[str, typer.Option("--id")]) -> None:
     """Remove a local system; its certificate is refused from then on."""
+    _check_name("--id", client_id)
     with _node_database(directory) as db, db.transaction() as conn:
         repo.delete_client(conn, client_id)
     typer.echo(f"removed {client_id}")
@@ -223,10 +386,38 @@ def pki_issue_client(
     name: Annotated[str, typer.Option(help="the client's common name")],
     out: Annotated[Path, typer.Option(help="folder for the certificate and key", file_okay=False)],
 ) -> None:
-    """Issue a local-system certificate from the node's development CA."""
+    """Issue a local-system certificate and key from the node's development CA. The key is encrypted
+    with the client's own passphrase (EXCHANGE_CLIENT_KEY_PASSPHRASE), never the node's; a real
+    national system makes its own key and sends a CSR (`exchange clients add --csr`)."""
+    _check_name("--name", name)
+    if out.exists() and not out.is_dir():
+        raise InvalidInput(f"--out {out} is a file, not a folder")
     settings = load_settings(directory)
-    cert, key = issue_client(TLSFiles(settings.tls_dir), _passphrase_from_env(), name, out, settings.party)
+    node_passphrase = _passphrase_from_env()
+    client_passphrase = os.environ.get(CLIENT_PASSPHRASE_VAR)
+    if client_passphrase is None:
+        raise ConfigurationError(
+            f"set {CLIENT_PASSPHRASE_VAR}: the client's key gets a passphrase of its own"
+        )
+    check_passphrase(client_passphrase, f"the client key passphrase ({CLIENT_PASSPHRASE_VAR})")
+    if client_passphrase == node_passphrase:
+        raise ConfigurationError(f"{CLIENT_PASSPHRASE_VAR} must differ from the node's key passphrase")
+    cert, key = issue_client(
+        TLSFiles(settings.tls_dir), node_passphrase, client_passphrase, name, out, settings.party
+    )
     typer.echo(f"issued {cert} and {key}")
+
+
+@pki_app.command("pin")
+def pki_pin(
+    cert: Annotated[Path, typer.Option(help="a certificate (PEM), e.g. tls/node.pem", dir_okay=False)],
+) -> None:
+    """Print the pin of a certificate (hex SHA-256 of its public key), as the agreement's
+    ``node_key_sha256`` names a node-to-node certificate."""
+    try:
+        typer.echo(crypto.public_key_sha256(cert.read_bytes()))
+    except KeyManagementError as exc:
+        raise InvalidInput(f"--cert {cert} is not a certificate: {exc}") from exc
 
 
 @app.command()
@@ -241,11 +432,20 @@ def serve(directory: DirOpt) -> None:
     run(Node(load_settings(directory)))
 
 
-def _read_jwk(path: Path) -> Any:
+def _read_jwk(path: Path, option: str) -> Any:
     try:
-        return OKPKey.import_key(json.loads(path.read_text()))
-    except (OSError, ValueError) as exc:
-        raise InvalidInput(f"{path} is not an OKP JWK: {exc}") from exc
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise InvalidInput(f"{option} {path}: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise InvalidInput(f"{option} {path} is not JSON: {exc}") from exc
+    try:
+        key = OKPKey.import_key(data)
+    except Exception as exc:  # joserfc raises several unrelated types for a malformed key
+        raise InvalidInput(f"{option} {path} is not an OKP JWK: {type(exc).__name__}: {exc}") from exc
+    if not key.kid:
+        raise InvalidInput(f"{option} {path} has no kid")
+    return key
 
 
 @envelope_app.command("seal")
@@ -261,7 +461,11 @@ def envelope_seal(
         raise InvalidInput(f"{message} is not a JSON file: {exc}") from exc
     try:
         typer.echo(
-            envelope.seal(body, signing_key=_read_jwk(signing_key), recipient_key=_read_jwk(recipient_key))
+            envelope.seal(
+                body,
+                signing_key=_read_jwk(signing_key, "--signing-key"),
+                recipient_key=_read_jwk(recipient_key, "--recipient-key"),
+            )
         )
     except ValueError as exc:
         raise InvalidInput(str(exc)) from exc
@@ -274,10 +478,15 @@ def envelope_open(
     verification_key: Annotated[Path, typer.Option(help="sender's public Ed25519 JWK")],
 ) -> None:
     """Decrypt and verify an envelope; prints the verified header and message as JSON."""
-    dk, vk = _read_jwk(decryption_key), _read_jwk(verification_key)
-    opened = envelope.open_stored(
-        envelope_file.read_text().strip(), decryption_keys={dk.kid: dk}, verification_keys={vk.kid: vk}
-    )
+    dk, vk = _read_jwk(decryption_key, "--decryption-key"), _read_jwk(verification_key, "--verification-key")
+    try:
+        opened = envelope.open_stored(
+            envelope_file.read_text().strip(), decryption_keys={dk.kid: dk}, verification_keys={vk.kid: vk}
+        )
+    except EnvelopeError:
+        raise
+    except (ValueError, TypeError, KeyError) as exc:
+        raise InvalidInput(f"--envelope {envelope_file} cannot be opened: {type(exc).__name__}") from exc
     typer.echo(
         json.dumps(
             {"header": opened.header, "message": opened.message, "signer_kid": opened.signer_kid},
@@ -301,10 +510,23 @@ def audit_verify(
     agreement_file: Annotated[
         Path | None, typer.Option("--agreement", help="the agreement (with --bundle)")
     ] = None,
+    allow_uncosigned: Annotated[
+        bool,
+        typer.Option(
+            "--allow-uncosigned", help="accept a bundle the partner node did not cosign (weaker: says so)"
+        ),
+    ] = False,
+    require_witness: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--require-witness", help="a further witness whose cosignature must be there (repeatable)"
+        ),
+    ] = None,
 ) -> None:
     """Verify a node's whole ledger (the Merkle tree from every stored leaf, every checkpoint,
-    cosignature and witnessed checkpoint), or an export bundle offline against the agreement's keys.
-    Exits 1 naming the first bad entry or checkpoint."""
+    cosignature, further witness cosignature and witnessed checkpoint), or an export bundle offline
+    against the agreement's keys (a bundle the partner did not cosign fails unless
+    --allow-uncosigned). Exits 1 naming the first bad entry or checkpoint."""
     if bundle is not None:
         if agreement_file is None:
             raise InvalidInput(
@@ -313,18 +535,20 @@ def audit_verify(
         agreement = load_agreement(agreement_file)
         try:
             data = json.loads(bundle.read_text())
-            party = data["party"]
-            keys = audit_keys(agreement, party)
+            own = agreement.parties[data["party"]]
+            partner = agreement.parties[agreement.partner_of(data["party"])]
         except (ValueError, KeyError, TypeError) as exc:
             raise InvalidInput(f"{bundle} is not an audit bundle: {exc}") from exc
-        if data.get("agreement", {}).get("digest") != agreement.digest:
+        named = data.get("agreement")
+        if not isinstance(named, dict) or named.get("digest") != agreement.digest:
             raise InvalidInput(f"{bundle} was exported under another agreement than {agreement_file}")
         checked = verify_bundle(
             data,
-            origin=keys.origin,
-            checkpoint_key=keys.checkpoint_key,
-            partner_witness=keys.partner_witness_name,
-            partner_key=keys.partner_key,
+            log=own.ledger_verifier,
+            partner_witness=partner.witness_verifier,
+            witnesses=[w.verifier for w in agreement.witnesses],
+            allow_uncosigned=allow_uncosigned,
+            require=_known_witnesses(agreement, require_witness or []),
         )
         typer.echo(checked.summary())
         return
@@ -334,6 +558,31 @@ def audit_verify(
     with service.db:
         report = service.verify()
     typer.echo(f"ledger verified: {report.summary()}")
+
+
+def _known_witnesses(agreement: Agreement, names: list[str]) -> list[str]:
+    known = {w.name for w in agreement.witnesses}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise InvalidInput(f"--require-witness: {', '.join(unknown)} is not a witness the agreement names")
+    return names
+
+
+@audit_app.command("keys")
+def audit_keys_command(
+    directory: Annotated[
+        Path | None, typer.Option("--dir", help="the node directory", file_okay=False)
+    ] = None,
+    agreement_file: Annotated[Path | None, typer.Option("--agreement", help="the agreement file")] = None,
+) -> None:
+    """Print the note verifier keys (name+keyid+base64) the agreement pins: who signs which
+    checkpoints and cosignatures. One key per line, tab-separated: holder, what it signs, key."""
+    if (directory is None) == (agreement_file is None):
+        raise InvalidInput("give exactly one of --dir (a node) or --agreement FILE")
+    path = agreement_file if agreement_file is not None else load_settings(directory or Path()).agreement_file
+    agreement = load_agreement(path)
+    for row in verifier_keys(agreement):
+        typer.echo(f"{row['holder']}\t{row['signs']}\t{row['key']}")
 
 
 @audit_app.command("prove")
@@ -364,18 +613,21 @@ def audit_export(
     out: Annotated[Path, typer.Option(help="where to write the bundle (JSON)")],
     start: Annotated[int, typer.Option("--from", help="first entry")] = 0,
     end: Annotated[
-        int | None, typer.Option("--to", help="one past the last entry (default: the checkpoint's size)")
+        int | None,
+        typer.Option(
+            "--to", help="one past the last entry (default: the checkpoint's size, at most 10,000 entries)"
+        ),
     ] = None,
 ) -> None:
-    """Write an audit bundle: entries, the signed and cosigned checkpoint, and the range proof."""
+    """Write an audit bundle: entries with RFC 9162 inclusion proofs, the cosigned checkpoint, and a
+    consistency proof from the first checkpoint that covered them."""
     service = _audit_service(directory)
     with service.db:
         data = service.export(start, end)
-    out.write_text(json.dumps(data, indent=1))
-    typer.echo(
-        f"wrote entries {data['range']['start']}..{data['range']['end'] - 1} proven against the checkpoint"
-        f" of size {data['checkpoint']['size']} to {out}"
-    )
+    write_private(out, json.dumps(data, indent=1))
+    first, last = data["entries"][0]["index"], data["entries"][-1]["index"]
+    size = data["checkpoint"].split("\n")[1]
+    typer.echo(f"wrote entries {first}..{last} proven against the checkpoint of size {size} to {out}")
 
 
 @app.command()
@@ -390,15 +642,30 @@ def demo(
     run_demo(workdir)
 
 
+def _usage_error(exc: Exception) -> str:
+    """One line for a command-line usage error (unknown command, missing or bad option)."""
+    format_message = getattr(exc, "format_message", None)
+    message = format_message() if callable(format_message) else str(exc)
+    ctx = getattr(exc, "ctx", None)
+    command = getattr(ctx, "command_path", "") if ctx is not None else ""
+    line = " ".join(str(message).split())
+    return f"error: {command + ': ' if command else ''}{line} (see --help)"
+
+
 def main() -> None:
     """Entry point: one-line errors, non-zero exits."""
     try:
-        app(standalone_mode=False)
-    except click.exceptions.Abort:
+        result = app(standalone_mode=False)
+        if isinstance(result, int) and result != 0:
+            sys.exit(result)
+    except (click.exceptions.Abort, typer.Abort):
         sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
+    except (click.ClickException, typer.TyperException) as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            exc.show()  # type: ignore[union-attr]
+            sys.exit(2)
+        typer.echo(_usage_error(exc), err=True)
+        sys.exit(getattr(exc, "exit_code", 2))
     except LedgerIntegrityError as exc:
         typer.echo(f"error: ledger verification FAILED: {exc}", err=True)
         sys.exit(1)

@@ -6,9 +6,10 @@ import time. Defensive limits (body size, clock skew, replay window) are named s
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
@@ -23,7 +24,21 @@ from exchange.types import PartyId
 
 NODE_FILE = "node.toml"
 MIN_PASSPHRASE_LENGTH = 12
-_PLACEHOLDERS = {"changeme", "changethis", "password", "passphrase", "secret"}
+MIN_PASSPHRASE_DISTINCT = 8
+#: words that make a passphrase guessable whatever digits or punctuation surround them
+_PLACEHOLDERS = {
+    "changeme",
+    "changethis",
+    "password",
+    "passphrase",
+    "secret",
+    "qwerty",
+    "letmein",
+    "admin",
+    "welcome",
+    "exchange",
+}
+LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
 
 
 class NodeSettings(BaseSettings):
@@ -60,7 +75,7 @@ class NodeSettings(BaseSettings):
     peer_timeout_seconds: float = Field(default=10.0, gt=0)
     checkpoint_interval_seconds: float = Field(default=5.0, gt=0)
     inbox_page_max: int = Field(default=100, ge=1, le=1000)
-    log_level: str = "info"
+    log_level: LogLevel = "info"
     delivery_max_wait_seconds: float = Field(
         default=7 * 86400,
         gt=0,
@@ -136,12 +151,21 @@ def resolve_passphrase(value: str | None, file: Path | None) -> str:
     return check_passphrase(value)
 
 
-def check_passphrase(value: str) -> str:
-    """Return ``value`` if it is usable as a key passphrase, else raise ConfigurationError."""
-    if value.lower() in _PLACEHOLDERS:
-        raise ConfigurationError("the key passphrase is a placeholder; choose a real one")
+def check_passphrase(value: str, what: str = "the key passphrase") -> str:
+    """Return ``value`` if it is usable as a key passphrase, else raise ConfigurationError.
+
+    Refused: a placeholder word, even with digits or punctuation around it (``password1234``);
+    fewer than 12 characters; blank or padded with spaces; fewer than 8 distinct characters.
+    """
+    letters = re.sub(r"[^a-z]", "", value.lower())
+    if letters in _PLACEHOLDERS:
+        raise ConfigurationError(f"{what} is a placeholder; choose a real one")
     if len(value) < MIN_PASSPHRASE_LENGTH:
-        raise ConfigurationError(f"the key passphrase must have at least {MIN_PASSPHRASE_LENGTH} characters")
+        raise ConfigurationError(f"{what} must have at least {MIN_PASSPHRASE_LENGTH} characters")
+    if not value.strip() or value != value.strip():
+        raise ConfigurationError(f"{what} must not be blank or begin or end with spaces")
+    if len(set(value)) < MIN_PASSPHRASE_DISTINCT:
+        raise ConfigurationError(f"{what} must have at least {MIN_PASSPHRASE_DISTINCT} distinct characters")
     return value
 
 

@@ -11,6 +11,7 @@ message keys are Ed25519 (signing) and X25519 (key agreement).
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import functools
 import hmac
@@ -21,14 +22,25 @@ from typing import Literal
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, x25519
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, x25519
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 from joserfc.jwk import OKPKey
 
 from exchange.errors import KeyManagementError
 
+CertificatePublicKey = CertificatePublicKeyTypes
 MessageKeyUse = Literal["sig", "enc", "ckpt"]  # ckpt: the ledger checkpoint key (Ed25519)
 CertificateKind = Literal["ca", "server", "node", "client"]
+
+#: Extended key usage of a node-to-node certificate (a UUID OID, ITU-T X.667). Only a certificate
+#: carrying it, from the partner's CA, with the pinned public key, may call the peer endpoints; a
+#: certificate carrying it is never accepted as a local system.
+NODE_PURPOSE_OID = "2.25.92780284677140434684010823525272571159"
+#: Extended key usage of a local-system certificate issued by a node's CA.
+CLIENT_PURPOSE_OID = "2.25.92780284677140434684010823525272571160"
+SERVER_AUTH_OID = ExtendedKeyUsageOID.SERVER_AUTH.dotted_string
+CLIENT_AUTH_OID = ExtendedKeyUsageOID.CLIENT_AUTH.dotted_string
 
 
 def new_message_key(use: MessageKeyUse) -> bytes:
@@ -93,6 +105,14 @@ def ed25519_raw_public(key: OKPKey) -> bytes:
     if not isinstance(public, ed25519.Ed25519PublicKey):
         raise KeyManagementError("not an Ed25519 key")
     return public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def ed25519_public_key(raw: bytes) -> OKPKey:
+    """An Ed25519 OKP public key from its 32 raw bytes. Raises KeyManagementError otherwise."""
+    if len(raw) != 32:
+        raise KeyManagementError("an Ed25519 public key is 32 bytes")
+    x = base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+    return OKPKey.import_key({"kty": "OKP", "crv": "Ed25519", "x": x})
 
 
 def ed25519_sign(key: OKPKey, message: bytes) -> bytes:
@@ -204,6 +224,25 @@ def issue_certificate(
     Raises:
         KeyManagementError: the CA key cannot be decrypted.
     """
+    ca_cert, ca_key = _load_ca(ca, ca_passphrase)
+    key = ec.generate_private_key(ec.SECP256R1())
+    issued = _sign_leaf(
+        ca_cert,
+        ca_key,
+        key.public_key(),
+        kind=kind,
+        common_name=common_name,
+        organisation=organisation,
+        dns_names=dns_names,
+        ip_addresses=ip_addresses,
+        days=days,
+    )
+    return IssuedCertificate(issued, _encrypted(key, passphrase))
+
+
+def _load_ca(
+    ca: IssuedCertificate, ca_passphrase: str
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     ca_cert = x509.load_pem_x509_certificate(ca.cert_pem)
     try:
         ca_key = serialization.load_pem_private_key(ca.key_pem, password=ca_passphrase.encode())
@@ -211,18 +250,36 @@ def issue_certificate(
         raise KeyManagementError("cannot decrypt the CA key: wrong passphrase") from exc
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
         raise KeyManagementError("the CA key is not an ECDSA key")
-    key = ec.generate_private_key(ec.SECP256R1())
+    return ca_cert, ca_key
+
+
+def _sign_leaf(
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    public_key: CertificatePublicKey,
+    *,
+    kind: Literal["server", "node", "client"],
+    common_name: str,
+    organisation: str,
+    dns_names: tuple[str, ...] = (),
+    ip_addresses: tuple[str, ...] = (),
+    days: int = 825,
+) -> bytes:
     now = dt.datetime.now(dt.UTC)
     usages = {
         "server": [ExtendedKeyUsageOID.SERVER_AUTH],
-        "node": [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
-        "client": [ExtendedKeyUsageOID.CLIENT_AUTH],
+        "node": [
+            ExtendedKeyUsageOID.SERVER_AUTH,
+            ExtendedKeyUsageOID.CLIENT_AUTH,
+            ObjectIdentifier(NODE_PURPOSE_OID),
+        ],
+        "client": [ExtendedKeyUsageOID.CLIENT_AUTH, ObjectIdentifier(CLIENT_PURPOSE_OID)],
     }[kind]
     builder = (
         x509.CertificateBuilder()
         .subject_name(_name(common_name, organisation))
         .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=days))
@@ -236,8 +293,57 @@ def issue_certificate(
     sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in ip_addresses]
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    cert = builder.sign(ca_key, hashes.SHA256())
-    return IssuedCertificate(cert.public_bytes(serialization.Encoding.PEM), _encrypted(key, passphrase))
+    return builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+def sign_client_csr(
+    ca: IssuedCertificate, ca_passphrase: str, csr_pem: bytes, *, organisation: str, days: int = 825
+) -> tuple[str, bytes]:
+    """Issue a local-system certificate for the key in a certificate signing request.
+
+    The client keeps its private key; only the CSR's public key and common name are used (every
+    other requested attribute or extension is ignored). Returns (common name, certificate PEM).
+
+    Raises:
+        KeyManagementError: the CSR is unparsable, not self-signed by its key, has no common name,
+            or holds a key that is not ECDSA P-256/P-384, Ed25519 or RSA of at least 2048 bits.
+    """
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError as exc:
+        raise KeyManagementError(f"not a PEM certificate signing request: {exc}") from exc
+    if not csr.is_signature_valid:
+        raise KeyManagementError("the certificate signing request is not signed by its own key")
+    public = csr.public_key()
+    if isinstance(public, rsa.RSAPublicKey):
+        if public.key_size < 2048:
+            raise KeyManagementError("the CSR's RSA key is shorter than 2048 bits")
+    elif isinstance(public, ec.EllipticCurvePublicKey):
+        if public.curve.name not in ("secp256r1", "secp384r1"):
+            raise KeyManagementError(f"the CSR's curve {public.curve.name} is not P-256 or P-384")
+    elif not isinstance(public, ed25519.Ed25519PublicKey):
+        raise KeyManagementError("the CSR's key must be ECDSA P-256/P-384, Ed25519 or RSA")
+    cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if not cns:
+        raise KeyManagementError("the certificate signing request has no common name")
+    common_name = str(cns[0].value)
+    ca_cert, ca_key = _load_ca(ca, ca_passphrase)
+    cert = _sign_leaf(
+        ca_cert, ca_key, public, kind="client", common_name=common_name, organisation=organisation, days=days
+    )
+    return common_name, cert
+
+
+def make_csr(common_name: str, passphrase: str) -> tuple[bytes, bytes]:
+    """A new ECDSA P-256 key (encrypted PEM under ``passphrase``) and a CSR for it, as a national
+    system would make them with its own tools. Returns (key PEM, CSR PEM)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .sign(key, hashes.SHA256())
+    )
+    return _encrypted(key, passphrase), csr.public_bytes(serialization.Encoding.PEM)
 
 
 @dataclass(frozen=True)
@@ -248,6 +354,9 @@ class CertificateInfo:
     common_name: str
     issuer_common_name: str
     not_after: dt.datetime
+    public_key_sha256: str  # hex SHA-256 of the DER SubjectPublicKeyInfo: the pin of a node
+    purposes: frozenset[str]  # extended key usages, dotted OIDs (empty: no EKU extension)
+    is_ca: bool
 
 
 def _load_cert(data: bytes) -> x509.Certificate:
@@ -265,12 +374,39 @@ def certificate_info(data: bytes) -> CertificateInfo:
     cert = _load_cert(data)
     cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     issuer_cns = cert.issuer.get_attributes_for_oid(NameOID.COMMON_NAME)
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        purposes = frozenset(oid.dotted_string for oid in eku)
+    except x509.ExtensionNotFound:
+        purposes = frozenset()
+    try:
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
     return CertificateInfo(
         fingerprint=cert.fingerprint(hashes.SHA256()).hex(),
         common_name=str(cns[0].value) if cns else "",
         issuer_common_name=str(issuer_cns[0].value) if issuer_cns else "",
         not_after=cert.not_valid_after_utc,
+        public_key_sha256=public_key_sha256(cert),
+        purposes=purposes,
+        is_ca=is_ca,
     )
+
+
+def public_key_sha256(cert: x509.Certificate | bytes) -> str:
+    """Hex SHA-256 of a certificate's DER SubjectPublicKeyInfo (RFC 7469's pin, in hex).
+
+    Raises:
+        KeyManagementError: ``cert`` is bytes that are not a certificate.
+    """
+    loaded = _load_cert(cert) if isinstance(cert, bytes) else cert
+    spki = loaded.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(spki)
+    return digest.finalize().hex()
 
 
 @functools.lru_cache(maxsize=1024)

@@ -22,8 +22,13 @@ from exchange.client import ExchangeClient
 from exchange.errors import ExchangeError
 
 PARTIES = (
-    ("ID", "Polri (Indonesia)", "polri-cms", "RAHASIA"),
-    ("MY", "PDRM (Malaysia)", "pdrm-d7", "RAHSIA"),
+    ("ID", "Polri (Indonesia)", "polri-cms", "RAHASIA", "TPPO"),
+    ("MY", "PDRM (Malaysia)", "pdrm-d7", "RAHSIA", "ATIPSOM"),
+)
+#: further PDRM systems of the demo: (name, clearance, unit, role)
+PDRM_EXTRA = (
+    ("pdrm-analyst", "RAHSIA", "ANALYSIS", "ANALYST"),
+    ("pdrm-d11", "RAHSIA", "D11", "CHILD_PROTECTION"),
 )
 
 
@@ -102,10 +107,11 @@ class DemoNode:
     """A demo node directory, its local system's certificate, and its server process."""
 
     def __init__(
-        self, root: Path, party: str, label: str, client: str, clearance: str, env: dict[str, str]
+        self, root: Path, party: str, label: str, client: str, clearance: str, unit: str, env: dict[str, str]
     ) -> None:
         self.dir = root / party.lower()
         self.party, self.label, self.client_name, self.clearance = party, label, client, clearance
+        self.unit = unit
         self.port = free_port()
         self.env = env
         self.server = NodeProcess(self.dir, env, self.client)
@@ -124,13 +130,17 @@ class DemoNode:
         with (self.dir / "node.toml").open("a") as settings:
             settings.write("checkpoint_interval_seconds = 1.0\n")
         exchange_cli("db", "upgrade", "--dir", str(self.dir), env=self.env)
+        self.add_client(self.client_name, self.clearance, self.unit, "INVESTIGATOR")
+
+    def add_client(self, name: str, clearance: str, unit: str, role: str) -> None:
+        """Issue a certificate for a local system and register it (every type and purpose)."""
         exchange_cli(
             "pki",
             "issue-client",
             "--dir",
             str(self.dir),
             "--name",
-            self.client_name,
+            name,
             "--out",
             str(self.dir / "clients"),
             env=self.env,
@@ -141,27 +151,33 @@ class DemoNode:
             "--dir",
             str(self.dir),
             "--id",
-            self.client_name,
+            name,
             "--cert",
-            str(self.dir / "clients" / f"{self.client_name}.pem"),
+            str(self.dir / "clients" / f"{name}.pem"),
             "--agency",
             self.label.split()[0],
             "--unit",
-            "Trafficking desk",
+            unit,
             "--clearance",
-            self.clearance,
+            clearance,
             "--role",
-            "INVESTIGATOR",
+            role,
+            "--type",
+            "ALL",
+            "--purpose",
+            "ALL",
             env=self.env,
         )
 
-    def client(self) -> ExchangeClient:
+    def client(self, name: str | None = None) -> ExchangeClient:
+        """A client of the node's API with the certificate of ``name`` (default: its first system)."""
+        name = name or self.client_name
         return ExchangeClient(
             self.url,
             ca_file=self.dir / "tls" / "ca.pem",
-            cert_file=self.dir / "clients" / f"{self.client_name}.pem",
-            key_file=self.dir / "clients" / f"{self.client_name}-key.pem",
-            key_password=self.env["EXCHANGE_KEY_PASSPHRASE"],
+            cert_file=self.dir / "clients" / f"{name}.pem",
+            key_file=self.dir / "clients" / f"{name}-key.pem",
+            key_password=self.env["EXCHANGE_CLIENT_KEY_PASSPHRASE"],
         )
 
 
@@ -174,6 +190,7 @@ def set_up_pair(root: Path, *extra_settings: str) -> tuple[DemoNode, DemoNode]:
     local system; a fresh passphrase for this run only. ``extra_settings`` are node.toml lines."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("EXCHANGE_")}
     env["EXCHANGE_KEY_PASSPHRASE"] = secrets.token_urlsafe(24)  # generated per run, never stored
+    env["EXCHANGE_CLIENT_KEY_PASSPHRASE"] = secrets.token_urlsafe(24)  # the local systems' own
     polri, pdrm = (DemoNode(root, *spec, env=env) for spec in PARTIES)
     for node in (polri, pdrm):
         node.init()
@@ -191,6 +208,9 @@ def set_up_pair(root: Path, *extra_settings: str) -> tuple[DemoNode, DemoNode]:
     )
     for node in (polri, pdrm):
         node.setup(agreement)
+    for extra in PDRM_EXTRA:
+        pdrm.add_client(*extra)
+    for node in (polri, pdrm):
         with (node.dir / "node.toml").open("a") as settings:
             settings.writelines(line + "\n" for line in extra_settings)
     return polri, pdrm
@@ -210,6 +230,9 @@ def run_demo(workdir: Path) -> None:
             node.server.wait_ready()
         print(f"== Nodes up: ID at {polri.url}, MY at {pdrm.url} (mutual TLS)")
         _conversation(polri, pdrm)
+        _child_victim(polri, pdrm)
+        _tlp_red(polri, pdrm)
+        _checkpoints(polri, pdrm)
     finally:
         clean = [node.server.stop() for node in nodes]
     if not all(clean):
@@ -243,10 +266,12 @@ def _conversation(polri: DemoNode, pdrm: DemoNode) -> None:
         "handling_codes": ["H0", "H2"],
         "legal_basis": ["Polri-PDRM police cooperation agreement", "Palermo Protocol art. 10"],
         "priority": "URGENT",
+        "addressed_to": ["ATIPSOM"],
+        "data_subjects": [{"pseudonym": "RCR-0193", "role": "SUSPECT"}],
         "payload": {
             "summary": "Recruitment network moving workers from NTT via Batam to Johor",
             "questions": ["Is recruiter pseudonym RCR-0193 known to PDRM?", "Any entries at Johor Bahru?"],
-            "subjects": [{"pseudonym": "RCR-0193", "role": "SUSPECT"}],
+            "persons": [{"subject": "RCR-0193", "aliases": ["Pak Haji"]}],
         },
     }
     with polri.client() as polri_api, pdrm.client() as pdrm_api:
@@ -280,6 +305,7 @@ def _conversation(polri: DemoNode, pdrm: DemoNode) -> None:
             "classification": {"scheme": "ARAHAN", "level": "SULIT"},
             "tlp": "AMBER",
             "handling_codes": ["H0", "H2"],
+            "legal_basis": ["Polri-PDRM police cooperation agreement"],
             "payload": {
                 "outcome": "ANSWERED",
                 "answers": [
@@ -304,7 +330,90 @@ def _conversation(polri: DemoNode, pdrm: DemoNode) -> None:
         _line("marking kept", f"{got['classification']['level']} ({got['classification']['scheme']})")
         _line("protected in Indonesia as", got["classification"]["local_equivalent"])
         _line("outcome", got["payload"]["outcome"])
-        print("\n-- 5. Each node signs a checkpoint of its ledger; the other verifies it and cosigns")
+
+
+CHILD_NAME = "Siti Rahmawati"  # fictitious, as every identity of the demo
+
+
+def _child_victim(polri: DemoNode, pdrm: DemoNode) -> None:
+    referral = {
+        "type": "VICTIM_IDENTIFICATION_REFERRAL",
+        "case_ref": "ID-MY/2026/0042",
+        "purposes": ["VICTIM_IDENTIFICATION", "VICTIM_PROTECTION_REPATRIATION"],
+        "classification": {"scheme": "POLRI", "level": "BIASA"},
+        "tlp": "GREEN",
+        "handling_codes": ["H0"],
+        "legal_basis": ["Polri-PDRM police cooperation agreement", "UU 35/2014 (child protection)"],
+        "data_subjects": [
+            {
+                "pseudonym": "VCT-0007",
+                "role": "VICTIM_CHILD",
+                "status": {"ID": "TRAFFICKING_VICTIM", "MY": "ILLEGAL_MIGRANT"},
+                "age": {"years": 15, "basis": "ESTIMATED"},
+            }
+        ],
+        "payload": {
+            "summary": "A girl from NTT found working in a Johor restaurant; the employer holds her passport",
+            "victims": [
+                {
+                    "subject": "VCT-0007",
+                    "names": [CHILD_NAME],
+                    "parents": ["Yohanes Rahmawan", "Maria Goreti"],
+                    "school": "SMPN 2 Kupang",
+                    "documents": [{"kind": "PASSPORT", "number": "C1234567", "issuing_country": "IDN"}],
+                }
+            ],
+            "needs": ["SHELTER", "FAMILY_TRACING"],
+        },
+    }
+    with polri.client() as polri_api:
+        accepted = polri_api.submit(referral)
+        polri_api.wait_for_status(accepted["id"], "delivered")
+    cls = accepted["classification"]
+    print("\n-- 6. Polri referred a child victim, submitted as BIASA, TLP:GREEN")
+    for change in accepted["raised"]:
+        _line(f"raised by {change['rule']}", f"{change['kind']} {change['from'] or '-'} -> {change['to']}")
+    _line("final classification", f"{cls['level']} ({cls['scheme']}); TLP {accepted['tlp']}")
+    _line("arrives in Malaysia as", cls["partner_equivalent"]["level"])
+    for who, label in (("pdrm-analyst", "PDRM analyst"), ("pdrm-d11", "PDRM child-protection (D11)")):
+        with pdrm.client(who) as api:
+            item = next(i for i in api.inbox()["items"] if i["id"] == accepted["id"])
+        victim = item["payload"]["victims"][0]
+        shown = "whole" if CHILD_NAME in str(victim) else f"pseudonymised as {victim['names'][0]}"
+        _line(label, f"{item['classification']['local_equivalent']}: the child's identity {shown}")
+        if item["redacted"]:
+            _line("  redacted paths", ", ".join(r["path"] for r in item["redacted"]))
+        if (CHILD_NAME in str(victim)) != (who == "pdrm-d11"):
+            raise ExchangeError(f"the child's identity was shown wrongly to {who}")
+
+
+def _tlp_red(polri: DemoNode, pdrm: DemoNode) -> None:
+    red = {
+        "type": "SPONTANEOUS_INTELLIGENCE",
+        "case_ref": "ID-MY/2026/0042",
+        "purposes": ["TIP_INVESTIGATION"],
+        "classification": {"scheme": "POLRI", "level": "RAHASIA"},
+        "tlp": "RED",
+        "recipients": [pdrm.client_name],
+        "legal_basis": ["Polri-PDRM police cooperation agreement"],
+        "grading": {"source": "B", "information": 2},
+        "payload": {"summary": "A transfer of workers is planned through Tawau next week"},
+    }
+    with polri.client() as polri_api:
+        accepted = polri_api.submit(red)
+        polri_api.wait_for_status(accepted["id"], "delivered")
+    print(f"\n-- 7. Polri sent TLP:RED intelligence to its named recipient '{pdrm.client_name}' only")
+    for who in (pdrm.client_name, "pdrm-analyst", "pdrm-d11"):
+        with pdrm.client(who) as api:
+            got = any(i["id"] == accepted["id"] for i in api.inbox()["items"])
+        _line(who, "received it" if got else "not released (R-TLP-RED)")
+        if got != (who == pdrm.client_name):
+            raise ExchangeError(f"TLP:RED was released wrongly to {who}")
+
+
+def _checkpoints(polri: DemoNode, pdrm: DemoNode) -> None:
+    with polri.client() as polri_api, pdrm.client() as pdrm_api:
+        print("\n-- 8. Each node signs a checkpoint of its ledger; the other verifies it and cosigns")
         for label, api in (("ID", polri_api), ("MY", pdrm_api)):
             health = _wait_cosigned(api)
             _line(

@@ -13,6 +13,8 @@ and the CLI turns them into a one-line message and a non-zero exit. Domain error
     │   ├── MessageTooLarge         the sealed envelope would exceed the agreement's limit
     │   └── IdempotencyKeyReused    an Idempotency-Key already used for another request body
     ├── NotFound                    no such message, client or entry
+    │   └── ContentDestroyed        the message existed; its content was destroyed (when, why)
+    ├── ContentUnavailable          stored content does not open (its key is gone or it was moved)
     ├── Unauthorised                caller identity missing or not registered
     ├── PolicyRefusal               the agreement's rules refused (names every rule id)
     ├── EnvelopeError               an envelope or receipt failed verification (opaque to the peer)
@@ -80,16 +82,33 @@ class NotFound(ExchangeError):
     """The requested object does not exist (or the caller may not know it exists)."""
 
 
+class ContentDestroyed(NotFound):
+    """The message existed but its content was destroyed (retention or the originator's request)."""
+
+    def __init__(self, message_id: str, destroyed_at: str, reason: str) -> None:
+        super().__init__(f"the content of message {message_id} was destroyed at {destroyed_at}: {reason}")
+        self.message_id = message_id
+        self.destroyed_at = destroyed_at
+        self.reason = reason
+
+
+class ContentUnavailable(ExchangeError):
+    """Stored content does not open: its key-encryption key is gone, or it is not this message's."""
+
+
 class Unauthorised(ExchangeError):
     """The caller presented no usable identity or is not registered."""
 
 
 @dataclass(frozen=True)
 class RuleViolation:
-    """One rule of the agreement that refused, with its stable id and a reason."""
+    """One rule of the agreement that refused: its stable id, a reason, its ``id@version`` and what
+    would satisfy it."""
 
     rule_id: str
     reason: str
+    rule_version: str = ""
+    remedy: str = ""
 
 
 class PolicyRefusal(ExchangeError):
@@ -151,12 +170,23 @@ class LedgerIntegrityError(ExchangeError):
 class CheckpointConflict(LedgerIntegrityError):
     """A partner checkpoint that cannot be witnessed. ``witnessed_size`` is the size this node holds;
     ``incident`` says the checkpoint contradicts one already witnessed (fork, rollback, failed proof):
-    a security incident for both sides. Without it, the proof merely started at another size."""
+    a security incident for both sides. Without it, the proof merely started at another size.
+    ``reason`` is one of :data:`CONFLICT_REASONS` (the witness protocol answers by it)."""
 
-    def __init__(self, message: str, witnessed_size: int, *, incident: bool = False) -> None:
+    def __init__(
+        self, message: str, witnessed_size: int, *, incident: bool = False, reason: str = "size-mismatch"
+    ) -> None:
         super().__init__(message)
+        if reason not in CONFLICT_REASONS:
+            raise ValueError(f"unknown conflict reason {reason!r}")
         self.witnessed_size = witnessed_size
         self.incident = incident
+        self.reason = reason
+
+
+#: Why a checkpoint is not witnessed: the request's old size is not the witnessed size, a second
+#: root for the witnessed size, a smaller size, a failed consistency proof, a malformed request.
+CONFLICT_REASONS = ("size-mismatch", "fork", "rollback", "inconsistent", "bad-request")
 
 
 class KeyManagementError(ExchangeError):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy.engine import Connection
@@ -19,21 +19,36 @@ from exchange import envelope
 from exchange.agreement import Agreement, load_agreement
 from exchange.canonical import sha256_hex
 from exchange.config import NodeSettings
+from exchange.content import ContentStore, destroy_after
 from exchange.crypto import constant_time_equal
 from exchange.db import repo, rows
 from exchange.db.committer import GroupCommitter
 from exchange.db.engine import Database
-from exchange.errors import EnvelopeError, NotFound, PolicyRefusal
+from exchange.errors import ContentDestroyed, EnvelopeError, NotFound
+from exchange.keys.kek import KekStore
 from exchange.keys.store import NodeKeys, PartnerKeys, check_keys_match_agreement, load_node_keys
 from exchange.ledger import EntryDraft
 from exchange.ledger.checkpoint import CheckpointError, verify_checkpoint
-from exchange.messages import MessageSubmission, build_message, validate_payload
+from exchange.ledger.events import LedgerEvent
+from exchange.messages import (
+    Catalogue,
+    MalformedMessage,
+    Message,
+    MessageSubmission,
+    Origin,
+    draft_from_submission,
+    parse_signed,
+    with_payload,
+)
 from exchange.policy import (
     Actor,
-    evaluate_inbound,
-    evaluate_release,
-    evaluate_submission,
+    Decision,
+    Marking,
+    ReplyContext,
+    Use,
+    decide,
     national_equivalent,
+    redacted_payload,
 )
 from exchange.types import KeyId, MessageId, PartyId
 
@@ -53,6 +68,19 @@ class PeerResult:
 
 
 @dataclass(frozen=True)
+class Admitted:
+    """A verified envelope and the typed message it carries."""
+
+    opened: envelope.OpenedEnvelope
+    message: Message
+
+
+def default_use(actor: Actor, message: Message) -> Use:
+    """The use of a release that declares none: the client's purposes that the message allows."""
+    return Use(actor.purposes & frozenset(message.purposes))
+
+
+@dataclass(frozen=True)
 class InboxPage:
     items: list[dict[str, Any]]
     next_cursor: int
@@ -67,6 +95,8 @@ class Node:
         self.agreement: Agreement = load_agreement(settings.agreement_file)
         self.keys: NodeKeys = load_node_keys(settings.key_dir, settings.passphrase())
         check_keys_match_agreement(self.keys, self.agreement)
+        self.catalogue = Catalogue.for_agreement(self.agreement)
+        self.content = ContentStore(KekStore(settings.key_dir / "kek", settings.passphrase()))
         self.partner_party: PartyId = self.agreement.partner_of(self.party)
         self.partner: PartnerKeys = PartnerKeys.from_agreement(self.agreement, self.partner_party)
         self.db = db or Database(settings.database_url)
@@ -99,96 +129,115 @@ class Node:
         now: dt.datetime,
         on_write: Callable[[Connection, dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
-        """Accept a local system's message: validate, decide, seal and queue it in one transaction.
+        """Accept a local system's message: parse, decide, apply the floors, seal and queue it in one
+        transaction.
 
         ``on_write(conn, answer)`` runs inside that transaction with the answer this returns (an
         idempotency key is stored with its message and answer); if it raises, nothing is written.
 
         Raises:
-            InvalidInput: the payload does not match its type's schema.
+            InvalidInput: naming every invalid field (payload, vocabulary, marking, times).
             MessageTooLarge: the sealed envelope would exceed the agreement's limit.
-            PolicyRefusal: naming every rule that refused (the refusal itself is ledgered).
+            PolicyRefusal: naming every rule that refused and what would satisfy it (ledgered).
         """
-        validate_payload(self.agreement, submission.type, submission.payload)
-        with self.db.read() as conn:  # one read: the message answered, and our latest checkpoint
-            replied_to = repo.get_message(conn, submission.in_reply_to) if submission.in_reply_to else None
-            latest = repo.latest_checkpoint(conn)
-        try:
-            decision = evaluate_submission(
-                self.agreement,
-                party=self.party,
-                actor=actor,
-                message_type=submission.type,
-                purposes=submission.purposes,
-                scheme=submission.classification.scheme,
-                level=submission.classification.level,
-                tlp=submission.tlp,
-                handling_codes=submission.handling_codes,
-                replied_to=replied_to,
-                in_reply_to=submission.in_reply_to,
+        with self.db.read() as conn:  # one read: the message answered, its thread, our checkpoint
+            replied = repo.get_message(conn, submission.in_reply_to) if submission.in_reply_to else None
+            thread = (
+                repo.messages_in_thread(conn, submission.thread_id)
+                if submission.thread_id and not submission.in_reply_to
+                else []
             )
-        except PolicyRefusal as refusal:
+            latest = repo.latest_checkpoint(conn)
+        draft = draft_from_submission(
+            submission,
+            agreement=self.agreement,
+            catalogue=self.catalogue,
+            sender=self.party,
+            origin=Origin(agency=actor.agency, unit=actor.unit),
+            now=now,
+            checkpoint=str(latest["note"]) if latest else None,
+        )
+        if replied is not None and submission.thread_id is None:
+            draft = replace(draft, thread_id=replied["thread_id"])
+        decision = decide(
+            "submit",
+            agreement=self.agreement,
+            message=draft,
+            actor=actor,
+            reply=self._reply_context(actor, draft, replied, thread, now),
+            now=now,
+        )
+        if not decision.allowed:
             self._ledger(
                 now,
                 EntryDraft(
-                    event="submission.refused",
+                    event=LedgerEvent.SUBMISSION_REFUSED,
                     actor=actor.client_id,
                     decision="deny",
-                    rules=tuple(v.rule_id for v in refusal.violations),
-                    case_ref=submission.case_ref,
-                    data={
-                        "type": submission.type,
-                        "agreement": self.agreement.version,
-                    },
+                    rules=decision.evaluated,
+                    case_ref=draft.case_ref,
+                    data={"type": draft.type, **decision.ledger_data()},
                 ),
             )
-            raise
-        thread_id = replied_to["thread_id"] if replied_to else None
-        message = build_message(
-            submission,
-            agreement=self.agreement,
-            sender=self.party,
-            actor=actor,
-            marking=decision.marking,
-            now=now,
-            thread_id=thread_id,
-            checkpoint=str(latest["note"]) if latest else None,
-        )
-        sealed = envelope.seal(message, signing_key=self.keys.signing, recipient_key=self.partner.encryption)
+            raise decision.refusal()
+        message = self._protected(draft, decision)
+        signed_json = message.signed_json()
+        signed = envelope.sign(signed_json, signing_key=self.keys.signing)
+        sealed = envelope.seal_signed(signed, signed_json, recipient_key=self.partner.encryption)
         envelope.check_envelope_size(sealed, self.agreement.max_envelope_bytes)
         digest = envelope.envelope_digest(sealed)
-        mid = message["id"]
+        assert message.marking is not None
+        stored = rows.message_row(
+            message,
+            direction="out",
+            decision=decision,
+            local_level=message.marking.level,
+            status="queued",
+            envelope=sealed,
+            envelope_sha256=digest,
+            submitted_by=actor.client_id,
+            now=iso(now),
+        )
+        stored.update(
+            destroy_after=destroy_after(self.agreement, message.type, now),
+            signer_kid=self.keys.signing.kid,
+        )
 
         partner_scheme = self.agreement.parties[self.partner_party].scheme
         answer: dict[str, Any] = {
-            "id": mid,
+            "id": message.id,
             "status": "queued",
-            "thread_id": message["thread_id"],
+            "thread_id": message.thread_id,
             "classification": {
-                **message["classification"],
+                "scheme": message.marking.scheme,
+                "level": message.marking.level,
+                "common": message.marking.common,
                 "partner_equivalent": {
                     "scheme": partner_scheme,
-                    "level": national_equivalent(self.agreement, decision.marking.common, partner_scheme),
+                    "level": national_equivalent(self.agreement, message.marking.common, partner_scheme),
                 },
             },
+            "tlp": message.tlp,
+            "handling_codes": list(message.handling_codes),
+            "raised": [
+                {
+                    "rule": c.rule_id,
+                    "version": c.rule,
+                    "kind": c.kind,
+                    "from": c.before,
+                    "to": c.after,
+                    "reason": c.reason,
+                }
+                for c in decision.changes
+            ],
+            "replaced": [{"path": r.pointer, "rule": r.rule} for r in decision.redactions],
             "envelope_sha256": digest,
         }
 
         def write(conn: Connection, head: repo.LedgerHead) -> repo.LedgerHead:
-            repo.insert_message(
-                conn,
-                rows.message_row(
-                    message,
-                    direction="out",
-                    local_level=decision.marking.level,
-                    status="queued",
-                    envelope=sealed,
-                    envelope_sha256=digest,
-                    submitted_by=actor.client_id,
-                    now=iso(now),
-                ),
-            )
-            repo.enqueue(conn, mid, now.timestamp())
+            stored.update(self.content.seal(stored, signed))  # under the ledger lock: the live KEK
+            repo.insert_message(conn, stored)
+            repo.enqueue(conn, message.id, now.timestamp())
             if on_write is not None:
                 on_write(conn, answer)
             return repo.append_ledger(
@@ -196,18 +245,13 @@ class Node:
                 head,
                 [
                     EntryDraft(
-                        event="message.submitted",
-                        message_id=mid,
+                        event=LedgerEvent.SUBMITTED,
+                        message_id=message.id,
                         actor=actor.client_id,
-                        decision="allow",
-                        rules=tuple(r.rule_id for r in decision.rules),
-                        case_ref=message["case_ref"],
-                        data={
-                            "type": message["type"],
-                            "level": decision.marking.common,
-                            "envelope_sha256": digest,
-                            "agreement": self.agreement.version,
-                        },
+                        decision=decision.decision,
+                        rules=decision.evaluated,
+                        case_ref=message.case_ref,
+                        data={"type": message.type, "envelope_sha256": digest, **decision.ledger_data()},
                     )
                 ],
                 iso(now),
@@ -216,7 +260,47 @@ class Node:
         self.committer.run(write)
         return answer
 
-    def status(self, actor: Actor, message_id: str) -> dict[str, Any]:
+    def _protected(self, draft: Message, decision: Decision) -> Message:
+        """The draft as it is sealed: the decided level (in our scheme, mapped up), TLP, handling
+        codes, and the replacements (an informant's identity by the handler reference)."""
+        assert draft.marking is not None
+        assert decision.level is not None
+        own = self.agreement.parties[self.party].scheme
+        level = national_equivalent(self.agreement, decision.level, own)
+        marking = Marking(own, level, self.agreement.schemes[own].levels[level])
+        return with_payload(
+            draft,
+            redacted_payload(draft, decision),
+            catalogue=self.catalogue,
+            child_age=self.agreement.child_age,
+            marking=marking,
+            tlp=decision.tlp,
+            handling_codes=decision.handling_codes,
+        )
+
+    def _reply_context(
+        self,
+        actor: Actor,
+        draft: Message,
+        replied: dict[str, Any] | None,
+        thread: list[dict[str, Any]],
+        now: dt.datetime,
+    ) -> ReplyContext:
+        if replied is None:
+            return ReplyContext(thread_visible=any(self._may_see(actor, row, now) for row in thread))
+        visible = self._may_see(actor, replied, now)
+        same_thread = draft.thread_id == replied["thread_id"]
+        return ReplyContext(
+            exists=True,
+            received=replied["direction"] == "in",
+            visible=visible,
+            same_case=draft.case_ref == replied["case_ref"],
+            same_thread=same_thread,
+            type=replied["type"],
+            thread_visible=visible and same_thread,
+        )
+
+    def status(self, actor: Actor, message_id: str, now: dt.datetime) -> dict[str, Any]:
         """What a local system may know of a message's delivery.
 
         Raises:
@@ -224,15 +308,36 @@ class Node:
         """
         with self.db.read() as conn:
             row = repo.get_message(conn, message_id)
-        if row is None or not self._may_see(actor, row):
+        if row is None or not self._may_see(actor, row, now):
             raise NotFound(f"no message {message_id}")
         return rows.status_view(row)
 
-    def _may_see(self, actor: Actor, row: dict[str, Any]) -> bool:
+    def case(self, actor: Actor, case_ref: str, now: dt.datetime) -> dict[str, Any]:
+        """Every message of a case that this local system may see (metadata only), oldest first.
+
+        Raises:
+            NotFound: the case holds no message the caller may see.
+        """
+        with self.db.read() as conn:
+            found = repo.messages_in_case(conn, case_ref, self.settings.inbox_page_max * 10)
+        visible = [rows.case_item(row) for row in found if self._may_see(actor, row, now)]
+        if not visible:
+            raise NotFound(f"no case {case_ref}")
+        return {"case_ref": case_ref, "messages": visible}
+
+    def _may_see(self, actor: Actor, row: dict[str, Any], now: dt.datetime) -> bool:
+        """A sent message is seen by the system that sent it; a received one by a system the release
+        rules allow (metadata decision, no decryption)."""
         if row["direction"] == "out":
             return bool(row["submitted_by"] == actor.client_id)
-        return evaluate_release(
-            self.agreement, actor=actor, message_type=row["type"], common_level=row["common_level"]
+        message = rows.message_view(row)
+        return decide(
+            "release",
+            agreement=self.agreement,
+            message=message,
+            actor=actor,
+            use=default_use(actor, message),
+            now=now,
         ).allowed
 
     # --- inbound ---------------------------------------------------------------------------------
@@ -248,7 +353,7 @@ class Node:
         nothing twice. A rejection tells the peer nothing but "rejected"; the reason goes to the
         log and the ledger.
         """
-        opened: list[envelope.OpenedEnvelope | EnvelopeError] = []
+        opened: list[Admitted | EnvelopeError] = []
         for compact in envelopes:
             try:
                 opened.append(self._open(compact, now))
@@ -265,14 +370,16 @@ class Node:
                     drafts.append(self._rejection(envelope.envelope_digest(compact), item.reason, None))
                     results.append(PeerResult(False))
                     continue
-                result, new = self._admit(conn, compact, item, now, head.size + len(drafts) + 1)
+                result, new = self._admit(conn, item, now, head.size + len(drafts) + 1)
                 drafts.extend(new)
                 results.append(result)
             repo.append_ledger(conn, head, drafts, at)
         return results
 
-    def _open(self, compact: str, now: dt.datetime) -> envelope.OpenedEnvelope:
-        return envelope.open_envelope(
+    def _open(self, compact: str, now: dt.datetime) -> Admitted:
+        """Open, verify and parse one envelope. Raises EnvelopeError (``malformed`` for a signed
+        message that is not a valid message of the agreement)."""
+        opened = envelope.open_envelope(
             compact,
             decryption_keys=self.keys.decryption,
             verification_keys=self.partner.verification,
@@ -284,12 +391,17 @@ class Node:
             replay_window=dt.timedelta(seconds=self.settings.replay_window_seconds),
             max_envelope_bytes=self.agreement.max_envelope_bytes,
         )
+        try:
+            message = parse_signed(opened.message, agreement=self.agreement, catalogue=self.catalogue)
+        except MalformedMessage as exc:
+            raise EnvelopeError("malformed", str(exc)) from exc
+        return Admitted(opened, message)
 
     def _rejection(
         self, digest: str, reason: str, message_id: str | None, rules: tuple[str, ...] = ()
     ) -> EntryDraft:
         return EntryDraft(
-            event="envelope.rejected",
+            event=LedgerEvent.REJECTED,
             message_id=message_id,
             actor=self.partner_party,
             decision="deny",
@@ -298,16 +410,16 @@ class Node:
         )
 
     def _admit(
-        self, conn: Any, compact: str, opened: envelope.OpenedEnvelope, now: dt.datetime, inbox_seq: int
+        self, conn: Any, admitted: Admitted, now: dt.datetime, inbox_seq: int
     ) -> tuple[PeerResult, list[EntryDraft]]:
-        message = opened.message
-        mid = str(message["id"])
+        opened, message = admitted.opened, admitted.message
+        mid = message.id
         existing = repo.get_message(conn, mid)
         if existing is not None:
             if existing["direction"] == "in" and existing["envelope_sha256"] == opened.digest:
                 return PeerResult(True, existing["receipt"]), [
                     EntryDraft(
-                        event="envelope.redelivered",
+                        event=LedgerEvent.REDELIVERED,
                         message_id=mid,
                         actor=self.partner_party,
                         decision="allow",
@@ -316,12 +428,12 @@ class Node:
                 ]
             log.warning("rejected envelope for message %s: id reused with other content", mid)
             return PeerResult(False), [self._rejection(opened.digest, "duplicate-id", mid)]
-        try:
-            common, local_level = evaluate_inbound(self.agreement, party=self.party, message=message)
-        except PolicyRefusal as refusal:
-            rules = tuple(v.rule_id for v in refusal.violations)
-            log.warning("rejected envelope for message %s by policy: %s", mid, refusal)
-            return PeerResult(False), [self._rejection(opened.digest, "policy", mid, rules)]
+        decision = decide("receive", agreement=self.agreement, message=message, now=now)
+        if not decision.allowed:
+            refused = tuple(r.rule for r in decision.refusals)
+            log.warning("rejected envelope for message %s by policy: %s", mid, ", ".join(refused))
+            return PeerResult(False), [self._rejection(opened.digest, "policy", mid, decision.evaluated)]
+        assert decision.level is not None
         receipt = envelope.sign_receipt(
             message_id=mid,
             envelope_sha256=opened.digest,
@@ -333,40 +445,55 @@ class Node:
         row = rows.message_row(
             message,
             direction="in",
-            local_level=local_level,
+            decision=decision,
+            local_level=rows.local_marking(self.agreement, self.party, decision.level),
             status="received",
-            envelope=compact,
+            envelope=None,  # the transport JWE is not kept: its digest is, and the receipt names it
             envelope_sha256=opened.digest,
             submitted_by=None,
             now=iso(now),
         )
-        row.update(receipt=receipt, receipt_at=iso(now), inbox_seq=inbox_seq)
+        row.update(
+            receipt=receipt,
+            receipt_at=iso(now),
+            inbox_seq=inbox_seq,
+            signer_kid=opened.signer_kid,
+            destroy_after=destroy_after(self.agreement, message.type, message.created_at),
+        )
+        row.update(self.content.seal(row, opened.signed))
         repo.insert_message(conn, row)
-        data = {
-            "type": message["type"],
-            "level": common,
-            "envelope_sha256": opened.digest,
-            "signer_kid": opened.signer_kid,
-            "agreement": message["agreement"]["version"],
-        }
+        data = {"type": message.type, "envelope_sha256": opened.digest, "signer_kid": opened.signer_kid}
         drafts = [
             EntryDraft(
-                event="envelope.received",
+                event=LedgerEvent.RECEIVED,
                 message_id=mid,
-                case_ref=message["case_ref"],
+                case_ref=message.case_ref,
                 actor=self.partner_party,
-                decision="allow",
-                rules=("R-TYPE-KNOWN", "R-PURPOSE-TYPE"),
-                data=data,
+                decision=decision.decision,
+                rules=decision.evaluated,
+                data={**data, **decision.ledger_data()},
             ),
             EntryDraft(
-                event="receipt.issued",
+                event=LedgerEvent.RECEIPT_ISSUED,
                 message_id=mid,
-                case_ref=message["case_ref"],
+                case_ref=message.case_ref,
                 actor=self.party,
                 data={"receipt_sha256": envelope.envelope_digest(receipt)},
             ),
         ]
+        if decision.changes:  # the sender marked it below its floor: protected at the floor here
+            log.warning("POLICY INCIDENT: message %s arrived below its floor", mid)
+            drafts.append(
+                EntryDraft(
+                    event=LedgerEvent.POLICY_INCIDENT,
+                    message_id=mid,
+                    case_ref=message.case_ref,
+                    actor=self.partner_party,
+                    decision="under-classified",
+                    rules=tuple(dict.fromkeys(c.rule for c in decision.changes)),
+                    data={"changes": decision.ledger_data()["changes"]},
+                )
+            )
         incident = self._judge_checkpoint(conn, message)
         if incident is not None:
             log.error("SECURITY INCIDENT: message %s carries a partner checkpoint that %s", mid, incident)
@@ -378,20 +505,20 @@ class Node:
                     decision="deny",
                     data={
                         "reason": incident.split(":")[0],
-                        "note_sha256": sha256_hex(str(message.get("checkpoint"))),
+                        "note_sha256": sha256_hex(str(message.checkpoint)),
                     },
                 )
             )
         return PeerResult(True, receipt), drafts
 
-    def _judge_checkpoint(self, conn: Any, message: dict[str, Any]) -> str | None:
+    def _judge_checkpoint(self, conn: Any, message: Message) -> str | None:
         """What is wrong with the sender's checkpoint carried in a verified message, if anything.
 
         A split view: a checkpoint of a size already witnessed, with another root. A rollback: a
         checkpoint smaller than one witnessed before the message was sealed (an honest sender's
         larger checkpoint is signed, and so witnessed, only after it sealed the message).
         """
-        note = message.get("checkpoint")
+        note = message.checkpoint
         if note is None:
             return None
         try:
@@ -403,7 +530,7 @@ class Node:
         same = repo.witnessed_at_size(conn, checkpoint.size)
         if same is not None and not constant_time_equal(bytes(same["root_hash"]), checkpoint.root):
             return f"split view: a second root for size {checkpoint.size}"
-        sealed = dt.datetime.fromisoformat(str(message["created_at"]))
+        sealed = message.created_at
         earlier = repo.first_witnessed_above(conn, checkpoint.size)
         skew = dt.timedelta(seconds=self.settings.clock_skew_seconds)
         if earlier is not None and dt.datetime.fromisoformat(earlier) + skew < sealed:
@@ -412,56 +539,113 @@ class Node:
 
     # --- release to local systems ----------------------------------------------------------------
 
-    def inbox(self, actor: Actor, after: int, limit: int, now: dt.datetime) -> InboxPage:
-        """The next page of inbound messages this local system may receive, decrypted, in order.
+    def inbox(
+        self, actor: Actor, after: int, limit: int, now: dt.datetime, purposes: frozenset[str] | None = None
+    ) -> InboxPage:
+        """The next page of inbound messages this local system may receive, decrypted and redacted,
+        in order.
 
         The cursor is the inbox sequence of the last message examined, so successive pages never
-        repeat or skip a message; each release is ledgered with the rules that allowed it.
+        repeat or skip a message. Reading, deciding, decrypting and redacting run outside the ledger
+        lock; every decision (release or refusal) is appended through the group committer.
+        ``purposes`` is the declared use (default: the client's purposes the message allows).
         """
         items: list[dict[str, Any]] = []
         drafts: list[EntryDraft] = []
         cursor = after
-        with self.db.transaction() as conn:
-            head = repo.lock_ledger_head(conn)
-            while len(items) < limit:
+        while len(items) < limit:
+            with self.db.read() as conn:
                 batch = repo.inbound_after(conn, cursor, limit * 2)
-                if not batch:
+            if not batch:
+                break
+            for row in batch:
+                if len(items) >= limit:
                     break
-                for row in batch:
-                    if len(items) >= limit:
-                        break
-                    cursor = int(row["inbox_seq"])
-                    decision = evaluate_release(
-                        self.agreement,
-                        actor=actor,
-                        message_type=row["type"],
-                        common_level=row["common_level"],
-                    )
-                    if not decision.allowed:
-                        continue
-                    message = self._decrypt_stored(row["envelope"])
-                    items.append(rows.inbox_item(row, message, cursor))
-                    drafts.append(
-                        EntryDraft(
-                            event="message.released",
-                            message_id=row["id"],
-                            case_ref=row["case_ref"],
-                            actor=actor.client_id,
-                            decision="allow",
-                            rules=tuple(r.rule_id for r in decision.rules),
-                            data={"redacted": list(decision.redacted), "level": row["common_level"]},
-                        )
-                    )
-            repo.append_ledger(conn, head, drafts, iso(now))
+                cursor = int(row["inbox_seq"])
+                if row["destroyed_at"] is not None:
+                    continue  # nothing left to release; its metadata stays in the case view
+                item, entry, _decision = self._release(actor, row, cursor, now, purposes)
+                drafts.append(entry)
+                if item is not None:
+                    items.append(item)
+        if drafts:
+            self._ledger(now, *drafts)
         return InboxPage(items=items, next_cursor=cursor)
 
-    def _decrypt_stored(self, compact: str) -> dict[str, Any]:
-        return envelope.open_stored(
-            compact,
-            decryption_keys=self.keys.decryption,
-            verification_keys=self.partner.verification,
-            max_envelope_bytes=self.agreement.max_envelope_bytes,
-        ).message
+    def _release(
+        self,
+        actor: Actor,
+        row: dict[str, Any],
+        cursor: int,
+        now: dt.datetime,
+        purposes: frozenset[str] | None,
+    ) -> tuple[dict[str, Any] | None, EntryDraft, Decision]:
+        """Decide one release (on metadata first, so a refused message is never decrypted)."""
+        view = rows.message_view(row)
+        use = Use(purposes) if purposes is not None else default_use(actor, view)
+        decision = decide("release", agreement=self.agreement, message=view, actor=actor, use=use, now=now)
+        if decision.allowed:
+            message = self.stored_message(row)
+            decision = decide(
+                "release", agreement=self.agreement, message=message, actor=actor, use=use, now=now
+            )
+        entry = EntryDraft(
+            event=LedgerEvent.RELEASED if decision.allowed else LedgerEvent.RELEASE_REFUSED,
+            message_id=row["id"],
+            case_ref=row["case_ref"],
+            actor=actor.client_id,
+            decision=decision.decision,
+            rules=decision.evaluated,
+            data={"level": row["common_level"], "use": sorted(use.purposes), **decision.ledger_data()},
+        )
+        if not decision.allowed:
+            return None, entry, decision
+        payload = redacted_payload(message, decision)
+        return rows.inbox_item(row, message, payload, decision, cursor), entry, decision
+
+    def stored_message(self, row: dict[str, Any]) -> Message:
+        """The typed message of a stored row, from its content at rest. The signature is not checked
+        again: it was verified when the message was admitted (or made here), under the keys then.
+
+        Raises:
+            ContentDestroyed: its content was destroyed.
+        """
+        signed = envelope.signed_payload(self.content.open(row))
+        return parse_signed(signed, agreement=self.agreement, catalogue=self.catalogue)
+
+    def read(self, actor: Actor, message_id: str, now: dt.datetime) -> dict[str, Any]:
+        """A message's content for a local system: the sender reads what it sent; a received one is
+        released by the rules (redacted, ledgered) as from the inbox.
+
+        Raises:
+            NotFound: no such message, or the caller may not see it.
+            ContentDestroyed: it may, but the content was destroyed (when and why).
+            PolicyRefusal: the release rules refused (ledgered).
+        """
+        with self.db.read() as conn:
+            row = repo.get_message(conn, message_id)
+        if row is None or not self._may_see(actor, row, now):
+            raise NotFound(f"no message {message_id}")
+        if row["destroyed_at"] is not None:
+            raise ContentDestroyed(row["id"], row["destroyed_at"], row["destroyed_reason"])
+        if row["direction"] == "out":
+            message = self.stored_message(row)
+            self._ledger(
+                now,
+                EntryDraft(
+                    event=LedgerEvent.READ,
+                    message_id=row["id"],
+                    case_ref=row["case_ref"],
+                    actor=actor.client_id,
+                    decision="allow",
+                ),
+            )
+            return rows.content_view(row, message, dict(message.payload), ())
+        item, entry, decision = self._release(actor, row, int(row["inbox_seq"] or 0), now, None)
+        self._ledger(now, entry)
+        if item is None:
+            raise decision.refusal()
+        return item
 
     # --- ledger ----------------------------------------------------------------------------------
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from exchange import crypto
-from exchange.errors import ConfigurationError
+from exchange.errors import ConfigurationError, InvalidInput, KeyManagementError
+from exchange.files import private_dir, write_private
 from exchange.types import PartyId
 
 AGENCIES: dict[str, str] = {"ID": "Kepolisian Negara Republik Indonesia", "MY": "Polis Diraja Malaysia"}
@@ -75,17 +76,16 @@ class TLSFiles:
         crypto.check_private_key_matches(self.node_key.read_bytes(), passphrase, self.node_cert.read_bytes())
 
     def write(self, name: str, issued: crypto.IssuedCertificate) -> None:
-        cert, key = self.root / f"{name}.pem", self.root / f"{name}-key.pem"
-        cert.write_bytes(issued.cert_pem)
-        key.write_bytes(issued.key_pem)
-        key.chmod(0o600)
+        """Write a certificate and its (encrypted) key, both owner-only."""
+        write_private(self.root / f"{name}.pem", issued.cert_pem)
+        write_private(self.root / f"{name}-key.pem", issued.key_pem)
 
 
 def create_dev_pki(
     tls: TLSFiles, party: PartyId, passphrase: str, *, hostnames: tuple[str, ...], ips: tuple[str, ...]
 ) -> None:
     """A development CA for ``party`` with the node's server and node-to-node certificates."""
-    tls.root.mkdir(parents=True, exist_ok=True)
+    private_dir(tls.root)
     org = AGENCIES[party]
     ca = crypto.make_ca(f"{party} exchange development CA", org, passphrase)
     tls.write("ca", ca)
@@ -117,25 +117,54 @@ def create_dev_pki(
     )
 
 
-def issue_client(
-    tls: TLSFiles, passphrase: str, name: str, out_dir: Path, party: PartyId
-) -> tuple[Path, Path]:
-    """Issue a local-client certificate from the node's development CA into ``out_dir``.
-
-    The client's key is encrypted with the same passphrase; a real national system makes its own
-    key and has the national CA sign it.
-
-    Raises:
-        ConfigurationError: the node has no development CA key.
-    """
+def _development_ca(tls: TLSFiles) -> crypto.IssuedCertificate:
     if not tls.ca_key.is_file():
         raise ConfigurationError(
             f"no development CA key at {tls.ca_key}: issue client certificates with your CA"
         )
-    ca = crypto.IssuedCertificate(tls.ca_cert.read_bytes(), tls.ca_key.read_bytes())
+    return crypto.IssuedCertificate(tls.ca_cert.read_bytes(), tls.ca_key.read_bytes())
+
+
+def issue_client(
+    tls: TLSFiles, ca_passphrase: str, client_passphrase: str, name: str, out_dir: Path, party: PartyId
+) -> tuple[Path, Path]:
+    """Issue a local-client certificate and key from the node's development CA into ``out_dir``.
+
+    The client's key is encrypted with the client's own passphrase, never the node's; a real
+    national system makes its own key and sends a CSR (:func:`sign_client_request`).
+
+    Raises:
+        ConfigurationError: the node has no development CA key.
+    """
     issued = crypto.issue_certificate(
-        ca, passphrase, kind="client", common_name=name, organisation=AGENCIES[party], passphrase=passphrase
+        _development_ca(tls),
+        ca_passphrase,
+        kind="client",
+        common_name=name,
+        organisation=AGENCIES[party],
+        passphrase=client_passphrase,
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(out_dir)
     TLSFiles(out_dir).write(name, issued)
     return out_dir / f"{name}.pem", out_dir / f"{name}-key.pem"
+
+
+def sign_client_request(
+    tls: TLSFiles, ca_passphrase: str, csr_pem: bytes, party: PartyId, expected_name: str
+) -> bytes:
+    """Sign a local system's certificate signing request with the node's development CA.
+
+    Raises:
+        ConfigurationError: the node has no development CA key.
+        InvalidInput: the CSR is unusable or its common name is not ``expected_name``.
+    """
+    ca = _development_ca(tls)
+    try:
+        common_name, cert = crypto.sign_client_csr(ca, ca_passphrase, csr_pem, organisation=AGENCIES[party])
+    except KeyManagementError as exc:
+        if "CA key" in str(exc):
+            raise
+        raise InvalidInput(f"--csr: {exc}") from exc
+    if common_name != expected_name:
+        raise InvalidInput(f"--csr names {common_name!r} but --id is {expected_name!r}: they must agree")
+    return cert

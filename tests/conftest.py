@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from tests.support import PASSPHRASE
+from tests.support import CLIENT_PASSPHRASE, PASSPHRASE
 
 PG_ADMIN_URL = os.environ.get("EXCHANGE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
@@ -21,6 +21,7 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         if name.startswith("EXCHANGE_") and name != "EXCHANGE_TEST_PG_URL":
             monkeypatch.delenv(name)
     monkeypatch.setenv("EXCHANGE_KEY_PASSPHRASE", PASSPHRASE)
+    monkeypatch.setenv("EXCHANGE_CLIENT_KEY_PASSPHRASE", CLIENT_PASSPHRASE)
 
 
 def _postgres_available() -> str | None:

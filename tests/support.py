@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import secrets
 import shutil
 import socket
@@ -9,13 +10,21 @@ import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import tomli_w
+from joserfc import jwe, jws
+from joserfc.registry import HeaderParameter
 from typer.testing import CliRunner
 
+from exchange import envelope
+from exchange.canonical import canonical_json
 from exchange.cli import app
+from exchange.messages import MessageSubmission, Origin, draft_from_submission
+from exchange.node import Node
 
 PASSPHRASE = "tests-" + secrets.token_urlsafe(18)  # generated per run, never stored
+CLIENT_PASSPHRASE = "client-" + secrets.token_urlsafe(18)  # local systems' keys have their own
 RUNNER = CliRunner()
 
 
@@ -101,9 +110,19 @@ def make_pair(
     return nodes[0], nodes[1]
 
 
+UNITS = {"ID": "TPPO", "MY": "ATIPSOM"}  # each party's anti-trafficking unit in the default terms
+
+
 def register_client(node: NodeDir, name: str, clearance: str, *extra: str) -> ClientFiles:
+    """Issue and register a client; entitled to every type and purpose, in the party's trafficking
+    unit, unless ``extra`` options say otherwise."""
     cli("pki", "issue-client", "--dir", str(node.path), "--name", name, "--out", str(node.path / "clients"))
     files = node.client(name)
+    defaults = [
+        *([] if "--type" in extra else ["--type", "ALL"]),
+        *([] if "--purpose" in extra else ["--purpose", "ALL"]),
+        *([] if "--unit" in extra else ["--unit", UNITS[node.party]]),
+    ]
     cli(
         "clients",
         "add",
@@ -115,10 +134,9 @@ def register_client(node: NodeDir, name: str, clearance: str, *extra: str) -> Cl
         str(files.cert),
         "--agency",
         "Polri" if node.party == "ID" else "PDRM",
-        "--unit",
-        "TPPO",
         "--clearance",
         clearance,
+        *defaults,
         *extra,
     )
     return files
@@ -133,6 +151,7 @@ def rfi(**overrides: object) -> dict[str, object]:
         "classification": {"scheme": "POLRI", "level": "RAHASIA"},
         "tlp": "AMBER",
         "handling_codes": ["H0"],
+        "legal_basis": ["Polri-PDRM police cooperation agreement"],
         "payload": {"summary": "Recruiters moving workers via Batam", "questions": ["Known to PDRM?"]},
     }
     body.update(overrides)
@@ -148,7 +167,63 @@ def response_to(message_id: str, **overrides: object) -> dict[str, object]:
         "purposes": ["TIP_INVESTIGATION"],
         "classification": {"scheme": "ARAHAN", "level": "SULIT"},
         "tlp": "AMBER",
+        "legal_basis": ["Polri-PDRM police cooperation agreement"],
         "payload": {"outcome": "ANSWERED", "answers": [{"question": 0, "answer": "Yes, since March."}]},
     }
     body.update(overrides)
     return body
+
+
+def signed_json(
+    node: Node, created: dt.datetime, checkpoint: str | None = None, **overrides: object
+) -> dict[str, Any]:
+    """The signed form of ``rfi(**overrides)`` from ``node``, built from the draft exactly as submit
+    builds it, without the rules (so a test can play a partner that does not apply them)."""
+    submission = MessageSubmission.model_validate(rfi(**overrides))
+    draft = draft_from_submission(
+        submission,
+        agreement=node.agreement,
+        catalogue=node.catalogue,
+        sender=node.party,
+        origin=Origin(agency="Polri" if node.party == "ID" else "PDRM", unit=UNITS[node.party]),
+        now=created,
+        checkpoint=checkpoint,
+    )
+    return draft.signed_json()
+
+
+def signed_message(
+    node: Node, created: dt.datetime, checkpoint: str | None = None, **overrides: object
+) -> str:
+    """A genuinely sealed envelope from ``node`` to its partner of :func:`signed_json`."""
+    return envelope.seal(
+        signed_json(node, created, checkpoint, **overrides),
+        signing_key=node.keys.signing,
+        recipient_key=node.partner.encryption,
+    )
+
+
+def forge_envelope(node: Node, signed: dict[str, Any], header_source: dict[str, Any]) -> str:
+    """An envelope genuinely signed and encrypted by ``node`` whose signed payload is ``signed``
+    as given (for example missing a field), its JWE header taken from ``header_source``: what a
+    partner node at another software version, or a buggy one, could send."""
+    signer = jws.serialize_compact(
+        {"alg": "EdDSA", "kid": node.keys.signing.kid, "typ": "exchange-message+jws"},
+        canonical_json(signed),
+        node.keys.signing,
+        registry=jws.JWSRegistry(algorithms=["EdDSA"]),
+    )
+    fields = {param: header_source[field] for param, field in envelope.HEADER_FIELDS.items()}
+    protected = {
+        "alg": "ECDH-ES+A256KW",
+        "enc": "A256GCM",
+        "kid": node.partner.encryption.kid,
+        "typ": "exchange-envelope+jwe",
+        "cty": "JOSE",
+        **fields,
+    }
+    registry = jwe.JWERegistry(
+        header_registry={name: HeaderParameter(name, lambda _value: None) for name in fields},
+        algorithms=["ECDH-ES+A256KW", "A256GCM"],
+    )
+    return jwe.encrypt_compact(protected, signer, node.partner.encryption, registry=registry)

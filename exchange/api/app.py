@@ -6,68 +6,42 @@ from __future__ import annotations
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import exchange
-from exchange.api import problems
-from exchange.api.routes import audit_router, client_router, console_router, health_router, peer_router
+from exchange.api import openapi, problems
+from exchange.api.guard import RequestGuard, SecurityHeaders
+from exchange.api.routes import (
+    WITNESS_PATH,
+    audit_router,
+    client_router,
+    console_router,
+    health_router,
+    peer_router,
+)
 from exchange.auditing import AuditService
 from exchange.checkpoints import CheckpointService
 from exchange.envelope import peer_body_limit
-from exchange.errors import ExchangeError
+from exchange.errors import ExchangeError, FieldError
 from exchange.node import Node
 from exchange.transport.checkpointer import Checkpointer
-from exchange.transport.peer import PEER_PATH, PeerTransport
+from exchange.transport.peer import PEER_PATH, HttpWitness, PeerTransport
 from exchange.transport.worker import DeliveryWorker
 
 
-class BodyLimit:
-    """Refuse request bodies above ``max_bytes`` with 413 problem JSON, declared or streamed.
-    ``path_limits`` overrides the limit for exact paths (the peer envelope batches)."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int, path_limits: dict[str, int] | None = None) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-        self.path_limits = path_limits or {}
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        max_bytes = self.path_limits.get(scope["path"], self.max_bytes)
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-            await self._refuse(scope, receive, send, max_bytes)
-            return
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > max_bytes:
-                raise _TooLarge
-            return message
-
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await self._refuse(scope, receive, send, max_bytes)
-
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send, max_bytes: int) -> None:
-        response = problems.problem(
-            413, "too-large", "Request body too large", f"the body exceeds {max_bytes} bytes"
-        )
-        await response(scope, receive, send)
-
-
-class _TooLarge(Exception):
-    pass
+def payload_errors(node: Node, body: dict[str, Any]) -> list[FieldError]:
+    """The payload's schema errors in a submission whose other fields failed validation."""
+    message_type, payload = body.get("type"), body.get("payload")
+    if not isinstance(message_type, str) or message_type not in node.agreement.message_types:
+        return []
+    if not isinstance(payload, dict):
+        return []
+    return node.catalogue.payload_errors(message_type, payload)
 
 
 def create_app(node: Node, transport: PeerTransport | None = None, *, run_worker: bool = True) -> FastAPI:
@@ -75,8 +49,11 @@ def create_app(node: Node, transport: PeerTransport | None = None, *, run_worker
     ``transport`` (required then) for the lifetime of the app."""
     checkpoints = CheckpointService(node)
     worker = DeliveryWorker(node, transport) if transport is not None else None
+    witnesses = [
+        HttpWitness(w.name, w.url, node.settings.peer_timeout_seconds) for w in node.agreement.witnesses
+    ]
     checkpointer = (
-        Checkpointer(checkpoints, transport, node.settings.checkpoint_interval_seconds)
+        Checkpointer(checkpoints, transport, node.settings.checkpoint_interval_seconds, witnesses)
         if transport is not None
         else None
     )
@@ -100,6 +77,8 @@ def create_app(node: Node, transport: PeerTransport | None = None, *, run_worker
                 thread.join(timeout=30)
             if transport is not None:
                 transport.close()
+            if checkpointer is not None:
+                checkpointer.close()
 
     app = FastAPI(
         title=f"exchange node ({node.party})",
@@ -111,7 +90,10 @@ def create_app(node: Node, transport: PeerTransport | None = None, *, run_worker
             "the partner node alone uses `/v1/peer/*`. Errors are RFC 9457 problem JSON."
         ),
         lifespan=lifespan,
+        docs_url=None,  # no third-party scripts in the node's origin: read /openapi.json with local tools
+        redoc_url=None,
     )
+    openapi.install(app)
     app.state.node = node
     app.state.checkpoints = checkpoints
     app.state.transport = transport
@@ -119,6 +101,7 @@ def create_app(node: Node, transport: PeerTransport | None = None, *, run_worker
     wake: Callable[[], None] = worker.wake if worker is not None else (lambda: None)
     app.state.worker_wake = wake
     app.state.worker = worker
+    setattr(app.state, problems.MORE_FIELD_ERRORS, {"/v1/messages": partial(payload_errors, node)})
     app.include_router(client_router)
     app.include_router(peer_router)
     app.include_router(health_router)
@@ -132,10 +115,13 @@ def create_app(node: Node, transport: PeerTransport | None = None, *, run_worker
     ]
     for exc_class, handler in handlers:
         app.add_exception_handler(exc_class, handler)
+    raw_paths = frozenset({peer_router.prefix + WITNESS_PATH})
     app.add_middleware(
-        BodyLimit,
+        RequestGuard,
         max_bytes=node.settings.max_body_bytes,
+        raw_paths=raw_paths,
         # the partner may send one envelope as large as the agreement allows (exchange/envelope/size.py)
         path_limits={PEER_PATH: peer_body_limit(node.agreement.max_envelope_bytes)},
     )
+    app.add_middleware(SecurityHeaders)  # outermost: the guard's refusals carry the headers too
     return app

@@ -2,8 +2,11 @@
 
 The TLS handshake already proved the certificate chains to a trusted CA (ours or the partner's).
 Here we decide *which* trust applies: local endpoints accept only certificates issued by our own CA
-and registered with ``exchange clients add``; peer endpoints accept only the partner's node
-certificate (issued by the partner CA pinned in the agreement, with the agreed node name).
+and registered with ``exchange clients add``, never one carrying the node-to-node purpose; peer
+endpoints accept only the partner's node certificate: issued by the partner CA in the agreement,
+with the agreed node name, the node-to-node extended key usage, and the public key the agreement
+pins (``node_key_sha256``). A name alone proves nothing: any client certificate of the partner's
+CA could carry it.
 """
 
 from __future__ import annotations
@@ -56,7 +59,10 @@ def registered_client(request: Request) -> Actor:
     pem = client_certificate(request)
     if not crypto.is_issued_by(pem, node.agreement.parties[node.party].ca_certificate.encode()):
         raise Unauthorised("this certificate is not issued by this node's certificate authority")
-    actor = node.actor_for(crypto.certificate_info(pem).fingerprint)
+    info = crypto.certificate_info(pem)
+    if crypto.NODE_PURPOSE_OID in info.purposes:
+        raise Unauthorised("a node-to-node certificate is not a local system")
+    actor = node.actor_for(info.fingerprint)
     if actor is None:
         raise Unauthorised(
             "this client certificate is not registered; ask an administrator to run `exchange clients add`"
@@ -71,5 +77,10 @@ def partner_node(request: Request) -> None:
     pem = client_certificate(request)
     if not crypto.is_issued_by(pem, partner.ca_certificate.encode()):
         raise Unauthorised("only the partner node may call this endpoint")
-    if crypto.certificate_info(pem).common_name != partner.node_name:
+    info = crypto.certificate_info(pem)
+    if (
+        info.common_name != partner.node_name
+        or crypto.NODE_PURPOSE_OID not in info.purposes
+        or not crypto.constant_time_equal(info.public_key_sha256, partner.node_key_sha256)
+    ):
         raise Unauthorised("only the partner node may call this endpoint")

@@ -6,17 +6,36 @@ import datetime as dt
 from importlib.resources import files
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Query, Request, Response
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 
+from exchange.api import models
+from exchange.api.audit_models import (
+    AuditBundle,
+    Checkpoints,
+    ConsistencyProof,
+    EntriesPage,
+    InclusionProof,
+    MessageHistory,
+    Verification,
+)
 from exchange.api.auth import auditor, local_client, node_of, partner_node
+from exchange.api.problems import problem
 from exchange.auditing import AuditService, EntryFilter
 from exchange.checkpoints import CheckpointService
 from exchange.db import repo
-from exchange.errors import FieldError, InvalidInput, LedgerIntegrityError, TransportError
+from exchange.errors import CheckpointConflict, FieldError, InvalidInput, LedgerIntegrityError, TransportError
 from exchange.idempotency import HEADER as IDEMPOTENCY_HEADER
 from exchange.idempotency import IdempotentSubmission
+from exchange.ledger.checkpoint import CheckpointError, parse_body, split_note
+from exchange.ledger.witness_protocol import (
+    ADD_CHECKPOINT,
+    SIZE_MEDIA_TYPE,
+    encode_size,
+    parse_add_checkpoint,
+)
 from exchange.messages import MessageSubmission
 from exchange.policy import Actor
 
@@ -49,11 +68,31 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+class Raised(BaseModel):
+    rule: str
+    version: str = Field(description="id@version of the rule")
+    kind: str = Field(description="level, tlp or handling")
+    from_: str = Field(alias="from")
+    to: str
+    reason: str
+
+
+class Replaced(BaseModel):
+    path: str = Field(description="where in the message a value was replaced (never the value)")
+    rule: str
+
+
 class Accepted(BaseModel):
     id: str
     status: str
     thread_id: str
-    classification: dict[str, Any]
+    classification: dict[str, Any] = Field(
+        description="the final marking in this node's scheme and its equivalent in the partner's"
+    )
+    tlp: str
+    handling_codes: list[str]
+    raised: list[Raised] = Field(description="every floor that raised the marking, with its rule and reason")
+    replaced: list[Replaced] = Field(description="identities replaced before sealing (an informant's)")
     envelope_sha256: str
 
 
@@ -69,8 +108,9 @@ def submit_message(
 ) -> dict[str, Any]:
     """Validate, classify, apply the agreement's rules, seal and queue a message for the partner.
 
-    Answers 202 with the message id and its final classification (in both national schemes), or a
-    problem naming every invalid field (422) or every rule that refused (403). With an
+    Answers 202 with the message id, its final classification (in both national schemes) and every
+    floor that raised it, or a problem naming every invalid field (422) or every rule that refused
+    with what would satisfy it (403). With an
     ``Idempotency-Key``, a retry answers the original 202 (``Idempotent-Replayed: true``).
     """
     node = node_of(request)
@@ -82,22 +122,42 @@ def submit_message(
     return accepted
 
 
-@client_router.get("/messages/{message_id}", summary="Status of a message")
+@client_router.get(
+    "/messages/{message_id}", summary="Status of a message", response_model=models.MessageStatus
+)
 def message_status(message_id: str, actor: LocalClient, request: Request) -> dict[str, Any]:
     """queued, sent, delivered (with the partner's signed receipt) or failed (with the reason)."""
-    return node_of(request).status(actor, message_id)
+    return node_of(request).status(actor, message_id, _now())
 
 
-@client_router.get("/inbox", summary="Pull received messages")
+@client_router.get("/cases/{case_ref:path}", summary="A case with its messages, in this client's view")
+def case_view(case_ref: str, actor: LocalClient, request: Request) -> dict[str, Any]:
+    """Every message of the case this system may see (sent by it, or released to it by the rules),
+    oldest first, metadata only; 404 if it may see none."""
+    return node_of(request).case(actor, case_ref, _now())
+
+
+@client_router.get("/inbox", summary="Pull received messages", response_model=models.InboxPage)
 def inbox(
     actor: LocalClient,
     request: Request,
-    after: Annotated[int, Query(ge=0, description="cursor: next_cursor of the previous page")] = 0,
+    after: Annotated[
+        int, Query(ge=0, le=models.MAX_INT64, description="cursor: next_cursor of the previous page")
+    ] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    purpose: Annotated[
+        list[str] | None, Query(description="the use of this pull (default: the client's purposes)")
+    ] = None,
 ) -> dict[str, Any]:
-    """Messages from the partner this system is cleared for, in order, from the cursor on."""
+    """Messages from the partner this system may receive, in order, from the cursor on, each with
+    its marking in both schemes and the paths the rules redacted. Every release and every refusal is
+    ledgered with the rules that decided it."""
     node = node_of(request)
-    page = node.inbox(actor, after, min(limit, node.settings.inbox_page_max), _now())
+    unknown = [p for p in purpose or [] if p not in node.agreement.purposes]
+    if unknown:
+        raise InvalidInput("unknown purpose", [FieldError("purpose", f"{unknown} not among the purposes")])
+    use = frozenset(purpose) if purpose else None
+    page = node.inbox(actor, after, min(limit, node.settings.inbox_page_max), _now(), use)
     return {"items": page.items, "next_cursor": page.next_cursor}
 
 
@@ -105,7 +165,12 @@ class EnvelopeBatch(BaseModel):
     envelopes: list[str] = Field(min_length=1, max_length=1000)
 
 
-@peer_router.post("/envelopes", summary="Deliver envelopes (partner node only)")
+@peer_router.post(
+    "/envelopes",
+    summary="Deliver envelopes (partner node only)",
+    response_model=models.EnvelopeResults,
+    response_model_exclude_none=True,
+)
 def receive_envelopes(batch: EnvelopeBatch, request: Request) -> dict[str, Any]:
     """One result per envelope, in order: ``accepted`` with a signed receipt, or ``rejected``."""
     results = node_of(request).receive(batch.envelopes, _now())
@@ -118,33 +183,70 @@ def receive_envelopes(batch: EnvelopeBatch, request: Request) -> dict[str, Any]:
 
 
 @peer_router.get(
-    "/audit/messages/{message_id}", summary="This node's record of a message (partner node only)"
+    "/audit/messages/{message_id}",
+    summary="This node's record of a message (partner node only)",
+    response_model=models.LedgerEntries,
 )
 def peer_message_history(message_id: str, request: Request) -> dict[str, Any]:
     """For the partner's auditors: this node's ledger entries about one message, metadata only."""
     return {"entries": audit_of(request).message_history(message_id)}
 
 
-class WitnessBody(BaseModel):
-    checkpoint: str = Field(description="a C2SP signed-note checkpoint of the partner's ledger")
-    from_size: int = Field(ge=0, description="the size the consistency proof starts from")
-    proof: list[str] = Field(default_factory=list, max_length=64, description="hex SHA-256 hashes")
+WITNESS_STATUS = {"bad-request": 400, "inconsistent": 422}
+WITNESS_PATH = "/witness" + ADD_CHECKPOINT  # under /v1/peer: its body is the spec's text, not JSON
 
 
-@peer_router.post("/checkpoints", summary="Witness a checkpoint (partner node only)")
-def witness_checkpoint(body: WitnessBody, request: Request) -> dict[str, Any]:
-    """Cosign the partner's checkpoint (C2SP cosignature/v1) if it is consistent with the last one
-    witnessed. 409 with ``witnessed_size`` when the proof starts elsewhere or the checkpoint
-    conflicts (fork, rollback, failed proof: a security incident, ledgered)."""
+@peer_router.post(
+    WITNESS_PATH,
+    summary="C2SP tlog-witness add-checkpoint (partner node only)",
+    response_class=PlainTextResponse,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+            "description": "old <size>, consistency proof lines (base64), an empty line, the checkpoint",
+        }
+    },
+    responses={
+        200: {"description": "the cosignature line(s)", "content": {"text/plain": {}}},
+        400: {"description": "malformed, or an old size beyond the checkpoint", **PROBLEM},
+        403: {"description": "not signed by the partner's pinned checkpoint key", **PROBLEM},
+        404: {"description": "a checkpoint of another log than the partner's", **PROBLEM},
+        409: {
+            "description": "the witness's size (old size mismatch, or a fork)",
+            "content": {SIZE_MEDIA_TYPE: {}},
+        },
+        422: {"description": "the consistency proof does not verify (an incident)", **PROBLEM},
+    },
+)
+async def witness_add_checkpoint(request: Request) -> Response:
+    """Cosign the partner's checkpoint as a C2SP tlog-witness (https://c2sp.org/tlog-witness) if it
+    is consistent with the last one witnessed. A fork, a rollback or a failed proof is refused and
+    ledgered as a security incident."""
     try:
-        proof = [bytes.fromhex(p) for p in body.proof]
-    except ValueError as exc:
-        raise InvalidInput("proof elements must be hex", [FieldError("proof", str(exc))]) from exc
-    line = checkpoints_of(request).witness(body.checkpoint, body.from_size, proof, _now())
-    return {"cosignature": line}
+        add = parse_add_checkpoint(await request.body())
+        origin, size, _, _ = parse_body(split_note(add.note)[0])
+    except CheckpointError as exc:
+        return problem(400, "invalid-checkpoint", "Malformed add-checkpoint request", str(exc))
+    service = checkpoints_of(request)
+    if origin != node_of(request).partner.ledger_origin:
+        return problem(404, "unknown-log", "Unknown log", "this node witnesses only its partner's log")
+    try:
+        line = await run_in_threadpool(service.witness, add.note, add.old_size, add.proof, _now())
+    except CheckpointError as exc:
+        return problem(403, "invalid-checkpoint", "The checkpoint is not validly signed", str(exc))
+    except CheckpointConflict as exc:
+        status = WITNESS_STATUS.get(exc.reason, 409)
+        if exc.reason == "rollback" and add.old_size > size:
+            status = 400  # the spec's first check: an old size beyond the checkpoint
+        if status == 409:
+            # exactly the media type the spec names (Starlette would append a charset to a text/ type)
+            return Response(encode_size(exc.witnessed_size), 409, headers={"content-type": SIZE_MEDIA_TYPE})
+        return problem(status, "checkpoint-conflict", "The checkpoint is refused", str(exc))
+    return PlainTextResponse(line + "\n")
 
 
-@health_router.get("/healthz", summary="Liveness and a few gauges")
+@health_router.get("/healthz", summary="Liveness and a few gauges", response_model=models.Health)
 def health(request: Request) -> dict[str, Any]:
     node = node_of(request)
     with node.db.read() as conn:
@@ -168,16 +270,18 @@ def audit_of(request: Request) -> AuditService:
     return service
 
 
-@audit_router.get("/entries", summary="Ledger entries (no content)")
+@audit_router.get("/entries", summary="Ledger entries (no content)", response_model=EntriesPage)
 def audit_entries(
     request: Request,
     case: str | None = None,
     message: str | None = None,
     event: str | None = None,
     rule: str | None = None,
-    since: Annotated[str | None, Query(description="RFC 3339 time, inclusive")] = None,
-    until: Annotated[str | None, Query(description="RFC 3339 time, exclusive")] = None,
-    after: Annotated[int, Query(ge=-1, description="cursor: next_cursor of the previous page")] = -1,
+    since: Annotated[models.RFC3339, Query(description="RFC 3339 time, inclusive")] = None,
+    until: Annotated[models.RFC3339, Query(description="RFC 3339 time, exclusive")] = None,
+    after: Annotated[
+        int, Query(ge=-1, le=models.MAX_INT64, description="cursor: next_cursor of the previous page")
+    ] = -1,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> dict[str, Any]:
     """Entries matching every filter given: ids, case references, decisions, rule ids, hashes."""
@@ -185,7 +289,9 @@ def audit_entries(
     return audit_of(request).entries(where, after, limit)
 
 
-@audit_router.get("/messages/{message_id}", summary="A message's history on both nodes")
+@audit_router.get(
+    "/messages/{message_id}", summary="A message's history on both nodes", response_model=MessageHistory
+)
 def audit_message_history(message_id: str, request: Request) -> dict[str, Any]:
     """This node's ledger entries about the message and the partner node's (fetched over the peer
     link; metadata only). ``partner_error`` says why the partner's part is missing, if it is."""
@@ -208,26 +314,38 @@ def audit_message_history(message_id: str, request: Request) -> dict[str, Any]:
     }
 
 
-@audit_router.get("/checkpoints", summary="Signed checkpoints, cosignatures, witnessed checkpoints")
+@audit_router.get(
+    "/checkpoints",
+    summary="Signed checkpoints, cosignatures, witnessed checkpoints, verifier keys",
+    response_model=Checkpoints,
+)
 def audit_checkpoints(request: Request) -> dict[str, Any]:
+    """Every checkpoint this node signed with its cosignatures, every partner checkpoint it
+    witnessed, and the note verifier keys (name+keyid+base64) that check them."""
     return audit_of(request).checkpoints()
 
 
-@audit_router.get("/proofs/inclusion", summary="Inclusion proof of an entry")
+@audit_router.get("/proofs/inclusion", summary="Inclusion proof of an entry", response_model=InclusionProof)
 def audit_inclusion(
-    request: Request, seq: Annotated[int, Query(ge=0)], size: Annotated[int | None, Query(ge=1)] = None
+    request: Request,
+    seq: Annotated[int, Query(ge=0, le=models.MAX_INT64)],
+    size: Annotated[int | None, Query(ge=1, le=models.MAX_INT64)] = None,
 ) -> dict[str, Any]:
     return audit_of(request).inclusion(seq, size)
 
 
-@audit_router.get("/proofs/consistency", summary="Consistency proof between two tree sizes")
+@audit_router.get(
+    "/proofs/consistency", summary="Consistency proof between two tree sizes", response_model=ConsistencyProof
+)
 def audit_consistency(
-    request: Request, old: Annotated[int, Query(ge=1)], new: Annotated[int | None, Query(ge=1)] = None
+    request: Request,
+    old: Annotated[int, Query(ge=1, le=models.MAX_INT64)],
+    new: Annotated[int | None, Query(ge=1, le=models.MAX_INT64)] = None,
 ) -> dict[str, Any]:
     return audit_of(request).consistency(old, new)
 
 
-@audit_router.post("/verify", summary="Verify the whole ledger now")
+@audit_router.post("/verify", summary="Verify the whole ledger now", response_model=Verification)
 def audit_verify(request: Request) -> dict[str, Any]:
     """Recompute the tree and check every checkpoint and cosignature; names the first failure."""
     try:
@@ -240,20 +358,23 @@ def audit_verify(request: Request) -> dict[str, Any]:
         "entries": report.entries,
         "checkpoints": report.checkpoints,
         "cosignatures": report.cosignatures,
+        "witness_cosignatures": dict(report.witness_cosignatures),
         "witnessed": report.witnessed,
     }
 
 
-@audit_router.get("/export", summary="Download an audit bundle")
+@audit_router.get("/export", summary="Download an audit bundle", response_model=AuditBundle)
 def audit_export(
     request: Request,
-    start: Annotated[int, Query(alias="from", ge=0)] = 0,
-    end: Annotated[int | None, Query(alias="to")] = None,
+    start: Annotated[int, Query(alias="from", ge=0, le=models.MAX_INT64)] = 0,
+    end: Annotated[int | None, Query(alias="to", ge=1, le=models.MAX_INT64)] = None,
 ) -> JSONResponse:
-    """Entries, the signed and cosigned checkpoint, and the range proof, for offline verification
-    with ``exchange audit verify --bundle FILE --agreement AGREEMENT``."""
+    """Entries with their RFC 9162 inclusion proofs, the cosigned checkpoint and a consistency proof
+    (schemas/audit-bundle.schema.json), for offline verification with
+    ``exchange audit verify --bundle FILE --agreement AGREEMENT`` or public tools."""
     bundle = audit_of(request).export(start, end)
-    name = f"audit-{bundle['party']}-{bundle['range']['start']}-{bundle['range']['end']}.json"
+    first, last = bundle["entries"][0]["index"], bundle["entries"][-1]["index"]
+    name = f"audit-{bundle['party']}-{first}-{last + 1}.json"
     return JSONResponse(bundle, headers={"content-disposition": f'attachment; filename="{name}"'})
 
 

@@ -7,8 +7,11 @@ from pathlib import Path
 
 import uvicorn
 
+from exchange import crypto, tls_policy
 from exchange.api.app import create_app
 from exchange.api.tls import TLSHttpToolsProtocol
+from exchange.errors import ConfigurationError
+from exchange.files import write_private
 from exchange.node import Node
 from exchange.pki import TLSFiles
 from exchange.transport.peer import HttpsPeerTransport, client_ssl_context
@@ -19,14 +22,45 @@ def write_trust_bundle(node: Node, tls: TLSFiles) -> Path:
     the agreement (public certificates only)."""
     bundle = tls.trust_bundle
     parties = node.agreement.parties
-    bundle.write_text(parties[node.party].ca_certificate + "\n" + parties[node.partner_party].ca_certificate)
+    write_private(
+        bundle, parties[node.party].ca_certificate + "\n" + parties[node.partner_party].ca_certificate
+    )
     return bundle
+
+
+def check_node_identity(node: Node, tls: TLSFiles) -> None:
+    """Refuse to start as a party this node directory is not: the message keys must be the
+    party's, and the node-to-node certificate must be issued by the party's CA in the agreement,
+    carry the agreed node name and node purpose, and hold the pinned public key.
+
+    Raises:
+        ConfigurationError: naming what does not match.
+    """
+    party = node.agreement.parties[node.party]
+    if node.keys.party != node.party:
+        raise ConfigurationError(
+            f"this node directory holds the keys of {node.keys.party}, but its settings say party ="
+            f" {node.party!r}"
+        )
+    pem = tls.node_cert.read_bytes()
+    info = crypto.certificate_info(pem)
+    problems = []
+    if not crypto.is_issued_by(pem, party.ca_certificate.encode()):
+        problems.append(f"is not issued by the CA of {node.party} in the agreement")
+    if info.common_name != party.node_name:
+        problems.append(f"names {info.common_name!r}, not the agreed node name {party.node_name!r}")
+    if crypto.NODE_PURPOSE_OID not in info.purposes:
+        problems.append("lacks the node-to-node extended key usage")
+    if not crypto.constant_time_equal(info.public_key_sha256, party.node_key_sha256):
+        problems.append(f"holds a key other than the pinned parties.{node.party}.node_key_sha256")
+    if problems:
+        raise ConfigurationError(f"the node certificate {tls.node_cert} {'; '.join(problems)}")
 
 
 def peer_transport(node: Node, tls: TLSFiles) -> HttpsPeerTransport:
     """The HTTPS transport to the partner, trusting only the partner CA pinned in the agreement."""
     partner_ca = tls.partner_ca
-    partner_ca.write_text(node.agreement.parties[node.partner_party].ca_certificate)
+    write_private(partner_ca, node.agreement.parties[node.partner_party].ca_certificate)
     ctx = client_ssl_context(
         ca_file=partner_ca,
         cert_file=tls.node_cert,
@@ -42,6 +76,7 @@ def serve(node: Node) -> None:
     settings = node.settings
     tls = TLSFiles(settings.tls_dir)
     tls.check(settings.passphrase())
+    check_node_identity(node, tls)
     app = create_app(node, peer_transport(node, tls))
     config = uvicorn.Config(
         app,
@@ -58,7 +93,11 @@ def serve(node: Node) -> None:
         timeout_keep_alive=75,
         timeout_graceful_shutdown=20,
         server_header=False,
+        ssl_ciphers=tls_policy.TLS12_CIPHERS,
     )
+    config.load()
+    assert config.ssl is not None
+    tls_policy.harden(config.ssl)
     try:
         uvicorn.Server(config).run()
     finally:

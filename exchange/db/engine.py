@@ -18,6 +18,7 @@ import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -27,6 +28,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection, Engine
 
 from exchange.errors import ConfigurationError, DatabaseNotMigrated, DatabaseUnavailable
+from exchange.files import create_private
 
 log = logging.getLogger("exchange.db")
 
@@ -139,11 +141,44 @@ def alembic_config(url: str) -> Config:
     return cfg
 
 
-def upgrade(url: str, revision: str = "head") -> None:
-    """Run the migrations up to ``revision``."""
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a SQLite URL (None for another database or an in-memory one)."""
+    parsed = sa.engine.make_url(normalise_url(url))
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
+def current_revision(url: str) -> str | None:
+    """The database's migration revision, None when it has none. A SQLite file that does not
+    exist is not created.
+
+    Raises:
+        ConfigurationError: the database cannot be opened.
+    """
+    path = sqlite_path(url)
+    if path is not None and not path.exists():
+        return None
+    engine = make_engine(url, writer=False)
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    except sa.exc.OperationalError as exc:
+        raise ConfigurationError(f"cannot open the database: {exc.orig}") from exc
+    finally:
+        engine.dispose()
+
+
+def upgrade(url: str, revision: str = "head") -> str | None:
+    """Run the migrations up to ``revision``; returns the revision reached. A new SQLite file is
+    created owner-only (its WAL and shared-memory files take the same mode)."""
     from alembic import command
 
+    path = sqlite_path(url)
+    if path is not None:
+        create_private(path)
     command.upgrade(alembic_config(url), revision)
+    return current_revision(url)
 
 
 class Database:
@@ -151,6 +186,9 @@ class Database:
 
     def __init__(self, url: str) -> None:
         self.url = url
+        path = sqlite_path(url)
+        if path is not None and path.exists():
+            create_private(path)  # owner-only, also for a file made before this rule
         self.engine = make_engine(url)
         self.reader = make_engine(url, writer=False) if self.engine.dialect.name == "sqlite" else self.engine
         self.availability = Availability(self.engine.url.render_as_string(hide_password=True))
@@ -194,13 +232,10 @@ class Database:
             self.availability.succeeded()
 
     def check_migrated(self) -> None:
-        """Raise DatabaseNotMigrated unless the schema is at the migrations' head."""
+        """Raise DatabaseNotMigrated unless the schema is at the migrations' head (a SQLite file
+        that does not exist yet is left uncreated)."""
         head = ScriptDirectory.from_config(alembic_config(self.url)).get_current_head()
-        try:
-            with self.engine.connect() as conn:
-                current = MigrationContext.configure(conn).get_current_revision()
-        except sa.exc.OperationalError as exc:
-            raise ConfigurationError(f"cannot open the database: {exc.orig}") from exc
+        current = current_revision(self.url)
         if current != head:
             raise DatabaseNotMigrated(
                 f"the database is at revision {current or '(empty)'} but this code needs {head}:"

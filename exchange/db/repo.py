@@ -19,11 +19,14 @@ from sqlalchemy.engine import Connection
 from exchange.db.schema import (
     checkpoints,
     clients,
+    consent_requests,
     ledger_entries,
     ledger_head,
     ledger_subtrees,
     messages,
     outbox,
+    reclassifications,
+    witness_cosignatures,
     witnessed,
 )
 from exchange.errors import InvalidInput, LedgerIntegrityError, NotFound
@@ -86,6 +89,122 @@ def inbound_after(conn: Connection, after: int, limit: int) -> list[dict[str, An
         .limit(limit)
     )
     return [dict(r._mapping) for r in rows]
+
+
+def messages_in_case(conn: Connection, case_ref: str, limit: int) -> list[dict[str, Any]]:
+    """The messages of a case (both directions), oldest first."""
+    rows = conn.execute(
+        sa.select(messages)
+        .where(messages.c.case_ref == case_ref)
+        .order_by(messages.c.created_at)
+        .limit(limit)
+    )
+    return [dict(r._mapping) for r in rows]
+
+
+def messages_in_thread(conn: Connection, thread_id: str, limit: int = 200) -> list[dict[str, Any]]:
+    """The messages of a thread (both directions)."""
+    rows = conn.execute(sa.select(messages).where(messages.c.thread_id == thread_id).limit(limit))
+    return [dict(r._mapping) for r in rows]
+
+
+def contents_under(conn: Connection, kids: Sequence[str]) -> list[dict[str, Any]]:
+    """The messages whose content is wrapped by one of ``kids`` (id, bound metadata, content)."""
+    if not kids:
+        return []
+    rows = conn.execute(
+        sa.select(messages).where(messages.c.content_kid.in_(list(kids)), messages.c.content.is_not(None))
+    )
+    return [dict(r._mapping) for r in rows]
+
+
+def due_for_destruction(conn: Connection, now: str, limit: int) -> list[dict[str, Any]]:
+    """Messages past their destroy date whose content still exists, oldest first."""
+    rows = conn.execute(
+        sa.select(messages)
+        .where(messages.c.destroyed_at.is_(None), messages.c.destroy_after <= now)
+        .order_by(messages.c.destroy_after)
+        .limit(limit)
+    )
+    return [dict(r._mapping) for r in rows]
+
+
+def referenced_kids(conn: Connection) -> set[str]:
+    """Every KEK id some stored content still needs."""
+    rows = conn.execute(
+        sa.select(messages.c.content_kid).where(messages.c.content_kid.is_not(None)).distinct()
+    )
+    return {str(r.content_kid) for r in rows}
+
+
+def mark_destroyed(conn: Connection, message_id: str, *, at: str, reason: str) -> None:
+    """Forget a message's content and transport envelope; its metadata and digests stay."""
+    conn.execute(
+        messages.update()
+        .where(messages.c.id == message_id)
+        .values(
+            content=None,
+            content_kid=None,
+            envelope=None,
+            destroyed_at=at,
+            destroyed_reason=reason,
+            updated_at=at,
+        )
+    )
+
+
+def open_requests(conn: Connection, types: Sequence[str]) -> list[dict[str, Any]]:
+    """Messages of these types with a response due and no answer yet (a message in reply to them)."""
+    answered = sa.select(messages.c.in_reply_to).where(messages.c.in_reply_to.is_not(None))
+    rows = conn.execute(
+        sa.select(messages)
+        .where(
+            messages.c.type.in_(list(types)),
+            messages.c.response_due.is_not(None),
+            messages.c.id.not_in(answered),
+        )
+        .order_by(messages.c.response_due)
+    )
+    return [dict(r._mapping) for r in rows]
+
+
+# --- consent requests and reclassifications ---------------------------------------------------------
+
+
+def insert_consent_request(conn: Connection, row: Mapping[str, Any]) -> None:
+    conn.execute(consent_requests.insert(), dict(row))
+
+
+def get_consent_request(conn: Connection, request_id: str) -> dict[str, Any] | None:
+    row = conn.execute(sa.select(consent_requests).where(consent_requests.c.id == request_id)).first()
+    return dict(row._mapping) if row else None
+
+
+def update_consent_request(conn: Connection, request_id: str, **values: Any) -> None:
+    conn.execute(consent_requests.update().where(consent_requests.c.id == request_id).values(**values))
+
+
+def consent_requests_for(
+    conn: Connection, *, direction: str, message_ids: Sequence[str] | None = None
+) -> list[dict[str, Any]]:
+    """Consent requests of one direction (optionally about these messages), oldest first."""
+    query = sa.select(consent_requests).where(consent_requests.c.direction == direction)
+    if message_ids is not None:
+        query = query.where(consent_requests.c.message_id.in_(list(message_ids)))
+    return [dict(r._mapping) for r in conn.execute(query.order_by(consent_requests.c.requested_at))]
+
+
+def insert_reclassification(conn: Connection, row: Mapping[str, Any]) -> None:
+    conn.execute(reclassifications.insert(), dict(row))
+
+
+def reclassifications_of(conn: Connection, message_id: str) -> list[dict[str, Any]]:
+    rows = conn.execute(
+        sa.select(reclassifications)
+        .where(reclassifications.c.message_id == message_id)
+        .order_by(reclassifications.c.id)
+    )
+    return [{k: v for k, v in r._mapping.items() if k != "id"} for r in rows]
 
 
 # --- outbox --------------------------------------------------------------------------------------
@@ -386,6 +505,49 @@ def record_cosignature(conn: Connection, size: int, line: str, at: str) -> None:
 
 def all_checkpoints(conn: Connection) -> list[dict[str, Any]]:
     return [dict(r._mapping) for r in conn.execute(sa.select(checkpoints).order_by(checkpoints.c.size))]
+
+
+def record_witness_cosignature(conn: Connection, size: int, witness: str, line: str, at: str) -> None:
+    """Keep a further witness's cosignature of our checkpoint of ``size`` (once per witness)."""
+    exists = conn.execute(
+        sa.select(witness_cosignatures.c.size).where(
+            witness_cosignatures.c.size == size, witness_cosignatures.c.witness == witness
+        )
+    ).first()
+    if exists is None:
+        conn.execute(
+            witness_cosignatures.insert(),
+            {"size": size, "witness": witness, "cosignature": line, "cosigned_at": at},
+        )
+
+
+def latest_cosigned_by(conn: Connection, witness: str) -> int:
+    """The largest of our checkpoint sizes ``witness`` cosigned (0 if none)."""
+    value = conn.execute(
+        sa.select(sa.func.max(witness_cosignatures.c.size)).where(witness_cosignatures.c.witness == witness)
+    ).scalar()
+    return int(value) if value is not None else 0
+
+
+def witness_cosignatures_by_size(conn: Connection) -> dict[int, dict[str, str]]:
+    """Every further witness cosignature: size -> {witness name: line}."""
+    found: dict[int, dict[str, str]] = {}
+    for row in conn.execute(sa.select(witness_cosignatures).order_by(witness_cosignatures.c.size)):
+        found.setdefault(int(row.size), {})[str(row.witness)] = str(row.cosignature)
+    return found
+
+
+def checkpoint_at(conn: Connection, size: int) -> dict[str, Any] | None:
+    row = conn.execute(sa.select(checkpoints).where(checkpoints.c.size == size)).first()
+    return dict(row._mapping) if row else None
+
+
+def first_checkpoint_covering(conn: Connection, size: int) -> dict[str, Any] | None:
+    """The smallest of our checkpoints of at least ``size``."""
+    row = conn.execute(
+        sa.select(checkpoints).where(checkpoints.c.size >= size).order_by(checkpoints.c.size).limit(1)
+    ).first()
+    return dict(row._mapping) if row else None
 
 
 def latest_witnessed(conn: Connection) -> dict[str, Any] | None:

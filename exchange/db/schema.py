@@ -18,6 +18,7 @@ clients = sa.Table(
     sa.Column("message_types", sa.JSON, nullable=False),
     sa.Column("purposes", sa.JSON, nullable=False),
     sa.Column("created_at", sa.String(40), nullable=False),
+    sa.Column("cases", sa.JSON, nullable=False),  # ["ALL"] or the case references it may handle
 )
 
 messages = sa.Table(
@@ -43,14 +44,35 @@ messages = sa.Table(
     sa.Column("submitted_by", sa.String(64)),
     sa.Column("status", sa.String(16), nullable=False),
     sa.Column("status_reason", sa.Text),
-    sa.Column("envelope", sa.Text, nullable=False),  # the JWE: encrypted at rest
+    sa.Column("envelope", sa.Text),  # the transport JWE, kept only until delivered
     sa.Column("envelope_sha256", sa.String(64), nullable=False),
     sa.Column("receipt", sa.Text),
     sa.Column("receipt_at", sa.String(40)),
     sa.Column("inbox_seq", sa.BigInteger, unique=True),
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
     sa.Column("updated_at", sa.String(40), nullable=False),
+    # what release decisions read without decrypting: never a value, only roles, categories, names
+    sa.Column("addressed_to", sa.JSON, nullable=False),
+    sa.Column("recipients", sa.JSON, nullable=False),
+    sa.Column("subject_roles", sa.JSON, nullable=False),
+    sa.Column("categories", sa.JSON, nullable=False),
+    sa.Column("mla_reference", sa.String(128)),
+    sa.Column("kind", sa.String(16), nullable=False, server_default="information"),  # or control
+    sa.Column("content", sa.Text),  # the signed JWS, encrypted at rest (exchange.envelope.at_rest)
+    sa.Column("content_kid", sa.String(32)),  # the KEK that wraps it
+    sa.Column("content_sha256", sa.String(64)),  # of the signed JWS: evidence after destruction
+    sa.Column("signer_kid", sa.String(128)),
+    sa.Column("destroy_after", sa.String(40)),
+    sa.Column("destroyed_at", sa.String(40)),
+    sa.Column("destroyed_reason", sa.Text),
+    sa.Column("response_due", sa.String(40)),
+    sa.Column("overdue_at", sa.String(40)),  # when the overdue request was ledgered
 )
+sa.Index("ix_messages_destroy_after", messages.c.destroy_after)
+sa.Index("ix_messages_content_kid", messages.c.content_kid)
+sa.Index("ix_messages_in_reply_to", messages.c.in_reply_to)
+sa.Index("ix_messages_case_ref", messages.c.case_ref)
+sa.Index("ix_messages_thread_id", messages.c.thread_id)
 sa.Index("ix_messages_direction_inbox_seq", messages.c.direction, messages.c.inbox_seq)
 
 outbox = sa.Table(
@@ -134,3 +156,44 @@ witnessed = sa.Table(
     sa.Column("cosignature", sa.Text, nullable=False),
     sa.Column("witnessed_at", sa.String(40), nullable=False),
 )
+
+consent_requests = sa.Table(
+    "consent_requests",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("message_id", sa.String(64), nullable=False, index=True),
+    sa.Column("direction", sa.String(3), nullable=False),  # out: we asked; in: asked of us
+    sa.Column("requested_by", sa.String(64)),
+    sa.Column("recipient", sa.String(64)),
+    sa.Column("purposes", sa.JSON, nullable=False),
+    sa.Column("justification", sa.Text, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("requested_at", sa.String(40), nullable=False),
+    sa.Column("decided_by", sa.String(64)),
+    sa.Column("decided_at", sa.String(40)),
+    sa.Column("conditions", sa.Text),
+    sa.Column("expires_at", sa.String(40)),
+    sa.Column("revoked_at", sa.String(40)),
+)
+
+reclassifications = sa.Table(
+    "reclassifications",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("message_id", sa.String(64), nullable=False, index=True),
+    sa.Column("scheme", sa.String(32), nullable=False),
+    sa.Column("from_level", sa.String(64), nullable=False),
+    sa.Column("to_level", sa.String(64), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("notice_id", sa.String(64), nullable=False),
+    sa.Column("at", sa.String(40), nullable=False),
+)
+witness_cosignatures = sa.Table(  # cosignatures of our checkpoints by the agreement's further witnesses
+    "witness_cosignatures",
+    metadata,
+    sa.Column("size", sa.BigInteger, sa.ForeignKey("checkpoints.size"), primary_key=True),
+    sa.Column("witness", sa.String(255), primary_key=True),
+    sa.Column("cosignature", sa.Text, nullable=False),
+    sa.Column("cosigned_at", sa.String(40), nullable=False),
+)
+sa.Index("ix_witness_cosignatures_witness_size", witness_cosignatures.c.witness, witness_cosignatures.c.size)

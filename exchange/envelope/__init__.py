@@ -8,6 +8,9 @@ from exchange.envelope.jose import (
     open_stored,
     peek_header,
     seal,
+    seal_signed,
+    sign,
+    signed_payload,
 )
 from exchange.envelope.receipt import Receipt, sign_receipt, verify_receipt
 from exchange.envelope.size import check_envelope_size, peer_body_limit
@@ -23,6 +26,9 @@ __all__ = [
     "peek_header",
     "peer_body_limit",
     "seal",
+    "seal_signed",
+    "sign",
     "sign_receipt",
+    "signed_payload",
     "verify_receipt",
 ]

@@ -4,7 +4,12 @@
 Guarantees of :func:`open_envelope` when it returns:
 - the JWE decrypted under one of our keys named by its ``kid`` (so it was meant for us), with the
   protected header authenticated by AES-GCM;
-- the JWS verified under a signing key of the expected sender, named by its ``kid``;
+- the JWS verified under a signing key of the expected sender, named by its ``kid``, and its payload
+  is exactly the RFC 8785 canonical form of the message (so it has no duplicate member and no two
+  parsers can read two different messages from the same signed bytes);
+- the JWE protected header has every required field (``malformed`` otherwise, before decrypting),
+  ``cty`` is ``JOSE``, and any ``crit`` parameter is one this implementation understands; other
+  unknown parameters are ignored, as RFC 7515 §4 and RFC 7516 §4 require;
 - every security field of the JWE protected header equals the same field of the signed message,
   so a header cannot be swapped between envelopes or edited in transit;
 - sender and recipient are the expected parties, the agreement is one we hold, and the creation
@@ -17,6 +22,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import functools
+import hmac
 import json
 import warnings
 from collections.abc import Mapping
@@ -24,11 +30,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from joserfc import jwe, jws
-from joserfc.errors import JoseError, SecurityWarning
+from joserfc.errors import (
+    InvalidHeaderValueError,
+    JoseError,
+    MissingHeaderError,
+    SecurityWarning,
+    UnsupportedHeaderError,
+)
 from joserfc.jwk import OKPKey
 from joserfc.registry import HeaderParameter
 
 from exchange.canonical import canonical_json, sha256_hex
+from exchange.envelope.size import LARGEST_ENVELOPE_BYTES
 from exchange.errors import EnvelopeError, ReplayRejected
 from exchange.types import KeyId
 
@@ -75,14 +88,20 @@ def _registries(max_envelope_bytes: int) -> tuple[jwe.JWERegistry, jws.JWSRegist
     """The JOSE registries with their size limits set from the agreement's ``max_envelope_bytes``
     (the library's defaults, 64 KB of ciphertext and 128 KB of JWS payload, would refuse a message
     the sender accepted)."""
-    jwe_registry = jwe.JWERegistry(header_registry=_registry_entries(), algorithms=[JWE_ALG, JWE_ENC])
+    jwe_registry = jwe.JWERegistry(
+        header_registry=_registry_entries(), algorithms=[JWE_ALG, JWE_ENC], strict_check_header=False
+    )
     jwe_registry.max_ciphertext_length = max_envelope_bytes
-    jws_registry = jws.JWSRegistry(algorithms=[JWS_ALG])
+    jws_registry = jws.JWSRegistry(algorithms=[JWS_ALG], strict_check_header=False)
     jws_registry.max_payload_length = max_envelope_bytes
     return jwe_registry, jws_registry
 
 
+# strict_check_header=False: an unknown parameter not listed in ``crit`` must be ignored (RFC 7516 §4,
+# RFC 7515 §4); joserfc still refuses a ``crit`` that names a parameter outside the registry.
 _JWE_REGISTRY, _JWS_REGISTRY = _registries(MAX_ENVELOPE_BYTES)
+#: Header parameters this implementation understands, beyond the JOSE registries: what ``crit`` may name.
+UNDERSTOOD_PARAMS = frozenset(HEADER_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -94,6 +113,7 @@ class OpenedEnvelope:
     signer_kid: KeyId
     recipient_kid: KeyId
     digest: str  # hex SHA-256 of the compact JWE as received
+    signed: str = ""  # the verified compact JWS (kept at rest as evidence)
 
 
 def envelope_digest(compact: str) -> str:
@@ -108,20 +128,44 @@ def _header_of(message: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"message lacks the envelope field {exc.args[0]!r}") from exc
 
 
+def sign(message: Mapping[str, Any], *, signing_key: OKPKey) -> str:
+    """The compact JWS of ``message`` (canonical JSON). Raises ``ValueError`` without a kid."""
+    if signing_key.kid is None:
+        raise ValueError("the signing key must carry a kid")
+    return jws.serialize_compact(
+        {"alg": JWS_ALG, "kid": signing_key.kid, "typ": SIGNED_TYP},
+        canonical_json(dict(message)),
+        signing_key,
+        registry=_JWS_REGISTRY,
+    )
+
+
+def signed_payload(signed: str) -> dict[str, Any]:
+    """The message inside a compact JWS, NOT verified: only for a JWS this node signed itself or
+    verified when it admitted it (content at rest). Raises EnvelopeError("malformed")."""
+    try:
+        stored_limit = _registries(LARGEST_ENVELOPE_BYTES)[1]  # our own copy: not the library default
+        payload = json.loads(jws.extract_compact(signed.encode(), registry=stored_limit).payload)
+    except (JoseError, ValueError) as exc:
+        raise EnvelopeError("malformed", "not a compact JWS with a JSON payload") from exc
+    if not isinstance(payload, dict):
+        raise EnvelopeError("malformed", "the signed payload is not an object")
+    return payload
+
+
 def seal(message: Mapping[str, Any], *, signing_key: OKPKey, recipient_key: OKPKey) -> str:
     """Sign ``message`` (canonical JSON) and encrypt it for ``recipient_key``.
 
     Returns the compact JWE. Raises ``ValueError`` if the message lacks an envelope field or
     holds a value JSON cannot represent.
     """
-    if signing_key.kid is None or recipient_key.kid is None:
-        raise ValueError("both keys must carry a kid")
-    signed = jws.serialize_compact(
-        {"alg": JWS_ALG, "kid": signing_key.kid, "typ": SIGNED_TYP},
-        canonical_json(dict(message)),
-        signing_key,
-        registry=_JWS_REGISTRY,
-    )
+    return seal_signed(sign(message, signing_key=signing_key), message, recipient_key=recipient_key)
+
+
+def seal_signed(signed: str, message: Mapping[str, Any], *, recipient_key: OKPKey) -> str:
+    """Encrypt the JWS ``signed`` of ``message`` for ``recipient_key`` (the envelope's JWE)."""
+    if recipient_key.kid is None:
+        raise ValueError("the recipient key must carry a kid")
     protected = {
         "alg": JWE_ALG,
         "enc": JWE_ENC,
@@ -175,6 +219,35 @@ def _parse_time(value: Any) -> dt.datetime:
     return parsed
 
 
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    names = [name for name, _ in pairs]
+    if len(set(names)) != len(names):
+        raise EnvelopeError("malformed", "the signed payload has a duplicate member")
+    return dict(pairs)
+
+
+def canonical_object(payload: bytes) -> dict[str, Any]:
+    """The JSON object ``payload`` encodes, if it is exactly that object's RFC 8785 form.
+
+    Raises:
+        EnvelopeError: ``malformed``: not JSON, not an object, a duplicate member, or other bytes
+            than the canonical form (whitespace, escapes, member order, number spelling).
+    """
+    try:
+        message = json.loads(payload, object_pairs_hook=_no_duplicates)
+    except (ValueError, RecursionError) as exc:
+        raise EnvelopeError("malformed", "signed payload is not JSON") from exc
+    if not isinstance(message, dict):
+        raise EnvelopeError("malformed", "signed payload is not an object")
+    try:
+        canonical = canonical_json(message)
+    except ValueError as exc:
+        raise EnvelopeError("malformed", "signed payload holds a value outside RFC 8785") from exc
+    if not hmac.compare_digest(canonical, payload):
+        raise EnvelopeError("malformed", "signed payload is not its RFC 8785 canonical form")
+    return message
+
+
 def _decrypt_and_verify(
     compact: str,
     decryption_keys: Mapping[KeyId, OKPKey],
@@ -187,11 +260,25 @@ def _decrypt_and_verify(
     header = peek_header(compact)
     if header.get("alg") != JWE_ALG or header.get("enc") != JWE_ENC or header.get("typ") != ENVELOPE_TYP:
         raise EnvelopeError("malformed", "unexpected alg, enc or typ")
+    if header.get("cty") != "JOSE":
+        raise EnvelopeError("malformed", "cty is not JOSE: the plaintext must be a JWS")
+    missing = [param for param in HEADER_FIELDS if param not in header]
+    if missing:
+        raise EnvelopeError("malformed", f"the protected header lacks {', '.join(missing)}")
+    crit = header.get("crit")
+    if crit is not None and (
+        not isinstance(crit, list)
+        or not crit
+        or any(not isinstance(p, str) or p not in UNDERSTOOD_PARAMS or p not in header for p in crit)
+    ):
+        raise EnvelopeError("malformed", f"crit names a parameter not understood: {crit!r}")
     recipient_kid = header.get("kid")
     if not isinstance(recipient_kid, str) or KeyId(recipient_kid) not in decryption_keys:
         raise EnvelopeError("unknown-recipient-key", f"kid {recipient_kid!r}")
     try:
         decrypted = jwe.decrypt_compact(compact, decryption_keys[KeyId(recipient_kid)], registry=jwe_registry)
+    except (MissingHeaderError, InvalidHeaderValueError, UnsupportedHeaderError) as exc:
+        raise EnvelopeError("malformed", type(exc).__name__) from exc
     except (JoseError, ValueError) as exc:
         raise EnvelopeError("decrypt-failed", type(exc).__name__) from exc
     if decrypted.plaintext is None:
@@ -209,12 +296,7 @@ def _decrypt_and_verify(
         raise EnvelopeError("bad-signature", type(exc).__name__) from exc
     if verified.headers().get("typ") != SIGNED_TYP:
         raise EnvelopeError("malformed", "inner JWS has the wrong typ")
-    try:
-        message = json.loads(verified.payload)
-    except ValueError as exc:
-        raise EnvelopeError("malformed", "signed payload is not JSON") from exc
-    if not isinstance(message, dict):
-        raise EnvelopeError("malformed", "signed payload is not an object")
+    message = canonical_object(verified.payload)
     for param, field in HEADER_FIELDS.items():
         if canonical_json(protected.get(param)) != canonical_json(message.get(field)):
             raise EnvelopeError("header-mismatch", f"{param} differs from the signed {field}")
@@ -224,6 +306,7 @@ def _decrypt_and_verify(
         signer_kid=KeyId(signer_kid),
         recipient_kid=KeyId(recipient_kid),
         digest=envelope_digest(compact),
+        signed=signed.decode() if isinstance(signed, bytes) else str(signed),
     )
 
 

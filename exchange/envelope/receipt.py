@@ -9,7 +9,6 @@ receipt cannot be moved to another message or another envelope.
 from __future__ import annotations
 
 import datetime as dt
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -19,12 +18,12 @@ from joserfc.jwk import OKPKey
 
 from exchange.canonical import canonical_json
 from exchange.crypto import constant_time_equal
-from exchange.envelope.jose import JWS_ALG, peek_jws_header
+from exchange.envelope.jose import JWS_ALG, canonical_object, peek_jws_header
 from exchange.errors import EnvelopeError
 from exchange.types import KeyId
 
 RECEIPT_TYP = "exchange-receipt+jws"
-_REGISTRY = jws.JWSRegistry(algorithms=[JWS_ALG])
+_REGISTRY = jws.JWSRegistry(algorithms=[JWS_ALG], strict_check_header=False)  # RFC 7515 §4
 
 
 @dataclass(frozen=True)
@@ -83,11 +82,9 @@ def verify_receipt(
         raise EnvelopeError("unknown-signing-key", f"kid {kid!r}")
     try:
         verified = jws.deserialize_compact(compact, verification_keys[KeyId(kid)], registry=_REGISTRY)
-        body = json.loads(verified.payload)
     except (JoseError, ValueError) as exc:
         raise EnvelopeError("bad-signature", type(exc).__name__) from exc
-    if not isinstance(body, dict):
-        raise EnvelopeError("malformed", "receipt body is not an object")
+    body = canonical_object(verified.payload)  # exactly RFC 8785, as the envelope's payload
     if not (
         body.get("message_id") == expected_message_id
         and constant_time_equal(str(body.get("envelope_sha256", "")), expected_envelope_sha256)

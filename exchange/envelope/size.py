@@ -13,6 +13,10 @@ from exchange.errors import MessageTooLarge
 #: JSON framing of a batch request beyond the envelopes themselves: ``{"envelopes": [...]}`` and
 #: per envelope two quotes and a comma. A fixed part for the wrapper and whitespace.
 BATCH_FRAME_BYTES = 64
+
+#: The ceiling of the agreement's ``max_envelope_bytes``: what this node's own stored copies (content
+#: at rest, authenticated under its key) may reach, whatever the agreement in force.
+LARGEST_ENVELOPE_BYTES = 256 * 1024 * 1024
 ENVELOPE_FRAME_BYTES = 3
 
 

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from exchange import crypto
 from exchange.agreement import Agreement
 from exchange.errors import KeyManagementError
+from exchange.files import private_dir, write_private
 from exchange.types import KeyId, PartyId
 
 KEYRING_FILE = "keyring.json"
@@ -99,7 +100,7 @@ def create_node_keys(key_dir: Path, party: PartyId, passphrase: str) -> KeyRing:
     """
     if (key_dir / KEYRING_FILE).exists():
         raise KeyManagementError(f"a key ring already exists at {key_dir}")
-    key_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(key_dir)
     now = dt.datetime.now(dt.UTC).isoformat()
     records = []
     uses: tuple[crypto.MessageKeyUse, ...] = ("sig", "enc", "ckpt")
@@ -107,14 +108,13 @@ def create_node_keys(key_dir: Path, party: PartyId, passphrase: str) -> KeyRing:
         pem = crypto.new_message_key(use)
         kid = crypto.message_key_id(party, use, pem)
         path = key_dir / f"{use}-{kid}.pem"
-        path.write_bytes(crypto.encrypt_private_pem(pem, passphrase))
-        path.chmod(0o600)
+        write_private(path, crypto.encrypt_private_pem(pem, passphrase))
         public = crypto.public_jwk_dict(crypto.private_jwk(pem, kid))
         records.append(
             KeyRecord(kid=kid, use=use, status="active", file=path.name, created_at=now, public_jwk=public)
         )
     ring = KeyRing(party=party, keys=records)
-    (key_dir / KEYRING_FILE).write_text(ring.model_dump_json(indent=2))
+    write_private(key_dir / KEYRING_FILE, ring.model_dump_json(indent=2))
     return ring
 
 

@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from joserfc.jwk import OKPKey
 
 from exchange.errors import LedgerIntegrityError
-from exchange.ledger.checkpoint import CheckpointError, verify_checkpoint, verify_cosignature
+from exchange.ledger.checkpoint import (
+    CheckpointError,
+    NoteVerifier,
+    verify_checkpoint,
+    verify_cosignature,
+    verify_cosignatures,
+)
 from exchange.ledger.merkle import ProofError, verify_consistency
 
 
@@ -30,6 +36,7 @@ class AuditKeys:
     partner_origin: str
     partner_key: OKPKey
     partner_witness_name: str
+    witnesses: tuple[NoteVerifier, ...] = ()  # further witnesses named in the agreement
 
 
 @dataclass(frozen=True)
@@ -38,11 +45,16 @@ class AuditReport:
     checkpoints: int
     cosignatures: int
     witnessed: int
+    witness_cosignatures: Mapping[str, int] = field(default_factory=dict)
 
     def summary(self) -> str:
+        further = "".join(
+            f", {count} cosignatures by witness {name}"
+            for name, count in sorted(self.witness_cosignatures.items())
+        )
         return (
             f"{self.entries} entries, {self.checkpoints} signed checkpoints"
-            f" consistent with them, {self.cosignatures} partner cosignatures,"
+            f" consistent with them, {self.cosignatures} partner cosignatures{further},"
             f" {self.witnessed} partner checkpoints witnessed and consistent"
         )
 
@@ -53,9 +65,11 @@ def verify_audit(
     checkpoints: Sequence[Mapping[str, Any]],
     witnessed: Sequence[Mapping[str, Any]],
     keys: AuditKeys,
+    witness_cosignatures: Mapping[int, Mapping[str, str]] | None = None,
 ) -> AuditReport:
     """Verify everything an auditor can from the records (see the module docstring).
 
+    ``witness_cosignatures`` maps a checkpoint size to the further witnesses' cosignature lines.
     ``verify_entries(roots_by_size)`` checks every entry and that the ledger reproduces each given
     checkpoint root (one pass: ``verify_rows``; chunked: ``verify_range`` and ``combine_ranges``)
     and returns the number of entries.
@@ -65,6 +79,8 @@ def verify_audit(
     """
     roots: dict[int, bytes] = {}
     cosigned = 0
+    known = {w.name: w for w in keys.witnesses}
+    by_witness: dict[str, int] = {}
     for record in checkpoints:
         where = f"checkpoint at size {record['size']}"
         try:
@@ -84,6 +100,21 @@ def verify_audit(
                     f"the partner's cosignature of {where} does not verify: {exc}"
                 ) from exc
             cosigned += 1
+        for name, line in (witness_cosignatures or {}).get(cp.size, {}).items():
+            verifier = known.get(name)
+            if verifier is None:
+                raise LedgerIntegrityError(
+                    f"{where} carries a cosignature by {name}, a witness the agreement does not name"
+                )
+            try:
+                verify_cosignatures(cp, line + "\n", [verifier])
+            except CheckpointError as exc:
+                raise LedgerIntegrityError(
+                    f"the cosignature of {where} by witness {name} does not verify: {exc}"
+                ) from exc
+            by_witness[name] = by_witness.get(name, 0) + 1
+    if set(witness_cosignatures or {}) - set(roots):
+        raise LedgerIntegrityError("a further witness's cosignature names a checkpoint that does not exist")
     entries = verify_entries(roots)
 
     previous: tuple[int, bytes] | None = None
@@ -110,4 +141,4 @@ def verify_audit(
                     f"{where} is not consistent with size {previous[0]}: {exc}"
                 ) from exc
         previous = (cp.size, cp.root)
-    return AuditReport(entries, len(roots), cosigned, len(witnessed))
+    return AuditReport(entries, len(roots), cosigned, len(witnessed), by_witness)

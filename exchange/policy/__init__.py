@@ -1,25 +1,34 @@
-"""The agreement's rules as pure functions: (message, actor, agreement) -> decision."""
+"""The agreement's rules, pure: classification equivalence, the condition language, redaction and
+the engine that decides submit, receive, release and onward release."""
 
 from exchange.policy.classification import Marking, classify, national_equivalent
-from exchange.policy.rules import (
+from exchange.policy.engine import (
     Actor,
-    ReleaseDecision,
-    RuleResult,
-    SubmissionDecision,
-    evaluate_inbound,
-    evaluate_release,
-    evaluate_submission,
+    Change,
+    Consent,
+    Decision,
+    Policy,
+    Redaction,
+    Refusal,
+    ReplyContext,
+    Use,
+    decide,
+    redacted_payload,
 )
 
 __all__ = [
     "Actor",
+    "Change",
+    "Consent",
+    "Decision",
     "Marking",
-    "ReleaseDecision",
-    "RuleResult",
-    "SubmissionDecision",
+    "Policy",
+    "Redaction",
+    "Refusal",
+    "ReplyContext",
+    "Use",
     "classify",
-    "evaluate_inbound",
-    "evaluate_release",
-    "evaluate_submission",
+    "decide",
     "national_equivalent",
+    "redacted_payload",
 ]

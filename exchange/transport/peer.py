@@ -13,15 +13,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import quote
 
 import httpx
 
+from exchange import tls_policy
 from exchange.checkpoints import WitnessRequest
 from exchange.errors import PartnerRefused, TransportError
+from exchange.ledger.checkpoint import CheckpointError
+from exchange.ledger.witness_protocol import ADD_CHECKPOINT, encode_add_checkpoint, parse_size
 from exchange.node import PeerResult
 
 PEER_PATH = "/v1/peer/envelopes"
-WITNESS_PATH = "/v1/peer/checkpoints"
+WITNESS_PREFIX = "/v1/peer/witness"  # the partner's C2SP tlog-witness submission prefix
 HISTORY_PATH = "/v1/peer/audit/messages"
 
 #: Statuses by which the partner refuses the content of a batch (malformed, too large, wrong media
@@ -32,11 +36,63 @@ CONTENT_REFUSALS = frozenset({400, 413, 415, 422})
 
 @dataclass(frozen=True)
 class WitnessAnswer:
-    """The partner's answer to a witness request: a cosignature, or the size it holds instead."""
+    """A witness's answer to add-checkpoint: cosignature lines, or the size it holds instead."""
 
-    cosignature: str | None
+    cosignature: str | None  # one or more newline-separated cosignature lines
     witnessed_size: int | None = None
-    incident: bool = False  # the partner refused the checkpoint as contradicting what it witnessed
+    incident: bool = False  # the witness refused the checkpoint as contradicting what it witnessed
+
+
+def add_checkpoint(client: httpx.Client, url: str, request: WitnessRequest) -> WitnessAnswer:
+    """POST a C2SP tlog-witness add-checkpoint request to ``url`` and read the answer: 200 with
+    cosignature lines, 409 with the witness's size, or a refusal (400, 403, 404, 422: an incident).
+
+    Raises:
+        TransportError: unreachable, or an answer outside the protocol.
+    """
+    try:
+        body = encode_add_checkpoint(request.from_size, request.proof, request.note)
+        response = client.post(url, content=body, headers={"content-type": "text/plain; charset=utf-8"})
+    except (httpx.HTTPError, CheckpointError) as exc:
+        raise TransportError(f"witness request failed: {type(exc).__name__}: {exc}") from exc
+    if response.status_code == 200:
+        return WitnessAnswer(response.text)
+    if response.status_code == 409:
+        try:
+            return WitnessAnswer(None, parse_size(response.content))
+        except CheckpointError as exc:
+            raise TransportError(f"the witness answered 409 without a size: {exc}") from exc
+    if response.status_code in (400, 403, 404, 422):
+        return WitnessAnswer(None, None, incident=True)
+    raise TransportError(f"the witness answered HTTP {response.status_code}")
+
+
+class WitnessClient(Protocol):
+    """A further witness named in the agreement, reached through the C2SP tlog-witness protocol."""
+
+    name: str
+
+    def witness(self, request: WitnessRequest) -> WitnessAnswer:
+        """Ask the witness to cosign. Raises TransportError if it could not answer."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class HttpWitness:
+    """A further witness at ``url`` (its submission prefix), over HTTPS with the system's trust
+    store (or plain HTTP where the agreement says so: the cosignature, not the channel, is the proof)."""
+
+    def __init__(self, name: str, url: str, timeout: float) -> None:
+        self.name = name
+        self.url = url.rstrip("/") + ADD_CHECKPOINT
+        self._client = httpx.Client(timeout=timeout)
+
+    def witness(self, request: WitnessRequest) -> WitnessAnswer:
+        return add_checkpoint(self._client, self.url, request)
+
+    def close(self) -> None:
+        self._client.close()
 
 
 class PeerTransport(Protocol):
@@ -62,11 +118,16 @@ class PeerTransport(Protocol):
 def client_ssl_context(
     *, ca_file: Path, cert_file: Path, key_file: Path, key_password: str
 ) -> ssl.SSLContext:
-    """A TLS 1.2+ client context trusting only ``ca_file`` and presenting our certificate."""
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_file))
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    """A TLS 1.2+ (AEAD only) client context trusting only ``ca_file`` and presenting our certificate."""
+    ctx = tls_policy.harden(ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_file)))
     ctx.load_cert_chain(str(cert_file), str(key_file), password=key_password)
     return ctx
+
+
+def escape_segment(value: str) -> str:
+    """``value`` as one URL path segment: every reserved character and every dot percent-encoded,
+    so that ``/``, ``?``, ``#`` and ``..`` in an id can never change which path the partner sees."""
+    return quote(value, safe="").replace(".", "%2E")
 
 
 def parse_results(body: object, expected: int) -> list[PeerResult]:
@@ -124,27 +185,11 @@ class HttpsPeerTransport:
         return parse_results(body, len(envelopes))
 
     def witness(self, request: WitnessRequest) -> WitnessAnswer:
-        body = {
-            "checkpoint": request.note,
-            "from_size": request.from_size,
-            "proof": [p.hex() for p in request.proof],
-        }
-        try:
-            response = self._client.post(WITNESS_PATH, json=body)
-            answer = response.json()
-        except (httpx.HTTPError, ValueError) as exc:
-            raise TransportError(f"witness request failed: {type(exc).__name__}: {exc}") from exc
-        if response.status_code == 200 and isinstance(answer.get("cosignature"), str):
-            return WitnessAnswer(answer["cosignature"])
-        if response.status_code == 409 and isinstance(answer.get("witnessed_size"), int):
-            return WitnessAnswer(None, answer["witnessed_size"], bool(answer.get("incident")))
-        raise TransportError(
-            f"the partner refused to witness: HTTP {response.status_code}: {answer.get('detail')}"
-        )
+        return add_checkpoint(self._client, WITNESS_PREFIX + ADD_CHECKPOINT, request)
 
     def message_history(self, message_id: str) -> list[dict[str, Any]]:
         try:
-            response = self._client.get(f"{HISTORY_PATH}/{message_id}")
+            response = self._client.get(f"{HISTORY_PATH}/{escape_segment(message_id)}")
             body = response.json()
         except (httpx.HTTPError, ValueError) as exc:
             raise TransportError(f"history request failed: {type(exc).__name__}: {exc}") from exc

@@ -287,6 +287,7 @@ class DeliveryWorker:
         values: dict[str, object] = {
             "status": "delivered",
             "status_reason": None,
+            "envelope": None,  # the transport JWE is not kept: the content is at rest
             "receipt": receipt.compact,
             "receipt_at": receipt.received_at,
         }

@@ -26,13 +26,13 @@ def main() -> None:
         keys[name] = crypto.private_jwk(pem, "TEST-" + crypto.message_key_id(party, use, pem))  # type: ignore[arg-type]
     created = dt.datetime(2026, 11, 23, 8, 0, tzinfo=dt.UTC)
     message = {
-        "format": "exchange-message/1",
+        "format": "exchange-message/2",
         "id": "00000000-0000-4000-8000-00000000c0de",
         "type": "REQUEST_FOR_INFORMATION",
         "sender": "ID",
         "recipient": "MY",
         "created_at": created.isoformat(timespec="microseconds"),
-        "agreement": {"version": "2026.1", "digest": "0" * 64},
+        "agreement": {"version": "2026.2", "digest": "0" * 64},
         "case_ref": "ID-MY/2026/TEST",
         "thread_id": "00000000-0000-4000-8000-00000000c0de",
         "in_reply_to": None,
@@ -43,8 +43,18 @@ def main() -> None:
         "legal_basis": ["Palermo Protocol art. 10"],
         "priority": "ROUTINE",
         "response_due": None,
-        "origin": {"agency": "Polri", "unit": "Dittipidum"},
-        "payload": {"summary": "Test vector: no real data", "questions": ["Is this a test?"]},
+        "grading": None,
+        "origin": {"agency": "Polri", "unit": "TPPO"},
+        "addressed_to": ["ATIPSOM"],
+        "recipients": [],
+        "data_subjects": [{"pseudonym": "SUS-0001", "role": "SUSPECT"}],
+        "mla_reference": None,
+        "checkpoint": None,
+        "payload": {
+            "summary": "Test vector: no real data",
+            "questions": ["Is this a test?"],
+            "persons": [{"subject": "SUS-0001", "aliases": ["Test Alias"]}],
+        },
     }
     public_recipient = crypto.public_jwk_dict(keys["recipient_encryption"])
     from joserfc.jwk import OKPKey

@@ -14,7 +14,7 @@ import tomli_w
 from exchange.client import ExchangeClient
 from exchange.db.engine import normalise_url
 from exchange.demo import NodeProcess
-from tests.support import PASSPHRASE, ClientFiles, NodeDir, make_pair, set_node_options
+from tests.support import CLIENT_PASSPHRASE, PASSPHRASE, ClientFiles, NodeDir, make_pair, set_node_options
 
 
 @dataclass
@@ -26,7 +26,11 @@ class Running:
     def client(self, files: ClientFiles | None = None) -> ExchangeClient:
         f = files or self.client_files
         return ExchangeClient(
-            self.node.url, ca_file=self.node.ca, cert_file=f.cert, key_file=f.key, key_password=PASSPHRASE
+            self.node.url,
+            ca_file=self.node.ca,
+            cert_file=f.cert,
+            key_file=f.key,
+            key_password=CLIENT_PASSPHRASE,
         )
 
     def db(self) -> sa.Engine:
@@ -54,6 +58,7 @@ def start_nodes(
     root = tmp_path_factory.mktemp("e2e")
     mp = pytest.MonkeyPatch()
     mp.setenv("EXCHANGE_KEY_PASSPHRASE", PASSPHRASE)
+    mp.setenv("EXCHANGE_CLIENT_KEY_PASSPHRASE", CLIENT_PASSPHRASE)
     id_dir, my_dir = make_pair(root, db_urls)
     for nd in (id_dir, my_dir):
         set_node_options(

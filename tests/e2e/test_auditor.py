@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -15,7 +16,8 @@ import pytest
 from exchange.client import ExchangeClient
 from exchange.ledger.merkle import verify_consistency, verify_inclusion
 from tests.e2e.harness import Running
-from tests.support import PASSPHRASE, ClientFiles, register_client, response_to, rfi
+from tests.support import CLIENT_PASSPHRASE, ClientFiles, cli, register_client, response_to, rfi
+from tests.unit.test_auditor_guide import block
 
 pytestmark = pytest.mark.e2e
 SECRET = "PAYLOAD-SECRET-RECRUITER-NAME-0193"
@@ -54,6 +56,9 @@ def test_auditors_see_entries_checkpoints_and_proofs_never_content(
         everything = api.request("GET", "/v1/audit/entries", params={"limit": 1000})
         assert everything.status_code == 200
         assert SECRET not in everything.text
+        for item in everything.json()["items"]:  # the raw leaf, which hashes to the tree's leaf hash
+            assert hashlib.sha256(b"\x00" + item["leaf"].encode()).hexdigest() == item["leaf_hash"]
+            assert json.loads(item["leaf"])["seq"] == item["seq"]
         history = api.request("GET", "/v1/audit/entries", params={"message": message_id}).json()["items"]
         assert [e["event"] for e in history][:3] == ["message.submitted", "message.sent", "receipt.verified"]
         both = api.request("GET", f"/v1/audit/messages/{message_id}").json()
@@ -67,11 +72,9 @@ def test_auditors_see_entries_checkpoints_and_proofs_never_content(
         assert SECRET not in json.dumps(both)
         by_case = api.request("GET", "/v1/audit/entries", params={"case": "ID-MY/2026/AUDIT"}).json()["items"]
         assert {e["case_ref"] for e in by_case} == {"ID-MY/2026/AUDIT"}
-        by_rule = api.request("GET", "/v1/audit/entries", params={"rule": "R-CLEARANCE-RELEASE"}).json()[
-            "items"
-        ]
+        by_rule = api.request("GET", "/v1/audit/entries", params={"rule": "R-CLEARANCE"}).json()["items"]
         assert by_rule
-        assert all("R-CLEARANCE-RELEASE" in e["rules"] for e in by_rule)
+        assert all("R-CLEARANCE@1" in e["rules"] for e in by_rule)
         checkpoints = api.request("GET", "/v1/audit/checkpoints").json()
         assert checkpoints["checkpoints"][-1]["cosignature"]
         size = checkpoints["checkpoints"][-1]["size"]
@@ -118,6 +121,7 @@ def test_an_exported_bundle_verifies_offline_and_a_tampered_one_does_not(
     bundle = tmp_path / "bundle.json"
     bundle.write_text(response.text)
     agreement = polri.node.path / "agreement.toml"
+    _check_by_hand(tmp_path, json.loads(response.text), agreement)
     env = {k: v for k, v in os.environ.items() if not k.startswith("EXCHANGE_")}
     offline = [
         sys.executable,
@@ -132,7 +136,18 @@ def test_an_exported_bundle_verifies_offline_and_a_tampered_one_does_not(
     ]
     ok = subprocess.run(offline, capture_output=True, text=True, env=env, check=False)
     assert ok.returncode == 0, ok.stderr
-    assert "cosigned by the partner" in ok.stdout
+    assert "cosigned by MY-node/witness" in ok.stdout
+    stripped = json.loads(response.text)
+    stripped["checkpoint"] = stripped["checkpoint"].split("\u2014 MY-node/witness")[0]
+    bundle.write_text(json.dumps(stripped))
+    uncosigned = subprocess.run(offline, capture_output=True, text=True, env=env, check=False)
+    assert uncosigned.returncode == 1
+    assert "not cosigned by the partner" in uncosigned.stderr
+    allowed = subprocess.run(
+        [*offline, "--allow-uncosigned"], capture_output=True, text=True, env=env, check=False
+    )
+    assert allowed.returncode == 0, allowed.stderr
+    assert "NOT cosigned" in allowed.stdout
     data = json.loads(response.text)
     original = data["entries"][0]["leaf"]
     data["entries"][0]["leaf"] = original.replace('"event":"', '"event":"x', 1)
@@ -141,6 +156,43 @@ def test_an_exported_bundle_verifies_offline_and_a_tampered_one_does_not(
     bad = subprocess.run(offline, capture_output=True, text=True, env=env, check=False)
     assert bad.returncode == 1
     assert "altered" in bad.stderr
+
+
+def _check_by_hand(tmp_path: Path, bundle: dict[str, object], agreement: Path) -> None:
+    """The auditor's guide, steps 2 to 4, on a real node's bundle: public tools and the keys that
+    `exchange audit keys` prints, nothing of ours."""
+    keys = {
+        row.split("\t")[2].split("+")[0]: row.split("\t")[2]
+        for row in cli("audit", "keys", "--agreement", str(agreement)).splitlines()
+    }
+    work = tmp_path / "by-hand"
+    work.mkdir()
+    (work / "bundle.json").write_text(json.dumps(bundle))
+    (work / "inclusion.py").write_text(block("inclusion"))
+    included = subprocess.run(
+        [sys.executable, "-I", "inclusion.py", "bundle.json"],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert included.returncode == 0, included.stderr
+    (work / "checkpoint.txt").write_text(str(bundle["checkpoint"]))
+    signed = subprocess.run(
+        ["bash", "-c", block("checkpoint") + block("cosignature")],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "LANG": "C.UTF-8",
+            "LOG_VKEY": keys["ID-node/ledger"],
+            "WITNESS_VKEY": keys["MY-node/witness"],
+        },
+    )
+    assert signed.returncode == 0, signed.stderr
+    assert signed.stdout.count("Signature Verified Successfully") == 2
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -180,7 +232,7 @@ def test_the_console_in_a_real_browser(audited: tuple[Running, ClientFiles, str]
                     "origin": polri.node.url,
                     "certPath": str(auditor.cert),
                     "keyPath": str(auditor.key),
-                    "passphrase": PASSPHRASE,
+                    "passphrase": CLIENT_PASSPHRASE,
                 }
             ],
             accept_downloads=True,
@@ -192,6 +244,8 @@ def test_the_console_in_a_real_browser(audited: tuple[Running, ClientFiles, str]
         expect(page.locator("#entries tbody tr").first).to_be_visible()
         assert SECRET not in page.content()
         expect(page.locator("#checkpoints tbody tr").first).to_contain_text("MY-node/witness")
+        expect(page.locator("#verifier-keys")).to_contain_text("ID-node/ledger+")
+        expect(page.locator("#verifier-keys")).to_contain_text("MY-node/witness+")
 
         page.fill("input[name=event]", "message.released")
         page.click("#search")
@@ -213,7 +267,7 @@ def test_the_console_in_a_real_browser(audited: tuple[Running, ClientFiles, str]
             page.click("#download")
         path = tmp_path / "console-bundle.json"
         download_info.value.save_as(path)
-        assert json.loads(path.read_text())["format"] == "exchange-audit-bundle/1"
+        assert json.loads(path.read_text())["format"] == "exchange-audit-bundle/2"
         page.screenshot(path=str(tmp_path / "console.png"), full_page=True)
         context.close()
         browser.close()

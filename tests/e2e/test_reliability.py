@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from exchange.client import ExchangeClient
 from exchange.demo import exchange_cli
 from tests.e2e.harness import Running, start_nodes
-from tests.integration.test_delivery import padded_payload
+from tests.integration.test_delivery import evidence, padded_payload
 from tests.support import rfi
 
 pytestmark = pytest.mark.e2e
@@ -218,8 +218,8 @@ def test_a_message_over_the_agreed_size_answers_413_stating_the_limit_and_one_un
 ) -> None:
     polri, pdrm = nodes
     with polri.client() as api:
-        big = api.request("POST", "/v1/messages", json=rfi(payload=padded_payload(200_000)))
-        fits = api.submit(rfi(payload=padded_payload(130_000)))
+        big = api.request("POST", "/v1/messages", json=evidence(200_000))
+        fits = api.submit(evidence(130_000))
         api.wait_for_status(fits["id"], "delivered", 30)
     assert big.status_code == 413
     assert big.headers["content-type"] == "application/problem+json"

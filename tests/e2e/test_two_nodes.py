@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import ssl
 import time
 from pathlib import Path
@@ -10,9 +11,11 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from exchange import crypto
+from exchange import crypto, envelope
 from exchange.client import ExchangeClient
+from exchange.config import load_settings
 from exchange.errors import ExchangeError
+from exchange.node import Node
 from tests.e2e.harness import Running
 from tests.support import (
     PASSPHRASE,
@@ -20,6 +23,7 @@ from tests.support import (
     register_client,
     response_to,
     rfi,
+    signed_message,
 )
 
 pytestmark = pytest.mark.e2e
@@ -60,18 +64,32 @@ def test_bad_input_gets_problem_json_naming_each_field(nodes: tuple[Running, Run
         assert r.status_code == 422
         assert r.headers["content-type"] == "application/problem+json"
         fields = {e["field"] for e in r.json()["errors"]}
-        assert {"case_ref", "purposes", "classification", "tlp", "payload"} <= fields
+        assert {"case_ref", "payload"} <= fields
+        bare = {
+            k: v for k, v in rfi().items() if k not in ("purposes", "classification", "tlp", "legal_basis")
+        }
+        r = api.request("POST", "/v1/messages", json=bare)
+        assert r.status_code == 403
+        (complete,) = r.json()["violations"]
+        assert complete["rule"] == "R-COMPLETE"
+        for missing in ("message.classification", "message.tlp", "message.purposes", "message.legal_basis"):
+            assert missing in complete["reason"]
         r = api.request(
             "POST",
             "/v1/messages",
-            json=rfi(classification={"scheme": "POLRI", "level": "SANGAT RAHASIA"}, handling_codes=["H9"]),
+            json=rfi(classification={"scheme": "POLRI", "level": "SANGAT RAHASIA"}, tlp="RED"),
         )
         assert r.status_code == 403
-        assert {v["rule"] for v in r.json()["violations"]} == {"R-CLEARANCE-SEND", "R-HANDLING-KNOWN"}
+        violations = r.json()["violations"]
+        assert {v["rule"] for v in violations} == {"R-CLEARANCE-SEND", "R-TLP-RED-RECIPIENTS"}
+        assert all(v["remedy"] and v["version"] == v["rule"] + "@1" for v in violations)
+        r = api.request("POST", "/v1/messages", json=rfi(handling_codes=["H9"]))
+        assert r.status_code == 422
+        assert [e["field"] for e in r.json()["errors"]] == ["handling_codes"]
         r = api.request(
             "POST", "/v1/messages", content=b"{not json", headers={"content-type": "application/json"}
         )
-        assert r.status_code == 422
+        assert r.status_code == 400
         assert r.headers["content-type"] == "application/problem+json"
         r = api.request("GET", "/v1/messages/does-not-exist")
         assert r.status_code == 404
@@ -153,7 +171,7 @@ def test_peer_endpoints_accept_only_the_partner_node(nodes: tuple[Running, Runni
         r = api.request("POST", "/v1/peer/envelopes", json={"envelopes": ["x.y.z.w.v"]})
         assert r.status_code == 403
         # nor witness checkpoints or read the ledger's message history as the partner would
-        r = api.request("POST", "/v1/peer/checkpoints", json={"checkpoint": "x", "from_size": 0, "proof": []})
+        r = api.request("POST", "/v1/peer/witness/add-checkpoint", content=b"old 0\n\nx\n")
         assert r.status_code == 403
         assert api.request("GET", "/v1/peer/audit/messages/some-id").status_code == 403
     # nor can MY's own node certificate call MY's peer endpoint
@@ -173,27 +191,27 @@ def test_peer_endpoints_accept_only_the_partner_node(nodes: tuple[Running, Runni
         assert http.get(f"{pdrm.node.url}/v1/inbox").status_code == 403
         r = http.post(f"{pdrm.node.url}/v1/peer/envelopes", json={"envelopes": ["x.y.z.w.v"]})
         assert r.status_code == 200
+        _witness_protocol_answers(http, pdrm, polri)
         assert r.json() == {"results": [{"status": "rejected"}]}
 
 
 def test_a_redelivered_envelope_is_stored_once_with_the_same_receipt(nodes: tuple[Running, Running]) -> None:
     polri, pdrm = nodes
-    with polri.client() as api:
-        accepted = api.submit(rfi())
-        first = wait_status(api, accepted["id"], "delivered")
-    engine = polri.db()
-    with engine.connect() as conn:
-        compact = conn.execute(
-            sa.text("select envelope from messages where id = :i"), {"i": accepted["id"]}
-        ).scalar_one()
-    engine.dispose()
+    sender = Node(load_settings(polri.node.path))  # the ID node's keys: the envelope as its worker sends it
+    try:
+        compact = signed_message(sender, dt.datetime.now(dt.UTC))
+    finally:
+        sender.close()
     id_node = _context(
         pdrm.node.ca, polri.node.path / "tls" / "node.pem", polri.node.path / "tls" / "node-key.pem"
     )
-    with httpx.Client(verify=id_node) as http:
-        r = http.post(f"{pdrm.node.url}/v1/peer/envelopes", json={"envelopes": [compact]})
-    assert r.json()["results"][0]["receipt"] == first["receipt"]["jws"]  # type: ignore[index]
-    assert pdrm.count_messages(accepted["id"]) == 1
+    with httpx.Client(verify=id_node) as http:  # delivered, then again as after a lost answer
+        first = http.post(f"{pdrm.node.url}/v1/peer/envelopes", json={"envelopes": [compact]}).json()
+        again = http.post(f"{pdrm.node.url}/v1/peer/envelopes", json={"envelopes": [compact]}).json()
+    assert first["results"][0]["status"] == "accepted"
+    assert again["results"][0]["receipt"] == first["results"][0]["receipt"]
+    mid = envelope.peek_header(compact)["msg_id"]
+    assert pdrm.count_messages(mid) == 1
 
 
 def test_with_the_partner_stopped_messages_wait_and_go_when_it_returns(
@@ -244,3 +262,25 @@ def test_each_node_s_checkpoint_gets_cosigned_by_the_other(nodes: tuple[Running,
                     break
                 assert time.monotonic() < deadline, health
                 time.sleep(0.2)
+
+
+def _witness_protocol_answers(http: httpx.Client, pdrm: Running, polri: Running) -> None:
+    """MY's C2SP tlog-witness endpoint, called as the ID node: the status codes the spec requires."""
+    url = f"{pdrm.node.url}/v1/peer/witness/add-checkpoint"
+    assert http.post(url, content=b"garbage").status_code == 400
+    deadline = time.monotonic() + 30
+    while True:  # ID's checkpointer signs one within a second of the ledger growing
+        with polri.db().connect() as conn:
+            note = conn.execute(sa.text("select note from checkpoints order by size desc limit 1")).scalar()
+        if note is not None:
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    stale = http.post(url, content=b"old 0\n\n" + note.encode())  # MY has witnessed ID's log already
+    assert stale.status_code == 409
+    assert stale.headers["content-type"].startswith("text/x.tlog.size")
+    witnessed = int(stale.text)
+    assert witnessed > 0
+    assert stale.text == f"{witnessed}\n"
+    other_log = note.replace("ID-node/ledger", "XX-node/ledger")
+    assert http.post(url, content=b"old 0\n\n" + other_log.encode()).status_code == 404

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 import tomli_w
 
 from exchange import crypto
-from tests.support import PASSPHRASE, make_pair, set_node_options
+from tests.support import PASSPHRASE, cli, make_pair, set_node_options
 
 
 def run(*args: str, passphrase: str | None = PASSPHRASE) -> subprocess.CompletedProcess[str]:
@@ -78,7 +78,9 @@ def test_a_node_refuses_keys_that_the_agreement_does_not_pin(pair, tmp_path: Pat
     id_dir, _my_dir = pair
     path = id_dir.path / "agreement.toml"
     data = tomllib.loads(path.read_text())
-    data["parties"]["ID"]["signing_keys"] = data["parties"]["MY"]["signing_keys"]
+    stranger = crypto.new_message_key("sig")
+    key = crypto.public_jwk_dict(crypto.private_jwk(stranger, crypto.message_key_id("ID", "sig", stranger)))
+    data["parties"]["ID"]["signing_keys"] = [key]
     path.write_text(tomli_w.dumps(data))
     one_line_error(run("serve", "--dir", str(id_dir.path)), 2, "signing key", "not pinned")
 
@@ -117,7 +119,8 @@ def test_clients_add_refuses_a_certificate_from_another_ca_and_a_bad_clearance(p
         passphrase=PASSPHRASE,
     )
     (tmp_path / "other.pem").write_bytes(other.cert_pem)
-    base = ["clients", "add", "--dir", str(id_dir.path), "--id", "x", "--agency", "a", "--unit", "u"]
+    base = ["clients", "add", "--dir", str(id_dir.path), "--id", "x", "--agency", "a", "--unit", "TPPO"]
+    base += ["--type", "ALL", "--purpose", "ALL"]
     one_line_error(
         run(*base, "--cert", str(tmp_path / "other.pem"), "--clearance", "RAHASIA"),
         2,
@@ -133,6 +136,29 @@ def test_clients_add_refuses_a_certificate_from_another_ca_and_a_bad_clearance(p
         2,
         "already has this id or certificate",
     )
+
+
+def test_clients_add_takes_only_what_the_agreement_defines(pair) -> None:  # type: ignore[no-untyped-def]
+    id_dir, _ = pair
+    cli(
+        "pki",
+        "issue-client",
+        "--dir",
+        str(id_dir.path),
+        "--name",
+        "new",
+        "--out",
+        str(id_dir.path / "clients"),
+    )
+    base = ["clients", "add", "--dir", str(id_dir.path), "--id", "new", "--agency", "Polri"]
+    base += ["--cert", str(id_dir.client("new").cert), "--clearance", "RAHASIA"]
+    entitled = ["--type", "ALL", "--purpose", "ALL"]
+    one_line_error(run(*base, "--unit", "D7", *entitled), 2, "--unit must be one of")
+    one_line_error(run(*base, "--unit", "TPPO", "--type", "GOSSIP", "--purpose", "ALL"), 2, "--type")
+    one_line_error(run(*base, "--unit", "TPPO", "--type", "ALL", "--purpose", "FUN"), 2, "--purpose")
+    one_line_error(run(*base, "--unit", "TPPO", *entitled, "--role", "SPY"), 2, "--role")
+    one_line_error(run(*base, "--unit", "TPPO", *entitled, "--role", "ALL"), 2, "--role")
+    assert "registered new" in cli(*base, "--unit", "TPPO", *entitled, "--role", "ANALYST")
 
 
 def test_audit_verify_passes_then_names_the_first_tampered_entry(pair) -> None:  # type: ignore[no-untyped-def]
@@ -214,3 +240,47 @@ def test_envelope_seal_and_open_work_on_jwk_files(tmp_path: Path) -> None:
         ),
         2,
     )
+
+
+def test_envelope_open_refuses_a_signed_payload_with_a_duplicate_member(tmp_path: Path) -> None:
+    import json
+
+    from tests.unit.test_envelope import CANONICAL, ID_SIG, MY_ENC, _wrap
+
+    duplicated = CANONICAL.decode().replace('"tlp":"AMBER"', '"tlp":"RED","tlp":"AMBER"').encode()
+    (tmp_path / "e.jwe").write_text(_wrap(duplicated))
+    (tmp_path / "vk.json").write_text(json.dumps(ID_SIG.as_dict(private=False)))
+    (tmp_path / "dk.json").write_text(json.dumps(MY_ENC.as_dict(private=True)))
+    refused = run(
+        "envelope",
+        "open",
+        "--envelope",
+        str(tmp_path / "e.jwe"),
+        "--decryption-key",
+        str(tmp_path / "dk.json"),
+        "--verification-key",
+        str(tmp_path / "vk.json"),
+    )
+    one_line_error(refused, 2, "malformed", "duplicate member")
+
+
+def test_audit_keys_prints_the_note_verifier_keys_the_agreement_pins(tmp_path: Path) -> None:
+    from exchange.agreement import load_agreement
+
+    id_dir, _ = make_pair(tmp_path)
+    agreement = load_agreement(id_dir.path / "agreement.toml")
+    out = run("audit", "keys", "--agreement", str(id_dir.path / "agreement.toml"))
+    assert out.returncode == 0, out.stderr
+    rows = [line.split("\t") for line in out.stdout.strip().splitlines()]
+    assert [(r[0], r[2]) for r in rows] == [
+        ("ID", agreement.parties["ID"].ledger_verifier.vkey),
+        ("ID", agreement.parties["ID"].witness_verifier.vkey),
+        ("MY", agreement.parties["MY"].ledger_verifier.vkey),
+        ("MY", agreement.parties["MY"].witness_verifier.vkey),
+    ]
+    assert agreement.parties["ID"].ledger_key == agreement.parties["ID"].ledger_verifier.vkey  # from init
+    data = tomllib.loads((id_dir.path / "agreement.toml").read_text())
+    data["parties"]["ID"]["ledger_key"] = agreement.parties["MY"].ledger_verifier.vkey
+    (tmp_path / "wrong.toml").write_text(tomli_w.dumps(data))
+    one_line_error(run("agreement", "check", str(tmp_path / "wrong.toml")), 2, "not the note key")
+    one_line_error(run("audit", "keys"), 2, "--agreement")

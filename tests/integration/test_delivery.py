@@ -61,19 +61,29 @@ def pair(tmp_path: Path, db_urls: tuple[str | None, str | None]) -> Iterator[Pai
 
 
 def padded_payload(size: int) -> dict[str, object]:
-    """A valid REQUEST_FOR_INFORMATION payload of about ``size`` bytes (at most ~300 KB: the
-    schema's item limits)."""
-    questions = ["q" * 2000] * min(50, max(1, size // 2000))
-    rest = max(0, size - 2000 * len(questions))
-    subjects = [
-        {"pseudonym": f"S-{i:03d}", "role": "SUSPECT", "description": "d" * 2000}
-        for i in range(min(100, rest // 2000))
-    ]
-    return {"summary": "padded", "questions": questions, "subjects": subjects}
+    """An EVIDENCE_TRANSFER payload carrying about ``size`` bytes of (base64) photographs."""
+    chunk = 200_000  # the schema's largest item content
+    items = []
+    for i in range(0, max(size, 1), chunk):
+        content = "QUJD" * (min(chunk, size - i) // 4)
+        items.append(
+            {
+                "description": f"photograph {i // chunk}",
+                "kind": "PHOTOGRAPH",
+                "sha256": "a" * 64,
+                "content": content,
+            }
+        )
+    return {"summary": "photographs of the recruiters' premises", "items": items}
+
+
+def evidence(size: int) -> dict[str, object]:
+    """A valid EVIDENCE_TRANSFER submission of about ``size`` bytes of evidence."""
+    return rfi(type="EVIDENCE_TRANSFER", payload=padded_payload(size))
 
 
 def padded(size: int) -> MessageSubmission:
-    return MessageSubmission.model_validate(rfi(payload=padded_payload(size)))
+    return MessageSubmission.model_validate(evidence(size))
 
 
 def test_a_message_whose_sealed_envelope_exceeds_the_agreement_limit_is_refused_naming_it(
@@ -96,7 +106,7 @@ def test_the_receiver_opens_what_the_limit_allows_beyond_the_jose_library_defaul
     id_dir, my_dir, id_node, my_node = pair
     accepted = id_node.submit(actor(id_node, id_dir, "polri-cms"), padded(130_000), now())
     assert DeliveryWorker(id_node, Loopback(my_node)).run_once() == 1
-    assert id_node.status(actor(id_node, id_dir, "polri-cms"), accepted["id"])["status"] == "delivered"
+    assert id_node.status(actor(id_node, id_dir, "polri-cms"), accepted["id"], now())["status"] == "delivered"
     items = my_node.inbox(actor(my_node, my_dir, "pdrm-d7"), 0, 10, now()).items
     assert items[0]["payload"] == padded_payload(130_000)
 
@@ -128,8 +138,8 @@ def test_a_partner_4xx_about_one_envelope_fails_that_envelope_and_never_holds_th
     transport = BodyLimitedLoopback(my_node, limit=100_000)  # a partner configured below the agreement
     worker = DeliveryWorker(id_node, transport)
     assert worker.run_once() == 7  # one round: split, six delivered, the big one failed
-    assert {id_node.status(polri, m)["status"] for m in small} == {"delivered"}
-    failed = id_node.status(polri, big)
+    assert {id_node.status(polri, m, now())["status"] for m in small} == {"delivered"}
+    failed = id_node.status(polri, big, now())
     assert failed["status"] == "failed"
     assert "HTTP 413" in failed["status_reason"]
     assert worker.partner.failures == 0  # a refusal is not an outage
@@ -152,7 +162,7 @@ def test_batches_are_bounded_by_bytes_as_well_as_count(pair: Pair) -> None:
     assert settled == 8
     assert len(transport.sizes) >= 3
     assert max(transport.sizes) <= 100_000
-    assert {id_node.status(polri, m)["status"] for m in ids} == {"delivered"}
+    assert {id_node.status(polri, m, now())["status"] for m in ids} == {"delivered"}
 
 
 def test_a_message_not_delivered_within_the_replay_window_ends_failed_expired_and_ledgered(
@@ -173,7 +183,7 @@ def test_a_message_not_delivered_within_the_replay_window_ends_failed_expired_an
     )["id"]
     clock.now += 1.5  # the old one is past its deadline, the young one is not
     assert worker.run_once() == 1
-    status = id_node.status(polri, old)
+    status = id_node.status(polri, old, now())
     assert status["status"] == "failed"
     assert status["status_reason"].startswith("expired")
     with id_node.db.read() as conn:
@@ -182,7 +192,7 @@ def test_a_message_not_delivered_within_the_replay_window_ends_failed_expired_an
     transport.down = False
     clock.now = max(clock.now, worker.partner.retry_at)
     assert worker.run_once() == 1
-    assert id_node.status(polri, young)["status"] == "delivered"
+    assert id_node.status(polri, young, now())["status"] == "delivered"
 
 
 def test_backoff_never_pushes_the_next_probe_past_the_oldest_message_s_deadline(pair: Pair) -> None:
@@ -205,7 +215,7 @@ def test_backoff_never_pushes_the_next_probe_past_the_oldest_message_s_deadline(
     transport.down = False
     worker.partner.retry_at = clock.now  # the partner is back just before the deadline
     assert worker.run_once() == 1
-    assert node.status(actor(node, id_dir, "polri-cms"), mid)["status"] == "delivered"
+    assert node.status(actor(node, id_dir, "polri-cms"), mid, now())["status"] == "delivered"
 
 
 def test_a_restarted_node_takes_back_its_own_leases_at_once(pair: Pair) -> None:
@@ -223,8 +233,8 @@ def test_a_restarted_node_takes_back_its_own_leases_at_once(pair: Pair) -> None:
             )
     restarted = DeliveryWorker(id_node, Loopback(my_node), clock=lambda: t)
     assert restarted.run_once() == 1  # its own lease at once; another worker's waits for expiry
-    assert id_node.status(polri, mine)["status"] == "delivered"
-    assert id_node.status(polri, theirs)["status"] == "queued"
+    assert id_node.status(polri, mine, now())["status"] == "delivered"
+    assert id_node.status(polri, theirs, now())["status"] == "queued"
 
 
 def test_a_retried_submission_with_the_same_idempotency_key_returns_the_original_answer(pair: Pair) -> None:

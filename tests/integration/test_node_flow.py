@@ -107,7 +107,7 @@ def test_a_request_crosses_and_its_response_comes_back(pair) -> None:  # type: i
     assert accepted["status"] == "queued"
     assert accepted["classification"]["partner_equivalent"] == {"scheme": "ARAHAN", "level": "RAHSIA"}
     assert DeliveryWorker(id_node, Loopback(my_node)).run_once() == 1
-    status = id_node.status(polri, accepted["id"])
+    status = id_node.status(polri, accepted["id"], now())
     assert status["status"] == "delivered"
     assert status["receipt"]["jws"].count(".") == 2
 
@@ -218,14 +218,14 @@ def test_a_lost_answer_mid_delivery_is_retried_and_stored_once(pair) -> None:  #
     accepted = id_node.submit(polri, MessageSubmission.model_validate(rfi()), now())
     transport.lose_answer = True
     assert worker.run_once() == 0
-    status = id_node.status(polri, accepted["id"])
+    status = id_node.status(polri, accepted["id"], now())
     assert status["status"] == "queued"
     assert "connection reset" in status["status_reason"]
     transport.lose_answer = False
     assert worker.run_once() == 0  # backing off: not due yet
     clock.now += 1.0
     assert worker.run_once() == 1
-    assert id_node.status(polri, accepted["id"])["status"] == "delivered"
+    assert id_node.status(polri, accepted["id"], now())["status"] == "delivered"
     with my_node.db.transaction() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(messages)).scalar_one() == 1
 
@@ -249,7 +249,7 @@ def test_partner_down_messages_wait_with_backoff_and_go_when_it_returns(pair) ->
     assert waits[-1] > waits[0]
     transport.down = False
     assert worker.run_once() == 3
-    assert {id_node.status(polri, i)["status"] for i in ids} == {"delivered"}
+    assert {id_node.status(polri, i, now())["status"] for i in ids} == {"delivered"}
 
 
 def test_a_restart_loses_nothing(pair, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -259,7 +259,7 @@ def test_a_restart_loses_nothing(pair, tmp_path: Path) -> None:  # type: ignore[
     id_node.close()
     restarted = Node(load_settings(id_dir.path))  # a new process would do the same
     assert DeliveryWorker(restarted, Loopback(my_node)).run_once() == 1
-    assert restarted.status(polri, accepted["id"])["status"] == "delivered"
+    assert restarted.status(polri, accepted["id"], now())["status"] == "delivered"
     restarted.close()
 
 
@@ -273,7 +273,7 @@ def test_envelope_rejected_by_the_partner_is_marked_failed_and_ledgered(pair, tm
     with id_node.db.transaction() as conn:
         repo.update_message(conn, accepted["id"], envelope=tampered, envelope_sha256=crypto_digest(tampered))
     assert DeliveryWorker(id_node, Loopback(my_node)).run_once() == 1
-    status = id_node.status(polri, accepted["id"])
+    status = id_node.status(polri, accepted["id"], now())
     assert status["status"] == "failed"
     assert "rejected" in status["status_reason"]
     with my_node.db.transaction() as conn:
@@ -291,17 +291,27 @@ def crypto_digest(compact: str) -> str:
 def test_refusals_are_ledgered_and_nothing_is_queued(pair) -> None:  # type: ignore[no-untyped-def]
     id_dir, _my_dir, id_node, _my_node = pair
     polri = actor(id_node, id_dir, "polri-cms")
-    with pytest.raises(PolicyRefusal):
-        id_node.submit(
-            polri, MessageSubmission.model_validate(rfi(tlp="AMBER", handling_codes=["H9"])), now()
-        )
+    with pytest.raises(PolicyRefusal) as refused:
+        id_node.submit(polri, MessageSubmission.model_validate(rfi(tlp=None, legal_basis=[])), now())
+    assert [(v.rule_id, v.rule_version) for v in refused.value.violations] == [("R-COMPLETE", "R-COMPLETE@1")]
+    assert "message.tlp" in refused.value.violations[0].reason
+    assert "message.legal_basis" in refused.value.violations[0].reason
+    with pytest.raises(InvalidInput) as info:
+        id_node.submit(polri, MessageSubmission.model_validate(rfi(handling_codes=["H9"])), now())
+    assert {e.field for e in info.value.errors} == {"handling_codes"}
     with pytest.raises(InvalidInput) as info:
         id_node.submit(polri, MessageSubmission.model_validate(rfi(payload={"questions": []})), now())
-    assert {e.field for e in info.value.errors} == {"payload", "payload/questions"}
+    assert {e.field for e in info.value.errors} == {"payload/summary", "payload/questions"}
     with id_node.db.transaction() as conn:
         entries = list(repo.iter_ledger(conn))
         assert repo.outbox_size(conn) == 0
-    assert [(e.event, e.rules) for e in entries] == [("submission.refused", ("R-HANDLING-KNOWN",))]
+    assert [e.event for e in entries] == ["submission.refused"]
+    assert "R-COMPLETE@1" in entries[0].rules
+    assert entries[0].data["refused"] == ["R-COMPLETE@1"]
+    assert entries[0].data["agreement"] == {
+        "version": id_node.agreement.version,
+        "digest": id_node.agreement.digest,
+    }
 
 
 def test_an_unmigrated_database_is_refused_naming_the_command(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from exchange import crypto, envelope
+from exchange import crypto
 from exchange.auditing import AuditService
 from exchange.checkpoints import CheckpointService
 from exchange.config import load_settings
@@ -19,12 +19,10 @@ from exchange.db import repo
 from exchange.errors import CheckpointConflict, LedgerIntegrityError
 from exchange.ledger import EntryDraft
 from exchange.ledger.checkpoint import CheckpointError, sign_checkpoint
-from exchange.messages import MessageSubmission, build_message
 from exchange.node import Node
-from exchange.policy import Actor, evaluate_submission
 from exchange.transport.checkpointer import Checkpointer
 from tests.integration.test_node_flow import Loopback
-from tests.support import make_pair, rfi
+from tests.support import make_pair, signed_message
 
 NOW = dt.datetime.now(dt.UTC)
 
@@ -102,31 +100,7 @@ def test_a_forked_checkpoint_is_refused_and_ledgered(nodes: tuple[Node, Node]) -
 
 def _message_from(node: Node, checkpoint: str | None, created: dt.datetime) -> str:
     """A genuine sealed message from ``node`` carrying ``checkpoint``, created at ``created``."""
-    actor = Actor("polri-cms", "Polri", "TPPO", (), "S", (), ())
-    submission = MessageSubmission.model_validate(rfi())
-    decision = evaluate_submission(
-        node.agreement,
-        party=node.party,
-        actor=actor,
-        message_type=submission.type,
-        purposes=submission.purposes,
-        scheme="POLRI",
-        level="RAHASIA",
-        tlp="AMBER",
-        handling_codes=["H0"],
-        replied_to=None,
-        in_reply_to=None,
-    )
-    message = build_message(
-        submission,
-        agreement=node.agreement,
-        sender=node.party,
-        actor=actor,
-        marking=decision.marking,
-        now=created,
-        checkpoint=checkpoint,
-    )
-    return envelope.seal(message, signing_key=node.keys.signing, recipient_key=node.partner.encryption)
+    return signed_message(node, created, checkpoint)
 
 
 def test_a_split_view_or_a_rollback_in_one_message_is_caught_and_ledgered(nodes: tuple[Node, Node]) -> None:

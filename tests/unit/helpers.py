@@ -26,6 +26,7 @@ def agreement_data() -> dict[str, Any]:
             "name": party,
             "endpoint": f"https://{party.lower()}.example:8443",
             "node_name": f"{party}-node",
+            "node_key_sha256": crypto.public_key_sha256(CA_PEM.encode()),  # any well-formed pin
             "ca_certificate": CA_PEM,
             "scheme": scheme,
             "signing_keys": [keys["sig"]],

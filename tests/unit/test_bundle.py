@@ -1,52 +1,72 @@
-"""Offline audit bundles: range proofs reproduce the signed root; tampering is refused."""
+"""Offline audit bundles: per-entry RFC 9162 inclusion proofs and a consistency proof reproduce the
+signed roots; tampering, a missing cosignature and members of the wrong type are refused."""
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from jsonschema import Draft202012Validator
 
 from exchange import crypto
 from exchange.errors import LedgerIntegrityError
 from exchange.ledger import EntryDraft, leaf_bytes
 from exchange.ledger.bundle import build_bundle, verify_bundle
-from exchange.ledger.checkpoint import cosign, sign_checkpoint, verify_checkpoint
-from exchange.ledger.merkle import MemoryTree, leaf_hash, root_hash
+from exchange.ledger.checkpoint import (
+    SIG_COSIGNATURE_V1,
+    SIG_ED25519,
+    NoteVerifier,
+    checkpoint_with,
+    cosign,
+    sign_checkpoint,
+    verify_checkpoint,
+)
+from exchange.ledger.merkle import MemoryTree, consistency_proof, leaf_hash, root_hash
 
 OWN = crypto.private_jwk(crypto.new_message_key("ckpt"), "own")
 PARTNER = crypto.private_jwk(crypto.new_message_key("ckpt"), "partner")
 ORIGIN, WITNESS = "ID-node/ledger", "MY-node/witness"
+SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
 
 
-def bundle(n: int, start: int, end: int) -> dict[str, Any]:
+LOG = NoteVerifier.of(ORIGIN, OWN, SIG_ED25519)
+PARTNER_WITNESS = NoteVerifier.of(WITNESS, PARTNER, SIG_COSIGNATURE_V1)
+
+
+def cosigned(tree: MemoryTree, size: int) -> str:
+    note = sign_checkpoint(ORIGIN, size, root_hash(tree, size), OWN)
+    checkpoint = verify_checkpoint(note, origin=ORIGIN, key=OWN)
+    return checkpoint_with(note, [cosign(checkpoint, witness=WITNESS, key=PARTNER, timestamp=1)])
+
+
+def bundle(n: int, start: int, end: int, first: int | None = None) -> dict[str, Any]:
     leaves = [
         leaf_bytes(i, "t", EntryDraft(event="e", case_ref="C/1", data={"i": i})).decode() for i in range(n)
     ]
     tree = MemoryTree(leaf_hash(x.encode()) for x in leaves)
-    note = sign_checkpoint(ORIGIN, n, root_hash(tree, n), OWN)
-    line = cosign(verify_checkpoint(note, origin=ORIGIN, key=OWN), witness=WITNESS, key=PARTNER, timestamp=1)
+    earliest = None
+    if first is not None and first < n:
+        earliest = (cosigned(tree, first), consistency_proof(tree, first, n))
     return build_bundle(
         party="ID",
-        agreement={"version": "v", "digest": "d"},
+        agreement={"version": "v", "digest": "d" * 64},
+        origin=ORIGIN,
         entries=[(i, leaves[i]) for i in range(start, end)],
         source=tree,
-        checkpoint={"size": n, "note": note, "cosignature": line},
-        keys={},
+        checkpoint=cosigned(tree, n),
+        size=n,
+        earliest=earliest,
     )
 
 
-def verify(b: dict[str, Any]) -> Any:
-    return verify_bundle(
-        json.loads(json.dumps(b)),
-        origin=ORIGIN,
-        checkpoint_key=crypto.public_only(OWN),
-        partner_witness=WITNESS,
-        partner_key=crypto.public_only(PARTNER),
-    )
+def verify(b: dict[str, Any], **kwargs: Any) -> Any:
+    return verify_bundle(json.loads(json.dumps(b)), log=LOG, partner_witness=PARTNER_WITNESS, **kwargs)
 
 
 @settings(max_examples=60, deadline=None)
@@ -57,9 +77,16 @@ def verify(b: dict[str, Any]) -> Any:
 )
 def test_property_every_range_of_every_tree_verifies(case: tuple[int, int, int]) -> None:
     n, start, end = case
-    report = verify(bundle(n, start, end))
+    report = verify(bundle(n, start, end, first=end))
     assert [e.seq for e in report.entries] == list(range(start, end))
     assert report.cosigned
+    assert report.since_size == (end if end < n else None)
+
+
+def _flip_hash(h: str) -> str:
+    raw = bytearray(base64.b64decode(h))
+    raw[0] ^= 1
+    return base64.b64encode(bytes(raw)).decode()
 
 
 @pytest.mark.parametrize(
@@ -67,33 +94,97 @@ def test_property_every_range_of_every_tree_verifies(case: tuple[int, int, int])
     [
         (lambda b: b["entries"][1].update(leaf=b["entries"][1]["leaf"].replace('"e"', '"f"')), "altered"),
         (lambda b: b["entries"].pop(2), "consecutive"),
-        (lambda b: b["blocks"][0].update(hash=b["blocks"][1]["hash"]), "altered"),
-        (lambda b: b["blocks"].pop(), "wrong subtrees"),
+        (lambda b: b["entries"][0]["inclusion"].pop(), "altered"),
         (
-            lambda b: b["checkpoint"].update(note=b["checkpoint"]["note"].replace("\n40\n", "\n41\n")),
-            "checkpoint",
+            lambda b: b["entries"][3]["inclusion"].__setitem__(
+                0, _flip_hash(b["entries"][3]["inclusion"][0])
+            ),
+            "altered",
         ),
-        (
-            lambda b: b["checkpoint"].update(cosignature=b["checkpoint"]["cosignature"][:-4] + "AAA="),
-            "cosignature",
-        ),
-        (lambda b: b["range"].update(start=b["range"]["start"] + 1), "consecutive"),
+        (lambda b: b["entries"][0].update(index=8), "consecutive"),
+        (lambda b: b.update(checkpoint=b["checkpoint"].replace("\n40\n", "\n41\n")), "checkpoint"),
+        (lambda b: b.update(checkpoint=b["checkpoint"][:-6] + "AAAA=\n"), "does not verify"),
+        (lambda b: b["consistency"]["proof"].pop(), "not consistent"),
+        (lambda b: b["consistency"].update(checkpoint=b["checkpoint"]), "not consistent"),
+        (lambda b: b.update(format="exchange-audit-bundle/1"), "bundle"),
     ],
 )
 def test_a_tampered_bundle_is_refused(mutate: Any, message: str) -> None:
-    b = copy.deepcopy(bundle(40, 9, 27))
+    b = copy.deepcopy(bundle(40, 9, 27, first=30))
     mutate(b)
     with pytest.raises(LedgerIntegrityError, match=message):
         verify(b)
 
 
+def test_a_bundle_stripped_of_its_cosignature_fails_unless_the_auditor_allows_it() -> None:
+    b = bundle(16, 0, 16)
+    stripped = dict(b, checkpoint=b["checkpoint"].rsplit("\u2014 " + WITNESS, 1)[0])
+    assert WITNESS not in stripped["checkpoint"]
+    with pytest.raises(LedgerIntegrityError, match="not cosigned by the partner"):
+        verify(stripped)
+    report = verify(stripped, allow_uncosigned=True)
+    assert not report.cosigned
+    assert "NOT cosigned" in report.summary()
+
+
+def test_a_bad_cosignature_line_from_the_partner_key_is_refused_even_beside_a_good_one() -> None:
+    b = bundle(8, 0, 8)
+    good = b["checkpoint"].split("\n")[-2]
+    raw = bytearray(base64.b64decode(good.split(" ")[2]))
+    raw[-1] ^= 1
+    bad = f"\u2014 {WITNESS} {base64.b64encode(bytes(raw)).decode()}"
+    with pytest.raises(LedgerIntegrityError, match="does not verify"):
+        verify(dict(b, checkpoint=b["checkpoint"] + bad + "\n"))
+
+
+def test_the_bundle_matches_its_published_schema() -> None:
+    schema = json.loads((SCHEMAS / "audit-bundle.schema.json").read_text())
+    Draft202012Validator.check_schema(schema)
+    Draft202012Validator(schema).validate(bundle(20, 3, 11, first=12))
+    leaf_schema = Draft202012Validator(json.loads((SCHEMAS / "ledger-leaf.schema.json").read_text()))
+    for entry in bundle(5, 0, 5)["entries"]:
+        leaf_schema.validate(json.loads(entry["leaf"]))
+
+
 def test_a_bundle_checked_against_other_keys_is_refused() -> None:
     b = bundle(8, 0, 8)
     with pytest.raises(LedgerIntegrityError, match="checkpoint"):
-        verify_bundle(
-            b,
-            origin=ORIGIN,
-            checkpoint_key=crypto.public_only(PARTNER),
-            partner_witness=WITNESS,
-            partner_key=crypto.public_only(PARTNER),
-        )
+        verify_bundle(b, log=NoteVerifier.of(ORIGIN, PARTNER, SIG_ED25519), partner_witness=PARTNER_WITNESS)
+
+
+def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    found = [prefix] if prefix else []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found += _paths(item, (*prefix, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value[:2]):
+            found += _paths(item, (*prefix, index))
+    return found
+
+
+@pytest.mark.parametrize("replacement", [None, 7, "x", [], {}, True])
+def test_a_bundle_with_any_member_of_the_wrong_type_is_refused_cleanly(replacement: Any) -> None:
+    """Whatever member is replaced, the verifier refuses with LedgerIntegrityError, never a crash."""
+    original = bundle(9, 2, 6, first=7)
+    for path in _paths(original):
+        b = copy.deepcopy(original)
+        target = b
+        for key in path[:-1]:
+            target = target[key]
+        if target[path[-1]] == replacement:
+            continue
+        target[path[-1]] = replacement
+        try:
+            verify(b)
+        except LedgerIntegrityError:
+            continue
+        if path == ("consistency",) and replacement is None:
+            continue  # a bundle need not carry an earlier checkpoint
+        assert path in {
+            ("party",),
+            ("agreement",),
+            ("agreement", "version"),
+            ("agreement", "digest"),
+            ("origin",),
+        }, path

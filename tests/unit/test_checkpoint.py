@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from exchange import crypto
 from exchange.ledger.checkpoint import (
+    SIG_ED25519,
     CheckpointError,
+    NoteVerifier,
     cosign,
     key_id,
+    open_checkpoint,
+    open_note,
     sign_checkpoint,
     verify_checkpoint,
     verify_cosignature,
@@ -79,3 +86,24 @@ def test_a_cosignature_verifies_and_binds_witness_time_and_checkpoint() -> None:
             verify_cosignature(bad_checkpoint, bad_line, witness=witness, key=public)
     with pytest.raises(CheckpointError):
         verify_cosignature(checkpoint, line, witness="MY-node/witness", key=crypto.public_only(KEY))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=300))
+def test_property_any_text_opens_as_a_note_or_raises_checkpoint_error(text: str) -> None:
+    verifier = NoteVerifier.of(ORIGIN, KEY, SIG_ED25519)
+    with contextlib.suppress(CheckpointError):
+        open_note(text, [verifier])
+    with contextlib.suppress(CheckpointError):
+        open_checkpoint(text + "\n\n\u2014 " + ORIGIN + " AAAAAAAA\n", verifier)
+
+
+def test_a_cosignature_covers_the_extension_lines() -> None:
+    note = sign_checkpoint(ORIGIN, 42, ROOT, KEY, extensions=("ext one", "ext two"))
+    checkpoint = verify_checkpoint(note, origin=ORIGIN, key=KEY)
+    assert checkpoint.extensions == ("ext one", "ext two")
+    line = cosign(checkpoint, witness="W/w", key=OTHER, timestamp=5)
+    assert verify_cosignature(checkpoint, line, witness="W/w", key=crypto.public_only(OTHER)) == 5
+    plain = verify_checkpoint(sign_checkpoint(ORIGIN, 42, ROOT, KEY), origin=ORIGIN, key=KEY)
+    with pytest.raises(CheckpointError):
+        verify_cosignature(plain, line, witness="W/w", key=crypto.public_only(OTHER))

@@ -12,8 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from joserfc import jwe, jws
 from joserfc.jwk import OKPKey
+from joserfc.registry import HeaderParameter
 
 from exchange import crypto
+from exchange.canonical import canonical_json
 from exchange.envelope import jose as envelope_jose
 from exchange.envelope import open_envelope, open_stored, seal, sign_receipt, verify_receipt
 from exchange.errors import EnvelopeError, ReplayRejected
@@ -311,3 +313,130 @@ json_values = st.recursive(
 def test_property_seal_then_open_returns_the_message(payload: dict[str, Any], codes: list[str]) -> None:
     body = message(payload=payload, handling_codes=codes)
     assert open_as_my(seal(body, signing_key=ID_SIG, recipient_key=public(MY_ENC))).message == body
+
+
+def _wrap(payload: bytes, *, drop: tuple[str, ...] = (), **extra: Any) -> str:
+    """A genuinely signed and encrypted envelope over ``payload`` bytes, with header changes."""
+    signed = jws.serialize_compact(
+        {"alg": "EdDSA", "kid": ID_SIG.kid, "typ": "exchange-message+jws"},
+        payload,
+        ID_SIG,
+        registry=envelope_jose._JWS_REGISTRY,
+    )
+    header: dict[str, Any] = {
+        "alg": "ECDH-ES+A256KW",
+        "enc": "A256GCM",
+        "kid": MY_ENC.kid,
+        "typ": "exchange-envelope+jwe",
+        "cty": "JOSE",
+        **envelope_jose._header_of(message()),
+        **extra,
+    }
+    for name in drop:
+        del header[name]
+    sealer_knows = {name: HeaderParameter(name, "str") for name in extra if name.startswith("x_")}
+    sealer_knows |= {  # the sealer may leave any field out: that is what is tested
+        name: HeaderParameter(p.description, p.validate, required=False)
+        for name, p in envelope_jose._registry_entries().items()
+    }
+    registry = jwe.JWERegistry(
+        header_registry=sealer_knows,
+        algorithms=["ECDH-ES+A256KW", "A256GCM"],
+        strict_check_header=False,
+    )
+    return jwe.encrypt_compact(header, signed, public(MY_ENC), registry=registry)
+
+
+CANONICAL = canonical_json(message())
+
+
+def test_the_wrap_helper_builds_an_envelope_that_opens() -> None:
+    assert open_as_my(_wrap(CANONICAL)).message == message()
+
+
+def test_a_signed_payload_with_a_duplicate_member_is_refused() -> None:
+    """``{"tlp":"RED",…,"tlp":"AMBER"}``: a first-value parser and a last-value parser would read two
+    classifications from the same signed bytes."""
+    text = CANONICAL.decode()
+    duplicated = text.replace('"tlp":"AMBER"', '"tlp":"RED","tlp":"AMBER"').encode()
+    assert duplicated != CANONICAL
+    with pytest.raises(EnvelopeError, match="duplicate member") as info:
+        open_as_my(_wrap(duplicated))
+    assert info.value.reason == "malformed"
+    with pytest.raises(EnvelopeError, match="duplicate member"):
+        open_stored(
+            _wrap(duplicated),
+            decryption_keys={KeyId(str(MY_ENC.kid)): MY_ENC},
+            verification_keys={KeyId(str(ID_SIG.kid)): public(ID_SIG)},
+        )
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        json.dumps(message()).encode(),  # spaces after separators
+        json.dumps(message(), sort_keys=True, indent=1).encode(),
+        CANONICAL + b"\n",
+        CANONICAL.replace(b'"H0"', b'"\\u0048\\u0030"'),  # the same string, escaped
+    ],
+)
+def test_a_signed_payload_that_is_not_rfc8785_canonical_is_refused(payload: bytes) -> None:
+    assert json.loads(payload) == message()
+    with pytest.raises(EnvelopeError, match="canonical form") as info:
+        open_as_my(_wrap(payload))
+    assert info.value.reason == "malformed"
+
+
+def test_an_unknown_header_parameter_not_in_crit_is_ignored() -> None:
+    opened = open_as_my(_wrap(CANONICAL, x_trace="abc", x_hint="1"))
+    assert opened.message == message()
+    assert opened.header["x_trace"] == "abc"
+
+
+def test_an_unknown_header_parameter_listed_in_crit_is_refused() -> None:
+    assert reason(_wrap(CANONICAL, x_must="1", crit=["x_must"])) == "malformed"
+    assert open_as_my(_wrap(CANONICAL, crit=["msg_id"])).message == message()  # understood: accepted
+
+
+@pytest.mark.parametrize("field", [*envelope_jose.HEADER_FIELDS, "cty"])
+def test_a_missing_required_header_field_is_malformed_not_decrypt_failed(field: str) -> None:
+    with pytest.raises(EnvelopeError) as info:
+        open_as_my(_wrap(CANONICAL, drop=(field,)))
+    assert info.value.reason == "malformed"
+    assert field in str(info.value) or field == "cty"
+
+
+def test_a_cty_other_than_jose_is_refused() -> None:
+    assert reason(_wrap(CANONICAL, cty="JWT")) == "malformed"
+
+
+def test_a_receipt_whose_signed_body_is_not_canonical_is_refused() -> None:
+    """The same rule as the envelope: a duplicate ``envelope_sha256`` could name two envelopes."""
+    digest = envelope_jose.envelope_digest(sealed())
+    body = {
+        "envelope_sha256": digest,
+        "message_id": message()["id"],
+        "received_at": NOW.isoformat(timespec="microseconds"),
+        "receiver": "MY",
+        "sender": "ID",
+    }
+    canonical = canonical_json(body).decode()
+    for payload in (
+        canonical.replace('{"envelope_sha256":', '{"envelope_sha256":"' + "0" * 64 + '","envelope_sha256":'),
+        json.dumps(body),
+    ):
+        receipt = jws.serialize_compact(
+            {"alg": "EdDSA", "kid": MY_SIG.kid, "typ": "exchange-receipt+jws"},
+            payload.encode(),
+            MY_SIG,
+            registry=envelope_jose._JWS_REGISTRY,
+        )
+        with pytest.raises(EnvelopeError) as info:
+            verify_receipt(
+                receipt,
+                verification_keys={KeyId(str(MY_SIG.kid)): public(MY_SIG)},
+                expected_message_id=message()["id"],
+                expected_envelope_sha256=digest,
+                expected_receiver="MY",
+            )
+        assert info.value.reason == "malformed"

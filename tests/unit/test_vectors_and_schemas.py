@@ -4,6 +4,7 @@ code produces validates against the published JSON Schemas."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,12 @@ from jwcrypto import jwk as jc_jwk
 from jwcrypto import jws as jc_jws
 from referencing import Registry, Resource
 
+from exchange.catalogue import DATA_CATEGORIES, write_schemas
 from exchange.envelope import envelope_digest, open_stored, peek_header
 from exchange.envelope.receipt import verify_receipt
+from exchange.messages import Catalogue, parse_signed
 from exchange.types import KeyId
+from tests.unit.helpers import agreement as unit_agreement
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
 VECTOR = json.loads((SCHEMAS / "vectors" / "envelope-v1.json").read_text())
@@ -87,3 +91,26 @@ def test_vector_header_and_message_validate_against_the_published_schemas() -> N
 def test_every_payload_schema_is_a_valid_2020_12_schema() -> None:
     for path in (SCHEMAS / "messages").glob("*.schema.json"):
         Draft202012Validator.check_schema(json.loads(path.read_text()))
+
+
+def test_the_published_message_schemas_are_generated_from_the_catalogue(tmp_path: Path) -> None:
+    (tmp_path / "messages").mkdir()
+    for written in write_schemas(tmp_path):
+        published = SCHEMAS / written.relative_to(tmp_path)
+        assert published.read_text() == written.read_text(), (
+            f"run: python -m exchange.catalogue schemas ({published})"
+        )
+    assert {p.name for p in (SCHEMAS / "messages").glob("*.json")} == {
+        p.name for p in (tmp_path / "messages").glob("*.json")
+    }
+
+
+def test_every_category_in_the_schemas_is_one_of_the_catalogue_and_every_type_has_a_schema() -> None:
+    agreement = unit_agreement()
+    catalogue = Catalogue.for_agreement(agreement)  # raises if a type names a schema it has not
+    parse_signed(VECTOR["expected_message"], agreement=agreement, catalogue=catalogue)
+    for spec in agreement.message_types.values():
+        assert (SCHEMAS / "messages" / spec.schema_file).is_file()
+    for path in (SCHEMAS / "messages").glob("*.schema.json"):
+        found = re.findall(r'"x-exchange-category": "([a-z-]+)"', path.read_text())
+        assert set(found) <= set(DATA_CATEGORIES), path.name

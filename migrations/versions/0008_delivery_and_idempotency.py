@@ -1,8 +1,8 @@
 """Delivery hardening: who holds an outbox lease (a restarted node takes its own back at once), and
 the idempotency keys of submissions (a retried submission returns the original answer).
 
-Revision ID: 0006
-Revises: 0003
+Revision ID: 0008
+Revises: 0007
 Create Date: 2026-11-23
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0006"
-down_revision = "0003"
+revision = "0008"
+down_revision = "0007"
 branch_labels = None
 depends_on = None
 

@@ -1,0 +1,133 @@
+"""Response models of the audit API: they give every answer a schema in the OpenAPI description.
+
+Hashes in these answers are lowercase hex (``leaf_hash``, ``root``, ``proof``); notes and
+cosignature lines are the C2SP texts (base64 inside); the export bundle is
+``schemas/audit-bundle.schema.json`` (base64 throughout).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+HEX32 = r"^[0-9a-f]{64}$"
+
+
+class _Answer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AuditEntry(_Answer):
+    """One ledger entry: the fields of its leaf, the leaf itself and its RFC 9162 leaf hash."""
+
+    seq: int = Field(ge=0, description="sequence number = leaf index")
+    at: str
+    event: str
+    message_id: str | None
+    case_ref: str | None
+    actor: str | None
+    decision: str | None
+    rules: list[str]
+    data: dict[str, Any]
+    leaf: str = Field(
+        description="the raw leaf (schemas/ledger-leaf.schema.json): its UTF-8 bytes are what the tree hashes"
+    )
+    leaf_hash: str = Field(pattern=HEX32, description="SHA-256(0x00 || leaf), hex")
+
+
+class EntriesPage(_Answer):
+    items: list[AuditEntry]
+    next_cursor: int = Field(description="pass as `after` for the next page")
+
+
+class MessageHistory(_Answer):
+    message_id: str
+    nodes: dict[str, list[AuditEntry]] = Field(description="each node's entries about the message, by party")
+    partner_error: str | None = Field(description="why the partner's part is missing, if it is")
+
+
+class VerifierKey(_Answer):
+    holder: str
+    signs: str
+    key: str = Field(description="signed-note verifier key: name+keyid+base64(type || public key)")
+
+
+class OwnCheckpoint(_Answer):
+    size: int
+    root: str = Field(pattern=HEX32)
+    note: str = Field(description="the C2SP checkpoint as signed by this node")
+    signed_at: str
+    cosignature: str | None = Field(description="the partner node's cosignature line")
+    cosigned_at: str | None
+    witness_cosignatures: dict[str, str] = Field(
+        description="further witnesses' cosignature lines, by key name"
+    )
+
+
+class WitnessedCheckpoint(_Answer):
+    size: int
+    root: str = Field(pattern=HEX32)
+    note: str
+    previous_size: int = Field(description="the size the consistency proof was verified from")
+    witnessed_at: str
+
+
+class Checkpoints(_Answer):
+    origin: str = Field(description="this node's log origin (= the key name of its checkpoint key)")
+    cosigner: str = Field(description="the partner node's witness key name")
+    verifier_keys: list[VerifierKey] = Field(description="every note verifier key the agreement pins")
+    checkpoints: list[OwnCheckpoint]
+    witnessed: list[WitnessedCheckpoint] = Field(description="the partner's checkpoints this node cosigned")
+
+
+class InclusionProof(_Answer):
+    seq: int
+    size: int
+    leaf: str
+    leaf_hash: str = Field(pattern=HEX32)
+    root: str = Field(pattern=HEX32)
+    proof: list[str] = Field(description="RFC 9162 inclusion proof, hex, bottom-up")
+
+
+class ConsistencyProof(_Answer):
+    old_size: int
+    new_size: int
+    old_root: str = Field(pattern=HEX32)
+    new_root: str = Field(pattern=HEX32)
+    proof: list[str] = Field(description="RFC 9162 consistency proof, hex")
+
+
+class Verification(_Answer):
+    ok: bool
+    summary: str | None = None
+    entries: int | None = None
+    checkpoints: int | None = None
+    cosignatures: int | None = None
+    witness_cosignatures: dict[str, int] | None = None
+    witnessed: int | None = None
+    error: str | None = None
+    first_bad_entry: int | None = None
+
+
+class BundleEntry(_Answer):
+    index: int
+    leaf: str
+    inclusion: list[str] = Field(description="RFC 9162 inclusion proof, base64")
+
+
+class BundleConsistency(_Answer):
+    checkpoint: str
+    proof: list[str] = Field(description="RFC 9162 consistency proof, base64")
+
+
+class AuditBundle(_Answer):
+    """An export bundle: schemas/audit-bundle.schema.json."""
+
+    format: str = Field(pattern="^exchange-audit-bundle/2$")
+    party: str
+    agreement: dict[str, str]
+    origin: str
+    checkpoint: str = Field(description="the signed checkpoint followed by its cosignature lines")
+    entries: list[BundleEntry]
+    consistency: BundleConsistency | None

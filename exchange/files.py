@@ -1,0 +1,68 @@
+"""Owner-only files and folders of a node, whatever the process umask.
+
+A node directory holds keys, certificates, settings and (on SQLite) the database: every file the
+node writes is created mode 0600 and every folder 0700, set explicitly rather than left to the
+umask, so ``umask 000`` cannot make them world-readable or world-writable.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+
+
+def private_umask() -> None:
+    """Make everything this process creates from now on owner-only (the SQLite WAL included)."""
+    os.umask(0o077)
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (and missing parents) and make it owner-only. Returns ``path``."""
+    path.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+    path.chmod(DIR_MODE)
+    return path
+
+
+def write_private(path: Path, data: bytes | str) -> Path:
+    """Write ``data`` to ``path``, created or truncated with mode 0600 from the first byte."""
+    raw = data.encode() if isinstance(data, str) else data
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    try:
+        os.fchmod(fd, FILE_MODE)
+        with os.fdopen(fd, "wb", closefd=False) as out:
+            out.write(raw)
+    finally:
+        os.close(fd)
+    return path
+
+
+def create_private(path: Path) -> None:
+    """Create ``path`` empty and owner-only if it does not exist; make it owner-only if it does.
+
+    An existing file is never opened: closing a descriptor of a SQLite database releases every POSIX
+    lock this process holds on it, under the feet of its open connections.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    except FileExistsError:
+        path.chmod(FILE_MODE)
+        return
+    try:
+        os.fchmod(fd, FILE_MODE)
+    finally:
+        os.close(fd)
+
+
+def restrict_tree(root: Path) -> None:
+    """Make every folder under ``root`` 0700 and every file 0600 (``root`` included)."""
+    root.chmod(DIR_MODE)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            (Path(dirpath) / name).chmod(DIR_MODE)
+        for name in filenames:
+            path = Path(dirpath) / name
+            if not path.is_symlink():
+                path.chmod(FILE_MODE)

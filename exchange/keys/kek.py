@@ -1,0 +1,159 @@
+"""Key-encryption keys (KEKs) of content at rest: one live KEK per retention period, in files.
+
+Files under ``<key_dir>/kek/`` (owner-only, written atomically):
+
+- ``master.jwe``: the node's KEK-wrapping key, 32 random bytes in a compact JWE
+  ``PBES2-HS512+A256KW``/``A256GCM`` under the node passphrase;
+- ``kek-<period>-<n>.jwe``: a KEK, 32 random bytes in a compact JWE ``A256KW``/``A256GCM`` under
+  the master key. ``period`` is the month of the destroy date (``2031-11``); the live KEK of a
+  period is the one with the highest ``n``;
+- ``kek-<period>-<n>.destroyed``: an empty tombstone of a destroyed KEK (its id is never reused).
+
+Nothing of a KEK is ever in the database: destroying its file (overwritten, then unlinked) makes
+every at-rest copy it wrapped unreadable, in the database and in every backup of the database.
+Changes of the live KEK happen under the ledger lock (see ``exchange.lifecycle``), so a message is
+never sealed under a KEK that a concurrent destruction retires.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import threading
+from pathlib import Path
+
+from joserfc import jwe
+from joserfc.errors import JoseError
+from joserfc.jwk import OctKey
+
+from exchange.errors import ContentUnavailable, KeyManagementError
+
+MASTER_FILE = "master.jwe"
+PBES2_ITERATIONS = 210_000  # OWASP's figure for PBKDF2-HMAC-SHA512
+_PBES2 = jwe.JWERegistry(algorithms=["PBES2-HS512+A256KW", "A256GCM"])
+_WRAP = jwe.JWERegistry(algorithms=["A256KW", "A256GCM"])
+_KID = re.compile(r"^kek-(\d{4}-\d{2})-(\d+)$")
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically, readable by the owner only, whatever the umask."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def kek_id(period: str, n: int) -> str:
+    return f"kek-{period}-{n}"
+
+
+class KekStore:
+    """The KEK files of one node. Thread-safe; several processes may share the directory."""
+
+    def __init__(self, folder: Path, passphrase: str) -> None:
+        self.folder = folder
+        self._passphrase = passphrase
+        self._master: OctKey | None = None
+        self._cache: dict[str, OctKey] = {}
+        self._lock = threading.Lock()
+
+    def _master_key(self) -> OctKey:
+        if self._master is not None:
+            return self._master
+        path = self.folder / MASTER_FILE
+        password = OctKey.import_key(self._passphrase.encode())
+        if not path.exists():
+            header = {"alg": "PBES2-HS512+A256KW", "enc": "A256GCM", "p2c": PBES2_ITERATIONS}
+            write_private(
+                path, jwe.encrypt_compact(header, secrets.token_bytes(32), password, registry=_PBES2).encode()
+            )
+        try:
+            raw = jwe.decrypt_compact(path.read_bytes(), password, registry=_PBES2).plaintext
+        except (JoseError, ValueError) as exc:
+            raise KeyManagementError(f"cannot open {path}: wrong passphrase or damaged file") from exc
+        if raw is None or len(raw) != 32:
+            raise KeyManagementError(f"{path} does not hold a 256-bit key")
+        self._master = OctKey.import_key(raw)
+        return self._master
+
+    def _path(self, kid: str) -> Path:
+        if not _KID.match(kid):
+            raise ContentUnavailable(f"{kid!r} is not a KEK id")
+        return self.folder / f"{kid}.jwe"
+
+    def get(self, kid: str) -> OctKey:
+        """The KEK ``kid``. Raises ContentUnavailable if it was destroyed (or never existed)."""
+        path = self._path(kid)
+        with self._lock:
+            if not path.exists():
+                self._cache.pop(kid, None)
+                raise ContentUnavailable(f"key-encryption key {kid} was destroyed")
+            key = self._cache.get(kid)
+            if key is None:
+                try:
+                    raw = jwe.decrypt_compact(path.read_bytes(), self._master_key(), registry=_WRAP).plaintext
+                except (JoseError, ValueError) as exc:
+                    raise KeyManagementError(f"cannot open KEK file {path}") from exc
+                key = self._cache[kid] = OctKey.import_key(raw or b"", {"kid": kid})
+            return key
+
+    def kids(self, period: str | None = None) -> list[str]:
+        """Every KEK id present (of one period), in order of period then ``n``."""
+        found = []
+        for path in self.folder.glob("kek-*.jwe") if self.folder.exists() else []:
+            match = _KID.match(path.stem)
+            if match and (period is None or match.group(1) == period):
+                found.append((match.group(1), int(match.group(2)), path.stem))
+        return [kid for _, _, kid in sorted(found)]
+
+    def live(self, period: str) -> OctKey:
+        """The live KEK of ``period``, created if the period has none yet. Call under the ledger lock."""
+        existing = self.kids(period)
+        return self.get(existing[-1]) if existing else self.create(period)
+
+    def create(self, period: str) -> OctKey:
+        """A new KEK for ``period`` that becomes its live one. Call under the ledger lock."""
+        used = [
+            int(m.group(2))
+            for path in self.folder.glob(f"kek-{period}-*")
+            if (m := _KID.match(path.name.split(".")[0]))
+        ]  # a destroyed KEK leaves a tombstone, so an id is never reused
+        kid = kek_id(period, max(used, default=0) + 1)
+        header = {"alg": "A256KW", "enc": "A256GCM", "kid": kid}
+        raw = secrets.token_bytes(32)
+        write_private(
+            self._path(kid), jwe.encrypt_compact(header, raw, self._master_key(), registry=_WRAP).encode()
+        )
+        key = OctKey.import_key(raw, {"kid": kid})
+        with self._lock:
+            self._cache[kid] = key
+        return key
+
+    def destroy(self, kid: str) -> bool:
+        """Overwrite and remove the KEK file; False if it was already gone. Idempotent."""
+        path = self._path(kid)
+        with self._lock:
+            self._cache.pop(kid, None)
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                return False
+            with path.open("r+b") as handle:  # best effort on journaling or copy-on-write file systems
+                handle.write(secrets.token_bytes(size))
+                handle.flush()
+                os.fsync(handle.fileno())
+            path.unlink()
+            write_private(path.with_suffix(".destroyed"), b"")  # the tombstone: the id is never reused
+            return True
+
+
+def period_of(destroy_after: str) -> str:
+    """The retention period (``YYYY-MM``) of an ISO destroy date."""
+    return destroy_after[:7]

@@ -1,0 +1,822 @@
+"""After delivery: consent for onward use, reclassification, return-or-destroy, and the control
+messages that carry them between the nodes.
+
+Control messages are ordinary signed, encrypted envelopes of message types whose ``kind`` is
+``control`` in the agreement. A node composes them itself (:meth:`Lifecycle.queue_control`, in the
+transaction of the use case that causes them) and the receiving node hands them to
+:meth:`Lifecycle.apply_control` instead of the inbox, in the transaction that admits them. Each
+names the message it is about; a control message about a message the receiving node does not hold
+in the expected direction, or from a party that is not its originator, changes nothing and is
+ledgered as ``control.rejected``.
+
+The protocol (``docs/lifecycle.md``):
+
+- CONSENT_REQUEST (receiver -> originator), CONSENT_DECISION (originator -> receiver: GRANTED,
+  REFUSED or REVOKED, with conditions and an expiry). An onward release (``onward``) or a judicial
+  use of an H1 message is decided by the engine with the consents held, and a RELEASE_NOTICE tells
+  the originator what was passed on.
+- RECLASSIFICATION_NOTICE (originator -> receiver): the new marking; both nodes keep the history and
+  still protect the message at its floor.
+- RETURN_OR_DESTROY_REQUEST (originator -> receiver): the receiver destroys the content at once and
+  answers with a DESTRUCTION_CERTIFICATE naming the digests, which the originator checks and ledgers.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.engine import Connection
+
+from exchange import envelope
+from exchange.content import destroy_after
+from exchange.db import repo, rows
+from exchange.errors import ContentDestroyed, FieldError, InvalidInput, NotFound, PolicyRefusal, RuleViolation
+from exchange.ledger import EntryDraft
+from exchange.ledger.events import LedgerEvent
+from exchange.messages import Message, Origin, personal_data
+from exchange.policy import Actor, Consent, Marking, Use, decide, national_equivalent, redacted_payload
+
+if TYPE_CHECKING:
+    from exchange.node import Node
+
+log = logging.getLogger("exchange.lifecycle")
+
+CONSENT_REQUEST = "CONSENT_REQUEST"
+CONSENT_DECISION = "CONSENT_DECISION"
+RELEASE_NOTICE = "RELEASE_NOTICE"
+RECLASSIFICATION_NOTICE = "RECLASSIFICATION_NOTICE"
+RETURN_OR_DESTROY_REQUEST = "RETURN_OR_DESTROY_REQUEST"
+DESTRUCTION_CERTIFICATE = "DESTRUCTION_CERTIFICATE"
+SECURITY_INCIDENT_NOTIFICATION = "SECURITY_INCIDENT_NOTIFICATION"
+DESTROYED_ON_REQUEST = "destroyed at the originator's request"
+
+
+def iso(now: dt.datetime) -> str:
+    return now.astimezone(dt.UTC).isoformat(timespec="microseconds")
+
+
+@dataclass
+class Effects:
+    """What applying a control message did: ledger entries, and work for after the commit."""
+
+    drafts: list[EntryDraft] = field(default_factory=list)
+    retired_keks: list[str] = field(default_factory=list)
+    wake: bool = False
+
+
+def consent_of(row: dict[str, Any]) -> Consent | None:
+    """The Consent a granted request gives (None if it is not granted)."""
+    if row["status"] not in ("granted", "revoked") or row["expires_at"] is None:
+        return None
+    return Consent(
+        message_id=row["message_id"],
+        recipient=row["recipient"],
+        purposes=frozenset(row["purposes"]),
+        expires_at=dt.datetime.fromisoformat(row["expires_at"]),
+        revoked_at=dt.datetime.fromisoformat(row["revoked_at"]) if row["revoked_at"] else None,
+    )
+
+
+def request_view(row: dict[str, Any], now: dt.datetime) -> dict[str, Any]:
+    view = {
+        k: row[k]
+        for k in (
+            "id",
+            "message_id",
+            "direction",
+            "recipient",
+            "purposes",
+            "justification",
+            "status",
+            "requested_by",
+            "requested_at",
+            "decided_by",
+            "decided_at",
+            "conditions",
+            "expires_at",
+            "revoked_at",
+        )
+    }
+    view["age_seconds"] = int((now - dt.datetime.fromisoformat(row["requested_at"])).total_seconds())
+    return view
+
+
+class Lifecycle:
+    """The use cases after delivery, for one node."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.agreement = node.agreement
+
+    # --- composing control messages ---------------------------------------------------------------
+
+    def queue_control(
+        self,
+        conn: Connection,
+        message_type: str,
+        target: dict[str, Any],
+        payload: dict[str, Any],
+        now: dt.datetime,
+    ) -> list[EntryDraft]:
+        """Compose, decide, seal, store and queue a control message about ``target`` inside the
+        caller's transaction (which holds the ledger lock). Returns its ledger entry."""
+        node, agreement = self.node, self.agreement
+        own = agreement.parties[node.party].scheme
+        level = national_equivalent(agreement, target["common_level"], own)
+        spec = agreement.message_types[message_type]
+        purposes = tuple(p for p in target["purposes"] if p in spec.purposes) or spec.purposes[:1]
+        mid = str(uuid.uuid4())
+        message = Message(
+            id=mid,
+            type=message_type,
+            sender=node.party,
+            recipient=node.partner_party,
+            created_at=now,
+            agreement_version=agreement.version,
+            agreement_digest=agreement.digest,
+            case_ref=target["case_ref"],
+            thread_id=target["thread_id"],
+            thread_ref=target["thread_id"],
+            in_reply_to=None,
+            purposes=purposes,
+            marking=Marking(own, level, agreement.schemes[own].levels[level]),
+            tlp="AMBER+STRICT",
+            handling_codes=("H2",),
+            legal_basis=agreement.control_legal_basis,
+            grading=None,
+            priority="ROUTINE",
+            response_due=None,
+            origin=Origin(agency=node.party, unit="NODE"),
+            addressed_to=(),
+            recipients=(),
+            data_subjects=(),
+            mla_reference=None,
+            checkpoint=None,
+            payload=payload,
+            **personal_data(node.catalogue, message_type, payload, (), agreement.child_age),
+        )
+        errors = node.catalogue.payload_errors(message_type, payload)
+        decision = decide("receive", agreement=agreement, message=message, now=now)  # as the partner will
+        if errors or not decision.allowed:
+            raise ValueError(f"a {message_type} this node composed is invalid: {errors or decision.refusals}")
+        signed_json = message.signed_json()
+        signed = envelope.sign(signed_json, signing_key=node.keys.signing)
+        sealed = envelope.seal_signed(signed, signed_json, recipient_key=node.partner.encryption)
+        digest = envelope.envelope_digest(sealed)
+        row = rows.message_row(
+            message,
+            direction="out",
+            decision=decision,
+            local_level=level,
+            status="queued",
+            envelope=sealed,
+            envelope_sha256=digest,
+            submitted_by=None,
+            now=iso(now),
+        )
+        row.update(
+            kind="control",
+            destroy_after=destroy_after(agreement, message_type, now),
+            signer_kid=node.keys.signing.kid,
+        )
+        row.update(node.content.seal(row, signed))
+        repo.insert_message(conn, row)
+        repo.enqueue(conn, mid, now.timestamp())
+        return [
+            EntryDraft(
+                event=LedgerEvent.SUBMITTED,
+                message_id=mid,
+                case_ref=target["case_ref"],
+                actor=node.party,
+                decision=decision.decision,
+                rules=decision.evaluated,
+                data={"type": message_type, "about": target["id"], "envelope_sha256": digest},
+            )
+        ]
+
+    def _transaction(self, now: dt.datetime, work: Any) -> Any:
+        """Run ``work(conn) -> (result, drafts, retired)`` under the ledger lock, ledger its drafts,
+        destroy retired KEKs after the commit and wake the delivery loop."""
+        with self.node.db.transaction() as conn:
+            head = repo.lock_ledger_head(conn)
+            result, drafts, retired = work(conn)
+            repo.append_ledger(conn, head, drafts, iso(now))
+        self.node.content.retire(retired)
+        self.node.wake_delivery()
+        return result
+
+    def _visible_inbound(self, actor: Actor, message_id: str, now: dt.datetime) -> dict[str, Any]:
+        with self.node.db.read() as conn:
+            row = repo.get_message(conn, message_id)
+        if row is None or row["direction"] != "in" or not self.node.may_see(actor, row, now):
+            raise NotFound(f"no received message {message_id}")
+        if row["destroyed_at"] is not None:
+            raise ContentDestroyed(row["id"], row["destroyed_at"], row["destroyed_reason"])
+        return row
+
+    def _own_outbound(self, actor: Actor, message_id: str) -> dict[str, Any]:
+        with self.node.db.read() as conn:
+            row = repo.get_message(conn, message_id)
+        allowed = (
+            row is not None
+            and row["direction"] == "out"
+            and row["kind"] == "information"
+            and (row["submitted_by"] == actor.client_id or self._decides(actor))
+        )
+        if row is None or not allowed:
+            raise NotFound(f"no message {message_id} sent by this system")
+        return row
+
+    def _decides(self, actor: Actor) -> bool:
+        return bool(actor.roles & frozenset(self.agreement.consent_decider_roles))
+
+    # --- consent: the receiving side ------------------------------------------------------------------
+
+    def request_consent(
+        self,
+        actor: Actor,
+        message_id: str,
+        *,
+        recipient: str | None,
+        purposes: list[str],
+        justification: str,
+        now: dt.datetime,
+    ) -> dict[str, Any]:
+        """Ask the originator to allow a use of a received message: passing it to a third party named
+        in the agreement (``recipient``), or a use by this police outside the message's terms (judicial
+        use of an H1 message: ``recipient`` None, ``JUDICIAL_EVIDENCE``).
+
+        Raises:
+            NotFound: no such received message the caller may see.
+            InvalidInput: an unknown recipient or purpose, or no justification.
+        """
+        row = self._visible_inbound(actor, message_id, now)
+        errors = []
+        if recipient is not None and recipient not in self.agreement.third_parties:
+            errors.append(
+                FieldError("recipient", f"{recipient!r} is not among {sorted(self.agreement.third_parties)}")
+            )
+        unknown = [p for p in purposes if p not in self.agreement.purposes]
+        if unknown or not purposes:
+            errors.append(
+                FieldError("purposes", f"give purposes of the agreement ({unknown or 'none given'})")
+            )
+        if not justification.strip():
+            errors.append(FieldError("justification", "say why the use is needed"))
+        if errors:
+            raise InvalidInput("the consent request is invalid", errors)
+        request_id = str(uuid.uuid4())
+        at = iso(now)
+        stored = {
+            "id": request_id,
+            "message_id": message_id,
+            "direction": "out",
+            "requested_by": actor.client_id,
+            "recipient": recipient,
+            "purposes": list(purposes),
+            "justification": justification,
+            "status": "pending",
+            "requested_at": at,
+            "decided_by": None,
+            "decided_at": None,
+            "conditions": None,
+            "expires_at": None,
+            "revoked_at": None,
+        }
+
+        def work(conn: Connection) -> tuple[dict[str, Any], list[EntryDraft], list[str]]:
+            repo.insert_consent_request(conn, stored)
+            drafts = self.queue_control(
+                conn,
+                CONSENT_REQUEST,
+                row,
+                {
+                    "request_id": request_id,
+                    "message_id": message_id,
+                    "recipient": recipient,
+                    "purposes": list(purposes),
+                    "justification": justification,
+                },
+                now,
+            )
+            drafts.append(self._consent_entry(LedgerEvent.CONSENT_REQUESTED, stored, actor.client_id, row))
+            return request_view(stored, now), drafts, []
+
+        return dict(self._transaction(now, work))
+
+    def release_onward(
+        self, actor: Actor, message_id: str, *, recipient: str, purposes: list[str], now: dt.datetime
+    ) -> dict[str, Any]:
+        """Pass a received message to a third party: decided by the engine with the originator's
+        consents; the release is ledgered here and notified to the originator, who ledgers it too.
+
+        Raises:
+            NotFound, ContentDestroyed: as :meth:`request_consent`.
+            PolicyRefusal: the rules refused (naming the consent that would allow it); ledgered.
+        """
+        row = self._visible_inbound(actor, message_id, now)
+        if recipient not in self.agreement.third_parties:
+            raise InvalidInput(
+                "unknown recipient",
+                [FieldError("recipient", f"not among {sorted(self.agreement.third_parties)}")],
+            )
+        message = self.node.stored_message(row)
+        with self.node.db.read() as conn:
+            held = repo.consent_requests_for(conn, direction="out", message_ids=[message_id])
+        consents = [c for r in held if (c := consent_of(r)) is not None]
+        use = Use(frozenset(purposes), recipient=recipient)
+        decision = decide(
+            "onward",
+            agreement=self.agreement,
+            message=message,
+            actor=actor,
+            use=use,
+            consents=consents,
+            now=now,
+        )
+        entry = EntryDraft(
+            event=LedgerEvent.ONWARD_RELEASED if decision.allowed else LedgerEvent.ONWARD_REFUSED,
+            message_id=message_id,
+            case_ref=row["case_ref"],
+            actor=actor.client_id,
+            decision=decision.decision,
+            rules=decision.evaluated,
+            data={"recipient": recipient, "use": sorted(purposes), **decision.ledger_data()},
+        )
+        if not decision.allowed:
+            self.node.ledger(now, entry)
+            raise decision.refusal()
+
+        def work(conn: Connection) -> tuple[None, list[EntryDraft], list[str]]:
+            drafts = self.queue_control(
+                conn,
+                RELEASE_NOTICE,
+                row,
+                {
+                    "message_id": message_id,
+                    "recipient": recipient,
+                    "purposes": sorted(purposes),
+                    "released_at": iso(now),
+                },
+                now,
+            )
+            return None, [entry, *drafts], []
+
+        self._transaction(now, work)
+        item = rows.content_view(row, message, redacted_payload(message, decision), decision.redactions)
+        item["released_to"] = recipient
+        return item
+
+    # --- consent: the originating side ------------------------------------------------------------------
+
+    def consent_requests(
+        self, actor: Actor, now: dt.datetime, *, status: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Requests about this node's messages (for the agreement's consent deciders) and the
+        caller's own requests to the partner, with their age."""
+        with self.node.db.read() as conn:
+            asked_of_us = repo.consent_requests_for(conn, direction="in") if self._decides(actor) else []
+            ours = [
+                r
+                for r in repo.consent_requests_for(conn, direction="out")
+                if r["requested_by"] == actor.client_id
+            ]
+        found = [request_view(r, now) for r in [*asked_of_us, *ours]]
+        return [r for r in found if status is None or r["status"] == status]
+
+    def decide_consent(
+        self,
+        actor: Actor,
+        request_id: str,
+        *,
+        grant: bool,
+        conditions: str | None,
+        expires_at: dt.datetime | None,
+        now: dt.datetime,
+    ) -> dict[str, Any]:
+        """The originator's decision on a pending request, sent back to the partner.
+
+        Raises:
+            NotFound: no such pending request, or the caller is not a consent decider.
+            InvalidInput: a grant without a future expiry.
+        """
+        request = self._request_to_decide(actor, request_id, pending=True)
+        if grant and (expires_at is None or expires_at.tzinfo is None or expires_at <= now):
+            raise InvalidInput(
+                "a consent expires", [FieldError("expires_at", "give a future time with a time zone")]
+            )
+        values = {
+            "status": "granted" if grant else "refused",
+            "decided_by": actor.client_id,
+            "decided_at": iso(now),
+            "conditions": conditions,
+            "expires_at": iso(expires_at) if grant and expires_at else None,
+        }
+        return self._send_decision(actor, request, values, "GRANTED" if grant else "REFUSED", now)
+
+    def revoke_consent(self, actor: Actor, request_id: str, now: dt.datetime) -> dict[str, Any]:
+        """Revoke a granted consent from now on. Raises NotFound if there is no granted one."""
+        request = self._request_to_decide(actor, request_id, pending=False)
+        if request["status"] != "granted":
+            raise NotFound(f"no granted consent {request_id}")
+        return self._send_decision(
+            actor, request, {"status": "revoked", "revoked_at": iso(now)}, "REVOKED", now
+        )
+
+    def _request_to_decide(self, actor: Actor, request_id: str, *, pending: bool) -> dict[str, Any]:
+        with self.node.db.read() as conn:
+            request = repo.get_consent_request(conn, request_id)
+        if (
+            request is None
+            or request["direction"] != "in"
+            or not self._decides(actor)
+            or (pending and request["status"] != "pending")
+        ):
+            raise NotFound(f"no {'pending ' if pending else ''}consent request {request_id} for this system")
+        return request
+
+    def _send_decision(
+        self, actor: Actor, request: dict[str, Any], values: dict[str, Any], verdict: str, now: dt.datetime
+    ) -> dict[str, Any]:
+        def work(conn: Connection) -> tuple[dict[str, Any], list[EntryDraft], list[str]]:
+            repo.update_consent_request(conn, request["id"], **values)
+            target = repo.get_message(conn, request["message_id"])
+            assert target is not None
+            updated = {**request, **values}
+            drafts = self.queue_control(
+                conn,
+                CONSENT_DECISION,
+                target,
+                {
+                    "request_id": request["id"],
+                    "message_id": request["message_id"],
+                    "decision": verdict,
+                    "conditions": updated["conditions"],
+                    "expires_at": updated["expires_at"],
+                },
+                now,
+            )
+            drafts.append(self._consent_entry(LedgerEvent.CONSENT_DECIDED, updated, actor.client_id, target))
+            return request_view(updated, now), drafts, []
+
+        return dict(self._transaction(now, work))
+
+    # --- reclassification and return-or-destroy (the originator) -------------------------------------------
+
+    def reclassify(
+        self, actor: Actor, message_id: str, *, level: str, reason: str, now: dt.datetime
+    ) -> dict[str, Any]:
+        """The originator's new marking of a message it sent, applied here and sent to the partner.
+        The message stays protected at least at its floor on both sides.
+
+        Raises:
+            NotFound: no such message sent by the caller (or the caller is no consent decider).
+            InvalidInput: a level that is not of this node's scheme, or no reason.
+        """
+        row = self._own_outbound(actor, message_id)
+        own = self.agreement.parties[self.node.party].scheme
+        levels = self.agreement.schemes[own].levels
+        errors = [] if level in levels else [FieldError("level", f"one of {list(levels)}")]
+        errors += [] if reason.strip() else [FieldError("reason", "say why")]
+        if errors:
+            raise InvalidInput("the reclassification is invalid", errors)
+        notice_id = str(uuid.uuid4())
+
+        def work(conn: Connection) -> tuple[dict[str, Any], list[EntryDraft], list[str]]:
+            drafts = self._apply_marking(
+                conn, row, Marking(own, level, levels[level]), reason, notice_id, now
+            )
+            drafts += self.queue_control(
+                conn,
+                RECLASSIFICATION_NOTICE,
+                row,
+                {
+                    "notice_id": notice_id,
+                    "message_id": message_id,
+                    "classification": {"scheme": own, "level": level},
+                    "reason": reason,
+                },
+                now,
+            )
+            updated = repo.get_message(conn, message_id)
+            assert updated is not None
+            return rows.status_view(updated), drafts, []
+
+        return dict(self._transaction(now, work))
+
+    def _apply_marking(
+        self,
+        conn: Connection,
+        row: dict[str, Any],
+        marking: Marking,
+        reason: str,
+        notice_id: str,
+        now: dt.datetime,
+    ) -> list[EntryDraft]:
+        """Apply the originator's new marking to a stored message, kept at its floor; history kept."""
+        message = self.node.stored_message(row)
+        floors = decide("receive", agreement=self.agreement, message=_remarked(message, marking), now=now)
+        assert floors.level is not None
+        local = rows.local_marking(self.agreement, self.node.party, floors.level)
+        repo.insert_reclassification(
+            conn,
+            {
+                "message_id": row["id"],
+                "scheme": marking.scheme,
+                "from_level": row["level"],
+                "to_level": marking.level,
+                "reason": reason,
+                "notice_id": notice_id,
+                "at": iso(now),
+            },
+        )
+        repo.update_message(
+            conn,
+            row["id"],
+            level=marking.level,
+            common_level=floors.level,
+            local_level=local,
+            tlp=floors.tlp,
+            handling_codes=list(floors.handling_codes),
+            updated_at=iso(now),
+        )
+        return [
+            EntryDraft(
+                event=LedgerEvent.RECLASSIFIED,
+                message_id=row["id"],
+                case_ref=row["case_ref"],
+                actor=row["sender"],
+                decision=floors.decision,
+                rules=floors.evaluated,
+                data={
+                    "from": row["level"],
+                    "to": marking.level,
+                    "protected_at": floors.level,
+                    "notice_id": notice_id,
+                },
+            )
+        ]
+
+    def return_or_destroy(
+        self, actor: Actor, message_id: str, *, reason: str, now: dt.datetime
+    ) -> dict[str, Any]:
+        """Ask the partner to destroy a message this node sent; it answers with a certificate."""
+        row = self._own_outbound(actor, message_id)
+        if not reason.strip():
+            raise InvalidInput("say why", [FieldError("reason", "say why the partner must destroy it")])
+
+        def work(conn: Connection) -> tuple[dict[str, Any], list[EntryDraft], list[str]]:
+            drafts = self.queue_control(
+                conn,
+                RETURN_OR_DESTROY_REQUEST,
+                row,
+                {
+                    "message_id": message_id,
+                    "reason": reason,
+                },
+                now,
+            )
+            return {"message_id": message_id, "status": "requested"}, drafts, []
+
+        return dict(self._transaction(now, work))
+
+    # --- applying a received control message ---------------------------------------------------------------
+
+    def apply_control(self, conn: Connection, message: Message, now: dt.datetime) -> Effects:
+        """Apply a verified control message inside the admitting transaction (ledger lock held)."""
+        payload = message.payload
+        target = repo.get_message(conn, str(payload.get("message_id")))
+        handler = {
+            CONSENT_REQUEST: (self._on_consent_request, "out"),
+            CONSENT_DECISION: (self._on_consent_decision, "in"),
+            RELEASE_NOTICE: (self._on_release_notice, "out"),
+            RECLASSIFICATION_NOTICE: (self._on_reclassification, "in"),
+            RETURN_OR_DESTROY_REQUEST: (self._on_return_or_destroy, "in"),
+            DESTRUCTION_CERTIFICATE: (self._on_certificate, "out"),
+        }.get(message.type)
+        if handler is None:
+            return Effects(
+                [
+                    self._control_entry(
+                        LedgerEvent.INCIDENT_NOTIFIED,
+                        message,
+                        "allow",
+                        {
+                            "kind": payload.get("kind"),
+                            "personal_data": payload.get("personal_data"),
+                            "about": payload.get("message_ids", []),
+                        },
+                    )
+                ]
+            )
+        apply, direction = handler
+        if target is None or target["direction"] != direction or target["kind"] != "information":
+            log.warning("control message %s about an unknown message", message.id)
+            return Effects(
+                [
+                    self._control_entry(
+                        LedgerEvent.CONTROL_REJECTED, message, "deny", {"reason": "unknown-message"}
+                    )
+                ]
+            )
+        return apply(conn, message, target, now)
+
+    def _control_entry(
+        self, event: LedgerEvent, message: Message, decision: str, data: dict[str, Any]
+    ) -> EntryDraft:
+        return EntryDraft(
+            event=event,
+            message_id=str(message.payload.get("message_id") or message.id),
+            case_ref=message.case_ref,
+            actor=message.sender,
+            decision=decision,
+            data={"control": message.id, "type": message.type, **data},
+        )
+
+    def _on_consent_request(
+        self, conn: Connection, message: Message, target: dict[str, Any], now: dt.datetime
+    ) -> Effects:
+        p = message.payload
+        stored = {
+            "id": p["request_id"],
+            "message_id": target["id"],
+            "direction": "in",
+            "requested_by": None,
+            "recipient": p.get("recipient"),
+            "purposes": list(p["purposes"]),
+            "justification": p["justification"],
+            "status": "pending",
+            "requested_at": iso(now),
+            "decided_by": None,
+            "decided_at": None,
+            "conditions": None,
+            "expires_at": None,
+            "revoked_at": None,
+        }
+        if repo.get_consent_request(conn, stored["id"]) is not None:
+            return Effects(
+                [self._control_entry(LedgerEvent.CONTROL_REJECTED, message, "deny", {"reason": "duplicate"})]
+            )
+        repo.insert_consent_request(conn, stored)
+        return Effects([self._consent_entry(LedgerEvent.CONSENT_REQUESTED, stored, message.sender, target)])
+
+    def _on_consent_decision(
+        self, conn: Connection, message: Message, target: dict[str, Any], now: dt.datetime
+    ) -> Effects:
+        p = message.payload
+        request = repo.get_consent_request(conn, str(p["request_id"]))
+        if request is None or request["direction"] != "out" or request["message_id"] != target["id"]:
+            return Effects(
+                [
+                    self._control_entry(
+                        LedgerEvent.CONTROL_REJECTED, message, "deny", {"reason": "unknown-request"}
+                    )
+                ]
+            )
+        verdict = p["decision"]
+        values: dict[str, Any] = (
+            {"status": "revoked", "revoked_at": iso(now)}
+            if verdict == "REVOKED"
+            else {
+                "status": "granted" if verdict == "GRANTED" else "refused",
+                "decided_at": iso(now),
+                "conditions": p.get("conditions"),
+                "expires_at": p.get("expires_at"),
+            }
+        )
+        repo.update_consent_request(conn, request["id"], **values)
+        return Effects(
+            [self._consent_entry(LedgerEvent.CONSENT_DECIDED, {**request, **values}, message.sender, target)]
+        )
+
+    def _on_release_notice(
+        self, conn: Connection, message: Message, target: dict[str, Any], now: dt.datetime
+    ) -> Effects:
+        p = message.payload
+        return Effects(
+            [
+                self._control_entry(
+                    LedgerEvent.ONWARD_RELEASED,
+                    message,
+                    "allow",
+                    {
+                        "recipient": p["recipient"],
+                        "use": p["purposes"],
+                        "released_at": p["released_at"],
+                    },
+                )
+            ]
+        )
+
+    def _on_reclassification(
+        self, conn: Connection, message: Message, target: dict[str, Any], now: dt.datetime
+    ) -> Effects:
+        p = message.payload
+        cls = p["classification"]
+        scheme = self.agreement.schemes.get(cls["scheme"])
+        if (
+            target["sender"] != message.sender
+            or scheme is None
+            or cls["level"] not in scheme.levels
+            or (cls["scheme"] != target["scheme"])
+        ):
+            return Effects(
+                [
+                    self._control_entry(
+                        LedgerEvent.CONTROL_REJECTED, message, "deny", {"reason": "invalid-marking"}
+                    )
+                ]
+            )
+        marking = Marking(cls["scheme"], cls["level"], scheme.levels[cls["level"]])
+        return Effects(self._apply_marking(conn, target, marking, p["reason"], p["notice_id"], now))
+
+    def _on_return_or_destroy(
+        self, conn: Connection, message: Message, target: dict[str, Any], now: dt.datetime
+    ) -> Effects:
+        if target["sender"] != message.sender:
+            return Effects(
+                [
+                    self._control_entry(
+                        LedgerEvent.CONTROL_REJECTED, message, "deny", {"reason": "not-originator"}
+                    )
+                ]
+            )
+        at = iso(now)
+        reason = f"{DESTROYED_ON_REQUEST}: {message.payload['reason']}"
+        drafts, retired = self.node.content.destroy(
+            conn, [target], reason=reason, at=at, actor=message.sender
+        )
+        destroyed = repo.get_message(conn, target["id"])
+        assert destroyed is not None
+        drafts += self.queue_control(
+            conn,
+            DESTRUCTION_CERTIFICATE,
+            target,
+            {
+                "message_id": target["id"],
+                "envelope_sha256": target["envelope_sha256"],
+                "content_sha256": target["content_sha256"] or "",
+                "destroyed_at": destroyed["destroyed_at"] or at,
+                "reason": reason,
+            },
+            now,
+        )
+        return Effects(drafts, retired, wake=True)
+
+    def _on_certificate(
+        self, conn: Connection, message: Message, target: dict[str, Any], now: dt.datetime
+    ) -> Effects:
+        p = message.payload
+        matches = (
+            p["envelope_sha256"] == target["envelope_sha256"]
+            and p["content_sha256"] == target["content_sha256"]
+        )
+        event = LedgerEvent.DESTRUCTION_CERTIFIED if matches else LedgerEvent.CONTROL_REJECTED
+        return Effects(
+            [
+                self._control_entry(
+                    event,
+                    message,
+                    "allow" if matches else "deny",
+                    {
+                        "destroyed_at": p["destroyed_at"],
+                        "envelope_sha256": p["envelope_sha256"],
+                        "content_sha256": p["content_sha256"],
+                        "certificate_sha256": message.payload_digest,
+                    }
+                    if matches
+                    else {"reason": "digests-differ"},
+                )
+            ]
+        )
+
+    @staticmethod
+    def _consent_entry(
+        event: LedgerEvent, request: dict[str, Any], actor: str, target: dict[str, Any]
+    ) -> EntryDraft:
+        return EntryDraft(
+            event=event,
+            message_id=target["id"],
+            case_ref=target["case_ref"],
+            actor=actor,
+            decision=request["status"],
+            data={
+                "request_id": request["id"],
+                "recipient": request["recipient"],
+                "use": list(request["purposes"]),
+                "expires_at": request["expires_at"],
+            },
+        )
+
+
+def _remarked(message: Message, marking: Marking) -> Message:
+    from dataclasses import replace
+
+    return replace(message, marking=marking)
+
+
+__all__ = ["Effects", "Lifecycle", "PolicyRefusal", "RuleViolation", "consent_of"]

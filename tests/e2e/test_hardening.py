@@ -1,0 +1,269 @@
+"""What an attacker or a careless integrator can send to a running node over mutual TLS, and what
+the node answers: problem JSON with the right status, never a 5xx or a traceback; only the pinned
+partner node key on the peer endpoints; hardened TLS and headers (docs/security.md)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from exchange import crypto
+from exchange.client import ExchangeClient
+from tests.e2e.harness import Running
+from tests.support import CLIENT_PASSPHRASE, PASSPHRASE, ClientFiles, register_client, rfi
+
+pytestmark = pytest.mark.e2e
+
+MAX_INT64 = 2**63 - 1
+
+
+@pytest.fixture(scope="module")
+def auditor(nodes: tuple[Running, Running]) -> ClientFiles:
+    return register_client(nodes[0].node, "hardening-auditor", "RAHASIA", "--role", "AUDITOR")
+
+
+def _problem(r: httpx.Response, status: int) -> dict[str, object]:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/problem+json"
+    body: dict[str, object] = r.json()
+    assert body["status"] == status
+    return body
+
+
+def _no_traceback(run: Running) -> None:
+    assert "Traceback" not in (run.node.path / "node.log").read_text()
+
+
+def test_a_lone_surrogate_in_any_string_is_422_naming_the_field(nodes: tuple[Running, Running]) -> None:
+    polri, _ = nodes
+    headers = {"content-type": "application/json"}
+    with polri.client() as api:
+        for raw, field in (
+            (b'{"case_ref": "\\ud800"}', "case_ref"),
+            (b'{"payload": {"summary": "x\\udfff"}}', "payload/summary"),
+            (b'{"payload": {"\\ud800": 1}}', "payload"),
+        ):
+            body = _problem(api.request("POST", "/v1/messages", content=raw, headers=headers), 422)
+            assert str(body["detail"]).startswith(field), body
+    _no_traceback(polri)
+
+
+def test_a_cursor_beyond_64_bits_is_422_not_500(nodes: tuple[Running, Running], auditor: ClientFiles) -> None:
+    polri, _ = nodes
+    with polri.client() as api:
+        _problem(api.request("GET", "/v1/inbox", params={"after": str(MAX_INT64 + 1)}), 422)
+        assert api.request("GET", "/v1/inbox", params={"after": str(MAX_INT64)}).status_code == 200
+    with polri.client(auditor) as audit:
+        for params in ({"after": str(MAX_INT64 + 1)}, {"seq": str(2**64)}):
+            path = "/v1/audit/entries" if "after" in params else "/v1/audit/proofs/inclusion"
+            _problem(audit.request("GET", path, params=params), 422)
+    _no_traceback(polri)
+
+
+def test_a_wrong_content_type_is_415(nodes: tuple[Running, Running]) -> None:
+    polri, _ = nodes
+    with polri.client() as api:
+        for ctype in ("text/plain", "application/x-www-form-urlencoded", "application/xml"):
+            r = api.request("POST", "/v1/messages", content=b'{"a": 1}', headers={"content-type": ctype})
+            _problem(r, 415)
+        r = api.request("POST", "/v1/messages", content=b"{}", headers={"content-type": "application/json"})
+        _problem(r, 422)
+
+
+def test_a_chunked_body_over_the_limit_is_413(nodes: tuple[Running, Running]) -> None:
+    polri, _ = nodes
+
+    def chunks() -> Iterator[bytes]:
+        yield b'{"payload": {"summary": "'
+        for _ in range(40):
+            yield b"x" * 65536
+        yield b'"}}'
+
+    with polri.client() as api:
+        r = api.request(
+            "POST", "/v1/messages", content=chunks(), headers={"content-type": "application/json"}
+        )
+        assert "content-length" not in r.request.headers  # really chunked
+        _problem(r, 413)
+
+
+def test_malformed_json_is_400_with_line_and_column_not_a_byte_offset_field(
+    nodes: tuple[Running, Running],
+) -> None:
+    polri, _ = nodes
+    with polri.client() as api:
+        r = api.request(
+            "POST", "/v1/messages", content=b'{\n  "type": }', headers={"content-type": "application/json"}
+        )
+        body = _problem(r, 400)
+        assert "line 2 column" in str(body["detail"])
+        assert body["errors"] == [{"field": "(body)", "message": "Expecting value at line 2 column 11"}]
+
+
+def test_a_duplicate_json_key_is_400(nodes: tuple[Running, Running]) -> None:
+    polri, _ = nodes
+    raw = b'{"type": "RESPONSE", "type": "REQUEST_FOR_INFORMATION"}'
+    with polri.client() as api:
+        body = _problem(
+            api.request("POST", "/v1/messages", content=raw, headers={"content-type": "application/json"}),
+            400,
+        )
+        assert "'type' appears twice" in str(body["detail"])
+
+
+def test_every_invalid_field_comes_in_one_answer(nodes: tuple[Running, Running]) -> None:
+    polri, _ = nodes
+    with polri.client() as api:
+        # a field the request model refuses, and the payload: one answer
+        bad = rfi(case_ref="no spaces allowed", payload={"questions": "not a list"})
+        body = _problem(api.request("POST", "/v1/messages", json=bad), 422)
+        fields = {e["field"] for e in body["errors"]}  # type: ignore[attr-defined]
+        assert {"case_ref", "payload/summary", "payload/questions"} <= fields, fields
+        # words the agreement does not define, and the payload: one answer
+        bad = rfi(tlp="PURPLE", purposes=["FUN"], payload={"questions": "not a list"})
+        body = _problem(api.request("POST", "/v1/messages", json=bad), 422)
+        fields = {e["field"] for e in body["errors"]}  # type: ignore[attr-defined]
+        assert {"tlp", "purposes", "payload/summary", "payload/questions"} <= fields, fields
+
+
+def test_405_names_the_allowed_methods(nodes: tuple[Running, Running]) -> None:
+    polri, _ = nodes
+    with polri.client() as api:
+        r = api.request("DELETE", "/v1/inbox")
+        _problem(r, 405)
+        assert r.headers["allow"] == "GET"
+
+
+def test_since_must_be_an_rfc3339_time(nodes: tuple[Running, Running], auditor: ClientFiles) -> None:
+    polri, _ = nodes
+    with polri.client(auditor) as audit:
+        for bad in ("yesterday", "2026-13-01T00:00:00Z", "2026-11-23T10:00:00"):
+            _problem(audit.request("GET", "/v1/audit/entries", params={"since": bad}), 422)
+        ok = audit.request("GET", "/v1/audit/entries", params={"since": "2026-01-01T00:00:00+07:00"})
+        assert ok.status_code == 200
+
+
+def test_response_due_in_the_past_or_without_time_zone_is_422(nodes: tuple[Running, Running]) -> None:
+    polri, _ = nodes
+    past = (dt.datetime.now(dt.UTC) - dt.timedelta(days=1)).isoformat()
+    naive = (dt.datetime.now() + dt.timedelta(days=1)).replace(microsecond=0).isoformat()
+    ahead = (dt.datetime.now(dt.UTC) + dt.timedelta(days=1)).isoformat()
+    with polri.client() as api:
+        for due, why in ((past, "future"), (naive, "time zone")):
+            body = _problem(api.request("POST", "/v1/messages", json=rfi(response_due=due)), 422)
+            errors = [e for e in body["errors"] if e["field"] == "response_due"]  # type: ignore[attr-defined]
+            assert len(errors) == 1, body
+            assert why in errors[0]["message"]
+        assert api.request("POST", "/v1/messages", json=rfi(response_due=ahead)).status_code == 202
+
+
+# --- identity ------------------------------------------------------------------------------------
+
+
+def _tls(ca: Path, cert: Path, key: Path, password: str) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(ca))
+    ctx.load_cert_chain(str(cert), str(key), password=password)
+    return ctx
+
+
+def test_a_partner_ca_client_certificate_with_the_partner_node_name_is_not_the_partner_node(
+    nodes: tuple[Running, Running], tmp_path: Path
+) -> None:
+    polri, pdrm = nodes
+    tls = pdrm.node.path / "tls"
+    ca = crypto.IssuedCertificate((tls / "ca.pem").read_bytes(), (tls / "ca-key.pem").read_bytes())
+    forged = {
+        "client": crypto.issue_certificate(
+            ca, PASSPHRASE, kind="client", common_name="MY-node", organisation="x", passphrase=PASSPHRASE
+        ),
+        # even a node certificate of the partner's CA is refused unless it holds the pinned key
+        "node": crypto.issue_certificate(
+            ca, PASSPHRASE, kind="node", common_name="MY-node", organisation="x", passphrase=PASSPHRASE
+        ),
+    }
+    for kind, issued in forged.items():
+        (tmp_path / f"{kind}.pem").write_bytes(issued.cert_pem)
+        (tmp_path / f"{kind}-key.pem").write_bytes(issued.key_pem)
+        ctx = _tls(polri.node.ca, tmp_path / f"{kind}.pem", tmp_path / f"{kind}-key.pem", PASSPHRASE)
+        with httpx.Client(verify=ctx) as http:
+            assert http.get(f"{polri.node.url}/v1/peer/audit/messages/x").status_code == 403, kind
+            r = http.post(f"{polri.node.url}/v1/peer/envelopes", json={"envelopes": ["a.b.c.d.e"]})
+            assert r.status_code == 403, kind
+    # the real partner node (pinned key) is still admitted
+    real = _tls(polri.node.ca, tls / "node.pem", tls / "node-key.pem", PASSPHRASE)
+    with httpx.Client(verify=real) as http:
+        assert http.get(f"{polri.node.url}/v1/peer/audit/messages/x").status_code == 200
+
+
+def test_a_node_certificate_is_never_a_local_system(nodes: tuple[Running, Running]) -> None:
+    polri, _ = nodes
+    tls = polri.node.path / "tls"
+    ctx = _tls(polri.node.ca, tls / "node.pem", tls / "node-key.pem", PASSPHRASE)
+    with httpx.Client(verify=ctx) as http:
+        _problem(http.get(f"{polri.node.url}/v1/inbox"), 403)
+
+
+def test_security_headers_no_store_and_no_cdn_docs(nodes: tuple[Running, Running]) -> None:
+    polri, _ = nodes
+    with polri.client() as api:
+        for path in ("/v1/inbox", "/healthz", "/v1/messages/nope"):
+            r = api.request("GET", path)
+            assert r.headers["cache-control"] == "no-store"
+            assert r.headers["x-content-type-options"] == "nosniff"
+            assert r.headers["strict-transport-security"].startswith("max-age=")
+            assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
+        for path in ("/docs", "/redoc"):
+            assert api.request("GET", path).status_code == 404
+        spec = api.request("GET", "/openapi.json")
+        assert spec.status_code == 200
+        assert "cdn" not in spec.text.lower()
+
+
+def test_tls_1_2_offers_aead_ciphers_only(nodes: tuple[Running, Running]) -> None:
+    polri, _ = nodes
+    files = polri.client_files
+
+    def handshake(ciphers: str) -> None:
+        ctx = _tls(polri.node.ca, files.cert, files.key, CLIENT_PASSPHRASE)
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        ctx.set_ciphers(ciphers)
+        with httpx.Client(verify=ctx) as http:
+            http.get(f"{polri.node.url}/healthz")
+
+    handshake("ECDHE-ECDSA-AES128-GCM-SHA256")
+    handshake("ECDHE-ECDSA-CHACHA20-POLY1305")
+    for cbc in ("ECDHE-ECDSA-AES128-SHA256", "ECDHE-ECDSA-AES256-SHA384", "ECDHE-ECDSA-AES128-SHA"):
+        with pytest.raises(httpx.ConnectError):
+            handshake(cbc)
+
+
+def test_the_auditors_message_id_is_escaped_in_the_peer_url(
+    nodes: tuple[Running, Running], auditor: ClientFiles
+) -> None:
+    polri, pdrm = nodes
+    with polri.client(auditor) as audit:
+        for raw in ("%2E%2E", "..%3Fx=1", "%2E%2E%23frag"):
+            r = audit.request("GET", f"/v1/audit/messages/{raw}")
+            assert r.status_code == 200
+            body = r.json()
+            assert body["partner_error"] is None, body  # the partner saw the same id, as one segment
+            assert body["nodes"]["MY"] == []
+    _no_traceback(pdrm)
+
+
+def test_a_client_helper_still_works_with_its_own_key_passphrase(nodes: tuple[Running, Running]) -> None:
+    polri, _ = nodes
+    files = polri.client_files
+    with ExchangeClient(
+        polri.node.url,
+        ca_file=polri.node.ca,
+        cert_file=files.cert,
+        key_file=files.key,
+        key_password=CLIENT_PASSPHRASE,
+    ) as api:
+        assert api.health()["status"] == "ok"

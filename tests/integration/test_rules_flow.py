@@ -1,0 +1,381 @@
+"""The agreement's rules through real nodes (SQLite and PostgreSQL, no sockets): poisoned envelopes
+rejected alone, floors re-evaluated on receipt, addressing, replies and threads, case views, and no
+identity in any ledger entry, log line or audit answer."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import pytest
+
+from exchange.auditing import AuditService, EntryFilter
+from exchange.db import repo
+from exchange.errors import NotFound, PolicyRefusal
+from exchange.messages import MessageSubmission
+from exchange.node import Node
+from exchange.policy import Actor
+from exchange.transport.worker import DeliveryWorker
+from tests.integration.test_node_flow import Loopback, actor, now, pair
+from tests.support import (
+    NodeDir,
+    forge_envelope,
+    register_client,
+    response_to,
+    rfi,
+    signed_json,
+    signed_message,
+)
+
+__all__ = ["pair"]  # the fixture, shared with the message-path tests
+
+VICTIM_STATUS = {"ID": "TRAFFICKING_VICTIM", "MY": "ILLEGAL_MIGRANT"}
+CHILD_IDENTITY = ("Dewi Lestari Anak", "Bapak Lestari", "SDN 5 Kupang", "B9876543")
+
+
+def child_referral(**overrides: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "type": "VICTIM_IDENTIFICATION_REFERRAL",
+        "case_ref": "ID-MY/2026/0001",
+        "purposes": ["VICTIM_IDENTIFICATION"],
+        "classification": {"scheme": "POLRI", "level": "BIASA"},
+        "tlp": "GREEN",
+        "legal_basis": ["Polri-PDRM police cooperation agreement"],
+        "data_subjects": [
+            {
+                "pseudonym": "VCT-0001",
+                "role": "VICTIM_CHILD",
+                "status": VICTIM_STATUS,
+                "age": {"years": 13, "basis": "DOCUMENTED"},
+            }
+        ],
+        "payload": {
+            "summary": "A child found in a Johor restaurant",
+            "victims": [
+                {
+                    "subject": "VCT-0001",
+                    "names": [CHILD_IDENTITY[0]],
+                    "parents": [CHILD_IDENTITY[1]],
+                    "school": CHILD_IDENTITY[2],
+                    "documents": [
+                        {"kind": "PASSPORT", "number": CHILD_IDENTITY[3], "issuing_country": "IDN"}
+                    ],
+                }
+            ],
+        },
+    }
+    body.update(overrides)
+    return body
+
+
+def deliver(sender: Node, receiver: Node) -> int:
+    return DeliveryWorker(sender, Loopback(receiver)).run_once()
+
+
+def submit(node: Node, who: Actor, body: dict[str, Any]) -> dict[str, Any]:
+    return node.submit(who, MessageSubmission.model_validate(body), now())
+
+
+def client(node: Node, nd: NodeDir, name: str, clearance: str, *extra: str) -> Actor:
+    register_client(nd, name, clearance, *extra)
+    return actor(node, nd, name)
+
+
+# --- poisoned envelopes ----------------------------------------------------------------------------
+
+SIGNED_FIELDS = [
+    "format",
+    "id",
+    "type",
+    "sender",
+    "recipient",
+    "created_at",
+    "agreement",
+    "case_ref",
+    "thread_id",
+    "in_reply_to",
+    "purposes",
+    "classification",
+    "tlp",
+    "handling_codes",
+    "legal_basis",
+    "grading",
+    "priority",
+    "response_due",
+    "origin",
+    "addressed_to",
+    "recipients",
+    "data_subjects",
+    "mla_reference",
+    "checkpoint",
+    "payload",
+]
+
+
+def _signed(node: Node) -> dict[str, Any]:
+    return signed_json(node, now())
+
+
+def _rejections(node: Node) -> list[dict[str, Any]]:
+    with node.db.read() as conn:
+        return [dict(e.data) for e in repo.iter_ledger(conn) if e.event == "envelope.rejected"]
+
+
+@pytest.mark.parametrize("missing", SIGNED_FIELDS)
+def test_a_signed_message_missing_a_field_is_rejected_alone(pair, missing: str) -> None:  # type: ignore[no-untyped-def]
+    _id_dir, _my_dir, id_node, my_node = pair
+    full = _signed(id_node)
+    poisoned = forge_envelope(id_node, {k: v for k, v in full.items() if k != missing}, full)
+    batch = [signed_message(id_node, now()), poisoned, signed_message(id_node, now())]
+    results = my_node.receive(batch, now())
+    assert [r.accepted for r in results] == [True, False, True]
+    (rejection,) = _rejections(my_node)
+    header_field = missing in {
+        "id",
+        "type",
+        "sender",
+        "recipient",
+        "classification",
+        "tlp",
+        "handling_codes",
+        "agreement",
+        "created_at",
+    }
+    assert rejection["reason"] in ({"header-mismatch", "malformed"} if header_field else {"malformed"})
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"payload": {"summary": "no questions"}},
+        {"payload": {"summary": "s", "questions": ["q"], "persons": [{"subject": "lowercase!"}]}},
+        {"payload": {"summary": "s", "questions": ["q"], "surprise": True}},
+        {"type": "NOT_A_TYPE"},
+        {"purposes": ["FUN"]},
+        {"classification": {"scheme": "POLRI", "level": "RAHASIA", "common": "U"}},
+        {"classification": {"scheme": "ARAHAN", "level": "SULIT", "common": "C"}},
+        {"data_subjects": [{"pseudonym": "VCT-1", "role": "VICTIM_CHILD"}]},
+        {"created_at": "2026-11-23T10:00:00"},
+        {"extra_field": "from a newer version"},
+    ],
+)
+def test_an_off_schema_signed_message_is_rejected_alone(pair, change: dict[str, Any]) -> None:  # type: ignore[no-untyped-def]
+    _id_dir, _my_dir, id_node, my_node = pair
+    full = _signed(id_node)
+    bad = {**full, **change}
+    results = my_node.receive([forge_envelope(id_node, bad, bad), signed_message(id_node, now())], now())
+    assert [r.accepted for r in results] == [False, True]
+    assert [r["reason"] for r in _rejections(my_node)] == ["malformed"]
+
+
+def test_a_poisoned_envelope_in_an_outbox_batch_does_not_hold_the_others(pair) -> None:  # type: ignore[no-untyped-def]
+    id_dir, _my_dir, id_node, my_node = pair
+    polri = actor(id_node, id_dir, "polri-cms")
+    good = [submit(id_node, polri, rfi())["id"] for _ in range(3)]
+    full = _signed(id_node)
+    poisoned = forge_envelope(id_node, {k: v for k, v in full.items() if k != "payload"}, full)
+    with id_node.db.transaction() as conn:  # a bad envelope queued among them (a buggy sender)
+        row = repo.get_message(conn, good[0])
+        assert row is not None
+        row.update(id=full["id"], envelope=poisoned, envelope_sha256="0" * 64, inbox_seq=None)
+        repo.insert_message(conn, row)
+        repo.enqueue(conn, full["id"], now().timestamp() - 10)
+    assert deliver(id_node, my_node) == 4
+    statuses = {mid: id_node.status(polri, mid, now())["status"] for mid in good}
+    assert set(statuses.values()) == {"delivered"}
+    assert id_node.status(polri, full["id"], now())["status"] == "failed"
+
+
+# --- floors on both sides ---------------------------------------------------------------------------
+
+
+def test_a_child_victim_referral_is_raised_on_submit_and_each_reason_given(pair) -> None:  # type: ignore[no-untyped-def]
+    id_dir, _my_dir, id_node, _my_node = pair
+    polri = actor(id_node, id_dir, "polri-cms")
+    accepted = submit(id_node, polri, child_referral())
+    assert accepted["classification"]["level"] == "RAHASIA"
+    assert accepted["classification"]["partner_equivalent"] == {"scheme": "ARAHAN", "level": "RAHSIA"}
+    assert (accepted["tlp"], "H2" in accepted["handling_codes"]) == ("AMBER+STRICT", True)
+    assert {(r["rule"], r["kind"]) for r in accepted["raised"]} == {
+        ("R-FLOOR-CHILD", "level"),
+        ("R-FLOOR-CHILD", "tlp"),
+        ("R-FLOOR-CHILD", "handling"),
+    }
+    assert all(r["reason"] for r in accepted["raised"])
+
+
+def test_the_receiver_protects_an_under_classified_message_at_its_floor_and_ledgers_it(pair) -> None:  # type: ignore[no-untyped-def]
+    _id_dir, my_dir, id_node, my_node = pair
+    # a partner that did not apply the floor: a child victim sealed as BIASA, TLP:GREEN
+    sloppy = signed_message(id_node, now(), **child_referral())
+    (result,) = my_node.receive([sloppy], now())
+    assert result.accepted
+    with my_node.db.read() as conn:
+        (row,) = [r for r in repo.inbound_after(conn, 0, 10)]
+        incidents = [e for e in repo.iter_ledger(conn) if e.event == "policy.incident"]
+    assert (row["level"], row["common_level"], row["local_level"]) == ("BIASA", "C", "SULIT")
+    assert row["tlp"] == "AMBER+STRICT"
+    assert "H2" in row["handling_codes"]
+    (incident,) = incidents
+    assert incident.rules == ("R-FLOOR-CHILD@1",)
+    analyst = client(my_node, my_dir, "pdrm-low", "TERHAD")
+    assert my_node.inbox(analyst, 0, 10, now()).items == []  # TERHAD is below the floor's SULIT
+
+
+# --- release: redaction, TLP, addressing, purpose ------------------------------------------------------
+
+
+def test_release_redacts_a_child_for_an_analyst_but_not_for_child_protection(pair) -> None:  # type: ignore[no-untyped-def]
+    id_dir, my_dir, id_node, my_node = pair
+    submit(id_node, actor(id_node, id_dir, "polri-cms"), child_referral())
+    deliver(id_node, my_node)
+    analyst = client(my_node, my_dir, "pdrm-analyst", "RAHSIA", "--role", "ANALYST", "--unit", "ANALYSIS")
+    protector = client(my_node, my_dir, "pdrm-d11", "RAHSIA", "--role", "CHILD_PROTECTION", "--unit", "D11")
+    (seen,) = my_node.inbox(analyst, 0, 10, now()).items
+    text = json.dumps(seen)
+    assert not [i for i in CHILD_IDENTITY if i in text]
+    assert seen["payload"]["victims"][0]["names"] == ["VCT-0001"]
+    assert {r["path"] for r in seen["redacted"]} == {
+        "payload/victims/0/names",
+        "payload/victims/0/parents",
+        "payload/victims/0/school",
+        "payload/victims/0/documents",
+    }
+    assert seen["classification"] == {
+        "scheme": "POLRI",
+        "level": "RAHASIA",
+        "common": "S",
+        "local_equivalent": "RAHSIA",
+    }
+    (whole,) = my_node.inbox(protector, 0, 10, now()).items
+    assert all(i in json.dumps(whole) for i in CHILD_IDENTITY)
+    assert whole["redacted"] == []
+    with my_node.db.read() as conn:
+        released = [e for e in repo.iter_ledger(conn) if e.event == "message.released"]
+    assert [e.data.get("redacted", []) for e in released] == [[r["path"] for r in seen["redacted"]], []]
+
+
+def test_tlp_red_reaches_only_its_named_recipient_and_refusals_are_ledgered(pair) -> None:  # type: ignore[no-untyped-def]
+    id_dir, my_dir, id_node, my_node = pair
+    submit(id_node, actor(id_node, id_dir, "polri-cms"), rfi(tlp="RED", recipients=["pdrm-d7"]))
+    deliver(id_node, my_node)
+    named = actor(my_node, my_dir, "pdrm-d7")
+    other = client(my_node, my_dir, "pdrm-other", "RAHSIA")
+    assert len(my_node.inbox(named, 0, 10, now()).items) == 1
+    page = my_node.inbox(other, 0, 10, now())
+    assert (page.items, page.next_cursor) == ([], 1)
+    with my_node.db.read() as conn:
+        refused = [e for e in repo.iter_ledger(conn) if e.event == "release.refused"]
+    (entry,) = refused
+    assert (entry.actor, entry.data["refused"]) == ("pdrm-other", ["R-TLP-RED@1"])
+
+
+def test_a_message_addressed_to_a_unit_is_released_only_to_that_unit(pair) -> None:  # type: ignore[no-untyped-def]
+    id_dir, my_dir, id_node, my_node = pair
+    submit(id_node, actor(id_node, id_dir, "polri-cms"), rfi(addressed_to=["NCB"]))
+    deliver(id_node, my_node)
+    ncb = client(my_node, my_dir, "pdrm-ncb", "RAHSIA", "--unit", "NCB")
+    assert my_node.inbox(actor(my_node, my_dir, "pdrm-d7"), 0, 10, now()).items == []
+    assert len(my_node.inbox(ncb, 0, 10, now()).items) == 1
+
+
+def test_a_release_for_a_purpose_outside_the_message_is_refused(pair) -> None:  # type: ignore[no-untyped-def]
+    id_dir, my_dir, id_node, my_node = pair
+    submit(id_node, actor(id_node, id_dir, "polri-cms"), rfi())
+    deliver(id_node, my_node)
+    d7 = actor(my_node, my_dir, "pdrm-d7")
+    assert my_node.inbox(d7, 0, 10, now(), frozenset({"STRATEGIC_ANALYSIS"})).items == []
+    assert len(my_node.inbox(d7, 0, 10, now(), frozenset({"TIP_INVESTIGATION"})).items) == 1
+
+
+# --- replies and threads --------------------------------------------------------------------------------
+
+
+def test_a_reply_needs_a_message_the_client_may_see_in_its_case_and_thread(pair) -> None:  # type: ignore[no-untyped-def]
+    id_dir, my_dir, id_node, my_node = pair
+    request = submit(id_node, actor(id_node, id_dir, "polri-cms"), rfi())
+    deliver(id_node, my_node)
+    low = client(my_node, my_dir, "pdrm-terhad", "TERHAD")
+    d7 = actor(my_node, my_dir, "pdrm-d7")
+    with pytest.raises(PolicyRefusal) as refused:  # a TERHAD system answering a RAHSIA request
+        submit(
+            my_node, low, response_to(request["id"], classification={"scheme": "ARAHAN", "level": "TERHAD"})
+        )
+    assert {v.rule_id for v in refused.value.violations} == {"R-REPLY-VISIBLE"}
+    with pytest.raises(PolicyRefusal) as refused:  # moving the answer to another case
+        submit(my_node, d7, response_to(request["id"], case_ref="ID-MY/2026/0999"))
+    assert {v.rule_id for v in refused.value.violations} == {"R-REPLY-VISIBLE"}
+    with pytest.raises(PolicyRefusal) as refused:  # answering something that does not exist
+        submit(my_node, d7, response_to("no-such-message"))
+    assert {v.rule_id for v in refused.value.violations} == {"R-REPLY-TARGET", "R-REPLY-VISIBLE"}
+    with pytest.raises(PolicyRefusal) as refused:  # joining a thread it may not see, by id
+        submit(
+            my_node,
+            low,
+            rfi(thread_id=request["thread_id"], classification={"scheme": "ARAHAN", "level": "TERHAD"}),
+        )
+    assert {v.rule_id for v in refused.value.violations} == {"R-THREAD-VISIBLE"}
+    answered = submit(my_node, d7, response_to(request["id"]))
+    assert answered["thread_id"] == request["thread_id"]
+
+
+# --- case views -----------------------------------------------------------------------------------------
+
+
+def test_a_case_lists_its_messages_in_each_client_s_view(pair) -> None:  # type: ignore[no-untyped-def]
+    id_dir, my_dir, id_node, my_node = pair
+    polri = actor(id_node, id_dir, "polri-cms")
+    first = submit(id_node, polri, rfi())
+    red = submit(id_node, polri, rfi(tlp="RED", recipients=["pdrm-d7"]))
+    deliver(id_node, my_node)
+    d7 = actor(my_node, my_dir, "pdrm-d7")
+    other = client(my_node, my_dir, "pdrm-other", "RAHSIA")
+    reply = submit(my_node, d7, response_to(first["id"]))
+    case = "ID-MY/2026/0001"
+    assert [m["id"] for m in my_node.case(d7, case, now())["messages"]] == [
+        first["id"],
+        red["id"],
+        reply["id"],
+    ]
+    assert [m["id"] for m in my_node.case(other, case, now())["messages"]] == [first["id"]]
+    assert {m["direction"] for m in id_node.case(polri, case, now())["messages"]} == {"out"}
+    with pytest.raises(NotFound):
+        my_node.case(other, "ID-MY/2026/0999", now())
+
+
+# --- no identity outside the encrypted store ---------------------------------------------------------------
+
+
+def test_identities_appear_in_no_ledger_leaf_log_line_row_or_audit_answer(  # type: ignore[no-untyped-def]
+    pair, caplog: pytest.LogCaptureFixture
+) -> None:
+    id_dir, my_dir, id_node, my_node = pair
+    caplog.set_level(logging.DEBUG)
+    informant = {"pseudonym": "INF-0001", "role": "INFORMANT", "handler_ref": "HDL-0042"}
+    body = child_referral()
+    body["data_subjects"].append(informant)
+    body["payload"]["victims"].append({"subject": "INF-0001", "names": ["Informant Secret Name"]})
+    submit(id_node, actor(id_node, id_dir, "polri-cms"), body)
+    sloppy = signed_message(id_node, now(), **child_referral(case_ref="ID-MY/2026/0002"))
+    deliver(id_node, my_node)
+    my_node.receive([sloppy], now())
+    for who in ("pdrm-d7", "pdrm-cp"):
+        if who == "pdrm-cp":
+            client(my_node, my_dir, who, "RAHSIA", "--role", "CHILD_PROTECTION", "--unit", "D11")
+        my_node.inbox(actor(my_node, my_dir, who), 0, 10, now())
+    identities = [*CHILD_IDENTITY, "Informant Secret Name"]
+    for node in (id_node, my_node):
+        with node.db.read() as conn:
+            leaves = [e.leaf.decode() for e in repo.iter_ledger(conn)]
+            rows = [
+                {k: v for k, v in r.items() if k not in ("envelope",)}
+                for r in repo.messages_in_case(conn, "ID-MY/2026/0001", 100)
+            ]
+        audit = AuditService(node.db, node.agreement, node.party)
+        answers = json.dumps(audit.entries(EntryFilter(), -1, 1000), default=str)
+        for text in (*leaves, json.dumps(rows, default=str), answers, caplog.text):
+            assert not [i for i in identities if i in text]
+    # the informant's identity never left Indonesia: replaced by the handler reference before sealing
+    (received,) = my_node.inbox(actor(my_node, my_dir, "pdrm-cp"), 0, 1, now()).items
+    assert received["payload"]["victims"][1]["names"] == ["HDL-0042"]
