@@ -119,6 +119,7 @@ def messages() -> list[Message]:
             "purposes": ["VICTIM_PROTECTION_REPATRIATION"],
             "data_subjects": [*children[:1], {"pseudonym": "REL-0001", "role": "WITNESS"}],
             "payload": {
+                "subject": "VCT-0000",
                 "victim": _person("VCT-0000", 20),
                 "handover_point": "Entikong border post",
                 "handover_at": "2026-12-01T09:00:00+07:00",
@@ -127,7 +128,14 @@ def messages() -> list[Message]:
                 "family_tracing": {
                     "required": True,
                     "status": "FOUND",
-                    "relatives": [_person("REL-0001", 21)],
+                    "relatives": [
+                        {
+                            "subject": "VCT-0000",
+                            "relationship": "MOTHER",
+                            "names": ["Mother 21"],
+                            "address": "Kupang",
+                        }
+                    ],
                 },
             },
         }

@@ -29,6 +29,7 @@ from pydantic import (
 
 from exchange import crypto
 from exchange.canonical import canonical_json, sha256_hex
+from exchange.catalogue import DATA_CATEGORIES, SUBJECT_ROLES
 from exchange.envelope.size import LARGEST_ENVELOPE_BYTES
 from exchange.errors import ConfigurationError, KeyManagementError
 from exchange.ledger.checkpoint import SIG_COSIGNATURE_V1, SIG_ED25519, CheckpointError, NoteVerifier
@@ -178,6 +179,10 @@ class MessageType(_Strict):
     purposes: tuple[str, ...] = Field(min_length=1)
     replies_to: tuple[str, ...] = ()
     intelligence: bool = Field(default=False, description="carries intelligence: must be graded")
+    kind: Literal["information", "control"] = Field(
+        default="information",
+        description="information goes to the inbox; control changes an earlier message (exchange.lifecycle)",
+    )
     retention_days: int = Field(default=1825, gt=0)
 
 
@@ -197,7 +202,6 @@ class ThirdParty(_Strict):
 
 Action = Literal["submit", "receive", "release", "onward"]
 ACTIONS: tuple[Action, ...] = ("submit", "receive", "release", "onward")
-SUBJECT_ROLES = ("SUSPECT", "VICTIM_ADULT", "VICTIM_CHILD", "AGE_UNKNOWN", "WITNESS", "INFORMANT")
 
 
 class Replacement(_Strict):
@@ -264,6 +268,14 @@ class Agreement(_Strict):
     organisations: dict[PartyId, Organisation]
     third_parties: dict[Identifier, ThirdParty] = Field(default_factory=dict)
     child_age: int = Field(default=18, ge=1, le=30, description="a victim younger than this is a child")
+    consent_decider_roles: tuple[str, ...] = Field(
+        default=("SUPERVISOR",), description="roles whose systems decide the partner's consent requests"
+    )
+    control_legal_basis: tuple[str, ...] = Field(
+        default=("the bilateral police cooperation agreement",),
+        min_length=1,
+        description="the legal basis control messages (consent, reclassification, destruction) name",
+    )
     message_types: dict[Identifier, MessageType] = Field(min_length=1)
     rules: tuple[Rule, ...] = Field(min_length=1)
     witnesses: tuple[Witness, ...] = Field(default=(), description="further witnesses of both ledgers")
@@ -294,6 +306,7 @@ class Agreement(_Strict):
             if rule.id in seen:
                 problems.append(f"rules: {rule.id} is defined twice")
             seen.add(rule.id)
+            problems.extend(self._literal_problems(rule))
             then = rule.then
             if then is None:
                 continue
@@ -310,9 +323,42 @@ class Agreement(_Strict):
                 for role in replacement.subject_roles:
                     if role not in SUBJECT_ROLES:
                         problems.append(f"rule {rule.id}: unknown subject role {role!r}")
+                for category in replacement.categories:
+                    if category not in DATA_CATEGORIES:
+                        problems.append(f"rule {rule.id}: unknown data category {category!r}")
         for action in ACTIONS:  # an empty policy is an error, never "allow all"
             if not any(action in r.on and r.require is not None for r in self.rules):
                 problems.append(f"rules: no check rule for the {action} action")
+        return problems
+
+    def vocabulary(self, name: str) -> frozenset[str]:
+        """The values the agreement defines for one vocabulary of the condition language."""
+        units = {u for org in self.organisations.values() for u in org.units}
+        known: dict[str, Any] = {
+            "types": self.message_types,
+            "tlp": self.tlp,
+            "handling_codes": self.handling_codes,
+            "purposes": self.purposes,
+            "subject_roles": SUBJECT_ROLES,
+            "categories": DATA_CATEGORIES,
+            "roles": self.roles,
+            "units": units,
+            "levels": self.common_levels,
+            "third_parties": self.third_parties,
+        }
+        return frozenset(known[name])
+
+    def _literal_problems(self, rule: Rule) -> list[str]:
+        """Literals a rule compares with a fact that the fact can never take (a misspelt role or
+        TLP would otherwise silently switch the rule off)."""
+        from exchange.policy.conditions import FACT_VOCABULARY, literals
+
+        problems = []
+        for spec in (rule.when, rule.require):
+            for fact, value in literals(spec):
+                vocabulary = FACT_VOCABULARY.get(fact)
+                if vocabulary is not None and value not in self.vocabulary(vocabulary):
+                    problems.append(f"rule {rule.id}: {value!r} is not one of the agreement's {vocabulary}")
         return problems
 
     def tlp_rank(self, tlp: str) -> int:

@@ -14,7 +14,7 @@ import datetime as dt
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -34,6 +34,11 @@ DATA_CATEGORIES = (
 
 #: categories that are not personal data: no data subject owns them
 NON_PERSONAL_CATEGORIES = frozenset({"operational-plan"})
+
+#: the roles a data subject may hold (domain.md), and those that are victims
+Role = Literal["SUSPECT", "VICTIM_ADULT", "VICTIM_CHILD", "AGE_UNKNOWN", "WITNESS", "INFORMANT"]
+SUBJECT_ROLES: tuple[str, ...] = get_args(Role)
+VICTIM_ROLES = frozenset({"VICTIM_ADULT", "VICTIM_CHILD", "AGE_UNKNOWN"})
 
 PSEUDONYM_PATTERN = r"^[A-Z0-9][A-Z0-9-]{2,39}$"
 Pseudonym = Annotated[str, Field(pattern=PSEUDONYM_PATTERN)]
@@ -105,11 +110,16 @@ class Transfer(_Part):
 
 
 class EvidenceItem(_Part):
-    description: Text
+    subject: Pseudonym | None = Field(
+        default=None,
+        description="the data subject the item shows or speaks of (none: treated as a child victim's)",
+        json_schema_extra={SUBJECT_REF: True},
+    )
+    description: Text = Field(description="what the item is, without identities")
     kind: Literal["DOCUMENT", "PHOTOGRAPH", "DEVICE_EXTRACT", "STATEMENT", "OTHER"]
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
-    content: Annotated[str, Field(max_length=200_000)] | None = Field(
-        default=None, description="base64 content, or none when transferred out of band"
+    content: Annotated[str, Field(max_length=200_000)] | None = personal(
+        "document", "base64 content (a photograph, a statement, an extract), or none when sent out of band"
     )
 
 
@@ -200,19 +210,34 @@ class VictimIdentificationReferral(_Part):
     needs: list[Literal["SHELTER", "MEDICAL", "PSYCHOSOCIAL", "LEGAL", "INTERPRETER", "FAMILY_TRACING"]] = (
         Field(default_factory=list)
     )
-    found_at: Text | None = personal("location", "where the victims were found")
+
+
+class Relative(_Part):
+    """A relative traced for a victim: identifying the relative identifies the victim, so the
+    relative's details belong to the victim's subject and are protected as the victim's."""
+
+    subject: Pseudonym = Field(
+        description="pseudonym of the victim this is a relative of", json_schema_extra={SUBJECT_REF: True}
+    )
+    relationship: Literal["MOTHER", "FATHER", "GUARDIAN", "SIBLING", "OTHER"]
+    names: list[Short] | None = personal("person-identity", "full names of the relative")
+    address: Text | None = personal("location", "the relative's address")
+    phone_numbers: list[Short] | None = personal("contact", "the relative's telephone numbers")
 
 
 class FamilyTracing(_Part):
     required: bool
     status: Literal["NOT_STARTED", "IN_PROGRESS", "FOUND", "NOT_FOUND"]
-    relatives: list[Person] = persons()
+    relatives: list[Relative] = Field(default_factory=list, max_length=20)
 
 
 class VictimRepatriation(_Part):
+    subject: Pseudonym = Field(
+        description="pseudonym of the victim repatriated", json_schema_extra={SUBJECT_REF: True}
+    )
     victim: Person
-    handover_point: Short
-    handover_at: dt.datetime
+    handover_point: Short | None = personal("location", "where the victim is handed over")
+    handover_at: dt.datetime | None = personal("location", "when the victim is handed over")
     escort: Short
     receiving_agency: Short
     family_tracing: FamilyTracing | None = None
@@ -222,6 +247,72 @@ class EvidenceTransfer(_Part):
     summary: Text
     items: list[EvidenceItem] = Field(min_length=1, max_length=100)
     persons: list[Person] = persons()
+
+
+# --- control messages: they change the state of an earlier message (exchange.lifecycle) -----------
+
+MessageRef = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9/._:-]*$")]
+Reason = Annotated[str, Field(min_length=1, max_length=2000, description="without identities")]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class ConsentRequest(_Part):
+    request_id: MessageRef
+    message_id: MessageRef = Field(description="the originator's message the use is asked for")
+    recipient: Annotated[str, Field(pattern=r"^[A-Z][A-Z0-9_]{0,63}$")] | None = Field(
+        description="a third party of the agreement, or none for a use by the receiving police itself"
+    )
+    purposes: list[Annotated[str, Field(max_length=64)]] = Field(min_length=1, max_length=16)
+    justification: Reason
+
+
+class ConsentDecision(_Part):
+    request_id: MessageRef
+    message_id: MessageRef
+    decision: Literal["GRANTED", "REFUSED", "REVOKED"]
+    conditions: Reason | None = None
+    expires_at: dt.datetime | None = None
+
+
+class ReleaseNotice(_Part):
+    message_id: MessageRef
+    recipient: Annotated[str, Field(max_length=64)]
+    purposes: list[Annotated[str, Field(max_length=64)]] = Field(min_length=1, max_length=16)
+    released_at: dt.datetime
+
+
+class NewMarking(_Part):
+    scheme: Annotated[str, Field(max_length=32)]
+    level: Annotated[str, Field(max_length=64)]
+
+
+class ReclassificationNotice(_Part):
+    notice_id: MessageRef
+    message_id: MessageRef
+    classification: NewMarking
+    reason: Reason
+
+
+class ReturnOrDestroyRequest(_Part):
+    message_id: MessageRef
+    reason: Reason
+
+
+class DestructionCertificate(_Part):
+    message_id: MessageRef
+    envelope_sha256: Sha256
+    content_sha256: Sha256
+    destroyed_at: dt.datetime
+    reason: Reason
+
+
+class SecurityIncidentNotification(_Part):
+    incident_id: MessageRef
+    kind: Literal["UNAUTHORISED_ACCESS", "DISCLOSURE", "LOSS", "KEY_COMPROMISE", "OTHER"]
+    message_ids: list[MessageRef] = Field(default_factory=list, max_length=1000)
+    detected_at: dt.datetime
+    personal_data: bool = Field(description="personal data is affected (UU 27/2022: a 72-hour notice)")
+    summary: Reason
 
 
 PAYLOAD_MODELS: dict[str, type[BaseModel]] = {
@@ -235,6 +326,13 @@ PAYLOAD_MODELS: dict[str, type[BaseModel]] = {
     "victim_identification_referral": VictimIdentificationReferral,
     "victim_repatriation": VictimRepatriation,
     "evidence_transfer": EvidenceTransfer,
+    "consent_request": ConsentRequest,
+    "consent_decision": ConsentDecision,
+    "release_notice": ReleaseNotice,
+    "reclassification_notice": ReclassificationNotice,
+    "return_or_destroy_request": ReturnOrDestroyRequest,
+    "destruction_certificate": DestructionCertificate,
+    "security_incident_notification": SecurityIncidentNotification,
 }
 
 

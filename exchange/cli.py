@@ -52,7 +52,11 @@ clients_app = typer.Typer(no_args_is_help=True, help="Register local systems by 
 pki_app = typer.Typer(no_args_is_help=True, help="The development PKI.")
 envelope_app = typer.Typer(no_args_is_help=True, help="Seal and open envelopes with JWK files.")
 audit_app = typer.Typer(no_args_is_help=True, help="Verify the audit ledger.")
+retention_app = typer.Typer(no_args_is_help=True, help="Destroy content whose retention has passed.")
+requests_app = typer.Typer(no_args_is_help=True, help="Requests awaiting an answer.")
 for sub, name in [
+    (retention_app, "retention"),
+    (requests_app, "requests"),
     (agreement_app, "agreement"),
     (db_app, "db"),
     (clients_app, "clients"),
@@ -418,6 +422,41 @@ def pki_pin(
         typer.echo(crypto.public_key_sha256(cert.read_bytes()))
     except KeyManagementError as exc:
         raise InvalidInput(f"--cert {cert} is not a certificate: {exc}") from exc
+
+
+@retention_app.command("run")
+def retention_run(directory: DirOpt) -> None:
+    """Destroy the content of every message past its destroy date (idempotent); the ledger keeps
+    that each existed, its digests, and when and why it was destroyed."""
+    from exchange.node import Node
+
+    node = Node(load_settings(directory))
+    try:
+        destroyed = node.retention.run(dt.datetime.now(dt.UTC))
+    finally:
+        node.close()
+    typer.echo(f"destroyed the content of {destroyed} message(s) past their retention")
+
+
+@requests_app.command("overdue")
+def requests_overdue(directory: DirOpt) -> None:
+    """List requests whose response is overdue, with their age (and ledger newly overdue ones)."""
+    from exchange.node import Node
+
+    node = Node(load_settings(directory))
+    now = dt.datetime.now(dt.UTC)
+    try:
+        node.deadlines.run(now)
+        overdue = [r.view(now) for r in node.deadlines.open_requests(now, overdue_only=True)]
+    finally:
+        node.close()
+    for r in overdue:
+        typer.echo(
+            f"{r['id']}\t{r['type']}\t{r['direction']}\tcase {r['case_ref']}\tdue {r['response_due']}"
+            f"\toverdue {r['overdue_seconds'] // 3600} h"
+        )
+    if not overdue:
+        typer.echo("no overdue requests")
 
 
 @app.command()

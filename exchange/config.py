@@ -75,6 +75,12 @@ class NodeSettings(BaseSettings):
     peer_timeout_seconds: float = Field(default=10.0, gt=0)
     checkpoint_interval_seconds: float = Field(default=5.0, gt=0)
     inbox_page_max: int = Field(default=100, ge=1, le=1000)
+    inbox_scan_max: int = Field(default=2000, ge=1, description="messages one inbox pull examines at most")
+    retention_interval_seconds: float = Field(default=3600.0, gt=0, description="how often retention runs")
+    deadline_interval_seconds: float = Field(
+        default=60.0, gt=0, description="how often deadlines are checked"
+    )
+    case_view_max: int = Field(default=10_000, ge=1, description="messages one case view examines at most")
     log_level: LogLevel = "info"
     delivery_max_wait_seconds: float = Field(
         default=7 * 86400,

@@ -6,6 +6,7 @@ readable summary. Leaves the two node directories under the work directory for i
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import secrets
 import shutil
@@ -210,6 +211,7 @@ def set_up_pair(root: Path, *extra_settings: str) -> tuple[DemoNode, DemoNode]:
         node.setup(agreement)
     for extra in PDRM_EXTRA:
         pdrm.add_client(*extra)
+    polri.add_client("polri-supervisor", "RAHASIA", "TPPO", "SUPERVISOR")
     for node in (polri, pdrm):
         with (node.dir / "node.toml").open("a") as settings:
             settings.writelines(line + "\n" for line in extra_settings)
@@ -232,6 +234,8 @@ def run_demo(workdir: Path) -> None:
         _conversation(polri, pdrm)
         _child_victim(polri, pdrm)
         _tlp_red(polri, pdrm)
+        _consent(polri, pdrm)
+        _return_or_destroy(polri, pdrm)
         _checkpoints(polri, pdrm)
     finally:
         clean = [node.server.stop() for node in nodes]
@@ -411,9 +415,114 @@ def _tlp_red(polri: DemoNode, pdrm: DemoNode) -> None:
             raise ExchangeError(f"TLP:RED was released wrongly to {who}")
 
 
+def _until(check: Callable[[], Any], what: str, timeout: float = 30) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        if time.monotonic() > deadline:
+            raise ExchangeError(f"{what} did not happen in {timeout}s")
+        time.sleep(0.1)
+    return value
+
+
+def _consent(polri: DemoNode, pdrm: DemoNode) -> None:
+    body = {
+        "type": "SPONTANEOUS_INTELLIGENCE",
+        "case_ref": "ID-MY/2026/0042",
+        "purposes": ["TIP_INVESTIGATION"],
+        "classification": {"scheme": "POLRI", "level": "RAHASIA"},
+        "tlp": "AMBER",
+        "handling_codes": ["H0", "H2"],
+        "legal_basis": ["Polri-PDRM police cooperation agreement"],
+        "grading": {"source": "B", "information": 2},
+        "payload": {"summary": "The recruiter RCR-0193 is wanted in Indonesia; last seen in Johor Bahru"},
+    }
+    with polri.client() as polri_api:
+        sent = polri_api.submit(body)
+        polri_api.wait_for_status(sent["id"], "delivered")
+    release = {"recipient": "INTERPOL", "purposes": ["TIP_INVESTIGATION"]}
+    print("\n-- 8. PDRM wants to pass Polri's intelligence (H2) to the Interpol bureau")
+    with pdrm.client() as api:
+        refused = api.request("POST", f"/v1/messages/{sent['id']}/releases", json=release)
+        _line(
+            "release to INTERPOL",
+            f"{refused.status_code}: {', '.join(v['rule'] for v in refused.json()['violations'])}",
+        )
+        asked = api.request(
+            "POST",
+            f"/v1/messages/{sent['id']}/consent-requests",
+            json={**release, "justification": "an Interpol red notice for the recruiter"},
+        ).json()
+        _line("consent request", f"sent to Indonesia ({asked['id'][:8]}…)")
+    with polri.client("polri-supervisor") as boss:
+        _until(
+            lambda: boss.request("GET", "/v1/consent-requests", params={"status": "pending"}).json()["items"],
+            "the consent request's arrival",
+        )
+        expires = (dt.datetime.now(dt.UTC) + dt.timedelta(days=30)).isoformat(timespec="seconds")
+        boss.request(
+            "POST",
+            f"/v1/consent-requests/{asked['id']}/decision",
+            json={"decision": "GRANTED", "expires_at": expires, "conditions": "for the red notice only"},
+        )
+        _line("Polri supervisor", f"granted it for INTERPOL until {expires}")
+    with pdrm.client() as api:
+        done = _until(
+            lambda: (
+                (r := api.request("POST", f"/v1/messages/{sent['id']}/releases", json=release)).status_code
+                == 200
+                and r
+            ),
+            "the consent's arrival",
+        )
+        _line("release to INTERPOL", f"{done.status_code}: allowed under the consent, ledgered on both nodes")
+        other = api.request(
+            "POST", f"/v1/messages/{sent['id']}/releases", json={**release, "recipient": "ASEANAPOL"}
+        )
+        _line("release to ASEANAPOL", f"{other.status_code}: no consent names it")
+        if refused.status_code != 403 or other.status_code != 403:
+            raise ExchangeError("an onward release was allowed without the originator's consent")
+
+
+def _return_or_destroy(polri: DemoNode, pdrm: DemoNode) -> None:
+    with polri.client() as polri_api:
+        sent = polri_api.submit(
+            {
+                "type": "REQUEST_FOR_INFORMATION",
+                "case_ref": "ID-MY/2026/0043",
+                "purposes": ["TIP_INVESTIGATION"],
+                "classification": {"scheme": "POLRI", "level": "RAHASIA"},
+                "tlp": "AMBER",
+                "legal_basis": ["Polri-PDRM police cooperation agreement"],
+                "payload": {"summary": "Sent in error", "questions": ["Please destroy"]},
+            }
+        )
+        polri_api.wait_for_status(sent["id"], "delivered")
+        polri_api.request(
+            "POST", f"/v1/messages/{sent['id']}/return-or-destroy", json={"reason": "sent to the wrong case"}
+        )
+    print("\n-- 9. Polri asked PDRM to destroy a message sent in error")
+    with pdrm.client() as api:
+        gone = _until(
+            lambda: (r := api.request("GET", f"/v1/messages/{sent['id']}/content")).status_code == 410 and r,
+            "the destruction",
+        ).json()
+        _line("PDRM reads it", f"410: destroyed at {gone['destroyed_at']}")
+    _until(lambda: _certified(polri), "the destruction certificate")
+    _line("destruction certificate", "signed by PDRM, verified and ledgered by Polri")
+
+
+def _certified(node: DemoNode) -> bool:
+    import sqlite3
+
+    with sqlite3.connect(node.dir / "node.db") as conn:
+        return bool(
+            conn.execute("select 1 from ledger_entries where event = 'destruction.certified'").fetchone()
+        )
+
+
 def _checkpoints(polri: DemoNode, pdrm: DemoNode) -> None:
     with polri.client() as polri_api, pdrm.client() as pdrm_api:
-        print("\n-- 8. Each node signs a checkpoint of its ledger; the other verifies it and cosigns")
+        print("\n-- 10. Each node signs a checkpoint of its ledger; the other verifies it and cosigns")
         for label, api in (("ID", polri_api), ("MY", pdrm_api)):
             health = _wait_cosigned(api)
             _line(

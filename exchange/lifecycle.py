@@ -1,15 +1,8 @@
-"""After delivery: consent for onward use, reclassification, return-or-destroy, and the control
-messages that carry them between the nodes.
+"""After delivery: the use cases of consent for onward use, reclassification and return-or-destroy.
 
-Control messages are ordinary signed, encrypted envelopes of message types whose ``kind`` is
-``control`` in the agreement. A node composes them itself (:meth:`Lifecycle.queue_control`, in the
-transaction of the use case that causes them) and the receiving node hands them to
-:meth:`Lifecycle.apply_control` instead of the inbox, in the transaction that admits them. Each
-names the message it is about; a control message about a message the receiving node does not hold
-in the expected direction, or from a party that is not its originator, changes nothing and is
-ledgered as ``control.rejected``.
-
-The protocol (``docs/lifecycle.md``):
+Each use case runs in one transaction holding the ledger lock, composes the control message that
+tells the partner (:class:`exchange.control.ControlProtocol`), ledgers what it did, and wakes the
+delivery loop. The protocol (``docs/lifecycle.md``):
 
 - CONSENT_REQUEST (receiver -> originator), CONSENT_DECISION (originator -> receiver: GRANTED,
   REFUSED or REVOKED, with conditions and an expiry). An onward release (``onward``) or a judicial
@@ -26,46 +19,29 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import uuid
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Connection
 
-from exchange import envelope
-from exchange.content import destroy_after
+from exchange.control import (
+    CONSENT_DECISION,
+    CONSENT_REQUEST,
+    RECLASSIFICATION_NOTICE,
+    RELEASE_NOTICE,
+    RETURN_OR_DESTROY_REQUEST,
+    ControlProtocol,
+    iso,
+)
 from exchange.db import repo, rows
-from exchange.errors import ContentDestroyed, FieldError, InvalidInput, NotFound, PolicyRefusal, RuleViolation
+from exchange.errors import ContentDestroyed, FieldError, InvalidInput, NotFound
 from exchange.ledger import EntryDraft
 from exchange.ledger.events import LedgerEvent
-from exchange.messages import Message, Origin, personal_data
-from exchange.policy import Actor, Consent, Marking, Use, decide, national_equivalent, redacted_payload
+from exchange.policy import Actor, Consent, Marking, Use, decide, redacted_payload
 
 if TYPE_CHECKING:
     from exchange.node import Node
 
 log = logging.getLogger("exchange.lifecycle")
-
-CONSENT_REQUEST = "CONSENT_REQUEST"
-CONSENT_DECISION = "CONSENT_DECISION"
-RELEASE_NOTICE = "RELEASE_NOTICE"
-RECLASSIFICATION_NOTICE = "RECLASSIFICATION_NOTICE"
-RETURN_OR_DESTROY_REQUEST = "RETURN_OR_DESTROY_REQUEST"
-DESTRUCTION_CERTIFICATE = "DESTRUCTION_CERTIFICATE"
-SECURITY_INCIDENT_NOTIFICATION = "SECURITY_INCIDENT_NOTIFICATION"
-DESTROYED_ON_REQUEST = "destroyed at the originator's request"
-
-
-def iso(now: dt.datetime) -> str:
-    return now.astimezone(dt.UTC).isoformat(timespec="microseconds")
-
-
-@dataclass
-class Effects:
-    """What applying a control message did: ledger entries, and work for after the commit."""
-
-    drafts: list[EntryDraft] = field(default_factory=list)
-    retired_keks: list[str] = field(default_factory=list)
-    wake: bool = False
 
 
 def consent_of(row: dict[str, Any]) -> Consent | None:
@@ -105,98 +81,12 @@ def request_view(row: dict[str, Any], now: dt.datetime) -> dict[str, Any]:
     return view
 
 
-class Lifecycle:
+class Lifecycle(ControlProtocol):
     """The use cases after delivery, for one node."""
 
     def __init__(self, node: Node) -> None:
         self.node = node
         self.agreement = node.agreement
-
-    # --- composing control messages ---------------------------------------------------------------
-
-    def queue_control(
-        self,
-        conn: Connection,
-        message_type: str,
-        target: dict[str, Any],
-        payload: dict[str, Any],
-        now: dt.datetime,
-    ) -> list[EntryDraft]:
-        """Compose, decide, seal, store and queue a control message about ``target`` inside the
-        caller's transaction (which holds the ledger lock). Returns its ledger entry."""
-        node, agreement = self.node, self.agreement
-        own = agreement.parties[node.party].scheme
-        level = national_equivalent(agreement, target["common_level"], own)
-        spec = agreement.message_types[message_type]
-        purposes = tuple(p for p in target["purposes"] if p in spec.purposes) or spec.purposes[:1]
-        mid = str(uuid.uuid4())
-        message = Message(
-            id=mid,
-            type=message_type,
-            sender=node.party,
-            recipient=node.partner_party,
-            created_at=now,
-            agreement_version=agreement.version,
-            agreement_digest=agreement.digest,
-            case_ref=target["case_ref"],
-            thread_id=target["thread_id"],
-            thread_ref=target["thread_id"],
-            in_reply_to=None,
-            purposes=purposes,
-            marking=Marking(own, level, agreement.schemes[own].levels[level]),
-            tlp="AMBER+STRICT",
-            handling_codes=("H2",),
-            legal_basis=agreement.control_legal_basis,
-            grading=None,
-            priority="ROUTINE",
-            response_due=None,
-            origin=Origin(agency=node.party, unit="NODE"),
-            addressed_to=(),
-            recipients=(),
-            data_subjects=(),
-            mla_reference=None,
-            checkpoint=None,
-            payload=payload,
-            **personal_data(node.catalogue, message_type, payload, (), agreement.child_age),
-        )
-        errors = node.catalogue.payload_errors(message_type, payload)
-        decision = decide("receive", agreement=agreement, message=message, now=now)  # as the partner will
-        if errors or not decision.allowed:
-            raise ValueError(f"a {message_type} this node composed is invalid: {errors or decision.refusals}")
-        signed_json = message.signed_json()
-        signed = envelope.sign(signed_json, signing_key=node.keys.signing)
-        sealed = envelope.seal_signed(signed, signed_json, recipient_key=node.partner.encryption)
-        digest = envelope.envelope_digest(sealed)
-        row = rows.message_row(
-            message,
-            direction="out",
-            decision=decision,
-            local_level=level,
-            status="queued",
-            envelope=sealed,
-            envelope_sha256=digest,
-            submitted_by=None,
-            now=iso(now),
-        )
-        row.update(
-            kind="control",
-            destroy_after=destroy_after(agreement, message_type, now),
-            signer_kid=node.keys.signing.kid,
-        )
-        row.update(node.content.seal(row, signed))
-        repo.insert_message(conn, row)
-        repo.enqueue(conn, mid, now.timestamp())
-        return [
-            EntryDraft(
-                event=LedgerEvent.SUBMITTED,
-                message_id=mid,
-                case_ref=target["case_ref"],
-                actor=node.party,
-                decision=decision.decision,
-                rules=decision.evaluated,
-                data={"type": message_type, "about": target["id"], "envelope_sha256": digest},
-            )
-        ]
 
     def _transaction(self, now: dt.datetime, work: Any) -> Any:
         """Run ``work(conn) -> (result, drafts, retired)`` under the ledger lock, ledger its drafts,
@@ -508,59 +398,6 @@ class Lifecycle:
 
         return dict(self._transaction(now, work))
 
-    def _apply_marking(
-        self,
-        conn: Connection,
-        row: dict[str, Any],
-        marking: Marking,
-        reason: str,
-        notice_id: str,
-        now: dt.datetime,
-    ) -> list[EntryDraft]:
-        """Apply the originator's new marking to a stored message, kept at its floor; history kept."""
-        message = self.node.stored_message(row)
-        floors = decide("receive", agreement=self.agreement, message=_remarked(message, marking), now=now)
-        assert floors.level is not None
-        local = rows.local_marking(self.agreement, self.node.party, floors.level)
-        repo.insert_reclassification(
-            conn,
-            {
-                "message_id": row["id"],
-                "scheme": marking.scheme,
-                "from_level": row["level"],
-                "to_level": marking.level,
-                "reason": reason,
-                "notice_id": notice_id,
-                "at": iso(now),
-            },
-        )
-        repo.update_message(
-            conn,
-            row["id"],
-            level=marking.level,
-            common_level=floors.level,
-            local_level=local,
-            tlp=floors.tlp,
-            handling_codes=list(floors.handling_codes),
-            updated_at=iso(now),
-        )
-        return [
-            EntryDraft(
-                event=LedgerEvent.RECLASSIFIED,
-                message_id=row["id"],
-                case_ref=row["case_ref"],
-                actor=row["sender"],
-                decision=floors.decision,
-                rules=floors.evaluated,
-                data={
-                    "from": row["level"],
-                    "to": marking.level,
-                    "protected_at": floors.level,
-                    "notice_id": notice_id,
-                },
-            )
-        ]
-
     def return_or_destroy(
         self, actor: Actor, message_id: str, *, reason: str, now: dt.datetime
     ) -> dict[str, Any]:
@@ -583,240 +420,3 @@ class Lifecycle:
             return {"message_id": message_id, "status": "requested"}, drafts, []
 
         return dict(self._transaction(now, work))
-
-    # --- applying a received control message ---------------------------------------------------------------
-
-    def apply_control(self, conn: Connection, message: Message, now: dt.datetime) -> Effects:
-        """Apply a verified control message inside the admitting transaction (ledger lock held)."""
-        payload = message.payload
-        target = repo.get_message(conn, str(payload.get("message_id")))
-        handler = {
-            CONSENT_REQUEST: (self._on_consent_request, "out"),
-            CONSENT_DECISION: (self._on_consent_decision, "in"),
-            RELEASE_NOTICE: (self._on_release_notice, "out"),
-            RECLASSIFICATION_NOTICE: (self._on_reclassification, "in"),
-            RETURN_OR_DESTROY_REQUEST: (self._on_return_or_destroy, "in"),
-            DESTRUCTION_CERTIFICATE: (self._on_certificate, "out"),
-        }.get(message.type)
-        if handler is None:
-            return Effects(
-                [
-                    self._control_entry(
-                        LedgerEvent.INCIDENT_NOTIFIED,
-                        message,
-                        "allow",
-                        {
-                            "kind": payload.get("kind"),
-                            "personal_data": payload.get("personal_data"),
-                            "about": payload.get("message_ids", []),
-                        },
-                    )
-                ]
-            )
-        apply, direction = handler
-        if target is None or target["direction"] != direction or target["kind"] != "information":
-            log.warning("control message %s about an unknown message", message.id)
-            return Effects(
-                [
-                    self._control_entry(
-                        LedgerEvent.CONTROL_REJECTED, message, "deny", {"reason": "unknown-message"}
-                    )
-                ]
-            )
-        return apply(conn, message, target, now)
-
-    def _control_entry(
-        self, event: LedgerEvent, message: Message, decision: str, data: dict[str, Any]
-    ) -> EntryDraft:
-        return EntryDraft(
-            event=event,
-            message_id=str(message.payload.get("message_id") or message.id),
-            case_ref=message.case_ref,
-            actor=message.sender,
-            decision=decision,
-            data={"control": message.id, "type": message.type, **data},
-        )
-
-    def _on_consent_request(
-        self, conn: Connection, message: Message, target: dict[str, Any], now: dt.datetime
-    ) -> Effects:
-        p = message.payload
-        stored = {
-            "id": p["request_id"],
-            "message_id": target["id"],
-            "direction": "in",
-            "requested_by": None,
-            "recipient": p.get("recipient"),
-            "purposes": list(p["purposes"]),
-            "justification": p["justification"],
-            "status": "pending",
-            "requested_at": iso(now),
-            "decided_by": None,
-            "decided_at": None,
-            "conditions": None,
-            "expires_at": None,
-            "revoked_at": None,
-        }
-        if repo.get_consent_request(conn, stored["id"]) is not None:
-            return Effects(
-                [self._control_entry(LedgerEvent.CONTROL_REJECTED, message, "deny", {"reason": "duplicate"})]
-            )
-        repo.insert_consent_request(conn, stored)
-        return Effects([self._consent_entry(LedgerEvent.CONSENT_REQUESTED, stored, message.sender, target)])
-
-    def _on_consent_decision(
-        self, conn: Connection, message: Message, target: dict[str, Any], now: dt.datetime
-    ) -> Effects:
-        p = message.payload
-        request = repo.get_consent_request(conn, str(p["request_id"]))
-        if request is None or request["direction"] != "out" or request["message_id"] != target["id"]:
-            return Effects(
-                [
-                    self._control_entry(
-                        LedgerEvent.CONTROL_REJECTED, message, "deny", {"reason": "unknown-request"}
-                    )
-                ]
-            )
-        verdict = p["decision"]
-        values: dict[str, Any] = (
-            {"status": "revoked", "revoked_at": iso(now)}
-            if verdict == "REVOKED"
-            else {
-                "status": "granted" if verdict == "GRANTED" else "refused",
-                "decided_at": iso(now),
-                "conditions": p.get("conditions"),
-                "expires_at": p.get("expires_at"),
-            }
-        )
-        repo.update_consent_request(conn, request["id"], **values)
-        return Effects(
-            [self._consent_entry(LedgerEvent.CONSENT_DECIDED, {**request, **values}, message.sender, target)]
-        )
-
-    def _on_release_notice(
-        self, conn: Connection, message: Message, target: dict[str, Any], now: dt.datetime
-    ) -> Effects:
-        p = message.payload
-        return Effects(
-            [
-                self._control_entry(
-                    LedgerEvent.ONWARD_RELEASED,
-                    message,
-                    "allow",
-                    {
-                        "recipient": p["recipient"],
-                        "use": p["purposes"],
-                        "released_at": p["released_at"],
-                    },
-                )
-            ]
-        )
-
-    def _on_reclassification(
-        self, conn: Connection, message: Message, target: dict[str, Any], now: dt.datetime
-    ) -> Effects:
-        p = message.payload
-        cls = p["classification"]
-        scheme = self.agreement.schemes.get(cls["scheme"])
-        if (
-            target["sender"] != message.sender
-            or scheme is None
-            or cls["level"] not in scheme.levels
-            or (cls["scheme"] != target["scheme"])
-        ):
-            return Effects(
-                [
-                    self._control_entry(
-                        LedgerEvent.CONTROL_REJECTED, message, "deny", {"reason": "invalid-marking"}
-                    )
-                ]
-            )
-        marking = Marking(cls["scheme"], cls["level"], scheme.levels[cls["level"]])
-        return Effects(self._apply_marking(conn, target, marking, p["reason"], p["notice_id"], now))
-
-    def _on_return_or_destroy(
-        self, conn: Connection, message: Message, target: dict[str, Any], now: dt.datetime
-    ) -> Effects:
-        if target["sender"] != message.sender:
-            return Effects(
-                [
-                    self._control_entry(
-                        LedgerEvent.CONTROL_REJECTED, message, "deny", {"reason": "not-originator"}
-                    )
-                ]
-            )
-        at = iso(now)
-        reason = f"{DESTROYED_ON_REQUEST}: {message.payload['reason']}"
-        drafts, retired = self.node.content.destroy(
-            conn, [target], reason=reason, at=at, actor=message.sender
-        )
-        destroyed = repo.get_message(conn, target["id"])
-        assert destroyed is not None
-        drafts += self.queue_control(
-            conn,
-            DESTRUCTION_CERTIFICATE,
-            target,
-            {
-                "message_id": target["id"],
-                "envelope_sha256": target["envelope_sha256"],
-                "content_sha256": target["content_sha256"] or "",
-                "destroyed_at": destroyed["destroyed_at"] or at,
-                "reason": reason,
-            },
-            now,
-        )
-        return Effects(drafts, retired, wake=True)
-
-    def _on_certificate(
-        self, conn: Connection, message: Message, target: dict[str, Any], now: dt.datetime
-    ) -> Effects:
-        p = message.payload
-        matches = (
-            p["envelope_sha256"] == target["envelope_sha256"]
-            and p["content_sha256"] == target["content_sha256"]
-        )
-        event = LedgerEvent.DESTRUCTION_CERTIFIED if matches else LedgerEvent.CONTROL_REJECTED
-        return Effects(
-            [
-                self._control_entry(
-                    event,
-                    message,
-                    "allow" if matches else "deny",
-                    {
-                        "destroyed_at": p["destroyed_at"],
-                        "envelope_sha256": p["envelope_sha256"],
-                        "content_sha256": p["content_sha256"],
-                        "certificate_sha256": message.payload_digest,
-                    }
-                    if matches
-                    else {"reason": "digests-differ"},
-                )
-            ]
-        )
-
-    @staticmethod
-    def _consent_entry(
-        event: LedgerEvent, request: dict[str, Any], actor: str, target: dict[str, Any]
-    ) -> EntryDraft:
-        return EntryDraft(
-            event=event,
-            message_id=target["id"],
-            case_ref=target["case_ref"],
-            actor=actor,
-            decision=request["status"],
-            data={
-                "request_id": request["id"],
-                "recipient": request["recipient"],
-                "use": list(request["purposes"]),
-                "expires_at": request["expires_at"],
-            },
-        )
-
-
-def _remarked(message: Message, marking: Marking) -> Message:
-    from dataclasses import replace
-
-    return replace(message, marking=marking)
-
-
-__all__ = ["Effects", "Lifecycle", "PolicyRefusal", "RuleViolation", "consent_of"]

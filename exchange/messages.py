@@ -21,15 +21,20 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from exchange.agreement import Agreement
-from exchange.catalogue import NON_PERSONAL_CATEGORIES, PAYLOAD_MODELS, PSEUDONYM_PATTERN, payload_schema
+from exchange.catalogue import (
+    NON_PERSONAL_CATEGORIES,
+    PAYLOAD_MODELS,
+    PSEUDONYM_PATTERN,
+    VICTIM_ROLES,
+    Role,
+    payload_schema,
+)
 from exchange.errors import ConfigurationError, FieldError, InvalidInput
 from exchange.policy.classification import Marking, classify
 from exchange.policy.redaction import ProtectedValue, Shape, protected_values, shape_of
 from exchange.types import MessageId, PartyId
 
 MESSAGE_FORMAT = "exchange-message/2"
-Role = Literal["SUSPECT", "VICTIM_ADULT", "VICTIM_CHILD", "AGE_UNKNOWN", "WITNESS", "INFORMANT"]
-VICTIM_ROLES = frozenset({"VICTIM_ADULT", "VICTIM_CHILD", "AGE_UNKNOWN"})
 #: the role a protected value counts as when no listed subject owns it (fail closed)
 UNATTRIBUTED_ROLE = "VICTIM_CHILD"
 Reference = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9/._:-]*$")]
@@ -272,9 +277,14 @@ class Message:
 
 
 def _effective_role(subject: DataSubject, child_age: int) -> str:
-    if subject.role == "VICTIM_ADULT" and subject.age is not None and subject.age.years is not None:
-        return "VICTIM_CHILD" if subject.age.years < child_age else subject.role
-    return subject.role
+    """The role a subject counts as: a victim the sender calls adult counts as a child when younger
+    than the agreement's child age, and as of unknown age when its age is not known (fail closed)."""
+    if subject.role != "VICTIM_ADULT":
+        return subject.role
+    age = subject.age
+    if age is None or age.years is None or age.basis == "UNKNOWN":
+        return "AGE_UNKNOWN"
+    return "VICTIM_CHILD" if age.years < child_age else subject.role
 
 
 @dataclass(frozen=True)

@@ -18,18 +18,27 @@ from sqlalchemy.engine import Connection
 from exchange import envelope
 from exchange.agreement import Agreement, load_agreement
 from exchange.canonical import sha256_hex
+from exchange.catalogue import NON_PERSONAL_CATEGORIES
 from exchange.config import NodeSettings
 from exchange.content import ContentStore, destroy_after
 from exchange.crypto import constant_time_equal
 from exchange.db import repo, rows
 from exchange.db.committer import GroupCommitter
 from exchange.db.engine import Database
-from exchange.errors import ContentDestroyed, EnvelopeError, NotFound
+from exchange.errors import (
+    ContentDestroyed,
+    ContentUnavailable,
+    EnvelopeError,
+    FieldError,
+    InvalidInput,
+    NotFound,
+)
 from exchange.keys.kek import KekStore
 from exchange.keys.store import NodeKeys, PartnerKeys, check_keys_match_agreement, load_node_keys
 from exchange.ledger import EntryDraft
 from exchange.ledger.checkpoint import CheckpointError, verify_checkpoint
 from exchange.ledger.events import LedgerEvent
+from exchange.lifecycle import Lifecycle
 from exchange.messages import (
     Catalogue,
     MalformedMessage,
@@ -50,6 +59,8 @@ from exchange.policy import (
     national_equivalent,
     redacted_payload,
 )
+from exchange.policy.redaction import pointer
+from exchange.retention import DeadlineService, RetentionService
 from exchange.types import KeyId, MessageId, PartyId
 
 log = logging.getLogger("exchange.node")
@@ -102,6 +113,10 @@ class Node:
         self.db = db or Database(settings.database_url)
         self.db.check_migrated()
         self.committer = GroupCommitter(self.db)
+        self.wake_delivery: Callable[[], None] = lambda: None  # set by the app to its delivery loop
+        self.lifecycle = Lifecycle(self)
+        self.retention = RetentionService(self.db, self.content, self.party)
+        self.deadlines = DeadlineService(self.db, self.agreement, self.committer, self.party)
 
     def close(self) -> None:
         """Commit what is pending and release the database."""
@@ -157,6 +172,19 @@ class Node:
             now=now,
             checkpoint=str(latest["note"]) if latest else None,
         )
+        unattributed = [
+            pointer(v.path)
+            for v in draft.protected
+            if v.category not in NON_PERSONAL_CATEGORIES and v.subject not in draft.roles
+        ]
+        if unattributed:  # a misspelt subject would hide whose data it is: the sender must say
+            raise InvalidInput(
+                "personal data that belongs to no listed data subject",
+                [
+                    FieldError(p, "name a pseudonym listed in data_subjects in this object's subject")
+                    for p in unattributed
+                ],
+            )
         if replied is not None and submission.thread_id is None:
             draft = replace(draft, thread_id=replied["thread_id"])
         decision = decide(
@@ -168,7 +196,7 @@ class Node:
             now=now,
         )
         if not decision.allowed:
-            self._ledger(
+            self.ledger(
                 now,
                 EntryDraft(
                     event=LedgerEvent.SUBMISSION_REFUSED,
@@ -287,8 +315,8 @@ class Node:
         now: dt.datetime,
     ) -> ReplyContext:
         if replied is None:
-            return ReplyContext(thread_visible=any(self._may_see(actor, row, now) for row in thread))
-        visible = self._may_see(actor, replied, now)
+            return ReplyContext(thread_visible=any(self.may_see(actor, row, now) for row in thread))
+        visible = self.may_see(actor, replied, now)
         same_thread = draft.thread_id == replied["thread_id"]
         return ReplyContext(
             exists=True,
@@ -308,9 +336,12 @@ class Node:
         """
         with self.db.read() as conn:
             row = repo.get_message(conn, message_id)
-        if row is None or not self._may_see(actor, row, now):
+            history = repo.reclassifications_of(conn, message_id) if row else []
+        if row is None or not self.may_see(actor, row, now):
             raise NotFound(f"no message {message_id}")
-        return rows.status_view(row)
+        view = rows.status_view(row)
+        view["reclassifications"] = history  # the originator's marking over time
+        return view
 
     def case(self, actor: Actor, case_ref: str, now: dt.datetime) -> dict[str, Any]:
         """Every message of a case that this local system may see (metadata only), oldest first.
@@ -319,15 +350,17 @@ class Node:
             NotFound: the case holds no message the caller may see.
         """
         with self.db.read() as conn:
-            found = repo.messages_in_case(conn, case_ref, self.settings.inbox_page_max * 10)
-        visible = [rows.case_item(row) for row in found if self._may_see(actor, row, now)]
+            found = repo.messages_in_case(conn, case_ref, self.settings.case_view_max)
+        visible = [rows.case_item(row) for row in found if self.may_see(actor, row, now)]
         if not visible:
             raise NotFound(f"no case {case_ref}")
         return {"case_ref": case_ref, "messages": visible}
 
-    def _may_see(self, actor: Actor, row: dict[str, Any], now: dt.datetime) -> bool:
+    def may_see(self, actor: Actor, row: dict[str, Any], now: dt.datetime) -> bool:
         """A sent message is seen by the system that sent it; a received one by a system the release
         rules allow (metadata decision, no decryption)."""
+        if row["kind"] == "control":
+            return False  # a node's own protocol: no local system reads it
         if row["direction"] == "out":
             return bool(row["submitted_by"] == actor.client_id)
         message = rows.message_view(row)
@@ -361,6 +394,7 @@ class Node:
                 log.warning("rejected envelope %s: %s", envelope.envelope_digest(compact)[:16], exc)
                 opened.append(exc)
         results: list[PeerResult] = []
+        retired: list[str] = []
         drafts: list[EntryDraft] = []
         at = iso(now)
         with self.db.transaction() as conn:
@@ -370,10 +404,20 @@ class Node:
                     drafts.append(self._rejection(envelope.envelope_digest(compact), item.reason, None))
                     results.append(PeerResult(False))
                     continue
-                result, new = self._admit(conn, item, now, head.size + len(drafts) + 1)
+                try:
+                    with conn.begin_nested():  # one envelope's failure rejects that envelope alone
+                        result, new = self._admit(conn, item, now, head.size + len(drafts) + 1, retired)
+                except Exception:
+                    log.exception("envelope for message %s could not be admitted", item.message.id)
+                    result, new = (
+                        PeerResult(False),
+                        [self._rejection(item.opened.digest, "internal", item.message.id)],
+                    )
                 drafts.extend(new)
                 results.append(result)
             repo.append_ledger(conn, head, drafts, at)
+        self.content.retire(retired)  # KEKs a destruction on request no longer needs
+        self.wake_delivery()  # answers (a destruction certificate) go out at once
         return results
 
     def _open(self, compact: str, now: dt.datetime) -> Admitted:
@@ -410,8 +454,10 @@ class Node:
         )
 
     def _admit(
-        self, conn: Any, admitted: Admitted, now: dt.datetime, inbox_seq: int
+        self, conn: Any, admitted: Admitted, now: dt.datetime, inbox_seq: int, retired: list[str]
     ) -> tuple[PeerResult, list[EntryDraft]]:
+        """Admit one verified envelope inside the batch's transaction; KEKs a control message
+        retires are added to ``retired``, to destroy once the transaction committed."""
         opened, message = admitted.opened, admitted.message
         mid = message.id
         existing = repo.get_message(conn, mid)
@@ -453,6 +499,10 @@ class Node:
             submitted_by=None,
             now=iso(now),
         )
+        answered = repo.get_message(conn, message.in_reply_to) if message.in_reply_to else None
+        if answered is not None and answered["direction"] == "out" and answered["submitted_by"]:
+            asker = repo.get_client(conn, answered["submitted_by"])  # a reply goes to the unit that asked
+            row["addressed_to"] = [asker["unit"]] if asker else ["(no such unit)"]
         row.update(
             receipt=receipt,
             receipt_at=iso(now),
@@ -460,6 +510,9 @@ class Node:
             signer_kid=opened.signer_kid,
             destroy_after=destroy_after(self.agreement, message.type, message.created_at),
         )
+        control = self.agreement.message_types[message.type].kind == "control"
+        if control:
+            row.update(kind="control", inbox_seq=None)  # handled here, never released to an inbox
         row.update(self.content.seal(row, opened.signed))
         repo.insert_message(conn, row)
         data = {"type": message.type, "envelope_sha256": opened.digest, "signer_kid": opened.signer_kid}
@@ -481,8 +534,9 @@ class Node:
                 data={"receipt_sha256": envelope.envelope_digest(receipt)},
             ),
         ]
-        if decision.changes:  # the sender marked it below its floor: protected at the floor here
-            log.warning("POLICY INCIDENT: message %s arrived below its floor", mid)
+        unreplaced = any(r.handler for r in decision.redactions)  # an informant's identity arrived
+        if decision.changes or unreplaced:  # marked below its floor, or an identity not replaced
+            log.warning("POLICY INCIDENT: message %s arrived below its floor or with an identity", mid)
             drafts.append(
                 EntryDraft(
                     event=LedgerEvent.POLICY_INCIDENT,
@@ -490,10 +544,24 @@ class Node:
                     case_ref=message.case_ref,
                     actor=self.partner_party,
                     decision="under-classified",
-                    rules=tuple(dict.fromkeys(c.rule for c in decision.changes)),
-                    data={"changes": decision.ledger_data()["changes"]},
+                    rules=tuple(
+                        dict.fromkeys(
+                            [
+                                *(c.rule for c in decision.changes),
+                                *(r.rule for r in decision.redactions if r.handler),
+                            ]
+                        )
+                    ),
+                    data={
+                        "changes": decision.ledger_data().get("changes", []),
+                        "unreplaced_identities": [r.pointer for r in decision.redactions if r.handler],
+                    },
                 )
             )
+        if control:
+            effects = self.lifecycle.apply_control(conn, message, now)
+            drafts.extend(effects.drafts)
+            retired.extend(effects.retired_keks)
         incident = self._judge_checkpoint(conn, message)
         if incident is not None:
             log.error("SECURITY INCIDENT: message %s carries a partner checkpoint that %s", mid, incident)
@@ -527,6 +595,8 @@ class Node:
             )
         except CheckpointError as exc:
             return f"invalid: {exc}"
+        except Exception as exc:  # whatever a hostile note makes a parser do: an incident, not a crash
+            return f"invalid: unparsable note ({type(exc).__name__})"
         same = repo.witnessed_at_size(conn, checkpoint.size)
         if same is not None and not constant_time_equal(bytes(same["root_hash"]), checkpoint.root):
             return f"split view: a second root for size {checkpoint.size}"
@@ -553,11 +623,13 @@ class Node:
         items: list[dict[str, Any]] = []
         drafts: list[EntryDraft] = []
         cursor = after
-        while len(items) < limit:
+        budget = self.settings.inbox_scan_max  # examined per call, so a pull is bounded
+        while len(items) < limit and budget > 0:
             with self.db.read() as conn:
-                batch = repo.inbound_after(conn, cursor, limit * 2)
+                batch = repo.inbound_after(conn, cursor, min(limit * 2, budget))
             if not batch:
                 break
+            budget -= len(batch)
             for row in batch:
                 if len(items) >= limit:
                     break
@@ -569,7 +641,7 @@ class Node:
                 if item is not None:
                     items.append(item)
         if drafts:
-            self._ledger(now, *drafts)
+            self.ledger(now, *drafts)
         return InboxPage(items=items, next_cursor=cursor)
 
     def _release(
@@ -585,9 +657,20 @@ class Node:
         use = Use(purposes) if purposes is not None else default_use(actor, view)
         decision = decide("release", agreement=self.agreement, message=view, actor=actor, use=use, now=now)
         if decision.allowed:
-            message = self.stored_message(row)
+            try:
+                message = self.stored_message(row)
+            except (MalformedMessage, ContentUnavailable, ContentDestroyed, EnvelopeError) as exc:
+                log.error("message %s cannot be released: %s", row["id"], type(exc).__name__)
+                return None, self._unreadable(actor, row, decision, type(exc).__name__), decision
+            protected = replace(  # decided at the protection stored here (floors), not the sender's
+                message,
+                marking=view.marking,
+                tlp=view.tlp,
+                handling_codes=view.handling_codes,
+                addressed_to=view.addressed_to,
+            )
             decision = decide(
-                "release", agreement=self.agreement, message=message, actor=actor, use=use, now=now
+                "release", agreement=self.agreement, message=protected, actor=actor, use=use, now=now
             )
         entry = EntryDraft(
             event=LedgerEvent.RELEASED if decision.allowed else LedgerEvent.RELEASE_REFUSED,
@@ -602,6 +685,17 @@ class Node:
             return None, entry, decision
         payload = redacted_payload(message, decision)
         return rows.inbox_item(row, message, payload, decision, cursor), entry, decision
+
+    def _unreadable(self, actor: Actor, row: dict[str, Any], decision: Decision, why: str) -> EntryDraft:
+        return EntryDraft(
+            event=LedgerEvent.RELEASE_REFUSED,
+            message_id=row["id"],
+            case_ref=row["case_ref"],
+            actor=actor.client_id,
+            decision="deny",
+            rules=decision.evaluated,
+            data={"reason": "unreadable", "error": why},
+        )
 
     def stored_message(self, row: dict[str, Any]) -> Message:
         """The typed message of a stored row, from its content at rest. The signature is not checked
@@ -624,13 +718,13 @@ class Node:
         """
         with self.db.read() as conn:
             row = repo.get_message(conn, message_id)
-        if row is None or not self._may_see(actor, row, now):
+        if row is None or not self.may_see(actor, row, now):
             raise NotFound(f"no message {message_id}")
         if row["destroyed_at"] is not None:
             raise ContentDestroyed(row["id"], row["destroyed_at"], row["destroyed_reason"])
         if row["direction"] == "out":
             message = self.stored_message(row)
-            self._ledger(
+            self.ledger(
                 now,
                 EntryDraft(
                     event=LedgerEvent.READ,
@@ -642,14 +736,14 @@ class Node:
             )
             return rows.content_view(row, message, dict(message.payload), ())
         item, entry, decision = self._release(actor, row, int(row["inbox_seq"] or 0), now, None)
-        self._ledger(now, entry)
+        self.ledger(now, entry)
         if item is None:
             raise decision.refusal()
         return item
 
     # --- ledger ----------------------------------------------------------------------------------
 
-    def _ledger(self, now: dt.datetime, *drafts: EntryDraft) -> None:
+    def ledger(self, now: dt.datetime, *drafts: EntryDraft) -> None:
         self.committer.run(lambda conn, head: repo.append_ledger(conn, head, list(drafts), iso(now)))
 
 

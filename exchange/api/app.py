@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import exchange
-from exchange.api import openapi, problems
+from exchange.api import lifecycle_routes, openapi, problems
 from exchange.api.guard import RequestGuard, SecurityHeaders
 from exchange.api.routes import (
     WITNESS_PATH,
@@ -29,6 +29,7 @@ from exchange.checkpoints import CheckpointService
 from exchange.envelope import peer_body_limit
 from exchange.errors import ExchangeError, FieldError
 from exchange.node import Node
+from exchange.retention import PeriodicLoop
 from exchange.transport.checkpointer import Checkpointer
 from exchange.transport.peer import PEER_PATH, HttpWitness, PeerTransport
 from exchange.transport.worker import DeliveryWorker
@@ -58,11 +59,19 @@ def create_app(node: Node, transport: PeerTransport | None = None, *, run_worker
         else None
     )
 
+    settings = node.settings
+    loops: list[tuple[str, Any]] = [  # every background loop of the node: adding one is a line here
+        ("delivery", worker),
+        ("checkpointer", checkpointer),
+        ("retention", PeriodicLoop("retention", node.retention.run, settings.retention_interval_seconds)),
+        ("deadlines", PeriodicLoop("deadlines", node.deadlines.run, settings.deadline_interval_seconds)),
+    ]
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         threads = []
         if run_worker:
-            for name, loop in (("delivery", worker), ("checkpointer", checkpointer)):
+            for name, loop in loops:
                 if loop is not None:
                     threads.append(threading.Thread(target=loop.run_forever, name=name, daemon=True))
         for thread in threads:
@@ -70,7 +79,7 @@ def create_app(node: Node, transport: PeerTransport | None = None, *, run_worker
         try:
             yield
         finally:
-            for loop in (worker, checkpointer):
+            for _name, loop in loops:
                 if loop is not None:
                     loop.stop()
             for thread in threads:
@@ -100,9 +109,11 @@ def create_app(node: Node, transport: PeerTransport | None = None, *, run_worker
     app.state.audit = AuditService(node.db, node.agreement, node.party)
     wake: Callable[[], None] = worker.wake if worker is not None else (lambda: None)
     app.state.worker_wake = wake
+    node.wake_delivery = wake
     app.state.worker = worker
     setattr(app.state, problems.MORE_FIELD_ERRORS, {"/v1/messages": partial(payload_errors, node)})
     app.include_router(client_router)
+    app.include_router(lifecycle_routes.router)
     app.include_router(peer_router)
     app.include_router(health_router)
     app.include_router(audit_router)

@@ -262,6 +262,7 @@ def health(request: Request) -> dict[str, Any]:
         "checkpoint_size": status["latest"]["size"] if status["latest"] else 0,
         "cosigned_size": status["latest_cosigned"]["size"] if status["latest_cosigned"] else 0,
         "partner_witnessed_size": status["partner_witnessed"]["size"] if status["partner_witnessed"] else 0,
+        "overdue_requests": len(node.deadlines.open_requests(_now(), overdue_only=True)),
     }
 
 

@@ -54,6 +54,11 @@ def client_by_fingerprint(conn: Connection, fingerprint: str) -> dict[str, Any] 
     return dict(row._mapping) if row else None
 
 
+def get_client(conn: Connection, client_id: str) -> dict[str, Any] | None:
+    row = conn.execute(sa.select(clients).where(clients.c.id == client_id)).first()
+    return dict(row._mapping) if row else None
+
+
 def list_clients(conn: Connection) -> list[dict[str, Any]]:
     return [dict(r._mapping) for r in conn.execute(sa.select(clients).order_by(clients.c.id))]
 

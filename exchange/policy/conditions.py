@@ -76,6 +76,55 @@ class ConditionError(ValueError):
     """A condition that is not one of the language's forms (unknown operator, fact or kind)."""
 
 
+class Undefined(Exception):
+    """A comparison over a fact that is not known (a missing level). It propagates through ``not``,
+    ``all`` and ``any`` so that the engine decides it fail-closed: a check refuses, an obligation
+    applies, whatever negations the condition holds."""
+
+
+#: the vocabulary of the agreement a literal compared with a fact must belong to
+FACT_VOCABULARY: dict[str, str] = {
+    "message.type": "types",
+    "message.replies_to_types": "types",
+    "actor.message_types": "types",
+    "reply.type": "types",
+    "message.tlp": "tlp",
+    "message.handling_codes": "handling_codes",
+    "message.purposes": "purposes",
+    "message.type_purposes": "purposes",
+    "actor.purposes": "purposes",
+    "use.purposes": "purposes",
+    "message.subject_roles": "subject_roles",
+    "message.categories": "categories",
+    "actor.roles": "roles",
+    "actor.unit": "units",
+    "message.addressed_to": "units",
+    "recipient.units": "units",
+    "message.level": "levels",
+    "message.declared_level": "levels",
+    "actor.clearance": "levels",
+    "use.recipient": "third_parties",
+}
+
+
+def literals(spec: Any) -> list[tuple[str, Any]]:
+    """Every (fact, literal) pair a condition compares, for checking literals against the agreement."""
+    if not isinstance(spec, Mapping) or len(spec) != 1:
+        return []
+    ((op, args),) = spec.items()
+    if op in ("all", "any"):
+        return [pair for part in args for pair in literals(part)] if isinstance(args, list) else []
+    if op == "not":
+        return literals(args)
+    if op in ("present", "is_true") or not isinstance(args, list) or len(args) != 2:
+        return []
+    first, second = args
+    if isinstance(second, str) and second in FACT_KINDS:
+        return []
+    values = second if isinstance(second, list) else [second]
+    return [(str(first), value) for value in values]
+
+
 def _fact(name: Any, kinds: Sequence[str], where: str) -> str:
     if not isinstance(name, str) or name not in FACT_KINDS:
         raise ConditionError(f"{where}: {name!r} is not a known fact")
@@ -164,7 +213,7 @@ def compile_condition(spec: Any, where: str = "condition") -> Condition:
         def at_least(facts: Facts) -> bool:
             have, need = facts[name], rank(facts)
             if have is None or need is None:
-                return False  # an unknown level never satisfies a clearance (fail closed)
+                raise Undefined(f"{name} is not known")  # decided fail-closed by the engine
             return bool(facts["$rank"](have) >= facts["$rank"](need))
 
         return at_least

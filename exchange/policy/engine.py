@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from exchange.agreement import Action, Agreement, Rule
 from exchange.errors import PolicyRefusal, RuleViolation
-from exchange.policy.conditions import Condition, compile_condition, missing_facts
+from exchange.policy.conditions import Condition, Facts, Undefined, compile_condition, missing_facts
 from exchange.policy.redaction import pointer, replace_values
 from exchange.types import PartyId
 
@@ -118,6 +118,7 @@ class Redaction:
     path: tuple[str | int, ...]
     replacement: str
     rule: str
+    handler: bool = False  # replaced by the handler reference (an informant's identity)
 
     @property
     def pointer(self) -> str:
@@ -184,6 +185,7 @@ class Policy:
 
     def __init__(self, agreement: Agreement) -> None:
         self.agreement = agreement
+        self.version, self.digest = agreement.version, agreement.digest
         self.by_action: dict[str, list[_Compiled]] = {}
         for rule in agreement.rules:
             compiled = _Compiled(
@@ -196,14 +198,27 @@ class Policy:
                 self.by_action.setdefault(action, []).append(compiled)
         self.refs = {action: tuple(c.ref for c in rules) for action, rules in self.by_action.items()}
 
-    _cache: dict[str, Policy] = {}  # noqa: RUF012 - one compiled policy per agreement digest
+    _cache: dict[int, Policy] = {}  # noqa: RUF012 - compiled once per agreement object held
 
     @classmethod
     def of(cls, agreement: Agreement) -> Policy:
-        policy = cls._cache.get(agreement.digest)
+        policy = cls._cache.get(id(agreement))
         if policy is None or policy.agreement is not agreement:
-            policy = cls._cache[agreement.digest] = cls(agreement)
+            if len(cls._cache) > 64:
+                cls._cache.clear()
+            policy = cls._cache[id(agreement)] = cls(agreement)
         return policy
+
+
+def _holds(condition: Condition | None, facts: Facts, *, unknown: bool) -> bool:
+    """A condition's value; ``unknown`` when it compares a fact that is not known (fail closed:
+    True for a rule's applicability, False for what a check requires)."""
+    if condition is None:
+        return True
+    try:
+        return condition(facts)
+    except Undefined:
+        return unknown
 
 
 def _facts(
@@ -295,7 +310,7 @@ def decide(
     subjects: dict[str, Any] | None = None
     for item in compiled:
         then = item.rule.then
-        if then is None or (item.when is not None and not item.when(facts)):
+        if then is None or not _holds(item.when, facts, unknown=True):
             continue
         ref = item.ref
         applied.append(ref)
@@ -329,14 +344,14 @@ def decide(
                 replacement = (
                     (subject.handler_ref if handler else subject.pseudonym) if subject else None
                 ) or REDACTED
-                redactions[value.path] = Redaction(value.path, replacement, ref)
+                redactions[value.path] = Redaction(value.path, replacement, ref, handler)
     facts["message.level"], facts["message.tlp"] = level, tlp
     facts["message.handling_codes"] = frozenset(handling)
     refusals: list[Refusal] = []
     for item in compiled:
-        if item.require is None or (item.when is not None and not item.when(facts)):
+        if item.require is None or not _holds(item.when, facts, unknown=True):
             continue
-        if not item.require(facts):
+        if not _holds(item.require, facts, unknown=False):
             rule = item.rule
             missing = missing_facts(rule.require or {}, facts)
             reason = rule.reason + (f" (missing: {', '.join(missing)})" if missing else "")
@@ -350,8 +365,8 @@ def decide(
         level=level,
         tlp=tlp,
         handling_codes=tuple(sorted(handling)),
-        agreement_version=agreement.version,
-        agreement_digest=agreement.digest,
+        agreement_version=policy.version,
+        agreement_digest=policy.digest,
         applied=tuple(applied),
     )
 

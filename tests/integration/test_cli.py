@@ -284,3 +284,14 @@ def test_audit_keys_prints_the_note_verifier_keys_the_agreement_pins(tmp_path: P
     (tmp_path / "wrong.toml").write_text(tomli_w.dumps(data))
     one_line_error(run("agreement", "check", str(tmp_path / "wrong.toml")), 2, "not the note key")
     one_line_error(run("audit", "keys"), 2, "--agreement")
+
+
+def test_retention_run_and_overdue_requests_from_the_cli(pair) -> None:  # type: ignore[no-untyped-def]
+    id_dir, _ = pair
+    first = run("retention", "run", "--dir", str(id_dir.path))
+    assert first.returncode == 0, first.stderr
+    assert "destroyed the content of 0 message(s)" in first.stdout
+    overdue = run("requests", "overdue", "--dir", str(id_dir.path))
+    assert overdue.returncode == 0, overdue.stderr
+    assert "no overdue requests" in overdue.stdout
+    one_line_error(run("retention", "run", "--dir", str(id_dir.path / "nowhere")), 2, "nowhere")

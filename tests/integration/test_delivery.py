@@ -68,6 +68,7 @@ def padded_payload(size: int) -> dict[str, object]:
         content = "QUJD" * (min(chunk, size - i) // 4)
         items.append(
             {
+                "subject": "SUS-001",
                 "description": f"photograph {i // chunk}",
                 "kind": "PHOTOGRAPH",
                 "sha256": "a" * 64,
@@ -79,7 +80,11 @@ def padded_payload(size: int) -> dict[str, object]:
 
 def evidence(size: int) -> dict[str, object]:
     """A valid EVIDENCE_TRANSFER submission of about ``size`` bytes of evidence."""
-    return rfi(type="EVIDENCE_TRANSFER", payload=padded_payload(size))
+    return rfi(
+        type="EVIDENCE_TRANSFER",
+        data_subjects=[{"pseudonym": "SUS-001", "role": "SUSPECT"}],
+        payload=padded_payload(size),
+    )
 
 
 def padded(size: int) -> MessageSubmission:

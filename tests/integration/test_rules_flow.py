@@ -12,7 +12,7 @@ import pytest
 
 from exchange.auditing import AuditService, EntryFilter
 from exchange.db import repo
-from exchange.errors import NotFound, PolicyRefusal
+from exchange.errors import InvalidInput, NotFound, PolicyRefusal
 from exchange.messages import MessageSubmission
 from exchange.node import Node
 from exchange.policy import Actor
@@ -379,3 +379,110 @@ def test_identities_appear_in_no_ledger_leaf_log_line_row_or_audit_answer(  # ty
     # the informant's identity never left Indonesia: replaced by the handler reference before sealing
     (received,) = my_node.inbox(actor(my_node, my_dir, "pdrm-cp"), 0, 1, now()).items
     assert received["payload"]["victims"][1]["names"] == ["HDL-0042"]
+
+
+# --- findings of the adversarial review, each performed -------------------------------------------------
+
+
+def test_a_reply_is_released_only_to_the_unit_that_asked(pair) -> None:  # type: ignore[no-untyped-def]
+    id_dir, my_dir, id_node, my_node = pair
+    asker = actor(id_node, id_dir, "polri-cms")  # unit TPPO
+    other = client(id_node, id_dir, "polri-analysis", "RAHASIA", "--unit", "ANALYSIS")
+    request = submit(id_node, asker, rfi())
+    deliver(id_node, my_node)
+    submit(my_node, actor(my_node, my_dir, "pdrm-d7"), response_to(request["id"]))
+    deliver(my_node, id_node)
+    assert id_node.inbox(other, 0, 10, now()).items == []
+    (answer,) = id_node.inbox(asker, 0, 10, now()).items
+    assert answer["in_reply_to"] == request["id"]
+
+
+def test_a_hostile_checkpoint_note_or_a_failing_envelope_never_aborts_the_batch(pair, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    _id_dir, _my_dir, id_node, my_node = pair
+    hostile = signed_message(id_node, now(), "ID-node/ledger\n\u00b2\nAAAA\n\n\u2014 x y\n")
+    results = my_node.receive(
+        [signed_message(id_node, now()), hostile, signed_message(id_node, now())], now()
+    )
+    assert [r.accepted for r in results] == [True, True, True]  # the note is an incident, not a crash
+    with my_node.db.read() as conn:
+        assert [e.data["reason"] for e in repo.iter_ledger(conn) if e.event == "checkpoint.incident"] == [
+            "invalid"
+        ]
+    seal = my_node.content.seal
+    doomed = signed_message(id_node, now(), case_ref="ID-MY/2026/0666")
+
+    def failing(row: dict[str, Any], signed: str) -> dict[str, Any]:
+        if row["case_ref"] == "ID-MY/2026/0666":
+            raise RuntimeError("disk trouble for this one")
+        return dict(seal(row, signed))
+
+    monkeypatch.setattr(my_node.content, "seal", failing)
+    results = my_node.receive([signed_message(id_node, now()), doomed, signed_message(id_node, now())], now())
+    assert [r.accepted for r in results] == [True, False, True]
+    assert "internal" in [r["reason"] for r in _rejections(my_node)]
+
+
+def test_an_unreadable_stored_message_is_refused_alone_and_the_inbox_goes_on(pair) -> None:  # type: ignore[no-untyped-def]
+    _id_dir, my_dir, id_node, my_node = pair
+    my_node.receive([signed_message(id_node, now()) for _ in range(3)], now())
+    with my_node.db.transaction() as conn:
+        first, second, _ = repo.inbound_after(conn, 0, 10)
+        repo.update_message(conn, first["id"], content=second["content"])  # another message's content
+    page = my_node.inbox(actor(my_node, my_dir, "pdrm-d7"), 0, 10, now())
+    assert [i["id"] for i in page.items] == [second["id"], _["id"]]
+    assert page.next_cursor == _["inbox_seq"]
+    with my_node.db.read() as conn:
+        refused = [e for e in repo.iter_ledger(conn) if e.event == "release.refused"]
+    assert [(e.message_id, e.data["reason"]) for e in refused] == [(first["id"], "unreadable")]
+
+
+def test_personal_data_of_no_listed_subject_is_refused_on_submit(pair) -> None:  # type: ignore[no-untyped-def]
+    id_dir, _my_dir, id_node, _my_node = pair
+    informant = {"pseudonym": "INF-0001", "role": "INFORMANT", "handler_ref": "HDL-0042"}
+    typo = rfi(
+        data_subjects=[informant],
+        payload={
+            "summary": "s",
+            "questions": ["q"],
+            "persons": [{"subject": "INF-001", "names": ["Informant Name"]}],
+        },
+    )
+    with pytest.raises(InvalidInput) as info:
+        submit(id_node, actor(id_node, id_dir, "polri-cms"), typo)
+    assert [e.field for e in info.value.errors] == ["payload/persons/0/names"]
+
+
+def test_one_inbox_pull_examines_a_bounded_number_of_messages(pair) -> None:  # type: ignore[no-untyped-def]
+    _id_dir, my_dir, id_node, my_node = pair
+    my_node.receive(
+        [signed_message(id_node, now(), tlp="RED", recipients=["someone"]) for _ in range(10)], now()
+    )
+    my_node.settings = my_node.settings.model_copy(update={"inbox_scan_max": 4})
+    stranger = client(my_node, my_dir, "pdrm-stranger", "RAHSIA")
+    page = my_node.inbox(stranger, 0, 1, now())
+    with my_node.db.read() as conn:
+        fourth = repo.inbound_after(conn, 0, 10)[3]
+    assert (page.items, page.next_cursor) == ([], fourth["inbox_seq"])
+    with my_node.db.read() as conn:
+        assert sum(e.event == "release.refused" for e in repo.iter_ledger(conn)) == 4
+
+
+def test_an_informant_s_identity_arriving_in_clear_is_a_policy_incident(pair) -> None:  # type: ignore[no-untyped-def]
+    _id_dir, _my_dir, id_node, my_node = pair
+    informant = {"pseudonym": "INF-0001", "role": "INFORMANT", "handler_ref": "HDL-0042"}
+    careless = signed_message(
+        id_node,
+        now(),
+        classification={"scheme": "POLRI", "level": "RAHASIA"},
+        data_subjects=[informant],
+        payload={
+            "summary": "s",
+            "questions": ["q"],
+            "persons": [{"subject": "INF-0001", "names": ["Informant Name"]}],
+        },
+    )
+    assert my_node.receive([careless], now())[0].accepted
+    with my_node.db.read() as conn:
+        (incident,) = [e for e in repo.iter_ledger(conn) if e.event == "policy.incident"]
+    assert incident.data["unreplaced_identities"] == ["payload/persons/0/names"]
+    assert "Informant Name" not in incident.leaf.decode()

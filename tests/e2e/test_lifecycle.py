@@ -1,0 +1,137 @@
+"""After delivery, between two real nodes over mutual TLS through the public API: the consent round
+trip (refused, asked, granted, released, refused for another recipient, revoked), reclassification,
+and return-or-destroy answered 410 with its certificate ledgered by the originator."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from exchange.client import ExchangeClient
+from tests.e2e.harness import Running
+from tests.support import register_client, rfi
+
+pytestmark = pytest.mark.e2e
+
+
+def until(check: Any, timeout: float = 20) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(0.05)
+
+
+def events(node: Running) -> list[str]:
+    engine = node.db()
+    with engine.connect() as conn:
+        found = [r[0] for r in conn.execute(sa.text("select event from ledger_entries order by seq"))]
+    engine.dispose()
+    return found
+
+
+def delivered(api: ExchangeClient, message: dict[str, Any]) -> dict[str, Any]:
+    return api.wait_for_status(message["id"], "delivered")
+
+
+def test_consent_round_trip_and_onward_release(nodes: tuple[Running, Running]) -> None:
+    polri, pdrm = nodes
+    boss = register_client(polri.node, "polri-supervisor", "RAHASIA", "--role", "SUPERVISOR")
+    with polri.client() as sender:
+        original = sender.submit(rfi(handling_codes=["H2"], case_ref="ID-MY/2026/0901"))
+        delivered(sender, original)
+    release = {"recipient": "INTERPOL", "purposes": ["TIP_INVESTIGATION"]}
+    with pdrm.client() as reader:
+        refused = reader.request("POST", f"/v1/messages/{original['id']}/releases", json=release)
+        assert refused.status_code == 403
+        assert {"R-H2-ONWARD", "R-ONWARD-CONSENT"} <= {v["rule"] for v in refused.json()["violations"]}
+        asked = reader.request(
+            "POST",
+            f"/v1/messages/{original['id']}/consent-requests",
+            json={**release, "justification": "an Interpol red notice for the recruiter"},
+        )
+        assert asked.status_code == 201
+        request_id = asked.json()["id"]
+    with polri.client(boss) as decider:
+        pending = until(
+            lambda: decider.request("GET", "/v1/consent-requests", params={"status": "pending"}).json()[
+                "items"
+            ]
+        )
+        assert [(p["id"], p["recipient"]) for p in pending] == [(request_id, "INTERPOL")]
+        expires = (dt.datetime.now(dt.UTC) + dt.timedelta(days=7)).isoformat()
+        granted = decider.request(
+            "POST",
+            f"/v1/consent-requests/{request_id}/decision",
+            json={"decision": "GRANTED", "expires_at": expires, "conditions": "red notice only"},
+        )
+        assert granted.status_code == 200
+    with pdrm.client() as reader:
+        ok = until(
+            lambda: (
+                (
+                    r := reader.request("POST", f"/v1/messages/{original['id']}/releases", json=release)
+                ).status_code
+                == 200
+                and r
+            )
+        )
+        assert ok.json()["released_to"] == "INTERPOL"
+        other = reader.request(
+            "POST", f"/v1/messages/{original['id']}/releases", json={**release, "recipient": "ASEANAPOL"}
+        )
+        assert other.status_code == 403
+    with polri.client(boss) as decider:
+        assert decider.request("POST", f"/v1/consent-requests/{request_id}/revocation").status_code == 200
+    with pdrm.client() as reader:
+        until(
+            lambda: (
+                reader.request("POST", f"/v1/messages/{original['id']}/releases", json=release).status_code
+                == 403
+            )
+        )
+    until(lambda: "message.released_onward" in events(polri))
+    assert {"consent.requested", "consent.decided"} <= set(events(polri)) & set(events(pdrm))
+
+
+def test_reclassification_and_return_or_destroy(nodes: tuple[Running, Running]) -> None:
+    polri, pdrm = nodes
+    with polri.client() as sender:
+        message = sender.submit(rfi(case_ref="ID-MY/2026/0902"))
+        delivered(sender, message)
+        lowered = sender.request(
+            "POST",
+            f"/v1/messages/{message['id']}/reclassification",
+            json={"level": "TERBATAS", "reason": "the operation ended"},
+        )
+        assert lowered.status_code == 200
+    with pdrm.client() as reader:
+        until(lambda: reader.status(message["id"])["classification"]["level"] == "TERBATAS")
+        assert reader.request("GET", f"/v1/messages/{message['id']}/content").status_code == 200
+    with polri.client() as sender:
+        asked = sender.request(
+            "POST",
+            f"/v1/messages/{message['id']}/return-or-destroy",
+            json={"reason": "the source withdrew consent"},
+        )
+        assert asked.status_code == 202
+    with pdrm.client() as reader:
+        gone = until(
+            lambda: (
+                (r := reader.request("GET", f"/v1/messages/{message['id']}/content")).status_code == 410 and r
+            )
+        )
+        problem = gone.json()
+        assert problem["type"].endswith("/destroyed")
+        assert "the source withdrew consent" in problem["reason"]
+        assert problem["destroyed_at"]
+    until(lambda: "destruction.certified" in events(polri))
+    with polri.client() as sender:  # the sender still reads what it sent
+        assert sender.request("GET", f"/v1/messages/{message['id']}/content").status_code == 200

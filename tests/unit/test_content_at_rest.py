@@ -1,0 +1,89 @@
+"""Content at rest and its key-encryption keys: the pure at-rest format (wrong associated data, wrong
+KEK, re-wrap) and the KEK files (owner-only, destroyed for good, ids never reused)."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+from joserfc.jwk import OctKey
+
+from exchange.envelope.at_rest import kek_id_of, metadata_digest, open_at_rest, rewrap, seal_at_rest
+from exchange.errors import ContentUnavailable, KeyManagementError
+from exchange.keys.kek import KekStore
+
+SIGNED = "eyJhbGciOiJFZERTQSJ9.eyJtc2ciOiJ0ZXN0In0.c2lnbmF0dXJl"  # any compact JWS: opaque here
+ROW = {
+    "id": "m-1",
+    "type": "REQUEST_FOR_INFORMATION",
+    "sender": "ID",
+    "recipient": "MY",
+    "case_ref": "ID-MY/2026/1",
+    "thread_id": "m-1",
+    "created_at": "2026-11-23T10:00:00+00:00",
+    "envelope_sha256": "ab" * 32,
+}
+
+
+def kek(kid: str = "kek-2031-11-1") -> OctKey:
+    return OctKey.generate_key(256, {"kid": kid})
+
+
+def test_content_opens_only_for_its_message_metadata_and_kek() -> None:
+    key = kek()
+    meta = metadata_digest(ROW)
+    stored = seal_at_rest(SIGNED, message_id="m-1", meta=meta, kek=key)
+    assert kek_id_of(stored) == "kek-2031-11-1"
+    assert open_at_rest(stored, message_id="m-1", meta=meta, kek=lambda _kid: key) == SIGNED
+    with pytest.raises(ContentUnavailable, match="another message"):  # moved to another row
+        open_at_rest(stored, message_id="m-2", meta=meta, kek=lambda _kid: key)
+    edited = metadata_digest({**ROW, "case_ref": "ID-MY/2026/2"})
+    with pytest.raises(ContentUnavailable, match="metadata changed"):  # the row's metadata edited
+        open_at_rest(stored, message_id="m-1", meta=edited, kek=lambda _kid: key)
+    with pytest.raises(ContentUnavailable, match="does not decrypt"):  # another KEK
+        open_at_rest(stored, message_id="m-1", meta=meta, kek=lambda _kid: kek())
+
+
+def test_a_header_swapped_for_another_message_s_does_not_open() -> None:
+    key = kek()
+    one = seal_at_rest(SIGNED, message_id="m-1", meta="a" * 64, kek=key)
+    two = seal_at_rest(SIGNED, message_id="m-2", meta="b" * 64, kek=key)
+    forged = ".".join([two.split(".")[0], *one.split(".")[1:]])  # m-2's header on m-1's ciphertext
+    with pytest.raises(ContentUnavailable):
+        open_at_rest(forged, message_id="m-2", meta="b" * 64, kek=lambda _kid: key)
+
+
+def test_rewrap_moves_content_to_a_new_kek_and_the_old_one_no_longer_opens_it() -> None:
+    old, new = kek("kek-2031-11-1"), kek("kek-2031-11-2")
+    stored = seal_at_rest(SIGNED, message_id="m-1", meta="c" * 64, kek=old)
+    moved = rewrap(stored, message_id="m-1", meta="c" * 64, old=lambda _kid: old, new=new)
+    assert kek_id_of(moved) == "kek-2031-11-2"
+    assert open_at_rest(moved, message_id="m-1", meta="c" * 64, kek=lambda _kid: new) == SIGNED
+    with pytest.raises(ContentUnavailable):
+        open_at_rest(moved, message_id="m-1", meta="c" * 64, kek=lambda _kid: old)
+
+
+def test_kek_files_are_owner_only_destroyed_for_good_and_ids_never_reused(tmp_path: Path) -> None:
+    store = KekStore(tmp_path / "kek", "a-long-enough-passphrase")
+    first = store.live("2031-11")
+    assert store.live("2031-11").kid == first.kid  # one live KEK per period
+    for path in (tmp_path / "kek").iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    stored = seal_at_rest(SIGNED, message_id="m-1", meta="d" * 64, kek=first)
+    assert open_at_rest(stored, message_id="m-1", meta="d" * 64, kek=store.get) == SIGNED
+    assert store.destroy(str(first.kid))
+    assert not store.destroy(str(first.kid))  # idempotent
+    with pytest.raises(ContentUnavailable, match="destroyed"):
+        open_at_rest(stored, message_id="m-1", meta="d" * 64, kek=store.get)
+    again = KekStore(tmp_path / "kek", "a-long-enough-passphrase")  # another process: no cache
+    with pytest.raises(ContentUnavailable, match="destroyed"):
+        again.get(str(first.kid))
+    assert again.live("2031-11").kid == "kek-2031-11-2"  # a new key, never the destroyed one's id
+
+
+def test_a_wrong_passphrase_cannot_open_the_kek_files(tmp_path: Path) -> None:
+    KekStore(tmp_path / "kek", "a-long-enough-passphrase").live("2031-11")
+    intruder = KekStore(tmp_path / "kek", "another-long-passphrase")
+    with pytest.raises(KeyManagementError):
+        intruder.get("kek-2031-11-1")
