@@ -41,64 +41,74 @@ def delivered(api: ExchangeClient, message: dict[str, Any]) -> dict[str, Any]:
     return api.wait_for_status(message["id"], "delivered")
 
 
-def test_consent_round_trip_and_onward_release(nodes: tuple[Running, Running]) -> None:
+def _grant(decider: ExchangeClient, request_id: str, expires: dt.datetime) -> None:
+    granted = decider.request(
+        "POST",
+        f"/v1/consent-requests/{request_id}/decision",
+        json={"decision": "GRANTED", "expires_at": expires.isoformat(), "conditions": "red notice only"},
+    )
+    assert granted.status_code == 200, granted.text
+
+
+def _ask(reader: ExchangeClient, message_id: str, release: dict[str, Any]) -> str:
+    asked = reader.request(
+        "POST",
+        f"/v1/messages/{message_id}/consent-requests",
+        json={**release, "justification": "an Interpol red notice for the recruiter"},
+    )
+    assert asked.status_code == 201, asked.text
+    return str(asked.json()["id"])
+
+
+@pytest.mark.parametrize("originator", ["ID", "MY"])
+def test_consent_round_trip_both_ways(nodes: tuple[Running, Running], originator: str) -> None:
     polri, pdrm = nodes
-    boss = register_client(polri.node, "polri-supervisor", "RAHASIA", "--role", "SUPERVISOR")
-    with polri.client() as sender:
-        original = sender.submit(rfi(handling_codes=["H2"], case_ref="ID-MY/2026/0901"))
+    origin, receiver = (polri, pdrm) if originator == "ID" else (pdrm, polri)
+    clearance = "RAHASIA" if originator == "ID" else "RAHSIA"
+    boss = register_client(origin.node, f"{originator.lower()}-supervisor", clearance, "--role", "SUPERVISOR")
+    body = rfi(handling_codes=["H2"], case_ref=f"ID-MY/2026/09{originator}")
+    if originator == "MY":
+        body["classification"] = {"scheme": "ARAHAN", "level": "SULIT"}
+    with origin.client() as sender:
+        original = sender.submit(body)
         delivered(sender, original)
     release = {"recipient": "INTERPOL", "purposes": ["TIP_INVESTIGATION"]}
-    with pdrm.client() as reader:
-        refused = reader.request("POST", f"/v1/messages/{original['id']}/releases", json=release)
+    path = f"/v1/messages/{original['id']}/releases"
+    with receiver.client() as reader:
+        refused = reader.request("POST", path, json=release)
         assert refused.status_code == 403
         assert {"R-H2-ONWARD", "R-ONWARD-CONSENT"} <= {v["rule"] for v in refused.json()["violations"]}
-        asked = reader.request(
-            "POST",
-            f"/v1/messages/{original['id']}/consent-requests",
-            json={**release, "justification": "an Interpol red notice for the recruiter"},
-        )
-        assert asked.status_code == 201
-        request_id = asked.json()["id"]
-    with polri.client(boss) as decider:
+        short = _ask(reader, original["id"], release)
+    with origin.client(boss) as decider:
         pending = until(
             lambda: decider.request("GET", "/v1/consent-requests", params={"status": "pending"}).json()[
                 "items"
             ]
         )
-        assert [(p["id"], p["recipient"]) for p in pending] == [(request_id, "INTERPOL")]
-        expires = (dt.datetime.now(dt.UTC) + dt.timedelta(days=7)).isoformat()
-        granted = decider.request(
-            "POST",
-            f"/v1/consent-requests/{request_id}/decision",
-            json={"decision": "GRANTED", "expires_at": expires, "conditions": "red notice only"},
-        )
-        assert granted.status_code == 200
-    with pdrm.client() as reader:
-        ok = until(
-            lambda: (
-                (
-                    r := reader.request("POST", f"/v1/messages/{original['id']}/releases", json=release)
-                ).status_code
-                == 200
-                and r
-            )
-        )
+        assert [(p["id"], p["recipient"]) for p in pending] == [(short, "INTERPOL")]
+        _grant(decider, short, dt.datetime.now(dt.UTC) + dt.timedelta(seconds=3))
+    with receiver.client() as reader:
+        ok = until(lambda: (r := reader.request("POST", path, json=release)).status_code == 200 and r)
         assert ok.json()["released_to"] == "INTERPOL"
-        other = reader.request(
-            "POST", f"/v1/messages/{original['id']}/releases", json={**release, "recipient": "ASEANAPOL"}
-        )
-        assert other.status_code == 403
-    with polri.client(boss) as decider:
-        assert decider.request("POST", f"/v1/consent-requests/{request_id}/revocation").status_code == 200
-    with pdrm.client() as reader:
+        other = reader.request("POST", path, json={**release, "recipient": "ASEANAPOL"})
+        assert other.status_code == 403  # a recipient the consent does not name
+        until(lambda: reader.request("POST", path, json=release).status_code == 403)  # expired
+        lasting = _ask(reader, original["id"], release)
+    with origin.client(boss) as decider:
         until(
-            lambda: (
-                reader.request("POST", f"/v1/messages/{original['id']}/releases", json=release).status_code
-                == 403
-            )
+            lambda: decider.request("GET", "/v1/consent-requests", params={"status": "pending"}).json()[
+                "items"
+            ]
         )
-    until(lambda: "message.released_onward" in events(polri))
-    assert {"consent.requested", "consent.decided"} <= set(events(polri)) & set(events(pdrm))
+        _grant(decider, lasting, dt.datetime.now(dt.UTC) + dt.timedelta(days=7))
+    with receiver.client() as reader:
+        until(lambda: reader.request("POST", path, json=release).status_code == 200)
+    with origin.client(boss) as decider:
+        assert decider.request("POST", f"/v1/consent-requests/{lasting}/revocation").status_code == 200
+    with receiver.client() as reader:
+        until(lambda: reader.request("POST", path, json=release).status_code == 403)  # revoked
+    until(lambda: "message.released_onward" in events(origin))
+    assert {"consent.requested", "consent.decided"} <= set(events(origin)) & set(events(receiver))
 
 
 def test_reclassification_and_return_or_destroy(nodes: tuple[Running, Running]) -> None:

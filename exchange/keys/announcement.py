@@ -1,0 +1,253 @@
+"""A node's public key set and the announcements that change it, in the manner of TUF's root
+rotation. Pure: documents, keys and an explicit ``now`` in, a value or an exception out.
+
+A key set lists every key of a party with its purpose (signing, encryption, checkpoint), state
+(next, active, retiring, retired, revoked), validity and revocation time; it has a version, an
+expiry, and the SHA-256 of the previous announcement (so versions cannot be mixed and matched). An
+announcement is the key set's RFC 8785 JSON signed as a JWS in the general JSON serialization, one
+signature per signing key.
+
+:func:`accept` takes version N+1 on top of a trusted version N only if: it is for the same party;
+its version is exactly N+1 (no rollback, no replay, no skipped version: a node several versions behind
+walks every version in order with :func:`walk`); it names the digest of N's announcement; it is
+unexpired at the one evaluation time given; and it is signed by N's active signing key and by the new
+set's active signing key (proof of possession), each key counted once, a second signature by the same
+key refused. :func:`key_in_force` judges a signature by the key set in force when it was made: a
+revoked key is trusted only for what it signed before its revocation time.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from joserfc import jws
+from joserfc.errors import JoseError
+from joserfc.jwk import KeySet as JWKSet
+from joserfc.jwk import OKPKey
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from exchange.canonical import canonical_json, sha256_hex
+from exchange.errors import KeyManagementError
+
+KEY_SET_FORMAT = "exchange-key-set/1"
+ANNOUNCEMENT_TYP = "exchange-key-set+jws"
+_JWS = jws.JWSRegistry(algorithms=["EdDSA"])
+Purpose = Literal["signing", "encryption", "checkpoint"]
+State = Literal["next", "active", "retiring", "retired", "revoked"]
+
+
+class AnnouncementRejected(KeyManagementError):
+    """A key-set announcement that is not accepted; ``reason`` is a short code for the ledger."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+class PublicKey(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kty: Literal["OKP"]
+    crv: Literal["Ed25519", "X25519"]
+    x: str = Field(min_length=43, max_length=43)
+
+
+class KeyEntry(BaseModel):
+    """One key of a party and where it stands."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kid: str = Field(min_length=1, max_length=128)
+    purpose: Purpose
+    state: State
+    jwk: PublicKey
+    valid_from: dt.datetime
+    valid_until: dt.datetime | None = None
+    revoked_at: dt.datetime | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> KeyEntry:
+        if (self.state == "revoked") != (self.revoked_at is not None):
+            raise ValueError(f"key {self.kid}: a revoked key, and only one, has a revocation time")
+        wanted = "X25519" if self.purpose == "encryption" else "Ed25519"
+        if self.jwk.crv != wanted:
+            raise ValueError(f"key {self.kid}: a {self.purpose} key is {wanted}")
+        return self
+
+    def okp(self) -> OKPKey:
+        return OKPKey.import_key({**self.jwk.model_dump(), "kid": self.kid})
+
+
+class KeySet(BaseModel):
+    """A party's public keys at one version."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: Literal["exchange-key-set/1"] = "exchange-key-set/1"
+    party: str
+    version: int = Field(ge=1)
+    issued_at: dt.datetime
+    expires_at: dt.datetime
+    previous: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    keys: tuple[KeyEntry, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _one_active_each(self) -> KeySet:
+        kids = [k.kid for k in self.keys]
+        if len(set(kids)) != len(kids):
+            raise ValueError("a key id is listed twice")
+        for purpose in ("signing", "encryption", "checkpoint"):
+            if sum(k.purpose == purpose and k.state == "active" for k in self.keys) != 1:
+                raise ValueError(f"exactly one active {purpose} key")
+        if (self.version == 1) != (self.previous is None):
+            raise ValueError("version 1, and only it, has no previous announcement")
+        return self
+
+    def active(self, purpose: Purpose) -> KeyEntry:
+        return next(k for k in self.keys if k.purpose == purpose and k.state == "active")
+
+    def key(self, kid: str) -> KeyEntry | None:
+        return next((k for k in self.keys if k.kid == kid), None)
+
+
+@dataclass(frozen=True)
+class Trusted:
+    """A key set this node trusts, with the digest of the announcement that carried it."""
+
+    key_set: KeySet
+    digest: str
+
+
+def announce(key_set: KeySet, signers: Sequence[OKPKey]) -> str:
+    """The announcement of ``key_set`` signed by each of ``signers`` (JWS general JSON)."""
+    payload = canonical_json(key_set.model_dump(mode="json", exclude_none=True))
+    members: list[Any] = [
+        {"protected": {"alg": "EdDSA", "kid": k.kid, "typ": ANNOUNCEMENT_TYP}} for k in signers
+    ]
+    signed = jws.serialize_json(members, payload, JWKSet(list(signers)), registry=_JWS)
+    return json.dumps(signed, sort_keys=True)
+
+
+def announcement_digest(announcement: str) -> str:
+    return sha256_hex(announcement)
+
+
+def _signers(announcement: str, keys: dict[str, OKPKey]) -> tuple[KeySet, list[str]]:
+    """The key set an announcement carries and the kids of ``keys`` whose signature verifies.
+
+    Raises AnnouncementRejected: not a general JWS of a key set, or a key that signed twice.
+    """
+    try:
+        document = json.loads(announcement)
+        signatures = document["signatures"]
+        payload = document["payload"]
+        if not isinstance(signatures, list) or not isinstance(payload, str):
+            raise TypeError("signatures and payload")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise AnnouncementRejected("malformed", "not a JWS in the general JSON serialization") from exc
+    verified: list[str] = []
+    seen: set[str] = set()
+    for member in signatures:
+        try:
+            flattened: Any = {
+                "payload": payload,
+                "protected": member["protected"],
+                "signature": member["signature"],
+            }
+            header = json.loads(_b64decode(member["protected"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise AnnouncementRejected("malformed", "a signature without its protected header") from exc
+        kid = header.get("kid")
+        if not isinstance(kid, str):
+            raise AnnouncementRejected("malformed", "a signature names no key")
+        if kid in seen:
+            raise AnnouncementRejected("duplicate-signature", f"key {kid} signed twice")
+        seen.add(kid)
+        key = keys.get(kid)
+        if key is None:
+            continue  # a signature by a key we do not know counts for nothing
+        try:
+            jws.deserialize_json(flattened, key, registry=_JWS)
+        except (JoseError, ValueError):
+            continue
+        verified.append(kid)
+    try:
+        key_set = KeySet.model_validate_json(_b64decode(payload))
+    except (ValidationError, ValueError) as exc:
+        raise AnnouncementRejected("malformed", "the payload is not a key set") from exc
+    if canonical_json(key_set.model_dump(mode="json", exclude_none=True)) != _b64decode(payload):
+        raise AnnouncementRejected("malformed", "the payload is not its RFC 8785 form")
+    return key_set, verified
+
+
+def _b64decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def accept(trusted: Trusted, announcement: str, now: dt.datetime) -> Trusted:
+    """Version N+1 on top of the trusted version N (see the module docstring).
+
+    Raises:
+        AnnouncementRejected: ``malformed``, ``wrong-party``, ``rollback``, ``replay``,
+            ``skipped-version``, ``mix-and-match``, ``expired``, ``duplicate-signature``,
+            ``missing-old-signature`` or ``missing-new-signature``.
+    """
+    old = trusted.key_set
+    candidates = {k.kid: k.okp() for k in old.keys if k.purpose == "signing"}
+    key_set, _ = _signers(announcement, {})  # parse first, to learn the new signing key
+    candidates.update({k.kid: k.okp() for k in key_set.keys if k.purpose == "signing"})
+    key_set, verified = _signers(announcement, candidates)
+    if key_set.party != old.party:
+        raise AnnouncementRejected("wrong-party", f"{key_set.party} is not {old.party}")
+    if key_set.version < old.version:
+        raise AnnouncementRejected("rollback", f"version {key_set.version} after {old.version}")
+    if key_set.version == old.version:
+        raise AnnouncementRejected("replay", f"version {key_set.version} again")
+    if key_set.version > old.version + 1:
+        raise AnnouncementRejected("skipped-version", f"version {key_set.version} after {old.version}")
+    if key_set.previous != trusted.digest:
+        raise AnnouncementRejected("mix-and-match", "it does not name the announcement trusted before it")
+    if key_set.expires_at <= now:
+        raise AnnouncementRejected("expired", f"expired at {key_set.expires_at.isoformat()}")
+    if old.active("signing").kid not in verified:
+        raise AnnouncementRejected(
+            "missing-old-signature", "not signed by the active signing key of the last version"
+        )
+    if key_set.active("signing").kid not in verified:
+        raise AnnouncementRejected("missing-new-signature", "not signed by its own active signing key")
+    return Trusted(key_set, announcement_digest(announcement))
+
+
+def walk(trusted: Trusted, announcements: Sequence[str], now: dt.datetime) -> list[Trusted]:
+    """Every version from the trusted one on, each accepted on top of the last.
+
+    Raises:
+        AnnouncementRejected: at the first version that is not accepted.
+    """
+    history = [trusted]
+    for announcement in announcements:
+        history.append(accept(history[-1], announcement, now))
+    return history
+
+
+def key_in_force(history: Sequence[KeySet], kid: str, signed_at: dt.datetime) -> KeyEntry | None:
+    """The key ``kid`` as the key set in force at ``signed_at`` has it, if it was trusted for what it
+    signed then: listed, not revoked before that time (in any later version), and valid then."""
+    in_force = [s for s in history if s.issued_at <= signed_at]
+    if not in_force:
+        return None
+    entry = in_force[-1].key(kid)
+    if entry is None or entry.state in ("next",) or signed_at < entry.valid_from:
+        return None
+    if entry.valid_until is not None and signed_at >= entry.valid_until:
+        return None
+    for later in history:
+        revoked = later.key(kid)
+        if revoked is not None and revoked.revoked_at is not None and revoked.revoked_at <= signed_at:
+            return None
+    return entry

@@ -1,0 +1,177 @@
+"""Key-set announcements, TUF style: every acceptance rule is a row of a table, and a revoked key is
+trusted only for what it signed before its revocation."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+from joserfc.jwk import OKPKey
+
+from exchange import crypto
+from exchange.keys.announcement import (
+    AnnouncementRejected,
+    KeyEntry,
+    KeySet,
+    Trusted,
+    accept,
+    announce,
+    announcement_digest,
+    key_in_force,
+    walk,
+)
+
+T0 = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
+NOW = dt.datetime(2026, 11, 23, tzinfo=dt.UTC)
+
+
+def signing_key(name: str) -> OKPKey:
+    return crypto.private_jwk(crypto.new_message_key("sig"), name)
+
+
+def entry(key: OKPKey, purpose: str, state: str, **extra: object) -> KeyEntry:
+    public = crypto.public_jwk_dict(key)
+    return KeyEntry.model_validate(
+        {
+            "kid": key.kid,
+            "purpose": purpose,
+            "state": state,
+            "valid_from": T0,
+            "jwk": {k: public[k] for k in ("kty", "crv", "x")},
+            **extra,
+        }
+    )
+
+
+@dataclass
+class Chain:
+    """Versions 1..n of a party's key set, signing key rotated at every version."""
+
+    signers: list[OKPKey] = field(default_factory=list)
+    sets: list[KeySet] = field(default_factory=list)
+    announcements: list[str] = field(default_factory=list)
+    enc: OKPKey = field(default_factory=lambda: crypto.private_jwk(crypto.new_message_key("enc"), "enc-1"))
+    ckpt: OKPKey = field(default_factory=lambda: signing_key("ckpt-1"))
+
+    def key_set(
+        self,
+        version: int,
+        *,
+        previous: str | None,
+        extra: tuple[KeyEntry, ...] = (),
+        expires: dt.datetime = NOW + dt.timedelta(days=365),
+        party: str = "ID",
+    ) -> KeySet:
+        keys = [entry(k, "signing", "retired") for k in self.signers[:-1]]
+        keys.append(entry(self.signers[-1], "signing", "active"))
+        keys += [entry(self.enc, "encryption", "active"), entry(self.ckpt, "checkpoint", "active"), *extra]
+        return KeySet(
+            party=party,
+            version=version,
+            issued_at=T0 + dt.timedelta(days=version),
+            expires_at=expires,
+            previous=previous,
+            keys=tuple(keys),
+        )
+
+    def grow(self, n: int) -> Chain:
+        for version in range(1, n + 1):
+            self.signers.append(signing_key(f"sig-{version}"))
+            previous = announcement_digest(self.announcements[-1]) if self.announcements else None
+            key_set = self.key_set(version, previous=previous)
+            signers = [self.signers[-1]] + ([self.signers[-2]] if version > 1 else [])
+            self.sets.append(key_set)
+            self.announcements.append(announce(key_set, signers))
+        return self
+
+    def trusted(self, version: int = 1) -> Trusted:
+        return Trusted(self.sets[version - 1], announcement_digest(self.announcements[version - 1]))
+
+
+def next_version(chain: Chain, **kwargs: object) -> tuple[KeySet, OKPKey, OKPKey]:
+    """Version n+1 with a new signing key: (its key set, the old signing key, the new one)."""
+    old = chain.signers[-1]
+    new = signing_key(f"sig-{len(chain.signers) + 1}")
+    chain.signers.append(new)
+    defaults: dict[str, object] = {"previous": announcement_digest(chain.announcements[-1])}
+    defaults.update(kwargs)
+    version = int(defaults.pop("version", len(chain.sets) + 1))  # type: ignore[call-overload]
+    key_set = chain.key_set(version, **defaults)  # type: ignore[arg-type]
+    return key_set, old, new
+
+
+def signed(by: str, **kwargs: object) -> Callable[[Chain], str]:
+    """Version n+1 signed by ``by``: a comma list of ``old``, ``new`` and ``stranger``."""
+
+    def make(chain: Chain) -> str:
+        key_set, old, new = next_version(chain, **kwargs)
+        keys = {"old": old, "new": new, "stranger": signing_key("stranger")}
+        return announce(key_set, [keys[name] for name in by.split(",")])
+
+    return make
+
+
+Case = tuple[str, Callable[[Chain], str], str | None]
+CASES: list[Case] = [
+    ("both signatures", signed("old,new"), None),
+    ("missing the old signature", signed("new"), "missing-old-signature"),
+    ("missing the new signature (no proof of possession)", signed("old"), "missing-new-signature"),
+    ("a signature by an unknown key instead of the old one", signed("stranger,new"), "missing-old-signature"),
+    ("the same key signing twice", signed("old,old,new"), "duplicate-signature"),
+    ("a skipped version", signed("old,new", version=3), "skipped-version"),
+    ("the trusted version replayed", lambda c: c.announcements[0], "replay"),
+    ("an expired set", signed("old,new", expires=NOW - dt.timedelta(seconds=1)), "expired"),
+    ("a set that names another predecessor", signed("old,new", previous="0" * 64), "mix-and-match"),
+    ("another party's set", signed("old,new", party="MY"), "wrong-party"),
+    ("not a JWS at all", lambda c: '{"payload": 1}', "malformed"),
+]
+
+
+@pytest.mark.parametrize(("name", "make", "reason"), CASES, ids=[c[0] for c in CASES])
+def test_announcement_acceptance(name: str, make: Callable[[Chain], str], reason: str | None) -> None:
+    chain = Chain().grow(1)
+    announcement = make(chain)
+    if reason is None:
+        trusted = accept(chain.trusted(1), announcement, NOW)
+        assert trusted.key_set.version == 2
+        assert trusted.digest == announcement_digest(announcement)
+        return
+    with pytest.raises(AnnouncementRejected) as refused:
+        accept(chain.trusted(1), announcement, NOW)
+    assert refused.value.reason == reason, name
+
+
+def test_an_old_version_is_a_rollback_and_a_partner_behind_walks_every_version() -> None:
+    chain = Chain().grow(4)
+    with pytest.raises(AnnouncementRejected) as refused:
+        accept(chain.trusted(3), chain.announcements[1], NOW)
+    assert refused.value.reason == "rollback"
+    history = walk(chain.trusted(1), chain.announcements[1:], NOW)
+    assert [t.key_set.version for t in history] == [1, 2, 3, 4]
+    with pytest.raises(AnnouncementRejected, match="skipped-version"):  # it cannot jump from 1 to 4
+        accept(chain.trusted(1), chain.announcements[3], NOW)
+
+
+def test_a_revoked_key_is_trusted_only_for_what_it_signed_before_its_revocation() -> None:
+    chain = Chain().grow(1)
+    old = chain.signers[-1]
+    revoked_at = T0 + dt.timedelta(days=10)
+    revoked = entry(old, "signing", "revoked", revoked_at=revoked_at)
+    new = signing_key("sig-2")
+    chain.signers = [new]
+    emergency = chain.key_set(2, previous=announcement_digest(chain.announcements[0]), extra=(revoked,))
+    trusted = accept(chain.trusted(1), announce(emergency, [old, new]), NOW)
+    history = [chain.sets[0], trusted.key_set]
+    assert key_in_force(history, str(old.kid), T0 + dt.timedelta(days=5)) is not None  # before: still valid
+    assert key_in_force(history, str(old.kid), revoked_at + dt.timedelta(seconds=1)) is None  # after: refused
+    assert key_in_force(history, str(new.kid), NOW) is not None
+    assert key_in_force(history, "nobody", NOW) is None
+
+
+def test_a_key_set_must_have_one_active_key_per_purpose() -> None:
+    chain = Chain().grow(1)
+    keys = [k for k in chain.sets[0].keys if k.purpose != "checkpoint"]
+    with pytest.raises(ValueError, match="active checkpoint"):
+        KeySet(party="ID", version=1, issued_at=T0, expires_at=NOW, keys=tuple(keys))
