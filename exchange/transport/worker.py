@@ -16,7 +16,7 @@ Guarantees:
   when an earlier one can still save it.
 - a message not delivered within ``min(delivery_max_wait_seconds, replay_window_seconds -
   delivery_expiry_margin_seconds)`` of its submission ends ``failed`` with the reason ``expired``,
-  ledgered: it is never lost silently to the partner's replay window (docs/adr/0008).
+  ledgered: it is never lost silently to the partner's replay window (docs/adr/0010).
 """
 
 from __future__ import annotations
