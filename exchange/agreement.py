@@ -30,6 +30,7 @@ from pydantic import (
 from exchange import crypto
 from exchange.canonical import canonical_json, sha256_hex
 from exchange.catalogue import DATA_CATEGORIES, SUBJECT_ROLES
+from exchange.envelope.size import LARGEST_ENVELOPE_BYTES
 from exchange.errors import ConfigurationError, KeyManagementError
 from exchange.ledger.checkpoint import SIG_COSIGNATURE_V1, SIG_ED25519, CheckpointError, NoteVerifier
 from exchange.types import PARTIES, PartyId
@@ -282,6 +283,12 @@ class Agreement(_Strict):
     message_types: dict[Identifier, MessageType] = Field(min_length=1)
     rules: tuple[Rule, ...] = Field(min_length=1)
     witnesses: tuple[Witness, ...] = Field(default=(), description="further witnesses of both ledgers")
+    max_envelope_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        ge=16 * 1024,
+        le=LARGEST_ENVELOPE_BYTES,
+        description="the largest sealed envelope either node sends or opens; submission refuses more",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Agreement:

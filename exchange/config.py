@@ -68,7 +68,9 @@ class NodeSettings(BaseSettings):
     delivery_batch_size: int = Field(default=64, ge=1, le=1000)
     delivery_poll_seconds: float = Field(default=0.2, gt=0)
     delivery_backoff_base_seconds: float = Field(default=0.5, gt=0)
-    delivery_backoff_max_seconds: float = Field(default=300.0, gt=0)
+    delivery_backoff_max_seconds: float = Field(
+        default=10.0, gt=0, description="the longest wait between two probes of an unreachable partner"
+    )
     delivery_lease_seconds: float = Field(default=60.0, gt=0)
     peer_timeout_seconds: float = Field(default=10.0, gt=0)
     checkpoint_interval_seconds: float = Field(default=5.0, gt=0)
@@ -80,6 +82,26 @@ class NodeSettings(BaseSettings):
     )
     case_view_max: int = Field(default=10_000, ge=1, description="messages one case view examines at most")
     log_level: LogLevel = "info"
+    delivery_max_wait_seconds: float = Field(
+        default=7 * 86400,
+        gt=0,
+        description="an undelivered message ends `failed` (reason `expired`) after this long, or"
+        " earlier if the partner's replay window (less the margin) is shorter",
+    )
+    delivery_expiry_margin_seconds: float = Field(
+        default=600.0,
+        ge=0,
+        description="kept free before the replay window ends: clock difference plus transit time",
+    )
+    delivery_worker_id: str | None = Field(
+        default=None,
+        max_length=200,
+        description="who holds outbox leases; default host name and node directory, so a restarted"
+        " node recognises and takes back its own leases",
+    )
+    unavailable_retry_after_seconds: int = Field(
+        default=5, ge=1, description="the Retry-After of a 503 while the database is unavailable"
+    )
 
     @classmethod
     def settings_customise_sources(

@@ -10,6 +10,8 @@ and the CLI turns them into a one-line message and a non-zero exit. Domain error
     ├── ConfigurationError          settings or agreement file invalid, node not initialised
     │   └── DatabaseNotMigrated     the schema is behind; run `exchange db upgrade`
     ├── InvalidInput                bad data from a local client or an operator (field errors)
+    │   ├── MessageTooLarge         the sealed envelope would exceed the agreement's limit
+    │   └── IdempotencyKeyReused    an Idempotency-Key already used for another request body
     ├── NotFound                    no such message, client or entry
     │   └── ContentDestroyed        the message existed; its content was destroyed (when, why)
     ├── ContentUnavailable          stored content does not open (its key is gone or it was moved)
@@ -18,6 +20,9 @@ and the CLI turns them into a one-line message and a non-zero exit. Domain error
     ├── EnvelopeError               an envelope or receipt failed verification (opaque to the peer)
     │   └── ReplayRejected          outside the replay window, or same id with other content
     ├── TransportError              the partner node could not be reached or answered badly
+    │   └── PartnerRefused          the partner answered 4xx to a whole batch (split it)
+    ├── Unavailable                 a resource the node needs is down for now (retry later)
+    │   └── DatabaseUnavailable     the database cannot be reached, or its disk is full
     ├── LedgerIntegrityError        the ledger does not verify (names the first bad entry)
     │   └── CheckpointConflict      a partner checkpoint is inconsistent with one already witnessed
     └── KeyManagementError          a key is missing, undecryptable or does not match the agreement
@@ -55,6 +60,22 @@ class InvalidInput(ExchangeError):
     def __init__(self, message: str, errors: Sequence[FieldError] = ()) -> None:
         super().__init__(message)
         self.errors = tuple(errors)
+
+
+class MessageTooLarge(InvalidInput):
+    """The sealed envelope of a submission would exceed the agreement's ``max_envelope_bytes``."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(
+            f"the sealed message would be {size} bytes; the agreement's limit is {limit} bytes",
+            [FieldError("payload", f"too large: the sealed envelope may be at most {limit} bytes")],
+        )
+        self.size = size
+        self.limit = limit
+
+
+class IdempotencyKeyReused(InvalidInput):
+    """An ``Idempotency-Key`` this client already used, sent again with a different body."""
 
 
 class NotFound(ExchangeError):
@@ -119,6 +140,23 @@ class ReplayRejected(EnvelopeError):
 
 class TransportError(ExchangeError):
     """The partner node could not be reached or did not answer as the protocol requires."""
+
+
+class PartnerRefused(TransportError):
+    """The partner answered a batch with a 4xx status: something in the batch, not the link, is
+    wrong. The delivery worker splits the batch and fails a single envelope so refused."""
+
+    def __init__(self, status: int, detail: str = "") -> None:
+        super().__init__(f"the partner refused the batch: HTTP {status}{': ' + detail if detail else ''}")
+        self.status = status
+
+
+class Unavailable(ExchangeError):
+    """A resource the node needs is unavailable for now; the request may be retried later."""
+
+
+class DatabaseUnavailable(Unavailable):
+    """The database cannot be reached or cannot write (server down, connection lost, disk full)."""
 
 
 class LedgerIntegrityError(ExchangeError):

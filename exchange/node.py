@@ -141,12 +141,22 @@ class Node:
 
     # --- outbound --------------------------------------------------------------------------------
 
-    def submit(self, actor: Actor, submission: MessageSubmission, now: dt.datetime) -> dict[str, Any]:
+    def submit(
+        self,
+        actor: Actor,
+        submission: MessageSubmission,
+        now: dt.datetime,
+        on_write: Callable[[Connection, dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
         """Accept a local system's message: parse, decide, apply the floors, seal and queue it in one
         transaction.
 
+        ``on_write(conn, answer)`` runs inside that transaction with the answer this returns (an
+        idempotency key is stored with its message and answer); if it raises, nothing is written.
+
         Raises:
             InvalidInput: naming every invalid field (payload, vocabulary, marking, times).
+            MessageTooLarge: the sealed envelope would exceed the agreement's limit.
             PolicyRefusal: naming every rule that refused and what would satisfy it (ledgered).
         """
         with self.db.read() as conn:  # one read: the message answered, its thread, our checkpoint
@@ -206,6 +216,7 @@ class Node:
         signed_json = message.signed_json()
         signed = envelope.sign(signed_json, signing_key=self.keys.signing)
         sealed = envelope.seal_signed(signed, signed_json, recipient_key=self.partner.encryption)
+        envelope.check_envelope_size(sealed, self.agreement.max_envelope_bytes)
         digest = envelope.envelope_digest(sealed)
         assert message.marking is not None
         stored = rows.message_row(
@@ -224,30 +235,8 @@ class Node:
             signer_kid=self.keys.signing.kid,
         )
 
-        def write(conn: Connection, head: repo.LedgerHead) -> repo.LedgerHead:
-            stored.update(self.content.seal(stored, signed))  # under the ledger lock: the live KEK
-            repo.insert_message(conn, stored)
-            repo.enqueue(conn, message.id, now.timestamp())
-            return repo.append_ledger(
-                conn,
-                head,
-                [
-                    EntryDraft(
-                        event=LedgerEvent.SUBMITTED,
-                        message_id=message.id,
-                        actor=actor.client_id,
-                        decision=decision.decision,
-                        rules=decision.evaluated,
-                        case_ref=message.case_ref,
-                        data={"type": message.type, "envelope_sha256": digest, **decision.ledger_data()},
-                    )
-                ],
-                iso(now),
-            )
-
-        self.committer.run(write)
         partner_scheme = self.agreement.parties[self.partner_party].scheme
-        return {
+        answer: dict[str, Any] = {
             "id": message.id,
             "status": "queued",
             "thread_id": message.thread_id,
@@ -276,6 +265,32 @@ class Node:
             "replaced": [{"path": r.pointer, "rule": r.rule} for r in decision.redactions],
             "envelope_sha256": digest,
         }
+
+        def write(conn: Connection, head: repo.LedgerHead) -> repo.LedgerHead:
+            stored.update(self.content.seal(stored, signed))  # under the ledger lock: the live KEK
+            repo.insert_message(conn, stored)
+            repo.enqueue(conn, message.id, now.timestamp())
+            if on_write is not None:
+                on_write(conn, answer)
+            return repo.append_ledger(
+                conn,
+                head,
+                [
+                    EntryDraft(
+                        event=LedgerEvent.SUBMITTED,
+                        message_id=message.id,
+                        actor=actor.client_id,
+                        decision=decision.decision,
+                        rules=decision.evaluated,
+                        case_ref=message.case_ref,
+                        data={"type": message.type, "envelope_sha256": digest, **decision.ledger_data()},
+                    )
+                ],
+                iso(now),
+            )
+
+        self.committer.run(write)
+        return answer
 
     def _protected(self, draft: Message, decision: Decision) -> Message:
         """The draft as it is sealed: the decided level (in our scheme, mapped up), TLP, handling
@@ -424,6 +439,7 @@ class Node:
             now=now,
             clock_skew=dt.timedelta(seconds=self.settings.clock_skew_seconds),
             replay_window=dt.timedelta(seconds=self.settings.replay_window_seconds),
+            max_envelope_bytes=self.agreement.max_envelope_bytes,
         )
         try:
             message = parse_signed(opened.message, agreement=self.agreement, catalogue=self.catalogue)

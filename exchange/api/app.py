@@ -26,11 +26,12 @@ from exchange.api.routes import (
 )
 from exchange.auditing import AuditService
 from exchange.checkpoints import CheckpointService
+from exchange.envelope import peer_body_limit
 from exchange.errors import ExchangeError, FieldError
 from exchange.node import Node
 from exchange.retention import PeriodicLoop
 from exchange.transport.checkpointer import Checkpointer
-from exchange.transport.peer import HttpWitness, PeerTransport
+from exchange.transport.peer import PEER_PATH, HttpWitness, PeerTransport
 from exchange.transport.worker import DeliveryWorker
 
 
@@ -126,6 +127,12 @@ def create_app(node: Node, transport: PeerTransport | None = None, *, run_worker
     for exc_class, handler in handlers:
         app.add_exception_handler(exc_class, handler)
     raw_paths = frozenset({peer_router.prefix + WITNESS_PATH})
-    app.add_middleware(RequestGuard, max_bytes=node.settings.max_body_bytes, raw_paths=raw_paths)
+    app.add_middleware(
+        RequestGuard,
+        max_bytes=node.settings.max_body_bytes,
+        raw_paths=raw_paths,
+        # the partner may send one envelope as large as the agreement allows (exchange/envelope/size.py)
+        path_limits={PEER_PATH: peer_body_limit(node.agreement.max_envelope_bytes)},
+    )
     app.add_middleware(SecurityHeaders)  # outermost: the guard's refusals carry the headers too
     return app

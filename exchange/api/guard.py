@@ -84,19 +84,27 @@ def _is_json(content_type: bytes) -> bool:
 class RequestGuard:
     """Bound, type-check and parse-check request bodies (see the module docstring)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, raw_paths: frozenset[str] = frozenset()) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        raw_paths: frozenset[str] = frozenset(),
+        path_limits: dict[str, int] | None = None,
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.raw_paths = raw_paths
+        self.path_limits = path_limits or {}  # exact paths with their own limit (peer envelope batches)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
+        max_bytes = self.path_limits.get(scope["path"], self.max_bytes)
         declared = headers.get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await self._too_large(scope, receive, send)
+        if declared is not None and (not declared.isdigit() or int(declared) > max_bytes):
+            await self._too_large(scope, receive, send, max_bytes)
             return
         chunks: list[bytes] = []
         seen = 0
@@ -106,8 +114,8 @@ class RequestGuard:
                 return
             chunk = message.get("body", b"")
             seen += len(chunk)
-            if seen > self.max_bytes:
-                await self._too_large(scope, receive, send)
+            if seen > max_bytes:
+                await self._too_large(scope, receive, send, max_bytes)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -174,9 +182,9 @@ class RequestGuard:
             )
         return None
 
-    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send, max_bytes: int) -> None:
         response = problems.problem(
-            413, "too-large", "Request body too large", f"the body exceeds {self.max_bytes} bytes"
+            413, "too-large", "Request body too large", f"the body exceeds {max_bytes} bytes"
         )
         response.headers["connection"] = "close"  # the rest of the body is not read
         await response(scope, receive, send)

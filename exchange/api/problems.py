@@ -20,14 +20,18 @@ from exchange.errors import (
     ConfigurationError,
     ContentDestroyed,
     ContentUnavailable,
+    DatabaseUnavailable,
     EnvelopeError,
     ExchangeError,
+    IdempotencyKeyReused,
     InvalidInput,
     LedgerIntegrityError,
+    MessageTooLarge,
     NotFound,
     PolicyRefusal,
     TransportError,
     Unauthorised,
+    Unavailable,
 )
 from exchange.ledger.checkpoint import CheckpointError
 
@@ -48,6 +52,10 @@ STATUS_TABLE: dict[type[ExchangeError], tuple[int, str, str]] = {
     CheckpointError: (400, "invalid-checkpoint", "The checkpoint is malformed or not validly signed"),
     LedgerIntegrityError: (500, "ledger-integrity", "The ledger failed verification"),
     ConfigurationError: (500, "configuration", "The node is misconfigured"),
+    MessageTooLarge: (413, "message-too-large", "The sealed message would exceed the agreement's limit"),
+    IdempotencyKeyReused: (422, "idempotency-key-reused", "The Idempotency-Key was used for another request"),
+    Unavailable: (503, "unavailable", "The node cannot serve this request now; retry later"),
+    DatabaseUnavailable: (503, "database-unavailable", "The node's database is unavailable; retry later"),
 }
 
 
@@ -109,13 +117,21 @@ def _row_for(exc: ExchangeError) -> tuple[int, str, str]:
     return 500, "internal", "Internal error"
 
 
-async def exchange_error_handler(_request: Request, exc: Exception) -> JSONResponse:
+async def exchange_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ExchangeError)
     status, slug, title = _row_for(exc)
     extra: dict[str, Any] = {}
+    headers: dict[str, str] | None = None
     detail = str(exc)
     if isinstance(exc, InvalidInput):
         extra["errors"] = [{"field": e.field, "message": e.message} for e in exc.errors]
+    if isinstance(exc, MessageTooLarge):
+        extra["limit_bytes"] = exc.limit
+        extra["envelope_bytes"] = exc.size
+    if isinstance(exc, Unavailable):
+        retry_after = request.app.state.node.settings.unavailable_retry_after_seconds
+        headers = {"retry-after": str(retry_after)}
+        detail = title
     elif isinstance(exc, PolicyRefusal):
         extra["violations"] = [
             {"rule": v.rule_id, "version": v.rule_version, "reason": v.reason, "remedy": v.remedy}
@@ -131,7 +147,7 @@ async def exchange_error_handler(_request: Request, exc: Exception) -> JSONRespo
         detail = "rejected"  # a peer learns one opaque reason; the detail is in the log and ledger
     elif status >= 500:
         detail = title
-    return problem(status, slug, title, detail, **extra)
+    return problem(status, slug, title, detail, headers, **extra)
 
 
 #: app.state attribute: request path -> a function naming further invalid fields of a body that

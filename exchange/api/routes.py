@@ -6,7 +6,7 @@ import datetime as dt
 from importlib.resources import files
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
@@ -27,6 +27,8 @@ from exchange.auditing import AuditService, EntryFilter
 from exchange.checkpoints import CheckpointService
 from exchange.db import repo
 from exchange.errors import CheckpointConflict, FieldError, InvalidInput, LedgerIntegrityError, TransportError
+from exchange.idempotency import HEADER as IDEMPOTENCY_HEADER
+from exchange.idempotency import IdempotentSubmission
 from exchange.ledger.checkpoint import CheckpointError, parse_body, split_note
 from exchange.ledger.witness_protocol import (
     ADD_CHECKPOINT,
@@ -51,6 +53,10 @@ audit_router = APIRouter(
 )
 
 LocalClient = Annotated[Actor, Depends(local_client)]
+IDEMPOTENCY_DOC = (
+    "1-128 visible ASCII characters chosen by the client: a retry with the same key and body returns"
+    " the original answer; the same key with another body is refused (422)"
+)
 
 
 def checkpoints_of(request: Request) -> CheckpointService:
@@ -91,16 +97,28 @@ class Accepted(BaseModel):
 
 
 @client_router.post("/messages", status_code=202, response_model=Accepted, summary="Submit a message")
-def submit_message(submission: MessageSubmission, actor: LocalClient, request: Request) -> dict[str, Any]:
+def submit_message(
+    submission: MessageSubmission,
+    actor: LocalClient,
+    request: Request,
+    response: Response,
+    idempotency_key: Annotated[
+        str | None, Header(alias=IDEMPOTENCY_HEADER, description=IDEMPOTENCY_DOC)
+    ] = None,
+) -> dict[str, Any]:
     """Validate, classify, apply the agreement's rules, seal and queue a message for the partner.
 
     Answers 202 with the message id, its final classification (in both national schemes) and every
     floor that raised it, or a problem naming every invalid field (422) or every rule that refused
-    with what would satisfy it (403).
+    with what would satisfy it (403). With an
+    ``Idempotency-Key``, a retry answers the original 202 (``Idempotent-Replayed: true``).
     """
     node = node_of(request)
-    accepted = node.submit(actor, submission, _now())
-    request.app.state.worker_wake()
+    accepted, replayed = IdempotentSubmission(node).submit(actor, submission, idempotency_key, _now())
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    else:
+        request.app.state.worker_wake()
     return accepted
 
 

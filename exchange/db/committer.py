@@ -22,7 +22,8 @@ from concurrent.futures import Future
 from sqlalchemy.engine import Connection
 
 from exchange.db import repo
-from exchange.db.engine import Database
+from exchange.db.engine import Database, is_unavailable
+from exchange.errors import DatabaseUnavailable
 
 log = logging.getLogger("exchange.committer")
 
@@ -90,12 +91,18 @@ class GroupCommitter:
                     try:
                         new_head = unit(conn, head)
                     except Exception as exc:
+                        if is_unavailable(exc):
+                            raise  # the database went away: nothing in the batch commits
                         savepoint.rollback()
                         outcomes.append(exc)
                         continue
                     savepoint.commit()
                     head = new_head
                     outcomes.append(None)
+        except DatabaseUnavailable as exc:  # a condition, logged once by the Database
+            for _, future in batch:
+                future.set_exception(exc)
+            return
         except Exception as exc:  # the commit itself failed: nothing in the batch is durable
             log.exception("group commit of %d unit(s) failed", len(batch))
             for _, future in batch:

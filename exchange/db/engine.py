@@ -5,10 +5,17 @@ so writers are serialised by the database from their first statement (no stale-s
 failures), while read transactions (:meth:`Database.read`) begin deferred and never wait for a
 writer. PostgreSQL serialises ledger appends on the locked ``ledger_head`` row. Commit and rollback
 happen only in :meth:`Database.transaction` and :meth:`Database.read`.
+
+An unreachable database (server down or restarting, connection lost, pool exhausted) or one that
+cannot write (disk full) raises :class:`~exchange.errors.DatabaseUnavailable` from both, which the
+API answers 503 with ``Retry-After``. The condition is logged once when it starts and once when
+it ends, not once per request.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,8 +27,64 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection, Engine
 
-from exchange.errors import ConfigurationError, DatabaseNotMigrated
+from exchange.errors import ConfigurationError, DatabaseNotMigrated, DatabaseUnavailable
 from exchange.files import create_private
+
+log = logging.getLogger("exchange.db")
+
+#: What SQLAlchemy raises when the database is down, restarting, unreachable, out of connections or
+#: out of disk (PostgreSQL's class 53 and SQLite's SQLITE_FULL are OperationalError). Integrity and
+#: programming errors are bugs or bad data, not unavailability, and are not in this list.
+UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (
+    sa.exc.OperationalError,
+    sa.exc.InterfaceError,
+    sa.exc.DisconnectionError,
+    sa.exc.TimeoutError,
+)
+
+
+#: SQLite primary result codes of unavailability: BUSY, LOCKED, NOMEM, READONLY, IOERR, FULL,
+#: CANTOPEN. SQLite raises OperationalError for a missing table or a syntax error too: not these.
+SQLITE_UNAVAILABLE_CODES = frozenset({5, 6, 7, 8, 10, 13, 14})
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """True if ``exc`` says the database is unavailable rather than the statement being wrong."""
+    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    if not isinstance(exc, UNAVAILABLE_ERRORS):
+        return False
+    code = getattr(getattr(exc, "orig", None), "sqlite_errorcode", None)
+    return code is None or (int(code) & 0xFF) in SQLITE_UNAVAILABLE_CODES
+
+
+class Availability:
+    """The database's availability as a condition: logged when it changes, not per failure."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.available = True
+        self._lock = threading.Lock()
+
+    def failed(self, exc: BaseException) -> None:
+        with self._lock:
+            changed, self.available = self.available, False
+        if changed:
+            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0:1]
+            log.error(
+                "database %s unavailable (%s): %s; answering 503 until it is back",
+                self.name,
+                type(exc).__name__,
+                reason[0] if reason else "",
+            )
+
+    def succeeded(self) -> None:
+        if self.available:
+            return
+        with self._lock:
+            changed, self.available = not self.available, True
+        if changed:
+            log.warning("database %s available again", self.name)
 
 
 def normalise_url(url: str) -> str:
@@ -128,6 +191,7 @@ class Database:
             create_private(path)  # owner-only, also for a file made before this rule
         self.engine = make_engine(url)
         self.reader = make_engine(url, writer=False) if self.engine.dialect.name == "sqlite" else self.engine
+        self.availability = Availability(self.engine.url.render_as_string(hide_password=True))
 
     @property
     def dialect(self) -> str:
@@ -135,15 +199,37 @@ class Database:
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
-        """A connection in a transaction, committed on success and rolled back on error."""
-        with self.engine.begin() as conn:
+        """A connection in a transaction, committed on success and rolled back on error.
+
+        Raises:
+            DatabaseUnavailable: the database could not be reached or could not write.
+        """
+        with self._available(), self.engine.begin() as conn:
             yield conn
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
-        """A connection in a read-only unit of work (on SQLite it never waits for a writer)."""
-        with self.reader.begin() as conn:
+        """A connection in a read-only unit of work (on SQLite it never waits for a writer).
+
+        Raises:
+            DatabaseUnavailable: the database could not be reached.
+        """
+        with self._available(write=False), self.reader.begin() as conn:
             yield conn
+
+    @contextmanager
+    def _available(self, *, write: bool = True) -> Iterator[None]:
+        """Convert unavailability to DatabaseUnavailable. Only a committed write ends the
+        condition: with a full disk, reads still succeed while every write fails."""
+        try:
+            yield
+        except sa.exc.SQLAlchemyError as exc:
+            if not is_unavailable(exc):
+                raise
+            self.availability.failed(exc)
+            raise DatabaseUnavailable(f"the database is unavailable: {type(exc).__name__}") from exc
+        if write:
+            self.availability.succeeded()
 
     def check_migrated(self) -> None:
         """Raise DatabaseNotMigrated unless the schema is at the migrations' head (a SQLite file

@@ -9,7 +9,7 @@ sequence assigned under the same lock orders inbound messages by commit order.
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -230,30 +230,48 @@ class Claimed:
     envelope_sha256: str
     attempts: int
     created_at: str
+    enqueued_at: float
 
 
-def claim_due(conn: Connection, *, now: float, lease_seconds: float, limit: int) -> list[Claimed]:
-    """Lease up to ``limit`` due outbox rows to this worker.
+def claim_due(
+    conn: Connection,
+    *,
+    now: float,
+    lease_seconds: float,
+    limit: int,
+    max_bytes: int,
+    worker: str,
+    frame: Callable[[list[int]], int],
+) -> list[Claimed]:
+    """Lease the oldest due outbox rows to ``worker``: at most ``limit`` rows whose request body,
+    ``frame(sizes)``, stays within ``max_bytes`` (always at least one row).
 
     Rows are locked with ``FOR UPDATE SKIP LOCKED`` (PostgreSQL) and their next attempt pushed past
-    the lease, so a second worker does not take them and a crashed worker's rows come back.
+    the lease, so a second worker does not take them and a crashed worker's rows come back; the
+    lease names its holder, so a restarted worker takes its own back at once
+    (:func:`release_leases_of`).
     """
-    ids = [
-        r.message_id
-        for r in conn.execute(
-            sa.select(outbox.c.message_id)
-            .where(outbox.c.next_attempt_at <= now)
-            .order_by(outbox.c.next_attempt_at, outbox.c.message_id)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
-    ]
+    candidates = conn.execute(
+        sa.select(outbox.c.message_id, sa.func.length(messages.c.envelope).label("size"))
+        .join(messages, messages.c.id == outbox.c.message_id)
+        .where(outbox.c.next_attempt_at <= now)
+        .order_by(outbox.c.enqueued_at, outbox.c.message_id)
+        .limit(limit)
+        .with_for_update(skip_locked=True, of=outbox)
+    ).all()
+    ids: list[str] = []
+    sizes: list[int] = []
+    for row in candidates:
+        if ids and frame([*sizes, int(row.size)]) > max_bytes:
+            break
+        ids.append(row.message_id)
+        sizes.append(int(row.size))
     if not ids:
         return []
     conn.execute(
         outbox.update()
         .where(outbox.c.message_id.in_(ids))
-        .values(next_attempt_at=now + lease_seconds, attempts=outbox.c.attempts + 1)
+        .values(next_attempt_at=now + lease_seconds, attempts=outbox.c.attempts + 1, leased_by=worker)
     )
     rows = conn.execute(
         sa.select(
@@ -262,20 +280,75 @@ def claim_due(conn: Connection, *, now: float, lease_seconds: float, limit: int)
             messages.c.envelope_sha256,
             messages.c.created_at,
             outbox.c.attempts,
+            outbox.c.enqueued_at,
         )
         .join(outbox, outbox.c.message_id == messages.c.id)
         .where(messages.c.id.in_(ids))
         .order_by(outbox.c.enqueued_at, messages.c.id)
     )
-    return [Claimed(r.id, r.envelope, r.envelope_sha256, r.attempts, r.created_at) for r in rows]
+    return [
+        Claimed(r.id, r.envelope, r.envelope_sha256, r.attempts, r.created_at, float(r.enqueued_at))
+        for r in rows
+    ]
 
 
-def reschedule(conn: Connection, message_id: str, *, next_attempt_at: float, error: str) -> None:
-    conn.execute(
-        outbox.update()
-        .where(outbox.c.message_id == message_id)
-        .values(next_attempt_at=next_attempt_at, last_error=error)
+def release(conn: Connection, message_ids: Sequence[str], *, now: float, error: str) -> None:
+    """Give leased rows back, due at once: the worker's per-partner backoff decides when to send."""
+    if message_ids:
+        conn.execute(
+            outbox.update()
+            .where(outbox.c.message_id.in_(list(message_ids)))
+            .values(next_attempt_at=now, leased_by=None, last_error=error)
+        )
+
+
+def release_leases_of(conn: Connection, worker: str, *, now: float) -> list[str]:
+    """Give back every lease ``worker`` holds (it restarted: those deliveries are no longer in
+    flight). Returns the message ids."""
+    ids = [
+        r.message_id
+        for r in conn.execute(
+            sa.select(outbox.c.message_id).where(outbox.c.leased_by == worker).with_for_update()
+        )
+    ]
+    if ids:
+        conn.execute(
+            outbox.update().where(outbox.c.message_id.in_(ids)).values(next_attempt_at=now, leased_by=None)
+        )
+    return ids
+
+
+@dataclass(frozen=True)
+class Waiting:
+    message_id: str
+    envelope_sha256: str
+    enqueued_at: float
+    attempts: int
+
+
+def overdue(conn: Connection, *, enqueued_before: float, now: float, limit: int) -> list[Waiting]:
+    """Outbox rows queued before ``enqueued_before`` and not leased now (none in flight)."""
+    rows = conn.execute(
+        sa.select(outbox.c.message_id, messages.c.envelope_sha256, outbox.c.enqueued_at, outbox.c.attempts)
+        .join(messages, messages.c.id == outbox.c.message_id)
+        .where(outbox.c.enqueued_at < enqueued_before, outbox.c.next_attempt_at <= now)
+        .order_by(outbox.c.enqueued_at, outbox.c.message_id)
+        .limit(limit)
+        .with_for_update(skip_locked=True, of=outbox)
     )
+    return [Waiting(r.message_id, r.envelope_sha256, float(r.enqueued_at), int(r.attempts)) for r in rows]
+
+
+def oldest_waiting(conn: Connection) -> float | None:
+    """When the oldest message still in the outbox was queued, if there is one."""
+    value = conn.execute(sa.select(sa.func.min(outbox.c.enqueued_at))).scalar()
+    return float(value) if value is not None else None
+
+
+def set_status(conn: Connection, message_ids: Sequence[str], **values: Any) -> None:
+    """Update several messages at once (status, reason, updated_at)."""
+    if message_ids:
+        conn.execute(messages.update().where(messages.c.id.in_(list(message_ids))).values(**values))
 
 
 def dequeue(conn: Connection, message_id: str) -> bool:

@@ -83,8 +83,21 @@ outbox = sa.Table(
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
     sa.Column("last_error", sa.Text),
     sa.Column("enqueued_at", sa.Float, nullable=False),
+    sa.Column("leased_by", sa.String(200)),  # the worker holding the lease, while one does
 )
 sa.Index("ix_outbox_next_attempt_at", outbox.c.next_attempt_at)
+sa.Index("ix_outbox_enqueued_at", outbox.c.enqueued_at)
+
+idempotency_keys = sa.Table(  # a submission's Idempotency-Key, stored with the message it made
+    "idempotency_keys",
+    metadata,
+    sa.Column("client_id", sa.String(64), primary_key=True),
+    sa.Column("key", sa.String(128), primary_key=True),
+    sa.Column("request_sha256", sa.String(64), nullable=False),
+    sa.Column("message_id", sa.String(64), sa.ForeignKey("messages.id"), nullable=False),
+    sa.Column("response", sa.Text, nullable=False),  # the original 202 answer, JSON
+    sa.Column("created_at", sa.String(40), nullable=False),
+)
 
 ledger_head = sa.Table(
     "ledger_head",

@@ -13,15 +13,18 @@ from exchange.envelope.jose import (
     signed_payload,
 )
 from exchange.envelope.receipt import Receipt, sign_receipt, verify_receipt
+from exchange.envelope.size import check_envelope_size, peer_body_limit
 
 __all__ = [
     "HEADER_FIELDS",
     "OpenedEnvelope",
     "Receipt",
+    "check_envelope_size",
     "envelope_digest",
     "open_envelope",
     "open_stored",
     "peek_header",
+    "peer_body_limit",
     "seal",
     "seal_signed",
     "sign",

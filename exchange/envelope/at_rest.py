@@ -25,6 +25,7 @@ from joserfc.registry import HeaderParameter
 from exchange.canonical import canonical_json, sha256_hex
 from exchange.crypto import constant_time_equal
 from exchange.envelope.jose import peek_header
+from exchange.envelope.size import LARGEST_ENVELOPE_BYTES
 from exchange.errors import ContentUnavailable, EnvelopeError
 
 AT_REST_TYP = "exchange-content+jwe"
@@ -35,6 +36,7 @@ _REGISTRY = jwe.JWERegistry(
     },
     algorithms=["A256KW", "A256GCM"],
 )
+_REGISTRY.max_ciphertext_length = LARGEST_ENVELOPE_BYTES  # joserfc's 64 KB default refused large messages
 
 #: the metadata an at-rest copy is bound to: never changed after a message is accepted
 BOUND_METADATA = (

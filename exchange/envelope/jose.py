@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import functools
 import hmac
 import json
 import warnings
@@ -40,6 +41,7 @@ from joserfc.jwk import OKPKey
 from joserfc.registry import HeaderParameter
 
 from exchange.canonical import canonical_json, sha256_hex
+from exchange.envelope.size import LARGEST_ENVELOPE_BYTES
 from exchange.errors import EnvelopeError, ReplayRejected
 from exchange.types import KeyId
 
@@ -52,7 +54,7 @@ JWE_ALG = "ECDH-ES+A256KW"
 JWE_ENC = "A256GCM"
 ENVELOPE_TYP = "exchange-envelope+jwe"
 SIGNED_TYP = "exchange-message+jws"
-MAX_ENVELOPE_BYTES = 4 * 1024 * 1024
+MAX_ENVELOPE_BYTES = 16 * 1024 * 1024  # the agreement's default max_envelope_bytes
 
 #: JWE protected header parameter -> field of the signed message it must equal.
 HEADER_FIELDS: dict[str, str] = {
@@ -81,16 +83,23 @@ def _registry_entries() -> dict[str, HeaderParameter]:
     }
 
 
-class _EnvelopeJWERegistry(jwe.JWERegistry):
-    max_ciphertext_length = MAX_ENVELOPE_BYTES
+@functools.lru_cache(maxsize=8)
+def _registries(max_envelope_bytes: int) -> tuple[jwe.JWERegistry, jws.JWSRegistry]:
+    """The JOSE registries with their size limits set from the agreement's ``max_envelope_bytes``
+    (the library's defaults, 64 KB of ciphertext and 128 KB of JWS payload, would refuse a message
+    the sender accepted)."""
+    jwe_registry = jwe.JWERegistry(
+        header_registry=_registry_entries(), algorithms=[JWE_ALG, JWE_ENC], strict_check_header=False
+    )
+    jwe_registry.max_ciphertext_length = max_envelope_bytes
+    jws_registry = jws.JWSRegistry(algorithms=[JWS_ALG], strict_check_header=False)
+    jws_registry.max_payload_length = max_envelope_bytes
+    return jwe_registry, jws_registry
 
 
 # strict_check_header=False: an unknown parameter not listed in ``crit`` must be ignored (RFC 7516 §4,
 # RFC 7515 §4); joserfc still refuses a ``crit`` that names a parameter outside the registry.
-_JWE_REGISTRY = _EnvelopeJWERegistry(
-    header_registry=_registry_entries(), algorithms=[JWE_ALG, JWE_ENC], strict_check_header=False
-)
-_JWS_REGISTRY = jws.JWSRegistry(algorithms=[JWS_ALG], strict_check_header=False)
+_JWE_REGISTRY, _JWS_REGISTRY = _registries(MAX_ENVELOPE_BYTES)
 #: Header parameters this implementation understands, beyond the JOSE registries: what ``crit`` may name.
 UNDERSTOOD_PARAMS = frozenset(HEADER_FIELDS)
 
@@ -135,7 +144,8 @@ def signed_payload(signed: str) -> dict[str, Any]:
     """The message inside a compact JWS, NOT verified: only for a JWS this node signed itself or
     verified when it admitted it (content at rest). Raises EnvelopeError("malformed")."""
     try:
-        payload = json.loads(jws.extract_compact(signed.encode()).payload)
+        stored_limit = _registries(LARGEST_ENVELOPE_BYTES)[1]  # our own copy: not the library default
+        payload = json.loads(jws.extract_compact(signed.encode(), registry=stored_limit).payload)
     except (JoseError, ValueError) as exc:
         raise EnvelopeError("malformed", "not a compact JWS with a JSON payload") from exc
     if not isinstance(payload, dict):
@@ -239,10 +249,14 @@ def canonical_object(payload: bytes) -> dict[str, Any]:
 
 
 def _decrypt_and_verify(
-    compact: str, decryption_keys: Mapping[KeyId, OKPKey], verification_keys: Mapping[KeyId, OKPKey]
+    compact: str,
+    decryption_keys: Mapping[KeyId, OKPKey],
+    verification_keys: Mapping[KeyId, OKPKey],
+    max_envelope_bytes: int,
 ) -> OpenedEnvelope:
-    if len(compact) > MAX_ENVELOPE_BYTES:
-        raise EnvelopeError("malformed", "envelope too large")
+    if len(compact) > max_envelope_bytes:
+        raise EnvelopeError("too-large", f"{len(compact)} bytes, limit {max_envelope_bytes}")
+    jwe_registry, jws_registry = _registries(max_envelope_bytes)
     header = peek_header(compact)
     if header.get("alg") != JWE_ALG or header.get("enc") != JWE_ENC or header.get("typ") != ENVELOPE_TYP:
         raise EnvelopeError("malformed", "unexpected alg, enc or typ")
@@ -262,9 +276,7 @@ def _decrypt_and_verify(
     if not isinstance(recipient_kid, str) or KeyId(recipient_kid) not in decryption_keys:
         raise EnvelopeError("unknown-recipient-key", f"kid {recipient_kid!r}")
     try:
-        decrypted = jwe.decrypt_compact(
-            compact, decryption_keys[KeyId(recipient_kid)], registry=_JWE_REGISTRY
-        )
+        decrypted = jwe.decrypt_compact(compact, decryption_keys[KeyId(recipient_kid)], registry=jwe_registry)
     except (MissingHeaderError, InvalidHeaderValueError, UnsupportedHeaderError) as exc:
         raise EnvelopeError("malformed", type(exc).__name__) from exc
     except (JoseError, ValueError) as exc:
@@ -278,7 +290,7 @@ def _decrypt_and_verify(
         raise EnvelopeError("unknown-signing-key", f"kid {signer_kid!r}")
     try:
         verified = jws.deserialize_compact(
-            signed, verification_keys[KeyId(signer_kid)], registry=_JWS_REGISTRY
+            signed, verification_keys[KeyId(signer_kid)], registry=jws_registry
         )
     except (JoseError, ValueError) as exc:
         raise EnvelopeError("bad-signature", type(exc).__name__) from exc
@@ -299,14 +311,18 @@ def _decrypt_and_verify(
 
 
 def open_stored(
-    compact: str, *, decryption_keys: Mapping[KeyId, OKPKey], verification_keys: Mapping[KeyId, OKPKey]
+    compact: str,
+    *,
+    decryption_keys: Mapping[KeyId, OKPKey],
+    verification_keys: Mapping[KeyId, OKPKey],
+    max_envelope_bytes: int = MAX_ENVELOPE_BYTES,
 ) -> OpenedEnvelope:
     """Decrypt and verify an envelope this node already admitted and stored (no freshness checks).
 
     Raises:
         EnvelopeError: as :func:`open_envelope`, for the cryptographic and header checks.
     """
-    return _decrypt_and_verify(compact, decryption_keys, verification_keys)
+    return _decrypt_and_verify(compact, decryption_keys, verification_keys, max_envelope_bytes)
 
 
 def open_envelope(
@@ -320,18 +336,20 @@ def open_envelope(
     now: dt.datetime,
     clock_skew: dt.timedelta,
     replay_window: dt.timedelta,
+    max_envelope_bytes: int = MAX_ENVELOPE_BYTES,
 ) -> OpenedEnvelope:
     """Decrypt, verify and admit an envelope (see the module docstring for the guarantees).
 
-    ``accepted_agreements`` maps each agreement version this node holds to its digest.
+    ``accepted_agreements`` maps each agreement version this node holds to its digest;
+    ``max_envelope_bytes`` is the agreement's limit, which the JOSE library's limits follow.
 
     Raises:
         EnvelopeError: reason ``malformed``, ``unknown-recipient-key``, ``decrypt-failed``,
-            ``unknown-signing-key``, ``bad-signature``, ``header-mismatch``, ``wrong-recipient``,
-            ``wrong-sender`` or ``unknown-agreement``.
+            ``unknown-signing-key``, ``bad-signature``, ``header-mismatch``, ``too-large``,
+            ``wrong-recipient``, ``wrong-sender`` or ``unknown-agreement``.
         ReplayRejected: reason ``expired`` or ``future``.
     """
-    opened = _decrypt_and_verify(compact, decryption_keys, verification_keys)
+    opened = _decrypt_and_verify(compact, decryption_keys, verification_keys, max_envelope_bytes)
     message, signer_kid = opened.message, opened.signer_kid
     if message["recipient"] != expected_recipient:
         raise EnvelopeError("wrong-recipient", f"addressed to {message['recipient']!r}")

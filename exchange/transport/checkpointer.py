@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable, Sequence
 
 from exchange.checkpoints import CheckpointService, WitnessRequest
-from exchange.errors import TransportError
+from exchange.errors import DatabaseUnavailable, TransportError
 from exchange.ledger.checkpoint import CheckpointError
 from exchange.transport.peer import PeerTransport, WitnessAnswer, WitnessClient
 
@@ -88,6 +88,8 @@ class Checkpointer:
                 self.run_once()
             except (TransportError, CheckpointError) as exc:
                 log.warning("checkpoint round failed: %s", exc)
+            except DatabaseUnavailable:
+                pass  # a condition the Database logs once, not a traceback per round
             except Exception:
                 log.exception("checkpoint round failed")
             self._stop.wait(self.interval)

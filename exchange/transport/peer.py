@@ -19,7 +19,7 @@ import httpx
 
 from exchange import tls_policy
 from exchange.checkpoints import WitnessRequest
-from exchange.errors import TransportError
+from exchange.errors import PartnerRefused, TransportError
 from exchange.ledger.checkpoint import CheckpointError
 from exchange.ledger.witness_protocol import ADD_CHECKPOINT, encode_add_checkpoint, parse_size
 from exchange.node import PeerResult
@@ -27,6 +27,11 @@ from exchange.node import PeerResult
 PEER_PATH = "/v1/peer/envelopes"
 WITNESS_PREFIX = "/v1/peer/witness"  # the partner's C2SP tlog-witness submission prefix
 HISTORY_PATH = "/v1/peer/audit/messages"
+
+#: Statuses by which the partner refuses the content of a batch (malformed, too large, wrong media
+#: type, invalid): the worker splits the batch and fails a single envelope so refused. Any other
+#: status (401, 403, 429, 5xx, ...) is about the link or the partner, and is retried.
+CONTENT_REFUSALS = frozenset({400, 413, 415, 422})
 
 
 @dataclass(frozen=True)
@@ -94,8 +99,9 @@ class PeerTransport(Protocol):
     """How the node reaches the partner: envelope batches and witness requests."""
 
     def send(self, envelopes: Sequence[str]) -> list[PeerResult]:
-        """One result per envelope, in order. Raises TransportError if the batch may not have
-        been processed (retry it)."""
+        """One result per envelope, in order. Raises PartnerRefused if the partner refused the
+        batch's content (split it), TransportError if the batch may not have been processed
+        (retry it)."""
         ...
 
     def witness(self, request: WitnessRequest) -> WitnessAnswer:
@@ -144,6 +150,14 @@ def parse_results(body: object, expected: int) -> list[PeerResult]:
     return parsed
 
 
+def _detail(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return ""
+    return str(body.get("detail", ""))[:200] if isinstance(body, dict) else ""
+
+
 class HttpsPeerTransport:
     """Batches of envelopes to the partner's ``/v1/peer/envelopes`` over mutual TLS."""
 
@@ -160,6 +174,8 @@ class HttpsPeerTransport:
             response = self._client.post(PEER_PATH, json={"envelopes": list(envelopes)})
         except httpx.HTTPError as exc:
             raise TransportError(f"partner unreachable: {type(exc).__name__}: {exc}") from exc
+        if response.status_code in CONTENT_REFUSALS:
+            raise PartnerRefused(response.status_code, _detail(response))
         if response.status_code != 200:
             raise TransportError(f"partner answered HTTP {response.status_code}")
         try:

@@ -1,9 +1,22 @@
 """The delivery worker: drains the transactional outbox to the partner node.
 
-Guarantees: a message leaves the outbox only in the transaction that records its verified receipt
-(delivered) or the partner's rejection (failed), together with their ledger entries. A crash at any
-point leaves the row in the outbox; its lease expires and it is sent again, and the partner answers
-a redelivery with the original receipt. Transport failures back off exponentially with jitter.
+Guarantees:
+
+- a message leaves the outbox only in the transaction that records its verified receipt
+  (``delivered``), the partner's rejection or refusal, or its expiry (``failed``, with a reason),
+  together with their ledger entries. A crash at any point leaves the row in the outbox; the lease
+  names its holder, and a restarted worker takes its own leases back at once (another worker waits
+  for the lease to run out). The partner answers a redelivery with the original receipt.
+- the oldest messages go first, in batches bounded by count and by bytes (the agreement's
+  ``max_envelope_bytes`` and the partner's matching body limit). A partner's 4xx about a batch's
+  content splits the batch, and fails alone the one envelope it refuses: it never holds the others.
+- backoff is per partner, not per message: while the partner is unreachable, one probe (one batch,
+  one connection) goes out on the backoff schedule; once a delivery succeeds, everything waiting
+  goes at once, oldest first. A probe is never scheduled past the oldest waiting message's deadline
+  when an earlier one can still save it.
+- a message not delivered within ``min(delivery_max_wait_seconds, replay_window_seconds -
+  delivery_expiry_margin_seconds)`` of its submission ends ``failed`` with the reason ``expired``,
+  ledgered: it is never lost silently to the partner's replay window (docs/adr/0010).
 """
 
 from __future__ import annotations
@@ -11,13 +24,22 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from exchange import envelope
 from exchange.db import repo
-from exchange.errors import EnvelopeError, TransportError
+from exchange.envelope.size import batch_bytes, peer_body_limit
+from exchange.errors import (
+    ConfigurationError,
+    DatabaseUnavailable,
+    EnvelopeError,
+    PartnerRefused,
+    TransportError,
+)
 from exchange.ledger import EntryDraft
 from exchange.node import Node, PeerResult, iso
 from exchange.transport.peer import PeerTransport
@@ -31,8 +53,69 @@ def backoff_delay(attempts: int, *, base: float, cap: float, jitter: float) -> f
     return ceiling / 2 + ceiling / 2 * jitter
 
 
+def probe_delay(
+    failures: int, *, base: float, cap: float, jitter: float, until_deadline: float | None
+) -> float:
+    """When to probe the partner again after ``failures`` failed rounds in a row.
+
+    The backoff delay, but never beyond half the time left before the oldest waiting message
+    expires (and never below ``base``): probes close in on a deadline instead of jumping past it.
+    """
+    delay = backoff_delay(failures, base=base, cap=cap, jitter=jitter)
+    if until_deadline is not None:
+        delay = min(delay, max(base, until_deadline / 2))
+    return delay
+
+
+@dataclass
+class PartnerBackoff:
+    """The partner's state as the worker sees it: how many rounds failed in a row, and when to
+    probe next. In memory: a restarted worker probes at once."""
+
+    failures: int = 0
+    retry_at: float = 0.0
+
+    def ready(self, now: float) -> bool:
+        return now >= self.retry_at
+
+    def failed(self, now: float, delay: float) -> None:
+        self.failures += 1
+        self.retry_at = now + delay
+
+    def succeeded(self) -> None:
+        self.failures = 0
+        self.retry_at = 0.0
+
+
+@dataclass(frozen=True)
+class Refused:
+    """The partner refused one envelope by HTTP status (for example 413: larger than it accepts)."""
+
+    status: int
+    detail: str
+
+
+Outcome = PeerResult | Refused
+
+
+def delivery_expiry_seconds(max_wait: float, replay_window: float, margin: float) -> float:
+    """How long a message may wait before it ends ``failed`` with the reason ``expired``.
+
+    Raises:
+        ConfigurationError: the margin leaves no time inside the replay window.
+    """
+    if replay_window - margin <= 0:
+        raise ConfigurationError("delivery_expiry_margin_seconds must be smaller than replay_window_seconds")
+    return min(max_wait, replay_window - margin)
+
+
+def default_worker_id(node: Node) -> str:
+    """Host name and node directory: the same after a restart, different for another node."""
+    return f"{socket.gethostname()}:{node.settings.node_dir.resolve()}"[:200]
+
+
 class DeliveryWorker:
-    """Claims due envelopes in batches, sends them, and records receipts or failures."""
+    """Claims due envelopes in batches, sends them, and records receipts, refusals or expiry."""
 
     def __init__(
         self,
@@ -42,138 +125,124 @@ class DeliveryWorker:
         clock: Callable[[], float] = time.time,
         jitter: Callable[[], float] = random.random,
     ) -> None:
+        settings = node.settings
         self.node = node
         self.transport = transport
         self.clock = clock
         self.jitter = jitter
+        self.worker_id = settings.delivery_worker_id or default_worker_id(node)
+        self.expiry_seconds = delivery_expiry_seconds(
+            settings.delivery_max_wait_seconds,
+            settings.replay_window_seconds,
+            settings.delivery_expiry_margin_seconds,
+        )
+        self.max_request_bytes = peer_body_limit(node.agreement.max_envelope_bytes)
+        self.partner = PartnerBackoff()
+        self._recovered = False
         self._stop = threading.Event()
         self._wake = threading.Event()
 
+    # --- one round -------------------------------------------------------------------------------
+
     def run_once(self) -> int:
         """One delivery round; returns how many envelopes were settled (delivered or failed)."""
+        if not self._recovered:
+            self.recover_leases()
         settings = self.node.settings
         now = self.clock()
+        settled = self.expire_overdue(now)
+        if not self.partner.ready(now):
+            return settled
         with self.node.db.transaction() as conn:
             claimed = repo.claim_due(
                 conn,
                 now=now,
                 lease_seconds=settings.delivery_lease_seconds,
                 limit=settings.delivery_batch_size,
+                max_bytes=self.max_request_bytes,
+                worker=self.worker_id,
+                frame=batch_bytes,
             )
+            repo.set_status(conn, [c.message_id for c in claimed], status="sent", updated_at=self._at(now))
             for item in claimed:
-                repo.update_message(
-                    conn,
-                    item.message_id,
-                    status="sent",
-                    attempts=item.attempts,
-                    updated_at=iso(dt.datetime.fromtimestamp(now, dt.UTC)),
-                )
+                repo.update_message(conn, item.message_id, attempts=item.attempts)
         if not claimed:
-            return 0
-        try:
-            results = self.transport.send([c.envelope for c in claimed])
-        except TransportError as exc:
-            self._retry_later(claimed, str(exc))
-            return 0
-        return self._settle(claimed, results)
+            return settled
+        done, rest, error = self._deliver(claimed)
+        if done:
+            settled += self._settle(done)
+        if error is not None:
+            self._partner_down(rest, error)
+        else:
+            self.partner.succeeded()
+        return settled
 
-    def _retry_later(self, claimed: list[repo.Claimed], error: str) -> None:
+    def _deliver(
+        self, claimed: list[repo.Claimed]
+    ) -> tuple[list[tuple[repo.Claimed, Outcome]], list[repo.Claimed], TransportError | None]:
+        """Send ``claimed`` oldest first, splitting a batch whose content the partner refuses.
+
+        Returns what got an answer, what did not, and the transport error that stopped it."""
+        done: list[tuple[repo.Claimed, Outcome]] = []
+        pending = [claimed]
+        while pending:
+            part = pending.pop(0)
+            try:
+                results = self.transport.send([c.envelope for c in part])
+            except PartnerRefused as exc:
+                if len(part) == 1:
+                    log.warning("the partner refused message %s: %s", part[0].message_id, exc)
+                    done.append((part[0], Refused(exc.status, str(exc))))
+                else:
+                    half = len(part) // 2
+                    pending[0:0] = [part[:half], part[half:]]
+                continue
+            except TransportError as exc:
+                return done, [c for p in (part, *pending) for c in p], exc
+            done.extend(zip(part, results, strict=True))
+        return done, [], None
+
+    def _partner_down(self, rest: list[repo.Claimed], error: TransportError) -> None:
         settings = self.node.settings
         now = self.clock()
-        log.warning("delivery of %d envelope(s) deferred: %s", len(claimed), error)
+        with self.node.db.read() as conn:
+            oldest = repo.oldest_waiting(conn)
+        until_deadline = oldest + self.expiry_seconds - now if oldest is not None else None
+        delay = probe_delay(
+            self.partner.failures + 1,
+            base=settings.delivery_backoff_base_seconds,
+            cap=settings.delivery_backoff_max_seconds,
+            jitter=self.jitter(),
+            until_deadline=until_deadline,
+        )
+        self.partner.failed(now, delay)
+        log.warning(
+            "partner %s unavailable (%s); %d envelope(s) back in the queue; next probe in %.1fs",
+            self.node.partner_party,
+            error,
+            len(rest),
+            delay,
+        )
         with self.node.db.transaction() as conn:
-            for item in claimed:
-                delay = backoff_delay(
-                    item.attempts,
-                    base=settings.delivery_backoff_base_seconds,
-                    cap=settings.delivery_backoff_max_seconds,
-                    jitter=self.jitter(),
-                )
-                repo.reschedule(conn, item.message_id, next_attempt_at=now + delay, error=error)
+            repo.release(conn, [c.message_id for c in rest], now=now, error=str(error))
+            for item in rest:
                 repo.update_message(
                     conn,
                     item.message_id,
                     status="queued",
-                    status_reason=f"attempt {item.attempts} failed: {error}; retrying in {delay:.1f}s",
-                    updated_at=iso(dt.datetime.fromtimestamp(now, dt.UTC)),
+                    status_reason=f"attempt {item.attempts} failed: {error}; the partner is probed"
+                    f" again in {delay:.1f}s",
+                    updated_at=self._at(now),
                 )
 
-    def _settle(self, claimed: list[repo.Claimed], results: list[PeerResult]) -> int:
-        now_dt = dt.datetime.fromtimestamp(self.clock(), dt.UTC)
-        at = iso(now_dt)
-        partner = self.node.partner
+    def _settle(self, done: list[tuple[repo.Claimed, Outcome]]) -> int:
+        at = self._at(self.clock())
         drafts: list[EntryDraft] = []
         updates: list[tuple[str, dict[str, object]]] = []
-        for item, result in zip(claimed, results, strict=True):
-            if not result.accepted or result.receipt is None:
-                updates.append(
-                    (item.message_id, {"status": "failed", "status_reason": "rejected by the partner node"})
-                )
-                drafts.append(
-                    EntryDraft(
-                        event="message.delivery_failed",
-                        message_id=item.message_id,
-                        actor=self.node.partner_party,
-                        decision="deny",
-                        data={"envelope_sha256": item.envelope_sha256, "reason": "rejected"},
-                    )
-                )
-                continue
-            try:
-                receipt = envelope.verify_receipt(
-                    result.receipt,
-                    verification_keys=partner.verification,
-                    expected_message_id=item.message_id,
-                    expected_envelope_sha256=item.envelope_sha256,
-                    expected_receiver=self.node.partner_party,
-                )
-            except EnvelopeError as exc:
-                log.error("invalid receipt for message %s: %s", item.message_id, exc)
-                updates.append(
-                    (item.message_id, {"status": "failed", "status_reason": f"invalid receipt: {exc.reason}"})
-                )
-                drafts.append(
-                    EntryDraft(
-                        event="receipt.invalid",
-                        message_id=item.message_id,
-                        actor=self.node.partner_party,
-                        decision="deny",
-                        data={"reason": exc.reason},
-                    )
-                )
-                continue
-            updates.append(
-                (
-                    item.message_id,
-                    {
-                        "status": "delivered",
-                        "status_reason": None,
-                        "envelope": None,  # the transport JWE is not kept: the content is at rest
-                        "receipt": receipt.compact,
-                        "receipt_at": receipt.received_at,
-                    },
-                )
-            )
-            drafts.append(
-                EntryDraft(
-                    event="message.sent",
-                    message_id=item.message_id,
-                    actor=self.node.party,
-                    data={"envelope_sha256": item.envelope_sha256, "attempts": item.attempts},
-                )
-            )
-            drafts.append(
-                EntryDraft(
-                    event="receipt.verified",
-                    message_id=item.message_id,
-                    actor=self.node.partner_party,
-                    decision="allow",
-                    data={
-                        "receipt_sha256": envelope.envelope_digest(receipt.compact),
-                        "signer_kid": receipt.signer_kid,
-                    },
-                )
-            )
+        for item, outcome in done:
+            values, entries = self._judge(item, outcome)
+            updates.append((item.message_id, values))
+            drafts.extend(entries)
         with self.node.db.transaction() as conn:
             head = repo.lock_ledger_head(conn)
             settled = [(mid, values) for mid, values in updates if repo.dequeue(conn, mid)]
@@ -183,6 +252,123 @@ class DeliveryWorker:
             repo.append_ledger(conn, head, [d for d in drafts if d.message_id in kept], at)
         return len(settled)
 
+    def _judge(self, item: repo.Claimed, outcome: Outcome) -> tuple[dict[str, object], list[EntryDraft]]:
+        """The row update and ledger entries for one answered envelope."""
+        if isinstance(outcome, Refused):
+            reason = f"refused by the partner node: HTTP {outcome.status}"
+            if outcome.status == 413:
+                reason += f" (an envelope of {len(item.envelope)} bytes is larger than it accepts)"
+            return {"status": "failed", "status_reason": reason}, [
+                self._failure(item, f"http-{outcome.status}")
+            ]
+        if not outcome.accepted or outcome.receipt is None:
+            return {"status": "failed", "status_reason": "rejected by the partner node"}, [
+                self._failure(item, "rejected")
+            ]
+        try:
+            receipt = envelope.verify_receipt(
+                outcome.receipt,
+                verification_keys=self.node.partner.verification,
+                expected_message_id=item.message_id,
+                expected_envelope_sha256=item.envelope_sha256,
+                expected_receiver=self.node.partner_party,
+            )
+        except EnvelopeError as exc:
+            log.error("invalid receipt for message %s: %s", item.message_id, exc)
+            return {"status": "failed", "status_reason": f"invalid receipt: {exc.reason}"}, [
+                EntryDraft(
+                    event="receipt.invalid",
+                    message_id=item.message_id,
+                    actor=self.node.partner_party,
+                    decision="deny",
+                    data={"reason": exc.reason},
+                )
+            ]
+        values: dict[str, object] = {
+            "status": "delivered",
+            "status_reason": None,
+            "envelope": None,  # the transport JWE is not kept: the content is at rest
+            "receipt": receipt.compact,
+            "receipt_at": receipt.received_at,
+        }
+        return values, [
+            EntryDraft(
+                event="message.sent",
+                message_id=item.message_id,
+                actor=self.node.party,
+                data={"envelope_sha256": item.envelope_sha256, "attempts": item.attempts},
+            ),
+            EntryDraft(
+                event="receipt.verified",
+                message_id=item.message_id,
+                actor=self.node.partner_party,
+                decision="allow",
+                data={
+                    "receipt_sha256": envelope.envelope_digest(receipt.compact),
+                    "signer_kid": receipt.signer_kid,
+                },
+            ),
+        ]
+
+    def _failure(self, item: repo.Claimed | repo.Waiting, reason: str) -> EntryDraft:
+        return EntryDraft(
+            event="message.delivery_failed",
+            message_id=item.message_id,
+            actor=self.node.partner_party,
+            decision="deny",
+            data={"envelope_sha256": item.envelope_sha256, "reason": reason, "attempts": item.attempts},
+        )
+
+    # --- leases and expiry -----------------------------------------------------------------------
+
+    def recover_leases(self) -> list[str]:
+        """Take back the leases this worker held before a restart: none of them is in flight any
+        more, so they are due at once instead of when the lease runs out."""
+        now = self.clock()
+        with self.node.db.transaction() as conn:
+            ids = repo.release_leases_of(conn, self.worker_id, now=now)
+            repo.set_status(
+                conn,
+                ids,
+                status="queued",
+                status_reason="in flight when the node stopped; sending again",
+                updated_at=self._at(now),
+            )
+        self._recovered = True
+        if ids:
+            log.warning("took back %d lease(s) held before a restart", len(ids))
+        return ids
+
+    def expire_overdue(self, now: float) -> int:
+        """End ``failed`` (reason ``expired``, ledgered) every waiting message past its deadline."""
+        cutoff = now - self.expiry_seconds
+        with self.node.db.read() as conn:
+            oldest = repo.oldest_waiting(conn)
+        if oldest is None or oldest >= cutoff:
+            return 0
+        reason = (
+            f"expired: not delivered within {self.expiry_seconds:g}s of submission (the partner's"
+            " replay window less the margin, or delivery_max_wait_seconds); resubmit it if still needed"
+        )
+        at = self._at(now)
+        with self.node.db.transaction() as conn:
+            head = repo.lock_ledger_head(conn)
+            waiting = repo.overdue(
+                conn, enqueued_before=cutoff, now=now, limit=self.node.settings.delivery_batch_size
+            )
+            gone = [w for w in waiting if repo.dequeue(conn, w.message_id)]
+            repo.set_status(
+                conn, [w.message_id for w in gone], status="failed", status_reason=reason, updated_at=at
+            )
+            repo.append_ledger(conn, head, [self._failure(w, "expired") for w in gone], at)
+        if gone:
+            log.warning("%d message(s) expired undelivered", len(gone))
+        return len(gone)
+
+    @staticmethod
+    def _at(now: float) -> str:
+        return iso(dt.datetime.fromtimestamp(now, dt.UTC))
+
     # --- background loop -------------------------------------------------------------------------
 
     def wake(self) -> None:
@@ -190,11 +376,14 @@ class DeliveryWorker:
         self._wake.set()
 
     def run_forever(self) -> None:
-        """Deliver until :meth:`stop`; never dies on an error, only logs it and backs off."""
+        """Deliver until :meth:`stop`; never dies on an error, only logs it and backs off. An
+        unavailable database is a condition the Database logs once, not a traceback per round."""
         poll = self.node.settings.delivery_poll_seconds
         while not self._stop.is_set():
             try:
                 settled = self.run_once()
+            except DatabaseUnavailable:
+                settled = 0
             except Exception:
                 log.exception("delivery round failed; retrying")
                 settled = 0

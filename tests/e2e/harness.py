@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 import sqlalchemy as sa
+import tomli_w
 
 from exchange.client import ExchangeClient
+from exchange.db.engine import normalise_url
 from exchange.demo import NodeProcess
 from tests.support import CLIENT_PASSPHRASE, PASSPHRASE, ClientFiles, NodeDir, make_pair, set_node_options
 
@@ -31,7 +34,8 @@ class Running:
         )
 
     def db(self) -> sa.Engine:
-        return sa.create_engine(f"sqlite:///{self.node.path / 'node.db'}")
+        url = tomllib.loads((self.node.path / "node.toml").read_text()).get("database_url")
+        return sa.create_engine(normalise_url(url) if url else f"sqlite:///{self.node.path / 'node.db'}")
 
     def count_messages(self, message_id: str) -> int:
         engine = self.db()
@@ -43,21 +47,34 @@ class Running:
         return int(n)
 
 
-def start_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Running, Running]]:
+def start_nodes(
+    tmp_path_factory: pytest.TempPathFactory,
+    options: dict[str, object] | None = None,
+    agreement: dict[str, object] | None = None,
+    db_urls: tuple[str | None, str | None] = (None, None),
+) -> Iterator[tuple[Running, Running]]:
+    """Two nodes over mutual TLS; ``options`` and ``agreement`` override node settings and agreement
+    fields (the same agreement for both)."""
     root = tmp_path_factory.mktemp("e2e")
     mp = pytest.MonkeyPatch()
     mp.setenv("EXCHANGE_KEY_PASSPHRASE", PASSPHRASE)
     mp.setenv("EXCHANGE_CLIENT_KEY_PASSPHRASE", CLIENT_PASSPHRASE)
-    id_dir, my_dir = make_pair(root)
+    id_dir, my_dir = make_pair(root, db_urls)
     for nd in (id_dir, my_dir):
         set_node_options(
             nd.path,
-            delivery_backoff_base_seconds=0.1,
-            delivery_backoff_max_seconds=0.5,
-            delivery_lease_seconds=3.0,
-            checkpoint_interval_seconds=0.5,
-            delivery_poll_seconds=0.05,
+            **{
+                "delivery_backoff_base_seconds": 0.1,
+                "delivery_backoff_max_seconds": 0.5,
+                "delivery_lease_seconds": 3.0,
+                "checkpoint_interval_seconds": 0.5,
+                "delivery_poll_seconds": 0.05,
+                **(options or {}),
+            },
         )
+        if agreement:
+            path = nd.path / "agreement.toml"
+            path.write_text(tomli_w.dumps({**tomllib.loads(path.read_text()), **agreement}))
     env = {k: v for k, v in os.environ.items() if not k.startswith("EXCHANGE_")}
     env["EXCHANGE_KEY_PASSPHRASE"] = PASSPHRASE
     running = []

@@ -41,8 +41,10 @@ class Loopback:
         self.down = False
         self.lose_answer = False  # deliver, then fail as if the connection dropped
         self.batches = 0
+        self.attempts = 0  # connections tried, successful or not
 
     def send(self, envelopes: Sequence[str]) -> list[PeerResult]:
+        self.attempts += 1
         if self.down:
             raise TransportError("partner unreachable: connection refused")
         self.batches += 1
@@ -239,10 +241,10 @@ def test_partner_down_messages_wait_with_backoff_and_go_when_it_returns(pair) ->
     waits = []
     for _ in range(4):
         assert worker.run_once() == 0
-        with id_node.db.transaction() as conn:
-            row = conn.execute(sa.text("select min(next_attempt_at) from outbox")).scalar_one()
-        waits.append(row - clock.now)
-        clock.now = row
+        assert worker.run_once() == 0  # backing off: no connection before the next probe
+        waits.append(worker.partner.retry_at - clock.now)
+        clock.now = worker.partner.retry_at
+    assert transport.attempts == 4  # one probe per backoff step, not one per message
     assert waits == sorted(waits)
     assert waits[-1] > waits[0]
     transport.down = False

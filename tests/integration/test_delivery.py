@@ -1,0 +1,319 @@
+"""Delivery and faults on SQLite and PostgreSQL, through the real migrations, without sockets: the
+size limit, byte-bounded batches, a partner's 4xx about one envelope, expiry, leases, idempotent
+submission and an unavailable database."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import threading
+import tomllib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+import tomli_w
+
+from exchange.config import load_settings
+from exchange.db import repo
+from exchange.errors import (
+    DatabaseUnavailable,
+    IdempotencyKeyReused,
+    InvalidInput,
+    MessageTooLarge,
+    PartnerRefused,
+)
+from exchange.idempotency import IdempotentSubmission
+from exchange.messages import MessageSubmission
+from exchange.node import Node, PeerResult
+from exchange.transport.worker import DeliveryWorker
+from tests.integration.test_node_flow import Clock, Loopback, actor
+from tests.support import NodeDir, make_pair, rfi, set_node_options
+
+Pair = tuple[NodeDir, NodeDir, Node, Node]
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def set_agreement(nodes: Sequence[NodeDir], **values: object) -> None:
+    """Change the agreement both nodes hold (the same file, so they still agree on its digest)."""
+    for nd in nodes:
+        path = nd.path / "agreement.toml"
+        data = tomllib.loads(path.read_text())
+        data.update(values)
+        path.write_text(tomli_w.dumps(data))
+
+
+@pytest.fixture
+def pair(tmp_path: Path, db_urls: tuple[str | None, str | None]) -> Iterator[Pair]:
+    id_dir, my_dir = make_pair(tmp_path, db_urls)
+    set_agreement((id_dir, my_dir), max_envelope_bytes=256 * 1024)
+    for nd in (id_dir, my_dir):
+        set_node_options(nd.path, replay_window_seconds=5, delivery_expiry_margin_seconds=1)
+    id_node, my_node = Node(load_settings(id_dir.path)), Node(load_settings(my_dir.path))
+    yield id_dir, my_dir, id_node, my_node
+    id_node.close()
+    my_node.close()
+
+
+def padded_payload(size: int) -> dict[str, object]:
+    """An EVIDENCE_TRANSFER payload carrying about ``size`` bytes of (base64) photographs."""
+    chunk = 200_000  # the schema's largest item content
+    items = []
+    for i in range(0, max(size, 1), chunk):
+        content = "QUJD" * (min(chunk, size - i) // 4)
+        items.append(
+            {
+                "subject": "SUS-001",
+                "description": f"photograph {i // chunk}",
+                "kind": "PHOTOGRAPH",
+                "sha256": "a" * 64,
+                "content": content,
+            }
+        )
+    return {"summary": "photographs of the recruiters' premises", "items": items}
+
+
+def evidence(size: int) -> dict[str, object]:
+    """A valid EVIDENCE_TRANSFER submission of about ``size`` bytes of evidence."""
+    return rfi(
+        type="EVIDENCE_TRANSFER",
+        data_subjects=[{"pseudonym": "SUS-001", "role": "SUSPECT"}],
+        payload=padded_payload(size),
+    )
+
+
+def padded(size: int) -> MessageSubmission:
+    return MessageSubmission.model_validate(evidence(size))
+
+
+def test_a_message_whose_sealed_envelope_exceeds_the_agreement_limit_is_refused_naming_it(
+    pair: Pair,
+) -> None:
+    id_dir, _my_dir, id_node, _my_node = pair
+    polri = actor(id_node, id_dir, "polri-cms")
+    with pytest.raises(MessageTooLarge) as info:
+        id_node.submit(polri, padded(200_000), now())
+    assert info.value.limit == 256 * 1024
+    assert info.value.size > info.value.limit
+    assert "262144 bytes" in str(info.value)
+    with id_node.db.read() as conn:
+        assert repo.outbox_size(conn) == 0
+
+
+def test_the_receiver_opens_what_the_limit_allows_beyond_the_jose_library_defaults(pair: Pair) -> None:
+    """joserfc refuses a JWS payload over 128,000 bytes by default: a ~130 KB body was accepted by
+    the sender and then always rejected as `bad-signature`. The limits now follow the agreement."""
+    id_dir, my_dir, id_node, my_node = pair
+    accepted = id_node.submit(actor(id_node, id_dir, "polri-cms"), padded(130_000), now())
+    assert DeliveryWorker(id_node, Loopback(my_node)).run_once() == 1
+    assert id_node.status(actor(id_node, id_dir, "polri-cms"), accepted["id"], now())["status"] == "delivered"
+    items = my_node.inbox(actor(my_node, my_dir, "pdrm-d7"), 0, 10, now()).items
+    assert items[0]["payload"] == padded_payload(130_000)
+
+
+class BodyLimitedLoopback(Loopback):
+    """The partner behind a body limit: a batch whose request body is over ``limit`` gets 413 (as
+    the partner's BodyLimit answers), whatever else is in it."""
+
+    def __init__(self, partner: Node, limit: int) -> None:
+        super().__init__(partner)
+        self.limit = limit
+        self.sizes: list[int] = []
+
+    def send(self, envelopes: Sequence[str]) -> list[PeerResult]:
+        body = len(json.dumps({"envelopes": list(envelopes)}))
+        self.sizes.append(body)
+        if body > self.limit:
+            self.attempts += 1
+            raise PartnerRefused(413, f"the body exceeds {self.limit} bytes")
+        return super().send(envelopes)
+
+
+def test_a_partner_4xx_about_one_envelope_fails_that_envelope_and_never_holds_the_batch(pair: Pair) -> None:
+    id_dir, _my_dir, id_node, my_node = pair
+    polri = actor(id_node, id_dir, "polri-cms")
+    small = [id_node.submit(polri, MessageSubmission.model_validate(rfi()), now())["id"] for _ in range(3)]
+    big = id_node.submit(polri, padded(100_000), now())["id"]
+    small += [id_node.submit(polri, MessageSubmission.model_validate(rfi()), now())["id"] for _ in range(3)]
+    transport = BodyLimitedLoopback(my_node, limit=100_000)  # a partner configured below the agreement
+    worker = DeliveryWorker(id_node, transport)
+    assert worker.run_once() == 7  # one round: split, six delivered, the big one failed
+    assert {id_node.status(polri, m, now())["status"] for m in small} == {"delivered"}
+    failed = id_node.status(polri, big, now())
+    assert failed["status"] == "failed"
+    assert "HTTP 413" in failed["status_reason"]
+    assert worker.partner.failures == 0  # a refusal is not an outage
+    with id_node.db.read() as conn:
+        entries = [e for e in repo.iter_ledger(conn) if e.event == "message.delivery_failed"]
+        assert repo.outbox_size(conn) == 0
+    assert [(e.message_id, e.data["reason"]) for e in entries] == [(big, "http-413")]
+
+
+def test_batches_are_bounded_by_bytes_as_well_as_count(pair: Pair) -> None:
+    id_dir, _my_dir, id_node, my_node = pair
+    polri = actor(id_node, id_dir, "polri-cms")
+    ids = [id_node.submit(polri, padded(20_000), now())["id"] for _ in range(8)]
+    transport = BodyLimitedLoopback(my_node, limit=10**9)
+    worker = DeliveryWorker(id_node, transport)
+    worker.max_request_bytes = 100_000  # as a smaller agreement limit would make it
+    settled = 0
+    while (n := worker.run_once()) > 0:
+        settled += n
+    assert settled == 8
+    assert len(transport.sizes) >= 3
+    assert max(transport.sizes) <= 100_000
+    assert {id_node.status(polri, m, now())["status"] for m in ids} == {"delivered"}
+
+
+def test_a_message_not_delivered_within_the_replay_window_ends_failed_expired_and_ledgered(
+    pair: Pair,
+) -> None:
+    id_dir, _my_dir, id_node, my_node = pair
+    polri = actor(id_node, id_dir, "polri-cms")
+    clock = Clock()
+    transport = Loopback(my_node)
+    transport.down = True
+    worker = DeliveryWorker(id_node, transport, clock=clock, jitter=lambda: 0.0)
+    assert worker.expiry_seconds == 4  # replay window 5 s less the 1 s margin
+    old = id_node.submit(polri, MessageSubmission.model_validate(rfi()), now())["id"]
+    assert worker.run_once() == 0
+    clock.now += 3
+    young = id_node.submit(
+        polri, MessageSubmission.model_validate(rfi()), dt.datetime.fromtimestamp(clock.now, dt.UTC)
+    )["id"]
+    clock.now += 1.5  # the old one is past its deadline, the young one is not
+    assert worker.run_once() == 1
+    status = id_node.status(polri, old, now())
+    assert status["status"] == "failed"
+    assert status["status_reason"].startswith("expired")
+    with id_node.db.read() as conn:
+        failed = [e for e in repo.iter_ledger(conn) if e.event == "message.delivery_failed"]
+    assert [(e.message_id, e.data["reason"]) for e in failed] == [(old, "expired")]
+    transport.down = False
+    clock.now = max(clock.now, worker.partner.retry_at)
+    assert worker.run_once() == 1
+    assert id_node.status(polri, young, now())["status"] == "delivered"
+
+
+def test_backoff_never_pushes_the_next_probe_past_the_oldest_message_s_deadline(pair: Pair) -> None:
+    id_dir, _my_dir, id_node, my_node = pair
+    set_node_options(id_dir.path, delivery_backoff_max_seconds=300.0)
+    clock = Clock()
+    transport = Loopback(my_node)
+    transport.down = True
+    node = Node(load_settings(id_dir.path), id_node.db)
+    worker = DeliveryWorker(node, transport, clock=clock, jitter=lambda: 0.99)
+    mid = node.submit(actor(node, id_dir, "polri-cms"), MessageSubmission.model_validate(rfi()), now())["id"]
+    deadline = clock.now - 1.0 + worker.expiry_seconds
+    for _ in range(10):
+        worker.run_once()
+        if worker.partner.retry_at >= deadline:
+            break
+        clock.now = worker.partner.retry_at
+    assert clock.now < deadline  # every probe before it fell inside the window
+    assert transport.attempts >= 3
+    transport.down = False
+    worker.partner.retry_at = clock.now  # the partner is back just before the deadline
+    assert worker.run_once() == 1
+    assert node.status(actor(node, id_dir, "polri-cms"), mid, now())["status"] == "delivered"
+
+
+def test_a_restarted_node_takes_back_its_own_leases_at_once(pair: Pair) -> None:
+    id_dir, _my_dir, id_node, my_node = pair
+    polri = actor(id_node, id_dir, "polri-cms")
+    mine = id_node.submit(polri, MessageSubmission.model_validate(rfi()), now())["id"]
+    theirs = id_node.submit(polri, MessageSubmission.model_validate(rfi()), now())["id"]
+    crashed = DeliveryWorker(id_node, Loopback(my_node))
+    t = now().timestamp() + 1
+    with id_node.db.transaction() as conn:  # what the crashed worker had claimed: leased for 60 s
+        for mid, holder in ((mine, crashed.worker_id), (theirs, "another-host:/srv/node")):
+            conn.execute(
+                sa.text("update outbox set next_attempt_at = :n, leased_by = :w where message_id = :m"),
+                {"n": t + 60, "w": holder, "m": mid},
+            )
+    restarted = DeliveryWorker(id_node, Loopback(my_node), clock=lambda: t)
+    assert restarted.run_once() == 1  # its own lease at once; another worker's waits for expiry
+    assert id_node.status(polri, mine, now())["status"] == "delivered"
+    assert id_node.status(polri, theirs, now())["status"] == "queued"
+
+
+def test_a_retried_submission_with_the_same_idempotency_key_returns_the_original_answer(pair: Pair) -> None:
+    id_dir, _my_dir, id_node, _my_node = pair
+    polri = actor(id_node, id_dir, "polri-cms")
+    service = IdempotentSubmission(id_node)
+    first, replayed = service.submit(polri, MessageSubmission.model_validate(rfi()), "order-42", now())
+    assert not replayed
+    again, replayed = service.submit(polri, MessageSubmission.model_validate(rfi()), "order-42", now())
+    assert replayed
+    assert again == first
+    with pytest.raises(IdempotencyKeyReused):
+        service.submit(
+            polri, MessageSubmission.model_validate(rfi(case_ref="ID-MY/2026/0002")), "order-42", now()
+        )
+    with pytest.raises(InvalidInput):
+        service.submit(polri, MessageSubmission.model_validate(rfi()), "bad key", now())
+    with id_node.db.read() as conn:
+        assert repo.outbox_size(conn) == 1
+
+
+def test_concurrent_submissions_with_one_idempotency_key_make_one_message(pair: Pair) -> None:
+    id_dir, _my_dir, id_node, _my_node = pair
+    polri = actor(id_node, id_dir, "polri-cms")
+    service = IdempotentSubmission(id_node)
+    answers: list[str] = []
+    barrier = threading.Barrier(4)
+
+    def submit() -> None:
+        barrier.wait()
+        answer, _ = service.submit(polri, MessageSubmission.model_validate(rfi()), "same-key", now())
+        answers.append(answer["id"])
+
+    threads = [threading.Thread(target=submit) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(answers) == 4
+    assert len(set(answers)) == 1
+    with id_node.db.read() as conn:
+        assert repo.outbox_size(conn) == 1
+
+
+def test_a_full_disk_is_database_unavailable_logged_once_then_recovers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SQLITE_FULL, the error a full disk gives, made real by capping the database's pages at the
+    current size (no test may fill the machine's disk)."""
+    id_dir, _my_dir = make_pair(tmp_path)
+    node = Node(load_settings(id_dir.path))
+    polri = actor(node, id_dir, "polri-cms")
+    node.submit(polri, MessageSubmission.model_validate(rfi()), now())
+    full = {"on": True}
+
+    def cap_pages(dbapi_conn: object, _record: object) -> None:
+        if full["on"]:
+            cur = dbapi_conn.cursor()  # type: ignore[attr-defined]
+            pages = cur.execute("PRAGMA page_count").fetchone()[0]
+            cur.execute(f"PRAGMA max_page_count = {pages}")
+            cur.close()
+
+    sa.event.listen(node.db.engine, "connect", cap_pages)
+    node.db.engine.dispose()
+    caplog.set_level(logging.INFO, logger="exchange")
+    for _ in range(5):
+        with pytest.raises(DatabaseUnavailable):
+            node.submit(polri, padded(60_000), now())
+    conditions = [r for r in caplog.records if "unavailable" in r.getMessage()]
+    assert len(conditions) == 1
+    assert "full" in conditions[0].getMessage()
+    assert not any(r.exc_info for r in caplog.records)
+    full["on"] = False
+    node.db.engine.dispose()
+    node.submit(polri, MessageSubmission.model_validate(rfi()), now())
+    assert any("available again" in r.getMessage() for r in caplog.records)
+    node.close()
