@@ -325,6 +325,25 @@ def _field_error(prefix: str, err: Any) -> FieldError:
     return FieldError("/".join([prefix, *(str(p) for p in err["loc"])]), str(err["msg"]))
 
 
+def raw_vocabulary_errors(agreement: Agreement, body: Mapping[str, Any]) -> list[FieldError]:
+    """The vocabulary errors of a raw submission body whose shape failed validation, so that one
+    answer names every invalid field (values of the wrong shape are left to the shape's errors)."""
+
+    def strings(value: Any) -> list[str]:
+        return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+
+    tlp, priority, mtype = body.get("tlp"), body.get("priority"), body.get("type")
+    fields = {
+        "type": mtype if isinstance(mtype, str) and mtype else next(iter(agreement.message_types)),
+        "purposes": strings(body.get("purposes")),
+        "tlp": tlp if isinstance(tlp, str) else None,
+        "handling_codes": strings(body.get("handling_codes")),
+        "priority": priority if isinstance(priority, str) else agreement.priorities[0],
+        "data_subjects": [],
+    }
+    return _vocabulary_errors(agreement, fields)
+
+
 def _vocabulary_errors(agreement: Agreement, fields: Mapping[str, Any]) -> list[FieldError]:
     """Values the agreement does not define (types, purposes, TLP, codes, priorities, units)."""
     errors: list[FieldError] = []

@@ -28,6 +28,7 @@ from exchange.auditing import AuditService
 from exchange.checkpoints import CheckpointService
 from exchange.envelope import peer_body_limit
 from exchange.errors import ExchangeError, FieldError
+from exchange.messages import raw_vocabulary_errors
 from exchange.node import Node
 from exchange.retention import PeriodicLoop
 from exchange.transport.checkpointer import Checkpointer
@@ -36,13 +37,17 @@ from exchange.transport.worker import DeliveryWorker
 
 
 def payload_errors(node: Node, body: dict[str, Any]) -> list[FieldError]:
-    """The payload's schema errors in a submission whose other fields failed validation."""
+    """The payload's schema errors and the vocabulary errors (unknown TLP, purposes, codes) of a
+    submission whose other fields failed validation: one answer names every invalid field."""
+    errors = raw_vocabulary_errors(node.agreement, body)
     message_type, payload = body.get("type"), body.get("payload")
-    if not isinstance(message_type, str) or message_type not in node.agreement.message_types:
-        return []
-    if not isinstance(payload, dict):
-        return []
-    return node.catalogue.payload_errors(message_type, payload)
+    if (
+        isinstance(message_type, str)
+        and message_type in node.agreement.message_types
+        and isinstance(payload, dict)
+    ):
+        errors += node.catalogue.payload_errors(message_type, payload)
+    return errors
 
 
 def create_app(node: Node, transport: PeerTransport | None = None, *, run_worker: bool = True) -> FastAPI:

@@ -129,6 +129,11 @@ def test_every_invalid_field_comes_in_one_answer(nodes: tuple[Running, Running])
         body = _problem(api.request("POST", "/v1/messages", json=bad), 422)
         fields = {e["field"] for e in body["errors"]}  # type: ignore[attr-defined]
         assert {"tlp", "purposes", "payload/summary", "payload/questions"} <= fields, fields
+        # a field the model refuses, a word the agreement does not define and the payload: one answer
+        bad = rfi(case_ref="no spaces allowed", tlp="PURPLE", payload={"questions": "not a list"})
+        body = _problem(api.request("POST", "/v1/messages", json=bad), 422)
+        fields = {e["field"] for e in body["errors"]}  # type: ignore[attr-defined]
+        assert {"case_ref", "tlp", "payload/summary"} <= fields, fields
 
 
 def test_405_names_the_allowed_methods(nodes: tuple[Running, Running]) -> None:
