@@ -121,6 +121,44 @@ class Node:
         self.lifecycle = Lifecycle(self)
         self.retention = RetentionService(self.db, self.content, self.party)
         self.deadlines = DeadlineService(self.db, self.agreement, self.committer, self.party)
+        self._seal_legacy()
+
+    def _seal_legacy(self) -> None:
+        """Bring messages stored before content at rest (migration 0007) under it: a received one's
+        kept transport envelope is opened with this node's keys and its signed JWS sealed at rest; a
+        sent one's content was only ever sealed for the partner and cannot be recovered here. Both
+        get their destroy date, so retention applies. Idempotent; runs under the ledger lock."""
+        with self.db.read() as conn:
+            if not repo.legacy_rows(conn, limit=1):
+                return
+        with self.db.transaction() as conn:
+            head = repo.lock_ledger_head(conn)
+            drafts: list[EntryDraft] = []
+            for row in repo.legacy_rows(conn, limit=100_000):
+                created = dt.datetime.fromisoformat(row["created_at"])
+                row["destroy_after"] = destroy_after(self.agreement, row["type"], created)
+                values: dict[str, Any] = {"destroy_after": row["destroy_after"]}
+                if row["direction"] == "in" and row["envelope"]:
+                    opened = envelope.open_stored(
+                        row["envelope"],
+                        decryption_keys=self.keys.decryption,
+                        verification_keys=self.partner.verification,
+                    )
+                    values.update(
+                        self.content.seal(row, opened.signed), envelope=None, signer_kid=opened.signer_kid
+                    )
+                repo.update_message(conn, row["id"], **values)
+                drafts.append(
+                    EntryDraft(
+                        event=LedgerEvent.SEALED_AT_REST,
+                        message_id=row["id"],
+                        case_ref=row["case_ref"],
+                        actor=self.party,
+                        data={"content": "sealed" if "content" in values else "not kept here"},
+                    )
+                )
+            repo.append_ledger(conn, head, drafts, iso(dt.datetime.now(dt.UTC)))
+        log.info("%d message(s) stored before content at rest brought under it", len(drafts))
 
     def close(self) -> None:
         """Commit what is pending and release the database."""

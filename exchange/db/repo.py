@@ -134,6 +134,20 @@ def due_for_destruction(conn: Connection, now: str, limit: int) -> list[dict[str
     return [dict(r._mapping) for r in rows]
 
 
+def legacy_rows(conn: Connection, *, limit: int) -> list[dict[str, Any]]:
+    """Messages stored before content at rest: no content, no destroy date, not destroyed."""
+    rows = conn.execute(
+        sa.select(messages)
+        .where(
+            messages.c.content.is_(None),
+            messages.c.destroy_after.is_(None),
+            messages.c.destroyed_at.is_(None),
+        )
+        .limit(limit)
+    )
+    return [dict(r._mapping) for r in rows]
+
+
 def referenced_kids(conn: Connection) -> set[str]:
     """Every KEK id some stored content still needs."""
     rows = conn.execute(

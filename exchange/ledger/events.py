@@ -26,3 +26,4 @@ class LedgerEvent(StrEnum):
     CONTROL_REJECTED = "control.rejected"
     REQUEST_OVERDUE = "request.overdue"
     INCIDENT_NOTIFIED = "incident.notified"
+    SEALED_AT_REST = "message.sealed_at_rest"

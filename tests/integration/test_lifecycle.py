@@ -504,3 +504,35 @@ def test_a_message_destroyed_while_queued_leaves_the_outbox(pair) -> None:  # ty
     assert deliver(id_node, my_node) == 1  # the other one goes; the round does not fail
     assert id_node.status(polri, queued["id"], now())["status"] == "destroyed"
     assert id_node.status(polri, other["id"], now())["status"] == "delivered"
+
+
+def test_messages_stored_before_content_at_rest_are_brought_under_it_at_start(pair) -> None:  # type: ignore[no-untyped-def]
+    from tests.support import signed_message
+
+    _id_dir, my_dir, id_node, my_node = pair
+    compact = signed_message(id_node, now())
+    assert my_node.receive([compact], now())[0].accepted
+    with my_node.db.transaction() as conn:  # the state migration 0007 leaves an older row in
+        (row,) = repo.inbound_after(conn, 0, 10)
+        repo.update_message(
+            conn,
+            row["id"],
+            content=None,
+            content_kid=None,
+            content_sha256=None,
+            destroy_after=None,
+            envelope=compact,
+        )
+    my_node.close()
+    restarted = Node(load_settings(my_dir.path))
+    try:
+        (item,) = restarted.inbox(actor(restarted, my_dir, "pdrm-d7"), 0, 10, now()).items
+        assert item["id"] == row["id"]
+        with restarted.db.read() as conn:
+            fresh = repo.get_message(conn, row["id"])
+        assert fresh is not None
+        assert fresh["envelope"] is None
+        assert fresh["destroy_after"] is not None
+        assert "message.sealed_at_rest" in events(restarted)
+    finally:
+        restarted.close()
