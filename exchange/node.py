@@ -21,14 +21,11 @@ from exchange.canonical import sha256_hex
 from exchange.catalogue import NON_PERSONAL_CATEGORIES
 from exchange.config import NodeSettings
 from exchange.content import ContentStore, destroy_after
-from exchange.control import consent_of
 from exchange.crypto import constant_time_equal
 from exchange.db import repo, rows
 from exchange.db.committer import GroupCommitter
 from exchange.db.engine import Database
 from exchange.errors import (
-    ContentDestroyed,
-    ContentUnavailable,
     EnvelopeError,
     FieldError,
     InvalidInput,
@@ -52,16 +49,15 @@ from exchange.messages import (
 )
 from exchange.policy import (
     Actor,
-    Consent,
     Decision,
     Marking,
     ReplyContext,
-    Use,
     decide,
     national_equivalent,
     redacted_payload,
 )
 from exchange.policy.redaction import pointer
+from exchange.release import InboxPage, Releases
 from exchange.retention import DeadlineService, RetentionService
 from exchange.types import KeyId, MessageId, PartyId
 
@@ -88,19 +84,7 @@ class Admitted:
     message: Message
 
 
-def default_use(actor: Actor, message: Message, explicit: frozenset[str]) -> Use:
-    """The use of a release that declares none: the client's purposes that the message allows,
-    except those the agreement wants declared (judicial use)."""
-    return Use((actor.purposes & frozenset(message.purposes)) - explicit)
-
-
-@dataclass(frozen=True)
-class InboxPage:
-    items: list[dict[str, Any]]
-    next_cursor: int
-
-
-class Node:
+class Node(Releases):
     """One node: settings, agreement, keys and database, loaded and checked once."""
 
     def __init__(self, settings: NodeSettings, db: Database | None = None) -> None:
@@ -370,51 +354,6 @@ class Node:
             thread_visible=visible and same_thread,
         )
 
-    def status(self, actor: Actor, message_id: str, now: dt.datetime) -> dict[str, Any]:
-        """What a local system may know of a message's delivery.
-
-        Raises:
-            NotFound: no such message, or the caller may not see it (indistinguishable).
-        """
-        with self.db.read() as conn:
-            row = repo.get_message(conn, message_id)
-            history = repo.reclassifications_of(conn, message_id) if row else []
-        if row is None or not self.may_see(actor, row, now):
-            raise NotFound(f"no message {message_id}")
-        view = rows.status_view(row)
-        view["reclassifications"] = history  # the originator's marking over time
-        return view
-
-    def case(self, actor: Actor, case_ref: str, now: dt.datetime) -> dict[str, Any]:
-        """Every message of a case that this local system may see (metadata only), oldest first.
-
-        Raises:
-            NotFound: the case holds no message the caller may see.
-        """
-        with self.db.read() as conn:
-            found = repo.messages_in_case(conn, case_ref, self.settings.case_view_max)
-        visible = [rows.case_item(row) for row in found if self.may_see(actor, row, now)]
-        if not visible:
-            raise NotFound(f"no case {case_ref}")
-        return {"case_ref": case_ref, "messages": visible}
-
-    def may_see(self, actor: Actor, row: dict[str, Any], now: dt.datetime) -> bool:
-        """A sent message is seen by the system that sent it; a received one by a system the release
-        rules allow (metadata decision, no decryption)."""
-        if row["kind"] == "control":
-            return False  # a node's own protocol: no local system reads it
-        if row["direction"] == "out":
-            return bool(row["submitted_by"] == actor.client_id)
-        message = rows.message_view(row)
-        return decide(
-            "release",
-            agreement=self.agreement,
-            message=message,
-            actor=actor,
-            use=default_use(actor, message, self.explicit_purposes),
-            now=now,
-        ).allowed
-
     # --- inbound ---------------------------------------------------------------------------------
 
     def receive(self, envelopes: Sequence[str], now: dt.datetime) -> list[PeerResult]:
@@ -650,180 +589,6 @@ class Node:
         if earlier is not None and dt.datetime.fromisoformat(earlier) + skew < sealed:
             return f"rollback: size {checkpoint.size} sealed after a larger one was witnessed at {earlier}"
         return None
-
-    # --- release to local systems ----------------------------------------------------------------
-
-    def inbox(
-        self, actor: Actor, after: int, limit: int, now: dt.datetime, purposes: frozenset[str] | None = None
-    ) -> InboxPage:
-        """The next page of inbound messages this local system may receive, decrypted and redacted,
-        in order.
-
-        The cursor is the inbox sequence of the last message examined, so successive pages never
-        repeat or skip a message. Reading, deciding, decrypting and redacting run outside the ledger
-        lock; every decision (release or refusal) is appended through the group committer.
-        ``purposes`` is the declared use (default: the client's purposes the message allows).
-        """
-        items: list[dict[str, Any]] = []
-        drafts: list[EntryDraft] = []
-        cursor = after
-        budget = self.settings.inbox_scan_max  # examined per call, so a pull is bounded
-        while len(items) < limit and budget > 0:
-            with self.db.read() as conn:
-                batch = repo.inbound_after(conn, cursor, min(limit * 2, budget))
-            if not batch:
-                break
-            budget -= len(batch)
-            consents = self.consents_for([row["id"] for row in batch])
-            for row in batch:
-                if len(items) >= limit:
-                    break
-                cursor = int(row["inbox_seq"])
-                if row["destroyed_at"] is not None:
-                    continue  # nothing left to release; its metadata stays in the case view
-                item, entry, _decision = self._release(
-                    actor, row, cursor, now, purposes, consents.get(row["id"], [])
-                )
-                drafts.append(entry)
-                if item is not None:
-                    items.append(item)
-        if drafts:
-            self.ledger(now, *drafts)
-        return InboxPage(items=items, next_cursor=cursor)
-
-    def _release(
-        self,
-        actor: Actor,
-        row: dict[str, Any],
-        cursor: int,
-        now: dt.datetime,
-        purposes: frozenset[str] | None,
-        consents: Sequence[Consent] = (),
-    ) -> tuple[dict[str, Any] | None, EntryDraft, Decision]:
-        """Decide one release (on metadata first, so a refused message is never decrypted)."""
-        view = rows.message_view(row)
-        use = Use(purposes) if purposes is not None else default_use(actor, view, self.explicit_purposes)
-        decision = decide(
-            "release",
-            agreement=self.agreement,
-            message=view,
-            actor=actor,
-            use=use,
-            consents=consents,
-            now=now,
-        )
-        if decision.allowed:
-            try:
-                message = self.stored_message(row)
-            except (MalformedMessage, ContentUnavailable, ContentDestroyed, EnvelopeError) as exc:
-                log.error("message %s cannot be released: %s", row["id"], type(exc).__name__)
-                return None, self._unreadable(actor, row, decision, type(exc).__name__), decision
-            protected = replace(  # decided at the protection stored here (floors), not the sender's
-                message,
-                marking=view.marking,
-                tlp=view.tlp,
-                handling_codes=view.handling_codes,
-                addressed_to=view.addressed_to,
-            )
-            decision = decide(
-                "release",
-                agreement=self.agreement,
-                message=protected,
-                actor=actor,
-                use=use,
-                consents=consents,
-                now=now,
-            )
-        entry = EntryDraft(
-            event=LedgerEvent.RELEASED if decision.allowed else LedgerEvent.RELEASE_REFUSED,
-            message_id=row["id"],
-            case_ref=row["case_ref"],
-            actor=actor.client_id,
-            decision=decision.decision,
-            rules=decision.evaluated,
-            data={"level": row["common_level"], "use": sorted(use.purposes), **decision.ledger_data()},
-        )
-        if not decision.allowed:
-            return None, entry, decision
-        payload = redacted_payload(message, decision)
-        return rows.inbox_item(row, message, payload, decision, cursor), entry, decision
-
-    def consents_for(self, message_ids: Sequence[str]) -> dict[str, list[Consent]]:
-        """The originator's consents this node holds, by message (one query for a page)."""
-        with self.db.read() as conn:
-            held = repo.consent_requests_for(conn, direction="out", message_ids=list(message_ids))
-        found: dict[str, list[Consent]] = {}
-        for request in held:
-            consent = consent_of(request)
-            if consent is not None:
-                found.setdefault(consent.message_id, []).append(consent)
-        return found
-
-    def _unreadable(self, actor: Actor, row: dict[str, Any], decision: Decision, why: str) -> EntryDraft:
-        return EntryDraft(
-            event=LedgerEvent.RELEASE_REFUSED,
-            message_id=row["id"],
-            case_ref=row["case_ref"],
-            actor=actor.client_id,
-            decision="deny",
-            rules=decision.evaluated,
-            data={"reason": "unreadable", "error": why},
-        )
-
-    def stored_message(self, row: dict[str, Any]) -> Message:
-        """The typed message of a stored row, from its content at rest. The signature is not checked
-        again: it was verified when the message was admitted (or made here), under the keys then.
-
-        Raises:
-            ContentDestroyed: its content was destroyed.
-        """
-        try:
-            compact = self.content.open(row)
-        except ContentUnavailable:  # re-wrapped meanwhile by a destruction in its period: read again
-            with self.db.read() as conn:
-                fresh = repo.get_message(conn, row["id"])
-            if fresh is None or fresh["content_kid"] == row["content_kid"]:
-                raise
-            compact = self.content.open(fresh)
-        signed = envelope.signed_payload(compact)
-        return parse_signed(signed, agreement=self.agreement, catalogue=self.catalogue)
-
-    def read(self, actor: Actor, message_id: str, now: dt.datetime) -> dict[str, Any]:
-        """A message's content for a local system: the sender reads what it sent; a received one is
-        released by the rules (redacted, ledgered) as from the inbox.
-
-        Raises:
-            NotFound: no such message, or the caller may not see it.
-            ContentDestroyed: it may, but the content was destroyed (when and why).
-            PolicyRefusal: the release rules refused (ledgered).
-        """
-        with self.db.read() as conn:
-            row = repo.get_message(conn, message_id)
-        if row is None or not self.may_see(actor, row, now):
-            raise NotFound(f"no message {message_id}")
-        if row["destroyed_at"] is not None:
-            raise ContentDestroyed(row["id"], row["destroyed_at"], row["destroyed_reason"])
-        if row["direction"] == "out":
-            message = self.stored_message(row)
-            self.ledger(
-                now,
-                EntryDraft(
-                    event=LedgerEvent.READ,
-                    message_id=row["id"],
-                    case_ref=row["case_ref"],
-                    actor=actor.client_id,
-                    decision="allow",
-                ),
-            )
-            return rows.content_view(row, message, dict(message.payload), ())
-        held = self.consents_for([row["id"]]).get(row["id"], [])
-        item, entry, decision = self._release(actor, row, int(row["inbox_seq"] or 0), now, None, held)
-        self.ledger(now, entry)
-        if item is None and decision.allowed:  # allowed, but the content does not open
-            raise ContentUnavailable(f"the content of message {message_id} cannot be opened")
-        if item is None:
-            raise decision.refusal()
-        return item
 
     # --- ledger ----------------------------------------------------------------------------------
 
