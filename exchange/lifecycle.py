@@ -19,7 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Connection
@@ -208,9 +208,7 @@ class Lifecycle(ControlProtocol):
                 "unknown recipient",
                 [FieldError("recipient", f"not among {sorted(self.agreement.third_parties)}")],
             )
-        message = self.node.stored_message(row)
-        view = rows.message_view(row)  # decided at the protection stored here (floors, reclassification)
-        message = replace(message, marking=view.marking, tlp=view.tlp, handling_codes=view.handling_codes)
+        message = rows.as_protected_here(row, self.node.stored_message(row))
         consents = self.node.consents_for([message_id]).get(message_id, [])
         use = Use(frozenset(purposes), recipient=recipient)
         decision = decide(

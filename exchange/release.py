@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from exchange import envelope
@@ -183,17 +183,10 @@ class Releases:
             except (MalformedMessage, ContentUnavailable, ContentDestroyed, EnvelopeError) as exc:
                 log.error("message %s cannot be released: %s", row["id"], type(exc).__name__)
                 return None, self._unreadable(actor, row, decision, type(exc).__name__), decision
-            protected = replace(  # decided at the protection stored here (floors), not the sender's
-                message,
-                marking=view.marking,
-                tlp=view.tlp,
-                handling_codes=view.handling_codes,
-                addressed_to=view.addressed_to,
-            )
             decision = decide(
                 "release",
                 agreement=self.agreement,
-                message=protected,
+                message=rows.as_protected_here(row, message),
                 actor=actor,
                 use=use,
                 consents=consents,

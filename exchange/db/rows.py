@@ -8,6 +8,7 @@ decisions read without decrypting (roles, categories, addressing), never a perso
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import replace
 from typing import Any
 
 from exchange.agreement import Agreement
@@ -100,6 +101,20 @@ def message_view(row: dict[str, Any]) -> Message:
         roles={},
         subject_roles=frozenset(row["subject_roles"]),
         categories=frozenset(row["categories"]),
+    )
+
+
+def as_protected_here(row: dict[str, Any], message: Message) -> Message:
+    """The stored message with the protection this node decided for it (its floors, the
+    originator's reclassifications, a reply's addressee), not the marking its sender signed: what
+    every release is decided on."""
+    view = message_view(row)
+    return replace(
+        message,
+        marking=view.marking,
+        tlp=view.tlp,
+        handling_codes=view.handling_codes,
+        addressed_to=view.addressed_to,
     )
 
 
