@@ -5,15 +5,22 @@ and return-or-destroy answered 410 with its certificate ledgered by the originat
 from __future__ import annotations
 
 import datetime as dt
+import sqlite3
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from joserfc.jwk import OctKey
 
 from exchange.client import ExchangeClient
+from exchange.envelope.at_rest import metadata_digest, open_at_rest
+from exchange.errors import ContentUnavailable
+from exchange.keys.kek import KekStore
 from tests.e2e.harness import Running
-from tests.support import register_client, rfi
+from tests.support import PASSPHRASE, register_client, rfi
 
 pytestmark = pytest.mark.e2e
 
@@ -145,3 +152,61 @@ def test_reclassification_and_return_or_destroy(nodes: tuple[Running, Running]) 
     until(lambda: "destruction.certified" in events(polri))
     with polri.client() as sender:  # the sender still reads what it sent
         assert sender.request("GET", f"/v1/messages/{message['id']}/content").status_code == 200
+
+
+def _only(keys: KekStore, kid: str) -> Callable[[str], OctKey]:
+    """A KEK lookup that tries one particular key of the directory, whatever the content names."""
+    return lambda _named: keys.get(kid)
+
+
+def test_a_backup_taken_before_a_destruction_cannot_be_read_with_the_keys_left(
+    nodes: tuple[Running, Running], tmp_path: Path
+) -> None:
+    polri, pdrm = nodes
+    with polri.client() as sender:
+        message = sender.submit(rfi(case_ref="ID-MY/2026/0903"))
+        delivered(sender, message)
+    with sqlite3.connect(pdrm.node.path / "node.db") as live, sqlite3.connect(tmp_path / "backup.db") as copy:
+        live.backup(copy)  # the backup an operator takes of the running node
+    with polri.client() as sender:
+        sender.request(
+            "POST", f"/v1/messages/{message['id']}/return-or-destroy", json={"reason": "withdrawn"}
+        )
+    with pdrm.client() as reader:
+        until(lambda: reader.request("GET", f"/v1/messages/{message['id']}/content").status_code == 410)
+    with sqlite3.connect(tmp_path / "backup.db") as copy:
+        copy.row_factory = sqlite3.Row
+        row = dict(copy.execute("select * from messages where id = ?", (message["id"],)).fetchone())
+    assert row["content"]  # the backup still holds the sealed content...
+    keys = KekStore(pdrm.node.path / "keys" / "kek", PASSPHRASE)
+    for kid in [row["content_kid"], *keys.kids()]:  # ...and no key left in the key directory opens it
+        with pytest.raises(ContentUnavailable):
+            open_at_rest(
+                row["content"],
+                message_id=row["id"],
+                meta=metadata_digest(row),
+                kek=_only(keys, kid),
+            )
+
+
+def test_an_overdue_request_is_listed_with_its_age_and_flagged_on_health(
+    nodes: tuple[Running, Running],
+) -> None:
+    polri, pdrm = nodes
+    due = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=2)
+    with polri.client() as sender:
+        request = sender.submit(
+            rfi(case_ref="ID-MY/2026/0904", priority="URGENT", response_due=due.isoformat())
+        )
+        delivered(sender, request)
+    with pdrm.client() as reader:
+        found = until(
+            lambda: [
+                r
+                for r in reader.request("GET", "/v1/requests", params={"overdue": "true"}).json()["items"]
+                if r["id"] == request["id"]
+            ]
+        )
+        assert found[0]["overdue"] is True
+        assert found[0]["age_seconds"] >= 1
+        assert reader.health()["overdue_requests"] >= 1
