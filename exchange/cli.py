@@ -52,9 +52,11 @@ clients_app = typer.Typer(no_args_is_help=True, help="Register local systems by 
 pki_app = typer.Typer(no_args_is_help=True, help="The development PKI.")
 envelope_app = typer.Typer(no_args_is_help=True, help="Seal and open envelopes with JWK files.")
 audit_app = typer.Typer(no_args_is_help=True, help="Verify the audit ledger.")
+keys_app = typer.Typer(no_args_is_help=True, help="The node's keys and certificates.")
 retention_app = typer.Typer(no_args_is_help=True, help="Destroy content whose retention has passed.")
 requests_app = typer.Typer(no_args_is_help=True, help="Requests awaiting an answer.")
 for sub, name in [
+    (keys_app, "keys"),
     (retention_app, "retention"),
     (requests_app, "requests"),
     (agreement_app, "agreement"),
@@ -422,6 +424,28 @@ def pki_pin(
         typer.echo(crypto.public_key_sha256(cert.read_bytes()))
     except KeyManagementError as exc:
         raise InvalidInput(f"--cert {cert} is not a certificate: {exc}") from exc
+
+
+@keys_app.command("list")
+def keys_list(directory: DirOpt) -> None:
+    """Every key and certificate of this node and of the partner, with states and dates; what
+    expires within ``expiry_warning_days`` is flagged. No private key is read."""
+    from exchange.keys.inventory import key_inventory
+
+    settings = load_settings(directory)
+    lines = key_inventory(
+        key_dir=settings.key_dir,
+        tls_dir=settings.tls_dir,
+        agreement=load_agreement(settings.agreement_file),
+        party=settings.party,
+        now=dt.datetime.now(dt.UTC),
+        warn_days=settings.expiry_warning_days,
+    )
+    for line in lines:
+        typer.echo(line.render())
+    expiring = [line for line in lines if line.expiring]
+    if expiring:
+        typer.echo(f"warning: {len(expiring)} expire within {settings.expiry_warning_days} days", err=True)
 
 
 @retention_app.command("run")

@@ -76,6 +76,9 @@ class NodeSettings(BaseSettings):
     checkpoint_interval_seconds: float = Field(default=5.0, gt=0)
     inbox_page_max: int = Field(default=100, ge=1, le=1000)
     inbox_scan_max: int = Field(default=2000, ge=1, description="messages one inbox pull examines at most")
+    expiry_warning_days: int = Field(
+        default=30, ge=1, description="flag keys and certificates expiring sooner"
+    )
     retention_interval_seconds: float = Field(default=3600.0, gt=0, description="how often retention runs")
     deadline_interval_seconds: float = Field(
         default=60.0, gt=0, description="how often deadlines are checked"

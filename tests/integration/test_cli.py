@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -295,3 +296,24 @@ def test_retention_run_and_overdue_requests_from_the_cli(pair) -> None:  # type:
     assert overdue.returncode == 0, overdue.stderr
     assert "no overdue requests" in overdue.stdout
     one_line_error(run("retention", "run", "--dir", str(id_dir.path / "nowhere")), 2, "nowhere")
+
+
+def test_keys_list_shows_both_nodes_keys_and_flags_what_expires_soon(pair) -> None:  # type: ignore[no-untyped-def]
+    id_dir, my_dir = pair
+    listed = run("keys", "list", "--dir", str(id_dir.path))
+    assert listed.returncode == 0, listed.stderr
+    ring = json.loads((id_dir.path / "keys" / "keyring.json").read_text())
+    partner = tomllib.loads((my_dir.path / "party.toml").read_text())
+    for kid in [k["kid"] for k in ring["keys"]] + [
+        partner["signing_keys"][0]["kid"],
+        partner["checkpoint_key"]["kid"],
+    ]:
+        assert kid in listed.stdout
+    assert "TLS node.pem" in listed.stdout
+    assert "EXPIRES SOON" not in listed.stdout
+    assert "PRIVATE" not in listed.stdout
+    set_node_options(id_dir.path, expiry_warning_days=100_000)  # everything expires "soon" now
+    flagged = run("keys", "list", "--dir", str(id_dir.path))
+    assert flagged.returncode == 0
+    assert flagged.stdout.count("EXPIRES SOON") >= 3
+    assert "warning:" in flagged.stderr
