@@ -275,6 +275,10 @@ class Agreement(_Strict):
         default=("JUDICIAL_EVIDENCE",),
         description="purposes a release serves only when the client declares them",
     )
+    control_tlp: str = Field(default="AMBER+STRICT", description="the TLP of control messages (node to node)")
+    control_handling_codes: tuple[str, ...] = Field(
+        default=("H2",), description="the handling codes of control messages"
+    )
     control_legal_basis: tuple[str, ...] = Field(
         default=("the bilateral police cooperation agreement",),
         min_length=1,
@@ -294,6 +298,11 @@ class Agreement(_Strict):
     def _consistent(self) -> Agreement:
         problems = consistency_problems(self.model_dump(mode="json", by_alias=True))
         problems.extend(self._rule_problems())
+        if self.control_tlp not in self.tlp:
+            problems.append(f"control_tlp: {self.control_tlp!r} is not one of {list(self.tlp)}")
+        for code in self.control_handling_codes:
+            if code not in self.handling_codes:
+                problems.append(f"control_handling_codes: unknown handling code {code!r}")
         if set(self.organisations) != set(PARTIES):
             problems.append(f"organisations must name exactly {list(PARTIES)}")
         names = [w.name for w in self.witnesses] + [p.witness_name for p in self.parties.values()]

@@ -40,6 +40,7 @@ RECLASSIFICATION_NOTICE = "RECLASSIFICATION_NOTICE"
 RETURN_OR_DESTROY_REQUEST = "RETURN_OR_DESTROY_REQUEST"
 DESTRUCTION_CERTIFICATE = "DESTRUCTION_CERTIFICATE"
 SECURITY_INCIDENT_NOTIFICATION = "SECURITY_INCIDENT_NOTIFICATION"
+NODE_UNIT = "NODE"  # the origin unit of what a node composes itself (no local system sent it)
 DESTROYED_ON_REQUEST = "destroyed at the originator's request"
 
 
@@ -107,13 +108,13 @@ class ControlProtocol:
             in_reply_to=None,
             purposes=purposes,
             marking=Marking(own, level, agreement.schemes[own].levels[level]),
-            tlp="AMBER+STRICT",
-            handling_codes=("H2",),
+            tlp=agreement.control_tlp,
+            handling_codes=tuple(sorted(agreement.control_handling_codes)),
             legal_basis=agreement.control_legal_basis,
             grading=None,
-            priority="ROUTINE",
+            priority=agreement.priorities[0],
             response_due=None,
-            origin=Origin(agency=node.party, unit="NODE"),
+            origin=Origin(agency=node.party, unit=NODE_UNIT),
             addressed_to=(),
             recipients=(),
             data_subjects=(),

@@ -8,6 +8,7 @@ umask, so ``umask 000`` cannot make them world-readable or world-writable.
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 FILE_MODE = 0o600
@@ -27,15 +28,24 @@ def private_dir(path: Path) -> Path:
 
 
 def write_private(path: Path, data: bytes | str) -> Path:
-    """Write ``data`` to ``path``, created or truncated with mode 0600 from the first byte."""
+    """Write ``data`` to ``path`` atomically, mode 0600 from the first byte: a temporary file in the
+    same folder, synced, then renamed over ``path``, so a crash leaves the old file or the new one,
+    never half of either."""
     raw = data.encode() if isinstance(data, str) else data
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
     try:
         os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb", closefd=False) as out:
             out.write(raw)
-    finally:
+            out.flush()
+            os.fsync(fd)
+    except BaseException:
         os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
     return path
 
 

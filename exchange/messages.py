@@ -121,7 +121,7 @@ class MessageSubmission(_Value):
     grading: Grading | None = None
     thread_id: Reference | None = None
     in_reply_to: Reference | None = None
-    priority: str = "ROUTINE"
+    priority: str | None = Field(default=None, description="one of the agreement's (default: its first)")
     response_due: dt.datetime | None = None
     addressed_to: list[str] = Field(default_factory=list, max_length=16, description="units of the partner")
     recipients: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
@@ -235,9 +235,6 @@ class Message:
         if pseudonym is None:
             return UNATTRIBUTED_ROLE
         return self.roles.get(pseudonym, UNATTRIBUTED_ROLE)
-
-    def subject(self, pseudonym: str | None) -> DataSubject | None:
-        return next((s for s in self.data_subjects if s.pseudonym == pseudonym), None)
 
     def signed_json(self) -> dict[str, Any]:
         """The JSON that is signed. Raises ValueError if the message is an incomplete draft."""
@@ -357,7 +354,7 @@ def _vocabulary_errors(agreement: Agreement, fields: Mapping[str, Any]) -> list[
     unknown("purposes", fields["purposes"], agreement.purposes)
     unknown("tlp", [t for t in [fields["tlp"]] if t is not None], agreement.tlp)
     unknown("handling_codes", fields["handling_codes"], agreement.handling_codes)
-    unknown("priority", [fields["priority"]], agreement.priorities)
+    unknown("priority", [p for p in [fields["priority"]] if p is not None], agreement.priorities)
     pseudonyms = [s["pseudonym"] for s in fields["data_subjects"]]
     if len(set(pseudonyms)) != len(pseudonyms):
         errors.append(FieldError("data_subjects", "each pseudonym is listed once"))
@@ -446,7 +443,7 @@ def draft_from_submission(
         handling_codes=tuple(sorted(set(submission.handling_codes))),
         legal_basis=tuple(submission.legal_basis),
         grading=submission.grading,
-        priority=submission.priority,
+        priority=submission.priority or agreement.priorities[0],
         response_due=submission.response_due,
         origin=origin,
         addressed_to=tuple(sorted(set(submission.addressed_to))),

@@ -28,26 +28,13 @@ from joserfc.errors import JoseError
 from joserfc.jwk import OctKey
 
 from exchange.errors import ContentUnavailable, KeyManagementError
+from exchange.files import private_dir, write_private
 
 MASTER_FILE = "master.jwe"
 PBES2_ITERATIONS = 210_000  # OWASP's figure for PBKDF2-HMAC-SHA512
 _PBES2 = jwe.JWERegistry(algorithms=["PBES2-HS512+A256KW", "A256GCM"])
 _WRAP = jwe.JWERegistry(algorithms=["A256KW", "A256GCM"])
 _KID = re.compile(r"^kek-(\d{4}-\d{2})-(\d+)$")
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically, readable by the owner only, whatever the umask."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 def kek_id(period: str, n: int) -> str:
@@ -70,6 +57,7 @@ class KekStore:
         path = self.folder / MASTER_FILE
         password = OctKey.import_key(self._passphrase.encode())
         if not path.exists():
+            private_dir(self.folder)  # every KEK is written after the master key: one place creates it
             header = {"alg": "PBES2-HS512+A256KW", "enc": "A256GCM", "p2c": PBES2_ITERATIONS}
             write_private(
                 path, jwe.encrypt_compact(header, secrets.token_bytes(32), password, registry=_PBES2).encode()

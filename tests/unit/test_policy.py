@@ -911,3 +911,11 @@ def test_an_unknown_level_under_a_negation_still_fails_closed() -> None:
         now=NOW,
     )
     assert "R-CLEARANCE" in refused(decision)
+
+
+@pytest.mark.parametrize(("field", "value"), [("control_tlp", "Amber"), ("control_handling_codes", ["H7"])])
+def test_the_markings_of_control_messages_are_the_agreement_s_own(field: str, value: object) -> None:
+    data = agreement_data()
+    data[field] = value
+    with pytest.raises(ConfigurationError, match=field):
+        parse_agreement(data)
