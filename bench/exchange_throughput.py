@@ -2,6 +2,7 @@
 and in the same run the same path as a plain store-and-forward (no signing, encryption or ledger).
 
     make bench            # or: .venv/bin/python bench/exchange_throughput.py --messages 2000 --clients 8
+    .venv/bin/python bench/exchange_throughput.py --postgres postgresql://postgres@127.0.0.1:5432/test
 
 Latency is measured from the sender's own records: the message's creation time (at submission)
 to the time its receipt was verified (status delivered); throughput is messages over the time
@@ -21,12 +22,15 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import sqlalchemy as sa
 
 from exchange.client import ExchangeClient
+from exchange.db.engine import normalise_url
 from exchange.demo import free_port, set_up_pair
 
 SUBMISSION = {
@@ -69,10 +73,11 @@ def load(make_client: Callable[[], ExchangeClient], messages: int, clients: int,
 
 
 def wait_delivered(
-    db: Path, table: str, messages: int, after: float, timeout: float = 600
+    db: str, table: str, messages: int, after: float, timeout: float = 600
 ) -> list[tuple[str, str]]:
-    """(created, delivered) times of the messages created after ``after``, once all are delivered."""
-    engine = sa.create_engine(f"sqlite:///{db}")
+    """(created, delivered) times of the messages created after ``after``, once all are delivered
+    (``db``: the sender's database URL)."""
+    engine = sa.create_engine(db)
     deadline = time.monotonic() + timeout
     since = dt.datetime.fromtimestamp(after, dt.UTC).isoformat(timespec="microseconds")
     query = sa.text(
@@ -99,7 +104,7 @@ def summarise(label: str, first_submit: float, done: list[tuple[str, str]]) -> d
 
 
 def phases(
-    label: str, make_client: Callable[[], ExchangeClient], db: Path, table: str, args: argparse.Namespace
+    label: str, make_client: Callable[[], ExchangeClient], db: str, table: str, args: argparse.Namespace
 ) -> dict[str, dict[str, float]]:
     """Saturation (closed loop, all clients flat out), then latency at a paced offered rate."""
     first = load(make_client, args.messages, args.clients)
@@ -117,14 +122,47 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--rate", type=float, default=40.0, help="offered load for the latency phase (msg/s)")
+    parser.add_argument(
+        "--postgres",
+        metavar="URL",
+        help="run both nodes on PostgreSQL: two throwaway databases made through this admin URL",
+    )
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="exchange-bench-"))
-    polri, pdrm = set_up_pair(root, 'log_level = "warning"')
+    with databases(args.postgres) as urls:
+        run(root, urls, args)
+
+
+@contextmanager
+def databases(admin_url: str | None) -> Iterator[tuple[str | None, str | None]]:
+    """(None, None) for SQLite, or two fresh PostgreSQL databases dropped afterwards."""
+    if admin_url is None:
+        yield (None, None)
+        return
+    engine = sa.create_engine(normalise_url(admin_url), isolation_level="AUTOCOMMIT")
+    names = [f"exchange_bench_{uuid.uuid4().hex[:10]}" for _ in range(2)]
+    with engine.connect() as conn:
+        for name in names:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        base = normalise_url(admin_url).rsplit("/", 1)[0]
+        yield (f"{base}/{names[0]}", f"{base}/{names[1]}")
+    finally:
+        with engine.connect() as conn:
+            for name in names:
+                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        engine.dispose()
+
+
+def run(root: Path, urls: tuple[str | None, str | None], args: argparse.Namespace) -> None:
+    polri, pdrm = set_up_pair(root, 'log_level = "warning"', database_urls=urls)
     env = polri.env
     try:
         print(
-            f"machine: {os.cpu_count()} cores; {args.messages} messages of ~3.3 KB payload; "
-            f"{args.clients} client threads; SQLite WAL on both sides\n"
+            f"machine: {os.cpu_count()} cores, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())};"
+            f" {args.messages} messages of ~3.3 KB payload; {args.clients} client threads;"
+            f" {'PostgreSQL' if urls[0] else 'SQLite WAL'} on both sides (the plain store-and-forward:"
+            " SQLite)\n"
         )
 
         for node in (polri, pdrm):
@@ -132,7 +170,11 @@ def main() -> None:
         for node in (polri, pdrm):
             node.server.wait_ready()
         secure = phases(
-            "exchange (sign+encrypt+ledger)", polri.client, polri.dir / "node.db", "messages", args
+            "exchange (sign+encrypt+ledger)",
+            polri.client,
+            urls[0] or f"sqlite:///{polri.dir / 'node.db'}",
+            "messages",
+            args,
         )
         for node in (polri, pdrm):
             node.server.stop()
@@ -187,10 +229,13 @@ def main() -> None:
                     raise
                 time.sleep(0.2)
         plain_db = root / f"plain-{polri.party}.db"
-        plain = phases("plain store-and-forward", plain_client, plain_db, "plain_messages", args)
+        plain = phases(
+            "plain store-and-forward", plain_client, f"sqlite:///{plain_db}", "plain_messages", args
+        )
         for p in procs:
             p.terminate()
             p.wait(30)
+        print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         print(
             "\nratio secure/plain: saturation throughput "
             f"{secure['max']['rate'] / plain['max']['rate']:.2f}x; "

@@ -1,28 +1,38 @@
 """What an auditor can see and check: entries (never content), checkpoints, proofs, verification,
-export bundles. Used by the audit API and the CLI; needs the database and the agreement, no keys."""
+export bundles. Used by the audit API and the CLI; needs the database and the agreement, no private
+key. Both parties' checkpoint keys come from the agreement's version 1 and the key-set announcements
+stored in ``key_sets``, walked anew by every verification and export (never the node's cache).
+
+A whole-ledger verification is the one expensive request: an :class:`AuditService` runs at most
+``concurrent`` of them at once (more raise :class:`~exchange.errors.Busy`, answered 503), over one
+pool of ``workers`` processes it keeps for its lifetime (:meth:`AuditService.close` ends it)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import multiprocessing
 import os
-from collections.abc import Mapping
-from concurrent.futures import ProcessPoolExecutor, wait
+import threading
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor, wait
 from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
-from joserfc.jwk import OKPKey
 
 from exchange.agreement import Agreement
+from exchange.config import NodeSettings
 from exchange.db import repo
 from exchange.db.engine import Database
 from exchange.db.schema import ledger_entries
-from exchange.errors import InvalidInput, LedgerIntegrityError, NotFound
+from exchange.errors import Busy, InvalidInput, LedgerIntegrityError, NotFound
+from exchange.keys.registry import KeyRegistry, anchor
 from exchange.ledger import decode_leaf
-from exchange.ledger.audit import AuditKeys, AuditReport, verify_audit
+from exchange.ledger.audit import SIGNED_EVENTS, AuditKeys, AuditReport, verify_audit
 from exchange.ledger.bundle import build_bundle
-from exchange.ledger.checkpoint import checkpoint_with
+from exchange.ledger.checkpoint import SIG_COSIGNATURE_V1, SIG_ED25519, checkpoint_with
+from exchange.ledger.key_history import PartyAnchor, PartyKeys
 from exchange.ledger.log import combine_ranges, verify_range
 from exchange.ledger.merkle import ProofError, consistency_proof, inclusion_proof, leaf_hash, root_hash
 from exchange.types import PartyId
@@ -30,41 +40,53 @@ from exchange.types import PartyId
 MAX_EXPORT = 10_000  # entries per bundle: each carries its own inclusion proof
 
 
-def audit_keys(agreement: Agreement, party: PartyId) -> AuditKeys:
-    """The public keys an audit of ``party``'s ledger checks against, from the agreement."""
-    own, partner = agreement.parties[party], agreement.parties[agreement.partner_of(party)]
-    return AuditKeys(
-        origin=own.ledger_origin,
-        checkpoint_key=OKPKey.import_key(own.checkpoint_key.model_dump()),
-        witness_name=own.witness_name,
-        partner_origin=partner.ledger_origin,
-        partner_key=OKPKey.import_key(partner.checkpoint_key.model_dump()),
-        partner_witness_name=partner.witness_name,
-        witnesses=tuple(w.verifier for w in agreement.witnesses),
-    )
+#: The clock skew allowed when a partner's signature is judged on this node's clock.
+DEFAULT_SKEW = dt.timedelta(seconds=NodeSettings.model_fields["clock_skew_seconds"].default)
 
 
-def verifier_keys(agreement: Agreement) -> list[dict[str, str]]:
-    """Every note verifier key the agreement pins: whose, what it signs, the key."""
-    rows = []
-    for pid, party in agreement.parties.items():
+def party_anchor(agreement: Agreement, party: PartyId) -> PartyAnchor:
+    """``party``'s checkpoint names and version 1 of its key set, from the agreement alone."""
+    entry = agreement.parties[party]
+    return PartyAnchor(party, entry.ledger_origin, entry.witness_name, anchor(agreement, party))
+
+
+def verifier_keys(agreement: Agreement, histories: Sequence[PartyKeys] = ()) -> list[dict[str, str | None]]:
+    """Every note verifier key of both parties' checkpoint keys (of ``histories``, else of the
+    agreement's version 1) and of the further witnesses: whose, what it signs, the key, and the
+    checkpoint key's id, state and validity as the newest version listing it has them."""
+    by_party = {h.party: h for h in histories}
+    rows: list[dict[str, str | None]] = []
+    for pid in agreement.parties:
+        keys = by_party.get(pid) or party_anchor(agreement, pid).walk([])
         partner = agreement.partner_of(pid)
-        rows.append(
-            {"holder": pid, "signs": f"{pid}'s ledger checkpoints", "key": party.ledger_verifier.vkey}
-        )
-        rows.append(
-            {
-                "holder": pid,
-                "signs": f"cosignatures of {partner}'s checkpoints",
-                "key": party.witness_verifier.vkey,
-            }
-        )
+        for algorithm, signs in (
+            (SIG_ED25519, f"{pid}'s ledger checkpoints"),
+            (SIG_COSIGNATURE_V1, f"cosignatures of {partner}'s checkpoints"),
+        ):
+            for entry, verifier in keys.verifiers(algorithm):
+                rows.append(
+                    {
+                        "holder": pid,
+                        "signs": signs,
+                        "key": verifier.vkey,
+                        "kid": entry.kid,
+                        "state": entry.state,
+                        "valid_from": entry.valid_from.isoformat(),
+                        "valid_until": entry.valid_until.isoformat() if entry.valid_until else None,
+                        "revoked_at": entry.revoked_at.isoformat() if entry.revoked_at else None,
+                    }
+                )
     for witness in agreement.witnesses:
         rows.append(
             {
                 "holder": f"witness at {witness.url}",
                 "signs": "cosignatures of both ledgers",
                 "key": witness.key,
+                "kid": None,
+                "state": None,
+                "valid_from": None,
+                "valid_until": None,
+                "revoked_at": None,
             }
         )
     return rows
@@ -100,11 +122,64 @@ def _entry_view(leaf: str) -> dict[str, Any]:
 class AuditService:
     """Audit use cases over one node's database and agreement."""
 
-    def __init__(self, db: Database, agreement: Agreement, party: PartyId) -> None:
+    def __init__(
+        self,
+        db: Database,
+        agreement: Agreement,
+        party: PartyId,
+        skew: dt.timedelta = DEFAULT_SKEW,
+        *,
+        concurrent: int | None = None,
+        workers: int | None = None,
+    ) -> None:
+        """``concurrent``: verifications at once (default: unbounded, one pool per verification, as
+        the CLI wants); with it, one shared pool of ``workers`` processes (default: one per core)."""
         self.db = db
         self.agreement = agreement
         self.party = party
-        self.keys = audit_keys(agreement, party)
+        self.partner = agreement.partner_of(party)
+        self.skew = skew
+        self.own = party_anchor(agreement, party)
+        self.partner_anchor = party_anchor(agreement, self.partner)
+        self._slots = threading.BoundedSemaphore(concurrent) if concurrent else None
+        self._workers = workers
+        self._pool: ProcessPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+
+    def _shared_pool(self) -> ProcessPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(
+                    max_workers=self._workers or os.cpu_count() or 1,
+                    mp_context=multiprocessing.get_context("spawn"),
+                )
+            return self._pool
+
+    def close(self) -> None:
+        """End the shared verification pool, if one was started."""
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def announcements(self) -> dict[str, list[str]]:
+        """Both parties' stored key-set announcements after version 1, in order."""
+        registry = KeyRegistry(self.db, self.agreement, self.party, self.partner)
+        return {p: registry.announcements_after(p, 1) for p in (self.party, self.partner)}
+
+    def keys(self) -> AuditKeys:
+        """Both parties' checkpoint keys, walked from the agreement over the stored announcements.
+
+        Raises:
+            LedgerIntegrityError: a key-set history does not walk from the agreement.
+        """
+        stored = self.announcements()
+        return AuditKeys(
+            own=self.own.walk(stored[self.party]),
+            partner=self.partner_anchor.walk(stored[self.partner]),
+            witnesses=tuple(w.verifier for w in self.agreement.witnesses),
+            skew=self.skew,
+        )
 
     def entries(self, where: EntryFilter, after: int = -1, limit: int = 100) -> dict[str, Any]:
         """Entries matching every given filter, in order, from the cursor on."""
@@ -141,10 +216,11 @@ class AuditService:
             own = repo.all_checkpoints(conn)
             seen = repo.all_witnessed(conn)
             further = repo.witness_cosignatures_by_size(conn)
+        keys = self.keys()
         return {
-            "origin": self.keys.origin,
-            "cosigner": self.keys.partner_witness_name,
-            "verifier_keys": verifier_keys(self.agreement),
+            "origin": keys.own.origin,
+            "cosigner": keys.partner.witness_name,
+            "verifier_keys": verifier_keys(self.agreement, (keys.own, keys.partner)),
             "checkpoints": [
                 {
                     "size": r["size"],
@@ -215,18 +291,38 @@ class AuditService:
             }
 
     def verify(self, *, workers: int | None = None, chunk: int | None = None) -> AuditReport:
-        """Verify the whole ledger, checkpoints, cosignatures and witnessed checkpoints. The entries
-        are checked in aligned chunks by ``workers`` processes (default: one per core) when the
-        ledger is large, then recombined exactly as the tree is built.
+        """Verify the whole ledger, both key-set histories, checkpoints, cosignatures and witnessed
+        checkpoints, and judge every ledgered signature (what is flagged is in the report). The
+        entries are checked in aligned chunks by ``workers`` processes (default: one per core) when
+        the ledger is large, then recombined exactly as the tree is built.
 
         Raises:
-            LedgerIntegrityError: naming the first bad entry or checkpoint.
+            LedgerIntegrityError: naming the first bad entry, checkpoint or key-set version.
+            Busy: ``concurrent`` verifications are already running.
         """
+        if self._slots is None:
+            return self._verify(workers=workers, chunk=chunk, pool=None)
+        if not self._slots.acquire(blocking=False):
+            raise Busy("a verification of the whole ledger is already running; retry when it ends")
+        try:
+            return self._verify(workers=workers or self._workers, chunk=chunk, pool=self._shared_pool())
+        finally:
+            self._slots.release()
+
+    def _verify(self, *, workers: int | None, chunk: int | None, pool: Executor | None) -> AuditReport:
         with self.db.read() as conn:
             head = repo.read_ledger_head(conn)
             checkpoints = repo.all_checkpoints(conn)
             witnessed = repo.all_witnessed(conn)
             further = repo.witness_cosignatures_by_size(conn)
+            signed = [
+                decode_leaf(leaf.encode())
+                for leaf in conn.execute(
+                    sa.select(ledger_entries.c.leaf)
+                    .where(ledger_entries.c.event.in_(list(SIGNED_EVENTS)), ledger_entries.c.seq < head.size)
+                    .order_by(ledger_entries.c.seq)
+                ).scalars()
+            ]
             beyond = conn.execute(
                 sa.select(sa.func.count())
                 .select_from(ledger_entries)
@@ -234,18 +330,26 @@ class AuditService:
             ).scalar_one()
         if beyond:
             raise LedgerIntegrityError(f"{beyond} entries lie beyond the ledger's recorded end", head.size)
+        keys = self.keys()  # read after the records: it holds every key they can name
 
         def verify_entries(marks: Mapping[int, bytes]) -> int:
             return verify_ledger_entries(
-                self.db.url, size=head.size, root=head.root, marks=marks, workers=workers, chunk=chunk
+                self.db.url,
+                size=head.size,
+                root=head.root,
+                marks=marks,
+                workers=workers,
+                chunk=chunk,
+                pool=pool,
             )
 
         return verify_audit(
             verify_entries,
             checkpoints=checkpoints,
             witnessed=witnessed,
-            keys=self.keys,
+            keys=keys,
             witness_cosignatures=further,
+            signed=signed,
         )
 
     def export(self, start: int, end: int | None = None) -> dict[str, Any]:
@@ -281,15 +385,17 @@ class AuditService:
             earliest = None
             if first is not None and int(first["size"]) < size:
                 proof = consistency_proof(source, int(first["size"]), size)
-                earliest = (_cosigned_note(first, further), proof)
+                earliest = (_cosigned_note(first, further), str(first["created_at"]), proof)
             return build_bundle(
                 party=self.party,
                 agreement={"version": self.agreement.version, "digest": self.agreement.digest},
-                origin=self.keys.origin,
+                origin=self.own.origin,
                 entries=[(int(r.seq), str(r.leaf)) for r in rows],
                 source=source,
                 checkpoint=_cosigned_note(checkpoint, further),
+                signed_at=str(checkpoint["created_at"]),
                 size=size,
+                key_sets=self.announcements(),  # read after the checkpoints: every key they name
                 earliest=earliest,
             )
 
@@ -327,9 +433,11 @@ def verify_ledger_entries(
     marks: Mapping[int, bytes],
     workers: int | None = None,
     chunk: int | None = None,
+    pool: Executor | None = None,
 ) -> int:
     """Verify every entry of the ledger at ``url`` against its head ``(size, root)`` and the
-    checkpoint roots ``marks``, in aligned chunks over ``workers`` processes (default: one per core).
+    checkpoint roots ``marks``, in aligned chunks over ``workers`` processes (default: one per core):
+    those of ``pool`` if given, else of a pool started for this call.
 
     Raises:
         LedgerIntegrityError: naming the first bad entry or checkpoint.
@@ -340,10 +448,14 @@ def verify_ledger_entries(
     if workers == 1 or len(ranges) <= 1:
         parts = [_verify_chunk(url, a, b, tuple(marks)) for a, b in ranges]
     else:
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        if pool is not None:
             futures = [pool.submit(_verify_chunk, url, a, b, tuple(marks)) for a, b in ranges]
             wait(futures)
+        else:
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=workers, mp_context=context) as own:
+                futures = [own.submit(_verify_chunk, url, a, b, tuple(marks)) for a, b in ranges]
+                wait(futures)
         failures = [exc for f in futures if (exc := f.exception()) is not None]
         if failures:  # the first bad entry of the ledger is the lowest one found
             raise min(failures, key=lambda e: getattr(e, "seq", None) or 0)

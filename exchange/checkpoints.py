@@ -30,17 +30,19 @@ from exchange.db import repo
 from exchange.errors import CheckpointConflict
 from exchange.ledger import EntryDraft
 from exchange.ledger.checkpoint import (
+    SIG_COSIGNATURE_V1,
     Checkpoint,
     CheckpointError,
     NoteVerifier,
     cosign,
     parse_signature_line,
     sign_checkpoint,
-    verify_checkpoint,
+    verify_checkpoint_any,
     verify_cosignatures,
 )
 from exchange.ledger.merkle import ProofError, consistency_proof, verify_consistency
 from exchange.node import Node, iso
+from exchange.observability import logs
 
 log = logging.getLogger("exchange.checkpoints")
 
@@ -67,9 +69,15 @@ class CheckpointService:
     # --- this node's checkpoints -----------------------------------------------------------------
 
     def sign_latest(self, now: dt.datetime) -> int | None:
-        """Sign a checkpoint of the current ledger if it grew since the last one; returns its size."""
-        with self.node.db.transaction() as conn:
+        """Sign a checkpoint of the current ledger if it grew since the last one; returns its size.
+        Signs under the ledger head's lock, so concurrent signers (any process) sign each size once."""
+        with self.node.db.read() as conn:  # the common case, nothing new, takes no lock
             head = repo.read_ledger_head(conn)
+            last = repo.latest_checkpoint(conn)
+        if head.size == 0 or (last is not None and last["size"] >= head.size):
+            return None
+        with self.node.db.transaction() as conn:
+            head = repo.lock_ledger_head(conn)
             last = repo.latest_checkpoint(conn)
             if head.size == 0 or (last is not None and last["size"] >= head.size):
                 return None
@@ -101,6 +109,13 @@ class CheckpointService:
             proof = [] if from_size == 0 else consistency_proof(repo.SqlSubtrees(conn), from_size, size)
         return WitnessRequest(str(last["note"]), size, from_size, proof)
 
+    def is_latest(self, request: WitnessRequest) -> bool:
+        """True if ``request`` is still of this node's latest signed checkpoint: a larger one may
+        already have been sent, so a smaller one must not be."""
+        with self.node.db.read() as conn:
+            last = repo.latest_checkpoint(conn)
+        return last is not None and int(last["size"]) == request.size
+
     def record_cosignature(
         self, request: WitnessRequest, lines: str, now: dt.datetime, witness: NoteVerifier | None = None
     ) -> int:
@@ -111,27 +126,47 @@ class CheckpointService:
         Raises:
             CheckpointError: no valid cosignature by that witness key, or a bad one.
         """
-        verifier = witness or self.node.agreement.parties[self.node.partner_party].witness_verifier
-        checkpoint = verify_checkpoint(request.note, origin=self.origin, key=self.node.keys.checkpoint)
+        own = self.node.registry.history(self.node.party).checkpoint_keys()
+        checkpoint = verify_checkpoint_any(request.note, origin=self.origin, keys=own)
         text = lines if lines.endswith("\n") else lines + "\n"
-        timestamp = verify_cosignatures(checkpoint, text, [verifier])[verifier.name]
+        if witness is not None:
+            verifiers = [witness]
+        else:  # the partner cosigns with its checkpoint key in force: any one of its history
+            partner = self.node.partner
+            verifiers = [
+                NoteVerifier.of(partner.witness_name, key, SIG_COSIGNATURE_V1)
+                for key in partner.checkpoint_keys(now)
+            ]
+        name = verifiers[0].name
+        timestamp = verify_cosignatures(checkpoint, text, verifiers)[name]
+        known = {v.key_id for v in verifiers}
         line = next(
             sig.line
             for sig in (parse_signature_line(x) for x in text[:-1].split("\n"))
-            if sig.name == verifier.name and sig.key_id == verifier.key_id
+            if sig.name == name and sig.key_id in known
         )
         with self.node.db.transaction() as conn:
             if witness is None:
                 repo.record_cosignature(conn, request.size, line, iso(now))
             else:
-                repo.record_witness_cosignature(conn, request.size, verifier.name, line, iso(now))
+                repo.record_witness_cosignature(conn, request.size, name, line, iso(now))
         return timestamp
 
     # --- the partner's checkpoints ---------------------------------------------------------------
 
-    def _verify_partner(self, note: str) -> Checkpoint:
+    def _verify_partner(self, note: str, now: dt.datetime) -> Checkpoint:
+        """The partner's new checkpoint, signed by a checkpoint key in force ``now`` (its newer key
+        sets fetched once if none verifies). Raises CheckpointError."""
         partner = self.node.partner
-        return verify_checkpoint(note, origin=partner.ledger_origin, key=partner.checkpoint)
+        try:
+            return verify_checkpoint_any(
+                note, origin=partner.ledger_origin, keys=partner.checkpoint_keys(now)
+            )
+        except CheckpointError:
+            if not self.node.learn_partner_keys(now):
+                raise
+        partner = self.node.partner  # a checkpoint key announced while we were away, now learnt
+        return verify_checkpoint_any(note, origin=partner.ledger_origin, keys=partner.checkpoint_keys(now))
 
     def witness(self, note: str, from_size: int, proof: list[bytes], now: dt.datetime) -> str:
         """Cosign the partner's checkpoint if it is consistent with everything witnessed before, as a
@@ -146,7 +181,7 @@ class CheckpointService:
                 ``fork`` (another root for the witnessed size), ``rollback`` (a smaller size) and
                 ``inconsistent`` (the proof fails).
         """
-        checkpoint = self._verify_partner(note)
+        checkpoint = self._verify_partner(note, now)
         incident: tuple[str, str] | None = None
         with self.node.db.transaction() as conn:
             repo.lock_ledger_head(conn)  # check and record atomically, across processes
@@ -221,7 +256,7 @@ class CheckpointService:
         self._incident(self.origin, request.size, request.note, f"refused by {who}", now)
 
     def _incident(self, origin: str, size: int, note: str, reason: str, now: dt.datetime) -> None:
-        log.error("SECURITY INCIDENT: checkpoint %s at size %d: %s", origin, size, reason)
+        logs.security_incident(log, "checkpoint", "checkpoint %s at size %d: %s", origin, size, reason)
         draft = EntryDraft(
             event="checkpoint.incident",
             actor=self.node.partner_party,

@@ -7,6 +7,7 @@ integrity failure), never a stack trace.
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import ipaddress
 import json
 import logging
@@ -14,8 +15,9 @@ import os
 import re
 import sys
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import click
@@ -26,8 +28,8 @@ from pydantic import ValidationError
 
 from exchange import crypto, envelope
 from exchange.agreement import Agreement, PublicJWK, jwk_raw, load_agreement, parse_agreement
-from exchange.auditing import AuditService, verifier_keys
-from exchange.config import NODE_FILE, check_passphrase, load_settings, resolve_passphrase
+from exchange.auditing import DEFAULT_SKEW, AuditService, party_anchor, verifier_keys
+from exchange.config import NODE_FILE, NodeSettings, check_passphrase, load_settings, resolve_passphrase
 from exchange.db import repo
 from exchange.db.engine import Database, current_revision, upgrade
 from exchange.errors import (
@@ -40,9 +42,21 @@ from exchange.errors import (
 )
 from exchange.files import private_dir, private_umask, restrict_tree, write_private
 from exchange.keys.store import create_node_keys, public_party_keys
+from exchange.ledger import EntryDraft
+from exchange.ledger.audit import FlaggedSignature
 from exchange.ledger.bundle import verify_bundle
 from exchange.ledger.checkpoint import SIG_COSIGNATURE_V1, SIG_ED25519, NoteVerifier
-from exchange.pki import AGENCIES, TLSFiles, create_dev_pki, issue_client, node_name, sign_client_request
+from exchange.ledger.events import LedgerEvent
+from exchange.observability import MONITORING_ROLE
+from exchange.pki import (
+    AGENCIES,
+    TLSFiles,
+    create_dev_pki,
+    issue_client,
+    node_name,
+    renew_certificate,
+    sign_client_request,
+)
 from exchange.types import PARTIES
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_enable=False)
@@ -69,6 +83,16 @@ for sub, name in [
     app.add_typer(sub, name=name)
 
 DirOpt = Annotated[Path, typer.Option("--dir", help="the node directory", file_okay=False)]
+CertOpt = Annotated[
+    Path | None, typer.Option(help="the client's certificate (PEM)", exists=True, dir_okay=False)
+]
+CsrOpt = Annotated[
+    Path | None,
+    typer.Option(help="the client's certificate signing request: the node's CA signs it", dir_okay=False),
+]
+OutOpt = Annotated[
+    Path | None, typer.Option(help="with --csr: where to write the client's certificate", dir_okay=False)
+]
 PARTY_FILE = "party.toml"
 CLIENT_PASSPHRASE_VAR = "EXCHANGE_CLIENT_KEY_PASSPHRASE"  # noqa: S105 (a variable name)
 
@@ -276,6 +300,38 @@ def _check_client_certificate(path: Path, pem: bytes, tls: TLSFiles, own_ca: byt
     return info
 
 
+def _check_certificate_source(cert: Path | None, csr: Path | None, out: Path | None) -> None:
+    if (cert is None) == (csr is None):
+        raise InvalidInput("give exactly one of --cert FILE or --csr FILE")
+    if csr is not None and out is None:
+        raise InvalidInput("--csr needs --out: where to write the client's certificate")
+
+
+def _client_certificate(
+    cert: Path | None, csr: Path | None, settings: NodeSettings, agreement: Agreement, client_id: str
+) -> tuple[bytes, crypto.CertificateInfo]:
+    """A local system's certificate, given (``--cert``) or signed by the node's CA from its CSR
+    (``--csr``, whose common name must be ``client_id``), checked by :func:`_check_client_certificate`.
+    Nothing is written. Raises InvalidInput or ConfigurationError (no development CA key)."""
+    tls = TLSFiles(settings.tls_dir)
+    if csr is not None:
+        request = _read_option_file("--csr", csr)
+        pem = sign_client_request(tls, _passphrase_from_env(), request, settings.party, client_id)
+        source = Path("(signed from --csr)")
+    else:
+        assert cert is not None
+        pem, source = _read_option_file("--cert", cert), cert
+    own_ca = agreement.parties[settings.party].ca_certificate.encode()
+    return pem, _check_client_certificate(source, pem, tls, own_ca)
+
+
+def _read_option_file(option: str, path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise InvalidInput(f"{option} {path}: {exc.strerror}") from exc
+
+
 @clients_app.command("add")
 def clients_add(
     directory: DirOpt,
@@ -287,16 +343,9 @@ def clients_add(
         list[str], typer.Option("--type", help="an entitled message type (repeatable), or ALL")
     ],
     purpose: Annotated[list[str], typer.Option(help="an entitled purpose (repeatable), or ALL")],
-    cert: Annotated[
-        Path | None, typer.Option(help="the client's certificate (PEM)", exists=True, dir_okay=False)
-    ] = None,
-    csr: Annotated[
-        Path | None,
-        typer.Option(help="the client's certificate signing request: the node's CA signs it", dir_okay=False),
-    ] = None,
-    out: Annotated[
-        Path | None, typer.Option(help="with --csr: where to write the client's certificate", dir_okay=False)
-    ] = None,
+    cert: CertOpt = None,
+    csr: CsrOpt = None,
+    out: OutOpt = None,
     role: Annotated[list[str] | None, typer.Option(help="a role of the agreement (repeatable)")] = None,
     case: Annotated[
         list[str] | None, typer.Option("--case", help="restrict to this case reference (repeatable)")
@@ -308,10 +357,9 @@ def clients_add(
     (every case unless restricted) and its unit's addressed messages."""
     _check_name("--id", client_id)
     _check_text("--agency", agency)
-    if (cert is None) == (csr is None):
-        raise InvalidInput("give exactly one of --cert FILE or --csr FILE")
-    if csr is not None and out is None:
-        raise InvalidInput("--csr needs --out: where to write the client's certificate")
+    _check_certificate_source(cert, csr, out)
+    if MONITORING_ROLE in (role or []):
+        raise InvalidInput(f"--role {MONITORING_ROLE} is reserved: use `exchange clients add-monitoring`")
     settings = load_settings(directory)
     agreement = load_agreement(settings.agreement_file)
     levels = list(agreement.schemes[agreement.parties[settings.party].scheme].levels)
@@ -330,20 +378,9 @@ def clients_add(
             raise InvalidInput(
                 f"{option}: {unknown} not among {sorted(known)}" + (" or ALL" if option != "--role" else "")
             )
-    tls = TLSFiles(settings.tls_dir)
+    pem, info = _client_certificate(cert, csr, settings, agreement, client_id)
     if csr is not None and out is not None:
-        try:
-            request = csr.read_bytes()
-        except OSError as exc:
-            raise InvalidInput(f"--csr {csr}: {exc.strerror}") from exc
-        pem = sign_client_request(tls, _passphrase_from_env(), request, settings.party, client_id)
         write_private(out, pem)
-        cert = out
-    else:
-        assert cert is not None
-        pem = cert.read_bytes()
-    own_ca = agreement.parties[settings.party].ca_certificate.encode()
-    info = _check_client_certificate(cert, pem, tls, own_ca)
     with _node_database(directory) as db, db.transaction() as conn:
         repo.insert_client(
             conn,
@@ -358,9 +395,47 @@ def clients_add(
                 "purposes": purpose,
                 "cases": case or ["ALL"],
                 "created_at": dt.datetime.now(dt.UTC).isoformat(),
+                "cert_not_after": info.not_after.isoformat(),
             },
         )
     typer.echo(f"registered {client_id} (certificate {info.fingerprint[:16]}…, clearance {clearance})")
+
+
+@clients_app.command("add-monitoring")
+def clients_add_monitoring(
+    directory: DirOpt,
+    client_id: Annotated[str, typer.Option("--id", help="a short stable name, e.g. prometheus")],
+    cert: CertOpt = None,
+    csr: CsrOpt = None,
+    out: OutOpt = None,
+) -> None:
+    """Register a monitoring system (Prometheus) by its certificate or CSR, as ``clients add`` does:
+    it may read ``/metrics`` and nothing else (no message, type, purpose, case or audit entry)."""
+    _check_name("--id", client_id)
+    _check_certificate_source(cert, csr, out)
+    settings = load_settings(directory)
+    agreement = load_agreement(settings.agreement_file)
+    pem, info = _client_certificate(cert, csr, settings, agreement, client_id)
+    if csr is not None and out is not None:
+        write_private(out, pem)
+    lowest = next(iter(agreement.schemes[agreement.parties[settings.party].scheme].levels))
+    with _node_database(directory) as db, db.transaction() as conn:
+        repo.insert_client(
+            conn,
+            {
+                "id": client_id,
+                "cert_fingerprint": info.fingerprint,
+                "agency": "-",
+                "unit": "-",
+                "roles": [MONITORING_ROLE],
+                "clearance": lowest,
+                "message_types": [],
+                "purposes": [],
+                "cases": [],
+                "created_at": dt.datetime.now(dt.UTC).isoformat(),
+            },
+        )
+    typer.echo(f"registered {client_id} (certificate {info.fingerprint[:16]}…) to read /metrics only")
 
 
 @clients_app.command("list")
@@ -372,6 +447,7 @@ def clients_list(directory: DirOpt) -> None:
         typer.echo(
             f"{row['id']}\t{row['agency']}/{row['unit']}\tclearance={row['clearance']}\t"
             f"roles={','.join(row['roles']) or '-'}\tcert={row['cert_fingerprint'][:16]}…"
+            f"\tuntil={(row['cert_not_after'] or '-')[:10]}"
         )
     if not rows:
         typer.echo("no clients registered")
@@ -384,6 +460,145 @@ def clients_remove(directory: DirOpt, client_id: Annotated[str, typer.Option("--
     with _node_database(directory) as db, db.transaction() as conn:
         repo.delete_client(conn, client_id)
     typer.echo(f"removed {client_id}")
+
+
+def _append_ledger(conn: Any, head: repo.LedgerHead, draft: EntryDraft, now: dt.datetime) -> None:
+    """Append one entry after ``head``, locked by the first statement of the caller's transaction."""
+    repo.append_ledger(conn, head, [draft], now.astimezone(dt.UTC).isoformat(timespec="microseconds"))
+
+
+@clients_app.command("renew")
+def clients_renew(
+    directory: DirOpt,
+    client_id: Annotated[str, typer.Option("--id", help="the registered client")],
+    csr: Annotated[
+        Path | None,
+        typer.Option(
+            help="the client's new certificate signing request: the node's CA signs it", dir_okay=False
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="with --csr: where to write the new certificate", dir_okay=False)
+    ] = None,
+    cert: Annotated[
+        Path | None, typer.Option(help="a new certificate issued by this node's CA (PEM)", dir_okay=False)
+    ] = None,
+    overlap_hours: Annotated[
+        float | None,
+        typer.Option(
+            help="how long the previous certificate stays accepted (default client_certificate_overlap_hours;"
+            " 0 cuts it off at once, as for a compromised key)",
+            min=0,
+        ),
+    ] = None,
+) -> None:
+    """Give a registered local system a new certificate (from its CSR, or issued by this node's CA),
+    keeping its registration. Its previous certificate stays accepted for the overlap (never past that
+    certificate's own expiry), then gets 403 like any unregistered certificate; ledgered."""
+    _check_name("--id", client_id)
+    _check_certificate_source(cert, csr, out)
+    settings = load_settings(directory)
+    now = dt.datetime.now(dt.UTC)
+    with _node_database(directory) as db:
+        with db.read() as conn:
+            if repo.get_client(conn, client_id) is None:
+                raise InvalidInput(f"--id: no registered client {client_id!r} (see `exchange clients list`)")
+        pem, info = _client_certificate(
+            cert, csr, settings, load_agreement(settings.agreement_file), client_id
+        )
+        if info.not_after <= now:
+            raise InvalidInput(f"the new certificate expired at {info.not_after.isoformat()}")
+        hours = settings.client_certificate_overlap_hours if overlap_hours is None else overlap_hours
+        until = now + dt.timedelta(hours=hours)
+        with db.transaction() as conn:
+            head = repo.lock_ledger_head(conn)
+            before = repo.get_client(conn, client_id)
+            if before is not None and before["cert_not_after"]:
+                until = min(until, dt.datetime.fromisoformat(before["cert_not_after"]))
+            before = repo.renew_client_certificate(
+                conn, client_id, info.fingerprint, info.not_after.isoformat(), until.isoformat()
+            )
+            _append_ledger(
+                conn,
+                head,
+                EntryDraft(
+                    event=LedgerEvent.CLIENT_CERTIFICATE_RENEWED,
+                    actor=settings.party,
+                    data={
+                        "client": client_id,
+                        "fingerprint": info.fingerprint,
+                        "not_after": info.not_after.isoformat(),
+                        "previous_fingerprint": before["cert_fingerprint"],
+                        "previous_accepted_until": until.isoformat(),
+                    },
+                ),
+                now,
+            )
+            if csr is not None and out is not None:
+                write_private(out, pem)
+    cut = "cut off now" if until <= now else f"accepted until {until.isoformat(timespec='seconds')}"
+    typer.echo(
+        f"renewed {client_id}: certificate {info.fingerprint[:16]}… until {info.not_after.date()};"
+        f" the previous one {before['cert_fingerprint'][:16]}… {cut}"
+    )
+
+
+@pki_app.command("renew")
+def pki_renew(
+    directory: DirOpt,
+    server: Annotated[bool, typer.Option("--server", help="the server certificate (tls/server.pem)")] = False,
+    node: Annotated[
+        bool, typer.Option("--node", help="the node-to-node certificate (tls/node.pem): same key, same pin")
+    ] = False,
+    days: Annotated[
+        int | None, typer.Option(help="validity of the certificate the node's CA issues", min=1, max=3650)
+    ] = None,
+    cert: Annotated[
+        Path | None,
+        typer.Option(
+            help="install this certificate (issued by your CA for the same key) instead", dir_okay=False
+        ),
+    ] = None,
+) -> None:
+    """Replace the server or the node-to-node certificate for the key the node already holds: the
+    node's development CA re-certifies it, or ``--cert`` installs one your CA issued. The key and so
+    the pin are unchanged (a new node key is announced through key sets). The running node serves it
+    on new connections within ``tls_reload_seconds``, without a restart; ledgered."""
+    if server == node:
+        raise InvalidInput("give exactly one of --server or --node")
+    if cert is not None and days is not None:
+        raise InvalidInput("--days applies to a certificate the node issues, not to --cert")
+    which: Literal["server", "node"] = "server" if server else "node"
+    settings = load_settings(directory)
+    passphrase = _passphrase_from_env()
+    now = dt.datetime.now(dt.UTC)
+    pem = _read_option_file("--cert", cert) if cert is not None else None
+    with _node_database(directory) as db, db.transaction() as conn:
+        head = repo.lock_ledger_head(conn)
+        renewal = renew_certificate(
+            TLSFiles(settings.tls_dir), which, passphrase, days=days, cert_pem=pem, now=now
+        )
+        _append_ledger(
+            conn,
+            head,
+            EntryDraft(
+                event=LedgerEvent.TLS_CERTIFICATE_RENEWED,
+                actor=settings.party,
+                data={
+                    "certificate": which,
+                    "fingerprint": renewal.current.fingerprint,
+                    "not_after": renewal.current.not_after.isoformat(),
+                    "previous_fingerprint": renewal.previous.fingerprint,
+                    "key_sha256": renewal.current.public_key_sha256,
+                },
+            ),
+            now,
+        )
+    typer.echo(
+        f"renewed the {which} certificate: {renewal.current.fingerprint[:16]}… until"
+        f" {renewal.current.not_after.date()} (key {renewal.current.public_key_sha256[:16]}… unchanged);"
+        f" the node serves it within {settings.tls_reload_seconds:g} s"
+    )
 
 
 @pki_app.command("issue-client")
@@ -428,24 +643,187 @@ def pki_pin(
 
 @keys_app.command("list")
 def keys_list(directory: DirOpt) -> None:
-    """Every key and certificate of this node and of the partner, with states and dates; what
-    expires within ``expiry_warning_days`` is flagged. No private key is read."""
-    from exchange.keys.inventory import key_inventory
+    """Every key and certificate of this node (local systems' certificates included) and of the
+    partner, with states and dates; what expires within ``expiry_warning_days`` is flagged. No
+    private key is read."""
+    from exchange.keys.inventory import ClientCertificate, key_inventory
 
     settings = load_settings(directory)
-    lines = key_inventory(
-        key_dir=settings.key_dir,
-        tls_dir=settings.tls_dir,
-        agreement=load_agreement(settings.agreement_file),
-        party=settings.party,
-        now=dt.datetime.now(dt.UTC),
-        warn_days=settings.expiry_warning_days,
-    )
+    try:
+        with _node_database(directory) as db, db.read() as conn:
+            clients = [
+                ClientCertificate(row["id"], row["cert_not_after"], row["previous_until"])
+                for row in repo.list_clients(conn)
+            ]
+    except ExchangeError as exc:  # the keys and TLS files are still worth listing
+        clients = []
+        typer.echo(f"warning: local systems' certificates not listed: {exc}", err=True)
+    registry = _registry(settings)
+    try:
+        lines = key_inventory(
+            key_dir=settings.key_dir,
+            tls_dir=settings.tls_dir,
+            agreement=registry.agreement,
+            own=registry.history(registry.party),
+            partner=registry.history(registry.partner),
+            acknowledged={r["version"]: r["acknowledged_at"] for r in registry.own_rows()},
+            now=dt.datetime.now(dt.UTC),
+            warn_days=settings.expiry_warning_days,
+            clients=clients,
+        )
+    finally:
+        registry.db.dispose()
     for line in lines:
         typer.echo(line.render())
     expiring = [line for line in lines if line.expiring]
     if expiring:
         typer.echo(f"warning: {len(expiring)} expire within {settings.expiry_warning_days} days", err=True)
+
+
+def _registry(settings: Any) -> Any:
+    """Both parties' key histories from the node's database (dispose ``.db`` when done)."""
+    from exchange.keys.registry import KeyRegistry
+
+    agreement = load_agreement(settings.agreement_file)
+    db = Database(settings.database_url)
+    try:
+        db.check_migrated()
+    except ExchangeError:
+        db.dispose()
+        raise
+    return KeyRegistry(db, agreement, settings.party, agreement.partner_of(settings.party))
+
+
+class KeyPurpose(enum.StrEnum):
+    signing = "signing"
+    encryption = "encryption"
+    checkpoint = "checkpoint"
+    tls = "tls"  # the node-to-node certificate's key, announced by its pin
+
+
+PurposeOpt = Annotated[
+    KeyPurpose,
+    typer.Option("--purpose", help="which key: signing, encryption, checkpoint or tls (node-to-node)"),
+]
+
+
+def _key_admin(directory: Path) -> Any:
+    from exchange.keys.rotation import KeyAdmin
+
+    settings = load_settings(directory)
+    return KeyAdmin(settings, _registry(settings))
+
+
+def _await_acknowledgement(admin: Any, wait: float) -> None:
+    """Wait up to ``wait`` seconds for the running node to announce our newest version and the
+    partner to acknowledge it; say which happened."""
+    import time
+
+    version = admin.own.version
+    deadline = time.monotonic() + wait
+    while True:
+        rows = {r["version"]: r for r in admin.registry.own_rows()}
+        ack = rows.get(version, {}).get("acknowledged_at")
+        if ack:
+            typer.echo(f"version {version} acknowledged by {admin.registry.partner} at {ack}")
+            return
+        if time.monotonic() >= deadline:
+            typer.echo(
+                f"version {version} not acknowledged yet: the node announces it to {admin.registry.partner}"
+                " before it delivers anything; see `exchange keys list`"
+            )
+            return
+        time.sleep(0.2)
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    directory: DirOpt,
+    purpose: PurposeOpt,
+    wait: Annotated[
+        float, typer.Option(help="seconds to wait for the partner's acknowledgement", min=0)
+    ] = 10.0,
+) -> None:
+    """Make a next key for PURPOSE and announce the new key set to the partner (the running node
+    delivers the announcement; the partner verifies, stores and acknowledges it with a signed
+    receipt). Activate it with `exchange keys activate` once acknowledged."""
+    admin = _key_admin(directory)
+    try:
+        if purpose is KeyPurpose.tls:
+            pin = admin.rotate_tls()
+            typer.echo(
+                f"next node-to-node key {pin[:16]}… staged, its pin in key set version {admin.own.version}"
+            )
+        else:
+            entry = admin.rotate(purpose.value)
+            typer.echo(f"next {purpose.value} key {entry.kid} in key set version {admin.own.version}")
+        _await_acknowledgement(admin, wait)
+    finally:
+        admin.registry.db.dispose()
+
+
+@keys_app.command("activate")
+def keys_activate(
+    directory: DirOpt,
+    purpose: PurposeOpt,
+    force: Annotated[
+        bool,
+        typer.Option(
+            help="activate without the partner's acknowledgement, after key_activation_wait_seconds"
+        ),
+    ] = False,
+    wait: Annotated[
+        float, typer.Option(help="seconds to wait for the partner's acknowledgement", min=0)
+    ] = 10.0,
+) -> None:
+    """Switch PURPOSE to its next key, refused until the partner acknowledged it (or --force after the
+    configured wait, ledgered as forced). The old key stays trusted while anything it signed may be
+    in flight; an old encryption key is destroyed once the partner uses the new one, after a grace."""
+    admin = _key_admin(directory)
+    try:
+        if purpose is KeyPurpose.tls:
+            pin = admin.activate_tls(force=force)
+            typer.echo(f"node-to-node key {pin[:16]}… in use, key set version {admin.own.version}")
+        else:
+            entry = admin.activate(purpose.value, force=force)
+            typer.echo(f"{purpose.value} key {entry.kid} active in key set version {admin.own.version}")
+        _await_acknowledgement(admin, wait)
+    finally:
+        admin.registry.db.dispose()
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    directory: DirOpt,
+    kid: Annotated[str, typer.Argument(help="the key id to revoke (see `exchange keys list`)")],
+    reason: Annotated[str, typer.Option(help="why: recorded in the ledger and the key set")],
+    effective_at: Annotated[
+        str | None, typer.Option(help="ISO 8601 time from which nothing it signed is trusted (default now)")
+    ] = None,
+    wait: Annotated[
+        float, typer.Option(help="seconds to wait for the partner's acknowledgement", min=0)
+    ] = 10.0,
+) -> None:
+    """Revoke one of this node's keys from --effective-at and announce it at once; an active key is
+    replaced by a new one in the same step (an emergency rotation). The partner refuses anything
+    signed by it after that time, and `exchange audit verify` flags it."""
+    when = dt.datetime.now(dt.UTC)
+    if effective_at is not None:
+        try:
+            when = dt.datetime.fromisoformat(effective_at)
+        except ValueError:
+            raise InvalidInput(f"--effective-at is not an ISO 8601 time: {effective_at!r}") from None
+        if when.tzinfo is None:
+            raise InvalidInput("--effective-at needs a time zone (e.g. 2026-11-23T10:00:00+00:00)")
+    admin = _key_admin(directory)
+    try:
+        replacement = admin.revoke(kid, reason=reason, effective_at=when)
+        typer.echo(f"{kid} revoked from {when.isoformat()} in key set version {admin.own.version}")
+        if replacement is not None:
+            typer.echo(f"replaced at once by {replacement.purpose} key {replacement.kid}")
+        _await_acknowledgement(admin, wait)
+    finally:
+        admin.registry.db.dispose()
 
 
 @retention_app.command("run")
@@ -484,15 +862,28 @@ def requests_overdue(directory: DirOpt) -> None:
 
 
 @app.command()
-def serve(directory: DirOpt) -> None:
-    """Run the node (mutual TLS, delivery worker) until interrupted."""
-    import logging
-
+def serve(
+    directory: DirOpt,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=64,
+            help="API processes sharing the port; more than 1 needs PostgreSQL. Each background loop"
+            " is led by one process at a time (docs/operator.md).",
+        ),
+    ] = 1,
+) -> None:
+    """Run the node (mutual TLS, delivery worker) until interrupted; it logs JSON lines unless
+    ``log_format = "text"``."""
     from exchange.api.server import serve as run
     from exchange.node import Node
+    from exchange.observability import logs, metrics
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run(Node(load_settings(directory)))
+    settings = load_settings(directory)
+    logs.configure(settings.log_format, settings.log_level)
+    metrics.reset_multiprocess_dir()  # before any process of this node counts (workers included)
+    run(Node(settings), workers)
 
 
 def _read_jwk(path: Path, option: str) -> Any:
@@ -561,7 +952,12 @@ def envelope_open(
 
 def _audit_service(directory: Path) -> AuditService:
     settings = load_settings(directory)
-    return AuditService(_node_database(directory), load_agreement(settings.agreement_file), settings.party)
+    return AuditService(
+        _node_database(directory),
+        load_agreement(settings.agreement_file),
+        settings.party,
+        dt.timedelta(seconds=settings.clock_skew_seconds),
+    )
 
 
 @audit_app.command("verify")
@@ -586,10 +982,12 @@ def audit_verify(
         ),
     ] = None,
 ) -> None:
-    """Verify a node's whole ledger (the Merkle tree from every stored leaf, every checkpoint,
-    cosignature, further witness cosignature and witnessed checkpoint), or an export bundle offline
-    against the agreement's keys (a bundle the partner did not cosign fails unless
-    --allow-uncosigned). Exits 1 naming the first bad entry or checkpoint."""
+    """Verify a node's whole ledger (the Merkle tree from every stored leaf, both parties' key-set
+    histories from the agreement, every checkpoint, cosignature, further witness cosignature and
+    witnessed checkpoint, each by the keys in force when it was made), or an export bundle offline
+    from the agreement (a bundle the partner did not cosign fails unless --allow-uncosigned). Exits 1
+    naming the first bad entry, checkpoint or key-set version, or listing every entry signed by a
+    key not in force when it signed (a revoked key after its revocation time)."""
     if bundle is not None:
         if agreement_file is None:
             raise InvalidInput(
@@ -598,8 +996,8 @@ def audit_verify(
         agreement = load_agreement(agreement_file)
         try:
             data = json.loads(bundle.read_text())
-            own = agreement.parties[data["party"]]
-            partner = agreement.parties[agreement.partner_of(data["party"])]
+            own = party_anchor(agreement, data["party"])
+            partner = party_anchor(agreement, agreement.partner_of(data["party"]))
         except (ValueError, KeyError, TypeError) as exc:
             raise InvalidInput(f"{bundle} is not an audit bundle: {exc}") from exc
         named = data.get("agreement")
@@ -607,13 +1005,15 @@ def audit_verify(
             raise InvalidInput(f"{bundle} was exported under another agreement than {agreement_file}")
         checked = verify_bundle(
             data,
-            log=own.ledger_verifier,
-            partner_witness=partner.witness_verifier,
+            own=own,
+            partner=partner,
             witnesses=[w.verifier for w in agreement.witnesses],
             allow_uncosigned=allow_uncosigned,
             require=_known_witnesses(agreement, require_witness or []),
+            skew=DEFAULT_SKEW,
         )
         typer.echo(checked.summary())
+        _exit_if_flagged(checked.flagged)
         return
     if directory is None:
         raise InvalidInput("give --dir (a node) or --bundle with --agreement")
@@ -621,6 +1021,16 @@ def audit_verify(
     with service.db:
         report = service.verify()
     typer.echo(f"ledger verified: {report.summary()}")
+    _exit_if_flagged(report.flagged)
+
+
+def _exit_if_flagged(flagged: Sequence[FlaggedSignature]) -> None:
+    """List every flagged signature and exit 1, if there is one."""
+    if flagged:
+        typer.echo("FLAGGED: signed by a key not in force when it signed:")
+        for item in flagged:
+            typer.echo(f"  {item.line()}")
+        raise typer.Exit(1)
 
 
 def _known_witnesses(agreement: Agreement, names: list[str]) -> list[str]:
@@ -638,14 +1048,21 @@ def audit_keys_command(
     ] = None,
     agreement_file: Annotated[Path | None, typer.Option("--agreement", help="the agreement file")] = None,
 ) -> None:
-    """Print the note verifier keys (name+keyid+base64) the agreement pins: who signs which
-    checkpoints and cosignatures. One key per line, tab-separated: holder, what it signs, key."""
+    """Print the note verifier keys (name+keyid+base64): who signs which checkpoints and
+    cosignatures, with every checkpoint key of both parties' key histories (--dir; --agreement: the
+    keys the agreement pins). One key per line, tab-separated: holder, what it signs, key, key id,
+    state, valid from, valid until, revoked at (- when none)."""
     if (directory is None) == (agreement_file is None):
         raise InvalidInput("give exactly one of --dir (a node) or --agreement FILE")
-    path = agreement_file if agreement_file is not None else load_settings(directory or Path()).agreement_file
-    agreement = load_agreement(path)
-    for row in verifier_keys(agreement):
-        typer.echo(f"{row['holder']}\t{row['signs']}\t{row['key']}")
+    if directory is not None:
+        service = _audit_service(directory)
+        with service.db:
+            keys = service.keys()
+        rows = verifier_keys(service.agreement, (keys.own, keys.partner))
+    else:
+        rows = verifier_keys(load_agreement(agreement_file or Path()))
+    for row in rows:
+        typer.echo("\t".join(value or "-" for value in row.values()))
 
 
 @audit_app.command("prove")

@@ -39,6 +39,7 @@ _PLACEHOLDERS = {
     "exchange",
 }
 LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
+LogFormat = Literal["json", "text"]
 
 
 class NodeSettings(BaseSettings):
@@ -79,12 +80,32 @@ class NodeSettings(BaseSettings):
     expiry_warning_days: int = Field(
         default=30, ge=1, description="flag keys and certificates expiring sooner"
     )
+    tls_reload_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        le=300,
+        description="how often each process checks whether its TLS certificate files were replaced",
+    )
+    client_certificate_overlap_hours: float = Field(
+        default=24.0,
+        ge=0,
+        description="after `clients renew`, how long the previous certificate is still accepted",
+    )
     retention_interval_seconds: float = Field(default=3600.0, gt=0, description="how often retention runs")
     deadline_interval_seconds: float = Field(
         default=60.0, gt=0, description="how often deadlines are checked"
     )
     case_view_max: int = Field(default=10_000, ge=1, description="messages one case view examines at most")
     log_level: LogLevel = "info"
+    log_format: LogFormat = Field(
+        default="json",
+        description="how `exchange serve` logs: JSON lines (time, level, event, ids; never content) or text",
+    )
+    metrics_cache_seconds: float = Field(
+        default=10.0,
+        ge=0,
+        description="a scrape of /metrics reads the database at most this often per process",
+    )
     delivery_max_wait_seconds: float = Field(
         default=7 * 86400,
         gt=0,
@@ -101,6 +122,48 @@ class NodeSettings(BaseSettings):
         max_length=200,
         description="who holds outbox leases; default host name and node directory, so a restarted"
         " node recognises and takes back its own leases",
+    )
+    key_set_validity_days: int = Field(
+        default=365, ge=1, description="how long an announced key set stays acceptable to the partner"
+    )
+    key_activation_wait_seconds: float = Field(
+        default=86400.0,
+        ge=0,
+        description="`exchange keys activate --force` is allowed this long after the announcement"
+        " the partner has not acknowledged",
+    )
+    key_destroy_grace_seconds: float = Field(
+        default=86400.0,
+        ge=0,
+        description="an old encryption key is destroyed this long after the partner was first seen"
+        " using its successor",
+    )
+    key_refresh_seconds: float = Field(
+        default=1.0, gt=0, description="how old a process's view of the key sets may be"
+    )
+    key_fetch_interval_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        description="the partner's key sets are fetched on an unknown key at most this often",
+    )
+    key_versions_per_day: int = Field(
+        default=24, ge=1, description="the most versions of the partner's key set accepted in 24 hours"
+    )
+    key_maintenance_interval_seconds: float = Field(
+        default=60.0, gt=0, description="how often retiring keys are checked for retirement"
+    )
+    leader_retry_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        le=30,
+        description="how often a standby process tries to take over a singleton loop, and a leader"
+        " checks its coordination connection (PostgreSQL): a dead leader is replaced within about this",
+    )
+    audit_verify_concurrency: int = Field(
+        default=1, ge=1, le=16, description="whole-ledger verifications the API runs at once; more answer 503"
+    )
+    audit_verify_workers: int = Field(
+        default=2, ge=1, le=64, description="processes of the one pool that verifies the ledger for the API"
     )
     unavailable_retry_after_seconds: int = Field(
         default=5, ge=1, description="the Retry-After of a 503 while the database is unavailable"

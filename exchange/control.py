@@ -25,6 +25,7 @@ from exchange.db import repo, rows
 from exchange.ledger import EntryDraft
 from exchange.ledger.events import LedgerEvent
 from exchange.messages import Message, Origin, personal_data
+from exchange.observability import logs
 from exchange.policy import Consent, Marking, decide, national_equivalent
 
 if TYPE_CHECKING:
@@ -128,7 +129,8 @@ class ControlProtocol:
         if errors or not decision.allowed:
             raise ValueError(f"a {message_type} this node composed is invalid: {errors or decision.refusals}")
         signed_json = message.signed_json()
-        signed = envelope.sign(signed_json, signing_key=node.keys.signing)
+        keys = node.keys  # one key set version for the whole message
+        signed = envelope.sign(signed_json, signing_key=keys.signing)
         sealed = envelope.seal_signed(signed, signed_json, recipient_key=node.partner.encryption)
         digest = envelope.envelope_digest(sealed)
         row = rows.message_row(
@@ -145,7 +147,7 @@ class ControlProtocol:
         row.update(
             kind="control",
             destroy_after=destroy_after(agreement, message_type, now),
-            signer_kid=node.keys.signing.kid,
+            signer_kid=keys.signing_kid,
         )
         row.update(node.content.seal(row, signed))
         repo.insert_message(conn, row)
@@ -158,7 +160,13 @@ class ControlProtocol:
                 actor=node.party,
                 decision=decision.decision,
                 rules=decision.evaluated,
-                data={"type": message_type, "about": target["id"], "envelope_sha256": digest},
+                data={
+                    "type": message_type,
+                    "about": target["id"],
+                    "envelope_sha256": digest,
+                    "signer_kid": keys.signing_kid,
+                    "signed_at": iso(now),
+                },
             )
         ]
 
@@ -230,7 +238,13 @@ class ControlProtocol:
             DESTRUCTION_CERTIFICATE: (self._on_certificate, "out"),
         }.get(message.type)
         if message.type == SECURITY_INCIDENT_NOTIFICATION:
-            log.error("SECURITY INCIDENT notified by the partner: %s", payload.get("kind"))
+            logs.security_incident(
+                log,
+                "partner-notified",
+                "notified by the partner: %s",
+                payload.get("kind"),
+                message_id=message.id,
+            )
             return Effects([self._incident_entry(message, payload)])
         if handler is None:
             return Effects(
@@ -359,7 +373,13 @@ class ControlProtocol:
             and set(p["purposes"]) <= set(r["purposes"])
         ]
         if not granted:
-            log.error("SECURITY INCIDENT: the partner released message %s without our consent", target["id"])
+            logs.security_incident(
+                log,
+                "onward-without-consent",
+                "the partner released message %s without our consent",
+                target["id"],
+                message_id=target["id"],
+            )
         return Effects(
             [
                 self._control_entry(

@@ -296,6 +296,86 @@ def _sign_leaf(
     return builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
 
 
+def certificate_kind(cert_pem: bytes) -> Literal["server", "node", "client"]:
+    """Which leaf kind a certificate is, by its extended key usage (the node purpose first).
+
+    Raises:
+        KeyManagementError: not a certificate, or a CA or a certificate of no known purpose.
+    """
+    info = certificate_info(cert_pem)
+    if info.is_ca:
+        raise KeyManagementError("a CA certificate is not a leaf")
+    if NODE_PURPOSE_OID in info.purposes:
+        return "node"
+    if SERVER_AUTH_OID in info.purposes:
+        return "server"
+    if CLIENT_AUTH_OID in info.purposes:
+        return "client"
+    raise KeyManagementError("the certificate has no server, client or node purpose")
+
+
+def _leaf_names(cert_pem: bytes) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
+    """A leaf certificate's organisation, DNS names and IP addresses."""
+    cert = _load_cert(cert_pem)
+    orgs = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        dns_names = tuple(sans.get_values_for_type(x509.DNSName))
+        ips = tuple(str(a) for a in sans.get_values_for_type(x509.IPAddress))
+    except x509.ExtensionNotFound:
+        dns_names, ips = (), ()
+    return (str(orgs[0].value) if orgs else ""), dns_names, ips
+
+
+def recertify(ca: IssuedCertificate, ca_passphrase: str, cert_pem: bytes, *, days: int = 825) -> bytes:
+    """A new certificate from ``ca`` for the public key, names and purpose of ``cert_pem``.
+
+    The public key (so the pin, :func:`public_key_sha256`), the common name, the organisation, the
+    DNS and IP subject alternative names and the kind are kept; the serial and the validity are new.
+
+    Raises:
+        KeyManagementError: ``cert_pem`` is not a leaf certificate, or the CA key cannot be decrypted.
+    """
+    kind = certificate_kind(cert_pem)
+    organisation, dns_names, ips = _leaf_names(cert_pem)
+    ca_cert, ca_key = _load_ca(ca, ca_passphrase)
+    return _sign_leaf(
+        ca_cert,
+        ca_key,
+        _load_cert(cert_pem).public_key(),
+        kind=kind,
+        common_name=certificate_info(cert_pem).common_name,
+        organisation=organisation,
+        dns_names=dns_names,
+        ip_addresses=ips,
+        days=days,
+    )
+
+
+def reissue_with_new_key(
+    ca: IssuedCertificate, ca_passphrase: str, cert_pem: bytes, *, passphrase: str, days: int = 825
+) -> IssuedCertificate:
+    """A new key (encrypted under ``passphrase``) and a certificate from ``ca`` for it, with the
+    names and purpose of ``cert_pem``: what replaces a node certificate's key.
+
+    Raises:
+        KeyManagementError: ``cert_pem`` is not a leaf certificate, or the CA key cannot be decrypted.
+    """
+    kind = certificate_kind(cert_pem)
+    organisation, dns_names, ips = _leaf_names(cert_pem)
+    return issue_certificate(
+        ca,
+        ca_passphrase,
+        kind=kind,
+        common_name=certificate_info(cert_pem).common_name,
+        organisation=organisation,
+        passphrase=passphrase,
+        dns_names=dns_names,
+        ip_addresses=ips,
+        days=days,
+    )
+
+
 def sign_client_csr(
     ca: IssuedCertificate, ca_passphrase: str, csr_pem: bytes, *, organisation: str, days: int = 825
 ) -> tuple[str, bytes]:

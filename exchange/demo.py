@@ -7,6 +7,7 @@ readable summary. Leaves the two node directories under the work directory for i
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import secrets
 import shutil
@@ -50,20 +51,30 @@ def exchange_cli(*args: str, env: dict[str, str]) -> str:
 
 
 class NodeProcess:
-    """A node server (``exchange serve``) as a child process: start, wait ready, stop or kill."""
+    """A node server (``exchange serve``) as a child process: start, wait ready, stop or kill.
+
+    ``args`` are further options of ``exchange serve``; ``log_name`` the log file in the node
+    directory (another process of the same node logs to another file)."""
 
     def __init__(
-        self, node_dir: Path, env: dict[str, str], ready_client: Callable[[], ExchangeClient]
+        self,
+        node_dir: Path,
+        env: dict[str, str],
+        ready_client: Callable[[], ExchangeClient],
+        args: tuple[str, ...] = (),
+        log_name: str = "node.log",
     ) -> None:
         self.dir = node_dir
         self.env = env
         self.ready_client = ready_client
+        self.args = args
+        self.log = node_dir / log_name
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        with (self.dir / "node.log").open("ab") as log:  # the child keeps its own descriptor
+        with self.log.open("ab") as log:  # the child keeps its own descriptor
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "exchange", "serve", "--dir", str(self.dir)],
+                [sys.executable, "-m", "exchange", "serve", "--dir", str(self.dir), *self.args],
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -74,7 +85,7 @@ class NodeProcess:
         deadline = time.monotonic() + timeout
         while True:
             if self.process is not None and self.process.poll() is not None:
-                raise ExchangeError(f"node in {self.dir} exited; see {self.dir / 'node.log'}")
+                raise ExchangeError(f"node in {self.dir} exited; see {self.log}")
             try:
                 with self.ready_client() as c:
                     c.health()
@@ -95,7 +106,7 @@ class NodeProcess:
             except subprocess.TimeoutExpired:
                 self.kill()
                 return False
-        return "Application shutdown complete" in (self.dir / "node.log").read_text()
+        return "Application shutdown complete" in self.log.read_text()
 
     def kill(self) -> None:
         """SIGKILL: the crash case."""
@@ -126,10 +137,12 @@ class DemoNode:
             "init", "--party", self.party, "--dir", str(self.dir), "--port", str(self.port), env=self.env
         )
 
-    def setup(self, agreement: Path) -> None:
+    def setup(self, agreement: Path, database_url: str | None = None) -> None:
         shutil.copy(agreement, self.dir / "agreement.toml")
         with (self.dir / "node.toml").open("a") as settings:
             settings.write("checkpoint_interval_seconds = 1.0\n")
+            if database_url is not None:
+                settings.write(f"database_url = {json.dumps(database_url)}\n")
         exchange_cli("db", "upgrade", "--dir", str(self.dir), env=self.env)
         self.add_client(self.client_name, self.clearance, self.unit, "INVESTIGATOR")
 
@@ -186,9 +199,12 @@ def _line(label: str, value: Any) -> None:
     print(f"  {label:<28} {value}")
 
 
-def set_up_pair(root: Path, *extra_settings: str) -> tuple[DemoNode, DemoNode]:
+def set_up_pair(
+    root: Path, *extra_settings: str, database_urls: tuple[str | None, str | None] = (None, None)
+) -> tuple[DemoNode, DemoNode]:
     """Two initialised nodes under ``root`` sharing one agreement, migrated, each with a registered
-    local system; a fresh passphrase for this run only. ``extra_settings`` are node.toml lines."""
+    local system; a fresh passphrase for this run only. ``extra_settings`` are node.toml lines;
+    ``database_urls`` (Polri's, PDRM's) replace the SQLite file in the node directory."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("EXCHANGE_")}
     env["EXCHANGE_KEY_PASSPHRASE"] = secrets.token_urlsafe(24)  # generated per run, never stored
     env["EXCHANGE_CLIENT_KEY_PASSPHRASE"] = secrets.token_urlsafe(24)  # the local systems' own
@@ -207,8 +223,8 @@ def set_up_pair(root: Path, *extra_settings: str) -> tuple[DemoNode, DemoNode]:
         str(agreement),
         env=env,
     )
-    for node in (polri, pdrm):
-        node.setup(agreement)
+    for node, url in zip((polri, pdrm), database_urls, strict=True):
+        node.setup(agreement, url)
     for extra in PDRM_EXTRA:
         pdrm.add_client(*extra)
     polri.add_client("polri-supervisor", "RAHASIA", "TPPO", "SUPERVISOR")
@@ -236,6 +252,7 @@ def run_demo(workdir: Path) -> None:
         _tlp_red(polri, pdrm)
         _consent(polri, pdrm)
         _return_or_destroy(polri, pdrm)
+        _key_rotation(polri, pdrm)
         _checkpoints(polri, pdrm)
     finally:
         clean = [node.server.stop() for node in nodes]
@@ -520,9 +537,40 @@ def _certified(node: DemoNode) -> bool:
         )
 
 
+def _key_rotation(polri: DemoNode, pdrm: DemoNode) -> None:
+    print("\n-- 10. Polri rotates its message signing key while the nodes run")
+    where = ("--dir", str(polri.dir))
+    rotated = exchange_cli("keys", "rotate", *where, "--purpose", "signing", "--wait", "20", env=polri.env)
+    for line in rotated.strip().splitlines():
+        _line("exchange keys rotate", line)
+    activated = exchange_cli(
+        "keys", "activate", *where, "--purpose", "signing", "--wait", "20", env=polri.env
+    )
+    for line in activated.strip().splitlines():
+        _line("exchange keys activate", line)
+    with polri.client() as api:
+        sent = api.submit(
+            {
+                "type": "REQUEST_FOR_INFORMATION",
+                "case_ref": "ID-MY/2026/0044",
+                "purposes": ["TIP_INVESTIGATION"],
+                "classification": {"scheme": "POLRI", "level": "TERBATAS"},
+                "tlp": "AMBER",
+                "legal_basis": ["Polri-PDRM police cooperation agreement"],
+                "payload": {"summary": "Signed with the new key", "questions": ["Received?"]},
+            }
+        )
+        api.wait_for_status(sent["id"], "delivered")
+        health = api.health()["key_sets"]
+    _line("a message under the new key", "delivered, verified by PDRM with the announced key")
+    _line(
+        "key sets", f"ID version {health['version']} acknowledged by MY ({health['unacknowledged']} pending)"
+    )
+
+
 def _checkpoints(polri: DemoNode, pdrm: DemoNode) -> None:
     with polri.client() as polri_api, pdrm.client() as pdrm_api:
-        print("\n-- 10. Each node signs a checkpoint of its ledger; the other verifies it and cosigns")
+        print("\n-- 11. Each node signs a checkpoint of its ledger; the other verifies it and cosigns")
         for label, api in (("ID", polri_api), ("MY", pdrm_api)):
             health = _wait_cosigned(api)
             _line(

@@ -22,7 +22,8 @@ and the CLI turns them into a one-line message and a non-zero exit. Domain error
     ├── TransportError              the partner node could not be reached or answered badly
     │   └── PartnerRefused          the partner answered 4xx to a whole batch (split it)
     ├── Unavailable                 a resource the node needs is down for now (retry later)
-    │   └── DatabaseUnavailable     the database cannot be reached, or its disk is full
+    │   ├── DatabaseUnavailable     the database cannot be reached, or its disk is full
+    │   └── Busy                    a bounded resource is saturated (a ledger verification runs)
     ├── LedgerIntegrityError        the ledger does not verify (names the first bad entry)
     │   └── CheckpointConflict      a partner checkpoint is inconsistent with one already witnessed
     └── KeyManagementError          a key is missing, undecryptable or does not match the agreement
@@ -157,6 +158,11 @@ class Unavailable(ExchangeError):
 
 class DatabaseUnavailable(Unavailable):
     """The database cannot be reached or cannot write (server down, connection lost, disk full)."""
+
+
+class Busy(Unavailable):
+    """A bounded resource is saturated (for example, the ledger verifications the API runs at once);
+    the request may be retried later."""
 
 
 class LedgerIntegrityError(ExchangeError):

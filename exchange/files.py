@@ -49,6 +49,23 @@ def write_private(path: Path, data: bytes | str) -> Path:
     return path
 
 
+def erase(path: Path) -> bool:
+    """Overwrite ``path`` with random bytes, sync and remove it; False if it was already gone.
+
+    Best effort on journaling or copy-on-write file systems: what the key files protect must not
+    rest on it alone (they are encrypted too)."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return False
+    with path.open("r+b") as handle:
+        handle.write(secrets.token_bytes(size))
+        handle.flush()
+        os.fsync(handle.fileno())
+    path.unlink()
+    return True
+
+
 def create_private(path: Path) -> None:
     """Create ``path`` empty and owner-only if it does not exist; make it owner-only if it does.
 

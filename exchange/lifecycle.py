@@ -38,6 +38,7 @@ from exchange.db import repo, rows
 from exchange.errors import ContentDestroyed, FieldError, InvalidInput, NotFound, Unauthorised
 from exchange.ledger import EntryDraft
 from exchange.ledger.events import LedgerEvent
+from exchange.observability import metrics
 from exchange.policy import Actor, Marking, Use, decide, redacted_payload
 
 if TYPE_CHECKING:
@@ -220,6 +221,7 @@ class Lifecycle(ControlProtocol):
             consents=consents,
             now=now,
         )
+        metrics.decided("onward", decision)
         entry = EntryDraft(
             event=LedgerEvent.ONWARD_RELEASED if decision.allowed else LedgerEvent.ONWARD_REFUSED,
             message_id=message_id,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -30,11 +31,14 @@ from exchange.errors import (
     FieldError,
     InvalidInput,
     NotFound,
+    TransportError,
 )
+from exchange.keys.announcement import AnnouncementRejected, KeySetReceipt, sign_receipt, verify_receipt
 from exchange.keys.kek import KekStore
-from exchange.keys.store import NodeKeys, PartnerKeys, check_keys_match_agreement, load_node_keys
+from exchange.keys.registry import KeyRegistry, PartnerKeys
+from exchange.keys.store import NodeKeys, load_node_keys
 from exchange.ledger import EntryDraft
-from exchange.ledger.checkpoint import CheckpointError, verify_checkpoint
+from exchange.ledger.checkpoint import CheckpointError, verify_checkpoint_any
 from exchange.ledger.events import LedgerEvent
 from exchange.lifecycle import Lifecycle
 from exchange.messages import (
@@ -47,6 +51,7 @@ from exchange.messages import (
     parse_signed,
     with_payload,
 )
+from exchange.observability import logs, metrics
 from exchange.policy import (
     Actor,
     Decision,
@@ -91,21 +96,139 @@ class Node(Releases):
         self.settings = settings
         self.party: PartyId = settings.party
         self.agreement: Agreement = load_agreement(settings.agreement_file)
-        self.keys: NodeKeys = load_node_keys(settings.key_dir, settings.passphrase())
-        check_keys_match_agreement(self.keys, self.agreement)
         self.catalogue = Catalogue.for_agreement(self.agreement)
         self.explicit_purposes = frozenset(self.agreement.explicit_purposes)
         self.content = ContentStore(KekStore(settings.key_dir / "kek", settings.passphrase()))
         self.partner_party: PartyId = self.agreement.partner_of(self.party)
-        self.partner: PartnerKeys = PartnerKeys.from_agreement(self.agreement, self.partner_party)
         self.db = db or Database(settings.database_url)
         self.db.check_migrated()
+        self.registry = KeyRegistry(
+            self.db, self.agreement, self.party, self.partner_party, settings.key_refresh_seconds
+        )
+        self._keys_lock = threading.Lock()
+        self._keys: NodeKeys | None = None
+        _ = self.keys  # refuse to start without the private keys of the node's key set in force
+        #: fetches the partner's key-set announcements after a version (set by the app)
+        self.fetch_partner_key_sets: Callable[[int], list[str]] | None = None
         self.committer = GroupCommitter(self.db)
         self.wake_delivery: Callable[[], None] = lambda: None  # set by the app to its delivery loop
         self.lifecycle = Lifecycle(self)
         self.retention = RetentionService(self.db, self.content, self.party)
         self.deadlines = DeadlineService(self.db, self.agreement, self.committer, self.party)
         self._seal_legacy()
+
+    @property
+    def keys(self) -> NodeKeys:
+        """The private keys the node's own key set in force makes active (reloaded when a new
+        version is published, by this process or another).
+
+        Raises:
+            KeyManagementError: the key directory does not hold a key the set makes active.
+        """
+        own = self.registry.history(self.party)
+        keys = self._keys
+        if keys is None or keys.version != own.version:
+            with self._keys_lock:
+                keys = self._keys
+                if keys is None or keys.version != own.version:
+                    keys = load_node_keys(self.settings.key_dir, self.settings.passphrase(), own.current)
+                    self._keys = keys
+        return keys
+
+    @property
+    def partner(self) -> PartnerKeys:
+        """The partner's public keys as its key set in force has them."""
+        return self.registry.partner_keys()
+
+    def learn_partner_keys(self, now: dt.datetime) -> bool:
+        """Fetch and accept the partner's newer key sets, at most once per
+        ``key_fetch_interval_seconds`` (a key id this node does not know may be a key announced
+        while it was away). True if a newer version was accepted."""
+        fetch = self.fetch_partner_key_sets
+        if fetch is None or not self.registry.may_fetch(self.settings.key_fetch_interval_seconds):
+            return False
+        known = self.registry.history(self.partner_party).version
+        try:
+            announcements = fetch(known)
+        except TransportError as exc:
+            log.warning("could not fetch the key sets of %s: %s", self.partner_party, exc)
+            return False
+        if not announcements:
+            return False
+        try:
+            learnt = self.registry.accept_partner(
+                announcements, now, max_per_day=self.settings.key_versions_per_day
+            )
+        except AnnouncementRejected:
+            return False  # logged and ledgered by the registry
+        return learnt.version > known
+
+    def accept_key_sets(self, announcements: Sequence[str], now: dt.datetime) -> str:
+        """Take the partner's key-set announcements (each version on top of the last trusted) and
+        answer with our signed receipt of the version now trusted.
+
+        Raises:
+            AnnouncementRejected: a version refused (ledgered; nothing after it is taken).
+        """
+        history = self.registry.accept_partner(
+            announcements, now, max_per_day=self.settings.key_versions_per_day
+        )
+        receipt = KeySetReceipt(
+            party=self.party,
+            of=self.partner_party,
+            version=history.version,
+            digest=history.digest,
+            accepted_at=now,
+        )
+        return sign_receipt(receipt, self.keys.signing)
+
+    def announce_keys(self, announce: Callable[[list[str]], str], now: dt.datetime) -> int | None:
+        """Send the partner every version of our key set it has not acknowledged, verify its signed
+        receipt and keep it. Returns the version acknowledged, None if there was nothing to send.
+
+        Raises:
+            TransportError: the partner could not be reached (PartnerRefused: it refused them).
+            AnnouncementRejected: its receipt is not valid for what was sent.
+        """
+        pending = self.registry.unacknowledged()
+        if not pending:
+            return None
+        compact = announce([a for _, a in pending])
+        partner = self.partner
+        try:
+            receipt, kid = verify_receipt(compact, partner.verification)
+        except AnnouncementRejected as exc:
+            if exc.reason != "unknown-key" or not self.learn_partner_keys(now):
+                raise
+            partner = self.partner
+            receipt, kid = verify_receipt(compact, partner.verification)
+        newest = self.registry.history(self.party)
+        sent = {v: sha256_hex(a) for v, a in pending}
+        skew = dt.timedelta(seconds=self.settings.clock_skew_seconds)
+        earliest = self.registry.recorded_at(self.party, pending[0][0]) - skew
+        if (
+            receipt.party != self.partner_party
+            or receipt.of != self.party
+            or sent.get(receipt.version) != receipt.digest
+            or not earliest <= receipt.accepted_at <= now + skew  # judged at its own time: bound it
+            or partner.history.in_force(kid, receipt.accepted_at) is None
+        ):
+            raise AnnouncementRejected(
+                "bad-receipt", f"the receipt does not acknowledge version {newest.version}"
+            )
+        self.registry.acknowledge([v for v, _ in pending if v <= receipt.version], compact, now)
+        log.info("key set version %d acknowledged by %s", receipt.version, self.partner_party)
+        return receipt.version
+
+    def check_partner_signature(self, kid: str, signed_at: dt.datetime, now: dt.datetime) -> None:
+        """Raise EnvelopeError ``key-not-in-force`` unless the partner's key ``kid`` was trusted
+        for a signature made at ``signed_at``: listed and not ``next`` in the key set in force then,
+        not revoked before it (the partner's newer key sets are fetched once before refusing)."""
+        if self.partner.history.in_force(kid, signed_at) is not None:
+            return
+        if self.learn_partner_keys(now) and self.partner.history.in_force(kid, signed_at) is not None:
+            return
+        raise EnvelopeError("key-not-in-force", f"{kid} was not trusted at {signed_at.isoformat()}")
 
     def _seal_legacy(self) -> None:
         """Bring messages stored before content at rest (migration 0007) under it: a received one's
@@ -158,7 +281,7 @@ class Node(Releases):
     def actor_for(self, fingerprint: str) -> Actor | None:
         """The registered local system holding the certificate with this fingerprint, if any."""
         with self.db.read() as conn:
-            row = repo.client_by_fingerprint(conn, fingerprint)
+            row = repo.client_by_fingerprint(conn, fingerprint, dt.datetime.now(dt.UTC))
         return rows.actor_from_row(self.agreement, self.party, row) if row else None
 
     # --- outbound --------------------------------------------------------------------------------
@@ -221,6 +344,7 @@ class Node(Releases):
             reply=self._reply_context(actor, draft, replied, thread, now),
             now=now,
         )
+        metrics.decided("submit", decision)
         if not decision.allowed:
             self.ledger(
                 now,
@@ -236,7 +360,8 @@ class Node(Releases):
             raise decision.refusal()
         message = self._protected(draft, decision)
         signed_json = message.signed_json()
-        signed = envelope.sign(signed_json, signing_key=self.keys.signing)
+        keys = self.keys  # one key set version for the whole message
+        signed = envelope.sign(signed_json, signing_key=keys.signing)
         sealed = envelope.seal_signed(signed, signed_json, recipient_key=self.partner.encryption)
         envelope.check_envelope_size(sealed, self.agreement.max_envelope_bytes)
         digest = envelope.envelope_digest(sealed)
@@ -254,7 +379,7 @@ class Node(Releases):
         )
         stored.update(
             destroy_after=destroy_after(self.agreement, message.type, now),
-            signer_kid=self.keys.signing.kid,
+            signer_kid=keys.signing_kid,
         )
 
         partner_scheme = self.agreement.parties[self.partner_party].scheme
@@ -305,7 +430,13 @@ class Node(Releases):
                         decision=decision.decision,
                         rules=decision.evaluated,
                         case_ref=message.case_ref,
-                        data={"type": message.type, "envelope_sha256": digest, **decision.ledger_data()},
+                        data={
+                            "type": message.type,
+                            "envelope_sha256": digest,
+                            "signer_kid": keys.signing_kid,
+                            "signed_at": iso(message.created_at),
+                            **decision.ledger_data(),
+                        },
                     )
                 ],
                 iso(now),
@@ -380,6 +511,10 @@ class Node(Releases):
         at = iso(now)
         with self.db.transaction() as conn:
             head = repo.lock_ledger_head(conn)
+            # one query for the batch's ids already stored; an id seen earlier in this batch is
+            # looked up again (its earlier envelope may just have stored it)
+            stored = repo.get_messages(conn, [i.message.id for i in opened if isinstance(i, Admitted)])
+            seen: set[str] = set()
             for compact, item in zip(envelopes, opened, strict=True):
                 if isinstance(item, EnvelopeError):
                     drafts.append(self._rejection(envelope.envelope_digest(compact), item.reason, None))
@@ -387,8 +522,13 @@ class Node(Releases):
                     continue
                 try:
                     freed: list[str] = []  # counted only if this envelope's savepoint commits
+                    mid = item.message.id
+                    prefetched = (mid not in seen, stored.get(mid))
+                    seen.add(mid)
                     with conn.begin_nested():  # one envelope's failure rejects that envelope alone
-                        result, new = self._admit(conn, item, now, head.size + len(drafts) + 1, freed)
+                        result, new = self._admit(
+                            conn, item, now, head.size + len(drafts) + 1, freed, prefetched
+                        )
                     retired.extend(freed)
                 except Exception:
                     log.exception("envelope for message %s could not be admitted", item.message.id)
@@ -406,22 +546,33 @@ class Node(Releases):
     def _open(self, compact: str, now: dt.datetime) -> Admitted:
         """Open, verify and parse one envelope. Raises EnvelopeError (``malformed`` for a signed
         message that is not a valid message of the agreement)."""
-        opened = envelope.open_envelope(
-            compact,
-            decryption_keys=self.keys.decryption,
-            verification_keys=self.partner.verification,
-            expected_sender=self.partner_party,
-            expected_recipient=self.party,
-            accepted_agreements=self.accepted_agreements,
-            now=now,
-            clock_skew=dt.timedelta(seconds=self.settings.clock_skew_seconds),
-            replay_window=dt.timedelta(seconds=self.settings.replay_window_seconds),
-            max_envelope_bytes=self.agreement.max_envelope_bytes,
-        )
+
+        def open_it() -> envelope.OpenedEnvelope:
+            return envelope.open_envelope(
+                compact,
+                decryption_keys=self.keys.decryption,
+                verification_keys=self.partner.verification,
+                expected_sender=self.partner_party,
+                expected_recipient=self.party,
+                accepted_agreements=self.accepted_agreements,
+                now=now,
+                clock_skew=dt.timedelta(seconds=self.settings.clock_skew_seconds),
+                replay_window=dt.timedelta(seconds=self.settings.replay_window_seconds),
+                max_envelope_bytes=self.agreement.max_envelope_bytes,
+            )
+
+        try:
+            opened = open_it()
+        except EnvelopeError as exc:
+            if exc.reason != "unknown-signing-key" or not self.learn_partner_keys(now):
+                raise
+            opened = open_it()  # a key announced while we were away, now learnt
         try:
             message = parse_signed(opened.message, agreement=self.agreement, catalogue=self.catalogue)
         except MalformedMessage as exc:
             raise EnvelopeError("malformed", str(exc)) from exc
+        self.check_partner_signature(opened.signer_kid, message.created_at, now)
+        self.registry.note_encryption_key_used(opened.recipient_kid, now)
         return Admitted(opened, message)
 
     def _rejection(
@@ -437,13 +588,23 @@ class Node(Releases):
         )
 
     def _admit(
-        self, conn: Any, admitted: Admitted, now: dt.datetime, inbox_seq: int, retired: list[str]
+        self,
+        conn: Any,
+        admitted: Admitted,
+        now: dt.datetime,
+        inbox_seq: int,
+        retired: list[str],
+        prefetched: tuple[bool, dict[str, Any] | None] = (False, None),
     ) -> tuple[PeerResult, list[EntryDraft]]:
         """Admit one verified envelope inside the batch's transaction; KEKs a control message
-        retires are added to ``retired``, to destroy once the transaction committed."""
+        retires are added to ``retired``, to destroy once the transaction committed.
+        ``prefetched`` is (True, the stored row or None) when the caller already looked the id up
+        in this transaction."""
         opened, message = admitted.opened, admitted.message
         mid = message.id
-        existing = repo.get_message(conn, mid)
+        looked_up, existing = prefetched
+        if not looked_up:
+            existing = repo.get_message(conn, mid)
         if existing is not None:
             if existing["direction"] == "in" and existing["envelope_sha256"] == opened.digest:
                 return PeerResult(True, existing["receipt"]), [
@@ -458,9 +619,19 @@ class Node(Releases):
             log.warning("rejected envelope for message %s: id reused with other content", mid)
             return PeerResult(False), [self._rejection(opened.digest, "duplicate-id", mid)]
         decision = decide("receive", agreement=self.agreement, message=message, now=now)
+        metrics.decided("receive", decision)
         if not decision.allowed:
             refused = tuple(r.rule for r in decision.refusals)
-            log.warning("rejected envelope for message %s by policy: %s", mid, ", ".join(refused))
+            log.warning(
+                "rejected envelope for message %s by policy: %s",
+                mid,
+                ", ".join(refused),
+                extra=logs.fields(
+                    logs.Event.ENVELOPE_REJECTED,
+                    message_id=mid,
+                    rule_ids=[r.rule_id for r in decision.refusals],
+                ),
+            )
             return PeerResult(False), [self._rejection(opened.digest, "policy", mid, decision.evaluated)]
         assert decision.level is not None
         receipt = envelope.sign_receipt(
@@ -498,7 +669,12 @@ class Node(Releases):
             row.update(kind="control", inbox_seq=None)  # handled here, never released to an inbox
         row.update(self.content.seal(row, opened.signed))
         repo.insert_message(conn, row)
-        data = {"type": message.type, "envelope_sha256": opened.digest, "signer_kid": opened.signer_kid}
+        data = {
+            "type": message.type,
+            "envelope_sha256": opened.digest,
+            "signer_kid": opened.signer_kid,
+            "signed_at": iso(message.created_at),
+        }
         drafts = [
             EntryDraft(
                 event=LedgerEvent.RECEIVED,
@@ -519,7 +695,11 @@ class Node(Releases):
         ]
         unreplaced = any(r.handler for r in decision.redactions)  # an informant's identity arrived
         if decision.changes or unreplaced:  # marked below its floor, or an identity not replaced
-            log.warning("POLICY INCIDENT: message %s arrived below its floor or with an identity", mid)
+            log.warning(
+                "POLICY INCIDENT: message %s arrived below its floor or with an identity",
+                mid,
+                extra=logs.fields(logs.Event.POLICY_INCIDENT, message_id=mid),
+            )
             drafts.append(
                 EntryDraft(
                     event=LedgerEvent.POLICY_INCIDENT,
@@ -547,7 +727,14 @@ class Node(Releases):
             retired.extend(effects.retired_keks)
         incident = self._judge_checkpoint(conn, message)
         if incident is not None:
-            log.error("SECURITY INCIDENT: message %s carries a partner checkpoint that %s", mid, incident)
+            logs.security_incident(
+                log,
+                "checkpoint",
+                "message %s carries a partner checkpoint that %s",
+                mid,
+                incident,
+                message_id=mid,
+            )
             drafts.append(
                 EntryDraft(
                     event="checkpoint.incident",
@@ -573,8 +760,10 @@ class Node(Releases):
         if note is None:
             return None
         try:
-            checkpoint = verify_checkpoint(
-                str(note), origin=self.partner.ledger_origin, key=self.partner.checkpoint
+            checkpoint = verify_checkpoint_any(
+                str(note),
+                origin=self.partner.ledger_origin,
+                keys=self.partner.checkpoint_keys(message.created_at),
             )
         except CheckpointError as exc:
             return f"invalid: {exc}"

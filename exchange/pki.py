@@ -7,8 +7,11 @@ fragment of the agreement.
 
 from __future__ import annotations
 
+import datetime as dt
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from exchange import crypto
 from exchange.errors import ConfigurationError, InvalidInput, KeyManagementError
@@ -168,3 +171,102 @@ def sign_client_request(
     if common_name != expected_name:
         raise InvalidInput(f"--csr names {common_name!r} but --id is {expected_name!r}: they must agree")
     return cert
+
+
+@dataclass(frozen=True)
+class Renewal:
+    """A certificate replaced on disk: the one before and the one after (public data only)."""
+
+    which: str  # "server" or "node"
+    previous: crypto.CertificateInfo
+    current: crypto.CertificateInfo
+
+
+def renew_certificate(
+    tls: TLSFiles,
+    which: Literal["server", "node"],
+    passphrase: str,
+    *,
+    days: int | None = None,
+    cert_pem: bytes | None = None,
+    now: dt.datetime,
+) -> Renewal:
+    """Replace the node's server or node-to-node certificate for the key it already holds.
+
+    With ``days``, the node's development CA re-certifies the key (same names, same purpose); with
+    ``cert_pem``, a certificate issued elsewhere is installed after the checks below. Either way the
+    public key, so the node's pin (``node_key_sha256``), does not change: a new node key is announced
+    to the partner through key sets, never here. The certificate file is written atomically, so the
+    running node picks it up whole (``exchange.tls_reload``).
+
+    Raises:
+        ConfigurationError: a file is missing, or (with ``days``) the node has no development CA key.
+        InvalidInput: the certificate is not for this node's key, not issued by this node's CA, of
+            another purpose or name than the one it replaces, or not valid at ``now``.
+        KeyManagementError: the key does not decrypt or does not match the current certificate.
+    """
+    cert_path, key_path = (
+        (tls.server_cert, tls.server_key) if which == "server" else (tls.node_cert, tls.node_key)
+    )
+    for path in (cert_path, key_path, tls.ca_cert):
+        if not path.is_file():
+            raise ConfigurationError(f"missing TLS file {path}: nothing to renew")
+    old_pem, key_pem = cert_path.read_bytes(), key_path.read_bytes()
+    crypto.check_private_key_matches(key_pem, passphrase, old_pem)
+    previous = crypto.certificate_info(old_pem)
+    if cert_pem is None:
+        new_pem = crypto.recertify(_development_ca(tls), passphrase, old_pem, days=days or 825)
+    else:
+        new_pem = cert_pem
+        try:
+            crypto.check_private_key_matches(key_pem, passphrase, new_pem)
+        except KeyManagementError as exc:
+            raise InvalidInput(f"--cert is not for this node's {which} key: {exc}") from exc
+    current = crypto.certificate_info(new_pem)
+    problems = []
+    if not crypto.is_issued_by(new_pem, tls.ca_cert.read_bytes()):
+        problems.append(f"is not issued by this node's CA ({tls.ca_cert})")
+    if crypto.certificate_kind(new_pem) != which:
+        problems.append(f"is not a {which} certificate (extended key usage)")
+    if current.common_name != previous.common_name:
+        problems.append(f"names {current.common_name!r}, not {previous.common_name!r}")
+    if current.not_after <= now:
+        problems.append(f"expired at {current.not_after.isoformat()}")
+    if problems:
+        raise InvalidInput(f"--cert {'; '.join(problems)}")
+    write_private(cert_path, new_pem)
+    return Renewal(which, previous, current)
+
+
+NODE_NEXT = "node-next"  # a staged node key and certificate: tls/node-next.pem, tls/node-next-key.pem
+
+
+def stage_node_key(tls: TLSFiles, passphrase: str, *, days: int = 825) -> str:
+    """Make a new key for the node-to-node certificate and a certificate for it from the node's
+    development CA (same names and purpose), kept beside the current pair until
+    :func:`promote_node_key`. Returns the new key's pin.
+
+    Raises:
+        ConfigurationError: no node certificate, or no development CA key.
+    """
+    if not tls.node_cert.is_file():
+        raise ConfigurationError(f"missing TLS file {tls.node_cert}")
+    issued = crypto.reissue_with_new_key(
+        _development_ca(tls), passphrase, tls.node_cert.read_bytes(), passphrase=passphrase, days=days
+    )
+    tls.write(NODE_NEXT, issued)
+    return crypto.public_key_sha256(issued.cert_pem)
+
+
+def promote_node_key(tls: TLSFiles, pin: str) -> None:
+    """Put the staged node key and certificate with ``pin`` in place (the key first: a running node
+    keeps its current pair until both load together).
+
+    Raises:
+        ConfigurationError: no staged pair with that pin.
+    """
+    cert, key = tls.root / f"{NODE_NEXT}.pem", tls.root / f"{NODE_NEXT}-key.pem"
+    if not (cert.is_file() and key.is_file()) or crypto.public_key_sha256(cert.read_bytes()) != pin:
+        raise ConfigurationError(f"no staged node key with pin {pin[:16]}… in {tls.root}")
+    os.replace(key, tls.node_key)
+    os.replace(cert, tls.node_cert)

@@ -34,6 +34,7 @@ from exchange.messages import (
     Message,
     parse_signed,
 )
+from exchange.observability import metrics
 from exchange.policy import (
     Actor,
     Consent,
@@ -177,6 +178,7 @@ class Releases:
             consents=consents,
             now=now,
         )
+        metrics.decided("release", decision)
         if decision.allowed:
             try:
                 message = self.stored_message(row)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -144,24 +143,19 @@ class DeadlineService:
 
 
 class PeriodicLoop:
-    """Runs ``step(now)`` every ``interval`` seconds until stopped; never dies on an error."""
+    """Runs ``step(now)`` every ``interval`` seconds (a :class:`exchange.loops.Loop`)."""
 
     def __init__(self, name: str, step: Callable[[dt.datetime], int], interval: float) -> None:
         self.name = name
-        self.step = step
+        self._step = step
         self.interval = interval
-        self._stop = threading.Event()
 
     def run_once(self) -> int:
-        return self.step(dt.datetime.now(dt.UTC))
+        return self._step(dt.datetime.now(dt.UTC))
 
-    def run_forever(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.run_once()
-            except Exception:
-                log.exception("%s round failed; retrying", self.name)
-            self._stop.wait(self.interval)
+    def lead(self) -> None:
+        """Nothing to recover: each run starts from what the database holds."""
 
-    def stop(self) -> None:
-        self._stop.set()
+    def step(self) -> float:
+        self.run_once()
+        return self.interval

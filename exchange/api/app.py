@@ -3,6 +3,7 @@ by the caller, so a bad configuration is reported before the server starts."""
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -14,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import exchange
-from exchange.api import lifecycle_routes, openapi, problems
+from exchange.api import lifecycle_routes, observability, openapi, problems
 from exchange.api.guard import RequestGuard, SecurityHeaders
 from exchange.api.routes import (
     WITNESS_PATH,
@@ -26,8 +27,11 @@ from exchange.api.routes import (
 )
 from exchange.auditing import AuditService
 from exchange.checkpoints import CheckpointService
+from exchange.db.coordination import LEDGER_CHANNEL, OUTBOX_CHANNEL, coordination_for
 from exchange.envelope import peer_body_limit
 from exchange.errors import ExchangeError, FieldError
+from exchange.keys.rotation import KeyAdmin
+from exchange.loops import LoopRunner
 from exchange.messages import raw_vocabulary_errors
 from exchange.node import Node
 from exchange.retention import PeriodicLoop
@@ -65,30 +69,35 @@ def create_app(node: Node, transport: PeerTransport | None = None, *, run_worker
     )
 
     settings = node.settings
+    keys = KeyAdmin(settings, node.registry)
     loops: list[tuple[str, Any]] = [  # every background loop of the node: adding one is a line here
         ("delivery", worker),
         ("checkpointer", checkpointer),
         ("retention", PeriodicLoop("retention", node.retention.run, settings.retention_interval_seconds)),
         ("deadlines", PeriodicLoop("deadlines", node.deadlines.run, settings.deadline_interval_seconds)),
+        ("keys", PeriodicLoop("keys", keys.maintain, settings.key_maintenance_interval_seconds)),
     ]
+    wakes = {"delivery": (OUTBOX_CHANNEL,), "checkpointer": (LEDGER_CHANNEL,)}  # NOTIFY channels
+    coordination = coordination_for(node.db, settings.leader_retry_seconds, f"exchange {node.party}")
+    runners = [LoopRunner(name, loop, coordination, wakes.get(name, ())) for name, loop in loops if loop]
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         threads = []
         if run_worker:
-            for name, loop in loops:
-                if loop is not None:
-                    threads.append(threading.Thread(target=loop.run_forever, name=name, daemon=True))
+            coordination.start()
+            threads = [threading.Thread(target=r.run_forever, name=r.name, daemon=True) for r in runners]
         for thread in threads:
             thread.start()
         try:
             yield
         finally:
-            for _name, loop in loops:
-                if loop is not None:
-                    loop.stop()
+            for runner in runners:
+                runner.stop()
             for thread in threads:
                 thread.join(timeout=30)
+            coordination.close()  # after the loops: a successor leads at once
+            app.state.audit.close()
             if transport is not None:
                 transport.close()
             if checkpointer is not None:
@@ -111,10 +120,20 @@ def create_app(node: Node, transport: PeerTransport | None = None, *, run_worker
     app.state.node = node
     app.state.checkpoints = checkpoints
     app.state.transport = transport
-    app.state.audit = AuditService(node.db, node.agreement, node.party)
-    wake: Callable[[], None] = worker.wake if worker is not None else (lambda: None)
+    app.state.audit = AuditService(
+        node.db,
+        node.agreement,
+        node.party,
+        dt.timedelta(seconds=settings.clock_skew_seconds),
+        concurrent=settings.audit_verify_concurrency,
+        workers=settings.audit_verify_workers,
+    )
+    delivery = next((r for r in runners if r.name == "delivery"), None)
+    wake: Callable[[], None] = delivery.wake if delivery is not None else (lambda: None)
     app.state.worker_wake = wake
     node.wake_delivery = wake
+    if transport is not None:
+        node.fetch_partner_key_sets = transport.fetch_key_sets
     app.state.worker = worker
     setattr(app.state, problems.MORE_FIELD_ERRORS, {"/v1/messages": partial(payload_errors, node)})
     app.include_router(client_router)
@@ -140,4 +159,5 @@ def create_app(node: Node, transport: PeerTransport | None = None, *, run_worker
         path_limits={PEER_PATH: peer_body_limit(node.agreement.max_envelope_bytes)},
     )
     app.add_middleware(SecurityHeaders)  # outermost: the guard's refusals carry the headers too
+    observability.install(app, node)  # /metrics, and the request id around everything
     return app

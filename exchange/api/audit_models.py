@@ -51,6 +51,11 @@ class VerifierKey(_Answer):
     holder: str
     signs: str
     key: str = Field(description="signed-note verifier key: name+keyid+base64(type || public key)")
+    kid: str | None = Field(default=None, description="the checkpoint key's id in its party's key set")
+    state: str | None = Field(default=None, description="next, active, retiring, retired or revoked")
+    valid_from: str | None = None
+    valid_until: str | None = None
+    revoked_at: str | None = Field(default=None, description="trusted only for what it signed before")
 
 
 class OwnCheckpoint(_Answer):
@@ -76,7 +81,10 @@ class WitnessedCheckpoint(_Answer):
 class Checkpoints(_Answer):
     origin: str = Field(description="this node's log origin (= the key name of its checkpoint key)")
     cosigner: str = Field(description="the partner node's witness key name")
-    verifier_keys: list[VerifierKey] = Field(description="every note verifier key the agreement pins")
+    verifier_keys: list[VerifierKey] = Field(
+        description="every note verifier key: each checkpoint key of both parties' key histories, and"
+        " the further witnesses' keys the agreement pins"
+    )
     checkpoints: list[OwnCheckpoint]
     witnessed: list[WitnessedCheckpoint] = Field(description="the partner's checkpoints this node cosigned")
 
@@ -98,6 +106,16 @@ class ConsistencyProof(_Answer):
     proof: list[str] = Field(description="RFC 9162 consistency proof, hex")
 
 
+class FlaggedSignature(_Answer):
+    seq: int
+    event: str
+    party: str = Field(description="whose key signed")
+    kid: str
+    signed_at: str
+    revoked_at: str | None
+    reason: str
+
+
 class Verification(_Answer):
     ok: bool
     summary: str | None = None
@@ -106,6 +124,12 @@ class Verification(_Answer):
     cosignatures: int | None = None
     witness_cosignatures: dict[str, int] | None = None
     witnessed: int | None = None
+    key_versions: dict[str, int] | None = Field(
+        default=None, description="each party's key-set version the history was walked to"
+    )
+    flagged: list[FlaggedSignature] = Field(
+        default_factory=list, description="entries signed by a key not in force when it signed"
+    )
     error: str | None = None
     first_bad_entry: int | None = None
 
@@ -118,16 +142,21 @@ class BundleEntry(_Answer):
 
 class BundleConsistency(_Answer):
     checkpoint: str
+    signed_at: str
     proof: list[str] = Field(description="RFC 9162 consistency proof, base64")
 
 
 class AuditBundle(_Answer):
     """An export bundle: schemas/audit-bundle.schema.json."""
 
-    format: str = Field(pattern="^exchange-audit-bundle/2$")
+    format: str = Field(pattern="^exchange-audit-bundle/3$")
     party: str
     agreement: dict[str, str]
     origin: str
     checkpoint: str = Field(description="the signed checkpoint followed by its cosignature lines")
+    signed_at: str = Field(description="when the log signed the checkpoint (its key is judged then)")
+    key_sets: dict[str, list[str]] = Field(
+        description="each party's key-set announcements after the agreement's version 1, in order"
+    )
     entries: list[BundleEntry]
     consistency: BundleConsistency | None

@@ -16,6 +16,7 @@ from fastapi import Request
 from exchange import crypto
 from exchange.errors import Unauthorised
 from exchange.node import Node
+from exchange.observability import MONITORING_ROLE
 from exchange.policy import Actor
 
 
@@ -38,18 +39,29 @@ AUDITOR_ROLE = "AUDITOR"
 
 def local_client(request: Request) -> Actor:
     """FastAPI dependency: the registered local system calling (not an auditor: auditors never see
-    message content). Raises Unauthorised (403)."""
+    message content; not a monitoring client: it reads /metrics only). Raises Unauthorised (403)."""
     actor = registered_client(request)
     if AUDITOR_ROLE in actor.roles:
         raise Unauthorised("auditors have no access to messages; use /v1/audit")
+    if MONITORING_ROLE in actor.roles:
+        raise Unauthorised("a monitoring client reads /metrics only")
     return actor
 
 
 def auditor(request: Request) -> Actor:
     """FastAPI dependency: a registered client with the AUDITOR role. Raises Unauthorised (403)."""
     actor = registered_client(request)
-    if AUDITOR_ROLE not in actor.roles:
+    if AUDITOR_ROLE not in actor.roles or MONITORING_ROLE in actor.roles:
         raise Unauthorised("this endpoint is for clients registered with the AUDITOR role")
+    return actor
+
+
+def monitoring_client(request: Request) -> Actor:
+    """FastAPI dependency: a client registered with ``exchange clients add-monitoring``. Raises
+    Unauthorised (403) for any other caller, local systems and auditors included."""
+    actor = registered_client(request)
+    if MONITORING_ROLE not in actor.roles:
+        raise Unauthorised("only a monitoring client (`exchange clients add-monitoring`) reads /metrics")
     return actor
 
 
@@ -67,6 +79,7 @@ def registered_client(request: Request) -> Actor:
         raise Unauthorised(
             "this client certificate is not registered; ask an administrator to run `exchange clients add`"
         )
+    request.state.client_id = actor.client_id  # for the request's log line: the id, never the subject
     return actor
 
 
@@ -81,6 +94,7 @@ def partner_node(request: Request) -> None:
     if (
         info.common_name != partner.node_name
         or crypto.NODE_PURPOSE_OID not in info.purposes
-        or not crypto.constant_time_equal(info.public_key_sha256, partner.node_key_sha256)
+        or not any(crypto.constant_time_equal(info.public_key_sha256, pin) for pin in node.partner.tls_pins)
     ):
         raise Unauthorised("only the partner node may call this endpoint")
+    request.state.client_id = partner.node_name

@@ -70,9 +70,42 @@ class LedgerEntries(_Open):
     entries: list[dict[str, Any]] = Field(description="ledger entries: ids, hashes, decisions; no content")
 
 
+class KeySetHealth(BaseModel):
+    version: int = Field(description="this node's key set in force")
+    unacknowledged: int = Field(description="versions of ours the partner has not acknowledged yet")
+    partner_version: int = Field(description="the partner's key set this node trusts")
+
+
+class CertificateHealth(_Open):
+    """One of the node's TLS certificates."""
+
+    name: str = Field(description="the file: ca.pem, server.pem, node.pem or partner-ca.pem")
+    owner: str = Field(description="the party it belongs to")
+    subject: str = Field(description="its common name")
+    not_after: dt.datetime | None = Field(description="when it expires (null: unreadable)")
+    days_left: int | None = Field(description="whole days until it expires (negative: expired)")
+    expiring: bool = Field(description="expires within the node's expiry_warning_days, or unreadable")
+
+
 class Health(_Open):
-    status: Literal["ok"]
+    status: Literal["ok", "warning"] = Field(
+        description="warning: a certificate of the node expires within expiry_warning_days (see certificates)"
+    )
+    certificates: list[CertificateHealth] = Field(
+        description="the node's TLS certificates as they are on disk, the ones the node serves"
+    )
     party: str
     agreement: dict[str, str]
     outbox: int
     ledger_size: int
+    key_sets: KeySetHealth
+
+
+class KeySetReceipt(BaseModel):
+    receipt: str = Field(
+        description="compact JWS (typ exchange-key-set-receipt+jws) by this node's signing key"
+    )
+
+
+class KeySets(BaseModel):
+    announcements: list[str] = Field(description="signed key-set versions, oldest first (JWS JSON)")

@@ -23,7 +23,8 @@ SECURITY_SCHEME = {
     "type": "mutualTLS",
     "description": (
         "Every connection presents a client certificate. Local systems: a certificate of this node's CA "
-        "registered with `exchange clients add` (auditors with the AUDITOR role). Peer endpoints: the "
+        "registered with `exchange clients add` (auditors with the AUDITOR role; `/metrics` only for "
+        "monitoring systems registered with `exchange clients add-monitoring`). Peer endpoints: the "
         "partner node's certificate only (partner CA, node purpose, public key pinned in the agreement)."
     ),
 }

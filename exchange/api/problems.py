@@ -6,6 +6,7 @@ hierarchy, so a subclass inherits its family's status unless it has its own row.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from exchange.errors import (
+    Busy,
     CheckpointConflict,
     ConfigurationError,
     ContentDestroyed,
@@ -34,6 +36,9 @@ from exchange.errors import (
     Unavailable,
 )
 from exchange.ledger.checkpoint import CheckpointError
+from exchange.observability import logs
+
+log = logging.getLogger("exchange.api")
 
 PROBLEM_TYPE_BASE = "https://exchange.invalid/problems/"
 MEDIA_TYPE = "application/problem+json"
@@ -56,6 +61,7 @@ STATUS_TABLE: dict[type[ExchangeError], tuple[int, str, str]] = {
     IdempotencyKeyReused: (422, "idempotency-key-reused", "The Idempotency-Key was used for another request"),
     Unavailable: (503, "unavailable", "The node cannot serve this request now; retry later"),
     DatabaseUnavailable: (503, "database-unavailable", "The node's database is unavailable; retry later"),
+    Busy: (503, "busy", "The node is already doing as much of this work as it allows; retry later"),
 }
 
 
@@ -137,6 +143,11 @@ async def exchange_error_handler(request: Request, exc: Exception) -> JSONRespon
             {"rule": v.rule_id, "version": v.rule_version, "reason": v.reason, "remedy": v.remedy}
             for v in exc.violations
         ]
+        log.info(
+            "refused by the rules: %s",
+            ", ".join(v.rule_id for v in exc.violations),
+            extra=logs.fields(logs.Event.POLICY_REFUSED, rule_ids=[v.rule_id for v in exc.violations]),
+        )
     elif isinstance(exc, ContentDestroyed):
         extra["destroyed_at"] = exc.destroyed_at
         extra["reason"] = exc.reason

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import logging
 from importlib.resources import files
 from typing import Annotated, Any
 
@@ -29,6 +31,8 @@ from exchange.db import repo
 from exchange.errors import CheckpointConflict, FieldError, InvalidInput, LedgerIntegrityError, TransportError
 from exchange.idempotency import HEADER as IDEMPOTENCY_HEADER
 from exchange.idempotency import IdempotentSubmission
+from exchange.keys.announcement import AnnouncementRejected
+from exchange.keys.inventory import certificate_health
 from exchange.ledger.checkpoint import CheckpointError, parse_body, split_note
 from exchange.ledger.witness_protocol import (
     ADD_CHECKPOINT,
@@ -37,7 +41,10 @@ from exchange.ledger.witness_protocol import (
     parse_add_checkpoint,
 )
 from exchange.messages import MessageSubmission
+from exchange.observability import logs
 from exchange.policy import Actor
+
+log = logging.getLogger("exchange.api")
 
 PROBLEM: dict[str, Any] = {"content": {"application/problem+json": {}}}
 COMMON_PROBLEMS: dict[int | str, dict[str, Any]] = {
@@ -119,6 +126,13 @@ def submit_message(
         response.headers["Idempotent-Replayed"] = "true"
     else:
         request.app.state.worker_wake()
+        log.info(
+            "accepted message %s",
+            accepted["id"],
+            extra=logs.fields(
+                logs.Event.MESSAGE_ACCEPTED, message_id=accepted["id"], client_id=actor.client_id
+            ),
+        )
     return accepted
 
 
@@ -192,6 +206,41 @@ def peer_message_history(message_id: str, request: Request) -> dict[str, Any]:
     return {"entries": audit_of(request).message_history(message_id)}
 
 
+class KeySetAnnouncements(BaseModel):
+    announcements: list[str] = Field(
+        min_length=1, max_length=100, description="signed key-set versions, oldest first (JWS JSON)"
+    )
+
+
+@peer_router.post(
+    "/key-sets",
+    summary="Announce key sets (partner node only)",
+    response_model=models.KeySetReceipt,
+    responses={
+        409: {"description": "a version is refused (names why); nothing after it is taken", **PROBLEM}
+    },
+)
+def receive_key_sets(body: KeySetAnnouncements, request: Request) -> Any:
+    """Accept the partner's key-set versions, each on top of the last trusted one (TUF rules:
+    no rollback, replay or skipped version; signed by the old and the new signing keys), and answer
+    with this node's signed receipt of the version now trusted."""
+    node = node_of(request)
+    try:
+        return {"receipt": node.accept_key_sets(body.announcements, _now())}
+    except AnnouncementRejected as exc:
+        return problem(409, "key-set-refused", "The key set is refused", str(exc))
+
+
+@peer_router.get(
+    "/key-sets", summary="This node's key sets (partner node only)", response_model=models.KeySets
+)
+def key_sets(request: Request, after: Annotated[int, Query(ge=0, le=1_000_000)] = 0) -> dict[str, Any]:
+    """Every version of this node's key set after ``after``, oldest first: a partner that met a
+    key id it did not know walks them from the version it trusts."""
+    node = node_of(request)
+    return {"announcements": node.registry.announcements_after(node.party, after)}
+
+
 WITNESS_STATUS = {"bad-request": 400, "inconsistent": 422}
 WITNESS_PATH = "/witness" + ADD_CHECKPOINT  # under /v1/peer: its body is the spec's text, not JSON
 
@@ -253,8 +302,13 @@ def health(request: Request) -> dict[str, Any]:
         outbox = repo.outbox_size(conn)
         head = repo.read_ledger_head(conn)
     status = checkpoints_of(request).status()
+    settings = node.settings
+    certificates = certificate_health(
+        settings.tls_dir, node.agreement, node.party, _now(), settings.expiry_warning_days
+    )
     return {
-        "status": "ok",
+        "status": "warning" if any(c["expiring"] for c in certificates) else "ok",
+        "certificates": certificates,
         "party": node.party,
         "agreement": {"version": node.agreement.version, "digest": node.agreement.digest},
         "outbox": outbox,
@@ -263,6 +317,11 @@ def health(request: Request) -> dict[str, Any]:
         "cosigned_size": status["latest_cosigned"]["size"] if status["latest_cosigned"] else 0,
         "partner_witnessed_size": status["partner_witnessed"]["size"] if status["partner_witnessed"] else 0,
         "overdue_requests": len(node.deadlines.open_requests(_now(), overdue_only=True)),
+        "key_sets": {
+            "version": node.registry.history(node.party).version,
+            "unacknowledged": len(node.registry.unacknowledged()),
+            "partner_version": node.partner.history.version,
+        },
     }
 
 
@@ -348,19 +407,25 @@ def audit_consistency(
 
 @audit_router.post("/verify", summary="Verify the whole ledger now", response_model=Verification)
 def audit_verify(request: Request) -> dict[str, Any]:
-    """Recompute the tree and check every checkpoint and cosignature; names the first failure."""
+    """Recompute the tree, walk both key-set histories, check every checkpoint and cosignature by
+    the keys in force when it was made (names the first failure), and list every entry signed by a
+    key not in force when it signed (``flagged``; ``ok`` is then false)."""
     try:
         report = audit_of(request).verify()
     except LedgerIntegrityError as exc:
         return {"ok": False, "error": str(exc), "first_bad_entry": exc.seq}
+    flagged = [dataclasses.asdict(f) for f in report.flagged]
     return {
-        "ok": True,
+        "ok": not flagged,
         "summary": report.summary(),
         "entries": report.entries,
         "checkpoints": report.checkpoints,
         "cosignatures": report.cosignatures,
         "witness_cosignatures": dict(report.witness_cosignatures),
         "witnessed": report.witnessed,
+        "key_versions": dict(report.key_versions),
+        "flagged": flagged,
+        "error": f"{len(flagged)} entries signed by a key not in force when it signed" if flagged else None,
     }
 
 

@@ -1,19 +1,31 @@
-"""Run a node under uvicorn with mutual TLS mandatory on every connection."""
+"""Run a node under uvicorn with mutual TLS mandatory on every connection, as one process or as
+several (``workers``) sharing one listening socket and one PostgreSQL database; each process runs
+the background loops, each loop led by one process at a time (exchange.loops, docs/adr/0011)."""
 
 from __future__ import annotations
 
+import logging
+import os
 import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import uvicorn
+from uvicorn.supervisors import Multiprocess
 
 from exchange import crypto, tls_policy
 from exchange.api.app import create_app
 from exchange.api.tls import TLSHttpToolsProtocol
+from exchange.config import load_settings
 from exchange.errors import ConfigurationError
 from exchange.files import write_private
 from exchange.node import Node
+from exchange.observability import logs
 from exchange.pki import TLSFiles
+from exchange.tls_reload import ReloadingContext, ServerContextFactory
 from exchange.transport.peer import HttpsPeerTransport, client_ssl_context
 
 
@@ -31,7 +43,8 @@ def write_trust_bundle(node: Node, tls: TLSFiles) -> Path:
 def check_node_identity(node: Node, tls: TLSFiles) -> None:
     """Refuse to start as a party this node directory is not: the message keys must be the
     party's, and the node-to-node certificate must be issued by the party's CA in the agreement,
-    carry the agreed node name and node purpose, and hold the pinned public key.
+    carry the agreed node name and node purpose, and hold a public key its key set pins (version 1:
+    the agreement's ``node_key_sha256``).
 
     Raises:
         ConfigurationError: naming what does not match.
@@ -51,34 +64,54 @@ def check_node_identity(node: Node, tls: TLSFiles) -> None:
         problems.append(f"names {info.common_name!r}, not the agreed node name {party.node_name!r}")
     if crypto.NODE_PURPOSE_OID not in info.purposes:
         problems.append("lacks the node-to-node extended key usage")
-    if not crypto.constant_time_equal(info.public_key_sha256, party.node_key_sha256):
-        problems.append(f"holds a key other than the pinned parties.{node.party}.node_key_sha256")
+    pins = node.registry.history(node.party).current.tls_pins
+    if not any(crypto.constant_time_equal(info.public_key_sha256, pin) for pin in pins):
+        problems.append("holds a key other than those pinned in this node's key set (tls_pins)")
     if problems:
         raise ConfigurationError(f"the node certificate {tls.node_cert} {'; '.join(problems)}")
 
 
 def peer_transport(node: Node, tls: TLSFiles) -> HttpsPeerTransport:
-    """The HTTPS transport to the partner, trusting only the partner CA pinned in the agreement."""
+    """The HTTPS transport to the partner, trusting only the partner CA pinned in the agreement; a
+    replaced node certificate is used from the next connection (``exchange.tls_reload``)."""
     partner_ca = tls.partner_ca
     write_private(partner_ca, node.agreement.parties[node.partner_party].ca_certificate)
-    ctx = client_ssl_context(
-        ca_file=partner_ca,
-        cert_file=tls.node_cert,
-        key_file=tls.node_key,
-        key_password=node.settings.passphrase(),
+    ctx = ReloadingContext(
+        partial(
+            client_ssl_context,
+            ca_file=partner_ca,
+            cert_file=tls.node_cert,
+            key_file=tls.node_key,
+            key_password=node.settings.passphrase(),
+        ),
+        (tls.node_cert, tls.node_key, partner_ca),
+        node.settings.tls_reload_seconds,
+        name="node-to-node",
     )
     endpoint = node.settings.partner_endpoint or node.agreement.parties[node.partner_party].endpoint
-    return HttpsPeerTransport(endpoint, ctx, node.settings.peer_timeout_seconds)
+    return HttpsPeerTransport(endpoint, ctx.current, node.settings.peer_timeout_seconds)
 
 
-def serve(node: Node) -> None:
-    """Serve until SIGINT/SIGTERM; the delivery worker stops with the server."""
+#: the node directory, for the worker processes of ``serve(node, workers=N)``
+NODE_DIR_VARIABLE = "EXCHANGE_NODE_DIR"
+#: how long a worker may take to answer the supervisor's health check (a new interpreter imports
+#: the whole package first) before it is taken for hung and replaced
+WORKER_START_SECONDS = 30
+
+
+class HardenedConfig(uvicorn.Config):
+    """uvicorn's configuration with this project's TLS policy applied wherever it is loaded (in
+    each worker process too)."""
+
+    def load(self) -> None:
+        super().load()
+        assert self.ssl is not None
+        tls_policy.harden(self.ssl)
+
+
+def server_config(node: Node, tls: TLSFiles, app: Any, **extra: Any) -> HardenedConfig:
     settings = node.settings
-    tls = TLSFiles(settings.tls_dir)
-    tls.check(settings.passphrase())
-    check_node_identity(node, tls)
-    app = create_app(node, peer_transport(node, tls))
-    config = uvicorn.Config(
+    return HardenedConfig(
         app,
         host=settings.listen_host,
         port=settings.listen_port,
@@ -90,14 +123,71 @@ def serve(node: Node) -> None:
         http=TLSHttpToolsProtocol,
         loop="uvloop",
         log_level=settings.log_level,
+        log_config=logs.log_config(settings.log_format, settings.log_level),
         timeout_keep_alive=75,
         timeout_graceful_shutdown=20,
         server_header=False,
         ssl_ciphers=tls_policy.TLS12_CIPHERS,
+        ssl_context_factory=ServerContextFactory(settings.tls_reload_seconds),  # replaced files reload
+        **extra,
     )
+
+
+def worker_app() -> Any:
+    """The app of one worker process of ``serve(node, workers=N)`` (a uvicorn factory): a Node of
+    its own, closed when the app shuts down. A new interpreter: its logging is set up as
+    ``exchange serve`` sets up its own."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    node = Node(load_settings(Path(os.environ[NODE_DIR_VARIABLE])))
+    app = create_app(node, peer_transport(node, TLSFiles(node.settings.tls_dir)))
+    inner = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(started: Any) -> AsyncIterator[None]:
+        try:
+            async with inner(started):
+                yield
+        finally:
+            node.close()
+
+    app.router.lifespan_context = lifespan
+    return app
+
+
+def serve(node: Node, workers: int = 1) -> None:
+    """Serve until SIGINT/SIGTERM; the background loops stop with the server. With ``workers`` > 1,
+    that many processes share the listening socket; a worker that dies is replaced.
+
+    Raises:
+        ConfigurationError: the TLS files or the node's identity are wrong, or ``workers`` > 1 on a
+            database other than PostgreSQL.
+    """
+    settings = node.settings
+    tls = TLSFiles(settings.tls_dir)
+    tls.check(settings.passphrase())
+    check_node_identity(node, tls)
+    if workers > 1:
+        if node.db.dialect != "postgresql":
+            node.close()
+            raise ConfigurationError(
+                f'--workers {workers} needs PostgreSQL (database_url = "postgresql://..."): on SQLite a'
+                " node is one process"
+            )
+        peer_transport(node, tls).close()  # writes the partner CA file the workers read
+        config = server_config(
+            node,
+            tls,
+            f"{__name__}:worker_app",
+            factory=True,
+            workers=workers,
+            timeout_worker_healthcheck=WORKER_START_SECONDS,
+        )
+        node.close()
+        os.environ[NODE_DIR_VARIABLE] = str(settings.node_dir.resolve())
+        Multiprocess(config, sockets=[config.bind_socket()]).run()
+        return
+    config = server_config(node, tls, create_app(node, peer_transport(node, tls)))
     config.load()
-    assert config.ssl is not None
-    tls_policy.harden(config.ssl)
     try:
         uvicorn.Server(config).run()
     finally:

@@ -82,6 +82,9 @@ class GroupCommitter:
                 return
 
     def _commit(self, batch: list[tuple[Unit, Future[None]]]) -> None:
+        if len(batch) == 1:
+            self._commit_alone(*batch[0])
+            return
         outcomes: list[BaseException | None] = []
         try:
             with self.db.transaction() as conn:
@@ -113,3 +116,21 @@ class GroupCommitter:
                 future.set_result(None)
             else:
                 future.set_exception(outcome)
+
+    def _commit_alone(self, unit: Unit, future: Future[None]) -> None:
+        """A batch of one needs no savepoint (two statements fewer): if the unit fails, rolling the
+        whole transaction back is rolling back that unit alone."""
+        ran = False
+        try:
+            with self.db.transaction() as conn:
+                unit(conn, repo.lock_ledger_head(conn))
+                ran = True
+        except DatabaseUnavailable as exc:  # a condition, logged once by the Database
+            future.set_exception(exc)
+            return
+        except Exception as exc:  # the unit's error (rolled back), or the commit's
+            if ran:
+                log.exception("group commit of 1 unit failed")
+            future.set_exception(exc)
+            return
+        future.set_result(None)

@@ -9,6 +9,7 @@ sequence assigned under the same lock orders inbound messages by commit order.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from exchange.db.coordination import LEDGER_CHANNEL, OUTBOX_CHANNEL, notify
 from exchange.db.schema import (
     checkpoints,
     clients,
@@ -34,28 +36,99 @@ from exchange.ledger import EntryDraft, Frontier, LedgerEntry, decode_leaf, leaf
 from exchange.ledger.log import Row
 from exchange.ledger.merkle import leaf_hash
 
+# Statements on the path of every message are built once, here: building a SELECT of the wide
+# messages table costs ~4x executing it. Values come as bound parameters at execute time.
+_MID: sa.BindParameter[str] = sa.bindparam("mid_")
+_GET_MESSAGE = sa.select(messages).where(messages.c.id == _MID)
+_GET_MESSAGES = sa.select(messages).where(messages.c.id.in_(sa.bindparam("mids_", expanding=True)))
+_UPDATE_MESSAGE = messages.update().where(messages.c.id == _MID)  # SET: the parameters given
+_INSERT_MESSAGE = messages.insert()
+_MESSAGE_COLUMNS = frozenset(messages.c.keys())
+_GET_CLIENT = sa.select(clients).where(clients.c.id == sa.bindparam("cid_"))
+_ENQUEUE = outbox.insert()
+_DEQUEUE = outbox.delete().where(outbox.c.message_id == _MID)
+_LOCK_HEAD = sa.select(ledger_head).where(ledger_head.c.id == 1).with_for_update()
+_READ_HEAD = sa.select(ledger_head).where(ledger_head.c.id == 1)
+_WRITE_HEAD = ledger_head.update().where(ledger_head.c.id == 1)
+_INSERT_ENTRIES = ledger_entries.insert()
+_INSERT_SUBTREES = ledger_subtrees.insert()
+_LATEST_CHECKPOINT = sa.select(checkpoints).order_by(checkpoints.c.size.desc()).limit(1)
+_LATEST_COSIGNED = _LATEST_CHECKPOINT.where(checkpoints.c.cosignature.is_not(None))
+_WITNESSED_AT = sa.select(witnessed).where(witnessed.c.size == sa.bindparam("size_"))
+_FIRST_WITNESSED_ABOVE = sa.select(sa.func.min(witnessed.c.witnessed_at)).where(
+    witnessed.c.size > sa.bindparam("size_")
+)
+
 # --- clients -------------------------------------------------------------------------------------
+
+
+def _holder_of(conn: Connection, fingerprint: str) -> str | None:
+    """The client whose current or previous certificate has this fingerprint."""
+    row = conn.execute(
+        sa.select(clients.c.id).where(
+            (clients.c.cert_fingerprint == fingerprint) | (clients.c.previous_fingerprint == fingerprint)
+        )
+    ).first()
+    return str(row.id) if row else None
 
 
 def insert_client(conn: Connection, row: Mapping[str, Any]) -> None:
     """Register a client. Raises InvalidInput if the id or certificate is already registered."""
-    clash = conn.execute(
-        sa.select(clients.c.id).where(
-            (clients.c.id == row["id"]) | (clients.c.cert_fingerprint == row["cert_fingerprint"])
-        )
-    ).first()
-    if clash is not None:
-        raise InvalidInput(f"client {clash.id!r} already has this id or certificate")
+    holder = _holder_of(conn, row["cert_fingerprint"])
+    if holder is None and get_client(conn, row["id"]) is not None:
+        holder = row["id"]
+    if holder is not None:
+        raise InvalidInput(f"client {holder!r} already has this id or certificate")
     conn.execute(clients.insert(), dict(row))
 
 
-def client_by_fingerprint(conn: Connection, fingerprint: str) -> dict[str, Any] | None:
-    row = conn.execute(sa.select(clients).where(clients.c.cert_fingerprint == fingerprint)).first()
-    return dict(row._mapping) if row else None
+def client_by_fingerprint(conn: Connection, fingerprint: str, now: dt.datetime) -> dict[str, Any] | None:
+    """The client holding this certificate: its current one, or the one it replaced while that is
+    still in its overlap (``previous_until`` after ``now``)."""
+    query = sa.select(clients).where(
+        (clients.c.cert_fingerprint == fingerprint) | (clients.c.previous_fingerprint == fingerprint)
+    )
+    for row in conn.execute(query):
+        found = dict(row._mapping)
+        if found["cert_fingerprint"] == fingerprint:
+            return found
+        until = found["previous_until"]
+        if until is not None and dt.datetime.fromisoformat(until) > now:
+            return found
+    return None
+
+
+def renew_client_certificate(
+    conn: Connection, client_id: str, fingerprint: str, not_after: str, previous_until: str
+) -> dict[str, Any]:
+    """Give a client a new certificate; the one it replaces is accepted until ``previous_until`` (a
+    time in the past cuts it off). Returns the client's row before the change.
+
+    Raises:
+        NotFound: no client with that id.
+        InvalidInput: the certificate is already a client's (this one's included).
+    """
+    before = get_client(conn, client_id)
+    if before is None:
+        raise NotFound(f"no client {client_id!r}")
+    holder = _holder_of(conn, fingerprint)
+    if holder is not None:
+        raise InvalidInput(f"client {holder!r} already has this certificate (now or before its renewal)")
+    conn.execute(
+        clients.update()
+        .where(clients.c.id == client_id)
+        .values(
+            cert_fingerprint=fingerprint,
+            cert_not_after=not_after,
+            previous_fingerprint=before["cert_fingerprint"],
+            previous_until=previous_until,
+        )
+    )
+    return before
 
 
 def get_client(conn: Connection, client_id: str) -> dict[str, Any] | None:
-    row = conn.execute(sa.select(clients).where(clients.c.id == client_id)).first()
+    row = conn.execute(_GET_CLIENT, {"cid_": client_id}).first()
     return dict(row._mapping) if row else None
 
 
@@ -73,16 +146,45 @@ def delete_client(conn: Connection, client_id: str) -> None:
 
 
 def insert_message(conn: Connection, row: Mapping[str, Any]) -> None:
-    conn.execute(messages.insert(), dict(row))
+    conn.execute(_INSERT_MESSAGE, dict(row))
 
 
 def get_message(conn: Connection, message_id: str) -> dict[str, Any] | None:
-    row = conn.execute(sa.select(messages).where(messages.c.id == message_id)).first()
+    row = conn.execute(_GET_MESSAGE, {"mid_": message_id}).first()
     return dict(row._mapping) if row else None
 
 
+def get_messages(conn: Connection, message_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The stored messages among ``message_ids``, by id (one query)."""
+    if not message_ids:
+        return {}
+    return {r.id: dict(r._mapping) for r in conn.execute(_GET_MESSAGES, {"mids_": list(message_ids)})}
+
+
+def _columns(values: Mapping[str, Any]) -> tuple[str, ...]:
+    """The columns ``values`` sets. Raises ValueError for a name that is not a column (the
+    statement's SET clause comes from the parameters, which would skip it silently)."""
+    unknown = values.keys() - _MESSAGE_COLUMNS
+    if unknown:
+        raise ValueError(f"not columns of messages: {sorted(unknown)}")
+    return tuple(sorted(values))
+
+
 def update_message(conn: Connection, message_id: str, **values: Any) -> None:
-    conn.execute(messages.update().where(messages.c.id == message_id).values(**values))
+    """Set ``values`` (column name -> value) on one message; nothing to set is a no-op."""
+    if _columns(values):
+        conn.execute(_UPDATE_MESSAGE, {"mid_": message_id, **values})
+
+
+def update_messages(conn: Connection, updates: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
+    """Set each message's values: one executemany per set of columns, not a statement each."""
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for message_id, values in updates:
+        columns = _columns(values)
+        if columns:
+            groups.setdefault(columns, []).append({"mid_": message_id, **values})
+    for params in groups.values():
+        conn.execute(_UPDATE_MESSAGE, params)
 
 
 def inbound_after(conn: Connection, after: int, limit: int) -> list[dict[str, Any]]:
@@ -234,7 +336,9 @@ def reclassifications_of(conn: Connection, message_id: str) -> list[dict[str, An
 
 
 def enqueue(conn: Connection, message_id: str, now: float) -> None:
-    conn.execute(outbox.insert(), {"message_id": message_id, "next_attempt_at": now, "enqueued_at": now})
+    """Queue a message's envelope; the delivery loop of every process is woken on commit."""
+    conn.execute(_ENQUEUE, {"message_id": message_id, "next_attempt_at": now, "enqueued_at": now})
+    notify(conn, OUTBOX_CHANNEL)
 
 
 @dataclass(frozen=True)
@@ -367,7 +471,15 @@ def set_status(conn: Connection, message_ids: Sequence[str], **values: Any) -> N
 
 def dequeue(conn: Connection, message_id: str) -> bool:
     """Remove a message from the outbox; False if it was no longer there."""
-    return bool(conn.execute(outbox.delete().where(outbox.c.message_id == message_id)).rowcount)
+    return bool(conn.execute(_DEQUEUE, {"mid_": message_id}).rowcount)
+
+
+def dequeue_many(conn: Connection, message_ids: Sequence[str]) -> set[str]:
+    """Remove messages from the outbox in one statement; returns those that were still there."""
+    if not message_ids:
+        return set()
+    query = outbox.delete().where(outbox.c.message_id.in_(list(message_ids))).returning(outbox.c.message_id)
+    return {row.message_id for row in conn.execute(query)}
 
 
 def outbox_size(conn: Connection) -> int:
@@ -392,17 +504,16 @@ def _head(row: Any) -> LedgerHead:
 
 def lock_ledger_head(conn: Connection) -> LedgerHead:
     """Lock and read the ledger head (see the module docstring). First statement of an append."""
-    query = sa.select(ledger_head).where(ledger_head.c.id == 1).with_for_update()
-    return _head(conn.execute(query).first())
+    return _head(conn.execute(_LOCK_HEAD).first())
 
 
 def read_ledger_head(conn: Connection) -> LedgerHead:
-    return _head(conn.execute(sa.select(ledger_head).where(ledger_head.c.id == 1)).first())
+    return _head(conn.execute(_READ_HEAD).first())
 
 
 def append_ledger(conn: Connection, head: LedgerHead, drafts: Sequence[EntryDraft], at: str) -> LedgerHead:
     """Append drafts as leaves after the locked ``head``; stores every subtree they complete and
-    returns the new head (already written)."""
+    returns the new head (already written). The checkpointer of every process is woken on commit."""
     if not drafts:
         return head
     frontier = Frontier(head.size, list(head.frontier.nodes))
@@ -427,15 +538,14 @@ def append_ledger(conn: Connection, head: LedgerHead, drafts: Sequence[EntryDraf
                 "leaf_hash": digest,
             }
         )
-    conn.execute(ledger_entries.insert(), rows)
+    conn.execute(_INSERT_ENTRIES, rows)
     if nodes:
-        conn.execute(ledger_subtrees.insert(), nodes)
+        conn.execute(_INSERT_SUBTREES, nodes)
     new_head = LedgerHead(frontier.size, frontier.root(), frontier)
     conn.execute(
-        ledger_head.update()
-        .where(ledger_head.c.id == 1)
-        .values(size=new_head.size, root_hash=new_head.root, frontier=frontier.to_json())
+        _WRITE_HEAD, {"size": new_head.size, "root_hash": new_head.root, "frontier": frontier.to_json()}
     )
+    notify(conn, LEDGER_CHANNEL)
     return new_head
 
 
@@ -509,10 +619,7 @@ def iter_ledger(conn: Connection, *, batch: int = 5000) -> Iterator[LedgerEntry]
 
 def latest_checkpoint(conn: Connection, *, cosigned: bool = False) -> dict[str, Any] | None:
     """This node's latest checkpoint (optionally: the latest one the partner cosigned)."""
-    query = sa.select(checkpoints).order_by(checkpoints.c.size.desc()).limit(1)
-    if cosigned:
-        query = query.where(checkpoints.c.cosignature.is_not(None))
-    row = conn.execute(query).first()
+    row = conn.execute(_LATEST_COSIGNED if cosigned else _LATEST_CHECKPOINT).first()
     return dict(row._mapping) if row else None
 
 
@@ -587,13 +694,11 @@ def all_witnessed(conn: Connection) -> list[dict[str, Any]]:
 
 
 def witnessed_at_size(conn: Connection, size: int) -> dict[str, Any] | None:
-    row = conn.execute(sa.select(witnessed).where(witnessed.c.size == size)).first()
+    row = conn.execute(_WITNESSED_AT, {"size_": size}).first()
     return dict(row._mapping) if row else None
 
 
 def first_witnessed_above(conn: Connection, size: int) -> str | None:
     """When the first partner checkpoint larger than ``size`` was witnessed, if one was."""
-    value = conn.execute(
-        sa.select(sa.func.min(witnessed.c.witnessed_at)).where(witnessed.c.size > size)
-    ).scalar()
+    value = conn.execute(_FIRST_WITNESSED_ABOVE, {"size_": size}).scalar()
     return str(value) if value is not None else None

@@ -19,6 +19,9 @@ clients = sa.Table(
     sa.Column("purposes", sa.JSON, nullable=False),
     sa.Column("created_at", sa.String(40), nullable=False),
     sa.Column("cases", sa.JSON, nullable=False),  # ["ALL"] or the case references it may handle
+    sa.Column("cert_not_after", sa.String(40)),  # known for certificates registered since 0012
+    sa.Column("previous_fingerprint", sa.String(64)),  # the certificate `clients renew` replaced,
+    sa.Column("previous_until", sa.String(40)),  # accepted until then
 )
 
 messages = sa.Table(
@@ -197,3 +200,23 @@ witness_cosignatures = sa.Table(  # cosignatures of our checkpoints by the agree
     sa.Column("cosigned_at", sa.String(40), nullable=False),
 )
 sa.Index("ix_witness_cosignatures_witness_size", witness_cosignatures.c.witness, witness_cosignatures.c.size)
+
+key_sets = sa.Table(  # key-set announcements after the agreement's version 1, of both parties
+    "key_sets",
+    metadata,
+    sa.Column("party", sa.String(2), primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("digest", sa.String(64), nullable=False, unique=True),
+    sa.Column("announcement", sa.Text, nullable=False),  # the signed JWS, public
+    sa.Column("issued_at", sa.String(40), nullable=False),
+    sa.Column("recorded_at", sa.String(40), nullable=False),
+    sa.Column("acknowledged_at", sa.String(40)),  # our own: when the partner's signed receipt came
+    sa.Column("receipt", sa.Text),  # our own: the partner's signed receipt
+)
+
+key_usage = sa.Table(  # when the partner was first seen encrypting to each of our encryption keys
+    "key_usage",
+    metadata,
+    sa.Column("kid", sa.String(128), primary_key=True),
+    sa.Column("first_seen_at", sa.String(40), nullable=False),
+)

@@ -297,9 +297,12 @@ def _decrypt_and_verify(
     if verified.headers().get("typ") != SIGNED_TYP:
         raise EnvelopeError("malformed", "inner JWS has the wrong typ")
     message = canonical_object(verified.payload)
-    for param, field in HEADER_FIELDS.items():
-        if canonical_json(protected.get(param)) != canonical_json(message.get(field)):
-            raise EnvelopeError("header-mismatch", f"{param} differs from the signed {field}")
+    in_header = {param: protected.get(param) for param in HEADER_FIELDS}
+    in_message = {param: message.get(field) for param, field in HEADER_FIELDS.items()}
+    if canonical_json(in_header) != canonical_json(in_message):  # one encoding each, not one per field
+        for param, field in HEADER_FIELDS.items():
+            if canonical_json(in_header[param]) != canonical_json(in_message[param]):
+                raise EnvelopeError("header-mismatch", f"{param} differs from the signed {field}")
     return OpenedEnvelope(
         message=message,
         header=protected,

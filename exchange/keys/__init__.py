@@ -1,5 +1,6 @@
-"""Message keys: the node's own (encrypted at rest) and the partner's (learnt from the agreement)."""
+"""The node's keys: private keys on disk, both parties' key sets, rotation and revocation."""
 
-from exchange.keys.store import KeyRing, NodeKeys, PartnerKeys, create_node_keys, load_node_keys
+from exchange.keys.registry import KeyRegistry, PartnerKeys
+from exchange.keys.store import KeyRing, NodeKeys, create_node_keys, load_node_keys
 
-__all__ = ["KeyRing", "NodeKeys", "PartnerKeys", "create_node_keys", "load_node_keys"]
+__all__ = ["KeyRegistry", "KeyRing", "NodeKeys", "PartnerKeys", "create_node_keys", "load_node_keys"]

@@ -10,10 +10,11 @@ signature per signing key.
 :func:`accept` takes version N+1 on top of a trusted version N only if: it is for the same party;
 its version is exactly N+1 (no rollback, no replay, no skipped version: a node several versions behind
 walks every version in order with :func:`walk`); it names the digest of N's announcement; it is
-unexpired at the one evaluation time given; and it is signed by N's active signing key and by the new
-set's active signing key (proof of possession), each key counted once, a second signature by the same
-key refused. :func:`key_in_force` judges a signature by the key set in force when it was made: a
-revoked key is trusted only for what it signed before its revocation time.
+unexpired at the one evaluation time given; and it is signed by N's active signing key, by the new
+set's active signing key and by every signing key it introduces (proof of possession), each key
+counted once, a second signature by the same key refused. :func:`key_in_force` judges a signature
+by the key set in force when it was made: a revoked key is trusted only for what it signed before
+its revocation time.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from joserfc import jws
 from joserfc.errors import JoseError
@@ -33,9 +34,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from exchange.canonical import canonical_json, sha256_hex
 from exchange.errors import KeyManagementError
+from exchange.types import KeyId
 
 KEY_SET_FORMAT = "exchange-key-set/1"
 ANNOUNCEMENT_TYP = "exchange-key-set+jws"
+RECEIPT_TYP = "exchange-key-set-receipt+jws"
+MAX_KEYS = 64  # keys one key set may list
 _JWS = jws.JWSRegistry(algorithms=["EdDSA"])
 Purpose = Literal["signing", "encryption", "checkpoint"]
 State = Literal["next", "active", "retiring", "retired", "revoked"]
@@ -94,7 +98,13 @@ class KeySet(BaseModel):
     issued_at: dt.datetime
     expires_at: dt.datetime
     previous: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
-    keys: tuple[KeyEntry, ...] = Field(min_length=1)
+    tls_pins: tuple[Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")], ...] = Field(
+        default=(),
+        max_length=4,
+        description="the node-to-node certificate keys the partner admits: hex SHA-256 of each"
+        " SubjectPublicKeyInfo (two while a certificate key is replaced)",
+    )
+    keys: tuple[KeyEntry, ...] = Field(min_length=1, max_length=MAX_KEYS)
 
     @model_validator(mode="after")
     def _one_active_each(self) -> KeySet:
@@ -185,23 +195,48 @@ def _signers(announcement: str, keys: dict[str, OKPKey]) -> tuple[KeySet, list[s
     return key_set, verified
 
 
+def unverified_key_set(announcement: str) -> KeySet:
+    """The key set an announcement carries, its signatures NOT checked (for display and ledger
+    entries only; trust comes from :func:`accept`). Raises AnnouncementRejected if malformed."""
+    return _signers(announcement, {})[0]
+
+
+def claimed_version(announcement: str) -> int | None:
+    """The version an announcement claims, read without trusting or validating it (for the
+    ledger entry of a refusal); None if it names none."""
+    try:
+        version = json.loads(_b64decode(json.loads(announcement)["payload"]))["version"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return version if isinstance(version, int) else None
+
+
 def _b64decode(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def accept(trusted: Trusted, announcement: str, now: dt.datetime) -> Trusted:
-    """Version N+1 on top of the trusted version N (see the module docstring).
+def accept(
+    trusted: Trusted,
+    announcement: str,
+    now: dt.datetime,
+    *,
+    final: bool = True,
+    known: Mapping[str, KeyEntry] | None = None,
+) -> Trusted:
+    """Version N+1 on top of the trusted version N (see the module docstring). Only the ``final``
+    version of a walk must be unexpired (as TUF checks only the last root): a partner that was away
+    walks through versions that have expired since. ``known`` holds every key the party's earlier
+    versions listed (by kid, as last listed): a key id keeps its key and purpose forever, a key enters
+    only as ``next`` or ``active``, a retired or revoked key never comes back, and only a retired or
+    revoked key may leave the set.
 
     Raises:
         AnnouncementRejected: ``malformed``, ``wrong-party``, ``rollback``, ``replay``,
-            ``skipped-version``, ``mix-and-match``, ``expired``, ``duplicate-signature``,
-            ``missing-old-signature`` or ``missing-new-signature``.
+            ``skipped-version``, ``mix-and-match``, ``expired``, ``key-changed``, ``bad-transition``,
+            ``duplicate-signature``, ``missing-old-signature`` or ``missing-new-signature``.
     """
     old = trusted.key_set
-    candidates = {k.kid: k.okp() for k in old.keys if k.purpose == "signing"}
-    key_set, _ = _signers(announcement, {})  # parse first, to learn the new signing key
-    candidates.update({k.kid: k.okp() for k in key_set.keys if k.purpose == "signing"})
-    key_set, verified = _signers(announcement, candidates)
+    key_set, _ = _signers(announcement, {})  # parse first: versions, then continuity, then signatures
     if key_set.party != old.party:
         raise AnnouncementRejected("wrong-party", f"{key_set.party} is not {old.party}")
     if key_set.version < old.version:
@@ -212,26 +247,63 @@ def accept(trusted: Trusted, announcement: str, now: dt.datetime) -> Trusted:
         raise AnnouncementRejected("skipped-version", f"version {key_set.version} after {old.version}")
     if key_set.previous != trusted.digest:
         raise AnnouncementRejected("mix-and-match", "it does not name the announcement trusted before it")
-    if key_set.expires_at <= now:
+    if final and key_set.expires_at <= now:
         raise AnnouncementRejected("expired", f"expired at {key_set.expires_at.isoformat()}")
+    ever = {**(known or {}), **{k.kid: k for k in old.keys}}
+    _check_continuity(old, key_set, ever)
+    # the old signature is checked with the OLD key; a new key id is new (continuity checked above)
+    introduced = {k.kid: k.okp() for k in key_set.keys if k.purpose == "signing" and k.kid not in ever}
+    candidates = {**introduced, **{k.kid: k.okp() for k in old.keys if k.purpose == "signing"}}
+    key_set, verified = _signers(announcement, candidates)
     if old.active("signing").kid not in verified:
         raise AnnouncementRejected(
             "missing-old-signature", "not signed by the active signing key of the last version"
         )
+    for kid in introduced:
+        if kid not in verified:
+            raise AnnouncementRejected("missing-new-signature", f"not signed by its new signing key {kid}")
     if key_set.active("signing").kid not in verified:
         raise AnnouncementRejected("missing-new-signature", "not signed by its own active signing key")
     return Trusted(key_set, announcement_digest(announcement))
 
 
-def walk(trusted: Trusted, announcements: Sequence[str], now: dt.datetime) -> list[Trusted]:
+def _check_continuity(old: KeySet, new: KeySet, ever: Mapping[str, KeyEntry]) -> None:
+    """Raise AnnouncementRejected (``key-changed`` or ``bad-transition``) unless every key of ``new``
+    continues what the history said of it."""
+    listed = {k.kid for k in new.keys}
+    for key in new.keys:
+        before = ever.get(key.kid)
+        if before is None:
+            if key.state not in ("next", "active"):
+                raise AnnouncementRejected("bad-transition", f"{key.kid} is new: it enters as next or active")
+            continue
+        if before.jwk != key.jwk or before.purpose != key.purpose:
+            raise AnnouncementRejected("key-changed", f"{key.kid} names another key than before")
+        if before.state == "revoked" and (key.state != "revoked" or key.revoked_at != before.revoked_at):
+            raise AnnouncementRejected("bad-transition", f"{key.kid} was revoked from {before.revoked_at}")
+        if before.state == "retired" and key.state not in ("retired", "revoked"):
+            raise AnnouncementRejected("bad-transition", f"{key.kid} was retired")
+    for key in old.keys:
+        if key.kid not in listed and key.state not in ("retired", "revoked"):
+            raise AnnouncementRejected("bad-transition", f"{key.kid} left the set while {key.state}")
+
+
+def walk(
+    trusted: Trusted,
+    announcements: Sequence[str],
+    now: dt.datetime,
+    known: Mapping[str, KeyEntry] | None = None,
+) -> list[Trusted]:
     """Every version from the trusted one on, each accepted on top of the last.
 
     Raises:
         AnnouncementRejected: at the first version that is not accepted.
     """
     history = [trusted]
-    for announcement in announcements:
-        history.append(accept(history[-1], announcement, now))
+    known = {**(known or {}), **{k.kid: k for k in trusted.key_set.keys}}
+    for n, announcement in enumerate(announcements, start=1):
+        history.append(accept(history[-1], announcement, now, final=n == len(announcements), known=known))
+        known.update({k.kid: k for k in history[-1].key_set.keys})
     return history
 
 
@@ -251,3 +323,47 @@ def key_in_force(history: Sequence[KeySet], kid: str, signed_at: dt.datetime) ->
         if revoked is not None and revoked.revoked_at is not None and revoked.revoked_at <= signed_at:
             return None
     return entry
+
+
+class KeySetReceipt(BaseModel):
+    """A party's signed acknowledgement that it trusts another party's key set at ``version``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: Literal["exchange-key-set-receipt/1"] = "exchange-key-set-receipt/1"
+    party: str  # who acknowledges
+    of: str  # whose key set
+    version: int = Field(ge=1)
+    digest: str = Field(pattern=r"^[0-9a-f]{64}$")
+    accepted_at: dt.datetime
+
+
+def sign_receipt(receipt: KeySetReceipt, key: OKPKey) -> str:
+    """The receipt as a compact JWS by ``key`` (the acknowledging party's active signing key)."""
+    payload = canonical_json(receipt.model_dump(mode="json"))
+    return jws.serialize_compact(
+        {"alg": "EdDSA", "kid": key.kid, "typ": RECEIPT_TYP}, payload, key, registry=_JWS
+    )
+
+
+def verify_receipt(compact: str, keys: Mapping[KeyId, OKPKey]) -> tuple[KeySetReceipt, str]:
+    """The receipt and the kid that signed it, if signed by one of ``keys``.
+
+    Raises:
+        AnnouncementRejected: ``malformed``, ``unknown-key`` or ``bad-signature``.
+    """
+    try:
+        header = json.loads(_b64decode(compact.split(".")[0]))
+        kid = header["kid"]
+        if header.get("typ") != RECEIPT_TYP or not isinstance(kid, str):
+            raise TypeError("typ")
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        raise AnnouncementRejected("malformed", "not a key-set receipt") from exc
+    key = keys.get(KeyId(kid))
+    if key is None:
+        raise AnnouncementRejected("unknown-key", f"receipt signed by unknown key {kid}")
+    try:
+        verified = jws.deserialize_compact(compact, key, registry=_JWS)
+        return KeySetReceipt.model_validate_json(verified.payload), kid
+    except (JoseError, ValueError) as exc:
+        raise AnnouncementRejected("bad-signature", "the receipt does not verify") from exc

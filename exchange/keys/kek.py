@@ -17,7 +17,6 @@ never sealed under a KEK that a concurrent destruction retires.
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
 import threading
@@ -28,7 +27,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import OctKey
 
 from exchange.errors import ContentUnavailable, KeyManagementError
-from exchange.files import private_dir, write_private
+from exchange.files import erase, private_dir, write_private
 
 MASTER_FILE = "master.jwe"
 PBES2_ITERATIONS = 210_000  # OWASP's figure for PBKDF2-HMAC-SHA512
@@ -129,15 +128,8 @@ class KekStore:
         path = self._path(kid)
         with self._lock:
             self._cache.pop(kid, None)
-            try:
-                size = path.stat().st_size
-            except FileNotFoundError:
+            if not erase(path):
                 return False
-            with path.open("r+b") as handle:  # best effort on journaling or copy-on-write file systems
-                handle.write(secrets.token_bytes(size))
-                handle.flush()
-                os.fsync(handle.fileno())
-            path.unlink()
             write_private(path.with_suffix(".destroyed"), b"")  # the tombstone: the id is never reused
             return True
 

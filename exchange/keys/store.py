@@ -1,74 +1,81 @@
-"""The node's key ring on disk and the partner's public keys.
+"""The node's private keys on disk.
 
 Layout of a key directory::
 
-    keyring.json            public metadata: kid, use, status, file, created_at
+    keyring.json            index: kid, use, file, created_at, public JWK of every key ever made
     sig-<kid>.pem           Ed25519 private key, PKCS#8 encrypted with the passphrase
     enc-<kid>.pem           X25519 private key, PKCS#8 encrypted with the passphrase
+    ckpt-<kid>.pem          Ed25519 checkpoint key, PKCS#8 encrypted with the passphrase
 
-Invariants: private keys are never written unencrypted; the active signing and encryption keys are
-exactly one each; a retired key stays in the ring so that old envelopes still open and old
-signatures still verify. Lifecycle transitions (pending, retired, revoked) are the key-rotation
-issue's; this module already stores the status.
+Invariants: private keys are never written unencrypted; every file is written atomically and
+owner-only; a key's file is named by its kid, so a key made before a crash is found even if the
+index was not rewritten. The state of each key (next, active, retiring, retired, revoked) is not
+kept here: it is the node's own key set (:mod:`exchange.keys.registry`), signed and announced.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 from joserfc.jwk import OKPKey
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from exchange import crypto
-from exchange.agreement import Agreement
 from exchange.errors import KeyManagementError
-from exchange.files import private_dir, write_private
+from exchange.files import create_private, erase, private_dir, write_private
+from exchange.keys.announcement import KeySet, Purpose
 from exchange.types import KeyId, PartyId
 
 KEYRING_FILE = "keyring.json"
-KeyStatus = Literal["pending", "active", "retired", "revoked"]
+USE_OF: dict[Purpose, crypto.MessageKeyUse] = {"signing": "sig", "encryption": "enc", "checkpoint": "ckpt"}
 
 
 class KeyRecord(BaseModel):
-    """Public metadata of one key in the ring."""
+    """Public metadata of one key of the node; ``file`` is None once the private key is destroyed."""
 
     model_config = ConfigDict(extra="forbid")
 
     kid: str
     use: crypto.MessageKeyUse
-    status: KeyStatus
-    file: str
+    file: str | None
     created_at: str
     public_jwk: dict[str, str]
 
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "status" in data:  # rings written before key sets: states moved
+            data = {k: v for k, v in data.items() if k != "status"}
+        return data
+
 
 class KeyRing(BaseModel):
-    """The ring as stored in ``keyring.json``."""
+    """The index as stored in ``keyring.json``."""
 
     model_config = ConfigDict(extra="forbid")
 
     party: PartyId
     keys: list[KeyRecord]
 
-    def active(self, use: crypto.MessageKeyUse) -> KeyRecord:
-        """The one active key for ``use``. Raises KeyManagementError if none or several."""
-        found = [k for k in self.keys if k.use == use and k.status == "active"]
-        if len(found) != 1:
-            raise KeyManagementError(f"expected exactly one active {use} key, found {len(found)}")
-        return found[0]
+    def record(self, kid: str) -> KeyRecord | None:
+        return next((k for k in self.keys if k.kid == kid), None)
 
 
 @dataclass(frozen=True)
 class NodeKeys:
-    """The node's decrypted private message keys, in memory only."""
+    """The node's decrypted private message keys as its key set in force wants them, in memory only."""
 
     party: PartyId
+    version: int  # of the node's own key set these were loaded for
     signing: OKPKey
     checkpoint: OKPKey  # signs the node's ledger checkpoints and cosigns the partner's
-    decryption: dict[KeyId, OKPKey]  # every non-revoked encryption key, so old envelopes open
+    decryption: dict[KeyId, OKPKey]  # every encryption key still held, so envelopes in flight open
     encryption_kid: KeyId
 
     @property
@@ -110,94 +117,113 @@ def create_node_keys(key_dir: Path, party: PartyId, passphrase: str) -> KeyRing:
         path = key_dir / f"{use}-{kid}.pem"
         write_private(path, crypto.encrypt_private_pem(pem, passphrase))
         public = crypto.public_jwk_dict(crypto.private_jwk(pem, kid))
-        records.append(
-            KeyRecord(kid=kid, use=use, status="active", file=path.name, created_at=now, public_jwk=public)
-        )
+        records.append(KeyRecord(kid=kid, use=use, file=path.name, created_at=now, public_jwk=public))
     ring = KeyRing(party=party, keys=records)
     write_private(key_dir / KEYRING_FILE, ring.model_dump_json(indent=2))
     return ring
 
 
-def load_node_keys(key_dir: Path, passphrase: str) -> NodeKeys:
-    """Decrypt the node's active signing key and every usable encryption key.
+@contextmanager
+def _ring_locked(key_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the key directory's index while it is read, changed and written:
+    two commands, or a command and the node's key loop, never lose each other's change."""
+    path = key_dir / ".keyring.lock"
+    create_private(path)
+    with path.open("rb") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def add_key(key_dir: Path, purpose: Purpose, passphrase: str) -> KeyRecord:
+    """Make a new private key for ``purpose``, write it encrypted, then index it. Returns its record."""
+    with _ring_locked(key_dir):
+        ring = read_keyring(key_dir)
+        use = USE_OF[purpose]
+        pem = crypto.new_message_key(use)
+        kid = crypto.message_key_id(ring.party, use, pem)
+        path = key_dir / f"{use}-{kid}.pem"
+        write_private(path, crypto.encrypt_private_pem(pem, passphrase))
+        record = KeyRecord(
+            kid=kid,
+            use=use,
+            file=path.name,
+            created_at=dt.datetime.now(dt.UTC).isoformat(),
+            public_jwk=crypto.public_jwk_dict(crypto.private_jwk(pem, kid)),
+        )
+        ring.keys.append(record)
+        write_private(key_dir / KEYRING_FILE, ring.model_dump_json(indent=2))
+    return record
+
+
+def destroy_key(key_dir: Path, kid: str) -> bool:
+    """Overwrite and remove the private key file of ``kid`` (found by the index or, failing that, by
+    its name) and mark it destroyed in the index. Idempotent; False if nothing was left."""
+    with _ring_locked(key_dir):
+        ring = read_keyring(key_dir)
+        record = ring.record(kid)
+        paths = [key_dir / record.file] if record is not None and record.file else []
+        paths += [key_dir / f"{use}-{kid}.pem" for use in USE_OF.values()]
+        erased = any([erase(path) for path in dict.fromkeys(paths)])
+        if record is not None and record.file is not None:
+            record.file = None
+            write_private(key_dir / KEYRING_FILE, ring.model_dump_json(indent=2))
+    return erased
+
+
+def held(key_dir: Path, kid: str) -> bool:
+    """True if a private key file of ``kid`` is still on disk."""
+    return any((key_dir / f"{use}-{kid}.pem").exists() for use in USE_OF.values())
+
+
+def load_node_keys(key_dir: Path, passphrase: str, key_set: KeySet) -> NodeKeys:
+    """Decrypt the private keys the node's own ``key_set`` makes active, and every retiring
+    encryption key still held (envelopes sealed for it may be in flight).
 
     Raises:
-        KeyManagementError: missing ring or file, wrong passphrase.
+        KeyManagementError: no ring, an active key of the set this directory does not hold, a
+            damaged file or a wrong passphrase.
     """
     ring = read_keyring(key_dir)
+    if ring.party != key_set.party:
+        raise KeyManagementError(f"the key ring at {key_dir} is {ring.party}'s, not {key_set.party}'s")
 
-    def load(record: KeyRecord) -> OKPKey:
+    def load(kid: str, purpose: Purpose) -> OKPKey:
+        path = key_dir / f"{USE_OF[purpose]}-{kid}.pem"
         try:
-            data = (key_dir / record.file).read_bytes()
+            data = path.read_bytes()
         except OSError as exc:
-            raise KeyManagementError(f"cannot read key {record.kid}: {exc}") from exc
-        return crypto.private_jwk(crypto.decrypt_private_pem(data, passphrase), record.kid)
+            raise KeyManagementError(
+                f"the {purpose} key {kid} of key set version {key_set.version} is not held at {key_dir}"
+                " (its private key file is missing)"
+            ) from exc
+        return crypto.private_jwk(crypto.decrypt_private_pem(data, passphrase), kid)
 
-    signing = load(ring.active("sig"))
-    checkpoint = load(ring.active("ckpt"))
-    decryption = {
-        KeyId(r.kid): load(r) for r in ring.keys if r.use == "enc" and r.status in ("active", "retired")
-    }
+    active_enc = key_set.active("encryption").kid
+    decryption = {KeyId(active_enc): load(active_enc, "encryption")}
+    for entry in key_set.keys:
+        if entry.purpose == "encryption" and entry.state == "retiring":
+            try:  # optional: another process may be destroying it as it retires
+                decryption[KeyId(entry.kid)] = load(entry.kid, "encryption")
+            except KeyManagementError:
+                continue
     return NodeKeys(
         party=ring.party,
-        signing=signing,
-        checkpoint=checkpoint,
+        version=key_set.version,
+        signing=load(key_set.active("signing").kid, "signing"),
+        checkpoint=load(key_set.active("checkpoint").kid, "checkpoint"),
         decryption=decryption,
-        encryption_kid=KeyId(ring.active("enc").kid),
+        encryption_kid=KeyId(active_enc),
     )
 
 
-@dataclass(frozen=True)
-class PartnerKeys:
-    """Public keys of one party as the agreement pins them."""
-
-    party: PartyId
-    verification: dict[KeyId, OKPKey]
-    encryption: OKPKey  # the current encryption key: the last one listed
-    checkpoint: OKPKey  # verifies the party's checkpoints and cosignatures
-    ledger_origin: str
-    witness_name: str
-
-    @classmethod
-    def from_agreement(cls, agreement: Agreement, party: PartyId) -> PartnerKeys:
-        entry = agreement.parties[party]
-        verification = {
-            KeyId(k.kid): OKPKey.import_key(k.model_dump(), parameters={"kid": k.kid})
-            for k in entry.signing_keys
-        }
-        last = entry.encryption_keys[-1]
-        return cls(
-            party=party,
-            verification=verification,
-            encryption=OKPKey.import_key(last.model_dump(), parameters={"kid": last.kid}),
-            checkpoint=OKPKey.import_key(entry.checkpoint_key.model_dump()),
-            ledger_origin=entry.ledger_origin,
-            witness_name=entry.witness_name,
-        )
-
-
-def check_keys_match_agreement(keys: NodeKeys, agreement: Agreement) -> None:
-    """Raise KeyManagementError unless the node's active keys are the ones the agreement pins."""
-    entry = agreement.parties[keys.party]
-    pinned_sig = {k.kid: k.x for k in entry.signing_keys}
-    pinned_enc = {k.kid: k.x for k in entry.encryption_keys}
-    if pinned_sig.get(keys.signing_kid) != keys.public_signing_jwk()["x"]:
-        raise KeyManagementError(
-            f"the node's signing key {keys.signing_kid} is not pinned in agreement {agreement.version}"
-        )
-    if entry.checkpoint_key.x != crypto.public_jwk_dict(keys.checkpoint)["x"]:
-        raise KeyManagementError(f"the node's checkpoint key is not pinned in agreement {agreement.version}")
-    if pinned_enc.get(keys.encryption_kid) != keys.public_encryption_jwk()["x"]:
-        raise KeyManagementError(
-            f"the node's encryption key {keys.encryption_kid} is not pinned in agreement {agreement.version}"
-        )
-
-
 def public_party_keys(ring: KeyRing) -> dict[str, list[dict[str, str]] | dict[str, str]]:
-    """The non-revoked public keys of a ring, as the agreement's party entry lists them."""
-    usable = [k for k in ring.keys if k.status in ("active", "retired")]
+    """The public keys of a new node's ring, as the agreement's party entry lists them."""
+    first = {use: next(k for k in ring.keys if k.use == use) for use in ("sig", "enc", "ckpt")}
     return {
-        "signing_keys": [dict(k.public_jwk) for k in usable if k.use == "sig"],
-        "encryption_keys": [dict(k.public_jwk) for k in usable if k.use == "enc"],
-        "checkpoint_key": dict(ring.active("ckpt").public_jwk),
+        "signing_keys": [dict(first["sig"].public_jwk)],
+        "encryption_keys": [dict(first["enc"].public_jwk)],
+        "checkpoint_key": dict(first["ckpt"].public_jwk),
     }

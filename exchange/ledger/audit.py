@@ -1,42 +1,83 @@
-"""Whole-ledger audit: the tree, every checkpoint, every cosignature, every witnessed checkpoint.
+"""Whole-ledger audit: the tree, every checkpoint, every cosignature, every witnessed checkpoint,
+across both parties' checkpoint-key rotations, and every ledgered signature judged by the key set in
+force when it was made.
 
-Pure: it takes the stored rows and checkpoint records and the public keys the agreement pins, and
-returns what it checked or raises :class:`~exchange.errors.LedgerIntegrityError` naming the first bad
-entry or checkpoint. The same function serves ``exchange audit verify`` on a node and on an export
-bundle, offline.
+Pure: it takes the stored rows, checkpoint records and both parties' key histories (walked from the
+agreement's anchor by :func:`~exchange.ledger.key_history.walk_history`), and returns what it checked
+or raises :class:`~exchange.errors.LedgerIntegrityError` naming the first bad entry or checkpoint.
+The same function serves ``exchange audit verify`` on a node and on an export bundle, offline.
+
+Times: a checkpoint's log signature is judged at the time its record says it was made, a cosignature
+at its own signed timestamp, a witnessed partner checkpoint at the time this node witnessed it (with
+the clock skew allowed, as it is read on this node's clock). A checkpoint or cosignature by a key not
+in force then fails verification.
+
+A ledgered signature (an entry whose data names ``signer_kid``: :data:`SIGNED_EVENTS`) by a key not
+in force when it was made (``data["signed_at"]``, else the entry's time) does not make the ledger
+false, which records faithfully what the node saw: it is **flagged** (:class:`FlaggedSignature`, in
+the report), and ``exchange audit verify`` exits non-zero when anything is flagged.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-from joserfc.jwk import OKPKey
+from typing import Any, Literal
 
 from exchange.errors import LedgerIntegrityError
-from exchange.ledger.checkpoint import (
-    CheckpointError,
-    NoteVerifier,
-    verify_checkpoint,
-    verify_cosignature,
-    verify_cosignatures,
+from exchange.ledger.checkpoint import CheckpointError, NoteVerifier, verify_cosignatures
+from exchange.ledger.entries import LedgerEntry
+from exchange.ledger.events import LedgerEvent
+from exchange.ledger.key_history import (
+    PartyKeys,
+    in_force,
+    moment,
+    open_logged,
+    revoked_at,
+    verify_cosigned,
 )
 from exchange.ledger.merkle import ProofError, verify_consistency
+
+#: The events whose data names the key that signed what they record, and whose key it is.
+SIGNED_EVENTS: Mapping[str, Literal["own", "partner"]] = {
+    LedgerEvent.SUBMITTED: "own",  # the message this node signed
+    LedgerEvent.RECEIVED: "partner",  # the envelope the partner signed
+    LedgerEvent.RECEIPT_VERIFIED: "partner",  # the receipt the partner signed
+}
 
 
 @dataclass(frozen=True)
 class AuditKeys:
-    """Who signs what: this node's log and witness identity, and the partner's."""
+    """Who signs what: this node's and the partner's checkpoint identity and key history, the
+    further witnesses the agreement names, and the clock skew allowed when a partner's signature is
+    judged at a time read on this node's clock."""
 
-    origin: str
-    checkpoint_key: OKPKey
-    witness_name: str
-    partner_origin: str
-    partner_key: OKPKey
-    partner_witness_name: str
+    own: PartyKeys
+    partner: PartyKeys
     witnesses: tuple[NoteVerifier, ...] = ()  # further witnesses named in the agreement
+    skew: dt.timedelta = dt.timedelta(0)
+
+
+@dataclass(frozen=True)
+class FlaggedSignature:
+    """A ledgered signature by a key not in force when it was made."""
+
+    seq: int
+    event: str
+    party: str
+    kid: str
+    signed_at: str
+    revoked_at: str | None
+    reason: str
+
+    def line(self) -> str:
+        revoked = f", revoked at {self.revoked_at}" if self.revoked_at else ""
+        return (
+            f"entry {self.seq} ({self.event}): signed at {self.signed_at} by {self.party}'s key"
+            f" {self.kid}{revoked}: {self.reason}"
+        )
 
 
 @dataclass(frozen=True)
@@ -46,17 +87,68 @@ class AuditReport:
     cosignatures: int
     witnessed: int
     witness_cosignatures: Mapping[str, int] = field(default_factory=dict)
+    key_versions: Mapping[str, int] = field(default_factory=dict)
+    flagged: tuple[FlaggedSignature, ...] = ()
 
     def summary(self) -> str:
         further = "".join(
             f", {count} cosignatures by witness {name}"
             for name, count in sorted(self.witness_cosignatures.items())
         )
+        versions = ", ".join(f"{party} at version {v}" for party, v in sorted(self.key_versions.items()))
+        keys = f"; key-set histories verified ({versions})" if versions else ""
+        flagged = f"; {len(self.flagged)} signatures FLAGGED" if self.flagged else ""
         return (
             f"{self.entries} entries, {self.checkpoints} signed checkpoints"
             f" consistent with them, {self.cosignatures} partner cosignatures{further},"
-            f" {self.witnessed} partner checkpoints witnessed and consistent"
+            f" {self.witnessed} partner checkpoints witnessed and consistent{keys}{flagged}"
         )
+
+
+def flag_signatures(entries: Iterable[LedgerEntry], keys: AuditKeys) -> tuple[FlaggedSignature, ...]:
+    """Every entry of :data:`SIGNED_EVENTS` whose signer's key was not in force when it signed:
+    revoked at or before that time, unknown to the history, ``next``, or outside its validity.
+    The time is ``data["signed_at"]`` (the signer's clock) when present, else the entry's own time
+    (this node's clock, so a partner's key is given the clock skew). Entries naming no key are
+    skipped (ledgered before keys were named)."""
+    flagged = []
+    for entry in entries:
+        whose = SIGNED_EVENTS.get(entry.event)
+        kid = entry.data.get("signer_kid")
+        if whose is None or not isinstance(kid, str):
+            continue
+        party = keys.own if whose == "own" else keys.partner
+        claimed = entry.data.get("signed_at")
+        skew = dt.timedelta(0) if claimed is not None or whose == "own" else keys.skew
+        stated = str(claimed if claimed is not None else entry.at)
+        revoked = revoked_at(party.history, kid)
+        try:
+            at = moment(stated)
+        except ValueError:
+            reason = "its signing time is unreadable"
+        else:
+            if in_force(party.history, kid, at, skew) is not None:
+                continue
+            reason = party.why_not(kid, at)
+        flagged.append(
+            FlaggedSignature(
+                seq=entry.seq,
+                event=entry.event,
+                party=party.party,
+                kid=kid,
+                signed_at=stated,
+                revoked_at=revoked.isoformat() if revoked else None,
+                reason=reason,
+            )
+        )
+    return tuple(flagged)
+
+
+def _time(record: Mapping[str, Any], column: str, where: str) -> dt.datetime:
+    try:
+        return moment(record[column])
+    except (ValueError, KeyError) as exc:
+        raise LedgerIntegrityError(f"{where} has no readable {column}") from exc
 
 
 def verify_audit(
@@ -66,8 +158,12 @@ def verify_audit(
     witnessed: Sequence[Mapping[str, Any]],
     keys: AuditKeys,
     witness_cosignatures: Mapping[int, Mapping[str, str]] | None = None,
+    signed: Iterable[LedgerEntry] = (),
 ) -> AuditReport:
     """Verify everything an auditor can from the records (see the module docstring).
+
+    ``signed`` are the entries whose signatures are judged (:func:`flag_signatures`; the entries of
+    :data:`SIGNED_EVENTS` suffice): what is flagged is in the report, not raised.
 
     ``witness_cosignatures`` maps a checkpoint size to the further witnesses' cosignature lines.
     ``verify_entries(roots_by_size)`` checks every entry and that the ledger reproduces each given
@@ -84,7 +180,7 @@ def verify_audit(
     for record in checkpoints:
         where = f"checkpoint at size {record['size']}"
         try:
-            cp = verify_checkpoint(str(record["note"]), origin=keys.origin, key=keys.checkpoint_key)
+            cp, _ = open_logged(str(record["note"]), keys.own, _time(record, "created_at", where))
         except CheckpointError as exc:
             raise LedgerIntegrityError(f"{where} is forged or damaged: {exc}") from exc
         if cp.size != record["size"] or cp.root != bytes(record["root_hash"]):
@@ -92,9 +188,7 @@ def verify_audit(
         roots[cp.size] = cp.root
         if record.get("cosignature"):
             try:
-                verify_cosignature(
-                    cp, str(record["cosignature"]), witness=keys.partner_witness_name, key=keys.partner_key
-                )
+                verify_cosigned(cp, str(record["cosignature"]), keys.partner)
             except CheckpointError as exc:
                 raise LedgerIntegrityError(
                     f"the partner's cosignature of {where} does not verify: {exc}"
@@ -121,10 +215,9 @@ def verify_audit(
     for record in witnessed:
         where = f"witnessed partner checkpoint at size {record['size']}"
         try:
-            cp = verify_checkpoint(str(record["note"]), origin=keys.partner_origin, key=keys.partner_key)
-            verify_cosignature(
-                cp, str(record["cosignature"]), witness=keys.witness_name, key=keys.checkpoint_key
-            )
+            at = _time(record, "witnessed_at", where)
+            cp, _ = open_logged(str(record["note"]), keys.partner, at, keys.skew)
+            verify_cosigned(cp, str(record["cosignature"]), keys.own)
         except CheckpointError as exc:
             raise LedgerIntegrityError(f"{where} is forged or damaged: {exc}") from exc
         if cp.size != record["size"] or cp.root != bytes(record["root_hash"]):
@@ -141,4 +234,12 @@ def verify_audit(
                     f"{where} is not consistent with size {previous[0]}: {exc}"
                 ) from exc
         previous = (cp.size, cp.root)
-    return AuditReport(entries, len(roots), cosigned, len(witnessed), by_witness)
+    return AuditReport(
+        entries,
+        len(roots),
+        cosigned,
+        len(witnessed),
+        by_witness,
+        {keys.own.party: keys.own.version, keys.partner.party: keys.partner.version},
+        flag_signatures(signed, keys),
+    )

@@ -4,29 +4,38 @@ auditor verifies offline with standard tools. Pure.
 A bundle holds a cosigned checkpoint (the log's signed note followed by cosignature lines), the
 entries ``[start, end)`` each with its RFC 9162 inclusion proof against that checkpoint, and, when the
 range was first covered by an earlier checkpoint, that checkpoint with an RFC 9162 consistency proof to
-the bundle's. Every hash is standard base64. The verifier checks everything against the keys the
-agreement pins (never keys a bundle names) and, unless asked for less, requires the partner node's
-cosignature.
+the bundle's. Every hash is standard base64. It carries both parties' key-set announcements after the
+agreement's version 1, so that checkpoints signed after a checkpoint-key rotation verify offline.
+
+The verifier trusts no key the bundle names: it walks each party's announcements from the agreement's
+anchor (every version signed by the one before it), then judges the log's signature at the time the
+bundle says the checkpoint was made and each cosignature at its own signed time, by the key set in
+force then. Unless asked for less, it requires the partner node's cosignature. Entries recording a
+signature by a key not in force when it was made are flagged in the report
+(:func:`~exchange.ledger.audit.flag_signatures`).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import datetime as dt
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from exchange.errors import LedgerIntegrityError
+from exchange.ledger.audit import AuditKeys, FlaggedSignature, flag_signatures
 from exchange.ledger.checkpoint import (
+    SIG_COSIGNATURE_V1,
     Checkpoint,
     CheckpointError,
     NoteVerifier,
     known_signatures,
-    open_checkpoint,
     split_note,
 )
 from exchange.ledger.entries import LedgerEntry, decode_leaf
+from exchange.ledger.key_history import PartyAnchor, PartyKeys, moment, open_logged, verify_cosigned
 from exchange.ledger.merkle import (
     ProofError,
     SubtreeSource,
@@ -37,7 +46,7 @@ from exchange.ledger.merkle import (
     verify_inclusion,
 )
 
-BUNDLE_FORMAT = "exchange-audit-bundle/2"
+BUNDLE_FORMAT = "exchange-audit-bundle/3"
 
 
 def b64(data: bytes) -> str:
@@ -88,12 +97,15 @@ def build_bundle(
     entries: Sequence[tuple[int, str]],
     source: SubtreeSource,
     checkpoint: str,
+    signed_at: str,
     size: int,
-    earliest: tuple[str, list[bytes]] | None = None,
+    key_sets: Mapping[str, Sequence[str]],
+    earliest: tuple[str, str, list[bytes]] | None = None,
 ) -> dict[str, Any]:
     """A bundle of ``entries`` (consecutive ``(seq, leaf)``) proven against the cosigned
-    ``checkpoint`` note of ``size``; ``earliest`` is the first checkpoint covering them and the
-    consistency proof from it, if it is another one."""
+    ``checkpoint`` note of ``size`` made at ``signed_at``; ``key_sets`` holds each party's
+    announcements after version 1, in order; ``earliest`` is the first checkpoint covering the
+    entries (its note, when it was made, the consistency proof from it), if it is another one."""
     start, end = entries[0][0], entries[-1][0] + 1
     ranged = _RangeSource(source, {seq: leaf_hash(leaf.encode()) for seq, leaf in entries}, start, end)
     return {
@@ -102,12 +114,16 @@ def build_bundle(
         "agreement": dict(agreement),
         "origin": origin,
         "checkpoint": checkpoint,
+        "signed_at": signed_at,
+        "key_sets": {party: list(announcements) for party, announcements in key_sets.items()},
         "entries": [
             {"index": seq, "leaf": leaf, "inclusion": [b64(h) for h in inclusion_proof(ranged, seq, size)]}
             for seq, leaf in entries
         ],
         "consistency": (
-            None if earliest is None else {"checkpoint": earliest[0], "proof": [b64(h) for h in earliest[1]]}
+            None
+            if earliest is None
+            else {"checkpoint": earliest[0], "signed_at": earliest[1], "proof": [b64(h) for h in earliest[2]]}
         ),
     }
 
@@ -119,6 +135,8 @@ class BundleReport:
     cosigners: dict[str, int]  # witness key name -> cosignature timestamp
     partner_witness: str
     since_size: int | None
+    key_versions: dict[str, int]
+    flagged: tuple[FlaggedSignature, ...] = ()
 
     @property
     def cosigned(self) -> bool:
@@ -132,45 +150,84 @@ class BundleReport:
             cosign = "NOT cosigned by the partner: accepted only because --allow-uncosigned was given"
         since = f"; consistent with the checkpoint of size {self.since_size}" if self.since_size else ""
         where = f"the signed checkpoint of size {self.size}"
-        return f"bundle verified: entries {first}..{last} are in {where} ({cosign}){since}"
+        versions = ", ".join(f"{party} at version {v}" for party, v in sorted(self.key_versions.items()))
+        flagged = f"; {len(self.flagged)} signatures FLAGGED" if self.flagged else ""
+        return (
+            f"bundle verified: entries {first}..{last} are in {where} ({cosign}){since};"
+            f" key-set histories walked from the agreement ({versions}){flagged}"
+        )
 
 
-def _checkpoint(
-    note: Any, log: NoteVerifier, witnesses: Sequence[NoteVerifier], what: str
-) -> tuple[Checkpoint, dict[str, int]]:
-    """The checkpoint signed by ``log`` and the witnesses whose cosignature lines verify on it."""
+def _checkpoint(note: Any, signed_at: Any, keys: AuditKeys, what: str) -> tuple[Checkpoint, dict[str, int]]:
+    """The checkpoint signed by a key of the log's history in force at ``signed_at``, and the
+    cosigners whose lines verify on it: the partner node by a key of its history in force at the
+    cosignature's time, further witnesses by the agreement's keys. Lines by unknown keys are ignored."""
     try:
-        checkpoint = open_checkpoint(str(note), log)
+        at = moment(signed_at)
+    except ValueError as exc:
+        raise LedgerIntegrityError(f"the bundle's {what} has no readable signed_at") from exc
+    try:
+        checkpoint, _ = open_logged(str(note), keys.own, at)
         text, signatures = split_note(checkpoint.note)
-        return checkpoint, known_signatures(text, signatures, witnesses)
+        cosigners = known_signatures(text, signatures, keys.witnesses)
+        partner_ids = {v.key_id for _, v in keys.partner.verifiers(SIG_COSIGNATURE_V1)}
+        for signature in signatures:
+            if signature.name == keys.partner.witness_name and signature.key_id in partner_ids:
+                cosigners[signature.name], _ = verify_cosigned(checkpoint, signature.line, keys.partner)
+        return checkpoint, cosigners
     except CheckpointError as exc:
-        raise LedgerIntegrityError(f"the bundle's {what} does not verify: {exc}") from exc
+        held = (
+            f"{keys.own.party} at version {keys.own.version}, {keys.partner.party} at {keys.partner.version}"
+        )
+        raise LedgerIntegrityError(
+            f"the bundle's {what} does not verify: {exc} (its key sets walk to {held})"
+        ) from exc
+
+
+def _key_sets(
+    bundle: Mapping[str, Any], own: PartyAnchor, partner: PartyAnchor
+) -> tuple[PartyKeys, PartyKeys]:
+    """Both parties' keys, walked from the agreement's anchors over the bundle's announcements."""
+    carried = bundle.get("key_sets")
+    if not isinstance(carried, dict) or any(
+        not isinstance(carried.get(p.party), list) or not all(isinstance(a, str) for a in carried[p.party])
+        for p in (own, partner)
+    ):
+        raise LedgerIntegrityError(
+            f"the bundle carries no key sets of {own.party} and {partner.party}: a list of announcements each"
+        )
+    return own.walk(carried[own.party]), partner.walk(carried[partner.party])
 
 
 def verify_bundle(
     bundle: Mapping[str, Any],
     *,
-    log: NoteVerifier,
-    partner_witness: NoteVerifier,
+    own: PartyAnchor,
+    partner: PartyAnchor,
     witnesses: Sequence[NoteVerifier] = (),
     allow_uncosigned: bool = False,
     require: Sequence[str] = (),
+    skew: dt.timedelta = dt.timedelta(0),
 ) -> BundleReport:
-    """Verify a bundle with the keys the agreement pins: the log's checkpoint key, the partner
-    node's witness key and any further witness keys; ``require`` names further witnesses whose
-    cosignature must be there too.
+    """Verify a bundle against what the agreement pins: each party's version 1 key set (``own`` is
+    the log's party, ``partner`` the cosigning node), from which the bundle's announcements are
+    walked, and any further witness keys; ``require`` names further witnesses whose cosignature must
+    be there too. ``skew`` is the clock skew allowed when a partner's signature is judged at a time
+    of the log's clock (see :func:`~exchange.ledger.audit.flag_signatures`).
 
     Raises:
-        LedgerIntegrityError: naming the first entry or part that does not verify, the missing
-            partner cosignature (unless ``allow_uncosigned``), or a required witness's.
+        LedgerIntegrityError: naming the first entry or part that does not verify, a key-set
+            history that does not walk from the agreement, the missing partner cosignature (unless
+            ``allow_uncosigned``), or a required witness's.
     """
     if bundle.get("format") != BUNDLE_FORMAT:
         raise LedgerIntegrityError(f"not an {BUNDLE_FORMAT} bundle")
-    all_witnesses = [partner_witness, *witnesses]
-    checkpoint, cosigners = _checkpoint(bundle.get("checkpoint"), log, all_witnesses, "checkpoint")
-    if partner_witness.name not in cosigners and not allow_uncosigned:
+    own_keys, partner_keys = _key_sets(bundle, own, partner)
+    keys = AuditKeys(own_keys, partner_keys, tuple(witnesses), skew)
+    checkpoint, cosigners = _checkpoint(bundle.get("checkpoint"), bundle.get("signed_at"), keys, "checkpoint")
+    if partner.witness_name not in cosigners and not allow_uncosigned:
         raise LedgerIntegrityError(
-            f"the bundle's checkpoint is not cosigned by the partner node ({partner_witness.name}):"
+            f"the bundle's checkpoint is not cosigned by the partner node ({partner.witness_name}):"
             " nothing shows the partner saw this history (--allow-uncosigned accepts that)"
         )
     missing = sorted(set(require) - set(cosigners))
@@ -212,7 +269,9 @@ def verify_bundle(
     if consistency is not None and not isinstance(consistency, dict):
         raise LedgerIntegrityError("the bundle's consistency member is not an object")
     if consistency is not None:
-        earlier, _ = _checkpoint(consistency.get("checkpoint"), log, all_witnesses, "earlier checkpoint")
+        earlier, _ = _checkpoint(
+            consistency.get("checkpoint"), consistency.get("signed_at"), keys, "earlier checkpoint"
+        )
         if earlier.size < end:
             raise LedgerIntegrityError("the bundle's earlier checkpoint does not cover the range")
         proof = unb64_hashes(consistency.get("proof"), "the consistency proof")
@@ -224,4 +283,12 @@ def verify_bundle(
                 f" {earlier.size}: {exc}"
             ) from exc
         since = earlier.size
-    return BundleReport(decoded, checkpoint.size, cosigners, partner_witness.name, since)
+    return BundleReport(
+        decoded,
+        checkpoint.size,
+        cosigners,
+        partner.witness_name,
+        since,
+        {own.party: own_keys.version, partner.party: partner_keys.version},
+        flag_signatures(decoded, keys),
+    )

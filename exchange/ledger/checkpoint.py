@@ -283,6 +283,18 @@ def verify_checkpoint(note: str, *, origin: str, key: OKPKey) -> Checkpoint:
     return open_checkpoint(note, NoteVerifier.of(origin, key, SIG_ED25519))
 
 
+def verify_checkpoint_any(note: str, *, origin: str, keys: Sequence[OKPKey]) -> Checkpoint:
+    """Verify a checkpoint signed by the log ``origin`` with any one of ``keys`` (a key history: the
+    note's signature line names which). Raises CheckpointError if none verifies it."""
+    error = CheckpointError("no checkpoint key to verify it with")
+    for key in keys:
+        try:
+            return verify_checkpoint(note, origin=origin, key=key)
+        except CheckpointError as exc:
+            error = exc
+    raise error
+
+
 def _cosigned_message(body: str, timestamp: int) -> bytes:
     return f"cosignature/v1\ntime {timestamp}\n{body}".encode()
 

@@ -12,6 +12,7 @@ class LedgerEvent(StrEnum):
     REDELIVERED = "envelope.redelivered"
     REJECTED = "envelope.rejected"
     RECEIPT_ISSUED = "receipt.issued"
+    RECEIPT_VERIFIED = "receipt.verified"
     RELEASED = "message.released"
     RELEASE_REFUSED = "release.refused"
     POLICY_INCIDENT = "policy.incident"
@@ -27,3 +28,13 @@ class LedgerEvent(StrEnum):
     REQUEST_OVERDUE = "request.overdue"
     INCIDENT_NOTIFIED = "incident.notified"
     SEALED_AT_REST = "message.sealed_at_rest"
+    KEYS_ROTATED = "keys.rotated"  # a next key made and announced
+    KEYS_ACTIVATED = "keys.activated"  # a next key made active, the old one retiring
+    KEYS_RETIRED = "keys.retired"  # a retiring key retired, its private key destroyed
+    KEYS_REVOKED = "keys.revoked"
+    KEYS_RENEWED = "keys.renewed"  # the same keys with a fresh expiry
+    KEYS_ACCEPTED = "keys.accepted"  # a partner's key-set version accepted
+    KEYS_REJECTED = "keys.rejected"  # a partner's key-set announcement refused
+    KEYS_ACKNOWLEDGED = "keys.acknowledged"  # the partner's signed receipt of our versions
+    TLS_CERTIFICATE_RENEWED = "tls.certificate_renewed"  # the node's server or node certificate replaced
+    CLIENT_CERTIFICATE_RENEWED = "client.certificate_renewed"  # a local system's certificate replaced

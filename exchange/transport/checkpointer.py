@@ -5,18 +5,25 @@ Every ``checkpoint_interval_seconds`` while the ledger grows: sign a checkpoint,
 witness with a consistency proof from the last size that witness cosigned, and keep the cosignature.
 If a witness holds another size (a lost answer), the proof is rebuilt from that size once. A refusal
 is ledgered as the security incident it is; the loop carries on.
+
+One process of a node leads the checkpointer (:mod:`exchange.loops`); as a second line of defence,
+a checkpoint is sent only while it is still the node's latest (:meth:`CheckpointService.is_latest`),
+so a process that lost the leadership mid-round never shows a witness a smaller checkpoint after a
+larger one (which the witness would rightly take for a rollback). Rounds run at most every
+``interval``; the ledger's growth (a NOTIFY) starts a due round at once.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-import threading
+import time
 from collections.abc import Callable, Sequence
 
 from exchange.checkpoints import CheckpointService, WitnessRequest
-from exchange.errors import DatabaseUnavailable, TransportError
+from exchange.errors import TransportError
 from exchange.ledger.checkpoint import CheckpointError
+from exchange.observability import logs
 from exchange.transport.peer import PeerTransport, WitnessAnswer, WitnessClient
 
 log = logging.getLogger("exchange.checkpointer")
@@ -36,7 +43,7 @@ class Checkpointer:
         self.transport = transport
         self.interval = interval
         self.witnesses = list(witnesses)
-        self._stop = threading.Event()
+        self._last_round = -float("inf")
 
     def run_once(self) -> int | None:
         """Sign if the ledger grew, then get the latest checkpoint cosigned by the partner and by every
@@ -61,19 +68,21 @@ class Checkpointer:
         if witness is not None:
             verifier = next(w.verifier for w in self.service.node.agreement.witnesses if w.name == name)
         request = self.service.to_witness(witness=name)
-        if request is None:
+        if request is None or not self._still_latest(request):
             return None
         answer = ask(request)
         if answer.cosignature is None and answer.witnessed_size is not None and not answer.incident:
             if answer.witnessed_size > request.size:
-                log.error(
-                    "SECURITY INCIDENT: %s witnessed size %d, beyond our ledger",
+                logs.security_incident(
+                    log,
+                    "checkpoint",
+                    "%s witnessed size %d, beyond our ledger",
                     name or "the partner",
                     answer.witnessed_size,
                 )
                 return None
             request = self.service.to_witness(from_size=answer.witnessed_size, witness=name)
-            if request is None:
+            if request is None or not self._still_latest(request):
                 return None
             answer = ask(request)
         if answer.cosignature is None:
@@ -82,20 +91,28 @@ class Checkpointer:
         self.service.record_cosignature(request, answer.cosignature, now, verifier)
         return request.size
 
-    def run_forever(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.run_once()
-            except (TransportError, CheckpointError) as exc:
-                log.warning("checkpoint round failed: %s", exc)
-            except DatabaseUnavailable:
-                pass  # a condition the Database logs once, not a traceback per round
-            except Exception:
-                log.exception("checkpoint round failed")
-            self._stop.wait(self.interval)
+    def _still_latest(self, request: WitnessRequest) -> bool:
+        if self.service.is_latest(request):
+            return True
+        log.info("checkpoint at size %d superseded before it was sent; not sent", request.size)
+        return False
 
-    def stop(self) -> None:
-        self._stop.set()
+    # --- background loop (exchange.loops.LoopRunner) --------------------------------------------
+
+    def lead(self) -> None:
+        """Nothing to recover: every round starts from what the database holds."""
+
+    def step(self) -> float:
+        """One round if ``interval`` has passed since the last one; returns when the next is due."""
+        now = time.monotonic()
+        if now < self._last_round + self.interval:
+            return self._last_round + self.interval - now
+        self._last_round = now
+        try:
+            self.run_once()
+        except (TransportError, CheckpointError) as exc:
+            log.warning("checkpoint round failed: %s", exc)
+        return self.interval
 
     def close(self) -> None:
         for witness in self.witnesses:

@@ -9,8 +9,10 @@ request costs 6-30 ms and the async client costs ~4 ms CPU per request on these 
 from __future__ import annotations
 
 import ssl
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote
@@ -25,6 +27,7 @@ from exchange.ledger.witness_protocol import ADD_CHECKPOINT, encode_add_checkpoi
 from exchange.node import PeerResult
 
 PEER_PATH = "/v1/peer/envelopes"
+KEYS_PATH = "/v1/peer/key-sets"  # key-set announcements: POST ours, GET the partner's
 WITNESS_PREFIX = "/v1/peer/witness"  # the partner's C2SP tlog-witness submission prefix
 HISTORY_PATH = "/v1/peer/audit/messages"
 
@@ -112,6 +115,15 @@ class PeerTransport(Protocol):
         """The partner's ledger entries about a message (no content). Raises TransportError."""
         ...
 
+    def announce_keys(self, announcements: list[str]) -> str:
+        """Give the partner our key-set announcements; returns its signed receipt. Raises
+        PartnerRefused if it refused them, TransportError if it could not answer."""
+        ...
+
+    def fetch_key_sets(self, after: int) -> list[str]:
+        """The partner's key-set announcements after ``after``. Raises TransportError."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -161,13 +173,38 @@ def _detail(response: httpx.Response) -> str:
 class HttpsPeerTransport:
     """Batches of envelopes to the partner's ``/v1/peer/envelopes`` over mutual TLS."""
 
-    def __init__(self, base_url: str, ssl_context: ssl.SSLContext, timeout: float) -> None:
-        self._client = httpx.Client(
+    def __init__(
+        self, base_url: str, ssl_context: ssl.SSLContext | Callable[[], ssl.SSLContext], timeout: float
+    ) -> None:
+        """``ssl_context`` is a context, or a function returning the current one (a new context, after
+        the node certificate is replaced, opens a new connection pool: ``exchange.tls_reload``)."""
+        self._context_of = ssl_context if callable(ssl_context) else lambda: ssl_context
+        self._new_client = partial(
+            httpx.Client,
             base_url=base_url,
-            verify=ssl_context,
             timeout=timeout,
             limits=httpx.Limits(max_connections=4, max_keepalive_connections=4),
         )
+        self._context = self._context_of()
+        self._http = self._new_client(verify=self._context)
+        self._retired: list[httpx.Client] = []  # closed with the transport: requests may be in flight
+        self._swap = threading.Lock()
+
+    @property
+    def _client(self) -> httpx.Client:
+        context = self._context_of()
+        if context is not self._context:
+            with self._swap:
+                if context is not self._context:
+                    self._retired.append(self._http)
+                    self._http = self._new_client(verify=context)
+                    self._context = context
+        return self._http
+
+    @_client.setter
+    def _client(self, client: httpx.Client) -> None:  # a test's client, kept until the context changes
+        self._retired.append(self._http)
+        self._http = client
 
     def send(self, envelopes: Sequence[str]) -> list[PeerResult]:
         try:
@@ -197,5 +234,33 @@ class HttpsPeerTransport:
             raise TransportError(f"the partner refused the history request: HTTP {response.status_code}")
         return list(body["entries"])
 
+    def announce_keys(self, announcements: list[str]) -> str:
+        try:
+            response = self._client.post(KEYS_PATH, json={"announcements": announcements})
+            body = response.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            raise TransportError(f"key-set announcement failed: {type(exc).__name__}: {exc}") from exc
+        if response.status_code == 409:
+            raise PartnerRefused(409, _detail(response))
+        if response.status_code != 200 or not isinstance(body.get("receipt"), str):
+            raise TransportError(f"the partner did not take the key sets: HTTP {response.status_code}")
+        return str(body["receipt"])
+
+    def fetch_key_sets(self, after: int) -> list[str]:
+        try:
+            response = self._client.get(KEYS_PATH, params={"after": after})
+            body = response.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            raise TransportError(f"key-set fetch failed: {type(exc).__name__}: {exc}") from exc
+        found = body.get("announcements") if isinstance(body, dict) else None
+        if (
+            response.status_code != 200
+            or not isinstance(found, list)
+            or not all(isinstance(a, str) for a in found)
+        ):
+            raise TransportError(f"the partner did not give its key sets: HTTP {response.status_code}")
+        return list(found)
+
     def close(self) -> None:
-        self._client.close()
+        for client in (*self._retired, self._http):
+            client.close()

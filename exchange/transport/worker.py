@@ -25,7 +25,6 @@ import datetime as dt
 import logging
 import random
 import socket
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,13 +34,14 @@ from exchange.db import repo
 from exchange.envelope.size import batch_bytes, peer_body_limit
 from exchange.errors import (
     ConfigurationError,
-    DatabaseUnavailable,
     EnvelopeError,
     PartnerRefused,
     TransportError,
 )
+from exchange.keys.announcement import AnnouncementRejected
 from exchange.ledger import EntryDraft
 from exchange.node import Node, PeerResult, iso
+from exchange.observability import metrics
 from exchange.transport.peer import PeerTransport
 
 log = logging.getLogger("exchange.delivery")
@@ -138,9 +138,9 @@ class DeliveryWorker:
         )
         self.max_request_bytes = peer_body_limit(node.agreement.max_envelope_bytes)
         self.partner = PartnerBackoff()
+        self._announce_after = 0.0
         self._recovered = False
-        self._stop = threading.Event()
-        self._wake = threading.Event()
+        self.interval = settings.delivery_poll_seconds  # the fallback poll: wake-ups come first
 
     # --- one round -------------------------------------------------------------------------------
 
@@ -164,11 +164,23 @@ class DeliveryWorker:
                 frame=batch_bytes,
             )
             repo.set_status(conn, [c.message_id for c in claimed], status="sent", updated_at=self._at(now))
-            for item in claimed:
-                repo.update_message(conn, item.message_id, attempts=item.attempts)
+            repo.update_messages(conn, [(item.message_id, {"attempts": item.attempts}) for item in claimed])
+        try:  # the partner learns a key before it sees it used: our new key sets go first
+            self._announce_keys(now)
+        except TransportError as exc:
+            self._partner_down(claimed, exc)
+            return settled
         if not claimed:
             return settled
+        started = time.monotonic()
         done, rest, error = self._deliver(claimed)
+        refused = sum(isinstance(outcome, Refused) for _, outcome in done)
+        metrics.delivery_round(
+            answered=len(done) - refused,
+            refused=refused,
+            unreachable=len(rest),
+            seconds=time.monotonic() - started,
+        )
         if done:
             settled += self._settle(done)
         if error is not None:
@@ -176,6 +188,22 @@ class DeliveryWorker:
         else:
             self.partner.succeeded()
         return settled
+
+    def _announce_keys(self, now: float) -> None:
+        """Send the partner our key-set versions it has not acknowledged. A refusal is logged and
+        retried no more often than the longest probe interval; an unreachable partner raises
+        TransportError."""
+        if now < self._announce_after:
+            return
+        try:
+            self.node.announce_keys(self.transport.announce_keys, dt.datetime.fromtimestamp(now, dt.UTC))
+        except PartnerRefused as exc:
+            log.error("the partner refused our key set: %s", exc)
+        except AnnouncementRejected as exc:
+            log.error("the partner's receipt of our key set is invalid: %s", exc)
+        else:
+            return
+        self._announce_after = now + self.node.settings.delivery_backoff_max_seconds
 
     def _deliver(
         self, claimed: list[repo.Claimed]
@@ -225,15 +253,21 @@ class DeliveryWorker:
         )
         with self.node.db.transaction() as conn:
             repo.release(conn, [c.message_id for c in rest], now=now, error=str(error))
-            for item in rest:
-                repo.update_message(
-                    conn,
-                    item.message_id,
-                    status="queued",
-                    status_reason=f"attempt {item.attempts} failed: {error}; the partner is probed"
-                    f" again in {delay:.1f}s",
-                    updated_at=self._at(now),
-                )
+            repo.update_messages(
+                conn,
+                [
+                    (
+                        item.message_id,
+                        {
+                            "status": "queued",
+                            "status_reason": f"attempt {item.attempts} failed: {error}; the partner is"
+                            f" probed again in {delay:.1f}s",
+                            "updated_at": self._at(now),
+                        },
+                    )
+                    for item in rest
+                ],
+            )
 
     def _settle(self, done: list[tuple[repo.Claimed, Outcome]]) -> int:
         at = self._at(self.clock())
@@ -245,11 +279,16 @@ class DeliveryWorker:
             drafts.extend(entries)
         with self.node.db.transaction() as conn:
             head = repo.lock_ledger_head(conn)
-            settled = [(mid, values) for mid, values in updates if repo.dequeue(conn, mid)]
-            kept = {mid for mid, _ in settled}
-            for mid, values in settled:
-                repo.update_message(conn, mid, updated_at=at, **values)
+            kept = repo.dequeue_many(conn, [mid for mid, _ in updates])
+            settled = [(mid, values) for mid, values in updates if mid in kept]
+            repo.update_messages(conn, [(mid, {**values, "updated_at": at}) for mid, values in settled])
             repo.append_ledger(conn, head, [d for d in drafts if d.message_id in kept], at)
+        queued_at = {item.message_id: item.enqueued_at for item, _ in done}
+        metrics.settled(
+            delivered_enqueued_at=[queued_at[mid] for mid, v in settled if v["status"] == "delivered"],
+            failed=sum(v["status"] == "failed" for _, v in settled),
+            now=self.clock(),
+        )
         return len(settled)
 
     def _judge(self, item: repo.Claimed, outcome: Outcome) -> tuple[dict[str, object], list[EntryDraft]]:
@@ -266,13 +305,7 @@ class DeliveryWorker:
                 self._failure(item, "rejected")
             ]
         try:
-            receipt = envelope.verify_receipt(
-                outcome.receipt,
-                verification_keys=self.node.partner.verification,
-                expected_message_id=item.message_id,
-                expected_envelope_sha256=item.envelope_sha256,
-                expected_receiver=self.node.partner_party,
-            )
+            receipt = self._verify_receipt(item, outcome.receipt)
         except EnvelopeError as exc:
             log.error("invalid receipt for message %s: %s", item.message_id, exc)
             return {"status": "failed", "status_reason": f"invalid receipt: {exc.reason}"}, [
@@ -306,9 +339,38 @@ class DeliveryWorker:
                 data={
                     "receipt_sha256": envelope.envelope_digest(receipt.compact),
                     "signer_kid": receipt.signer_kid,
+                    "signed_at": receipt.received_at,
                 },
             ),
         ]
+
+    def _verify_receipt(self, item: repo.Claimed, compact: str) -> envelope.Receipt:
+        """The partner's receipt for ``item``, signed by a key in force when it was made (the
+        partner's newer key sets are fetched once on an unknown key). Raises EnvelopeError."""
+        now = dt.datetime.now(dt.UTC)
+
+        def verify() -> envelope.Receipt:
+            return envelope.verify_receipt(
+                compact,
+                verification_keys=self.node.partner.verification,
+                expected_message_id=item.message_id,
+                expected_envelope_sha256=item.envelope_sha256,
+                expected_receiver=self.node.partner_party,
+            )
+
+        try:
+            receipt = verify()
+        except EnvelopeError as exc:
+            if exc.reason != "unknown-signing-key" or not self.node.learn_partner_keys(now):
+                raise
+            receipt = verify()
+        signed_at = dt.datetime.fromisoformat(receipt.received_at)
+        skew = dt.timedelta(seconds=self.node.settings.clock_skew_seconds)
+        if not dt.datetime.fromisoformat(item.created_at) - skew <= signed_at <= now + skew:
+            # a receipt is judged at its own time: that time must lie between sealing and now
+            raise EnvelopeError("receipt-mismatch", f"received_at {receipt.received_at} is out of range")
+        self.node.check_partner_signature(receipt.signer_kid, signed_at, now)
+        return receipt
 
     def _failure(self, item: repo.Claimed | repo.Waiting, reason: str) -> EntryDraft:
         return EntryDraft(
@@ -363,34 +425,26 @@ class DeliveryWorker:
             repo.append_ledger(conn, head, [self._failure(w, "expired") for w in gone], at)
         if gone:
             log.warning("%d message(s) expired undelivered", len(gone))
+            metrics.settled(delivered_enqueued_at=(), failed=len(gone), now=now)
         return len(gone)
 
     @staticmethod
     def _at(now: float) -> str:
         return iso(dt.datetime.fromtimestamp(now, dt.UTC))
 
-    # --- background loop -------------------------------------------------------------------------
+    # --- background loop (exchange.loops.LoopRunner) --------------------------------------------
 
-    def wake(self) -> None:
-        """Ask the loop to look at the outbox now (after a submission)."""
-        self._wake.set()
+    def lead(self) -> None:
+        """Leader from now on: take back at the first round every lease held under this worker id
+        (a predecessor's, dead or deposed; the partner answers a redelivery with the original
+        receipt), and probe the partner at once."""
+        self._recovered = False
+        self.partner = PartnerBackoff()
 
-    def run_forever(self) -> None:
-        """Deliver until :meth:`stop`; never dies on an error, only logs it and backs off. An
-        unavailable database is a condition the Database logs once, not a traceback per round."""
-        poll = self.node.settings.delivery_poll_seconds
-        while not self._stop.is_set():
-            try:
-                settled = self.run_once()
-            except DatabaseUnavailable:
-                settled = 0
-            except Exception:
-                log.exception("delivery round failed; retrying")
-                settled = 0
-            if settled == 0:
-                self._wake.wait(poll)
-                self._wake.clear()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
+    def step(self) -> float:
+        """One round; at once again if it settled anything, else at the partner's next probe or
+        the fallback poll, whichever is sooner."""
+        if self.run_once():
+            return 0.0
+        until_probe = self.partner.retry_at - self.clock()
+        return min(self.interval, until_probe) if until_probe > 0 else self.interval

@@ -1,10 +1,11 @@
-"""Two real nodes for the end-to-end tests: started once per module, stopped after."""
+"""Two real nodes for the end-to-end tests: started once per module, stopped after. A node may run
+further processes on the same directory and database (:meth:`Running.start_process`)."""
 
 from __future__ import annotations
 
 import os
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 
 import pytest
@@ -14,7 +15,15 @@ import tomli_w
 from exchange.client import ExchangeClient
 from exchange.db.engine import normalise_url
 from exchange.demo import NodeProcess
-from tests.support import CLIENT_PASSPHRASE, PASSPHRASE, ClientFiles, NodeDir, make_pair, set_node_options
+from tests.support import (
+    CLIENT_PASSPHRASE,
+    PASSPHRASE,
+    ClientFiles,
+    NodeDir,
+    free_port,
+    make_pair,
+    set_node_options,
+)
 
 
 @dataclass
@@ -23,10 +32,11 @@ class Running:
     process: NodeProcess
     client_files: ClientFiles
 
-    def client(self, files: ClientFiles | None = None) -> ExchangeClient:
+    def client(self, files: ClientFiles | None = None, port: int | None = None) -> ExchangeClient:
+        """A client of this node's API (of the process on ``port``, default the node's port)."""
         f = files or self.client_files
         return ExchangeClient(
-            self.node.url,
+            self.node.url if port is None else f"https://127.0.0.1:{port}",
             ca_file=self.node.ca,
             cert_file=f.cert,
             key_file=f.key,
@@ -36,6 +46,25 @@ class Running:
     def db(self) -> sa.Engine:
         url = tomllib.loads((self.node.path / "node.toml").read_text()).get("database_url")
         return sa.create_engine(normalise_url(url) if url else f"sqlite:///{self.node.path / 'node.db'}")
+
+    def start_process(self, name: str, *args: str) -> tuple[NodeProcess, int]:
+        """Another ``exchange serve`` of this node (same directory and database) on a free port,
+        logging to ``name``.log; returns it, started and ready, and its port."""
+        port = free_port()
+        env = {**self.process.env, "EXCHANGE_LISTEN_PORT": str(port)}
+        process = NodeProcess(self.node.path, env, lambda: self.client(port=port), args, f"{name}.log")
+        process.start()
+        process.wait_ready()
+        return process, port
+
+    def log_problems(self) -> list[str]:
+        """Every ERROR or traceback line in the logs of this node's processes."""
+        return [
+            f"{log.name}: {line}"
+            for log in sorted(self.node.path.glob("*.log"))
+            for line in log.read_text().splitlines()
+            if " ERROR " in line or line.startswith("ERROR") or "Traceback" in line
+        ]
 
     def count_messages(self, message_id: str) -> int:
         engine = self.db()
@@ -52,9 +81,10 @@ def start_nodes(
     options: dict[str, object] | None = None,
     agreement: dict[str, object] | None = None,
     db_urls: tuple[str | None, str | None] = (None, None),
-) -> Iterator[tuple[Running, Running]]:
+    serve_args: tuple[str, ...] = (),
+) -> Generator[tuple[Running, Running], None, None]:
     """Two nodes over mutual TLS; ``options`` and ``agreement`` override node settings and agreement
-    fields (the same agreement for both)."""
+    fields (the same agreement for both); ``serve_args`` are further options of ``exchange serve``."""
     root = tmp_path_factory.mktemp("e2e")
     mp = pytest.MonkeyPatch()
     mp.setenv("EXCHANGE_KEY_PASSPHRASE", PASSPHRASE)
@@ -81,14 +111,14 @@ def start_nodes(
     for nd, name in ((id_dir, "polri-cms"), (my_dir, "pdrm-d7")):
         files = nd.client(name)
         holder: dict[str, Running] = {}
-        process = NodeProcess(nd.path, env, lambda h=holder: h["r"].client())  # type: ignore[misc]
+        process = NodeProcess(nd.path, env, lambda h=holder: h["r"].client(), serve_args)  # type: ignore[misc]
         run = Running(nd, process, files)
         holder["r"] = run
         process.start()
         running.append(run)
     try:
         for run in running:
-            run.process.wait_ready()
+            run.process.wait_ready(90 if serve_args else 30)  # workers each start an interpreter
         yield running[0], running[1]
     finally:
         for run in running:

@@ -267,7 +267,7 @@ def test_the_console_in_a_real_browser(audited: tuple[Running, ClientFiles, str]
             page.click("#download")
         path = tmp_path / "console-bundle.json"
         download_info.value.save_as(path)
-        assert json.loads(path.read_text())["format"] == "exchange-audit-bundle/2"
+        assert json.loads(path.read_text())["format"] == "exchange-audit-bundle/3"
         page.screenshot(path=str(tmp_path / "console.png"), full_page=True)
         context.close()
         browser.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import subprocess
@@ -75,7 +76,7 @@ def test_a_node_refuses_to_start_on_an_invalid_agreement_naming_the_fields(pair)
     one_line_error(run("serve", "--dir", str(id_dir.path)), 2, "schemes.POLRI.levels.RAHASIA", "GOSSIP")
 
 
-def test_a_node_refuses_keys_that_the_agreement_does_not_pin(pair, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_node_refuses_to_start_without_the_keys_its_key_set_makes_active(pair, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     id_dir, _my_dir = pair
     path = id_dir.path / "agreement.toml"
     data = tomllib.loads(path.read_text())
@@ -83,7 +84,9 @@ def test_a_node_refuses_keys_that_the_agreement_does_not_pin(pair, tmp_path: Pat
     key = crypto.public_jwk_dict(crypto.private_jwk(stranger, crypto.message_key_id("ID", "sig", stranger)))
     data["parties"]["ID"]["signing_keys"] = [key]
     path.write_text(tomli_w.dumps(data))
-    one_line_error(run("serve", "--dir", str(id_dir.path)), 2, "signing key", "not pinned")
+    one_line_error(
+        run("serve", "--dir", str(id_dir.path)), 2, "signing key", "of key set version 1 is not held"
+    )
 
 
 def test_a_wrong_passphrase_is_refused_clearly(pair) -> None:  # type: ignore[no-untyped-def]
@@ -317,3 +320,45 @@ def test_keys_list_shows_both_nodes_keys_and_flags_what_expires_soon(pair) -> No
     assert flagged.returncode == 0
     assert flagged.stdout.count("EXPIRES SOON") >= 3
     assert "warning:" in flagged.stderr
+
+
+def test_keys_rotate_activate_revoke_from_the_cli_in_order_or_with_a_one_line_error(pair) -> None:  # type: ignore[no-untyped-def]
+    id_dir, _ = pair
+    where = ("--dir", str(id_dir.path))
+    one_line_error(run("keys", "activate", *where, "--purpose", "signing"), 2, "no next signing key")
+    one_line_error(run("keys", "rotate", *where, "--purpose", "sideways"), 2, "--purpose")
+    rotated = run("keys", "rotate", *where, "--purpose", "signing", "--wait", "0")
+    assert rotated.returncode == 0, rotated.stderr
+    assert "next signing key ID-sig-" in rotated.stdout
+    assert "not acknowledged yet" in rotated.stdout  # no node is running to announce it
+    one_line_error(run("keys", "rotate", *where, "--purpose", "signing"), 2, "already next")
+    one_line_error(run("keys", "activate", *where, "--purpose", "signing"), 2, "has not acknowledged")
+    one_line_error(
+        run("keys", "activate", *where, "--purpose", "signing", "--force"), 2, "--force is allowed only"
+    )
+    listed = run("keys", "list", *where)
+    assert "version 2\tNOT YET ACKNOWLEDGED" in listed.stdout
+    assert "\tnext\t" in listed.stdout
+    encryption = next(
+        line.split("\t")[2] for line in listed.stdout.splitlines() if "\tencryption key\t" in line
+    )
+    one_line_error(
+        run("keys", "revoke", *where, encryption, "--reason", "x", "--effective-at", "noon"), 2, "ISO 8601"
+    )
+    one_line_error(
+        run("keys", "revoke", *where, encryption, "--reason", "x", "--effective-at", "2026-11-23T10:00:00"),
+        2,
+        "time zone",
+    )
+    one_line_error(
+        run("keys", "revoke", *where, "ID-enc-nothing", "--reason", "x"), 2, "not a key of this node"
+    )
+    revoked = run("keys", "revoke", *where, encryption, "--reason", "backup tape lost", "--wait", "0")
+    assert revoked.returncode == 0, revoked.stderr
+    assert f"{encryption} revoked from" in revoked.stdout
+    assert "replaced at once by encryption key ID-enc-" in revoked.stdout
+    assert not list((id_dir.path / "keys").glob(f"enc-{encryption}.pem"))
+    one_line_error(run("keys", "revoke", *where, encryption, "--reason", "again"), 2, "already revoked")
+    after = run("keys", "list", *where).stdout
+    assert f"{encryption}\trevoked\tuntil {dt.datetime.now(dt.UTC).date().isoformat()}" in after
+    assert "version 3\tNOT YET ACKNOWLEDGED" in after

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 import tomli_w
 
 from exchange.agreement import load_agreement
-from exchange.auditing import AuditService
+from exchange.auditing import AuditService, party_anchor
 from exchange.checkpoints import CheckpointService
 from exchange.cli import app
 from exchange.config import load_settings
@@ -85,8 +85,8 @@ def test_a_further_witness_cosigns_through_the_protocol_and_the_audit_checks_it(
     party = id_node.agreement.parties
     report = verify_bundle(
         bundle,
-        log=party["ID"].ledger_verifier,
-        partner_witness=party["MY"].witness_verifier,
+        own=party_anchor(id_node.agreement, "ID"),
+        partner=party_anchor(id_node.agreement, "MY"),
         witnesses=[w.verifier for w in id_node.agreement.witnesses],
     )
     assert set(report.cosigners) == {"MY-node/witness", NAME}

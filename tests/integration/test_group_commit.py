@@ -6,6 +6,7 @@ import datetime as dt
 import threading
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 
 from exchange import crypto
@@ -93,4 +94,23 @@ def test_a_unit_after_close_restarts_the_committer(tmp_path: Path) -> None:
     node.committer.run(lambda conn, head: repo.append_ledger(conn, head, [EntryDraft(event="after")], "t"))
     with node.db.read() as conn:
         assert [e.event for e in repo.iter_ledger(conn)] == ["after"]
+    node.close()
+
+
+def test_a_unit_failing_alone_in_its_batch_leaves_nothing(tmp_path: Path) -> None:
+    id_dir, _ = make_pair(tmp_path)
+    node = Node(load_settings(id_dir.path))
+    node.committer.run(lambda conn, head: repo.append_ledger(conn, head, [EntryDraft(event="first")], "t"))
+
+    def unit(conn: sa.Connection, head: repo.LedgerHead) -> repo.LedgerHead:
+        repo.append_ledger(conn, head, [EntryDraft(event="half-written")], "t")
+        raise ValueError("this unit fails after writing")
+
+    with pytest.raises(ValueError, match="fails after writing"):
+        node.committer.run(unit)  # nothing else pending: a batch of one, without a savepoint
+    node.committer.run(lambda conn, head: repo.append_ledger(conn, head, [EntryDraft(event="next")], "t"))
+    with node.db.read() as conn:
+        head = repo.read_ledger_head(conn)
+        verify_rows(repo.ledger_rows(conn), size=head.size, root=head.root)
+        assert [e.event for e in repo.iter_ledger(conn)] == ["first", "next"]
     node.close()

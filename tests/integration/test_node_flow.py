@@ -69,6 +69,16 @@ class Loopback:
             return WitnessAnswer(None, exc.witnessed_size, exc.incident)
         return WitnessAnswer(line)
 
+    def announce_keys(self, announcements: list[str]) -> str:
+        if self.down:
+            raise TransportError("partner unreachable: connection refused")
+        return self.partner.accept_key_sets(announcements, dt.datetime.now(dt.UTC))
+
+    def fetch_key_sets(self, after: int) -> list[str]:
+        if self.down:
+            raise TransportError("partner unreachable: connection refused")
+        return self.partner.registry.announcements_after(self.partner.party, after)
+
     def close(self) -> None:
         pass
 

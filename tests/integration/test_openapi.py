@@ -24,6 +24,7 @@ def test_openapi_describes_the_client_and_peer_api(tmp_path: Path) -> None:
         "/v1/cases/{case_ref}",
         "/v1/peer/envelopes",
         "/healthz",
+        "/metrics",
     } <= set(paths)
     submit = paths["/v1/messages"]["post"]
     assert "202" in submit["responses"]
@@ -63,8 +64,8 @@ def test_the_openapi_documents_every_problem_answer_typed_bodies_and_mutual_tls(
                 None,
             )
             assert ok is not None, (method, path)
-            if path == "/v1/peer/witness/add-checkpoint":  # the C2SP protocol's own text format
-                assert "text/plain" in ok["content"]
+            if path in ("/v1/peer/witness/add-checkpoint", "/metrics"):  # C2SP's, Prometheus's text formats
+                assert set(ok["content"]) == {"text/plain"}
             elif path != "/audit":  # the auditor console is HTML
                 assert ok["content"]["application/json"]["schema"] != {}, (method, path)
             for status, answer in operation["responses"].items():

@@ -14,29 +14,23 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
-from exchange import crypto
 from exchange.errors import LedgerIntegrityError
 from exchange.ledger import EntryDraft, leaf_bytes
 from exchange.ledger.bundle import build_bundle, verify_bundle
 from exchange.ledger.checkpoint import (
-    SIG_COSIGNATURE_V1,
-    SIG_ED25519,
-    NoteVerifier,
     checkpoint_with,
     cosign,
     sign_checkpoint,
     verify_checkpoint,
 )
 from exchange.ledger.merkle import MemoryTree, consistency_proof, leaf_hash, root_hash
+from tests.unit.key_chains import Chain
 
-OWN = crypto.private_jwk(crypto.new_message_key("ckpt"), "own")
-PARTNER = crypto.private_jwk(crypto.new_message_key("ckpt"), "partner")
-ORIGIN, WITNESS = "ID-node/ledger", "MY-node/witness"
+ID, MY = Chain("ID"), Chain("MY")  # version 1 of each party's keys, as the agreement pins them
+OWN, PARTNER = ID.checkpoint, MY.checkpoint
+ORIGIN, WITNESS = ID.origin, MY.witness
+SIGNED_AT = "2026-11-01T00:00:00+00:00"
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
-
-
-LOG = NoteVerifier.of(ORIGIN, OWN, SIG_ED25519)
-PARTNER_WITNESS = NoteVerifier.of(WITNESS, PARTNER, SIG_COSIGNATURE_V1)
 
 
 def cosigned(tree: MemoryTree, size: int) -> str:
@@ -52,7 +46,7 @@ def bundle(n: int, start: int, end: int, first: int | None = None) -> dict[str, 
     tree = MemoryTree(leaf_hash(x.encode()) for x in leaves)
     earliest = None
     if first is not None and first < n:
-        earliest = (cosigned(tree, first), consistency_proof(tree, first, n))
+        earliest = (cosigned(tree, first), SIGNED_AT, consistency_proof(tree, first, n))
     return build_bundle(
         party="ID",
         agreement={"version": "v", "digest": "d" * 64},
@@ -60,13 +54,15 @@ def bundle(n: int, start: int, end: int, first: int | None = None) -> dict[str, 
         entries=[(i, leaves[i]) for i in range(start, end)],
         source=tree,
         checkpoint=cosigned(tree, n),
+        signed_at=SIGNED_AT,
         size=n,
+        key_sets={"ID": [], "MY": []},
         earliest=earliest,
     )
 
 
 def verify(b: dict[str, Any], **kwargs: Any) -> Any:
-    return verify_bundle(json.loads(json.dumps(b)), log=LOG, partner_witness=PARTNER_WITNESS, **kwargs)
+    return verify_bundle(json.loads(json.dumps(b)), own=ID.anchor(), partner=MY.anchor(), **kwargs)
 
 
 @settings(max_examples=60, deadline=None)
@@ -106,7 +102,7 @@ def _flip_hash(h: str) -> str:
         (lambda b: b.update(checkpoint=b["checkpoint"][:-6] + "AAAA=\n"), "does not verify"),
         (lambda b: b["consistency"]["proof"].pop(), "not consistent"),
         (lambda b: b["consistency"].update(checkpoint=b["checkpoint"]), "not consistent"),
-        (lambda b: b.update(format="exchange-audit-bundle/1"), "bundle"),
+        (lambda b: b.update(format="exchange-audit-bundle/2"), "bundle"),
     ],
 )
 def test_a_tampered_bundle_is_refused(mutate: Any, message: str) -> None:
@@ -149,7 +145,7 @@ def test_the_bundle_matches_its_published_schema() -> None:
 def test_a_bundle_checked_against_other_keys_is_refused() -> None:
     b = bundle(8, 0, 8)
     with pytest.raises(LedgerIntegrityError, match="checkpoint"):
-        verify_bundle(b, log=NoteVerifier.of(ORIGIN, PARTNER, SIG_ED25519), partner_witness=PARTNER_WITNESS)
+        verify_bundle(b, own=Chain("ID").anchor(), partner=MY.anchor())
 
 
 def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:

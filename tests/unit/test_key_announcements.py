@@ -113,12 +113,66 @@ def signed(by: str, **kwargs: object) -> Callable[[Chain], str]:
     return make
 
 
+def next_key_staged(by: str) -> Callable[[Chain], str]:
+    """Version n+1 keeps the active signing key and stages a ``next`` one, signed by ``by``."""
+
+    def make(chain: Chain) -> str:
+        staged = signing_key(f"sig-next-{len(chain.signers)}")
+        key_set = chain.key_set(
+            len(chain.sets) + 1,
+            previous=announcement_digest(chain.announcements[-1]),
+            extra=(entry(staged, "signing", "next"),),
+        )
+        keys = {"active": chain.signers[-1], "next": staged}
+        return announce(key_set, [keys[name] for name in by.split(",")])
+
+    return make
+
+
+def forged(change: str) -> Callable[[Chain], str]:
+    """Version n+1 built by someone who holds none of the party's private keys: ``swap`` puts their
+    key behind the old active kid, ``retired`` slips their signing key in as already retired."""
+
+    def make(chain: Chain) -> str:
+        old = chain.signers[-1]
+        thief = crypto.private_jwk(crypto.new_message_key("sig"), str(old.kid))  # the old kid, another key
+        extra = signing_key("thief-sig")
+        previous = announcement_digest(chain.announcements[-1])
+        if change == "swap":
+            chain.signers[-1] = thief
+            key_set = chain.key_set(len(chain.sets) + 1, previous=previous)
+            return announce(key_set, [thief])
+        key_set = chain.key_set(
+            len(chain.sets) + 1, previous=previous, extra=(entry(extra, "signing", "retired"),)
+        )
+        return announce(key_set, [old])
+
+    return make
+
+
+def dropped(purpose: str) -> Callable[[Chain], str]:
+    """Version n+1 without the party's active ``purpose`` key (a new one in its place)."""
+
+    def make(chain: Chain) -> str:
+        if purpose == "encryption":
+            chain.enc = crypto.private_jwk(crypto.new_message_key("enc"), "enc-other")
+        key_set = chain.key_set(len(chain.sets) + 1, previous=announcement_digest(chain.announcements[-1]))
+        return announce(key_set, [chain.signers[-1]])
+
+    return make
+
+
 Case = tuple[str, Callable[[Chain], str], str | None]
 CASES: list[Case] = [
     ("both signatures", signed("old,new"), None),
     ("missing the old signature", signed("new"), "missing-old-signature"),
     ("missing the new signature (no proof of possession)", signed("old"), "missing-new-signature"),
     ("a signature by an unknown key instead of the old one", signed("stranger,new"), "missing-old-signature"),
+    ("a staged next key signed by itself too", next_key_staged("active,next"), None),
+    ("a staged next key without its own signature", next_key_staged("active"), "missing-new-signature"),
+    ("another key behind the old signing key id (no old private key)", forged("swap"), "key-changed"),
+    ("a signing key slipped in as already retired", forged("retired"), "bad-transition"),
+    ("the active encryption key dropped", dropped("encryption"), "bad-transition"),
     ("the same key signing twice", signed("old,old,new"), "duplicate-signature"),
     ("a skipped version", signed("old,new", version=3), "skipped-version"),
     ("the trusted version replayed", lambda c: c.announcements[0], "replay"),
@@ -175,3 +229,39 @@ def test_a_key_set_must_have_one_active_key_per_purpose() -> None:
     keys = [k for k in chain.sets[0].keys if k.purpose != "checkpoint"]
     with pytest.raises(ValueError, match="active checkpoint"):
         KeySet(party="ID", version=1, issued_at=T0, expires_at=NOW, keys=tuple(keys))
+
+
+def test_a_partner_away_walks_through_versions_expired_since_but_not_to_an_expired_last_one() -> None:
+    chain = Chain()
+    chain.signers.append(signing_key("sig-1"))
+    chain.sets.append(chain.key_set(1, previous=None))
+    chain.announcements.append(announce(chain.sets[0], [chain.signers[0]]))
+    for version, expires in ((2, NOW - dt.timedelta(days=1)), (3, NOW + dt.timedelta(days=30))):
+        key_set, old, new = next_version(chain, expires=expires)
+        chain.sets.append(key_set)
+        chain.announcements.append(announce(key_set, [old, new]))
+        assert key_set.version == version
+    history = walk(chain.trusted(1), chain.announcements[1:], NOW)  # version 2 expired since: passed
+    assert [t.key_set.version for t in history] == [1, 2, 3]
+    with pytest.raises(AnnouncementRejected, match="expired"):  # but never stop on an expired set
+        walk(chain.trusted(1), chain.announcements[1:2], NOW)
+
+
+def test_a_revoked_key_never_comes_back_and_keeps_its_revocation_time() -> None:
+    chain = Chain().grow(1)
+    old = chain.signers[-1]
+    revoked = entry(old, "signing", "revoked", revoked_at=T0 + dt.timedelta(days=3))
+    new = signing_key("sig-2")
+    chain.signers = [new]
+    v2 = chain.key_set(2, previous=announcement_digest(chain.announcements[0]), extra=(revoked,))
+    a2 = announce(v2, [old, new])
+    history = walk(chain.trusted(1), [a2], NOW)
+    for state, extra in (("active", {}), ("revoked", {"revoked_at": T0 + dt.timedelta(days=30)})):
+        back = entry(old, "signing", state, **extra)
+        v3 = chain.key_set(3, previous=announcement_digest(a2), extra=(back,) if state == "revoked" else ())
+        if state == "active":  # the revoked key as the active one again
+            chain.signers = [old]
+            v3 = chain.key_set(3, previous=announcement_digest(a2))
+        with pytest.raises(AnnouncementRejected, match="bad-transition"):
+            accept(history[-1], announce(v3, [new, old]), NOW, known={k.kid: k for k in v2.keys})
+        chain.signers = [new]

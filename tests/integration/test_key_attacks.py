@@ -1,0 +1,259 @@
+"""Attacks on key rotation found by review, each reproduced against two nodes in one process and
+each refused now: a forged key set behind an old key id, a fork of versions, a flood of versions,
+an expired version slipped in, racing steps, a crash between publishing and destroying, a backdated
+receipt by a revoked key, a key set grown full."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from joserfc.jwk import OKPKey
+
+from exchange import crypto, envelope
+from exchange.db import repo
+from exchange.errors import EnvelopeError, KeyManagementError
+from exchange.keys import store
+from exchange.keys.announcement import AnnouncementRejected, KeySet, PublicKey, Trusted, announce
+from exchange.keys.registry import KeyRegistry
+from exchange.node import Node
+from exchange.transport.worker import DeliveryWorker
+from tests.integration.conftest import Pair
+from tests.integration.test_key_rotation import admin, drain, events, submit
+from tests.integration.test_node_flow import Loopback, now
+from tests.support import PASSPHRASE
+
+
+def _public(key: OKPKey) -> dict[str, str]:
+    d = crypto.public_jwk_dict(key)
+    return {k: d[k] for k in ("kty", "crv", "x")}
+
+
+def forge_partner_version(my_node: Node) -> tuple[Trusted, str, OKPKey]:
+    """ID's next version as someone holding none of ID's private keys would build it: their key
+    behind ID's active signing key id, their own signing and encryption keys, their TLS pin."""
+    trusted = my_node.registry.history("ID").versions[-1]
+    old = trusted.key_set
+    old_kid = old.active("signing").kid
+    thief_old = crypto.private_jwk(crypto.new_message_key("sig"), old_kid)
+    thief_sig = crypto.private_jwk(crypto.new_message_key("sig"), "ID-sig-evil")
+    thief_enc = crypto.private_jwk(crypto.new_message_key("enc"), "ID-enc-evil")
+    t = now()
+    keys: list[Any] = []
+    for k in old.keys:
+        if k.kid == old_kid:
+            keys.append(k.model_copy(update={"state": "retiring", "jwk": PublicKey(**_public(thief_old))}))
+        elif k.purpose == "encryption" and k.state == "active":
+            keys.append(k.model_copy(update={"state": "retired"}))
+        else:
+            keys.append(k)
+    for key, purpose in ((thief_sig, "signing"), (thief_enc, "encryption")):
+        keys.append(
+            {"kid": key.kid, "purpose": purpose, "state": "active", "jwk": _public(key), "valid_from": t}
+        )
+    forged = KeySet.model_validate(
+        {
+            "party": "ID",
+            "version": old.version + 1,
+            "issued_at": t,
+            "expires_at": t + dt.timedelta(days=365),
+            "previous": trusted.digest,
+            "tls_pins": ["ab" * 32],
+            "keys": [k if isinstance(k, dict) else k.model_dump() for k in keys],
+        }
+    )
+    return trusted, announce(forged, [thief_old, thief_sig]), thief_enc
+
+
+def test_a_forged_key_set_behind_the_old_key_id_is_refused_on_the_peer_channel_and_in_the_database(
+    nodes: Pair,
+) -> None:
+    _, _, _, my_node = nodes
+    _, forged, _ = forge_partner_version(my_node)
+    with pytest.raises(AnnouncementRejected, match="key-changed"):
+        my_node.accept_key_sets([forged], now())  # what POST /v1/peer/key-sets does
+    assert my_node.partner.encryption.kid != "ID-enc-evil"
+    assert [e["reason"] for e in events(my_node, "keys.rejected")] == ["key-changed"]
+    with my_node.db.transaction() as conn:  # someone with write access to the table only
+        conn.execute(
+            sa.text(
+                "INSERT INTO key_sets (party, version, digest, announcement, issued_at, recorded_at)"
+                " VALUES ('ID', 2, :d, :a, :t, :t)"
+            ),
+            {"d": "0" * 64, "a": forged, "t": now().isoformat()},
+        )
+    with pytest.raises(AnnouncementRejected, match="key-changed"):
+        KeyRegistry(my_node.db, my_node.agreement, "MY", "ID").history("ID")  # a process starting now
+
+
+def test_an_expired_version_cannot_be_slipped_in_before_junk_and_a_refused_request_stores_nothing(
+    nodes: Pair,
+) -> None:
+    _, _, id_node, my_node = nodes
+    signer = admin(id_node)._private(id_node.keys.signing_kid, "signing")
+    trusted = id_node.registry.history("ID").versions[-1]
+    t = now()
+    expired = KeySet.model_validate(
+        {
+            **trusted.key_set.model_dump(),
+            "version": 2,
+            "previous": trusted.digest,
+            "issued_at": t - dt.timedelta(days=400),
+            "expires_at": t - dt.timedelta(days=35),
+        }
+    )
+    stale = announce(expired, [signer])
+    for batch in ([stale], [stale, "junk"]):
+        with pytest.raises(AnnouncementRejected):
+            my_node.accept_key_sets(batch, now())
+    assert KeyRegistry(my_node.db, my_node.agreement, "MY", "ID").history("ID").version == 1
+    assert not events(my_node, "keys.accepted")
+
+
+def test_a_flood_of_versions_is_cut_at_the_daily_allowance(nodes: Pair) -> None:
+    _, _, id_node, my_node = nodes
+    keys = admin(id_node, expiry_warning_days=400)
+    keys.rotate("signing")
+    for _ in range(2):
+        assert keys.renew_if_expiring()  # three honest versions in all
+    batch = id_node.registry.announcements_after("ID", 1)
+    with pytest.raises(AnnouncementRejected, match="too-many-versions"):
+        my_node.registry.accept_partner(batch, now(), max_per_day=2)
+    assert my_node.registry.history("ID").version == 1
+    assert my_node.registry.accept_partner(batch, now(), max_per_day=3).version == 4
+
+
+def test_a_step_racing_another_never_undoes_it(nodes: Pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, _, id_node, _ = nodes
+    staged = admin(id_node).rotate("encryption")
+    real_add_key = store.add_key
+
+    def add_key_while_the_operator_revokes(*args: Any, **kwargs: Any) -> Any:
+        record = real_add_key(*args, **kwargs)
+        admin(id_node).revoke(staged.kid, reason="compromised", effective_at=now())  # another process
+        return record
+
+    monkeypatch.setattr("exchange.keys.rotation.add_key", add_key_while_the_operator_revokes)
+    with pytest.raises(KeyManagementError, match="published meanwhile"):
+        admin(id_node).rotate("checkpoint")
+    monkeypatch.setattr("exchange.keys.rotation.add_key", real_add_key)
+    assert id_node.registry.history("ID").current.key(staged.kid).state == "revoked"  # type: ignore[union-attr]
+
+
+def test_two_commands_writing_the_key_index_at_once_lose_nothing(nodes: Pair) -> None:
+    id_dir, _, _, _ = nodes
+    key_dir = id_dir.path / "keys"
+    made: dict[str, store.KeyRecord] = {}
+    threads = [
+        threading.Thread(target=lambda p=p: made.__setitem__(p, store.add_key(key_dir, p, PASSPHRASE)))
+        for p in ("signing", "checkpoint", "encryption", "signing")
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ring = store.read_keyring(key_dir)
+    assert all(ring.record(r.kid) is not None for r in made.values())
+    assert len(ring.keys) == 3 + 4
+
+
+class Crash(Exception):
+    pass
+
+
+def test_a_key_left_on_disk_by_a_crash_is_destroyed_by_the_key_loop(
+    nodes: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    id_dir, _, id_node, _ = nodes
+    key_dir = id_dir.path / "keys"
+    victim = id_node.keys.signing_kid
+    real = store.destroy_key
+
+    def power_cut(*_args: Any, **_kwargs: Any) -> bool:
+        raise Crash("power cut")
+
+    monkeypatch.setattr("exchange.keys.rotation.destroy_key", power_cut)
+    with pytest.raises(Crash):
+        admin(id_node).revoke(victim, reason="laptop stolen", effective_at=now())
+    monkeypatch.setattr("exchange.keys.rotation.destroy_key", real)
+    assert list(key_dir.glob(f"*-{victim}.pem"))
+    admin(id_node).maintain()
+    assert not list(key_dir.glob(f"*-{victim}.pem"))
+
+
+def test_a_retired_encryption_key_is_not_loaded_for_decryption(nodes: Pair) -> None:
+    _, _, id_node, _ = nodes
+    old = id_node.keys.encryption_kid
+    keys = admin(id_node, key_activation_wait_seconds=0, key_destroy_grace_seconds=0)
+    keys.rotate("encryption")
+    keys.activate("encryption", force=True)
+    assert old in id_node.keys.decryption  # retiring: envelopes sealed for it may be in flight
+    id_node.registry.note_encryption_key_used(id_node.keys.encryption_kid, now())
+    assert keys.retire_due() == [old]
+    assert old not in id_node.keys.decryption
+
+
+def test_a_receipt_backdated_before_a_revocation_is_refused(nodes: Pair) -> None:
+    id_dir, _, id_node, my_node = nodes
+    stolen = my_node.keys.signing
+    admin(my_node).revoke(str(stolen.kid), reason="laptop stolen", effective_at=now())
+    drain(DeliveryWorker(my_node, Loopback(id_node)))
+    mid = submit(id_node, id_dir, "polri-cms")
+    with id_node.db.read() as conn:
+        row = conn.execute(
+            sa.text("SELECT envelope, envelope_sha256, created_at FROM messages WHERE id=:i"), {"i": mid}
+        ).one()
+    item = repo.Claimed(mid, row.envelope, row.envelope_sha256, 1, row.created_at, 0.0)
+    worker = DeliveryWorker(id_node, Loopback(my_node))
+    for received_at in (dt.datetime(2000, 1, 1, tzinfo=dt.UTC), now()):
+        forged = envelope.sign_receipt(
+            message_id=mid,
+            envelope_sha256=row.envelope_sha256,
+            receiver="MY",
+            sender="ID",
+            received_at=received_at,
+            signing_key=stolen,
+        )
+        with pytest.raises(EnvelopeError, match=r"out of range|key-not-in-force"):
+            worker._verify_receipt(item, forged)
+
+
+def test_a_key_set_never_grows_full_old_keys_leave_it_and_an_emergency_always_fits(
+    nodes: Pair,
+) -> None:
+    _, _, id_node, _ = nodes
+    # with no replay window to wait out, retired keys leave the set at the next version
+    keys = admin(
+        id_node,
+        key_activation_wait_seconds=0,
+        replay_window_seconds=1,
+        delivery_max_wait_seconds=0.001,
+        clock_skew_seconds=0,
+    )
+    for _ in range(64):
+        keys.rotate("signing")
+        keys.activate("signing", force=True)
+        keys.clock = lambda: dt.datetime.now(dt.UTC) + dt.timedelta(seconds=5)  # time passes
+        keys.retire_due()
+        keys.clock = lambda: dt.datetime.now(dt.UTC)
+    assert len(id_node.registry.history("ID").current.keys) < 10
+    replacement = keys.revoke(id_node.keys.signing_kid, reason="stolen", effective_at=now())
+    assert replacement is not None
+
+
+def test_a_rotation_that_would_fill_the_key_set_is_refused_and_the_spare_slot_kept_for_revocation(
+    nodes: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    id_dir, _, id_node, _ = nodes
+    monkeypatch.setattr("exchange.keys.rotation.MAX_KEYS", 5)  # three keys listed, one more, one spare
+    keys = admin(id_node, key_activation_wait_seconds=0)
+    keys.rotate("signing")
+    keys.activate("signing", force=True)
+    files = sorted(p.name for p in (id_dir.path / "keys").glob("*.pem"))
+    with pytest.raises(KeyManagementError, match="holds 4 keys: retire or revoke old ones"):
+        keys.rotate("encryption")
+    assert sorted(p.name for p in (id_dir.path / "keys").glob("*.pem")) == files  # no key made for nothing
+    assert keys.revoke(id_node.keys.signing_kid, reason="stolen", effective_at=now()) is not None
