@@ -141,13 +141,18 @@ class Node(Releases):
         return self.registry.partner_keys()
 
     def learn_partner_keys(self, now: dt.datetime) -> bool:
-        """Fetch and accept the partner's newer key sets, at most once per
-        ``key_fetch_interval_seconds`` (a key id this node does not know may be a key announced
-        while it was away). True if a newer version was accepted."""
+        """Learn the partner's newer key sets: first those another process of this node stored
+        less than ``key_refresh_seconds`` ago, else those fetched from the partner, at most once
+        per ``key_fetch_interval_seconds`` (a key id this node does not know may be a key
+        announced while it was away). True if a newer version is now trusted."""
+        cached = self.registry.history(self.partner_party).version
+        self.registry.refresh()
+        known = self.registry.history(self.partner_party).version
+        if known > cached:
+            return True
         fetch = self.fetch_partner_key_sets
         if fetch is None or not self.registry.may_fetch(self.settings.key_fetch_interval_seconds):
             return False
-        known = self.registry.history(self.partner_party).version
         try:
             announcements = fetch(known)
         except TransportError as exc:
@@ -564,9 +569,9 @@ class Node(Releases):
         try:
             opened = open_it()
         except EnvelopeError as exc:
-            if exc.reason != "unknown-signing-key" or not self.learn_partner_keys(now):
+            if not self._learnt_keys_for(exc, now):
                 raise
-            opened = open_it()  # a key announced while we were away, now learnt
+            opened = open_it()  # a key published since this process last read the key sets
         try:
             message = parse_signed(opened.message, agreement=self.agreement, catalogue=self.catalogue)
         except MalformedMessage as exc:
@@ -574,6 +579,19 @@ class Node(Releases):
         self.check_partner_signature(opened.signer_kid, message.created_at, now)
         self.registry.note_encryption_key_used(opened.recipient_kid, now)
         return Admitted(opened, message)
+
+    def _learnt_keys_for(self, error: EnvelopeError, now: dt.datetime) -> bool:
+        """Whether a key set newer than the one that could not open an envelope is now known: the
+        partner's, fetched from it, for a signing key it announced while we were away; our own,
+        read again, for an encryption key another process (or an emergency revocation) made
+        active less than ``key_refresh_seconds`` ago."""
+        if error.reason == "unknown-signing-key":
+            return self.learn_partner_keys(now)
+        if error.reason == "unknown-recipient-key":
+            before = self.keys.version
+            self.registry.refresh()
+            return self.keys.version != before
+        return False
 
     def _rejection(
         self, digest: str, reason: str, message_id: str | None, rules: tuple[str, ...] = ()

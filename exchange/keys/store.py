@@ -179,8 +179,10 @@ def held(key_dir: Path, kid: str) -> bool:
 
 
 def load_node_keys(key_dir: Path, passphrase: str, key_set: KeySet) -> NodeKeys:
-    """Decrypt the private keys the node's own ``key_set`` makes active, and every retiring
-    encryption key still held (envelopes sealed for it may be in flight).
+    """Decrypt the private keys the node's own ``key_set`` makes active, and every next or
+    retiring encryption key still held: envelopes sealed for a retiring key may be in flight, and
+    the partner may seal for a next key the moment it learns of its activation, which can be
+    before this process has read that version.
 
     Raises:
         KeyManagementError: no ring, an active key of the set this directory does not hold, a
@@ -204,7 +206,7 @@ def load_node_keys(key_dir: Path, passphrase: str, key_set: KeySet) -> NodeKeys:
     active_enc = key_set.active("encryption").kid
     decryption = {KeyId(active_enc): load(active_enc, "encryption")}
     for entry in key_set.keys:
-        if entry.purpose == "encryption" and entry.state == "retiring":
+        if entry.purpose == "encryption" and entry.state in ("next", "retiring"):
             try:  # optional: another process may be destroying it as it retires
                 decryption[KeyId(entry.kid)] = load(entry.kid, "encryption")
             except KeyManagementError:

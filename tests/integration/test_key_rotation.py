@@ -134,6 +134,64 @@ def test_an_encryption_key_rotates_and_the_old_one_is_destroyed_after_the_partne
         assert my_node.read(reader, mid, now())["payload"]
 
 
+@pytest.mark.parametrize("change", ["rotate then activate", "revoke"])
+def test_an_envelope_for_an_encryption_key_another_process_just_made_active_opens_at_once(
+    nodes: Pair, change: str
+) -> None:
+    """The partner seals for a new encryption key as soon as it learns of it; a process of ours
+    that has not yet read that version must open the envelope, not refuse it for good."""
+    id_dir, my_dir, id_node, my_node = nodes
+    old = my_node.keys.encryption_kid
+    my_node.registry.refresh_seconds = 3600  # this process would not read the key sets again soon
+    other = Node(load_settings(my_dir.path))  # the process where the administrator works
+    try:
+        keys = admin(other)
+        other_worker = DeliveryWorker(other, Loopback(id_node))
+        if change == "revoke":
+            new = keys.revoke(old, reason="laptop lost", effective_at=now())
+            assert new is not None
+        else:
+            new = keys.rotate("encryption")
+            drain(other_worker)
+            my_node.registry.refresh()  # this process has read the version staging the next key
+            assert new.kid in my_node.keys.decryption
+            keys.activate("encryption")
+        drain(other_worker)  # ID learns the new active key
+        assert id_node.partner.encryption.kid == new.kid
+        assert my_node.registry.history("MY").current.active("encryption").kid == old  # stale
+        sent = submit(id_node, id_dir, "polri-cms")  # sealed for the new key
+        drain(DeliveryWorker(id_node, Loopback(my_node)))
+        assert statuses(id_node, id_dir, "polri-cms", [sent]) == ["delivered"]
+        assert events(my_node, "envelope.rejected") == []
+        assert my_node.read(actor(my_node, my_dir, "pdrm-d7"), sent, now())["payload"]
+    finally:
+        other.close()
+
+
+def test_a_partner_signing_key_another_process_accepted_counts_at_once_in_this_one(nodes: Pair) -> None:
+    """ID's new signing key is announced to one process of MY; another, which has not yet read
+    the key sets again and may not fetch them from ID, opens a message it signed and verifies it."""
+    id_dir, my_dir, id_node, my_node = nodes
+    my_node.registry.refresh_seconds = 3600
+    my_node.fetch_partner_key_sets = None  # this process can only learn from the shared table
+    other = Node(load_settings(my_dir.path))  # the process that takes ID's announcements
+    try:
+        keys = admin(id_node)
+        to_other = DeliveryWorker(id_node, Loopback(other))
+        new = keys.rotate("signing")
+        drain(to_other)
+        keys.activate("signing")
+        drain(to_other)
+        assert my_node.registry.history("ID").version == 1  # stale
+        sent = submit(id_node, id_dir, "polri-cms")  # signed by the new key
+        drain(DeliveryWorker(id_node, Loopback(my_node)))
+        assert statuses(id_node, id_dir, "polri-cms", [sent]) == ["delivered"]
+        assert {e["signer_kid"] for e in events(my_node, "envelope.received")} == {new.kid}
+        assert events(my_node, "envelope.rejected") == []
+    finally:
+        other.close()
+
+
 def test_a_revoked_signing_key_is_refused_for_what_it_signed_after_the_revocation_time(nodes: Pair) -> None:
     id_dir, _, id_node, my_node = nodes
     compromised = id_node.keys.signing_kid
