@@ -26,8 +26,10 @@ typecheck: $(STAMP)
 system-deps:
 	bash .ci/system-deps
 
+# one worker per CPU; a test file runs whole on one worker (its module fixtures, e.g. two running
+# nodes, are started once)
 pytest: $(STAMP) system-deps
-	$(BIN)/pytest
+	$(BIN)/pytest -n auto --dist loadfile --durations=25
 
 test: lint typecheck pytest
 
