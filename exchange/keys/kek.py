@@ -7,7 +7,8 @@ Files under ``<key_dir>/kek/`` (owner-only, written atomically):
 - ``kek-<period>-<n>.jwe``: a KEK, 32 random bytes in a compact JWE ``A256KW``/``A256GCM`` under
   the master key. ``period`` is the month of the destroy date (``2031-11``); the live KEK of a
   period is the one with the highest ``n``;
-- ``kek-<period>-<n>.destroyed``: an empty tombstone of a destroyed KEK (its id is never reused).
+- ``kek-<period>-<n>.destroyed``: an empty tombstone of a destroyed KEK (its id is never reused);
+- ``.kek-<period>-<n>.jwe.erasing``: a KEK being destroyed (renamed away first, then overwritten).
 
 Nothing of a KEK is ever in the database: destroying its file (overwritten, then unlinked) makes
 every at-rest copy it wrapped unreadable, in the database and in every backup of the database.
@@ -85,7 +86,11 @@ class KekStore:
             key = self._cache.get(kid)
             if key is None:
                 try:
-                    raw = jwe.decrypt_compact(path.read_bytes(), self._master_key(), registry=_WRAP).plaintext
+                    sealed = path.read_bytes()
+                except FileNotFoundError:  # destroyed by another process since
+                    raise ContentUnavailable(f"key-encryption key {kid} was destroyed") from None
+                try:
+                    raw = jwe.decrypt_compact(sealed, self._master_key(), registry=_WRAP).plaintext
                 except (JoseError, ValueError) as exc:
                     raise KeyManagementError(f"cannot open KEK file {path}") from exc
                 key = self._cache[kid] = OctKey.import_key(raw or b"", {"kid": kid})
@@ -124,12 +129,22 @@ class KekStore:
         return key
 
     def destroy(self, kid: str) -> bool:
-        """Overwrite and remove the KEK file; False if it was already gone. Idempotent."""
+        """Remove the KEK file, then overwrite it; False if it was already gone. Idempotent.
+
+        The file is first renamed out of the way (atomically), so a reader in any process finds
+        the whole KEK or none, never the random bytes it is overwritten with. What a crash left
+        being erased is erased first."""
         path = self._path(kid)
         with self._lock:
             self._cache.pop(kid, None)
-            if not erase(path):
+            for leftover in self.folder.glob(".kek-*.erasing"):
+                erase(leftover)
+            doomed = path.with_name(f".{path.name}.erasing")
+            try:
+                path.rename(doomed)
+            except FileNotFoundError:
                 return False
+            erase(doomed)
             write_private(path.with_suffix(".destroyed"), b"")  # the tombstone: the id is never reused
             return True
 

@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 from joserfc.jwk import OctKey
 
+from exchange import files
 from exchange.envelope.at_rest import kek_id_of, metadata_digest, open_at_rest, rewrap, seal_at_rest
 from exchange.errors import ContentUnavailable, KeyManagementError
+from exchange.keys import kek as kek_module
 from exchange.keys.kek import KekStore
 
 SIGNED = "eyJhbGciOiJFZERTQSJ9.eyJtc2ciOiJ0ZXN0In0.c2lnbmF0dXJl"  # any compact JWS: opaque here
@@ -80,6 +82,38 @@ def test_kek_files_are_owner_only_destroyed_for_good_and_ids_never_reused(tmp_pa
     with pytest.raises(ContentUnavailable, match="destroyed"):
         again.get(str(first.kid))
     assert again.live("2031-11").kid == "kek-2031-11-2"  # a new key, never the destroyed one's id
+
+
+def test_another_process_never_reads_a_kek_half_destroyed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While one process overwrites a KEK it destroys, another finds the KEK gone (content
+    unavailable), never the random bytes (a damaged key file); a KEK a crash left half-erased is
+    erased by the next destruction."""
+    store = KekStore(tmp_path / "kek", "a-long-enough-passphrase")
+    first, second = store.create("2031-11"), store.create("2031-12")
+    other = KekStore(tmp_path / "kek", "a-long-enough-passphrase")  # no cache: reads the file
+    seen: list[str] = []
+
+    def erase_watched(path: Path) -> bool:
+        try:
+            other.get(str(first.kid))
+        except ContentUnavailable:
+            seen.append("gone")
+        return files.erase(path)
+
+    monkeypatch.setattr(kek_module, "erase", erase_watched)
+    assert store.destroy(str(first.kid))
+    assert seen == ["gone"]
+    monkeypatch.undo()
+    doomed = tmp_path / "kek" / f".{second.kid}.jwe.erasing"  # a crash after the rename
+    (tmp_path / "kek" / f"{second.kid}.jwe").rename(doomed)
+    store.destroy("kek-2031-10-1")  # any later destruction, even of an id already gone
+    assert not doomed.exists()
+    assert sorted(p.name for p in (tmp_path / "kek").iterdir()) == [
+        "kek-2031-11-1.destroyed",
+        "master.jwe",
+    ]
 
 
 def test_a_wrong_passphrase_cannot_open_the_kek_files(tmp_path: Path) -> None:
