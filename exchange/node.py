@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -66,6 +68,9 @@ from exchange.release import InboxPage, Releases
 from exchange.retention import DeadlineService, RetentionService
 from exchange.types import KeyId, MessageId, PartyId
 
+#: how long a process reuses the latest checkpoint it read for the messages it seals
+CHECKPOINT_NOTE_TTL_SECONDS = 1.0
+
 log = logging.getLogger("exchange.node")
 
 
@@ -106,6 +111,7 @@ class Node(Releases):
             self.db, self.agreement, self.party, self.partner_party, settings.key_refresh_seconds
         )
         self._keys_lock = threading.Lock()
+        self._latest_note: tuple[float, str | None] = (-math.inf, None)  # (read at, checkpoint)
         self._keys: NodeKeys | None = None
         _ = self.keys  # refuse to start without the private keys of the node's key set in force
         #: fetches the partner's key-set announcements after a version (set by the app)
@@ -309,14 +315,13 @@ class Node(Releases):
             MessageTooLarge: the sealed envelope would exceed the agreement's limit.
             PolicyRefusal: naming every rule that refused and what would satisfy it (ledgered).
         """
-        with self.db.read() as conn:  # one read: the message answered, its thread, our checkpoint
-            replied = repo.get_message(conn, submission.in_reply_to) if submission.in_reply_to else None
-            thread = (
-                repo.messages_in_thread(conn, submission.thread_id)
-                if submission.thread_id and not submission.in_reply_to
-                else []
-            )
-            latest = repo.latest_checkpoint(conn)
+        replied: dict[str, Any] | None = None
+        thread: list[dict[str, Any]] = []
+        if submission.in_reply_to or submission.thread_id:
+            with self.db.read() as conn:  # the message answered, or the thread it continues
+                replied = repo.get_message(conn, submission.in_reply_to) if submission.in_reply_to else None
+                if submission.thread_id and not submission.in_reply_to:
+                    thread = repo.messages_in_thread(conn, submission.thread_id)
         draft = draft_from_submission(
             submission,
             agreement=self.agreement,
@@ -324,7 +329,7 @@ class Node(Releases):
             sender=self.party,
             origin=Origin(agency=actor.agency, unit=actor.unit),
             now=now,
-            checkpoint=str(latest["note"]) if latest else None,
+            checkpoint=self._checkpoint_note(),
         )
         unattributed = [
             pointer(v.path)
@@ -579,6 +584,22 @@ class Node(Releases):
         self.check_partner_signature(opened.signer_kid, message.created_at, now)
         self.registry.note_encryption_key_used(opened.recipient_kid, now)
         return Admitted(opened, message)
+
+    def _checkpoint_note(self) -> str | None:
+        """Our latest signed checkpoint, which every message carries (the partner judges it: a
+        rollback or a split view is an incident). Read at most once per
+        ``CHECKPOINT_NOTE_TTL_SECONDS``, and never older than half the clock skew the partner
+        allows, so a message never carries a checkpoint older than one the partner had witnessed
+        before the message was sealed."""
+        ttl = min(CHECKPOINT_NOTE_TTL_SECONDS, self.settings.clock_skew_seconds / 2)
+        read_at, note = self._latest_note
+        if time.monotonic() - read_at < ttl:
+            return note
+        with self.db.read() as conn:
+            latest = repo.latest_checkpoint(conn)
+        note = str(latest["note"]) if latest else None
+        self._latest_note = (time.monotonic(), note)
+        return note
 
     def _learnt_keys_for(self, error: EnvelopeError, now: dt.datetime) -> bool:
         """Whether a key set newer than the one that could not open an envelope is now known: the

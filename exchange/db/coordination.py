@@ -33,7 +33,7 @@ import psycopg
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from exchange.db.engine import Database, normalise_url
+from exchange.db.engine import Database, normalise_url, notify_on_commit
 
 log = logging.getLogger("exchange.coordination")
 
@@ -55,9 +55,9 @@ def lock_key(name: str) -> int:
 
 def notify(conn: Connection, channel: str) -> None:
     """Wake the listeners of ``channel`` when ``conn``'s transaction commits (PostgreSQL; a no-op
-    elsewhere). Several notifications of one channel in one transaction arrive as one."""
-    if conn.dialect.name == "postgresql":
-        conn.execute(sa.text("SELECT pg_notify(:channel, '')"), {"channel": channel})
+    elsewhere). The notifications of one transaction go in one statement, just before it commits,
+    and several of one channel arrive as one."""
+    notify_on_commit(conn, channel)
 
 
 class Coordination(Protocol):

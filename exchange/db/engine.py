@@ -6,6 +6,12 @@ failures), while read transactions (:meth:`Database.read`) begin deferred and ne
 writer. PostgreSQL serialises ledger appends on the locked ``ledger_head`` row. Commit and rollback
 happen only in :meth:`Database.transaction` and :meth:`Database.read`.
 
+On PostgreSQL a pooled connection is pinged before use only when it has been idle for
+``PING_AFTER_IDLE_SECONDS`` (a server restart or a dropped idle connection is caught there, and
+the pool tries a fresh one); under load, connections come back within milliseconds and are not
+pinged. Notifications (:func:`exchange.db.coordination.notify`) are sent in one statement just
+before a transaction commits, whatever the number of units of work that asked for them.
+
 An unreachable database (server down or restarting, connection lost, pool exhausted) or one that
 cannot write (disk full) raises :class:`~exchange.errors.DatabaseUnavailable` from both, which the
 API answers 503 with ``Retry-After``. The condition is logged once when it starts and once when
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -87,6 +94,46 @@ class Availability:
             log.warning("database %s available again", self.name)
 
 
+#: a pooled PostgreSQL connection idle this long is pinged before it is used again
+PING_AFTER_IDLE_SECONDS = 5.0
+
+#: ``Connection.info`` key of the NOTIFY channels a transaction asked for (see ``notify_on_commit``)
+_PENDING_NOTIFICATIONS = "exchange.pending_notifications"
+
+
+def notify_on_commit(conn: Connection, channel: str) -> None:
+    """Have ``channel``'s listeners woken when ``conn``'s transaction (opened by
+    :meth:`Database.transaction`) commits. PostgreSQL only; a no-op elsewhere."""
+    if conn.dialect.name == "postgresql":
+        conn.info.setdefault(_PENDING_NOTIFICATIONS, set()).add(channel)
+
+
+def _send_notifications(conn: Connection) -> None:
+    channels = sorted(conn.info.pop(_PENDING_NOTIFICATIONS, ()))
+    if channels:
+        calls = ", ".join(f"pg_notify(:c{i}, '')" for i in range(len(channels)))
+        conn.execute(sa.text(f"SELECT {calls}"), {f"c{i}": c for i, c in enumerate(channels)})
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Ping a pooled connection at checkout only after ``PING_AFTER_IDLE_SECONDS`` of idleness;
+    a dead one makes the pool discard it and connect afresh."""
+
+    @sa.event.listens_for(engine, "checkin")
+    def _checkin(_dbapi_conn: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @sa.event.listens_for(engine, "checkout")
+    def _checkout(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.pop("idle_since", None)
+        if since is None or time.monotonic() - since < PING_AFTER_IDLE_SECONDS:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_conn)
+        except Exception as exc:
+            raise sa.exc.DisconnectionError(f"a pooled connection is dead: {exc}") from exc
+
+
 def normalise_url(url: str) -> str:
     """Use the psycopg 3 driver for ``postgresql://`` URLs."""
     if url.startswith("postgresql://") or url.startswith("postgres://"):
@@ -103,7 +150,6 @@ def make_engine(url: str, *, writer: bool = True) -> Engine:
     try:
         engine = sa.create_engine(
             normalise_url(url),
-            pool_pre_ping=not url.startswith("sqlite"),
             **(
                 {"connect_args": {"check_same_thread": False, "timeout": 30}}
                 if url.startswith("sqlite")
@@ -128,6 +174,8 @@ def make_engine(url: str, *, writer: bool = True) -> Engine:
         def _sqlite_begin(conn: Connection) -> None:
             conn.exec_driver_sql("BEGIN IMMEDIATE" if writer else "BEGIN")
 
+    else:
+        _ping_when_idle(engine)
     return engine
 
 
@@ -205,7 +253,9 @@ class Database:
             DatabaseUnavailable: the database could not be reached or could not write.
         """
         with self._available(), self.engine.begin() as conn:
+            conn.info.pop(_PENDING_NOTIFICATIONS, None)  # none left by a transaction rolled back
             yield conn
+            _send_notifications(conn)
 
     @contextmanager
     def read(self) -> Iterator[Connection]:

@@ -5,6 +5,7 @@ and ``serve --workers`` refused on SQLite."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import subprocess
@@ -13,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -20,9 +22,10 @@ import sqlalchemy as sa
 from exchange.auditing import AuditService
 from exchange.checkpoints import CheckpointService, WitnessRequest
 from exchange.config import load_settings
+from exchange.db import engine as engine_module
 from exchange.db import repo
 from exchange.db.coordination import LEDGER_CHANNEL, OUTBOX_CHANNEL, PostgresCoordination, notify
-from exchange.db.engine import normalise_url
+from exchange.db.engine import Database, normalise_url
 from exchange.errors import Busy
 from exchange.node import Node
 from exchange.transport.checkpointer import Checkpointer
@@ -109,15 +112,64 @@ def test_a_notification_wakes_the_subscribers_of_its_channel_in_every_process(
         c.subscribe(LEDGER_CHANNEL, lambda n=name: woken.append((n, "ledger")))  # type: ignore[misc]
     time.sleep(RETRY * 2)
     woken.clear()
-    engine = sa.create_engine(normalise_url(pg_url))
-    with engine.begin() as conn:
+    db = Database(pg_url)
+    with db.transaction() as conn:
+        notify(conn, OUTBOX_CHANNEL)
         notify(conn, OUTBOX_CHANNEL)
         time.sleep(RETRY * 2)
         assert woken == []  # delivered on commit, not before
     took = eventually(lambda: {("a", "outbox"), ("b", "outbox")} <= set(woken), timeout=2)
-    engine.dispose()
     assert ("a", "ledger") not in woken
     assert took < 0.5  # a wake-up, not a poll
+    woken.clear()
+    with contextlib.suppress(RuntimeError), db.transaction() as conn:
+        notify(conn, LEDGER_CHANNEL)
+        raise RuntimeError("rolled back")
+    with db.transaction() as conn:  # the same pooled connection: nothing of the rollback is left
+        notify(conn, OUTBOX_CHANNEL)
+    eventually(lambda: {("a", "outbox"), ("b", "outbox")} <= set(woken), timeout=2)
+    time.sleep(RETRY * 2)
+    assert ("a", "ledger") not in woken
+    with db.transaction() as conn:  # two channels in one transaction: both woken
+        notify(conn, LEDGER_CHANNEL)
+        notify(conn, OUTBOX_CHANNEL)
+    eventually(lambda: {("a", "ledger"), ("b", "ledger")} <= set(woken), timeout=2)
+    db.dispose()
+
+
+@pytest.mark.postgres
+def test_a_pooled_connection_is_pinged_only_after_idling_and_a_dead_one_replaced(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under load a pooled connection goes back to work unpinged (no extra round trip); after
+    idling it is pinged first, so one the server dropped meanwhile is replaced, not failed on."""
+    monkeypatch.setattr(engine_module, "PING_AFTER_IDLE_SECONDS", 0.3)
+    db = Database(pg_url)
+    pings: list[object] = []
+    ping = db.engine.dialect.do_ping
+
+    def counted(dbapi_conn: Any) -> bool:
+        pings.append(dbapi_conn)
+        return ping(dbapi_conn)
+
+    monkeypatch.setattr(db.engine.dialect, "do_ping", counted)
+
+    def backend() -> int:
+        with db.read() as conn:
+            return int(conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one())
+
+    first = backend()
+    assert backend() == first  # the same connection back from the pool at once...
+    assert pings == []  # ...not pinged
+    admin = sa.create_engine(normalise_url(pg_url), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": first})
+    admin.dispose()
+    time.sleep(0.5)
+    second = backend()  # pinged after idling, found dead, replaced: no error
+    assert second != first
+    assert len(pings) == 1
+    db.dispose()
 
 
 @pytest.fixture
