@@ -525,6 +525,7 @@ class Node(Releases):
             # looked up again (its earlier envelope may just have stored it)
             stored = repo.get_messages(conn, [i.message.id for i in opened if isinstance(i, Admitted)])
             seen: set[str] = set()
+            judged: dict[Any, Any] = {}  # the checkpoints the batch carries, judged once each
             for compact, item in zip(envelopes, opened, strict=True):
                 if isinstance(item, EnvelopeError):
                     drafts.append(self._rejection(envelope.envelope_digest(compact), item.reason, None))
@@ -537,7 +538,7 @@ class Node(Releases):
                     seen.add(mid)
                     with conn.begin_nested():  # one envelope's failure rejects that envelope alone
                         result, new = self._admit(
-                            conn, item, now, head.size + len(drafts) + 1, freed, prefetched
+                            conn, item, now, head.size + len(drafts) + 1, freed, prefetched, judged
                         )
                     retired.extend(freed)
                 except Exception:
@@ -634,11 +635,12 @@ class Node(Releases):
         inbox_seq: int,
         retired: list[str],
         prefetched: tuple[bool, dict[str, Any] | None] = (False, None),
+        judged: dict[Any, Any] | None = None,
     ) -> tuple[PeerResult, list[EntryDraft]]:
         """Admit one verified envelope inside the batch's transaction; KEKs a control message
         retires are added to ``retired``, to destroy once the transaction committed.
         ``prefetched`` is (True, the stored row or None) when the caller already looked the id up
-        in this transaction."""
+        in this transaction; ``judged`` is the batch's memo of checkpoint judgements."""
         opened, message = admitted.opened, admitted.message
         mid = message.id
         looked_up, existing = prefetched
@@ -764,7 +766,7 @@ class Node(Releases):
             effects = self.lifecycle.apply_control(conn, message, now)
             drafts.extend(effects.drafts)
             retired.extend(effects.retired_keks)
-        incident = self._judge_checkpoint(conn, message)
+        incident = self._judge_checkpoint(conn, message, {} if judged is None else judged)
         if incident is not None:
             logs.security_incident(
                 log,
@@ -788,31 +790,44 @@ class Node(Releases):
             )
         return PeerResult(True, receipt), drafts
 
-    def _judge_checkpoint(self, conn: Any, message: Message) -> str | None:
+    def _judge_checkpoint(self, conn: Any, message: Message, judged: dict[Any, Any]) -> str | None:
         """What is wrong with the sender's checkpoint carried in a verified message, if anything.
 
         A split view: a checkpoint of a size already witnessed, with another root. A rollback: a
         checkpoint smaller than one witnessed before the message was sealed (an honest sender's
         larger checkpoint is signed, and so witnessed, only after it sealed the message).
+
+        The messages of a batch mostly carry one note: ``judged`` keeps, for the batch's
+        transaction, each note verified once per set of keys and what was witnessed at and above
+        each size, read once.
         """
         note = message.checkpoint
         if note is None:
             return None
-        try:
-            checkpoint = verify_checkpoint_any(
-                str(note),
-                origin=self.partner.ledger_origin,
-                keys=self.partner.checkpoint_keys(message.created_at),
+        keys = self.partner.checkpoint_keys(message.created_at)
+        verified = ("note", str(note), tuple(str(k.kid) for k in keys))
+        if verified not in judged:
+            try:
+                judged[verified] = verify_checkpoint_any(
+                    str(note), origin=self.partner.ledger_origin, keys=keys
+                )
+            except CheckpointError as exc:
+                judged[verified] = f"invalid: {exc}"
+            except Exception as exc:  # whatever a hostile note makes a parser do: an incident
+                judged[verified] = f"invalid: unparsable note ({type(exc).__name__})"
+        checkpoint = judged[verified]
+        if isinstance(checkpoint, str):
+            return checkpoint
+        witnessed = ("size", checkpoint.size)
+        if witnessed not in judged:
+            judged[witnessed] = (
+                repo.witnessed_at_size(conn, checkpoint.size),
+                repo.first_witnessed_above(conn, checkpoint.size),
             )
-        except CheckpointError as exc:
-            return f"invalid: {exc}"
-        except Exception as exc:  # whatever a hostile note makes a parser do: an incident, not a crash
-            return f"invalid: unparsable note ({type(exc).__name__})"
-        same = repo.witnessed_at_size(conn, checkpoint.size)
+        same, earlier = judged[witnessed]
         if same is not None and not constant_time_equal(bytes(same["root_hash"]), checkpoint.root):
             return f"split view: a second root for size {checkpoint.size}"
         sealed = message.created_at
-        earlier = repo.first_witnessed_above(conn, checkpoint.size)
         skew = dt.timedelta(seconds=self.settings.clock_skew_seconds)
         if earlier is not None and dt.datetime.fromisoformat(earlier) + skew < sealed:
             return f"rollback: size {checkpoint.size} sealed after a larger one was witnessed at {earlier}"

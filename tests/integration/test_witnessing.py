@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from exchange import crypto
+from exchange import crypto, envelope
 from exchange.auditing import AuditService
 from exchange.checkpoints import CheckpointService
 from exchange.config import load_settings
@@ -125,6 +125,37 @@ def test_a_split_view_or_a_rollback_in_one_message_is_caught_and_ledgered(nodes:
     later = now + dt.timedelta(seconds=my_node.settings.clock_skew_seconds + 60)
     assert my_node.receive([_message_from(id_node, small["note"], later)], later)[0].accepted
     assert incidents(my_node) == ["split view", "rollback"]
+
+
+def test_one_batch_judges_each_message_by_its_own_checkpoint_and_time(nodes: tuple[Node, Node]) -> None:
+    """Messages of one batch mostly carry one note, judged once; a batch that mixes honest notes,
+    a split view and a rollback still flags exactly the messages that carry them."""
+    id_node, my_node = nodes
+    grow(id_node, 3)
+    CheckpointService(id_node).sign_latest(NOW)
+    with id_node.db.read() as conn:
+        small = repo.latest_checkpoint(conn)
+    grow(id_node, 3)
+    Checkpointer(CheckpointService(id_node), Loopback(my_node), 1).run_once()  # MY witnessed size 6
+    with id_node.db.read() as conn:
+        honest = repo.latest_checkpoint(conn)
+    assert small is not None
+    assert honest is not None
+    now = dt.datetime.now(dt.UTC)
+    later = now + dt.timedelta(seconds=my_node.settings.clock_skew_seconds + 60)
+    batch = [
+        _message_from(id_node, honest["note"], now),
+        _message_from(id_node, small["note"], now),  # sealed before size 6 was witnessed: honest
+        _message_from(id_node, _fork(id_node, 6), now),
+        _message_from(id_node, honest["note"], later),
+        _message_from(id_node, small["note"], later),  # the same note, sealed long after: a rollback
+    ]
+    assert all(r.accepted for r in my_node.receive(batch, later))
+    assert incidents(my_node) == ["split view", "rollback"]
+    with my_node.db.read() as conn:
+        flagged = [e.message_id for e in repo.iter_ledger(conn) if e.event == "checkpoint.incident"]
+    ids = [envelope.peek_header(b)["msg_id"] for b in batch]
+    assert flagged == [ids[2], ids[4]]
 
 
 def test_checkpoints_not_signed_by_the_partner_key_are_refused(nodes: tuple[Node, Node]) -> None:
