@@ -53,6 +53,12 @@ class NodeSettings(BaseSettings):
     node_dir: Path
     party: PartyId
     database_url: str = ""
+    database_pool_size: int = Field(
+        default=16,
+        ge=1,
+        le=200,
+        description="PostgreSQL connections each process keeps open (and as many more under a burst)",
+    )
     agreement_file: Path = Path("agreement.toml")
     listen_host: str = "127.0.0.1"
     listen_port: int = Field(default=8443, ge=1, le=65535)

@@ -105,7 +105,7 @@ class Node(Releases):
         self.explicit_purposes = frozenset(self.agreement.explicit_purposes)
         self.content = ContentStore(KekStore(settings.key_dir / "kek", settings.passphrase()))
         self.partner_party: PartyId = self.agreement.partner_of(self.party)
-        self.db = db or Database(settings.database_url)
+        self.db = db or Database(settings.database_url, pool_size=settings.database_pool_size)
         self.db.check_migrated()
         self.registry = KeyRegistry(
             self.db, self.agreement, self.party, self.partner_party, settings.key_refresh_seconds

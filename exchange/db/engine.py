@@ -141,8 +141,11 @@ def normalise_url(url: str) -> str:
     return url
 
 
-def make_engine(url: str, *, writer: bool = True) -> Engine:
+def make_engine(url: str, *, writer: bool = True, pool_size: int = 5) -> Engine:
     """An engine for ``url`` configured as the module docstring says (``writer``: BEGIN IMMEDIATE).
+    On PostgreSQL the pool keeps ``pool_size`` connections open and opens as many more under a
+    burst (each closed when it comes back): a pool smaller than the threads that use it at once
+    would connect and disconnect at every request.
 
     Raises:
         ConfigurationError: the URL is not a usable SQLAlchemy URL.
@@ -153,7 +156,7 @@ def make_engine(url: str, *, writer: bool = True) -> Engine:
             **(
                 {"connect_args": {"check_same_thread": False, "timeout": 30}}
                 if url.startswith("sqlite")
-                else {}
+                else {"pool_size": pool_size, "max_overflow": pool_size}
             ),
         )
     except (sa.exc.ArgumentError, ImportError) as exc:
@@ -232,12 +235,12 @@ def upgrade(url: str, revision: str = "head") -> str | None:
 class Database:
     """An engine plus the unit of work. One per process."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, pool_size: int = 5) -> None:
         self.url = url
         path = sqlite_path(url)
         if path is not None and path.exists():
             create_private(path)  # owner-only, also for a file made before this rule
-        self.engine = make_engine(url)
+        self.engine = make_engine(url, pool_size=pool_size)
         self.reader = make_engine(url, writer=False) if self.engine.dialect.name == "sqlite" else self.engine
         self.availability = Availability(self.engine.url.render_as_string(hide_password=True))
 
