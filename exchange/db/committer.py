@@ -3,8 +3,11 @@
 Request threads prepare their rows (all CPU work: validation, policy, sealing) and hand the
 committer a unit of work, a function ``apply(conn, head) -> head`` that writes its rows and ledger
 entries after the given ledger head. The committer thread takes whatever units are pending, runs
-them in one transaction (each inside a savepoint, so a failing unit is rolled back alone and its
-caller gets the exception), commits once, then releases every caller.
+them in one transaction with no savepoint (two round trips fewer per unit), commits once, then
+releases every caller. If a unit fails, nothing of the batch is written and every unit of it runs
+again alone, in its own transaction: the failing one's caller gets its exception, the others
+commit. A unit may therefore run twice; it must have no effect outside the transaction but what
+is safe to repeat (the content store's live KEK is such).
 
 Guarantee: :meth:`GroupCommitter.run` returns only after the unit is committed, and raises if it
 was not. Appends stay serialised by the database (the head row lock / SQLite's write lock), so
@@ -22,7 +25,7 @@ from concurrent.futures import Future
 from sqlalchemy.engine import Connection
 
 from exchange.db import repo
-from exchange.db.engine import Database, is_unavailable
+from exchange.db.engine import Database
 from exchange.errors import DatabaseUnavailable
 
 log = logging.getLogger("exchange.committer")
@@ -85,41 +88,25 @@ class GroupCommitter:
         if len(batch) == 1:
             self._commit_alone(*batch[0])
             return
-        outcomes: list[BaseException | None] = []
         try:
             with self.db.transaction() as conn:
                 head = repo.lock_ledger_head(conn)
                 for unit, _ in batch:
-                    savepoint = conn.begin_nested()
-                    try:
-                        new_head = unit(conn, head)
-                    except Exception as exc:
-                        if is_unavailable(exc):
-                            raise  # the database went away: nothing in the batch commits
-                        savepoint.rollback()
-                        outcomes.append(exc)
-                        continue
-                    savepoint.commit()
-                    head = new_head
-                    outcomes.append(None)
+                    head = unit(conn, head)
         except DatabaseUnavailable as exc:  # a condition, logged once by the Database
             for _, future in batch:
                 future.set_exception(exc)
             return
-        except Exception as exc:  # the commit itself failed: nothing in the batch is durable
-            log.exception("group commit of %d unit(s) failed", len(batch))
-            for _, future in batch:
-                future.set_exception(exc)
+        except Exception:  # a unit failed, or the commit: nothing of the batch is written
+            for unit, future in batch:  # each again alone, so a failure is its own caller's only
+                self._commit_alone(unit, future)
             return
-        for (_, future), outcome in zip(batch, outcomes, strict=True):
-            if outcome is None:
-                future.set_result(None)
-            else:
-                future.set_exception(outcome)
+        for _, future in batch:
+            future.set_result(None)
 
     def _commit_alone(self, unit: Unit, future: Future[None]) -> None:
-        """A batch of one needs no savepoint (two statements fewer): if the unit fails, rolling the
-        whole transaction back is rolling back that unit alone."""
+        """One unit in its own transaction: if it fails, rolling the transaction back is rolling
+        back that unit alone, and its caller gets the error."""
         ran = False
         try:
             with self.db.transaction() as conn:

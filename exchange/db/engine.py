@@ -9,8 +9,9 @@ happen only in :meth:`Database.transaction` and :meth:`Database.read`.
 On PostgreSQL a pooled connection is pinged before use only when it has been idle for
 ``PING_AFTER_IDLE_SECONDS`` (a server restart or a dropped idle connection is caught there, and
 the pool tries a fresh one); under load, connections come back within milliseconds and are not
-pinged. Notifications (:func:`exchange.db.coordination.notify`) are sent in one statement just
-before a transaction commits, whatever the number of units of work that asked for them.
+pinged. What a transaction asks to do just before it commits (:func:`before_commit`) runs once:
+the notifications it asked for (:func:`exchange.db.coordination.notify`) go in one statement and
+the ledger head is written once, whatever the number of units of work and appends it holds.
 
 An unreachable database (server down or restarting, connection lost, pool exhausted) or one that
 cannot write (disk full) raises :class:`~exchange.errors.DatabaseUnavailable` from both, which the
@@ -23,7 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -97,22 +98,54 @@ class Availability:
 #: a pooled PostgreSQL connection idle this long is pinged before it is used again
 PING_AFTER_IDLE_SECONDS = 5.0
 
-#: ``Connection.info`` key of the NOTIFY channels a transaction asked for (see ``notify_on_commit``)
-_PENDING_NOTIFICATIONS = "exchange.pending_notifications"
+#: ``Connection.info`` key of what a transaction opened by :meth:`Database.transaction` does just
+#: before it commits (see :func:`before_commit`)
+_BEFORE_COMMIT = "exchange.before_commit"
+
+
+def before_commit(conn: Connection, key: str, action: Callable[[Connection], None]) -> bool:
+    """Have ``action(conn)`` run once, just before ``conn``'s transaction commits; a later action
+    under the same ``key`` replaces an earlier one. Only in a transaction opened by
+    :meth:`Database.transaction`: returns False elsewhere, and the caller must act at once."""
+    actions = conn.info.get(_BEFORE_COMMIT)
+    if actions is None:
+        return False
+    actions[key] = action
+    return True
+
+
+def pending(conn: Connection, key: str) -> object | None:
+    """The action registered under ``key`` for ``conn``'s transaction to run before it commits."""
+    actions: dict[str, object] = conn.info.get(_BEFORE_COMMIT) or {}
+    return actions.get(key)
+
+
+class _Notifications:
+    """The NOTIFY channels one transaction asked for, sent in one statement."""
+
+    def __init__(self) -> None:
+        self.channels: set[str] = set()
+
+    def __call__(self, conn: Connection) -> None:
+        channels = sorted(self.channels)
+        calls = ", ".join(f"pg_notify(:c{i}, '')" for i in range(len(channels)))
+        conn.execute(sa.text(f"SELECT {calls}"), {f"c{i}": c for i, c in enumerate(channels)})
 
 
 def notify_on_commit(conn: Connection, channel: str) -> None:
-    """Have ``channel``'s listeners woken when ``conn``'s transaction (opened by
-    :meth:`Database.transaction`) commits. PostgreSQL only; a no-op elsewhere."""
-    if conn.dialect.name == "postgresql":
-        conn.info.setdefault(_PENDING_NOTIFICATIONS, set()).add(channel)
-
-
-def _send_notifications(conn: Connection) -> None:
-    channels = sorted(conn.info.pop(_PENDING_NOTIFICATIONS, ()))
-    if channels:
-        calls = ", ".join(f"pg_notify(:c{i}, '')" for i in range(len(channels)))
-        conn.execute(sa.text(f"SELECT {calls}"), {f"c{i}": c for i, c in enumerate(channels)})
+    """Have ``channel``'s listeners woken when ``conn``'s transaction commits: in one statement
+    with the transaction's other notifications (see :func:`before_commit`), or at once outside
+    :meth:`Database.transaction`. PostgreSQL only; a no-op elsewhere."""
+    if conn.dialect.name != "postgresql":
+        return
+    notifications = pending(conn, "notify")
+    if not isinstance(notifications, _Notifications):
+        notifications = _Notifications()
+        if not before_commit(conn, "notify", notifications):
+            notifications.channels.add(channel)
+            notifications(conn)
+            return
+    notifications.channels.add(channel)
 
 
 def _ping_when_idle(engine: Engine) -> None:
@@ -256,9 +289,14 @@ class Database:
             DatabaseUnavailable: the database could not be reached or could not write.
         """
         with self._available(), self.engine.begin() as conn:
-            conn.info.pop(_PENDING_NOTIFICATIONS, None)  # none left by a transaction rolled back
-            yield conn
-            _send_notifications(conn)
+            actions: dict[str, Callable[[Connection], None]] = {}
+            conn.info[_BEFORE_COMMIT] = actions
+            try:
+                yield conn
+                for action in actions.values():
+                    action(conn)
+            finally:
+                conn.info.pop(_BEFORE_COMMIT, None)  # the pooled connection keeps its info
 
     @contextmanager
     def read(self) -> Iterator[Connection]:

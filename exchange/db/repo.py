@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from exchange.db.coordination import LEDGER_CHANNEL, OUTBOX_CHANNEL, notify
+from exchange.db.engine import before_commit, pending
 from exchange.db.schema import (
     checkpoints,
     clients,
@@ -502,18 +503,43 @@ def _head(row: Any) -> LedgerHead:
     return LedgerHead(int(row.size), bytes(row.root_hash), Frontier.from_json(int(row.size), row.frontier))
 
 
+class _HeadWrite:
+    """The ledger head a transaction's appends reached, written once just before it commits."""
+
+    def __init__(self, head: LedgerHead) -> None:
+        self.head = head
+
+    def __call__(self, conn: Connection) -> None:
+        frontier = self.head.frontier
+        conn.execute(
+            _WRITE_HEAD, {"size": self.head.size, "root_hash": self.head.root, "frontier": frontier.to_json()}
+        )
+
+
+def _appended(conn: Connection) -> LedgerHead | None:
+    """The head this transaction's appends reached, not yet written."""
+    write = pending(conn, "ledger_head")
+    return write.head if isinstance(write, _HeadWrite) else None
+
+
 def lock_ledger_head(conn: Connection) -> LedgerHead:
     """Lock and read the ledger head (see the module docstring). First statement of an append."""
-    return _head(conn.execute(_LOCK_HEAD).first())
+    return _appended(conn) or _head(conn.execute(_LOCK_HEAD).first())
 
 
 def read_ledger_head(conn: Connection) -> LedgerHead:
-    return _head(conn.execute(_READ_HEAD).first())
+    return _appended(conn) or _head(conn.execute(_READ_HEAD).first())
 
 
 def append_ledger(conn: Connection, head: LedgerHead, drafts: Sequence[EntryDraft], at: str) -> LedgerHead:
     """Append drafts as leaves after the locked ``head``; stores every subtree they complete and
-    returns the new head (already written). The checkpointer of every process is woken on commit."""
+    returns the new head, written once just before the transaction commits, however many appends
+    it holds (at once outside :meth:`Database.transaction`). The checkpointer of every process is
+    woken on commit.
+
+    Raises:
+        RuntimeError: called inside a savepoint (its rollback would leave the head behind).
+    """
     if not drafts:
         return head
     frontier = Frontier(head.size, list(head.frontier.nodes))
@@ -542,9 +568,11 @@ def append_ledger(conn: Connection, head: LedgerHead, drafts: Sequence[EntryDraf
     if nodes:
         conn.execute(_INSERT_SUBTREES, nodes)
     new_head = LedgerHead(frontier.size, frontier.root(), frontier)
-    conn.execute(
-        _WRITE_HEAD, {"size": new_head.size, "root_hash": new_head.root, "frontier": frontier.to_json()}
-    )
+    if conn.in_nested_transaction():  # a savepoint rolled back would leave a written head behind
+        raise RuntimeError("a ledger append inside a savepoint: append after it, in the transaction")
+    write = _HeadWrite(new_head)
+    if not before_commit(conn, "ledger_head", write):
+        write(conn)
     notify(conn, LEDGER_CHANNEL)
     return new_head
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+from collections import Counter
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -12,10 +14,12 @@ import sqlalchemy as sa
 from exchange import crypto
 from exchange.config import load_settings
 from exchange.db import repo
+from exchange.db.committer import Unit
 from exchange.db.schema import messages
 from exchange.ledger import EntryDraft, verify_rows
 from exchange.messages import MessageSubmission
 from exchange.node import Node
+from tests.integration.conftest import Pair
 from tests.support import make_pair, rfi
 
 
@@ -114,3 +118,63 @@ def test_a_unit_failing_alone_in_its_batch_leaves_nothing(tmp_path: Path) -> Non
         verify_rows(repo.ledger_rows(conn), size=head.size, root=head.root)
         assert [e.event for e in repo.iter_ledger(conn)] == ["first", "next"]
     node.close()
+
+
+def _appending(name: str, runs: Counter[str], fail: bool = False) -> Unit:
+    def unit(conn: sa.Connection, head: repo.LedgerHead) -> repo.LedgerHead:
+        runs[name] += 1
+        new = repo.append_ledger(conn, head, [EntryDraft(event=name)], "t")
+        if fail:
+            raise ValueError(f"{name} fails after writing")
+        return new
+
+    return unit
+
+
+def test_a_batch_is_one_transaction_without_savepoints_writing_the_head_once(nodes: Pair) -> None:
+    _, _, node, _ = nodes
+    statements: list[str] = []
+    sa.event.listen(node.db.engine, "before_cursor_execute", lambda *a: statements.append(a[2].lower()))
+    runs: Counter[str] = Counter()
+    futures: list[Future[None]] = [Future() for _ in range(3)]
+    node.committer._commit([(_appending(n, runs), f) for n, f in zip("abc", futures, strict=True)])
+    assert [f.result() for f in futures] == [None, None, None]
+    assert runs == {"a": 1, "b": 1, "c": 1}
+    assert not [s for s in statements if "savepoint" in s]
+    assert len([s for s in statements if s.startswith("update ledger_head")]) == 1
+    with node.db.read() as conn:
+        head = repo.read_ledger_head(conn)
+        verify_rows(repo.ledger_rows(conn), size=head.size, root=head.root)
+        assert [e.event for e in repo.iter_ledger(conn)] == ["a", "b", "c"]
+
+
+def test_a_failing_unit_undoes_its_batch_whose_units_then_commit_alone(nodes: Pair) -> None:
+    _, _, node, _ = nodes
+    runs: Counter[str] = Counter()
+    units = [_appending("a", runs), _appending("bad", runs, fail=True), _appending("b", runs)]
+    futures: list[Future[None]] = [Future() for _ in units]
+    node.committer._commit(list(zip(units, futures, strict=True)))
+    assert futures[0].result() is None
+    assert futures[2].result() is None
+    with pytest.raises(ValueError, match="bad fails after writing"):
+        futures[1].result()
+    assert runs == {"a": 2, "bad": 2, "b": 1}  # the batch stopped at "bad" and was undone; each alone
+    with node.db.read() as conn:
+        head = repo.read_ledger_head(conn)
+        verify_rows(repo.ledger_rows(conn), size=head.size, root=head.root)
+        assert [e.event for e in repo.iter_ledger(conn)] == ["a", "b"]
+
+
+def test_an_append_inside_a_savepoint_is_refused(nodes: Pair) -> None:
+    _, _, node, _ = nodes
+
+    def nested() -> None:
+        with node.db.transaction() as conn:
+            head = repo.lock_ledger_head(conn)
+            with conn.begin_nested():
+                repo.append_ledger(conn, head, [EntryDraft(event="nested")], "t")
+
+    with pytest.raises(RuntimeError, match="inside a savepoint"):
+        nested()
+    with node.db.read() as conn:
+        assert repo.read_ledger_head(conn).size == 0
