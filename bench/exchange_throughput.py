@@ -130,23 +130,24 @@ def main() -> None:
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="exchange-bench-"))
     with databases(args.postgres) as urls:
-        run(root, urls, args)
+        run(root, (urls[0], urls[1]), (urls[2], urls[3]), args)
 
 
 @contextmanager
-def databases(admin_url: str | None) -> Iterator[tuple[str | None, str | None]]:
-    """(None, None) for SQLite, or two fresh PostgreSQL databases dropped afterwards."""
+def databases(admin_url: str | None) -> Iterator[tuple[str | None, ...]]:
+    """Four Nones for SQLite, or four fresh PostgreSQL databases dropped afterwards (two nodes,
+    then the two gateways of the plain store-and-forward)."""
     if admin_url is None:
-        yield (None, None)
+        yield (None, None, None, None)
         return
     engine = sa.create_engine(normalise_url(admin_url), isolation_level="AUTOCOMMIT")
-    names = [f"exchange_bench_{uuid.uuid4().hex[:10]}" for _ in range(2)]
+    names = [f"exchange_bench_{uuid.uuid4().hex[:10]}" for _ in range(4)]
     with engine.connect() as conn:
         for name in names:
             conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
     try:
         base = normalise_url(admin_url).rsplit("/", 1)[0]
-        yield (f"{base}/{names[0]}", f"{base}/{names[1]}")
+        yield tuple(f"{base}/{name}" for name in names)
     finally:
         with engine.connect() as conn:
             for name in names:
@@ -154,15 +155,20 @@ def databases(admin_url: str | None) -> Iterator[tuple[str | None, str | None]]:
         engine.dispose()
 
 
-def run(root: Path, urls: tuple[str | None, str | None], args: argparse.Namespace) -> None:
+def run(
+    root: Path,
+    urls: tuple[str | None, str | None],
+    plain_urls: tuple[str | None, str | None],
+    args: argparse.Namespace,
+) -> None:
     polri, pdrm = set_up_pair(root, 'log_level = "warning"', database_urls=urls)
     env = polri.env
     try:
         print(
             f"machine: {os.cpu_count()} cores, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())};"
             f" {args.messages} messages of ~3.3 KB payload; {args.clients} client threads;"
-            f" {'PostgreSQL' if urls[0] else 'SQLite WAL'} on both sides (the plain store-and-forward:"
-            " SQLite)\n"
+            f" {'PostgreSQL' if urls[0] else 'SQLite WAL'} on both sides, the plain store-and-forward"
+            " too\n"
         )
 
         for node in (polri, pdrm):
@@ -181,9 +187,12 @@ def run(root: Path, urls: tuple[str | None, str | None], args: argparse.Namespac
 
         ports = (free_port(), free_port())
         procs = []
-        for (me, other), port, partner_port in (
-            (((polri, pdrm)), ports[0], ports[1]),
-            (((pdrm, polri)), ports[1], ports[0]),
+        plain_dbs = [
+            url or str(root / f"plain-{n.party}.db") for url, n in zip(plain_urls, (polri, pdrm), strict=True)
+        ]
+        for (me, other), port, partner_port, plain_db in (
+            (((polri, pdrm)), ports[0], ports[1], plain_dbs[0]),
+            (((pdrm, polri)), ports[1], ports[0], plain_dbs[1]),
         ):
             procs.append(
                 subprocess.Popen(
@@ -192,7 +201,7 @@ def run(root: Path, urls: tuple[str | None, str | None], args: argparse.Namespac
                         str(Path(__file__).with_name("plain_forward.py")),
                         "serve",
                         "--db",
-                        str(root / f"plain-{me.party}.db"),
+                        plain_db,
                         "--port",
                         str(port),
                         "--partner",
@@ -228,9 +237,12 @@ def run(root: Path, urls: tuple[str | None, str | None], args: argparse.Namespac
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
-        plain_db = root / f"plain-{polri.party}.db"
         plain = phases(
-            "plain store-and-forward", plain_client, f"sqlite:///{plain_db}", "plain_messages", args
+            "plain store-and-forward",
+            plain_client,
+            plain_urls[0] or f"sqlite:///{plain_dbs[0]}",
+            "plain_messages",
+            args,
         )
         for p in procs:
             p.terminate()

@@ -1,10 +1,11 @@
 """A plain store-and-forward gateway pair: the benchmark's baseline, never used by a node.
 
 Same parts as a real node where it matters for cost (uvicorn with httptools and uvloop over mutual
-TLS, the same pydantic and JSON-Schema validation, SQLAlchemy on SQLite in WAL, a batched outbox
-drained by one keep-alive sync httpx client) but no signing, no encryption, no ledger, no receipts.
+TLS, the same pydantic and JSON-Schema validation, SQLAlchemy on SQLite in WAL or on PostgreSQL, a
+batched outbox drained by one keep-alive sync httpx client) but no signing, no encryption, no
+ledger, no receipts.
 
-    python bench/plain_forward.py serve --db A.db --port P --partner https://127.0.0.1:Q --tls DIR
+    python bench/plain_forward.py serve --db A.db|URL --port P --partner https://127.0.0.1:Q --tls DIR
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def now_iso() -> str:
 
 
 def build(db_url: str, partner: str, ctx: ssl.SSLContext, agreement_file: Path) -> FastAPI:
-    engine = make_engine(db_url)
+    engine = make_engine(db_url, pool_size=16)  # as a node's pool (database_pool_size)
     meta.create_all(engine)
     agreement = load_agreement(agreement_file)
     catalogue = Catalogue.for_agreement(agreement)
@@ -121,7 +122,7 @@ def build(db_url: str, partner: str, ctx: ssl.SSLContext, agreement_file: Path) 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("serve")
-    parser.add_argument("--db", required=True)
+    parser.add_argument("--db", required=True, help="a SQLite file, or a database URL")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--partner", required=True)
     parser.add_argument("--node-dir", required=True, help="a real node directory, for its TLS files")
@@ -135,9 +136,10 @@ def main() -> None:
         key_file=tls / "node-key.pem",
         key_password=args.passphrase,
     )
-    bundle = Path(args.db).with_suffix(".bundle.pem")
+    bundle = Path(args.node_dir) / "plain-forward-bundle.pem"
     bundle.write_text((tls / "ca.pem").read_text() + (partner_tls / "ca.pem").read_text())
-    app = build(f"sqlite:///{args.db}", args.partner, ctx, Path(args.node_dir) / "agreement.toml")
+    url = args.db if "://" in args.db else f"sqlite:///{args.db}"
+    app = build(url, args.partner, ctx, Path(args.node_dir) / "agreement.toml")
     uvicorn.run(
         app,
         host="127.0.0.1",
