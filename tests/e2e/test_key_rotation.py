@@ -8,7 +8,9 @@ import re
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
+import httpx
 import pytest
 import sqlalchemy as sa
 
@@ -17,9 +19,10 @@ from exchange.client import ExchangeClient
 from exchange.demo import exchange_cli
 from exchange.errors import ExchangeError
 from exchange.keys.announcement import unverified_key_set
+from exchange.transport.peer import client_ssl_context
 from tests.e2e.harness import Running, start_nodes
 from tests.e2e.test_reliability import statuses
-from tests.support import rfi
+from tests.support import PASSPHRASE, rfi
 
 pytestmark = pytest.mark.e2e
 
@@ -147,10 +150,16 @@ def test_rotating_every_key_of_both_nodes_under_traffic_loses_and_refuses_nothin
         assert "ledger verified" in out, out
 
 
-def test_the_node_to_node_key_is_replaced_while_both_nodes_run(nodes: tuple[Running, Running]) -> None:
+def test_the_node_to_node_key_is_replaced_while_both_nodes_run(
+    nodes: tuple[Running, Running], tmp_path: Path
+) -> None:
     polri, pdrm = nodes
     node_cert = polri.node.path / "tls" / "node.pem"
     old_pin = crypto.public_key_sha256(node_cert.read_bytes())
+    old_files = tmp_path / "old-node.pem", tmp_path / "old-node-key.pem"  # what a thief would hold
+    old_files[0].write_bytes(node_cert.read_bytes())
+    old_files[1].write_bytes((polri.node.path / "tls" / "node-key.pem").read_bytes())
+    assert as_partner(pdrm, old_files) == 200  # the key in use: admitted
     with pytest.raises(ExchangeError, match="no new node key is announced"):
         cli(polri, "keys", "activate", "--purpose", "tls", "--wait", "0")
     rotated = cli(polri, "keys", "rotate", "--purpose", "tls", "--wait", "20")
@@ -171,6 +180,21 @@ def test_the_node_to_node_key_is_replaced_while_both_nodes_run(nodes: tuple[Runn
     with polri.client() as api:  # and deliveries go on under it
         mid = api.submit(rfi())["id"]
         assert api.wait_for_status(mid, "delivered", timeout=30)["status"] == "delivered"
+    new_files = node_cert, polri.node.path / "tls" / "node-key.pem"
+    assert as_partner(pdrm, new_files) == 200
+    deadline = time.monotonic() + 10  # every process of MY reads the key set within a second
+    while (status := as_partner(pdrm, old_files)) != 403:
+        assert time.monotonic() < deadline, status
+        time.sleep(0.3)
+
+
+def as_partner(run: Running, files: tuple[Path, Path]) -> int:
+    """The status ``run`` answers a partner-node request made with this certificate and key."""
+    ctx = client_ssl_context(
+        ca_file=run.node.ca, cert_file=files[0], key_file=files[1], key_password=PASSPHRASE
+    )
+    with httpx.Client(verify=ctx, timeout=10) as client:
+        return client.get(f"{run.node.url}/v1/peer/key-sets", params={"after": 0}).status_code
 
 
 def partner_view_of_pins(run: Running) -> tuple[str, ...]:
