@@ -214,7 +214,6 @@ class KeyRegistry:
         self._fetched_at = 0.0
         self._partner_keys: PartnerKeys | None = None
         self._seen_kids: set[str] = set()
-        self._acknowledged_through = 1  # every version of ours up to this one is acknowledged
 
     # --- reading --------------------------------------------------------------------------------
 
@@ -315,20 +314,13 @@ class KeyRegistry:
         return [r.announcement for r in rows]
 
     def unacknowledged(self) -> list[tuple[int, str]]:
-        """This node's announcements the partner has not acknowledged yet, oldest first. Asked
-        before every delivery round, it reads the table only while a version newer than the last
-        one seen acknowledged exists (as the key sets read at most ``refresh_seconds`` ago say)."""
-        current = self.history(self.party).version
-        if current <= self._acknowledged_through:
-            return []
+        """This node's announcements the partner has not acknowledged yet, oldest first."""
         with self.db.read() as conn:
             rows = conn.execute(
                 sa.select(key_sets.c.version, key_sets.c.announcement)
                 .where(key_sets.c.party == self.party, key_sets.c.acknowledged_at.is_(None))
                 .order_by(key_sets.c.version)
             ).all()
-        if not rows:
-            self._acknowledged_through = max(self._acknowledged_through, current)
         return [(r.version, r.announcement) for r in rows]
 
     def recorded_at(self, party: PartyId, version: int) -> dt.datetime:

@@ -85,28 +85,6 @@ def test_a_signing_key_is_announced_acknowledged_then_activated_and_in_flight_me
     assert [e["event"] for e in events(my_node, "keys.")] == ["keys.accepted", "keys.accepted"]
 
 
-def test_a_delivery_round_reads_the_key_sets_table_only_while_a_version_awaits_acknowledgement(
-    nodes: Pair,
-) -> None:
-    _, _, id_node, my_node = nodes
-    reads: list[str] = []
-    sa.event.listen(
-        id_node.db.engine,
-        "before_cursor_execute",
-        lambda *a: reads.append(a[2]) if "acknowledged_at IS NULL" in a[2] else None,
-    )
-    assert id_node.registry.unacknowledged() == []  # only the agreement's version: nothing to read
-    assert reads == []
-    staged = admin(id_node).rotate("signing")
-    assert [v for v, _ in id_node.registry.unacknowledged()] == [2]
-    drain(DeliveryWorker(id_node, Loopback(my_node)))  # announced and acknowledged
-    assert my_node.registry.history("ID").current.key(staged.kid) is not None
-    reads.clear()
-    for _ in range(3):
-        assert id_node.registry.unacknowledged() == []
-    assert len(reads) <= 1  # once to see version 2 acknowledged, then not again
-
-
 def test_out_of_order_steps_are_refused_with_a_clear_message(nodes: Pair) -> None:
     _, _, id_node, _ = nodes
     keys = admin(id_node)
