@@ -98,16 +98,17 @@ class Availability:
 #: a pooled PostgreSQL connection idle this long is pinged before it is used again
 PING_AFTER_IDLE_SECONDS = 5.0
 
-#: ``Connection.info`` key of what a transaction opened by :meth:`Database.transaction` does just
-#: before it commits (see :func:`before_commit`)
-_BEFORE_COMMIT = "exchange.before_commit"
+#: what each transaction opened by :meth:`Database.transaction` does just before it commits (see
+#: :func:`before_commit`), by its Connection object. Kept here, not in ``Connection.info``: that
+#: belongs to the pooled DB-API connection, and cannot be read once a lost connection is invalid.
+_BEFORE_COMMIT: dict[Connection, dict[str, Callable[[Connection], None]]] = {}
 
 
 def before_commit(conn: Connection, key: str, action: Callable[[Connection], None]) -> bool:
     """Have ``action(conn)`` run once, just before ``conn``'s transaction commits; a later action
     under the same ``key`` replaces an earlier one. Only in a transaction opened by
     :meth:`Database.transaction`: returns False elsewhere, and the caller must act at once."""
-    actions = conn.info.get(_BEFORE_COMMIT)
+    actions = _BEFORE_COMMIT.get(conn)
     if actions is None:
         return False
     actions[key] = action
@@ -116,8 +117,7 @@ def before_commit(conn: Connection, key: str, action: Callable[[Connection], Non
 
 def pending(conn: Connection, key: str) -> object | None:
     """The action registered under ``key`` for ``conn``'s transaction to run before it commits."""
-    actions: dict[str, object] = conn.info.get(_BEFORE_COMMIT) or {}
-    return actions.get(key)
+    return _BEFORE_COMMIT.get(conn, {}).get(key)
 
 
 class _Notifications:
@@ -290,13 +290,13 @@ class Database:
         """
         with self._available(), self.engine.begin() as conn:
             actions: dict[str, Callable[[Connection], None]] = {}
-            conn.info[_BEFORE_COMMIT] = actions
+            _BEFORE_COMMIT[conn] = actions
             try:
                 yield conn
                 for action in actions.values():
                     action(conn)
             finally:
-                conn.info.pop(_BEFORE_COMMIT, None)  # the pooled connection keeps its info
+                del _BEFORE_COMMIT[conn]
 
     @contextmanager
     def read(self) -> Iterator[Connection]:

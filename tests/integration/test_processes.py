@@ -26,7 +26,7 @@ from exchange.db import engine as engine_module
 from exchange.db import repo
 from exchange.db.coordination import LEDGER_CHANNEL, OUTBOX_CHANNEL, PostgresCoordination, notify
 from exchange.db.engine import Database, normalise_url
-from exchange.errors import Busy
+from exchange.errors import Busy, DatabaseUnavailable
 from exchange.node import Node
 from exchange.transport.checkpointer import Checkpointer
 from exchange.transport.peer import WitnessAnswer
@@ -169,6 +169,31 @@ def test_a_pooled_connection_is_pinged_only_after_idling_and_a_dead_one_replaced
     second = backend()  # pinged after idling, found dead, replaced: no error
     assert second != first
     assert len(pings) == 1
+    db.dispose()
+
+
+@pytest.mark.postgres
+def test_a_connection_lost_inside_a_transaction_is_unavailability_and_the_next_one_works(
+    pg_url: str,
+) -> None:
+    """A restart or a dropped connection in the middle of a unit of work raises DatabaseUnavailable
+    (answered 503, logged once), never another error raised while cleaning up after it."""
+    db = Database(pg_url)
+    admin = sa.create_engine(normalise_url(pg_url), isolation_level="AUTOCOMMIT")
+
+    def lost_midway() -> None:
+        with db.transaction() as conn:
+            notify(conn, OUTBOX_CHANNEL)  # something asked for before the commit
+            pid = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
+            with admin.connect() as other:
+                other.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            conn.execute(sa.text("SELECT 1"))
+
+    with pytest.raises(DatabaseUnavailable):
+        lost_midway()
+    admin.dispose()
+    with db.transaction() as conn:
+        assert conn.execute(sa.text("SELECT 1")).scalar_one() == 1
     db.dispose()
 
 
