@@ -81,6 +81,12 @@ class NodeSettings(BaseSettings):
     delivery_lease_seconds: float = Field(default=60.0, gt=0)
     peer_timeout_seconds: float = Field(default=10.0, gt=0)
     checkpoint_interval_seconds: float = Field(default=5.0, gt=0)
+    checkpoint_note_cache_seconds: float = Field(
+        default=1.0,
+        ge=0,
+        description="how long a process reuses the latest checkpoint it read for the messages it seals"
+        " (never beyond half of clock_skew_seconds)",
+    )
     inbox_page_max: int = Field(default=100, ge=1, le=1000)
     inbox_scan_max: int = Field(default=2000, ge=1, description="messages one inbox pull examines at most")
     expiry_warning_days: int = Field(

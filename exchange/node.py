@@ -68,9 +68,6 @@ from exchange.release import InboxPage, Releases
 from exchange.retention import DeadlineService, RetentionService
 from exchange.types import KeyId, MessageId, PartyId
 
-#: how long a process reuses the latest checkpoint it read for the messages it seals
-CHECKPOINT_NOTE_TTL_SECONDS = 1.0
-
 log = logging.getLogger("exchange.node")
 
 
@@ -589,10 +586,10 @@ class Node(Releases):
     def _checkpoint_note(self) -> str | None:
         """Our latest signed checkpoint, which every message carries (the partner judges it: a
         rollback or a split view is an incident). Read at most once per
-        ``CHECKPOINT_NOTE_TTL_SECONDS``, and never older than half the clock skew the partner
+        ``checkpoint_note_cache_seconds``, and never older than half the clock skew the partner
         allows, so a message never carries a checkpoint older than one the partner had witnessed
         before the message was sealed."""
-        ttl = min(CHECKPOINT_NOTE_TTL_SECONDS, self.settings.clock_skew_seconds / 2)
+        ttl = min(self.settings.checkpoint_note_cache_seconds, self.settings.clock_skew_seconds / 2)
         read_at, note = self._latest_note
         if time.monotonic() - read_at < ttl:
             return note
@@ -634,8 +631,8 @@ class Node(Releases):
         now: dt.datetime,
         inbox_seq: int,
         retired: list[str],
-        prefetched: tuple[bool, dict[str, Any] | None] = (False, None),
-        judged: dict[Any, Any] | None = None,
+        prefetched: tuple[bool, dict[str, Any] | None],
+        judged: dict[Any, Any],
     ) -> tuple[PeerResult, list[EntryDraft]]:
         """Admit one verified envelope inside the batch's transaction; KEKs a control message
         retires are added to ``retired``, to destroy once the transaction committed.
@@ -766,7 +763,7 @@ class Node(Releases):
             effects = self.lifecycle.apply_control(conn, message, now)
             drafts.extend(effects.drafts)
             retired.extend(effects.retired_keks)
-        incident = self._judge_checkpoint(conn, message, {} if judged is None else judged)
+        incident = self._judge_checkpoint(conn, message, judged)
         if incident is not None:
             logs.security_incident(
                 log,

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from exchange.db.schema import checkpoints, ledger_entries, messages, outbox
+from exchange.db import repo
+from exchange.db.schema import ledger_entries, messages, outbox
 
 
 @dataclass(frozen=True)
@@ -54,20 +55,13 @@ def outbox_gauges(conn: Connection) -> OutboxGauges:
 
 
 def checkpoint_gauges(conn: Connection) -> CheckpointGauges:
-    signed = conn.execute(
-        sa.select(checkpoints.c.size, checkpoints.c.created_at).order_by(checkpoints.c.size.desc()).limit(1)
-    ).first()
-    cosigned = conn.execute(
-        sa.select(checkpoints.c.size, checkpoints.c.cosigned_at)
-        .where(checkpoints.c.cosignature.is_not(None))
-        .order_by(checkpoints.c.size.desc())
-        .limit(1)
-    ).first()
+    signed = repo.latest_checkpoint(conn)
+    cosigned = repo.latest_checkpoint(conn, cosigned=True)
     return CheckpointGauges(
-        int(signed[0]) if signed else 0,
-        str(signed[1]) if signed else None,
-        int(cosigned[0]) if cosigned else 0,
-        str(cosigned[1]) if cosigned and cosigned[1] else None,
+        int(signed["size"]) if signed else 0,
+        str(signed["created_at"]) if signed else None,
+        int(cosigned["size"]) if cosigned else 0,
+        str(cosigned["cosigned_at"]) if cosigned and cosigned["cosigned_at"] else None,
     )
 
 

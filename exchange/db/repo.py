@@ -62,14 +62,16 @@ _FIRST_WITNESSED_ABOVE = sa.select(sa.func.min(witnessed.c.witnessed_at)).where(
 
 # --- clients -------------------------------------------------------------------------------------
 
+#: the clients whose current or previous certificate has the fingerprint ``fp_`` (every request)
+_BY_FINGERPRINT = sa.select(clients).where(
+    (clients.c.cert_fingerprint == sa.bindparam("fp_"))
+    | (clients.c.previous_fingerprint == sa.bindparam("fp_"))
+)
+
 
 def _holder_of(conn: Connection, fingerprint: str) -> str | None:
     """The client whose current or previous certificate has this fingerprint."""
-    row = conn.execute(
-        sa.select(clients.c.id).where(
-            (clients.c.cert_fingerprint == fingerprint) | (clients.c.previous_fingerprint == fingerprint)
-        )
-    ).first()
+    row = conn.execute(_BY_FINGERPRINT, {"fp_": fingerprint}).first()
     return str(row.id) if row else None
 
 
@@ -86,10 +88,7 @@ def insert_client(conn: Connection, row: Mapping[str, Any]) -> None:
 def client_by_fingerprint(conn: Connection, fingerprint: str, now: dt.datetime) -> dict[str, Any] | None:
     """The client holding this certificate: its current one, or the one it replaced while that is
     still in its overlap (``previous_until`` after ``now``)."""
-    query = sa.select(clients).where(
-        (clients.c.cert_fingerprint == fingerprint) | (clients.c.previous_fingerprint == fingerprint)
-    )
-    for row in conn.execute(query):
+    for row in conn.execute(_BY_FINGERPRINT, {"fp_": fingerprint}):
         found = dict(row._mapping)
         if found["cert_fingerprint"] == fingerprint:
             return found

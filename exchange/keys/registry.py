@@ -43,6 +43,7 @@ from exchange.keys.announcement import (
 )
 from exchange.ledger import EntryDraft
 from exchange.ledger.events import LedgerEvent
+from exchange.observability import logs
 from exchange.types import KeyId, PartyId
 
 log = logging.getLogger("exchange.keys")
@@ -107,9 +108,10 @@ class KeyHistory:
     def digest(self) -> str:
         return self.versions[-1].digest
 
-    @property
-    def sets(self) -> list[KeySet]:
-        return [t.key_set for t in self.versions]
+    @functools.cached_property
+    def sets(self) -> tuple[KeySet, ...]:
+        """The key sets, oldest first (computed once: a history never changes)."""
+        return tuple(t.key_set for t in self.versions)
 
     def entry(self, kid: str) -> KeyEntry | None:
         """The key as the newest version that lists it has it."""
@@ -214,6 +216,7 @@ class KeyRegistry:
         self._fetched_at = 0.0
         self._partner_keys: PartnerKeys | None = None
         self._seen_kids: set[str] = set()
+        self._regressions: set[tuple[PartyId, int]] = set()  # (party, stored version) reported
 
     # --- reading --------------------------------------------------------------------------------
 
@@ -239,10 +242,21 @@ class KeyRegistry:
             for party in (self.party, self.partner):
                 cached = self._cache.get(party)
                 stored = max(1, int(newest.get(party) or 1))
-                if cached is None or cached.version > stored:
+                if cached is None:
                     self._cache[party] = self._load(conn, party, None)
                 elif cached.version < stored:
                     self._cache[party] = self._load(conn, party, cached)
+                elif cached.version > stored and (party, stored) not in self._regressions:
+                    self._regressions.add((party, stored))  # versions never go away: rows deleted
+                    logs.security_incident(
+                        log,
+                        "key-sets",
+                        "%s's key set is at version %d in the database, below the version %d this"
+                        " process trusts; the trusted history is kept",
+                        party,
+                        stored,
+                        cached.version,
+                    )
         self._checked = time.monotonic()
 
     @staticmethod

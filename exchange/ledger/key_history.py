@@ -44,13 +44,14 @@ def walk_history(anchor: Trusted, announcements: Sequence[str]) -> tuple[KeySet,
             removed, altered, reordered or foreign announcement, or an issue time going back).
     """
     versions = [anchor]
+    known = {k.kid: k for k in anchor.key_set.keys}  # every key listed so far, as last listed
     for announcement in announcements:
         last = versions[-1].key_set
         where = f"the key-set history of {last.party} breaks after version {last.version}"
         try:
             # accept() judges expiry at one time: the previous issue time here; that the new version
             # was unexpired at its own issue time, which is later, is checked below
-            trusted = accept(versions[-1], announcement, last.issued_at)
+            trusted = accept(versions[-1], announcement, last.issued_at, known=known)
         except AnnouncementRejected as exc:
             raise LedgerIntegrityError(f"{where}: {exc}") from exc
         key_set = trusted.key_set
@@ -59,6 +60,7 @@ def walk_history(anchor: Trusted, announcements: Sequence[str]) -> tuple[KeySet,
         if key_set.expires_at <= key_set.issued_at:
             raise LedgerIntegrityError(f"{where}: version {key_set.version} expired when it was issued")
         versions.append(trusted)
+        known.update({k.kid: k for k in key_set.keys})
     return tuple(t.key_set for t in versions)
 
 

@@ -22,3 +22,9 @@ def nodes(tmp_path: Path, db_urls: tuple[str | None, str | None]) -> Iterator[Pa
     yield id_dir, my_dir, id_node, my_node
     id_node.close()
     my_node.close()
+
+
+@pytest.fixture
+def node_pair(nodes: Pair) -> tuple[Node, Node]:
+    """The two nodes (ID, MY) of ``nodes``."""
+    return nodes[2], nodes[3]

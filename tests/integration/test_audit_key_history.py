@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -17,7 +15,6 @@ from exchange import crypto
 from exchange.auditing import AuditService
 from exchange.checkpoints import CheckpointService
 from exchange.cli import app
-from exchange.config import load_settings
 from exchange.db import repo
 from exchange.db.schema import key_sets
 from exchange.errors import LedgerIntegrityError
@@ -26,19 +23,17 @@ from exchange.keys.registry import KeyRegistry, anchor
 from exchange.ledger import EntryDraft
 from exchange.node import Node
 from exchange.transport.checkpointer import Checkpointer
+from tests.integration.conftest import Pair
 from tests.integration.test_node_flow import Loopback
-from tests.support import RUNNER, NodeDir, cli, make_pair
+from tests.support import RUNNER, NodeDir, cli
 
 REVOKED_AT = dt.datetime(2026, 11, 1, 12, tzinfo=dt.UTC)
 
 
 @pytest.fixture
-def nodes(tmp_path: Path, db_urls: tuple[str | None, str | None]) -> Iterator[tuple[NodeDir, Node, Node]]:
-    id_dir, my_dir = make_pair(tmp_path, db_urls)
-    pair = Node(load_settings(id_dir.path)), Node(load_settings(my_dir.path))
-    yield id_dir, *pair
-    for node in pair:
-        node.close()
+def id_and_nodes(nodes: Pair) -> tuple[NodeDir, Node, Node]:
+    """ID's directory and the two nodes."""
+    return nodes[0], nodes[2], nodes[3]
 
 
 def revoke_partner_signing_key(id_node: Node, my_node: Node) -> str:
@@ -72,9 +67,9 @@ def revoke_partner_signing_key(id_node: Node, my_node: Node) -> str:
 
 
 def test_a_partners_revocation_flags_what_its_key_signed_afterwards(
-    nodes: tuple[NodeDir, Node, Node],
+    id_and_nodes: tuple[NodeDir, Node, Node],
 ) -> None:
-    id_dir, id_node, my_node = nodes
+    id_dir, id_node, my_node = id_and_nodes
     kid = str(my_node.keys.signing.kid)
     before = (REVOKED_AT - dt.timedelta(minutes=1)).isoformat()
     after = (REVOKED_AT + dt.timedelta(minutes=1)).isoformat()
@@ -126,8 +121,10 @@ def test_a_partners_revocation_flags_what_its_key_signed_afterwards(
     assert "FLAGGED" not in cli(*offline)
 
 
-def test_an_announcement_edited_in_the_database_breaks_the_audit(nodes: tuple[NodeDir, Node, Node]) -> None:
-    _, id_node, my_node = nodes
+def test_an_announcement_edited_in_the_database_breaks_the_audit(
+    id_and_nodes: tuple[NodeDir, Node, Node],
+) -> None:
+    _, id_node, my_node = id_and_nodes
     revoke_partner_signing_key(id_node, my_node)
     service = AuditService(id_node.db, id_node.agreement, id_node.party)
     assert service.verify().key_versions["MY"] == 2

@@ -257,3 +257,25 @@ def test_a_rotation_that_would_fill_the_key_set_is_refused_and_the_spare_slot_ke
         keys.rotate("encryption")
     assert sorted(p.name for p in (id_dir.path / "keys").glob("*.pem")) == files  # no key made for nothing
     assert keys.revoke(id_node.keys.signing_kid, reason="stolen", effective_at=now()) is not None
+
+
+def test_a_version_deleted_from_the_table_is_not_forgotten_by_a_running_process(
+    nodes: Pair, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Versions never go away: a row deleted by someone with write access to the table (to bring
+    back a key a later version revoked) leaves the running process on the history it trusts, and
+    is a security incident, reported once."""
+    _, _, id_node, my_node = nodes
+    staged = admin(id_node).rotate("signing")
+    drain(DeliveryWorker(id_node, Loopback(my_node)))
+    assert my_node.registry.history("ID").version == 2
+    with my_node.db.transaction() as conn:
+        conn.execute(sa.text("DELETE FROM key_sets WHERE party = 'ID' AND version = 2"))
+    with caplog.at_level("ERROR", logger="exchange.keys"):
+        my_node.registry.refresh()
+        my_node.registry.refresh()
+    assert my_node.registry.history("ID").version == 2
+    assert my_node.registry.history("ID").current.key(staged.kid) is not None
+    incidents = [r.getMessage() for r in caplog.records if r.getMessage().startswith("SECURITY INCIDENT")]
+    assert len(incidents) == 1
+    assert "version 1 in the database, below the version 2" in incidents[0]

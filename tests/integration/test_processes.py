@@ -21,7 +21,6 @@ import sqlalchemy as sa
 
 from exchange.auditing import AuditService
 from exchange.checkpoints import CheckpointService, WitnessRequest
-from exchange.config import load_settings
 from exchange.db import engine as engine_module
 from exchange.db import repo
 from exchange.db.coordination import LEDGER_CHANNEL, OUTBOX_CHANNEL, PostgresCoordination, notify
@@ -197,17 +196,8 @@ def test_a_connection_lost_inside_a_transaction_is_unavailability_and_the_next_o
     db.dispose()
 
 
-@pytest.fixture
-def nodes(tmp_path: Path, db_urls: tuple[str | None, str | None]) -> Iterator[tuple[Node, Node]]:
-    id_dir, my_dir = make_pair(tmp_path, db_urls)
-    pair = Node(load_settings(id_dir.path)), Node(load_settings(my_dir.path))
-    yield pair
-    for node in pair:
-        node.close()
-
-
-def test_concurrent_signers_sign_each_size_once(nodes: tuple[Node, Node]) -> None:
-    id_node, _ = nodes
+def test_concurrent_signers_sign_each_size_once(node_pair: tuple[Node, Node]) -> None:
+    id_node, _ = node_pair
     second = Node(id_node.settings)  # another process of the node: its own engine and committer
     errors: list[BaseException] = []
     stop = threading.Event()
@@ -265,8 +255,8 @@ class Counting(Loopback):
         return super().witness(request)
 
 
-def test_a_checkpoint_overtaken_before_it_is_sent_is_not_sent(nodes: tuple[Node, Node]) -> None:
-    id_node, my_node = nodes
+def test_a_checkpoint_overtaken_before_it_is_sent_is_not_sent(node_pair: tuple[Node, Node]) -> None:
+    id_node, my_node = node_pair
     grow(id_node, 5)
     other = Checkpointer(CheckpointService(id_node), Loopback(my_node), 1)
     transport = Counting(my_node)
@@ -278,9 +268,9 @@ def test_a_checkpoint_overtaken_before_it_is_sent_is_not_sent(nodes: tuple[Node,
 
 
 def test_the_apis_ledger_verification_is_bounded_and_answers_busy_when_saturated(
-    nodes: tuple[Node, Node],
+    node_pair: tuple[Node, Node],
 ) -> None:
-    id_node, _ = nodes
+    id_node, _ = node_pair
     grow(id_node, 3)
     service = AuditService(id_node.db, id_node.agreement, id_node.party, concurrent=1, workers=2)
     try:

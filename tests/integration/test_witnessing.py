@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-from collections.abc import Iterator
-from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -14,7 +13,6 @@ import sqlalchemy as sa
 from exchange import crypto, envelope
 from exchange.auditing import AuditService
 from exchange.checkpoints import CheckpointService
-from exchange.config import load_settings
 from exchange.db import repo
 from exchange.errors import CheckpointConflict, LedgerIntegrityError
 from exchange.ledger import EntryDraft
@@ -22,18 +20,9 @@ from exchange.ledger.checkpoint import CheckpointError, sign_checkpoint
 from exchange.node import Node
 from exchange.transport.checkpointer import Checkpointer
 from tests.integration.test_node_flow import Loopback
-from tests.support import make_pair, signed_message
+from tests.support import signed_message
 
 NOW = dt.datetime.now(dt.UTC)
-
-
-@pytest.fixture
-def nodes(tmp_path: Path, db_urls: tuple[str | None, str | None]) -> Iterator[tuple[Node, Node]]:
-    id_dir, my_dir = make_pair(tmp_path, db_urls)
-    pair = Node(load_settings(id_dir.path)), Node(load_settings(my_dir.path))
-    yield pair
-    for node in pair:
-        node.close()
 
 
 def grow(node: Node, n: int) -> None:
@@ -49,8 +38,8 @@ def incidents(node: Node) -> list[str]:
         return [e.data["reason"] for e in repo.iter_ledger(conn) if e.event == "checkpoint.incident"]
 
 
-def test_checkpoints_are_cosigned_round_after_round_and_audit_clean(nodes: tuple[Node, Node]) -> None:
-    id_node, my_node = nodes
+def test_checkpoints_are_cosigned_round_after_round_and_audit_clean(node_pair: tuple[Node, Node]) -> None:
+    id_node, my_node = node_pair
     checkpointer = Checkpointer(CheckpointService(id_node), Loopback(my_node), 1)
     for n in (3, 1, 9):
         grow(id_node, n)
@@ -64,8 +53,8 @@ def test_checkpoints_are_cosigned_round_after_round_and_audit_clean(nodes: tuple
     assert incidents(my_node) == []
 
 
-def test_a_lost_cosignature_is_recovered_from_the_witnessed_size(nodes: tuple[Node, Node]) -> None:
-    id_node, my_node = nodes
+def test_a_lost_cosignature_is_recovered_from_the_witnessed_size(node_pair: tuple[Node, Node]) -> None:
+    id_node, my_node = node_pair
     service = CheckpointService(id_node)
     grow(id_node, 4)
     service.sign_latest(NOW)
@@ -83,8 +72,8 @@ def _fork(node: Node, size: int) -> str:
     return sign_checkpoint(origin, size, hashlib.sha256(b"rewritten history").digest(), node.keys.checkpoint)
 
 
-def test_a_forked_checkpoint_is_refused_and_ledgered(nodes: tuple[Node, Node]) -> None:
-    id_node, my_node = nodes
+def test_a_forked_checkpoint_is_refused_and_ledgered(node_pair: tuple[Node, Node]) -> None:
+    id_node, my_node = node_pair
     grow(id_node, 5)
     assert Checkpointer(CheckpointService(id_node), Loopback(my_node), 1).run_once() == 5
     witness = CheckpointService(my_node)
@@ -103,18 +92,26 @@ def _message_from(node: Node, checkpoint: str | None, created: dt.datetime) -> s
     return signed_message(node, created, checkpoint)
 
 
-def test_a_split_view_or_a_rollback_in_one_message_is_caught_and_ledgered(nodes: tuple[Node, Node]) -> None:
-    id_node, my_node = nodes
+def small_then_witnessed(id_node: Node, my_node: Node) -> tuple[dict[str, Any], dict[str, Any]]:
+    """ID's checkpoint at size 3 (never witnessed), then at size 6, witnessed by MY."""
     grow(id_node, 3)
     CheckpointService(id_node).sign_latest(NOW)
     with id_node.db.read() as conn:
         small = repo.latest_checkpoint(conn)
     grow(id_node, 3)
-    Checkpointer(CheckpointService(id_node), Loopback(my_node), 1).run_once()  # MY witnessed size 6
+    Checkpointer(CheckpointService(id_node), Loopback(my_node), 1).run_once()
     with id_node.db.read() as conn:
         honest = repo.latest_checkpoint(conn)
     assert small is not None
     assert honest is not None
+    return small, honest
+
+
+def test_a_split_view_or_a_rollback_in_one_message_is_caught_and_ledgered(
+    node_pair: tuple[Node, Node],
+) -> None:
+    id_node, my_node = node_pair
+    small, honest = small_then_witnessed(id_node, my_node)
     now = dt.datetime.now(dt.UTC)
     assert my_node.receive([_message_from(id_node, honest["note"], now)], now)[0].accepted
     assert my_node.receive([_message_from(id_node, small["note"], now)], now)[0].accepted
@@ -127,20 +124,11 @@ def test_a_split_view_or_a_rollback_in_one_message_is_caught_and_ledgered(nodes:
     assert incidents(my_node) == ["split view", "rollback"]
 
 
-def test_one_batch_judges_each_message_by_its_own_checkpoint_and_time(nodes: tuple[Node, Node]) -> None:
+def test_one_batch_judges_each_message_by_its_own_checkpoint_and_time(node_pair: tuple[Node, Node]) -> None:
     """Messages of one batch mostly carry one note, judged once; a batch that mixes honest notes,
     a split view and a rollback still flags exactly the messages that carry them."""
-    id_node, my_node = nodes
-    grow(id_node, 3)
-    CheckpointService(id_node).sign_latest(NOW)
-    with id_node.db.read() as conn:
-        small = repo.latest_checkpoint(conn)
-    grow(id_node, 3)
-    Checkpointer(CheckpointService(id_node), Loopback(my_node), 1).run_once()  # MY witnessed size 6
-    with id_node.db.read() as conn:
-        honest = repo.latest_checkpoint(conn)
-    assert small is not None
-    assert honest is not None
+    id_node, my_node = node_pair
+    small, honest = small_then_witnessed(id_node, my_node)
     now = dt.datetime.now(dt.UTC)
     later = now + dt.timedelta(seconds=my_node.settings.clock_skew_seconds + 60)
     batch = [
@@ -158,8 +146,8 @@ def test_one_batch_judges_each_message_by_its_own_checkpoint_and_time(nodes: tup
     assert flagged == [ids[2], ids[4]]
 
 
-def test_checkpoints_not_signed_by_the_partner_key_are_refused(nodes: tuple[Node, Node]) -> None:
-    id_node, my_node = nodes
+def test_checkpoints_not_signed_by_the_partner_key_are_refused(node_pair: tuple[Node, Node]) -> None:
+    id_node, my_node = node_pair
     origin = id_node.agreement.parties["ID"].ledger_origin
     stranger = crypto.private_jwk(crypto.new_message_key("ckpt"), "x")
     forged = sign_checkpoint(origin, 1, hashlib.sha256(b"r").digest(), stranger)
@@ -171,8 +159,8 @@ def test_checkpoints_not_signed_by_the_partner_key_are_refused(nodes: tuple[Node
         )
 
 
-def test_the_audit_names_a_forged_or_rewritten_checkpoint(nodes: tuple[Node, Node]) -> None:
-    id_node, my_node = nodes
+def test_the_audit_names_a_forged_or_rewritten_checkpoint(node_pair: tuple[Node, Node]) -> None:
+    id_node, my_node = node_pair
     grow(id_node, 4)
     Checkpointer(CheckpointService(id_node), Loopback(my_node), 1).run_once()
     with id_node.db.transaction() as conn:
@@ -185,8 +173,8 @@ def test_the_audit_names_a_forged_or_rewritten_checkpoint(nodes: tuple[Node, Nod
         audit(my_node)
 
 
-def test_a_refused_checkpoint_is_an_incident_on_both_sides(nodes: tuple[Node, Node]) -> None:
-    id_node, my_node = nodes
+def test_a_refused_checkpoint_is_an_incident_on_both_sides(node_pair: tuple[Node, Node]) -> None:
+    id_node, my_node = node_pair
     grow(id_node, 5)
     assert Checkpointer(CheckpointService(id_node), Loopback(my_node), 1).run_once() == 5
     with my_node.db.transaction() as conn:  # MY's record now contradicts ID's honest log
@@ -197,8 +185,10 @@ def test_a_refused_checkpoint_is_an_incident_on_both_sides(nodes: tuple[Node, No
     assert incidents(id_node) == ["refused by the partner"]
 
 
-def test_chunked_parallel_verification_agrees_and_names_the_first_bad_entry(nodes: tuple[Node, Node]) -> None:
-    id_node, my_node = nodes
+def test_chunked_parallel_verification_agrees_and_names_the_first_bad_entry(
+    node_pair: tuple[Node, Node],
+) -> None:
+    id_node, my_node = node_pair
     checkpointer = Checkpointer(CheckpointService(id_node), Loopback(my_node), 1)
     for n in (3, 30, 37, 30):  # checkpoints at 3, 33, 70, 100: inside and at the ends of chunks
         grow(id_node, n)

@@ -31,7 +31,7 @@ from exchange.ledger.checkpoint import (
 )
 from exchange.ledger.key_history import PartyKeys, verify_cosigned
 from exchange.ledger.merkle import MemoryTree, consistency_proof, leaf_hash, root_hash
-from tests.unit.key_chains import Chain, new_key
+from tests.unit.key_chains import Chain, entry, new_key
 
 T0 = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
 HOUR = dt.timedelta(hours=1)
@@ -470,3 +470,20 @@ def test_a_cosignature_in_the_second_a_key_became_active_verifies_though_its_tim
     too_early = cosign(checkpoint, witness=chain.witness, key=new, timestamp=int(activated.timestamp()) - 1)
     with pytest.raises(CheckpointError, match="not in force"):
         verify_cosigned(checkpoint, too_early, keys)
+
+
+def test_the_audit_refuses_a_retired_key_brought_back_after_it_left_the_set() -> None:
+    """The audit applies the node's rules over the whole history, not only against the version
+    before: a retired checkpoint key that left the set may not come back under its old id."""
+    chain = Chain("MY")
+    old = chain.checkpoint
+    new = chain.rotate_checkpoint(at(1), at(2))  # version 3: the old key retired
+    chain.publish(at(3), (*chain.others(), entry(new, "checkpoint", "active")), [chain.signing])  # it left
+    chain.anchor().walk(chain.announcements)  # so far a valid history
+    chain.publish(
+        at(4),
+        (*chain.others(), entry(new, "checkpoint", "active"), entry(old, "checkpoint", "next", at(4))),
+        [chain.signing],
+    )
+    with pytest.raises(LedgerIntegrityError, match=f"breaks after version 4: bad-transition.*{old.kid}"):
+        chain.anchor().walk(chain.announcements)
