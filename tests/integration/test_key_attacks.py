@@ -279,3 +279,40 @@ def test_a_version_deleted_from_the_table_is_not_forgotten_by_a_running_process(
     incidents = [r.getMessage() for r in caplog.records if r.getMessage().startswith("SECURITY INCIDENT")]
     assert len(incidents) == 1
     assert "version 1 in the database, below the version 2" in incidents[0]
+
+
+def test_a_second_different_version_from_the_partner_is_a_fork_and_changes_nothing(nodes: Pair) -> None:
+    """ID's version 2 is trusted; another version 2, validly signed by ID's own active key (a stolen
+    key, or a node restored from an old backup), is refused as a fork and ledgered."""
+    _, _, id_node, my_node = nodes
+    admin(id_node).rotate("signing")
+    drain(DeliveryWorker(id_node, Loopback(my_node)))
+    trusted = my_node.registry.history("ID")
+    assert trusted.version == 2
+    v1 = trusted.versions[0]
+    other = crypto.private_jwk(crypto.new_message_key("sig"), "ID-sig-other")
+    t = now()
+    fork = KeySet.model_validate(
+        {
+            **v1.key_set.model_dump(),
+            "version": 2,
+            "issued_at": t,
+            "expires_at": t + dt.timedelta(days=365),
+            "previous": v1.digest,
+            "keys": [
+                *(k.model_dump() for k in v1.key_set.keys),
+                {
+                    "kid": other.kid,
+                    "purpose": "signing",
+                    "state": "next",
+                    "jwk": _public(other),
+                    "valid_from": t,
+                },
+            ],
+        }
+    )
+    with pytest.raises(AnnouncementRejected, match="fork"):
+        my_node.accept_key_sets([announce(fork, [id_node.keys.signing, other])], now())
+    after = my_node.registry.history("ID")
+    assert (after.version, after.digest) == (trusted.version, trusted.digest)
+    assert [e["reason"] for e in events(my_node, "keys.rejected")] == ["fork"]
