@@ -164,6 +164,17 @@ def run(
         receiver.committer.run = lambda unit: inline_commit(receiver, unit)  # type: ignore[method-assign]
         submit_t.profile = cProfile.Profile(time.process_time)
         round_t.profile = cProfile.Profile(time.process_time)  # the receiver's share shows as Node.receive
+    statements = {"sender": 0, "receiver": 0}
+
+    def count(side: str) -> Callable[..., None]:
+        def counted(*_args: Any) -> None:
+            statements[side] += 1
+
+        return counted
+
+    for side, node in (("sender", sender), ("receiver", receiver)):
+        for engine in {node.db.engine, node.db.reader}:
+            sa.event.listen(engine, "before_cursor_execute", count(side))
     figures: list[tuple[float, float, float]] = []
     for _ in range(repeat):
         for t in (submit_t, receive_t, round_t):
@@ -186,6 +197,10 @@ def run(
     print(
         f"total               {1000 * total / messages:6.2f} ms CPU/msg"
         f" ({messages / total:.0f} msg/s per core)"
+    )
+    print(
+        "database statements per message (an executemany counts once): "
+        + ", ".join(f"{side} {n / (messages * repeat):.1f}" for side, n in statements.items())
     )
     if profile:
         for name, t in (

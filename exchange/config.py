@@ -87,6 +87,13 @@ class NodeSettings(BaseSettings):
         description="how long a process reuses the latest checkpoint it read for the messages it seals"
         " (never beyond half of clock_skew_seconds)",
     )
+    client_cache_seconds: float = Field(
+        default=1.0,
+        ge=0,
+        description="PostgreSQL: how long a process reuses a local system's registration it read (0: read it"
+        " on every request); a change by `exchange clients` makes every process forget it at once (NOTIFY)."
+        " SQLite reads it on every request",
+    )
     inbox_page_max: int = Field(default=100, ge=1, le=1000)
     inbox_scan_max: int = Field(default=2000, ge=1, description="messages one inbox pull examines at most")
     expiry_warning_days: int = Field(

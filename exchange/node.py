@@ -26,9 +26,11 @@ from exchange.config import NodeSettings
 from exchange.content import ContentStore, destroy_after
 from exchange.crypto import constant_time_equal
 from exchange.db import repo, rows
+from exchange.db.client_directory import ClientDirectory
 from exchange.db.committer import GroupCommitter
-from exchange.db.engine import Database
+from exchange.db.engine import Database, defer_inserts
 from exchange.errors import (
+    DatabaseUnavailable,
     EnvelopeError,
     FieldError,
     InvalidInput,
@@ -114,6 +116,12 @@ class Node(Releases):
         #: fetches the partner's key-set announcements after a version (set by the app)
         self.fetch_partner_key_sets: Callable[[int], list[str]] | None = None
         self.committer = GroupCommitter(self.db)
+        #: the registered local systems. On PostgreSQL read at most client_cache_seconds before use
+        #: and forgotten at once on a change (the app subscribes ``forget`` to the clients channel);
+        #: on SQLite read on every request: nothing tells this process of the CLI's changes
+        self.clients = ClientDirectory(
+            self.db, settings.client_cache_seconds if self.db.dialect == "postgresql" else 0.0
+        )
         self.wake_delivery: Callable[[], None] = lambda: None  # set by the app to its delivery loop
         self.lifecycle = Lifecycle(self)
         self.retention = RetentionService(self.db, self.content, self.party)
@@ -288,8 +296,7 @@ class Node(Releases):
 
     def actor_for(self, fingerprint: str) -> Actor | None:
         """The registered local system holding the certificate with this fingerprint, if any."""
-        with self.db.read() as conn:
-            row = repo.client_by_fingerprint(conn, fingerprint, dt.datetime.now(dt.UTC))
+        row = self.clients.lookup(fingerprint, dt.datetime.now(dt.UTC))
         return rows.actor_from_row(self.agreement, self.party, row) if row else None
 
     # --- outbound --------------------------------------------------------------------------------
@@ -501,9 +508,11 @@ class Node(Releases):
         entry: assigned under the ledger lock, so positions grow in commit order.
 
         Crypto runs before the ledger lock is taken; the batch's state changes and ledger entries
-        commit in one transaction. A redelivered envelope gets its original receipt and stores
-        nothing twice. A rejection tells the peer nothing but "rejected"; the reason goes to the
-        log and the ledger.
+        commit in one transaction: each table's rows in one statement when no envelope of the batch
+        reads what another writes (no id twice, no control message), else, and whenever that
+        fails, with one savepoint per envelope so that one's failure rejects it alone. A
+        redelivered envelope gets its original receipt and stores nothing twice. A rejection tells
+        the peer nothing but "rejected"; the reason goes to the log and the ledger.
         """
         opened: list[Admitted | EnvelopeError] = []
         for compact in envelopes:
@@ -512,11 +521,45 @@ class Node(Releases):
             except EnvelopeError as exc:
                 log.warning("rejected envelope %s: %s", envelope.envelope_digest(compact)[:16], exc)
                 opened.append(exc)
+        admitted = [i.message for i in opened if isinstance(i, Admitted)]
+        plain = len({m.id for m in admitted}) == len(admitted) and not any(
+            self.agreement.message_types[m.type].kind == "control" for m in admitted
+        )
+        stored: tuple[list[PeerResult], list[str]] | None = None
+        if plain:  # no envelope reads back what another of the batch writes: no savepoints
+            try:
+                stored = self._store(envelopes, opened, now, careful=False)
+            except DatabaseUnavailable:
+                raise
+            except Exception:  # an envelope failed: again, each in its own savepoint
+                log.debug("a received batch fell back to one savepoint per envelope", exc_info=True)
+        results, retired = stored if stored is not None else self._store(envelopes, opened, now, careful=True)
+        self.content.retire(retired, self.db)  # KEKs a destruction on request no longer needs
+        self.wake_delivery()  # answers (a destruction certificate) go out at once
+        return results
+
+    def _store(
+        self,
+        envelopes: Sequence[str],
+        opened: Sequence[Admitted | EnvelopeError],
+        now: dt.datetime,
+        *,
+        careful: bool,
+    ) -> tuple[list[PeerResult], list[str]]:
+        """Admit the opened envelopes of a batch and ledger them, in one transaction; returns the
+        results and the KEKs to retire once it committed.
+
+        ``careful``: each envelope in its own savepoint, so that one's failure rejects it alone, and
+        each row written at once (an envelope may read what an earlier one of the batch wrote).
+        Otherwise no savepoint, and every row inserted just before the commit
+        (:func:`exchange.db.engine.defer_inserts`): any failure raises, and nothing is written.
+        """
         results: list[PeerResult] = []
         retired: list[str] = []
         drafts: list[EntryDraft] = []
-        at = iso(now)
         with self.db.transaction() as conn:
+            if not careful:
+                defer_inserts(conn)
             head = repo.lock_ledger_head(conn)
             # one query for the batch's ids already stored; an id seen earlier in this batch is
             # looked up again (its earlier envelope may just have stored it)
@@ -528,28 +571,29 @@ class Node(Releases):
                     drafts.append(self._rejection(envelope.envelope_digest(compact), item.reason, None))
                     results.append(PeerResult(False))
                     continue
-                try:
-                    freed: list[str] = []  # counted only if this envelope's savepoint commits
-                    mid = item.message.id
-                    prefetched = (mid not in seen, stored.get(mid))
-                    seen.add(mid)
-                    with conn.begin_nested():  # one envelope's failure rejects that envelope alone
-                        result, new = self._admit(
-                            conn, item, now, head.size + len(drafts) + 1, freed, prefetched, judged
+                freed: list[str] = []  # counted only if this envelope's savepoint commits
+                mid = item.message.id
+                prefetched = (mid not in seen, stored.get(mid))
+                seen.add(mid)
+                inbox_seq = head.size + len(drafts) + 1
+                if not careful:
+                    result, new = self._admit(conn, item, now, inbox_seq, freed, prefetched, judged)
+                else:
+                    try:
+                        with conn.begin_nested():  # one envelope's failure rejects that envelope alone
+                            result, new = self._admit(conn, item, now, inbox_seq, freed, prefetched, judged)
+                    except Exception:
+                        log.exception("envelope for message %s could not be admitted", mid)
+                        result, new = (
+                            PeerResult(False),
+                            [self._rejection(item.opened.digest, "internal", mid)],
                         )
-                    retired.extend(freed)
-                except Exception:
-                    log.exception("envelope for message %s could not be admitted", item.message.id)
-                    result, new = (
-                        PeerResult(False),
-                        [self._rejection(item.opened.digest, "internal", item.message.id)],
-                    )
+                        freed = []
+                retired.extend(freed)
                 drafts.extend(new)
                 results.append(result)
-            repo.append_ledger(conn, head, drafts, at)
-        self.content.retire(retired, self.db)  # KEKs a destruction on request no longer needs
-        self.wake_delivery()  # answers (a destruction certificate) go out at once
-        return results
+            repo.append_ledger(conn, head, drafts, iso(now))
+        return results, retired
 
     def _open(self, compact: str, now: dt.datetime) -> Admitted:
         """Open, verify and parse one envelope. Raises EnvelopeError (``malformed`` for a signed

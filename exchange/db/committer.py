@@ -3,11 +3,13 @@
 Request threads prepare their rows (all CPU work: validation, policy, sealing) and hand the
 committer a unit of work, a function ``apply(conn, head) -> head`` that writes its rows and ledger
 entries after the given ledger head. The committer thread takes whatever units are pending, runs
-them in one transaction with no savepoint (two round trips fewer per unit), commits once, then
-releases every caller. If a unit fails, nothing of the batch is written and every unit of it runs
-again alone, in its own transaction: the failing one's caller gets its exception, the others
-commit. A unit may therefore run twice; it must have no effect outside the transaction but what
-is safe to repeat (the content store's live KEK is such).
+them in one transaction with no savepoint (two round trips fewer per unit), each table's rows of
+the whole batch inserted in one statement just before the commit (:func:`defer_inserts`: a unit
+must not read back what it inserts), commits once, then releases every caller. If a unit fails,
+nothing of the batch is written and every unit of it runs again alone, in its own transaction (its
+inserts at once): the failing one's caller gets its exception, the others commit. A unit may
+therefore run twice; it must have no effect outside the transaction but what is safe to repeat
+(the content store's live KEK is such).
 
 Guarantee: :meth:`GroupCommitter.run` returns only after the unit is committed, and raises if it
 was not. Appends stay serialised by the database (the head row lock / SQLite's write lock), so
@@ -25,7 +27,7 @@ from concurrent.futures import Future
 from sqlalchemy.engine import Connection
 
 from exchange.db import repo
-from exchange.db.engine import Database
+from exchange.db.engine import Database, defer_inserts
 from exchange.errors import DatabaseUnavailable
 
 log = logging.getLogger("exchange.committer")
@@ -90,6 +92,7 @@ class GroupCommitter:
             return
         try:
             with self.db.transaction() as conn:
+                defer_inserts(conn)  # each table's rows of the whole batch in one statement
                 head = repo.lock_ledger_head(conn)
                 for unit, _ in batch:
                     head = unit(conn, head)

@@ -37,10 +37,11 @@ from exchange.db.engine import Database, normalise_url, notify_on_commit
 
 log = logging.getLogger("exchange.coordination")
 
-#: NOTIFY channels: the outbox got an envelope to send; the ledger grew
+#: NOTIFY channels: the outbox got an envelope to send; the ledger grew; the registered clients changed
 OUTBOX_CHANNEL = "exchange_outbox"
 LEDGER_CHANNEL = "exchange_ledger"
-CHANNELS = (OUTBOX_CHANNEL, LEDGER_CHANNEL)
+CLIENTS_CHANNEL = "exchange_clients"
+CHANNELS = (OUTBOX_CHANNEL, LEDGER_CHANNEL, CLIENTS_CHANNEL)
 
 #: the first key of every advisory lock of this project ("exch"), so that other software sharing
 #: the database does not collide with our locks

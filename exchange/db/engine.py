@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -130,6 +130,42 @@ class _Notifications:
         channels = sorted(self.channels)
         calls = ", ".join(f"pg_notify(:c{i}, '')" for i in range(len(channels)))
         conn.execute(sa.text(f"SELECT {calls}"), {f"c{i}": c for i, c in enumerate(channels)})
+
+
+class _Inserts:
+    """The rows one transaction inserts just before it commits: one executemany per statement and
+    set of columns, statements in the order they were first used (a row that references another
+    table's row, used after it, comes after it)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[Any, dict[frozenset[str], list[dict[str, Any]]]] = {}
+
+    def __call__(self, conn: Connection) -> None:
+        for statement, by_columns in self.rows.items():
+            for rows in by_columns.values():
+                conn.execute(statement, rows)
+
+
+def defer_inserts(conn: Connection) -> bool:
+    """Have every :func:`insert` of ``conn``'s transaction wait until just before it commits and go
+    in with the others of its statement, before any other action registered later. For a
+    transaction that does not read back what it inserts; an insert's error then arises at commit,
+    failing the whole transaction. Only in :meth:`Database.transaction` (returns False elsewhere)."""
+    return before_commit(conn, "inserts", _Inserts())
+
+
+def insert(conn: Connection, statement: Any, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Insert ``rows`` with ``statement`` (an ``INSERT`` of a table): at once, or just before the
+    transaction commits if it defers its inserts (:func:`defer_inserts`)."""
+    if not rows:
+        return
+    deferred = pending(conn, "inserts")
+    if not isinstance(deferred, _Inserts):
+        conn.execute(statement, [dict(r) for r in rows] if len(rows) > 1 else dict(rows[0]))
+        return
+    by_columns = deferred.rows.setdefault(statement, {})
+    for row in rows:
+        by_columns.setdefault(frozenset(row), []).append(dict(row))
 
 
 def notify_on_commit(conn: Connection, channel: str) -> None:

@@ -11,7 +11,10 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from exchange.db import engine
 from exchange.db.schema import idempotency_keys
+
+_INSERT = idempotency_keys.insert()
 
 
 @dataclass(frozen=True)
@@ -44,14 +47,19 @@ def insert(
     response: str,
     at: str,
 ) -> None:
-    conn.execute(
-        idempotency_keys.insert(),
-        {
-            "client_id": client_id,
-            "key": key,
-            "request_sha256": request_sha256,
-            "message_id": message_id,
-            "response": response,
-            "created_at": at,
-        },
+    """Store a key with its message (deferred to the commit in a transaction that defers its
+    inserts: the message's row goes first)."""
+    engine.insert(
+        conn,
+        _INSERT,
+        [
+            {
+                "client_id": client_id,
+                "key": key,
+                "request_sha256": request_sha256,
+                "message_id": message_id,
+                "response": response,
+                "created_at": at,
+            }
+        ],
     )

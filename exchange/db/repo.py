@@ -17,8 +17,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from exchange.db.coordination import LEDGER_CHANNEL, OUTBOX_CHANNEL, notify
-from exchange.db.engine import before_commit, pending
+from exchange.db.coordination import CLIENTS_CHANNEL, LEDGER_CHANNEL, OUTBOX_CHANNEL, notify
+from exchange.db.engine import before_commit, insert, pending
 from exchange.db.schema import (
     checkpoints,
     clients,
@@ -83,18 +83,29 @@ def insert_client(conn: Connection, row: Mapping[str, Any]) -> None:
     if holder is not None:
         raise InvalidInput(f"client {holder!r} already has this id or certificate")
     conn.execute(clients.insert(), dict(row))
+    notify(conn, CLIENTS_CHANNEL)
 
 
 def client_by_fingerprint(conn: Connection, fingerprint: str, now: dt.datetime) -> dict[str, Any] | None:
     """The client holding this certificate: its current one, or the one it replaced while that is
     still in its overlap (``previous_until`` after ``now``)."""
-    for row in conn.execute(_BY_FINGERPRINT, {"fp_": fingerprint}):
-        found = dict(row._mapping)
+    return holder_at(clients_by_fingerprint(conn, fingerprint), fingerprint, now)
+
+
+def clients_by_fingerprint(conn: Connection, fingerprint: str) -> list[dict[str, Any]]:
+    """The clients whose current or previous certificate has this fingerprint (see holder_at)."""
+    return [dict(row._mapping) for row in conn.execute(_BY_FINGERPRINT, {"fp_": fingerprint})]
+
+
+def holder_at(rows: Sequence[Mapping[str, Any]], fingerprint: str, now: dt.datetime) -> dict[str, Any] | None:
+    """Among ``rows`` (:func:`clients_by_fingerprint`), the client holding the certificate at ``now``:
+    as its current one, or as the one it replaced while that is in its overlap."""
+    for found in rows:
         if found["cert_fingerprint"] == fingerprint:
-            return found
+            return dict(found)
         until = found["previous_until"]
         if until is not None and dt.datetime.fromisoformat(until) > now:
-            return found
+            return dict(found)
     return None
 
 
@@ -124,6 +135,7 @@ def renew_client_certificate(
             previous_until=previous_until,
         )
     )
+    notify(conn, CLIENTS_CHANNEL)  # every process forgets the registration it holds
     return before
 
 
@@ -140,13 +152,15 @@ def delete_client(conn: Connection, client_id: str) -> None:
     """Remove a client. Raises NotFound if there is none with that id."""
     if conn.execute(clients.delete().where(clients.c.id == client_id)).rowcount == 0:
         raise NotFound(f"no client {client_id!r}")
+    notify(conn, CLIENTS_CHANNEL)  # every process forgets the registration it holds
 
 
 # --- messages ------------------------------------------------------------------------------------
 
 
 def insert_message(conn: Connection, row: Mapping[str, Any]) -> None:
-    conn.execute(_INSERT_MESSAGE, dict(row))
+    """Store a message (deferred to the commit in a transaction that defers its inserts)."""
+    insert(conn, _INSERT_MESSAGE, [row])
 
 
 def get_message(conn: Connection, message_id: str) -> dict[str, Any] | None:
@@ -337,7 +351,7 @@ def reclassifications_of(conn: Connection, message_id: str) -> list[dict[str, An
 
 def enqueue(conn: Connection, message_id: str, now: float) -> None:
     """Queue a message's envelope; the delivery loop of every process is woken on commit."""
-    conn.execute(_ENQUEUE, {"message_id": message_id, "next_attempt_at": now, "enqueued_at": now})
+    insert(conn, _ENQUEUE, [{"message_id": message_id, "next_attempt_at": now, "enqueued_at": now}])
     notify(conn, OUTBOX_CHANNEL)
 
 
@@ -563,9 +577,8 @@ def append_ledger(conn: Connection, head: LedgerHead, drafts: Sequence[EntryDraf
                 "leaf_hash": digest,
             }
         )
-    conn.execute(_INSERT_ENTRIES, rows)
-    if nodes:
-        conn.execute(_INSERT_SUBTREES, nodes)
+    insert(conn, _INSERT_ENTRIES, rows)
+    insert(conn, _INSERT_SUBTREES, nodes)
     new_head = LedgerHead(frontier.size, frontier.root(), frontier)
     if conn.in_nested_transaction():  # a savepoint rolled back would leave a written head behind
         raise RuntimeError("a ledger append inside a savepoint: append after it, in the transaction")

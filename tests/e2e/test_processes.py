@@ -28,7 +28,7 @@ from exchange.errors import TransportError
 from tests.conftest import PG_ADMIN_URL
 from tests.e2e.harness import Running, start_nodes
 from tests.e2e.test_reliability import inbound_order, ledger_verifies, statuses, wait_all_delivered
-from tests.support import rfi
+from tests.support import cli, register_client, rfi
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
 
@@ -70,6 +70,7 @@ def nodes(tmp_path_factory: pytest.TempPathFactory, postgres_admin: sa.Engine) -
             "delivery_poll_seconds": POLL,
             "checkpoint_interval_seconds": 0.05,  # the interval at which processes used to race
             "delivery_lease_seconds": 60.0,
+            "client_cache_seconds": 3600.0,  # a change must reach the processes by NOTIFY
         },
         db_urls=(f"{base}/{names[0]}", f"{base}/{names[1]}"),
     )
@@ -140,6 +141,33 @@ def test_a_submission_is_delivered_at_once_not_at_the_next_poll(nodes: tuple[Nod
         took = [delivered_within(polri.run, api.submit(rfi())["id"], POLL / 3) for _ in range(5)]
     print(f"\n[latency, submitted to {where}] submit to receipt (ms): {[round(t * 1000) for t in took]}")
     assert max(took) < 1.0  # woken in process, or by NOTIFY across processes; the poll is 30 s
+
+
+def test_a_removed_client_is_refused_by_every_process_within_moments(nodes: tuple[Node, Node]) -> None:
+    """Each process keeps a registration it read (client_cache_seconds: an hour in this module); the
+    CLI's removal notifies both processes, which refuse the client within moments, on the
+    connections already open too."""
+    polri, _ = nodes
+    files = register_client(polri.run.node, "short-lived", "TERBATAS")
+    apis = [polri.run.client(files, port=polri.port_of(p)) for p in polri.processes().values()]
+    assert len(apis) == 2
+    try:
+        for api in apis:
+            assert api.request("GET", "/v1/inbox").status_code == 200  # read and kept
+        cli("clients", "remove", "--dir", str(polri.run.node.path), "--id", "short-lived")
+        removed = time.monotonic()
+        for api in apis:
+            while (refused := api.request("GET", "/v1/inbox")).status_code == 200:
+                assert time.monotonic() - removed < 1.0, "a process still admits a removed client"
+                time.sleep(0.005)
+            assert refused.status_code == 403
+            assert refused.headers["content-type"] == "application/problem+json"
+        print(
+            f"\n[client removal] refused by both processes after {1000 * (time.monotonic() - removed):.0f} ms"
+        )
+    finally:
+        for api in apis:
+            api.close()
 
 
 @dataclass

@@ -16,6 +16,7 @@ from exchange.config import load_settings
 from exchange.db import repo
 from exchange.db.committer import Unit
 from exchange.db.schema import messages
+from exchange.idempotency import IdempotentSubmission
 from exchange.ledger import EntryDraft, verify_rows
 from exchange.messages import MessageSubmission
 from exchange.node import Node
@@ -178,3 +179,79 @@ def test_an_append_inside_a_savepoint_is_refused(nodes: Pair) -> None:
         nested()
     with node.db.read() as conn:
         assert repo.read_ledger_head(conn).size == 0
+
+
+def _batched(node: Node, size: int) -> None:
+    """Make ``node``'s committer commit the next ``size`` units as one batch, whatever their timing
+    (each caller blocks until the batch is committed, as with the real queue)."""
+    batch: list[tuple[Unit, Future[None]]] = []
+    full = threading.Barrier(size, action=lambda: node.committer._commit(batch))
+
+    def run(unit: Unit) -> None:
+        future: Future[None] = Future()
+        batch.append((unit, future))
+        full.wait()
+        future.result()
+
+    node.committer.run = run  # type: ignore[method-assign]
+
+
+def test_a_batch_inserts_each_tables_rows_in_one_statement(nodes: Pair) -> None:
+    id_dir, _, node, _ = nodes
+    actor = node.actor_for(crypto.certificate_info(id_dir.client("polri-cms").cert.read_bytes()).fingerprint)
+    assert actor is not None
+    statements: list[str] = []
+    sa.event.listen(node.db.engine, "before_cursor_execute", lambda *a: statements.append(a[2].lower()))
+    _batched(node, 3)
+    answers: list[dict[str, object]] = []
+    threads = [
+        threading.Thread(
+            target=lambda: answers.append(
+                node.submit(actor, MessageSubmission.model_validate(rfi()), dt.datetime.now(dt.UTC))
+            )
+        )
+        for _ in range(3)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    inserts = Counter(s.split()[2] for s in statements if s.startswith("insert into"))
+    assert inserts["messages"] == inserts["outbox"] == inserts["ledger_entries"] == 1
+    with node.db.read() as conn:
+        stored = {r.id for r in conn.execute(sa.select(messages.c.id))}
+        head = repo.read_ledger_head(conn)
+        assert verify_rows(repo.ledger_rows(conn), size=head.size, root=head.root) == 3
+        assert repo.outbox_size(conn) == 3
+    assert stored == {a["id"] for a in answers}
+
+
+def test_one_idempotency_key_twice_in_one_batch_stores_one_message_and_replays_it(nodes: Pair) -> None:
+    """The second unit cannot see the first one's key (inserted at commit): the batch fails on the
+    key's uniqueness, and alone the second finds the first's key and replays its answer."""
+    id_dir, _, node, _ = nodes
+    actor = node.actor_for(crypto.certificate_info(id_dir.client("polri-cms").cert.read_bytes()).fingerprint)
+    assert actor is not None
+    idempotent = IdempotentSubmission(node)
+    _batched(node, 2)
+    results: list[tuple[dict[str, object], bool]] = []
+    submission = MessageSubmission.model_validate(rfi())
+    threads = [
+        threading.Thread(
+            target=lambda: results.append(
+                idempotent.submit(actor, submission, "same-key-0001", dt.datetime.now(dt.UTC))
+            )
+        )
+        for _ in range(2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(replay for _, replay in results) == [False, True]
+    assert results[0][0] == results[1][0]
+    with node.db.read() as conn:
+        assert [r.id for r in conn.execute(sa.select(messages.c.id))] == [results[0][0]["id"]]
+        assert repo.outbox_size(conn) == 1
+        head = repo.read_ledger_head(conn)
+        assert verify_rows(repo.ledger_rows(conn), size=head.size, root=head.root) == 1

@@ -9,10 +9,12 @@ import logging
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from exchange.auditing import AuditService, EntryFilter
 from exchange.db import repo
 from exchange.errors import InvalidInput, NotFound, PolicyRefusal
+from exchange.ledger import verify_rows
 from exchange.messages import MessageSubmission
 from exchange.node import Node
 from exchange.policy import Actor
@@ -420,6 +422,47 @@ def test_a_hostile_checkpoint_note_or_a_failing_envelope_never_aborts_the_batch(
     results = my_node.receive([signed_message(id_node, now()), doomed, signed_message(id_node, now())], now())
     assert [r.accepted for r in results] == [True, False, True]
     assert "internal" in [r["reason"] for r in _rejections(my_node)]
+    with my_node.db.read() as conn:  # tried without savepoints first: nothing of that written twice
+        assert len(repo.inbound_after(conn, 0, 10)) == 3 + 2
+        head = repo.read_ledger_head(conn)
+        verify_rows(repo.ledger_rows(conn), size=head.size, root=head.root)
+
+
+def _statements(node: Node) -> list[str]:
+    statements: list[str] = []
+    sa.event.listen(node.db.engine, "before_cursor_execute", lambda *a: statements.append(a[2].lower()))
+    return statements
+
+
+def test_a_plain_batch_is_stored_without_savepoints_one_insert_per_table(pair) -> None:  # type: ignore[no-untyped-def]
+    _id_dir, _my_dir, id_node, my_node = pair
+    statements = _statements(my_node)
+    results = my_node.receive([signed_message(id_node, now()) for _ in range(4)], now())
+    assert [r.accepted for r in results] == [True] * 4
+    assert not [s for s in statements if "savepoint" in s]
+    assert len([s for s in statements if s.startswith("insert into messages")]) == 1
+    with my_node.db.read() as conn:
+        assert [r["inbox_seq"] for r in repo.inbound_after(conn, 0, 10)] == [1, 3, 5, 7]  # received, receipt
+        head = repo.read_ledger_head(conn)
+        assert verify_rows(repo.ledger_rows(conn), size=head.size, root=head.root) == 8
+
+
+def test_a_batch_carrying_one_id_twice_takes_a_savepoint_per_envelope(pair) -> None:  # type: ignore[no-untyped-def]
+    """The second envelope must see what the first stored: one is received, the copy redelivered."""
+    _id_dir, _my_dir, id_node, my_node = pair
+    statements = _statements(my_node)
+    twice = signed_message(id_node, now())
+    results = my_node.receive([twice, twice], now())
+    assert [r.accepted for r in results] == [True, True]
+    assert results[0].receipt == results[1].receipt
+    assert [s for s in statements if s.startswith("savepoint")]
+    with my_node.db.read() as conn:
+        assert len(repo.inbound_after(conn, 0, 10)) == 1
+        assert [e.event for e in repo.iter_ledger(conn)] == [
+            "envelope.received",
+            "receipt.issued",
+            "envelope.redelivered",
+        ]
 
 
 def test_an_unreadable_stored_message_is_refused_alone_and_the_inbox_goes_on(pair) -> None:  # type: ignore[no-untyped-def]
