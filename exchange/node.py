@@ -204,12 +204,39 @@ class Node(Releases):
 
         Raises:
             TransportError: the partner could not be reached (PartnerRefused: it refused them).
-            AnnouncementRejected: its receipt is not valid for what was sent.
+            AnnouncementRejected: its receipt is not valid for what was sent (a security incident,
+                ledgered as ``keys.rejected`` of our own party).
         """
         pending = self.registry.unacknowledged()
         if not pending:
             return None
         compact = announce([a for _, a in pending])
+        try:
+            receipt = self._receipt_of_key_sets(compact, pending, now)
+        except AnnouncementRejected as exc:  # a forged or mismatched receipt: tampering, or a bug
+            logs.security_incident(
+                log,
+                "key-receipt",
+                "the receipt of our key set by %s is refused: %s",
+                self.partner_party,
+                exc,
+            )
+            self.ledger(now, self.registry.refused_receipt([v for v, _ in pending], compact, exc.reason))
+            raise
+        self.registry.acknowledge([v for v, _ in pending if v <= receipt.version], compact, now)
+        log.info("key set version %d acknowledged by %s", receipt.version, self.partner_party)
+        return receipt.version
+
+    def _receipt_of_key_sets(
+        self, compact: str, pending: Sequence[tuple[int, str]], now: dt.datetime
+    ) -> KeySetReceipt:
+        """The partner's receipt of our ``pending`` announcements, verified: signed by a key of the
+        partner in force when it says it signed, acknowledging one of them by version and digest.
+
+        Raises:
+            AnnouncementRejected: ``bad-signature``, ``unknown-key`` (after fetching the partner's
+                newer key sets once), or ``bad-receipt``.
+        """
         partner = self.partner
         try:
             receipt, kid = verify_receipt(compact, partner.verification)
@@ -232,9 +259,7 @@ class Node(Releases):
             raise AnnouncementRejected(
                 "bad-receipt", f"the receipt does not acknowledge version {newest.version}"
             )
-        self.registry.acknowledge([v for v, _ in pending if v <= receipt.version], compact, now)
-        log.info("key set version %d acknowledged by %s", receipt.version, self.partner_party)
-        return receipt.version
+        return receipt
 
     def check_partner_signature(self, kid: str, signed_at: dt.datetime, now: dt.datetime) -> None:
         """Raise EnvelopeError ``key-not-in-force`` unless the partner's key ``kid`` was trusted

@@ -502,6 +502,11 @@ class KeyRegistry:
                 now.isoformat(),
             )
 
+    def refused_receipt(self, versions: Sequence[int], receipt: str, reason: str) -> EntryDraft:
+        """The ledger entry of a receipt of our ``versions`` that we refused (``keys.rejected`` of
+        our own party, with the refused receipt's digest and why)."""
+        return _key_event(LedgerEvent.KEYS_REJECTED, self.party, max(versions), sha256_hex(receipt), reason)
+
     def may_fetch(self, min_interval: float) -> bool:
         """True at most once per ``min_interval`` seconds: the rate limit of fetching the partner's
         key sets on meeting an unknown key id."""

@@ -34,7 +34,7 @@ class LedgerEvent(StrEnum):
     KEYS_REVOKED = "keys.revoked"
     KEYS_RENEWED = "keys.renewed"  # the same keys with a fresh expiry
     KEYS_ACCEPTED = "keys.accepted"  # a partner's key-set version accepted
-    KEYS_REJECTED = "keys.rejected"  # a partner's key-set announcement refused
+    KEYS_REJECTED = "keys.rejected"  # a partner's key-set announcement refused, or its receipt of ours
     KEYS_ACKNOWLEDGED = "keys.acknowledged"  # the partner's signed receipt of our versions
     TLS_CERTIFICATE_RENEWED = "tls.certificate_renewed"  # the node's server or node certificate replaced
     CLIENT_CERTIFICATE_RENEWED = "client.certificate_renewed"  # a local system's certificate replaced

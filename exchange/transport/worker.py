@@ -199,8 +199,8 @@ class DeliveryWorker:
             self.node.announce_keys(self.transport.announce_keys, dt.datetime.fromtimestamp(now, dt.UTC))
         except PartnerRefused as exc:
             log.error("the partner refused our key set: %s", exc)
-        except AnnouncementRejected as exc:
-            log.error("the partner's receipt of our key set is invalid: %s", exc)
+        except AnnouncementRejected:
+            pass  # a security incident, logged and ledgered by the node
         else:
             return
         self._announce_after = now + self.node.settings.delivery_backoff_max_seconds

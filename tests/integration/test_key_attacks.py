@@ -1,12 +1,15 @@
 """Attacks on key rotation found by review, each reproduced against two nodes in one process and
 each refused now: a forged key set behind an old key id, a fork of versions, a flood of versions,
 an expired version slipped in, racing steps, a crash between publishing and destroying, a backdated
-receipt by a revoked key, a key set grown full."""
+receipt by a revoked key, a key set grown full, a receipt of our key set forged or acknowledging
+something else."""
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -14,16 +17,25 @@ import sqlalchemy as sa
 from joserfc.jwk import OKPKey
 
 from exchange import crypto, envelope
+from exchange.canonical import sha256_hex
 from exchange.db import repo
 from exchange.errors import EnvelopeError, KeyManagementError
 from exchange.keys import store
-from exchange.keys.announcement import AnnouncementRejected, KeySet, PublicKey, Trusted, announce
+from exchange.keys.announcement import (
+    AnnouncementRejected,
+    KeySet,
+    KeySetReceipt,
+    PublicKey,
+    Trusted,
+    announce,
+    sign_receipt,
+)
 from exchange.keys.registry import KeyRegistry
 from exchange.node import Node
 from exchange.transport.worker import DeliveryWorker
 from tests.integration.conftest import Pair
 from tests.integration.test_key_rotation import admin, drain, events, submit
-from tests.integration.test_node_flow import Loopback, now
+from tests.integration.test_node_flow import Clock, Loopback, now
 from tests.support import PASSPHRASE
 
 
@@ -316,3 +328,173 @@ def test_a_second_different_version_from_the_partner_is_a_fork_and_changes_nothi
     after = my_node.registry.history("ID")
     assert (after.version, after.digest) == (trusted.version, trusted.digest)
     assert [e["reason"] for e in events(my_node, "keys.rejected")] == ["fork"]
+
+
+class ReceiptSwap(Loopback):
+    """The partner reached through a channel that hands back ``forge(the partner's receipt)``
+    instead of the partner's own receipt of our key sets (the partner takes them honestly)."""
+
+    def __init__(self, partner: Node) -> None:
+        super().__init__(partner)
+        self.forge: Callable[[KeySetReceipt], str] | None = None
+        self.sent: list[list[str]] = []  # what each announcement carried
+        self.answered: list[str] = []  # the receipt handed back each time
+
+    def announce_keys(self, announcements: list[str]) -> str:
+        self.sent.append(list(announcements))
+        honest = super().announce_keys(announcements)
+        payload = honest.split(".")[1]
+        receipt = KeySetReceipt.model_validate_json(
+            base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+        )
+        answer = honest if self.forge is None else self.forge(receipt)
+        self.answered.append(answer)
+        return answer
+
+
+def stranger(kid: str) -> OKPKey:
+    """A signing key nobody announced, under ``kid``."""
+    return crypto.private_jwk(crypto.new_message_key("sig"), kid)
+
+
+def same(receipt: KeySetReceipt) -> KeySetReceipt:
+    return receipt
+
+
+def dated(at: dt.datetime) -> Callable[[KeySetReceipt], KeySetReceipt]:
+    return lambda receipt: receipt.model_copy(update={"accepted_at": at})
+
+
+def changed(**update: object) -> Callable[[KeySetReceipt], KeySetReceipt]:
+    return lambda receipt: receipt.model_copy(update=update)
+
+
+def signed_by(
+    key: OKPKey, change: Callable[[KeySetReceipt], KeySetReceipt] = same
+) -> Callable[[KeySetReceipt], str]:
+    """A forger that hands back the partner's receipt, ``change``d, signed by ``key``."""
+    return lambda receipt: sign_receipt(change(receipt), key)
+
+
+def refused_and_pending(id_node: Node, link: ReceiptSwap, reason: str, case: str) -> None:
+    """The receipt ``link`` forges is refused with ``reason`` and leaves version 2 unacknowledged."""
+    with pytest.raises(AnnouncementRejected) as refused:  # DID NOT RAISE: a receipt ``case`` taken
+        id_node.announce_keys(link.announce_keys, now())
+    assert refused.value.reason == reason, (case, str(refused.value))
+    assert [v for v, _ in id_node.registry.unacknowledged()] == [2], case
+    assert [r["acknowledged_at"] for r in id_node.registry.own_rows()] == [None], case
+    last = events(id_node, "keys.")[-1]  # the refused receipt itself is ledgered, and why
+    assert (last["event"], last["party"], last["version"], last["reason"]) == (
+        "keys.rejected",
+        "ID",
+        2,
+        reason,
+    )
+    assert last["sha256"] == sha256_hex(link.answered[-1]), case
+
+
+def acknowledged_honestly_after(
+    id_node: Node, link: ReceiptSwap, announcement: str, refusals: int, ledgered: list[str]
+) -> None:
+    """Every refused round sent version 2 again and was ledgered as a refusal, none as an
+    acknowledgement, and the next honest round is the one acknowledgement, ledgered with the
+    partner's own receipt."""
+    ledgered = [*ledgered, *["keys.rejected"] * refusals]
+    assert [e["event"] for e in events(id_node, "keys.")] == ledgered
+    with pytest.raises(KeyManagementError, match="not acknowledged key set version 2"):
+        admin(id_node).activate("signing")
+    link.forge = None
+    assert id_node.announce_keys(link.announce_keys, now()) == 2
+    assert link.sent == [[announcement]] * (refusals + 1)  # announced again every time
+    assert not id_node.registry.unacknowledged()
+    assert [e["event"] for e in events(id_node, "keys.")] == [*ledgered, "keys.acknowledged"]
+    acknowledged = events(id_node, "keys.acknowledged")
+    assert [(e["version"], e["sha256"]) for e in acknowledged] == [(2, sha256_hex(link.answered[-1]))]
+
+
+def test_a_receipt_of_our_key_set_signed_by_a_key_not_the_partners_is_refused_and_announced_again(
+    nodes: Pair, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whoever sits on the peer channel cannot acknowledge our key set for the partner: a receipt
+    of the right version and digest is refused unless a signing key of the partner, in force when
+    it was given, signed it. Nothing is recorded or ledgered as acknowledged; the version is
+    announced again (by the delivery worker after its backoff) until the partner's own receipt."""
+    _, _, id_node, my_node = nodes
+    lost_at = now() - dt.timedelta(hours=1)
+    stolen = my_node.keys.signing
+    admin(my_node).revoke(str(stolen.kid), reason="laptop stolen", effective_at=lost_at)
+    drain(DeliveryWorker(my_node, Loopback(id_node)))  # ID learns of the revocation
+    assert id_node.partner.history.in_force(str(stolen.kid), now()) is None
+    admin(id_node).rotate("signing")
+    ((_, announcement),) = id_node.registry.unacknowledged()
+    ledgered = [str(e["event"]) for e in events(id_node, "keys.")]
+    link = ReceiptSwap(my_node)
+    id_node.fetch_partner_key_sets = link.fetch_key_sets  # an unknown key id makes ID look: in vain
+    signers: list[tuple[str, OKPKey, Callable[[KeySetReceipt], KeySetReceipt], str]] = [
+        (
+            "by a stranger, under the partner's signing key id",
+            stranger(my_node.keys.signing_kid),
+            same,
+            "bad-signature",
+        ),
+        ("by a stranger, under a key id of its own", stranger("MY-sig-evil"), same, "unknown-key"),
+        ("by our own signing key (reflected)", id_node.keys.signing, same, "unknown-key"),
+        ("by the partner's checkpoint key, not a signing key", my_node.keys.checkpoint, same, "unknown-key"),
+        ("by the partner's revoked key, dated now", stolen, same, "bad-receipt"),
+        (
+            "by the partner's revoked key, backdated before the revocation",
+            stolen,
+            dated(lost_at - dt.timedelta(minutes=1)),
+            "bad-receipt",
+        ),
+    ]
+    for case, key, change, reason in signers:
+        link.forge = signed_by(key, change)
+        refused_and_pending(id_node, link, reason, case)
+    assert my_node.registry.history("ID").version == 2  # the partner did take it, every time
+    clock = Clock()
+    worker = DeliveryWorker(id_node, link, clock=clock)
+    link.forge = signed_by(stranger("MY-sig-evil"))
+    caplog.clear()
+    with caplog.at_level("ERROR"):
+        worker.run_once()
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
+        "SECURITY INCIDENT: the receipt of our key set by MY is refused:"
+        " unknown-key: receipt signed by unknown key MY-sig-evil"
+    ]
+    worker.run_once()  # within its backoff the worker does not announce again
+    assert len(link.sent) == len(signers) + 1
+    assert [v for v, _ in id_node.registry.unacknowledged()] == [2]
+    clock.now += id_node.settings.delivery_backoff_max_seconds
+    worker.run_once()  # after it, it does: refused again
+    assert len(link.sent) == len(signers) + 2
+    acknowledged_honestly_after(id_node, link, announcement, len(signers) + 2, ledgered)
+
+
+def test_a_receipt_by_the_partners_own_key_for_another_version_or_digest_is_refused(nodes: Pair) -> None:
+    """A receipt validly signed by the partner's active signing key acknowledges what it names; if
+    that is not what we announced (another version, digest, party or key set, or a time outside
+    the round), it is refused as ``bad-receipt`` and acknowledges nothing."""
+    _, _, id_node, my_node = nodes
+    first = my_node.registry.history("ID").versions[0]
+    admin(id_node).rotate("signing")
+    ((_, announcement),) = id_node.registry.unacknowledged()
+    ledgered = [str(e["event"]) for e in events(id_node, "keys.")]
+    recorded = id_node.registry.recorded_at("ID", 2)
+    skew = dt.timedelta(seconds=id_node.settings.clock_skew_seconds)
+    changes: list[tuple[str, Callable[[KeySetReceipt], KeySetReceipt]]] = [
+        ("of the version in force before, with its digest", changed(version=1, digest=first.digest)),
+        ("of a version not announced, with the digest announced", changed(version=3)),
+        ("of the version announced, with another digest", changed(digest=sha256_hex(announcement + " "))),
+        ("of the version announced, with the digest of version 1", changed(digest=first.digest)),
+        ("naming us as the party acknowledging", changed(party="ID")),
+        ("of the partner's own key set", changed(of="MY")),
+        ("dated before the version was stored", dated(recorded - skew - dt.timedelta(seconds=1))),
+        ("dated in the future", dated(now() + skew + dt.timedelta(minutes=1))),
+    ]
+    link = ReceiptSwap(my_node)
+    for case, change in changes:
+        link.forge = signed_by(my_node.keys.signing, change)
+        refused_and_pending(id_node, link, "bad-receipt", case)
+    assert my_node.registry.history("ID").version == 2
+    acknowledged_honestly_after(id_node, link, announcement, len(changes), ledgered)
