@@ -17,7 +17,7 @@ import functools
 import hmac
 import ipaddress
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -314,8 +314,14 @@ def certificate_kind(cert_pem: bytes) -> Literal["server", "node", "client"]:
     raise KeyManagementError("the certificate has no server, client or node purpose")
 
 
-def _leaf_names(cert_pem: bytes) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
-    """A leaf certificate's organisation, DNS names and IP addresses."""
+def _leaf_profile(cert_pem: bytes) -> dict[str, Any]:
+    """What a leaf certificate is issued for, as the keyword arguments of :func:`_sign_leaf` and
+    :func:`issue_certificate`: its kind, common name, organisation, DNS names and IP addresses.
+
+    Raises:
+        KeyManagementError: ``cert_pem`` is not a leaf certificate.
+    """
+    kind = certificate_kind(cert_pem)
     cert = _load_cert(cert_pem)
     orgs = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
     try:
@@ -324,7 +330,13 @@ def _leaf_names(cert_pem: bytes) -> tuple[str, tuple[str, ...], tuple[str, ...]]
         ips = tuple(str(a) for a in sans.get_values_for_type(x509.IPAddress))
     except x509.ExtensionNotFound:
         dns_names, ips = (), ()
-    return (str(orgs[0].value) if orgs else ""), dns_names, ips
+    return {
+        "kind": kind,
+        "common_name": certificate_info(cert_pem).common_name,
+        "organisation": str(orgs[0].value) if orgs else "",
+        "dns_names": dns_names,
+        "ip_addresses": ips,
+    }
 
 
 def recertify(ca: IssuedCertificate, ca_passphrase: str, cert_pem: bytes, *, days: int = 825) -> bytes:
@@ -336,20 +348,9 @@ def recertify(ca: IssuedCertificate, ca_passphrase: str, cert_pem: bytes, *, day
     Raises:
         KeyManagementError: ``cert_pem`` is not a leaf certificate, or the CA key cannot be decrypted.
     """
-    kind = certificate_kind(cert_pem)
-    organisation, dns_names, ips = _leaf_names(cert_pem)
+    profile = _leaf_profile(cert_pem)
     ca_cert, ca_key = _load_ca(ca, ca_passphrase)
-    return _sign_leaf(
-        ca_cert,
-        ca_key,
-        _load_cert(cert_pem).public_key(),
-        kind=kind,
-        common_name=certificate_info(cert_pem).common_name,
-        organisation=organisation,
-        dns_names=dns_names,
-        ip_addresses=ips,
-        days=days,
-    )
+    return _sign_leaf(ca_cert, ca_key, _load_cert(cert_pem).public_key(), **profile, days=days)
 
 
 def reissue_with_new_key(
@@ -361,19 +362,7 @@ def reissue_with_new_key(
     Raises:
         KeyManagementError: ``cert_pem`` is not a leaf certificate, or the CA key cannot be decrypted.
     """
-    kind = certificate_kind(cert_pem)
-    organisation, dns_names, ips = _leaf_names(cert_pem)
-    return issue_certificate(
-        ca,
-        ca_passphrase,
-        kind=kind,
-        common_name=certificate_info(cert_pem).common_name,
-        organisation=organisation,
-        passphrase=passphrase,
-        dns_names=dns_names,
-        ip_addresses=ips,
-        days=days,
-    )
+    return issue_certificate(ca, ca_passphrase, **_leaf_profile(cert_pem), passphrase=passphrase, days=days)
 
 
 def sign_client_csr(
