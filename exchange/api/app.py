@@ -97,6 +97,8 @@ def create_app(node: Node, transport: PeerTransport | None = None, *, run_worker
                 runner.stop()
             for thread in threads:
                 thread.join(timeout=30)
+            if worker is not None:
+                worker.close()  # the answers of its last round settled, while still the leader
             coordination.close()  # after the loops: a successor leads at once
             app.state.audit.close()
             if transport is not None:

@@ -27,6 +27,7 @@ import random
 import socket
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from exchange import envelope
@@ -141,11 +142,19 @@ class DeliveryWorker:
         self._announce_after = 0.0
         self._recovered = False
         self.interval = settings.delivery_poll_seconds  # the fallback poll: wake-ups come first
+        #: the loop settles a round's answers in this thread while it sends the next round
+        self._settler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="settle")
+        self._settling: Future[int] | None = None
 
     # --- one round -------------------------------------------------------------------------------
 
-    def run_once(self) -> int:
-        """One delivery round; returns how many envelopes were settled (delivered or failed)."""
+    def run_once(self, *, settle_later: bool = False) -> int:
+        """One delivery round; returns how many envelopes were settled (delivered or failed).
+
+        ``settle_later``: the answers are settled in the settling thread while the caller goes on
+        (the next round is sent meanwhile); they count as settled, and any error of theirs is
+        raised by the next round or :meth:`finish_settling`. At most one round is being settled:
+        rounds are settled in order."""
         if not self._recovered:
             self.recover_leases()
         settings = self.node.settings
@@ -182,7 +191,12 @@ class DeliveryWorker:
             seconds=time.monotonic() - started,
         )
         if done:
-            settled += self._settle(done)
+            finished = self.finish_settling()
+            if settle_later:
+                self._settling = self._settler.submit(self._settle, done)
+                settled += len(done)
+            else:
+                settled += finished + self._settle(done)
         if error is not None:
             self._partner_down(rest, error)
         else:
@@ -229,6 +243,19 @@ class DeliveryWorker:
                 return done, [c for p in (part, *pending) for c in p], exc
             done.extend(zip(part, results, strict=True))
         return done, [], None
+
+    def finish_settling(self) -> int:
+        """Wait for the round being settled in the settling thread, if any; returns how many it
+        settled, or raises its error."""
+        settling, self._settling = self._settling, None
+        return settling.result() if settling is not None else 0
+
+    def close(self) -> None:
+        """Settle what is in flight and stop the settling thread."""
+        try:
+            self.finish_settling()
+        finally:
+            self._settler.shutdown(wait=True)
 
     def _partner_down(self, rest: list[repo.Claimed], error: TransportError) -> None:
         settings = self.node.settings
@@ -442,9 +469,11 @@ class DeliveryWorker:
         self.partner = PartnerBackoff()
 
     def step(self) -> float:
-        """One round; at once again if it settled anything, else at the partner's next probe or
-        the fallback poll, whichever is sooner."""
-        if self.run_once():
+        """One round, its answers settled while the next round is sent; at once again if it had
+        any, else (once they are settled) at the partner's next probe or the fallback poll,
+        whichever is sooner."""
+        if self.run_once(settle_later=True):
             return 0.0
+        self.finish_settling()
         until_probe = self.partner.retry_at - self.clock()
         return min(self.interval, until_probe) if until_probe > 0 else self.interval

@@ -317,3 +317,69 @@ def test_a_full_disk_is_database_unavailable_logged_once_then_recovers(
     node.submit(polri, MessageSubmission.model_validate(rfi()), now())
     assert any("available again" in r.getMessage() for r in caplog.records)
     node.close()
+
+
+def test_the_loop_sends_the_next_round_while_the_last_one_is_settled(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Round 2 goes out while round 1's receipts are still being recorded; each is settled once,
+    in order, and nothing is delivered twice."""
+    id_dir, _my_dir, id_node, my_node = pair
+    polri = actor(id_node, id_dir, "polri-cms")
+    set_node_options(id_dir.path, delivery_batch_size=2)
+    id_node.settings = load_settings(id_dir.path)
+    ids = [id_node.submit(polri, MessageSubmission.model_validate(rfi()), now())["id"] for _ in range(4)]
+    link = Loopback(my_node)
+    worker = DeliveryWorker(id_node, link)
+    settle, release, settling = worker._settle, threading.Event(), threading.Event()
+    settled: list[list[str]] = []
+
+    def slow_settle(done: list[tuple[repo.Claimed, object]]) -> int:
+        settling.set()
+        assert release.wait(10)
+        settled.append([c.message_id for c, _ in done])
+        return settle(done)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(worker, "_settle", slow_settle)
+    assert worker.step() == 0.0  # round 1 sent; its settling has begun and is held
+    assert settling.wait(10)
+    assert worker._settling is not None
+    second = threading.Thread(target=worker.step)
+    second.start()  # round 2 is sent while round 1 is held, then waits for it before settling
+    deadline = now() + dt.timedelta(seconds=10)
+    while link.batches < 2:
+        assert now() < deadline, "round 2 was not sent while round 1 was being settled"
+    assert settled == []
+    release.set()
+    second.join(10)
+    assert worker.step() == worker.interval  # nothing left: round 2 settled before it sleeps
+    assert settled == [ids[:2], ids[2:]]
+    assert [id_node.status(polri, m, now())["status"] for m in ids] == ["delivered"] * 4
+    with my_node.db.read() as conn:
+        assert len(repo.inbound_after(conn, 0, 10)) == 4
+    worker.close()
+
+
+def test_an_error_settling_a_round_is_raised_by_the_next_and_its_messages_are_sent_again(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    id_dir, _my_dir, id_node, my_node = pair
+    polri = actor(id_node, id_dir, "polri-cms")
+    mid = id_node.submit(polri, MessageSubmission.model_validate(rfi()), now())["id"]
+    worker = DeliveryWorker(id_node, Loopback(my_node))
+
+    def failing(done: list[tuple[repo.Claimed, object]]) -> int:
+        raise DatabaseUnavailable("the database went away while settling")
+
+    monkeypatch.setattr(worker, "_settle", failing)
+    assert worker.run_once(settle_later=True) == 1
+    with pytest.raises(DatabaseUnavailable):
+        worker.finish_settling()
+    assert id_node.status(polri, mid, now())["status"] == "sent"  # leased: not lost, not settled
+    worker.close()
+    restarted = DeliveryWorker(id_node, Loopback(my_node))  # takes its lease back: sent again
+    assert restarted.run_once() == 1
+    assert id_node.status(polri, mid, now())["status"] == "delivered"
+    with my_node.db.read() as conn:  # the partner answered the copy with its receipt, stored once
+        assert len(repo.inbound_after(conn, 0, 10)) == 1
+        assert [e.event for e in repo.iter_ledger(conn)][-1] == "envelope.redelivered"
