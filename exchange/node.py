@@ -105,14 +105,19 @@ class Node(Releases):
         self.content = ContentStore(KekStore(settings.key_dir / "kek", settings.passphrase()))
         self.partner_party: PartyId = self.agreement.partner_of(self.party)
         self.db = db or Database(settings.database_url, pool_size=settings.database_pool_size)
-        self.db.check_migrated()
         self.registry = KeyRegistry(
             self.db, self.agreement, self.party, self.partner_party, settings.key_refresh_seconds
         )
         self._keys_lock = threading.Lock()
         self._latest_note: tuple[float, str | None] = (-math.inf, None)  # (read at, checkpoint)
         self._keys: NodeKeys | None = None
-        _ = self.keys  # refuse to start without the private keys of the node's key set in force
+        try:
+            self.db.check_migrated()
+            _ = self.keys  # refuse to start without the private keys of the node's key set in force
+        except BaseException:
+            if db is None:
+                self.db.dispose()  # ours: its connections closed with the refusal
+            raise
         #: fetches the partner's key-set announcements after a version (set by the app)
         self.fetch_partner_key_sets: Callable[[int], list[str]] | None = None
         self.committer = GroupCommitter(self.db)

@@ -654,6 +654,17 @@ def iter_ledger(conn: Connection, *, batch: int = 5000) -> Iterator[LedgerEntry]
         last = int(leaves[-1].seq)
 
 
+def entries_of(conn: Connection, events: Sequence[str]) -> list[LedgerEntry]:
+    """The ledger entries of these ``events``, in sequence order (a scan: for startup checks and
+    audits, not for every request)."""
+    rows = conn.execute(
+        sa.select(ledger_entries.c.leaf)
+        .where(ledger_entries.c.event.in_(list(events)))
+        .order_by(ledger_entries.c.seq)
+    )
+    return [decode_leaf(row.leaf.encode()) for row in rows]
+
+
 # --- checkpoints ---------------------------------------------------------------------------------
 
 

@@ -239,6 +239,8 @@ class KeyRegistry:
                     sa.select(key_sets.c.party, sa.func.max(key_sets.c.version)).group_by(key_sets.c.party)
                 ).all()
             )
+            if not self._cache:  # this process's first read: the table against the ledger
+                self._check_against_ledger(conn, newest)
             for party in (self.party, self.partner):
                 cached = self._cache.get(party)
                 stored = max(1, int(newest.get(party) or 1))
@@ -258,6 +260,36 @@ class KeyRegistry:
                         cached.version,
                     )
         self._checked = time.monotonic()
+
+    def _check_against_ledger(self, conn: Connection, stored: dict[Any, Any]) -> None:
+        """Refuse a table that holds fewer versions than the ledger says were published or
+        accepted: rows deleted, to bring back a key a later version revoked, or restored apart
+        from the ledger. (A running process keeps what it trusts: see :meth:`_reload`.)
+
+        Raises:
+            KeyManagementError: naming the party, the version ledgered and the version stored.
+        """
+        ledgered: dict[str, int] = {}
+        for entry in repo.entries_of(conn, [e.value for e in _PUBLISHED]):
+            party, version = str(entry.data.get("party", entry.actor)), entry.data.get("version")
+            if isinstance(version, int) and version > ledgered.get(party, 1):
+                ledgered[party] = version
+        for party in (self.party, self.partner):
+            have = max(1, int(stored.get(party) or 1))
+            if ledgered.get(party, 1) > have:
+                logs.security_incident(
+                    log,
+                    "key-sets",
+                    "the ledger records %s's key set version %d, the database holds up to %d",
+                    party,
+                    ledgered[party],
+                    have,
+                )
+                raise KeyManagementError(
+                    f"the ledger records {party}'s key set version {ledgered[party]} but the key_sets"
+                    f" table holds only up to version {have}: rows were deleted or restored apart from"
+                    " the ledger; restore them from a backup of this database before starting the node"
+                )
 
     @staticmethod
     def newest_version(conn: Connection, party: PartyId) -> int:
@@ -515,6 +547,17 @@ class KeyRegistry:
                 return False
             self._fetched_at = time.monotonic()
             return True
+
+
+#: the ledger events that record a key-set version as published (ours) or accepted (the partner's)
+_PUBLISHED = (
+    LedgerEvent.KEYS_ROTATED,
+    LedgerEvent.KEYS_ACTIVATED,
+    LedgerEvent.KEYS_RETIRED,
+    LedgerEvent.KEYS_REVOKED,
+    LedgerEvent.KEYS_RENEWED,
+    LedgerEvent.KEYS_ACCEPTED,
+)
 
 
 def _key_event(

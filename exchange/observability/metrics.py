@@ -83,7 +83,7 @@ HTTP_REQUEST_SECONDS = Histogram(
 )
 
 #: incident kinds this node logs (exchange.observability.logs.security_incident)
-INCIDENT_KINDS = ("checkpoint", "partner-notified", "onward-without-consent", "key-receipt")
+INCIDENT_KINDS = ("checkpoint", "partner-notified", "onward-without-consent", "key-receipt", "key-sets")
 
 # every known label value starts at 0, so that a first occurrence is an increase Prometheus sees
 for _outcome in ("answered", "refused", "unreachable"):

@@ -18,6 +18,7 @@ from joserfc.jwk import OKPKey
 
 from exchange import crypto, envelope
 from exchange.canonical import sha256_hex
+from exchange.config import load_settings
 from exchange.db import repo
 from exchange.errors import EnvelopeError, KeyManagementError
 from exchange.keys import store
@@ -291,6 +292,39 @@ def test_a_version_deleted_from_the_table_is_not_forgotten_by_a_running_process(
     incidents = [r.getMessage() for r in caplog.records if r.getMessage().startswith("SECURITY INCIDENT")]
     assert len(incidents) == 1
     assert "version 1 in the database, below the version 2" in incidents[0]
+
+
+@pytest.mark.parametrize("whose", ["the partner's", "our own"])
+def test_a_version_deleted_from_the_table_stops_a_fresh_process_from_starting(
+    nodes: Pair, whose: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A process started after the row was deleted has no trusted history to compare with: the
+    ledger (witnessed by the partner) says which versions were published and accepted, and the
+    node refuses to start on a table that lacks one, rather than trust the older key set."""
+    id_dir, my_dir, id_node, my_node = nodes
+    admin(id_node).rotate("signing")
+    drain(DeliveryWorker(id_node, Loopback(my_node)))
+    node, node_dir = (my_node, my_dir) if whose == "the partner's" else (id_node, id_dir)
+    with node.db.transaction() as conn:
+        conn.execute(sa.text("DELETE FROM key_sets WHERE party = 'ID' AND version = 2"))
+    with caplog.at_level("ERROR"), pytest.raises(KeyManagementError) as refused:
+        Node(load_settings(node_dir.path))
+    assert "ledger records ID's key set version 2 but the key_sets table holds only up to version 1" in str(
+        refused.value
+    )
+    assert [r.getMessage() for r in caplog.records if "SECURITY INCIDENT" in r.getMessage()] == [
+        "SECURITY INCIDENT: the ledger records ID's key set version 2, the database holds up to 1"
+    ]
+
+
+def test_a_fresh_process_starts_on_an_intact_table_after_rotations(nodes: Pair) -> None:
+    id_dir, my_dir, id_node, my_node = nodes
+    admin(id_node).rotate("signing")
+    drain(DeliveryWorker(id_node, Loopback(my_node)))
+    for node_dir in (id_dir, my_dir):
+        fresh = Node(load_settings(node_dir.path))
+        assert fresh.registry.history("ID").version == 2
+        fresh.close()
 
 
 def test_a_second_different_version_from_the_partner_is_a_fork_and_changes_nothing(nodes: Pair) -> None:
