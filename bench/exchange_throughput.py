@@ -47,22 +47,23 @@ SUBMISSION = {
 
 def load(make_client: Callable[[], ExchangeClient], messages: int, clients: int, rate: float = 0) -> float:
     """Submit ``messages`` from ``clients`` threads, as fast as possible (``rate`` 0: closed loop) or
-    paced to ``rate`` messages per second overall (open loop). Returns the time of the first one."""
+    paced to ``rate`` messages per second overall (open loop: message i is due at i / rate, the
+    threads taking turns, so arrivals are evenly spaced, not in bursts of ``clients``). Returns
+    the time of the first one."""
     per = [messages // clients + (1 if i < messages % clients else 0) for i in range(clients)]
     start = time.time()
     errors: list[str] = []
 
-    def worker(n: int) -> None:
-        interval = clients / rate if rate else 0.0
+    def worker(first: int, n: int) -> None:
         with make_client() as api:
             for k in range(n):
-                if interval:
-                    time.sleep(max(0.0, start + k * interval - time.time()))
+                if rate:
+                    time.sleep(max(0.0, start + (first + k * clients) / rate - time.time()))
                 r = api.request("POST", "/v1/messages", json=SUBMISSION)
                 if r.status_code != 202:
                     errors.append(r.text)
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in per]
+    threads = [threading.Thread(target=worker, args=(i, n)) for i, n in enumerate(per)]
     for t in threads:
         t.start()
     for t in threads:
@@ -106,13 +107,17 @@ def summarise(label: str, first_submit: float, done: list[tuple[str, str]]) -> d
 def phases(
     label: str, make_client: Callable[[], ExchangeClient], db: str, table: str, args: argparse.Namespace
 ) -> dict[str, dict[str, float]]:
-    """Saturation (closed loop, all clients flat out), then latency at a paced offered rate."""
+    """Saturation (closed loop, all clients flat out), then latency at each paced offered rate."""
     first = load(make_client, args.messages, args.clients)
-    saturated = summarise(f"{label}, saturated", first, wait_delivered(db, table, args.messages, first))
-    paced_n = max(50, int(args.rate * 15))
-    first = load(make_client, paced_n, args.clients, rate=args.rate)
-    paced = summarise(f"{label}, {args.rate:g} msg/s", first, wait_delivered(db, table, paced_n, first))
-    return {"max": saturated, "paced": paced}
+    done = wait_delivered(db, table, args.messages, first)
+    figures = {"max": summarise(f"{label}, saturated", first, done)}
+    for rate in args.rate:
+        paced_n = max(50, int(rate * 15))
+        first = load(make_client, paced_n, args.clients, rate=rate)
+        figures[f"{rate:g}"] = summarise(
+            f"{label}, offered {rate:g} msg/s", first, wait_delivered(db, table, paced_n, first)
+        )
+    return figures
 
 
 def main() -> None:
@@ -121,13 +126,19 @@ def main() -> None:
     )
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--rate", type=float, default=40.0, help="offered load for the latency phase (msg/s)")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        action="append",
+        help="an offered load for a latency phase (msg/s, evenly spaced); repeat for more (default 40, 200)",
+    )
     parser.add_argument(
         "--postgres",
         metavar="URL",
         help="run both nodes on PostgreSQL: two throwaway databases made through this admin URL",
     )
     args = parser.parse_args()
+    args.rate = args.rate or [40.0, 200.0]
     root = Path(tempfile.mkdtemp(prefix="exchange-bench-"))
     with databases(args.postgres) as urls:
         run(root, (urls[0], urls[1]), (urls[2], urls[3]), args)
@@ -248,12 +259,14 @@ def run(
             p.terminate()
             p.wait(30)
         print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-        print(
-            "\nratio secure/plain: saturation throughput "
-            f"{secure['max']['rate'] / plain['max']['rate']:.2f}x; "
-            f"at {args.rate:g} msg/s p50 latency {secure['paced']['p50'] / plain['paced']['p50']:.2f}x, "
-            f"p99 latency {secure['paced']['p99'] / plain['paced']['p99']:.2f}x"
-        )
+        ratio = secure["max"]["rate"] / plain["max"]["rate"]
+        print(f"\nratio secure/plain: saturation throughput {ratio:.2f}x")
+        for rate in args.rate:
+            ours, theirs = secure[f"{rate:g}"], plain[f"{rate:g}"]
+            print(
+                f"  offered {rate:g} msg/s: p50 latency {ours['p50'] / theirs['p50']:.2f}x,"
+                f" p99 latency {ours['p99'] / theirs['p99']:.2f}x"
+            )
     finally:
         for node in (polri, pdrm):
             node.server.kill()
