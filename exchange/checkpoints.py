@@ -157,16 +157,13 @@ class CheckpointService:
     def _verify_partner(self, note: str, now: dt.datetime) -> Checkpoint:
         """The partner's new checkpoint, signed by a checkpoint key in force ``now`` (its newer key
         sets fetched once if none verifies). Raises CheckpointError."""
-        partner = self.node.partner
-        try:
-            return verify_checkpoint_any(
+        return self.node.verify_by_partner(  # a checkpoint key announced while we were away
+            lambda partner: verify_checkpoint_any(
                 note, origin=partner.ledger_origin, keys=partner.checkpoint_keys(now)
-            )
-        except CheckpointError:
-            if not self.node.learn_partner_keys(now):
-                raise
-        partner = self.node.partner  # a checkpoint key announced while we were away, now learnt
-        return verify_checkpoint_any(note, origin=partner.ledger_origin, keys=partner.checkpoint_keys(now))
+            ),
+            lambda exc: isinstance(exc, CheckpointError),
+            now,
+        )
 
     def witness(self, note: str, from_size: int, proof: list[bytes], now: dt.datetime) -> str:
         """Cosign the partner's checkpoint if it is consistent with everything witnessed before, as a

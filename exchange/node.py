@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.engine import Connection
 
@@ -75,6 +75,9 @@ log = logging.getLogger("exchange.node")
 
 def iso(now: dt.datetime) -> str:
     return now.astimezone(dt.UTC).isoformat(timespec="microseconds")
+
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -184,6 +187,19 @@ class Node(Releases):
             return False  # logged and ledgered by the registry
         return learnt.version > known
 
+    def verify_by_partner(
+        self, verify: Callable[[PartnerKeys], T], unknown_key: Callable[[Exception], bool], now: dt.datetime
+    ) -> T:
+        """``verify(the partner's keys)``; if it fails for a key this node does not know yet
+        (``unknown_key(error)``), learn the partner's newer key sets once (:meth:`learn_partner_keys`)
+        and verify again with them. Raises what ``verify`` raises."""
+        try:
+            return verify(self.partner)
+        except Exception as exc:
+            if not unknown_key(exc) or not self.learn_partner_keys(now):
+                raise
+        return verify(self.partner)
+
     def accept_key_sets(self, announcements: Sequence[str], now: dt.datetime) -> str:
         """Take the partner's key-set announcements (each version on top of the last trusted) and
         answer with our signed receipt of the version now trusted.
@@ -242,14 +258,12 @@ class Node(Releases):
             AnnouncementRejected: ``bad-signature``, ``unknown-key`` (after fetching the partner's
                 newer key sets once), or ``bad-receipt``.
         """
+        receipt, kid = self.verify_by_partner(
+            lambda partner: verify_receipt(compact, partner.verification),
+            lambda exc: isinstance(exc, AnnouncementRejected) and exc.reason == "unknown-key",
+            now,
+        )
         partner = self.partner
-        try:
-            receipt, kid = verify_receipt(compact, partner.verification)
-        except AnnouncementRejected as exc:
-            if exc.reason != "unknown-key" or not self.learn_partner_keys(now):
-                raise
-            partner = self.partner
-            receipt, kid = verify_receipt(compact, partner.verification)
         newest = self.registry.history(self.party)
         sent = {v: sha256_hex(a) for v, a in pending}
         skew = dt.timedelta(seconds=self.settings.clock_skew_seconds)

@@ -375,22 +375,17 @@ class DeliveryWorker:
         """The partner's receipt for ``item``, signed by a key in force when it was made (the
         partner's newer key sets are fetched once on an unknown key). Raises EnvelopeError."""
         now = dt.datetime.now(dt.UTC)
-
-        def verify() -> envelope.Receipt:
-            return envelope.verify_receipt(
+        receipt = self.node.verify_by_partner(
+            lambda partner: envelope.verify_receipt(
                 compact,
-                verification_keys=self.node.partner.verification,
+                verification_keys=partner.verification,
                 expected_message_id=item.message_id,
                 expected_envelope_sha256=item.envelope_sha256,
                 expected_receiver=self.node.partner_party,
-            )
-
-        try:
-            receipt = verify()
-        except EnvelopeError as exc:
-            if exc.reason != "unknown-signing-key" or not self.node.learn_partner_keys(now):
-                raise
-            receipt = verify()
+            ),
+            lambda exc: isinstance(exc, EnvelopeError) and exc.reason == "unknown-signing-key",
+            now,
+        )
         signed_at = dt.datetime.fromisoformat(receipt.received_at)
         skew = dt.timedelta(seconds=self.node.settings.clock_skew_seconds)
         if not dt.datetime.fromisoformat(item.created_at) - skew <= signed_at <= now + skew:
