@@ -500,19 +500,23 @@ def _consent(polri: DemoNode, pdrm: DemoNode) -> None:
             raise ExchangeError("an onward release was allowed without the originator's consent")
 
 
+def _short_request(case_ref: str, level: str, summary: str, question: str) -> dict[str, Any]:
+    """A request for information from Polri with one question, amber, under the agreement."""
+    return {
+        "type": "REQUEST_FOR_INFORMATION",
+        "case_ref": case_ref,
+        "purposes": ["TIP_INVESTIGATION"],
+        "classification": {"scheme": "POLRI", "level": level},
+        "tlp": "AMBER",
+        "legal_basis": ["Polri-PDRM police cooperation agreement"],
+        "payload": {"summary": summary, "questions": [question]},
+    }
+
+
 def _return_or_destroy(polri: DemoNode, pdrm: DemoNode) -> None:
     with polri.client() as polri_api:
-        sent = polri_api.submit(
-            {
-                "type": "REQUEST_FOR_INFORMATION",
-                "case_ref": "ID-MY/2026/0043",
-                "purposes": ["TIP_INVESTIGATION"],
-                "classification": {"scheme": "POLRI", "level": "RAHASIA"},
-                "tlp": "AMBER",
-                "legal_basis": ["Polri-PDRM police cooperation agreement"],
-                "payload": {"summary": "Sent in error", "questions": ["Please destroy"]},
-            }
-        )
+        in_error = _short_request("ID-MY/2026/0043", "RAHASIA", "Sent in error", "Please destroy")
+        sent = polri_api.submit(in_error)
         polri_api.wait_for_status(sent["id"], "delivered")
         polri_api.request(
             "POST", f"/v1/messages/{sent['id']}/return-or-destroy", json={"reason": "sent to the wrong case"}
@@ -549,17 +553,8 @@ def _key_rotation(polri: DemoNode, pdrm: DemoNode) -> None:
     for line in activated.strip().splitlines():
         _line("exchange keys activate", line)
     with polri.client() as api:
-        sent = api.submit(
-            {
-                "type": "REQUEST_FOR_INFORMATION",
-                "case_ref": "ID-MY/2026/0044",
-                "purposes": ["TIP_INVESTIGATION"],
-                "classification": {"scheme": "POLRI", "level": "TERBATAS"},
-                "tlp": "AMBER",
-                "legal_basis": ["Polri-PDRM police cooperation agreement"],
-                "payload": {"summary": "Signed with the new key", "questions": ["Received?"]},
-            }
-        )
+        request = _short_request("ID-MY/2026/0044", "TERBATAS", "Signed with the new key", "Received?")
+        sent = api.submit(request)
         api.wait_for_status(sent["id"], "delivered")
         health = api.health()["key_sets"]
     _line("a message under the new key", "delivered, verified by PDRM with the announced key")
