@@ -32,6 +32,7 @@ from exchange.ledger import decode_leaf
 from exchange.ledger.audit import SIGNED_EVENTS, AuditKeys, AuditReport, verify_audit
 from exchange.ledger.bundle import build_bundle
 from exchange.ledger.checkpoint import SIG_COSIGNATURE_V1, SIG_ED25519, checkpoint_with
+from exchange.ledger.events import KEY_SET_RECORDED
 from exchange.ledger.key_history import PartyAnchor, PartyKeys
 from exchange.ledger.log import combine_ranges, verify_range
 from exchange.ledger.merkle import ProofError, consistency_proof, inclusion_proof, leaf_hash, root_hash
@@ -315,11 +316,14 @@ class AuditService:
             checkpoints = repo.all_checkpoints(conn)
             witnessed = repo.all_witnessed(conn)
             further = repo.witness_cosignatures_by_size(conn)
-            signed = [
+            judged = [
                 decode_leaf(leaf.encode())
                 for leaf in conn.execute(
                     sa.select(ledger_entries.c.leaf)
-                    .where(ledger_entries.c.event.in_(list(SIGNED_EVENTS)), ledger_entries.c.seq < head.size)
+                    .where(
+                        ledger_entries.c.event.in_([*SIGNED_EVENTS, *KEY_SET_RECORDED]),
+                        ledger_entries.c.seq < head.size,
+                    )
                     .order_by(ledger_entries.c.seq)
                 ).scalars()
             ]
@@ -349,7 +353,8 @@ class AuditService:
             witnessed=witnessed,
             keys=keys,
             witness_cosignatures=further,
-            signed=signed,
+            signed=[e for e in judged if e.event in SIGNED_EVENTS],
+            key_set_entries=[e for e in judged if e.event in KEY_SET_RECORDED],
         )
 
     def export(self, start: int, end: int | None = None) -> dict[str, Any]:

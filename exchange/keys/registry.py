@@ -42,7 +42,7 @@ from exchange.keys.announcement import (
     key_in_force,
 )
 from exchange.ledger import EntryDraft
-from exchange.ledger.events import LedgerEvent
+from exchange.ledger.events import KEY_SET_RECORDED, LedgerEvent, recorded_key_set_versions
 from exchange.observability import logs
 from exchange.types import KeyId, PartyId
 
@@ -269,24 +269,21 @@ class KeyRegistry:
         Raises:
             KeyManagementError: naming the party, the version ledgered and the version stored.
         """
-        ledgered: dict[str, int] = {}
-        for entry in repo.entries_of(conn, [e.value for e in _PUBLISHED]):
-            party, version = str(entry.data.get("party", entry.actor)), entry.data.get("version")
-            if isinstance(version, int) and version > ledgered.get(party, 1):
-                ledgered[party] = version
+        ledgered = recorded_key_set_versions(repo.entries_of(conn, [e.value for e in KEY_SET_RECORDED]))
         for party in (self.party, self.partner):
             have = max(1, int(stored.get(party) or 1))
-            if ledgered.get(party, 1) > have:
+            version, _seq = ledgered.get(party, (1, -1))
+            if version > have:
                 logs.security_incident(
                     log,
                     "key-sets",
                     "the ledger records %s's key set version %d, the database holds up to %d",
                     party,
-                    ledgered[party],
+                    version,
                     have,
                 )
                 raise KeyManagementError(
-                    f"the ledger records {party}'s key set version {ledgered[party]} but the key_sets"
+                    f"the ledger records {party}'s key set version {version} but the key_sets"
                     f" table holds only up to version {have}: rows were deleted or restored apart from"
                     " the ledger; restore them from a backup of this database before starting the node"
                 )
@@ -547,17 +544,6 @@ class KeyRegistry:
                 return False
             self._fetched_at = time.monotonic()
             return True
-
-
-#: the ledger events that record a key-set version as published (ours) or accepted (the partner's)
-_PUBLISHED = (
-    LedgerEvent.KEYS_ROTATED,
-    LedgerEvent.KEYS_ACTIVATED,
-    LedgerEvent.KEYS_RETIRED,
-    LedgerEvent.KEYS_REVOKED,
-    LedgerEvent.KEYS_RENEWED,
-    LedgerEvent.KEYS_ACCEPTED,
-)
 
 
 def _key_event(

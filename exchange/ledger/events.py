@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from enum import StrEnum
+
+from exchange.ledger.entries import LedgerEntry
 
 
 class LedgerEvent(StrEnum):
@@ -38,3 +41,29 @@ class LedgerEvent(StrEnum):
     KEYS_ACKNOWLEDGED = "keys.acknowledged"  # the partner's signed receipt of our versions
     TLS_CERTIFICATE_RENEWED = "tls.certificate_renewed"  # the node's server or node certificate replaced
     CLIENT_CERTIFICATE_RENEWED = "client.certificate_renewed"  # a local system's certificate replaced
+
+
+#: the events that record a key-set version as published (this node's steps, ``data.version``) or
+#: accepted (the partner's, ``data.party`` and ``data.version``): the key_sets table must hold it
+KEY_SET_RECORDED = (
+    LedgerEvent.KEYS_ROTATED,
+    LedgerEvent.KEYS_ACTIVATED,
+    LedgerEvent.KEYS_RETIRED,
+    LedgerEvent.KEYS_REVOKED,
+    LedgerEvent.KEYS_RENEWED,
+    LedgerEvent.KEYS_ACCEPTED,
+)
+
+
+def recorded_key_set_versions(entries: Iterable[LedgerEntry]) -> dict[str, tuple[int, int]]:
+    """By party, the highest key-set version ``entries`` (of :data:`KEY_SET_RECORDED`) record as
+    published or accepted, with the sequence number of the entry that records it."""
+    found: dict[str, tuple[int, int]] = {}
+    for entry in entries:
+        version = entry.data.get("version")
+        if entry.event not in KEY_SET_RECORDED or not isinstance(version, int):
+            continue
+        party = str(entry.data.get("party", entry.actor))
+        if version > found.get(party, (1, -1))[0]:
+            found[party] = (version, entry.seq)
+    return found

@@ -135,3 +135,21 @@ def test_an_announcement_edited_in_the_database_breaks_the_audit(
         conn.execute(key_sets.update().values(announcement=json.dumps(document)))
     with pytest.raises(LedgerIntegrityError, match="key-set history of MY breaks after version 1"):
         service.verify()
+
+
+def test_an_announcement_deleted_from_the_database_breaks_the_audit(
+    id_and_nodes: tuple[NodeDir, Node, Node],
+) -> None:
+    """The ledger's keys.accepted entry (witnessed by the partner) says version 2 was accepted: a
+    table without it, which would bring back the key version 2 revoked, fails the audit."""
+    _, id_node, my_node = id_and_nodes
+    revoke_partner_signing_key(id_node, my_node)
+    service = AuditService(id_node.db, id_node.agreement, id_node.party)
+    assert service.verify().key_versions["MY"] == 2
+    with id_node.db.read() as conn:
+        (accepted,) = [e for e in repo.iter_ledger(conn) if e.event == "keys.accepted"]
+    with id_node.db.transaction() as conn:
+        conn.execute(key_sets.delete().where(key_sets.c.party == "MY", key_sets.c.version == 2))
+    with pytest.raises(LedgerIntegrityError, match="records MY's key set version 2") as broken:
+        service.verify()
+    assert broken.value.seq == accepted.seq
