@@ -258,12 +258,16 @@ class Node(Releases):
             AnnouncementRejected: ``bad-signature``, ``unknown-key`` (after fetching the partner's
                 newer key sets once), or ``bad-receipt``.
         """
+        used: list[PartnerKeys] = []  # the partner's keys the receipt verified with
+
+        def verify(partner: PartnerKeys) -> tuple[KeySetReceipt, str]:
+            used.append(partner)
+            return verify_receipt(compact, partner.verification)
+
         receipt, kid = self.verify_by_partner(
-            lambda partner: verify_receipt(compact, partner.verification),
-            lambda exc: isinstance(exc, AnnouncementRejected) and exc.reason == "unknown-key",
-            now,
+            verify, lambda exc: isinstance(exc, AnnouncementRejected) and exc.reason == "unknown-key", now
         )
-        partner = self.partner
+        partner = used[-1]
         newest = self.registry.history(self.party)
         sent = {v: sha256_hex(a) for v, a in pending}
         skew = dt.timedelta(seconds=self.settings.clock_skew_seconds)
@@ -576,7 +580,11 @@ class Node(Releases):
             except DatabaseUnavailable:
                 raise
             except Exception:  # an envelope failed: again, each in its own savepoint
-                log.debug("a received batch fell back to one savepoint per envelope", exc_info=True)
+                log.warning(
+                    "a received batch of %d envelopes is stored again one savepoint per envelope",
+                    len(envelopes),
+                    exc_info=True,
+                )
         results, retired = stored if stored is not None else self._store(envelopes, opened, now, careful=True)
         self.content.retire(retired, self.db)  # KEKs a destruction on request no longer needs
         self.wake_delivery()  # answers (a destruction certificate) go out at once

@@ -41,8 +41,8 @@ from exchange.keys.announcement import (
     claimed_version,
     key_in_force,
 )
-from exchange.ledger import EntryDraft
-from exchange.ledger.events import KEY_SET_RECORDED, LedgerEvent, recorded_key_set_versions
+from exchange.ledger import EntryDraft, LedgerEntry
+from exchange.ledger.events import KEY_SET_RECORDED, LedgerEvent, key_set_mismatch
 from exchange.observability import logs
 from exchange.types import KeyId, PartyId
 
@@ -234,13 +234,15 @@ class KeyRegistry:
 
     def _reload(self) -> None:
         with self.db.read() as conn:
+            first = not self._cache  # this process's first read: the table against the ledger
+            # the ledger before the table: a version is stored and ledgered in one transaction, so
+            # what a ledger read finds, a later table read finds too (read committed: two snapshots)
+            recorded = repo.entries_of(conn, [e.value for e in KEY_SET_RECORDED]) if first else []
             newest = dict(
                 conn.execute(
                     sa.select(key_sets.c.party, sa.func.max(key_sets.c.version)).group_by(key_sets.c.party)
                 ).all()
             )
-            if not self._cache:  # this process's first read: the table against the ledger
-                self._check_against_ledger(conn, newest)
             for party in (self.party, self.partner):
                 cached = self._cache.get(party)
                 stored = max(1, int(newest.get(party) or 1))
@@ -259,33 +261,29 @@ class KeyRegistry:
                         stored,
                         cached.version,
                     )
+            if first:
+                self._check_against_ledger(recorded)
         self._checked = time.monotonic()
 
-    def _check_against_ledger(self, conn: Connection, stored: dict[Any, Any]) -> None:
-        """Refuse a table that holds fewer versions than the ledger says were published or
-        accepted: rows deleted, to bring back a key a later version revoked, or restored apart
-        from the ledger. (A running process keeps what it trusts: see :meth:`_reload`.)
+    def _check_against_ledger(self, recorded: Sequence[LedgerEntry]) -> None:
+        """Refuse the histories just loaded if they lack a version the ledger's ``recorded`` entries
+        say was published or accepted, or hold it with another digest: rows deleted or replaced
+        (to bring back a key a later version revoked), or restored apart from the ledger. (A
+        running process keeps what it trusts: see :meth:`_reload`.) The cache is emptied.
 
         Raises:
-            KeyManagementError: naming the party, the version ledgered and the version stored.
+            KeyManagementError: naming the entry, the party and the version.
         """
-        ledgered = recorded_key_set_versions(repo.entries_of(conn, [e.value for e in KEY_SET_RECORDED]))
         for party in (self.party, self.partner):
-            have = max(1, int(stored.get(party) or 1))
-            version, _seq = ledgered.get(party, (1, -1))
-            if version > have:
-                logs.security_incident(
-                    log,
-                    "key-sets",
-                    "the ledger records %s's key set version %d, the database holds up to %d",
-                    party,
-                    version,
-                    have,
-                )
+            digests = tuple(t.digest for t in self._cache[party].versions[1:])
+            mismatch = key_set_mismatch(recorded, party, digests)
+            if mismatch is not None:
+                self._cache.clear()
+                seq, what = mismatch
+                logs.security_incident(log, "key-sets", "ledger entry %d %s", seq, what)
                 raise KeyManagementError(
-                    f"the ledger records {party}'s key set version {version} but the key_sets"
-                    f" table holds only up to version {have}: rows were deleted or restored apart from"
-                    " the ledger; restore them from a backup of this database before starting the node"
+                    f"ledger entry {seq} {what}; restore the key_sets table from a backup of this"
+                    " database before starting the node"
                 )
 
     @staticmethod

@@ -29,7 +29,7 @@ from typing import Any, Literal
 from exchange.errors import LedgerIntegrityError
 from exchange.ledger.checkpoint import CheckpointError, NoteVerifier, verify_cosignatures
 from exchange.ledger.entries import LedgerEntry
-from exchange.ledger.events import LedgerEvent, recorded_key_set_versions
+from exchange.ledger.events import LedgerEvent, key_set_mismatch
 from exchange.ledger.key_history import (
     PartyKeys,
     in_force,
@@ -167,8 +167,8 @@ def verify_audit(
     :data:`SIGNED_EVENTS` suffice): what is flagged is in the report, not raised.
 
     ``key_set_entries`` are the entries of :data:`KEY_SET_RECORDED`: a version they record as
-    published or accepted must be in the key histories given (a key-set row deleted would otherwise
-    bring back a key a later version revoked).
+    published or accepted must be in the key histories given, with the digest recorded
+    (:func:`key_set_mismatch`).
 
     ``witness_cosignatures`` maps a checkpoint size to the further witnesses' cosignature lines.
     ``verify_entries(roots_by_size)`` checks every entry and that the ledger reproduces each given
@@ -178,15 +178,11 @@ def verify_audit(
     Raises:
         LedgerIntegrityError: naming the first bad entry, checkpoint, cosignature or witnessed checkpoint.
     """
-    recorded = recorded_key_set_versions(key_set_entries)
+    recorded = list(key_set_entries)
     for party_keys in (keys.own, keys.partner):
-        version, seq = recorded.get(party_keys.party, (1, -1))
-        if version > party_keys.version:
-            raise LedgerIntegrityError(
-                f"entry {seq} records {party_keys.party}'s key set version {version}, but the key sets"
-                f" stored go up to version {party_keys.version} only: a version was deleted",
-                seq,
-            )
+        mismatch = key_set_mismatch(recorded, party_keys.party, party_keys.digests)
+        if mismatch is not None:
+            raise LedgerIntegrityError(f"entry {mismatch[0]} {mismatch[1]}", mismatch[0])
     roots: dict[int, bytes] = {}
     cosigned = 0
     known = {w.name: w for w in keys.witnesses}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from enum import StrEnum
 
 from exchange.ledger.entries import LedgerEntry
@@ -55,15 +55,28 @@ KEY_SET_RECORDED = (
 )
 
 
-def recorded_key_set_versions(entries: Iterable[LedgerEntry]) -> dict[str, tuple[int, int]]:
-    """By party, the highest key-set version ``entries`` (of :data:`KEY_SET_RECORDED`) record as
-    published or accepted, with the sequence number of the entry that records it."""
-    found: dict[str, tuple[int, int]] = {}
+def key_set_mismatch(
+    entries: Iterable[LedgerEntry], party: str, digests: Sequence[str]
+) -> tuple[int, str] | None:
+    """The first of ``entries`` (of :data:`KEY_SET_RECORDED`) recording a version of ``party``'s
+    key set that ``digests`` (the SHA-256 of its stored announcements of versions 2, 3, ... in
+    order) lacks or holds with another digest: (its sequence number, what is wrong), else None.
+    A deleted version would bring back a key a later version revoked; a replaced one, a key the
+    ledgered version never listed."""
     for entry in entries:
-        version = entry.data.get("version")
-        if entry.event not in KEY_SET_RECORDED or not isinstance(version, int):
+        version, digest = entry.data.get("version"), entry.data.get("sha256")
+        if entry.event not in KEY_SET_RECORDED or str(entry.data.get("party", entry.actor)) != party:
             continue
-        party = str(entry.data.get("party", entry.actor))
-        if version > found.get(party, (1, -1))[0]:
-            found[party] = (version, entry.seq)
-    return found
+        if not isinstance(version, int) or version < 2:
+            continue
+        if version - 2 >= len(digests):
+            return entry.seq, (
+                f"records {party}'s key set version {version}, but the key sets stored go up to"
+                f" version {len(digests) + 1} only: a version was deleted"
+            )
+        if digests[version - 2] != digest:
+            return entry.seq, (
+                f"records {party}'s key set version {version} with another digest than the one"
+                " stored: the version was replaced"
+            )
+    return None

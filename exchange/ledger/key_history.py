@@ -21,7 +21,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from exchange.errors import LedgerIntegrityError
-from exchange.keys.announcement import AnnouncementRejected, KeyEntry, KeySet, Trusted, accept, key_in_force
+from exchange.keys.announcement import (
+    AnnouncementRejected,
+    KeyEntry,
+    KeySet,
+    Trusted,
+    accept,
+    announcement_digest,
+    key_in_force,
+)
 from exchange.ledger.checkpoint import (
     SIG_COSIGNATURE_V1,
     SIG_ED25519,
@@ -99,6 +107,7 @@ class PartyKeys:
     origin: str
     witness_name: str
     history: tuple[KeySet, ...]
+    digests: tuple[str, ...] = ()  # the SHA-256 of the announcements of versions 2, 3, ...
 
     @property
     def version(self) -> int:
@@ -202,4 +211,10 @@ class PartyAnchor:
         Raises:
             LedgerIntegrityError: the chain breaks (see :func:`walk_history`).
         """
-        return PartyKeys(self.party, self.origin, self.witness_name, walk_history(self.anchor, announcements))
+        return PartyKeys(
+            self.party,
+            self.origin,
+            self.witness_name,
+            walk_history(self.anchor, announcements),
+            tuple(announcement_digest(a) for a in announcements),
+        )

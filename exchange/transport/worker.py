@@ -35,6 +35,7 @@ from exchange.db import repo
 from exchange.envelope.size import batch_bytes, peer_body_limit
 from exchange.errors import (
     ConfigurationError,
+    DatabaseUnavailable,
     EnvelopeError,
     PartnerRefused,
     TransportError,
@@ -143,7 +144,7 @@ class DeliveryWorker:
         self._recovered = False
         self.interval = settings.delivery_poll_seconds  # the fallback poll: wake-ups come first
         #: the loop settles a round's answers in this thread while it sends the next round
-        self._settler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="settle")
+        self._settler: ThreadPoolExecutor | None = None
         self._settling: Future[int] | None = None
 
     # --- one round -------------------------------------------------------------------------------
@@ -152,9 +153,11 @@ class DeliveryWorker:
         """One delivery round; returns how many envelopes were settled (delivered or failed).
 
         ``settle_later``: the answers are settled in the settling thread while the caller goes on
-        (the next round is sent meanwhile); they count as settled, and any error of theirs is
-        raised by the next round or :meth:`finish_settling`. At most one round is being settled:
-        rounds are settled in order."""
+        (the next round is sent meanwhile); they count as settled. At most one round is being
+        settled, and rounds are settled in order: a round with answers first waits for the last
+        one, whose error is logged, never raised here (this round's answers are still recorded;
+        the failed round's messages are sent again when their leases end, and the partner answers
+        with its original receipts). :meth:`finish_settling` raises it instead."""
         if not self._recovered:
             self.recover_leases()
         settings = self.node.settings
@@ -191,12 +194,14 @@ class DeliveryWorker:
             seconds=time.monotonic() - started,
         )
         if done:
-            finished = self.finish_settling()
+            settled += self._last_round_settled()
             if settle_later:
+                if self._settler is None:
+                    self._settler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="settle")
                 self._settling = self._settler.submit(self._settle, done)
                 settled += len(done)
             else:
-                settled += finished + self._settle(done)
+                settled += self._settle(done)
         if error is not None:
             self._partner_down(rest, error)
         else:
@@ -250,12 +255,23 @@ class DeliveryWorker:
         settling, self._settling = self._settling, None
         return settling.result() if settling is not None else 0
 
-    def close(self) -> None:
-        """Settle what is in flight and stop the settling thread."""
+    def _last_round_settled(self) -> int:
+        """:meth:`finish_settling`, its error logged instead of raised (see :meth:`run_once`)."""
         try:
-            self.finish_settling()
-        finally:
-            self._settler.shutdown(wait=True)
+            return self.finish_settling()
+        except DatabaseUnavailable:
+            return 0  # a condition, logged once by the Database
+        except Exception:
+            log.exception("settling a delivery round failed; its messages go again when their leases end")
+            return 0
+
+    def close(self) -> None:
+        """Settle what is in flight (its error logged) and stop the settling thread; a later round
+        starts another."""
+        self._last_round_settled()
+        settler, self._settler = self._settler, None
+        if settler is not None:
+            settler.shutdown(wait=True)
 
     def _partner_down(self, rest: list[repo.Claimed], error: TransportError) -> None:
         settings = self.node.settings

@@ -360,12 +360,53 @@ def test_the_loop_sends_the_next_round_while_the_last_one_is_settled(
     worker.close()
 
 
-def test_an_error_settling_a_round_is_raised_by_the_next_and_its_messages_are_sent_again(
+def test_a_round_whose_settling_failed_strands_nothing_the_next_round_sent(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Round 1's settling fails (the database went away); round 2 is sent and settled all the same,
+    the failure logged; round 1's message, leased, goes again and the partner answers with its
+    original receipt: nothing lost, nothing stored twice."""
+    id_dir, _my_dir, id_node, my_node = pair
+    polri = actor(id_node, id_dir, "polri-cms")
+    set_node_options(id_dir.path, delivery_batch_size=1)
+    id_node.settings = load_settings(id_dir.path)
+    first, second = (
+        id_node.submit(polri, MessageSubmission.model_validate(rfi()), now())["id"] for _ in range(2)
+    )
+    worker = DeliveryWorker(id_node, Loopback(my_node))
+    settle = worker._settle
+    failures = [RuntimeError("the settling transaction failed")]
+
+    def failing_once(done: list[tuple[repo.Claimed, object]]) -> int:
+        if failures:
+            raise failures.pop()
+        return settle(done)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(worker, "_settle", failing_once)
+    assert worker.run_once(settle_later=True) == 1  # round 1 sent; its settling will fail
+    with caplog.at_level("ERROR", logger="exchange.delivery"):
+        assert worker.run_once(settle_later=True) == 1  # round 2: sent, and settled regardless
+        assert worker.finish_settling() == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        "settling a delivery round failed; its messages go again when their leases end"
+    ]
+    assert id_node.status(polri, second, now())["status"] == "delivered"
+    assert id_node.status(polri, first, now())["status"] == "sent"  # leased: not lost
+    worker.close()
+    restarted = DeliveryWorker(id_node, Loopback(my_node))  # takes its lease back: sent again
+    assert restarted.run_once() == 1
+    assert id_node.status(polri, first, now())["status"] == "delivered"
+    with my_node.db.read() as conn:  # the partner answered the copy with its receipt, stored once
+        assert len(repo.inbound_after(conn, 0, 10)) == 2
+        assert [e.event for e in repo.iter_ledger(conn)][-1] == "envelope.redelivered"
+
+
+def test_finish_settling_raises_the_error_of_the_round_being_settled(
     pair: Pair, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     id_dir, _my_dir, id_node, my_node = pair
     polri = actor(id_node, id_dir, "polri-cms")
-    mid = id_node.submit(polri, MessageSubmission.model_validate(rfi()), now())["id"]
+    id_node.submit(polri, MessageSubmission.model_validate(rfi()), now())
     worker = DeliveryWorker(id_node, Loopback(my_node))
 
     def failing(done: list[tuple[repo.Claimed, object]]) -> int:
@@ -375,11 +416,5 @@ def test_an_error_settling_a_round_is_raised_by_the_next_and_its_messages_are_se
     assert worker.run_once(settle_later=True) == 1
     with pytest.raises(DatabaseUnavailable):
         worker.finish_settling()
-    assert id_node.status(polri, mid, now())["status"] == "sent"  # leased: not lost, not settled
+    worker.close()  # nothing left in flight; closing twice, or after a failure, is harmless
     worker.close()
-    restarted = DeliveryWorker(id_node, Loopback(my_node))  # takes its lease back: sent again
-    assert restarted.run_once() == 1
-    assert id_node.status(polri, mid, now())["status"] == "delivered"
-    with my_node.db.read() as conn:  # the partner answered the copy with its receipt, stored once
-        assert len(repo.inbound_after(conn, 0, 10)) == 1
-        assert [e.event for e in repo.iter_ledger(conn)][-1] == "envelope.redelivered"

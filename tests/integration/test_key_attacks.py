@@ -17,10 +17,11 @@ import sqlalchemy as sa
 from joserfc.jwk import OKPKey
 
 from exchange import crypto, envelope
+from exchange.auditing import AuditService
 from exchange.canonical import sha256_hex
 from exchange.config import load_settings
 from exchange.db import repo
-from exchange.errors import EnvelopeError, KeyManagementError
+from exchange.errors import EnvelopeError, KeyManagementError, LedgerIntegrityError
 from exchange.keys import store
 from exchange.keys.announcement import (
     AnnouncementRejected,
@@ -309,12 +310,14 @@ def test_a_version_deleted_from_the_table_stops_a_fresh_process_from_starting(
         conn.execute(sa.text("DELETE FROM key_sets WHERE party = 'ID' AND version = 2"))
     with caplog.at_level("ERROR"), pytest.raises(KeyManagementError) as refused:
         Node(load_settings(node_dir.path))
-    assert "ledger records ID's key set version 2 but the key_sets table holds only up to version 1" in str(
+    assert "records ID's key set version 2, but the key sets stored go up to version 1 only" in str(
         refused.value
     )
-    assert [r.getMessage() for r in caplog.records if "SECURITY INCIDENT" in r.getMessage()] == [
-        "SECURITY INCIDENT: the ledger records ID's key set version 2, the database holds up to 1"
-    ]
+    (incident,) = [r.getMessage() for r in caplog.records if "SECURITY INCIDENT" in r.getMessage()]
+    assert incident.endswith(
+        "records ID's key set version 2, but the key sets stored go up to version 1"
+        " only: a version was deleted"
+    )
 
 
 def test_a_fresh_process_starts_on_an_intact_table_after_rotations(nodes: Pair) -> None:
@@ -327,15 +330,10 @@ def test_a_fresh_process_starts_on_an_intact_table_after_rotations(nodes: Pair) 
         fresh.close()
 
 
-def test_a_second_different_version_from_the_partner_is_a_fork_and_changes_nothing(nodes: Pair) -> None:
-    """ID's version 2 is trusted; another version 2, validly signed by ID's own active key (a stolen
-    key, or a node restored from an old backup), is refused as a fork and ledgered."""
-    _, _, id_node, my_node = nodes
-    admin(id_node).rotate("signing")
-    drain(DeliveryWorker(id_node, Loopback(my_node)))
-    trusted = my_node.registry.history("ID")
-    assert trusted.version == 2
-    v1 = trusted.versions[0]
+def forked_version_2(id_node: Node, my_node: Node) -> str:
+    """Another version 2 of ID's key set than the one MY trusts, validly signed by ID's active key
+    (a stolen key, or a node restored from an old backup), adding a signing key of its own."""
+    v1 = my_node.registry.history("ID").versions[0]
     other = crypto.private_jwk(crypto.new_message_key("sig"), "ID-sig-other")
     t = now()
     fork = KeySet.model_validate(
@@ -357,11 +355,43 @@ def test_a_second_different_version_from_the_partner_is_a_fork_and_changes_nothi
             ],
         }
     )
+    return announce(fork, [id_node.keys.signing, other])
+
+
+def test_a_second_different_version_from_the_partner_is_a_fork_and_changes_nothing(nodes: Pair) -> None:
+    """ID's version 2 is trusted; another version 2, validly signed by ID's own active key, is
+    refused as a fork and ledgered."""
+    _, _, id_node, my_node = nodes
+    admin(id_node).rotate("signing")
+    drain(DeliveryWorker(id_node, Loopback(my_node)))
+    trusted = my_node.registry.history("ID")
+    assert trusted.version == 2
     with pytest.raises(AnnouncementRejected, match="fork"):
-        my_node.accept_key_sets([announce(fork, [id_node.keys.signing, other])], now())
+        my_node.accept_key_sets([forked_version_2(id_node, my_node)], now())
     after = my_node.registry.history("ID")
     assert (after.version, after.digest) == (trusted.version, trusted.digest)
     assert [e["reason"] for e in events(my_node, "keys.rejected")] == ["fork"]
+
+
+def test_a_version_replaced_in_the_table_stops_a_fresh_process_from_starting(nodes: Pair) -> None:
+    """Someone with write access to the table and the key that version 2 replaced swaps in their
+    own version 2, validly signed, its digest column to match: the ledger recorded the digest
+    of the version accepted, and a process starting on the swapped table refuses to."""
+    _, my_dir, id_node, my_node = nodes
+    admin(id_node).rotate("signing")
+    drain(DeliveryWorker(id_node, Loopback(my_node)))
+    fork = forked_version_2(id_node, my_node)
+    with my_node.db.transaction() as conn:
+        conn.execute(
+            sa.text("UPDATE key_sets SET announcement = :a, digest = :d WHERE party = 'ID' AND version = 2"),
+            {"a": fork, "d": sha256_hex(fork)},
+        )
+    with pytest.raises(
+        KeyManagementError, match="ID's key set version 2 with another digest than the one stored"
+    ):
+        Node(load_settings(my_dir.path))
+    with pytest.raises(LedgerIntegrityError, match="version 2 with another digest"):
+        AuditService(my_node.db, my_node.agreement, my_node.party).verify()
 
 
 class ReceiptSwap(Loopback):
