@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, TypeVar
 
 from sqlalchemy.engine import Connection
@@ -573,7 +574,7 @@ class Node(Releases):
         plain = len({m.id for m in admitted}) == len(admitted) and not any(
             self.agreement.message_types[m.type].kind == "control" for m in admitted
         )
-        stored: tuple[list[PeerResult], list[str]] | None = None
+        stored: tuple[list[PeerResult], list[str], list[Callable[[], None]]] | None = None
         if plain:  # no envelope reads back what another of the batch writes: no savepoints
             try:
                 stored = self._store(envelopes, opened, now, careful=False)
@@ -585,7 +586,11 @@ class Node(Releases):
                     len(envelopes),
                     exc_info=True,
                 )
-        results, retired = stored if stored is not None else self._store(envelopes, opened, now, careful=True)
+        results, retired, said = (
+            stored if stored is not None else self._store(envelopes, opened, now, careful=True)
+        )
+        for say in said:  # logged and counted once, for what was committed
+            say()
         self.content.retire(retired, self.db)  # KEKs a destruction on request no longer needs
         self.wake_delivery()  # answers (a destruction certificate) go out at once
         return results
@@ -597,9 +602,9 @@ class Node(Releases):
         now: dt.datetime,
         *,
         careful: bool,
-    ) -> tuple[list[PeerResult], list[str]]:
+    ) -> tuple[list[PeerResult], list[str], list[Callable[[], None]]]:
         """Admit the opened envelopes of a batch and ledger them, in one transaction; returns the
-        results and the KEKs to retire once it committed.
+        results, the KEKs to retire and what to log and count, once it committed.
 
         ``careful``: each envelope in its own savepoint, so that one's failure rejects it alone, and
         each row written at once (an envelope may read what an earlier one of the batch wrote).
@@ -608,6 +613,7 @@ class Node(Releases):
         """
         results: list[PeerResult] = []
         retired: list[str] = []
+        said: list[Callable[[], None]] = []
         drafts: list[EntryDraft] = []
         with self.db.transaction() as conn:
             if not careful:
@@ -623,29 +629,33 @@ class Node(Releases):
                     drafts.append(self._rejection(envelope.envelope_digest(compact), item.reason, None))
                     results.append(PeerResult(False))
                     continue
-                freed: list[str] = []  # counted only if this envelope's savepoint commits
+                freed: list[str] = []  # kept only if this envelope's savepoint commits
+                says: list[Callable[[], None]] = []  # likewise
                 mid = item.message.id
                 prefetched = (mid not in seen, stored.get(mid))
                 seen.add(mid)
                 inbox_seq = head.size + len(drafts) + 1
                 if not careful:
-                    result, new = self._admit(conn, item, now, inbox_seq, freed, prefetched, judged)
+                    result, new = self._admit(conn, item, now, inbox_seq, freed, prefetched, judged, says)
                 else:
                     try:
                         with conn.begin_nested():  # one envelope's failure rejects that envelope alone
-                            result, new = self._admit(conn, item, now, inbox_seq, freed, prefetched, judged)
+                            result, new = self._admit(
+                                conn, item, now, inbox_seq, freed, prefetched, judged, says
+                            )
                     except Exception:
                         log.exception("envelope for message %s could not be admitted", mid)
                         result, new = (
                             PeerResult(False),
                             [self._rejection(item.opened.digest, "internal", mid)],
                         )
-                        freed = []
+                        freed, says = [], []
                 retired.extend(freed)
+                said.extend(says)
                 drafts.extend(new)
                 results.append(result)
             repo.append_ledger(conn, head, drafts, iso(now))
-        return results, retired
+        return results, retired, said
 
     def _open(self, compact: str, now: dt.datetime) -> Admitted:
         """Open, verify and parse one envelope. Raises EnvelopeError (``malformed`` for a signed
@@ -729,11 +739,13 @@ class Node(Releases):
         retired: list[str],
         prefetched: tuple[bool, dict[str, Any] | None],
         judged: dict[Any, Any],
+        said: list[Callable[[], None]],
     ) -> tuple[PeerResult, list[EntryDraft]]:
         """Admit one verified envelope inside the batch's transaction; KEKs a control message
-        retires are added to ``retired``, to destroy once the transaction committed.
-        ``prefetched`` is (True, the stored row or None) when the caller already looked the id up
-        in this transaction; ``judged`` is the batch's memo of checkpoint judgements."""
+        retires are added to ``retired``, to destroy once the transaction committed, and what is
+        to be logged and counted to ``said``, to do once it committed (an attempt undone says
+        nothing). ``prefetched`` is (True, the stored row or None) when the caller already looked
+        the id up in this transaction; ``judged`` is the batch's memo of checkpoint judgements."""
         opened, message = admitted.opened, admitted.message
         mid = message.id
         looked_up, existing = prefetched
@@ -750,21 +762,26 @@ class Node(Releases):
                         data={"envelope_sha256": opened.digest},
                     )
                 ]
-            log.warning("rejected envelope for message %s: id reused with other content", mid)
+            said.append(
+                partial(log.warning, "rejected envelope for message %s: id reused with other content", mid)
+            )
             return PeerResult(False), [self._rejection(opened.digest, "duplicate-id", mid)]
         decision = decide("receive", agreement=self.agreement, message=message, now=now)
-        metrics.decided("receive", decision)
+        said.append(partial(metrics.decided, "receive", decision))
         if not decision.allowed:
             refused = tuple(r.rule for r in decision.refusals)
-            log.warning(
-                "rejected envelope for message %s by policy: %s",
-                mid,
-                ", ".join(refused),
-                extra=logs.fields(
-                    logs.Event.ENVELOPE_REJECTED,
-                    message_id=mid,
-                    rule_ids=[r.rule_id for r in decision.refusals],
-                ),
+            said.append(
+                partial(
+                    log.warning,
+                    "rejected envelope for message %s by policy: %s",
+                    mid,
+                    ", ".join(refused),
+                    extra=logs.fields(
+                        logs.Event.ENVELOPE_REJECTED,
+                        message_id=mid,
+                        rule_ids=[r.rule_id for r in decision.refusals],
+                    ),
+                )
             )
             return PeerResult(False), [self._rejection(opened.digest, "policy", mid, decision.evaluated)]
         assert decision.level is not None
@@ -829,10 +846,13 @@ class Node(Releases):
         ]
         unreplaced = any(r.handler for r in decision.redactions)  # an informant's identity arrived
         if decision.changes or unreplaced:  # marked below its floor, or an identity not replaced
-            log.warning(
-                "POLICY INCIDENT: message %s arrived below its floor or with an identity",
-                mid,
-                extra=logs.fields(logs.Event.POLICY_INCIDENT, message_id=mid),
+            said.append(
+                partial(
+                    log.warning,
+                    "POLICY INCIDENT: message %s arrived below its floor or with an identity",
+                    mid,
+                    extra=logs.fields(logs.Event.POLICY_INCIDENT, message_id=mid),
+                )
             )
             drafts.append(
                 EntryDraft(
@@ -861,13 +881,16 @@ class Node(Releases):
             retired.extend(effects.retired_keks)
         incident = self._judge_checkpoint(conn, message, judged)
         if incident is not None:
-            logs.security_incident(
-                log,
-                "checkpoint",
-                "message %s carries a partner checkpoint that %s",
-                mid,
-                incident,
-                message_id=mid,
+            said.append(
+                partial(
+                    logs.security_incident,
+                    log,
+                    "checkpoint",
+                    "message %s carries a partner checkpoint that %s",
+                    mid,
+                    incident,
+                    message_id=mid,
+                )
             )
             drafts.append(
                 EntryDraft(

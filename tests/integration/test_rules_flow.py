@@ -17,6 +17,7 @@ from exchange.errors import InvalidInput, NotFound, PolicyRefusal
 from exchange.ledger import verify_rows
 from exchange.messages import MessageSubmission
 from exchange.node import Node
+from exchange.observability import metrics
 from exchange.policy import Actor
 from exchange.transport.worker import DeliveryWorker
 from tests.integration.test_node_flow import Loopback, actor, now, pair
@@ -463,6 +464,34 @@ def test_a_batch_carrying_one_id_twice_takes_a_savepoint_per_envelope(pair) -> N
             "receipt.issued",
             "envelope.redelivered",
         ]
+
+
+def test_a_batch_stored_again_with_savepoints_logs_and_counts_its_incidents_once(  # type: ignore[no-untyped-def]
+    pair, monkeypatch, caplog
+) -> None:
+    """The first attempt, without savepoints, fails on one envelope and is undone: what it would
+    have logged and counted is not, so the incident of the envelope with a hostile checkpoint note
+    is logged and counted once, by the attempt that committed."""
+    _id_dir, _my_dir, id_node, my_node = pair
+    hostile = signed_message(id_node, now(), "ID-node/ledger\n\u00b2\nAAAA\n\n\u2014 x y\n")
+    doomed = signed_message(id_node, now(), case_ref="ID-MY/2026/0666")
+    seal = my_node.content.seal
+
+    def failing(row: dict[str, Any], signed: str) -> dict[str, Any]:
+        if row["case_ref"] == "ID-MY/2026/0666":
+            raise RuntimeError("disk trouble for this one")
+        return dict(seal(row, signed))
+
+    monkeypatch.setattr(my_node.content, "seal", failing)
+    counted = metrics.REGISTRY.get_sample_value("exchange_security_incidents_total", {"kind": "checkpoint"})
+    with caplog.at_level("WARNING", logger="exchange.node"):
+        results = my_node.receive([hostile, doomed], now())
+    assert [r.accepted for r in results] == [True, False]
+    said = [r.getMessage() for r in caplog.records]
+    assert any("stored again one savepoint per envelope" in m for m in said)
+    assert len([m for m in said if m.startswith("SECURITY INCIDENT")]) == 1
+    after = metrics.REGISTRY.get_sample_value("exchange_security_incidents_total", {"kind": "checkpoint"})
+    assert after == (counted or 0) + 1
 
 
 def test_an_unreadable_stored_message_is_refused_alone_and_the_inbox_goes_on(pair) -> None:  # type: ignore[no-untyped-def]
