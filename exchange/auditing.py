@@ -316,17 +316,7 @@ class AuditService:
             checkpoints = repo.all_checkpoints(conn)
             witnessed = repo.all_witnessed(conn)
             further = repo.witness_cosignatures_by_size(conn)
-            judged = [
-                decode_leaf(leaf.encode())
-                for leaf in conn.execute(
-                    sa.select(ledger_entries.c.leaf)
-                    .where(
-                        ledger_entries.c.event.in_([*SIGNED_EVENTS, *KEY_SET_RECORDED]),
-                        ledger_entries.c.seq < head.size,
-                    )
-                    .order_by(ledger_entries.c.seq)
-                ).scalars()
-            ]
+            judged = repo.entries_of(conn, [*SIGNED_EVENTS, *KEY_SET_RECORDED], below=head.size)
             beyond = conn.execute(
                 sa.select(sa.func.count())
                 .select_from(ledger_entries)

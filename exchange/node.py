@@ -574,7 +574,7 @@ class Node(Releases):
         plain = len({m.id for m in admitted}) == len(admitted) and not any(
             self.agreement.message_types[m.type].kind == "control" for m in admitted
         )
-        stored: tuple[list[PeerResult], list[str], list[Callable[[], None]]] | None = None
+        stored: tuple[list[PeerResult], list[Callable[[], None]]] | None = None
         if plain:  # no envelope reads back what another of the batch writes: no savepoints
             try:
                 stored = self._store(envelopes, opened, now, careful=False)
@@ -586,12 +586,9 @@ class Node(Releases):
                     len(envelopes),
                     exc_info=True,
                 )
-        results, retired, said = (
-            stored if stored is not None else self._store(envelopes, opened, now, careful=True)
-        )
-        for say in said:  # logged and counted once, for what was committed
-            say()
-        self.content.retire(retired, self.db)  # KEKs a destruction on request no longer needs
+        results, after = stored if stored is not None else self._store(envelopes, opened, now, careful=True)
+        for act in after:  # once, for what was committed: logs, counts, KEKs no longer needed
+            act()
         self.wake_delivery()  # answers (a destruction certificate) go out at once
         return results
 
@@ -602,9 +599,9 @@ class Node(Releases):
         now: dt.datetime,
         *,
         careful: bool,
-    ) -> tuple[list[PeerResult], list[str], list[Callable[[], None]]]:
+    ) -> tuple[list[PeerResult], list[Callable[[], None]]]:
         """Admit the opened envelopes of a batch and ledger them, in one transaction; returns the
-        results, the KEKs to retire and what to log and count, once it committed.
+        results and what to do once it committed (see :meth:`_admit`).
 
         ``careful``: each envelope in its own savepoint, so that one's failure rejects it alone, and
         each row written at once (an envelope may read what an earlier one of the batch wrote).
@@ -612,8 +609,7 @@ class Node(Releases):
         (:func:`exchange.db.engine.defer_inserts`): any failure raises, and nothing is written.
         """
         results: list[PeerResult] = []
-        retired: list[str] = []
-        said: list[Callable[[], None]] = []
+        after: list[Callable[[], None]] = []
         drafts: list[EntryDraft] = []
         with self.db.transaction() as conn:
             if not careful:
@@ -629,33 +625,29 @@ class Node(Releases):
                     drafts.append(self._rejection(envelope.envelope_digest(compact), item.reason, None))
                     results.append(PeerResult(False))
                     continue
-                freed: list[str] = []  # kept only if this envelope's savepoint commits
-                says: list[Callable[[], None]] = []  # likewise
+                then: list[Callable[[], None]] = []  # kept only if this envelope's savepoint commits
                 mid = item.message.id
                 prefetched = (mid not in seen, stored.get(mid))
                 seen.add(mid)
                 inbox_seq = head.size + len(drafts) + 1
                 if not careful:
-                    result, new = self._admit(conn, item, now, inbox_seq, freed, prefetched, judged, says)
+                    result, new = self._admit(conn, item, now, inbox_seq, prefetched, judged, then)
                 else:
                     try:
                         with conn.begin_nested():  # one envelope's failure rejects that envelope alone
-                            result, new = self._admit(
-                                conn, item, now, inbox_seq, freed, prefetched, judged, says
-                            )
+                            result, new = self._admit(conn, item, now, inbox_seq, prefetched, judged, then)
                     except Exception:
                         log.exception("envelope for message %s could not be admitted", mid)
                         result, new = (
                             PeerResult(False),
                             [self._rejection(item.opened.digest, "internal", mid)],
                         )
-                        freed, says = [], []
-                retired.extend(freed)
-                said.extend(says)
+                        then = []
+                after.extend(then)
                 drafts.extend(new)
                 results.append(result)
             repo.append_ledger(conn, head, drafts, iso(now))
-        return results, retired, said
+        return results, after
 
     def _open(self, compact: str, now: dt.datetime) -> Admitted:
         """Open, verify and parse one envelope. Raises EnvelopeError (``malformed`` for a signed
@@ -736,16 +728,15 @@ class Node(Releases):
         admitted: Admitted,
         now: dt.datetime,
         inbox_seq: int,
-        retired: list[str],
         prefetched: tuple[bool, dict[str, Any] | None],
         judged: dict[Any, Any],
-        said: list[Callable[[], None]],
+        after: list[Callable[[], None]],
     ) -> tuple[PeerResult, list[EntryDraft]]:
-        """Admit one verified envelope inside the batch's transaction; KEKs a control message
-        retires are added to ``retired``, to destroy once the transaction committed, and what is
-        to be logged and counted to ``said``, to do once it committed (an attempt undone says
-        nothing). ``prefetched`` is (True, the stored row or None) when the caller already looked
-        the id up in this transaction; ``judged`` is the batch's memo of checkpoint judgements."""
+        """Admit one verified envelope inside the batch's transaction. What is to happen once the
+        transaction committed goes to ``after``: what to log and count, and the KEKs a control
+        message retires to destroy (an attempt undone does and says nothing). ``prefetched`` is
+        (True, the stored row or None) when the caller already looked the id up in this
+        transaction; ``judged`` is the batch's memo of checkpoint judgements."""
         opened, message = admitted.opened, admitted.message
         mid = message.id
         looked_up, existing = prefetched
@@ -762,15 +753,15 @@ class Node(Releases):
                         data={"envelope_sha256": opened.digest},
                     )
                 ]
-            said.append(
+            after.append(
                 partial(log.warning, "rejected envelope for message %s: id reused with other content", mid)
             )
             return PeerResult(False), [self._rejection(opened.digest, "duplicate-id", mid)]
         decision = decide("receive", agreement=self.agreement, message=message, now=now)
-        said.append(partial(metrics.decided, "receive", decision))
+        after.append(partial(metrics.decided, "receive", decision))
         if not decision.allowed:
             refused = tuple(r.rule for r in decision.refusals)
-            said.append(
+            after.append(
                 partial(
                     log.warning,
                     "rejected envelope for message %s by policy: %s",
@@ -846,7 +837,7 @@ class Node(Releases):
         ]
         unreplaced = any(r.handler for r in decision.redactions)  # an informant's identity arrived
         if decision.changes or unreplaced:  # marked below its floor, or an identity not replaced
-            said.append(
+            after.append(
                 partial(
                     log.warning,
                     "POLICY INCIDENT: message %s arrived below its floor or with an identity",
@@ -878,10 +869,10 @@ class Node(Releases):
         if control:
             effects = self.lifecycle.apply_control(conn, message, now)
             drafts.extend(effects.drafts)
-            retired.extend(effects.retired_keks)
+            after.append(partial(self.content.retire, effects.retired_keks, self.db))
         incident = self._judge_checkpoint(conn, message, judged)
         if incident is not None:
-            said.append(
+            after.append(
                 partial(
                     logs.security_incident,
                     log,

@@ -33,7 +33,7 @@ import psycopg
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from exchange.db.engine import Database, normalise_url, notify_on_commit
+from exchange.db.engine import Database, before_commit, normalise_url, pending
 
 log = logging.getLogger("exchange.coordination")
 
@@ -54,11 +54,33 @@ def lock_key(name: str) -> int:
     return value - (1 << 32) if value >= 1 << 31 else value
 
 
+class _Notifications:
+    """The NOTIFY channels one transaction asked for, sent in one statement."""
+
+    def __init__(self) -> None:
+        self.channels: set[str] = set()
+
+    def __call__(self, conn: Connection) -> None:
+        channels = sorted(self.channels)
+        calls = ", ".join(f"pg_notify(:c{i}, '')" for i in range(len(channels)))
+        conn.execute(sa.text(f"SELECT {calls}"), {f"c{i}": c for i, c in enumerate(channels)})
+
+
 def notify(conn: Connection, channel: str) -> None:
     """Wake the listeners of ``channel`` when ``conn``'s transaction commits (PostgreSQL; a no-op
-    elsewhere). The notifications of one transaction go in one statement, just before it commits,
-    and several of one channel arrive as one."""
-    notify_on_commit(conn, channel)
+    elsewhere). The notifications of one transaction go in one statement, just before it commits
+    (:func:`~exchange.db.engine.before_commit`; at once outside :meth:`Database.transaction`), and
+    several of one channel arrive as one."""
+    if conn.dialect.name != "postgresql":
+        return
+    notifications = pending(conn, "notify")
+    if not isinstance(notifications, _Notifications):
+        notifications = _Notifications()
+        if not before_commit(conn, "notify", notifications):
+            notifications.channels.add(channel)
+            notifications(conn)
+            return
+    notifications.channels.add(channel)
 
 
 class Coordination(Protocol):

@@ -10,7 +10,8 @@ On PostgreSQL a pooled connection is pinged before use only when it has been idl
 ``PING_AFTER_IDLE_SECONDS`` (a server restart or a dropped idle connection is caught there, and
 the pool tries a fresh one); under load, connections come back within milliseconds and are not
 pinged. What a transaction asks to do just before it commits (:func:`before_commit`) runs once:
-the notifications it asked for (:func:`exchange.db.coordination.notify`) go in one statement and
+the notifications it asked for (:func:`exchange.db.coordination.notify`) go in one statement, the
+rows it deferred (:func:`defer_inserts`) in one statement per table, and
 the ledger head is written once, whatever the number of units of work and appends it holds.
 
 An unreachable database (server down or restarting, connection lost, pool exhausted) or one that
@@ -120,18 +121,6 @@ def pending(conn: Connection, key: str) -> object | None:
     return _BEFORE_COMMIT.get(conn, {}).get(key)
 
 
-class _Notifications:
-    """The NOTIFY channels one transaction asked for, sent in one statement."""
-
-    def __init__(self) -> None:
-        self.channels: set[str] = set()
-
-    def __call__(self, conn: Connection) -> None:
-        channels = sorted(self.channels)
-        calls = ", ".join(f"pg_notify(:c{i}, '')" for i in range(len(channels)))
-        conn.execute(sa.text(f"SELECT {calls}"), {f"c{i}": c for i, c in enumerate(channels)})
-
-
 class _Inserts:
     """The rows one transaction inserts just before it commits: one executemany per statement and
     set of columns, statements in the order they were first used (a row that references another
@@ -166,22 +155,6 @@ def insert(conn: Connection, statement: Any, rows: Sequence[Mapping[str, Any]]) 
     by_columns = deferred.rows.setdefault(statement, {})
     for row in rows:
         by_columns.setdefault(frozenset(row), []).append(dict(row))
-
-
-def notify_on_commit(conn: Connection, channel: str) -> None:
-    """Have ``channel``'s listeners woken when ``conn``'s transaction commits: in one statement
-    with the transaction's other notifications (see :func:`before_commit`), or at once outside
-    :meth:`Database.transaction`. PostgreSQL only; a no-op elsewhere."""
-    if conn.dialect.name != "postgresql":
-        return
-    notifications = pending(conn, "notify")
-    if not isinstance(notifications, _Notifications):
-        notifications = _Notifications()
-        if not before_commit(conn, "notify", notifications):
-            notifications.channels.add(channel)
-            notifications(conn)
-            return
-    notifications.channels.add(channel)
 
 
 def _ping_when_idle(engine: Engine) -> None:

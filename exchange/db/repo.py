@@ -654,15 +654,13 @@ def iter_ledger(conn: Connection, *, batch: int = 5000) -> Iterator[LedgerEntry]
         last = int(leaves[-1].seq)
 
 
-def entries_of(conn: Connection, events: Sequence[str]) -> list[LedgerEntry]:
-    """The ledger entries of these ``events``, in sequence order (a scan: for startup checks and
-    audits, not for every request)."""
-    rows = conn.execute(
-        sa.select(ledger_entries.c.leaf)
-        .where(ledger_entries.c.event.in_(list(events)))
-        .order_by(ledger_entries.c.seq)
-    )
-    return [decode_leaf(row.leaf.encode()) for row in rows]
+def entries_of(conn: Connection, events: Sequence[str], *, below: int | None = None) -> list[LedgerEntry]:
+    """The ledger entries of these ``events`` (before sequence number ``below``, if given), in
+    sequence order (by the event index: for startup checks and audits, not for every request)."""
+    query = sa.select(ledger_entries.c.leaf).where(ledger_entries.c.event.in_(list(events)))
+    if below is not None:
+        query = query.where(ledger_entries.c.seq < below)
+    return [decode_leaf(row.leaf.encode()) for row in conn.execute(query.order_by(ledger_entries.c.seq))]
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
