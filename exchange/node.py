@@ -160,11 +160,16 @@ class Node(Releases):
         """The partner's public keys as its key set in force has them."""
         return self.registry.partner_keys()
 
-    def learn_partner_keys(self, now: dt.datetime) -> bool:
+    def learn_partner_keys(self, now: dt.datetime, *, fetch_errors_raise: bool = False) -> bool:
         """Learn the partner's newer key sets: first those another process of this node stored
         less than ``key_refresh_seconds`` ago, else those fetched from the partner, at most once
         per ``key_fetch_interval_seconds`` (a key id this node does not know may be a key
-        announced while it was away). True if a newer version is now trusted."""
+        announced while it was away). True if a newer version is now trusted.
+
+        Raises:
+            TransportError: the fetch failed, only with ``fetch_errors_raise`` (else it is logged
+                and nothing is learnt).
+        """
         cached = self.registry.history(self.partner_party).version
         self.registry.refresh()
         known = self.registry.history(self.partner_party).version
@@ -176,6 +181,8 @@ class Node(Releases):
         try:
             announcements = fetch(known)
         except TransportError as exc:
+            if fetch_errors_raise:
+                raise
             log.warning("could not fetch the key sets of %s: %s", self.partner_party, exc)
             return False
         if not announcements:
@@ -189,15 +196,23 @@ class Node(Releases):
         return learnt.version > known
 
     def verify_by_partner(
-        self, verify: Callable[[PartnerKeys], T], unknown_key: Callable[[Exception], bool], now: dt.datetime
+        self,
+        verify: Callable[[PartnerKeys], T],
+        unknown_key: Callable[[Exception], bool],
+        now: dt.datetime,
+        *,
+        fetch_errors_raise: bool = False,
     ) -> T:
         """``verify(the partner's keys)``; if it fails for a key this node does not know yet
         (``unknown_key(error)``), learn the partner's newer key sets once (:meth:`learn_partner_keys`)
-        and verify again with them. Raises what ``verify`` raises."""
+        and verify again with them. Raises what ``verify`` raises (and, with
+        ``fetch_errors_raise``, the TransportError of a fetch that failed)."""
         try:
             return verify(self.partner)
         except Exception as exc:
-            if not unknown_key(exc) or not self.learn_partner_keys(now):
+            if not unknown_key(exc) or not self.learn_partner_keys(
+                now, fetch_errors_raise=fetch_errors_raise
+            ):
                 raise
         return verify(self.partner)
 
@@ -258,6 +273,8 @@ class Node(Releases):
         Raises:
             AnnouncementRejected: ``bad-signature``, ``unknown-key`` (after fetching the partner's
                 newer key sets once), or ``bad-receipt``.
+            TransportError: the receipt names a key we do not know and the partner's key sets
+                could not be fetched (a condition to retry, not an incident).
         """
         used: list[PartnerKeys] = []  # the partner's keys the receipt verified with
 
@@ -265,9 +282,17 @@ class Node(Releases):
             used.append(partner)
             return verify_receipt(compact, partner.verification)
 
-        receipt, kid = self.verify_by_partner(
-            verify, lambda exc: isinstance(exc, AnnouncementRejected) and exc.reason == "unknown-key", now
-        )
+        try:
+            receipt, kid = self.verify_by_partner(
+                verify,
+                lambda exc: isinstance(exc, AnnouncementRejected) and exc.reason == "unknown-key",
+                now,
+                fetch_errors_raise=True,  # a key we could not look up is no evidence of forgery
+            )
+        except TransportError as exc:
+            raise TransportError(
+                f"could not fetch the partner's key sets to verify its receipt: {exc}"
+            ) from exc
         partner = used[-1]
         newest = self.registry.history(self.party)
         sent = {v: sha256_hex(a) for v, a in pending}
@@ -587,9 +612,8 @@ class Node(Releases):
                     exc_info=True,
                 )
         results, after = stored if stored is not None else self._store(envelopes, opened, now, careful=True)
-        for act in after:  # once, for what was committed: logs, counts, KEKs no longer needed
+        for act in after:  # once, for what was committed: logs, counts, KEKs, answers to send
             act()
-        self.wake_delivery()  # answers (a destruction certificate) go out at once
         return results
 
     def _store(
@@ -733,8 +757,9 @@ class Node(Releases):
         after: list[Callable[[], None]],
     ) -> tuple[PeerResult, list[EntryDraft]]:
         """Admit one verified envelope inside the batch's transaction. What is to happen once the
-        transaction committed goes to ``after``: what to log and count, and the KEKs a control
-        message retires to destroy (an attempt undone does and says nothing). ``prefetched`` is
+        transaction committed goes to ``after``: what to log and count, the KEKs a control
+        message retires to destroy, and waking the delivery loop for an answer it queued (an
+        attempt undone does and says nothing). ``prefetched`` is
         (True, the stored row or None) when the caller already looked the id up in this
         transaction; ``judged`` is the batch's memo of checkpoint judgements."""
         opened, message = admitted.opened, admitted.message
@@ -870,6 +895,8 @@ class Node(Releases):
             effects = self.lifecycle.apply_control(conn, message, now)
             drafts.extend(effects.drafts)
             after.append(partial(self.content.retire, effects.retired_keks, self.db))
+            if effects.wake:  # an answer (a destruction certificate) goes out at once
+                after.append(self.wake_delivery)
         incident = self._judge_checkpoint(conn, message, judged)
         if incident is not None:
             after.append(

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import random
 import socket
 import time
@@ -45,6 +46,11 @@ from exchange.ledger import EntryDraft
 from exchange.node import Node, PeerResult, iso
 from exchange.observability import metrics
 from exchange.transport.peer import PeerTransport
+
+#: how often, at most, a round looks for messages past their delivery deadline
+EXPIRY_SWEEP_SECONDS = 1.0
+#: the longest wait before announcing our key set again after its receipts were refused in a row
+KEY_RECEIPT_RETRY_MAX_SECONDS = 3600.0
 
 log = logging.getLogger("exchange.delivery")
 
@@ -141,6 +147,13 @@ class DeliveryWorker:
         self.max_request_bytes = peer_body_limit(node.agreement.max_envelope_bytes)
         self.partner = PartnerBackoff()
         self._announce_after = 0.0
+        #: our key-set version the partner is known to hold: a round reads the table of
+        #: unacknowledged versions only when this process's own version is newer
+        self._acknowledged_through = 0
+        #: receipts of our key set refused in a row: each doubles the wait before announcing again
+        self._receipts_refused = 0
+        #: the expiry sweep runs at most once per EXPIRY_SWEEP_SECONDS (less for a shorter expiry)
+        self._swept_at = -math.inf
         self._recovered = False
         self.interval = settings.delivery_poll_seconds  # the fallback poll: wake-ups come first
         #: the loop settles a round's answers in this thread while it sends the next round
@@ -174,9 +187,8 @@ class DeliveryWorker:
                 max_bytes=self.max_request_bytes,
                 worker=self.worker_id,
                 frame=batch_bytes,
+                updated_at=self._at(now),
             )
-            repo.set_status(conn, [c.message_id for c in claimed], status="sent", updated_at=self._at(now))
-            repo.update_messages(conn, [(item.message_id, {"attempts": item.attempts}) for item in claimed])
         try:  # the partner learns a key before it sees it used: our new key sets go first
             self._announce_keys(now)
         except TransportError as exc:
@@ -209,20 +221,37 @@ class DeliveryWorker:
         return settled
 
     def _announce_keys(self, now: float) -> None:
-        """Send the partner our key-set versions it has not acknowledged. A refusal is logged and
-        retried no more often than the longest probe interval; an unreachable partner raises
-        TransportError."""
+        """Send the partner our key-set versions it has not acknowledged. The partner's refusal
+        is logged and retried no more often than the longest probe interval; a refused receipt
+        (an incident, ledgered) after that interval doubled for each refusal in a row, up to
+        KEY_RECEIPT_RETRY_MAX_SECONDS (so a hostile partner gets a few dozen ledger entries a day,
+        not one per probe); an unreachable partner raises TransportError.
+
+        The table is read only while the newest own version this process's registry holds is
+        newer than the last one the partner acknowledged: a version goes out at the first round
+        after this process loaded it (within ``key_refresh_seconds`` of its publication), so
+        before any message this process signs with it. (One that another process of the node
+        signed with a version this one has not loaded yet may reach the partner first; the
+        partner then fetches our key sets, see ``Node.learn_partner_keys``.)"""
         if now < self._announce_after:
             return
+        own = self.node.registry.history(self.node.party).version
+        if own <= self._acknowledged_through:
+            return
         try:
-            self.node.announce_keys(self.transport.announce_keys, dt.datetime.fromtimestamp(now, dt.UTC))
+            acknowledged = self.node.announce_keys(
+                self.transport.announce_keys, dt.datetime.fromtimestamp(now, dt.UTC)
+            )
         except PartnerRefused as exc:
             log.error("the partner refused our key set: %s", exc)
-        except AnnouncementRejected:
-            pass  # a security incident, logged and ledgered by the node
+            self._announce_after = now + self.node.settings.delivery_backoff_max_seconds
+        except AnnouncementRejected:  # a security incident, logged and ledgered by the node
+            self._receipts_refused += 1
+            wait = self.node.settings.delivery_backoff_max_seconds * 2 ** (self._receipts_refused - 1)
+            self._announce_after = now + min(KEY_RECEIPT_RETRY_MAX_SECONDS, wait)
         else:
-            return
-        self._announce_after = now + self.node.settings.delivery_backoff_max_seconds
+            self._receipts_refused = 0
+            self._acknowledged_through = own if acknowledged is None else acknowledged
 
     def _deliver(
         self, claimed: list[repo.Claimed]
@@ -440,7 +469,13 @@ class DeliveryWorker:
         return ids
 
     def expire_overdue(self, now: float) -> int:
-        """End ``failed`` (reason ``expired``, ledgered) every waiting message past its deadline."""
+        """End ``failed`` (reason ``expired``, ledgered) every waiting message past its deadline.
+
+        Nothing is read if the last sweep is less than EXPIRY_SWEEP_SECONDS old (a tenth of the
+        expiry, if that is shorter): a message expires that much late at most."""
+        if now - self._swept_at < min(EXPIRY_SWEEP_SECONDS, self.expiry_seconds / 10):
+            return 0
+        self._swept_at = now
         cutoff = now - self.expiry_seconds
         with self.node.db.read() as conn:
             oldest = repo.oldest_waiting(conn)

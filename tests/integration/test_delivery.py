@@ -26,9 +26,10 @@ from exchange.errors import (
     PartnerRefused,
 )
 from exchange.idempotency import IdempotentSubmission
+from exchange.keys.rotation import KeyAdmin
 from exchange.messages import MessageSubmission
 from exchange.node import Node, PeerResult
-from exchange.transport.worker import DeliveryWorker
+from exchange.transport.worker import EXPIRY_SWEEP_SECONDS, DeliveryWorker
 from tests.integration.test_node_flow import Clock, Loopback, actor
 from tests.support import NodeDir, make_pair, rfi, set_node_options
 
@@ -198,6 +199,89 @@ def test_a_message_not_delivered_within_the_replay_window_ends_failed_expired_an
     clock.now = max(clock.now, worker.partner.retry_at)
     assert worker.run_once() == 1
     assert id_node.status(polri, young, now())["status"] == "delivered"
+
+
+class Watched(Loopback):
+    """A Loopback that notes, when a batch goes out, the sender's statements so far and the
+    claimed messages' status and attempts."""
+
+    def __init__(self, receiver: Node, sender: Node, statements: list[str]) -> None:
+        super().__init__(receiver)
+        self.sender, self.statements = sender, statements
+        self.before_send: list[str] = []
+        self.claimed: list[tuple[str, int]] = []
+        self.calls: list[str] = []
+
+    def announce_keys(self, announcements: list[str]) -> str:
+        self.calls.append("announce")
+        return super().announce_keys(announcements)
+
+    def send(self, envelopes: Sequence[str]) -> list[PeerResult]:
+        self.calls.append("send")
+        self.before_send = list(self.statements)
+        with self.sender.db.read() as conn:
+            self.claimed = [
+                (r.status, r.attempts)
+                for r in conn.execute(
+                    sa.text("select status, attempts from messages where direction = 'out'")
+                )
+            ]
+        return super().send(envelopes)
+
+
+def test_a_round_claims_in_three_statements_without_reading_the_key_sets_or_the_deadlines_again(
+    pair: Pair,
+) -> None:
+    id_dir, _my_dir, id_node, my_node = pair
+    polri = actor(id_node, id_dir, "polri-cms")
+    statements: list[str] = []
+    for engine in {id_node.db.engine, id_node.db.reader}:  # SQLite reads through a second engine
+        sa.event.listen(engine, "before_cursor_execute", lambda *a: statements.append(a[2].lower()))
+    clock = Clock()
+    transport = Watched(my_node, id_node, statements)
+    worker = DeliveryWorker(id_node, transport, clock=clock)
+    id_node.submit(polri, MessageSubmission.model_validate(rfi()), now())
+    assert worker.run_once() == 1  # the first round sweeps, reads the key sets and announces
+    worker.finish_settling()
+    for _ in range(3):
+        id_node.submit(polri, MessageSubmission.model_validate(rfi()), now())
+    sweep = min(EXPIRY_SWEEP_SECONDS, worker.expiry_seconds / 10)  # 0.4 s: a tenth of the 4 s expiry
+    clock.now += sweep / 2
+    statements.clear()
+    assert worker.run_once() == 3
+    claim = [s for s in transport.before_send if not s.startswith(("begin", "commit", "rollback"))]
+    assert len(claim) == 3, claim  # lease, then mark sent (counting the attempt) returning the envelopes
+    assert not [s for s in claim if "key_sets" in s or "min(outbox.enqueued_at)" in s]
+    assert sorted(transport.claimed) == [("delivered", 1), ("sent", 1), ("sent", 1), ("sent", 1)]
+    clock.now += sweep  # the sweep is due again
+    statements.clear()
+    worker.run_once()
+    assert [s for s in statements if "min(outbox.enqueued_at)" in s]
+
+
+def test_a_key_set_version_loaded_after_the_last_acknowledgement_is_announced_before_the_round_sends(
+    pair: Pair,
+) -> None:
+    id_dir, _my_dir, id_node, my_node = pair
+    polri = actor(id_node, id_dir, "polri-cms")
+    statements: list[str] = []
+    sa.event.listen(id_node.db.engine, "before_cursor_execute", lambda *a: statements.append(a[2].lower()))
+    transport = Watched(my_node, id_node, statements)
+    worker = DeliveryWorker(id_node, transport)
+    id_node.submit(polri, MessageSubmission.model_validate(rfi()), now())
+    worker.run_once()
+    worker.finish_settling()
+    id_node.submit(polri, MessageSubmission.model_validate(rfi()), now())
+    worker.run_once()
+    assert transport.calls == ["send", "send"]  # version 1 is the agreement's: nothing to announce
+    staged = KeyAdmin(id_node.settings, id_node.registry).rotate("signing")  # version 2, now loaded
+    id_node.submit(polri, MessageSubmission.model_validate(rfi()), now())
+    transport.calls.clear()
+    worker.run_once()
+    assert transport.calls == ["announce", "send"]
+    assert my_node.registry.history("ID").version == 2
+    assert my_node.registry.history("ID").current.key(staged.kid) is not None
+    assert [r["acknowledged_at"] is not None for r in id_node.registry.own_rows()] == [True]
 
 
 def test_backoff_never_pushes_the_next_probe_past_the_oldest_message_s_deadline(pair: Pair) -> None:

@@ -21,7 +21,13 @@ from exchange.auditing import AuditService
 from exchange.canonical import sha256_hex
 from exchange.config import load_settings
 from exchange.db import repo
-from exchange.errors import EnvelopeError, KeyManagementError, LedgerIntegrityError
+from exchange.errors import (
+    EnvelopeError,
+    KeyManagementError,
+    LedgerIntegrityError,
+    PartnerRefused,
+    TransportError,
+)
 from exchange.keys import store
 from exchange.keys.announcement import (
     AnnouncementRejected,
@@ -529,10 +535,45 @@ def test_a_receipt_of_our_key_set_signed_by_a_key_not_the_partners_is_refused_an
     worker.run_once()  # within its backoff the worker does not announce again
     assert len(link.sent) == len(signers) + 1
     assert [v for v, _ in id_node.registry.unacknowledged()] == [2]
-    clock.now += id_node.settings.delivery_backoff_max_seconds
+    backoff = id_node.settings.delivery_backoff_max_seconds
+    clock.now += backoff
     worker.run_once()  # after it, it does: refused again
     assert len(link.sent) == len(signers) + 2
-    acknowledged_honestly_after(id_node, link, announcement, len(signers) + 2, ledgered)
+    clock.now += backoff
+    worker.run_once()  # each refusal in a row doubles the wait: a hostile partner cannot flood the ledger
+    assert len(link.sent) == len(signers) + 2
+    clock.now += backoff
+    worker.run_once()
+    assert len(link.sent) == len(signers) + 3
+    clock.now += 4 * backoff - 1
+    worker.run_once()
+    assert len(link.sent) == len(signers) + 3
+    acknowledged_honestly_after(id_node, link, announcement, len(signers) + 3, ledgered)
+
+
+def test_a_receipt_by_a_key_we_could_not_look_up_is_a_failed_round_not_an_incident(nodes: Pair) -> None:
+    """A receipt signed by a key id we do not know makes us fetch the partner's key sets; if that
+    fetch fails, nothing says the receipt is forged: the round fails like an unreachable partner,
+    nothing is ledgered, and the version is announced again."""
+    _, _, id_node, my_node = nodes
+    admin(id_node).rotate("signing")
+    link = ReceiptSwap(my_node)
+    link.forge = signed_by(stranger("MY-sig-new"))
+
+    def unreachable(after: int) -> list[str]:
+        raise TransportError("connection refused")
+
+    id_node.fetch_partner_key_sets = unreachable
+    before = events(id_node, "keys.")
+    with pytest.raises(TransportError, match="could not fetch the partner's key sets") as failed:
+        id_node.announce_keys(link.announce_keys, now())
+    assert not isinstance(failed.value, PartnerRefused)  # the worker takes it as the partner away
+    assert events(id_node, "keys.") == before
+    assert [v for v, _ in id_node.registry.unacknowledged()] == [2]
+    id_node.fetch_partner_key_sets = link.fetch_key_sets  # reachable again: the stranger is refused
+    with pytest.raises(AnnouncementRejected, match="unknown-key"):
+        id_node.announce_keys(link.announce_keys, now())
+    assert events(id_node, "keys.")[-1]["event"] == "keys.rejected"
 
 
 def test_a_receipt_by_the_partners_own_key_for_another_version_or_digest_is_refused(nodes: Pair) -> None:

@@ -221,6 +221,21 @@ def test_return_or_destroy_destroys_and_the_certificate_comes_back(pair) -> None
         verified(node)
 
 
+def test_a_received_batch_wakes_the_delivery_loop_only_for_an_answer_it_queued(pair) -> None:  # type: ignore[no-untyped-def]
+    id_dir, _my_dir, id_node, my_node = pair
+    polri = actor(id_node, id_dir, "polri-cms")
+    woken: list[str] = []
+    my_node.wake_delivery = lambda: woken.append("wake")
+    doomed = submit(id_node, polri, rfi())
+    deliver(id_node, my_node)
+    assert woken == []  # a message to release queues nothing to send back
+    id_node.lifecycle.return_or_destroy(polri, doomed["id"], reason="the source withdrew", now=now())
+    deliver(id_node, my_node)
+    assert woken == ["wake"]  # the destruction certificate goes out at once, not at the next poll
+    with my_node.db.read() as conn:
+        assert repo.outbox_size(conn) == 1
+
+
 def _copy_database(node: Node, nd: NodeDir, folder: Path) -> Any:
     """A backup of the node's database taken now: the SQLite file, or a pg_dump restored elsewhere."""
     url = node.db.url
