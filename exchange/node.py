@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, TypeVar
 
+from joserfc.jwk import OKPKey
 from sqlalchemy.engine import Connection
 
 from exchange import envelope
@@ -43,7 +44,7 @@ from exchange.keys.kek import KekStore
 from exchange.keys.registry import KeyRegistry, PartnerKeys
 from exchange.keys.store import NodeKeys, load_node_keys
 from exchange.ledger import EntryDraft
-from exchange.ledger.checkpoint import CheckpointError, verify_checkpoint_any
+from exchange.ledger.checkpoint import Checkpoint, CheckpointError, verify_checkpoint_any
 from exchange.ledger.events import LedgerEvent
 from exchange.lifecycle import Lifecycle
 from exchange.messages import (
@@ -80,6 +81,9 @@ def iso(now: dt.datetime) -> str:
 
 T = TypeVar("T")
 
+#: how many partner checkpoint notes a node keeps verified (each is a few hundred bytes)
+NOTES_KEPT = 64
+
 
 @dataclass(frozen=True)
 class PeerResult:
@@ -114,6 +118,8 @@ class Node(Releases):
         )
         self._keys_lock = threading.Lock()
         self._latest_note: tuple[float, str | None] = (-math.inf, None)  # (read at, checkpoint)
+        self._verified_notes: dict[tuple[str, tuple[str, ...]], Checkpoint | str] = {}
+        self._notes_lock = threading.Lock()
         self._keys: NodeKeys | None = None
         try:
             self.db.check_migrated()
@@ -931,41 +937,49 @@ class Node(Releases):
         checkpoint smaller than one witnessed before the message was sealed (an honest sender's
         larger checkpoint is signed, and so witnessed, only after it sealed the message).
 
-        The messages of a batch mostly carry one note: ``judged`` keeps, for the batch's
-        transaction, each note verified once per set of keys and what was witnessed at and above
-        each size, read once.
+        Messages mostly carry the note of the last few seconds: each note's verification with one
+        set of keys is kept by the node (it cannot change), and ``judged`` keeps, for the batch's
+        transaction, what was witnessed at and above each size, read once.
         """
         note = message.checkpoint
         if note is None:
             return None
         keys = self.partner.checkpoint_keys(message.created_at)
-        verified = ("note", str(note), tuple(str(k.kid) for k in keys))
-        if verified not in judged:
-            try:
-                judged[verified] = verify_checkpoint_any(
-                    str(note), origin=self.partner.ledger_origin, keys=keys
-                )
-            except CheckpointError as exc:
-                judged[verified] = f"invalid: {exc}"
-            except Exception as exc:  # whatever a hostile note makes a parser do: an incident
-                judged[verified] = f"invalid: unparsable note ({type(exc).__name__})"
-        checkpoint = judged[verified]
+        checkpoint = self._verified_note(str(note), keys)
         if isinstance(checkpoint, str):
             return checkpoint
         witnessed = ("size", checkpoint.size)
         if witnessed not in judged:
-            judged[witnessed] = (
-                repo.witnessed_at_size(conn, checkpoint.size),
-                repo.first_witnessed_above(conn, checkpoint.size),
-            )
+            judged[witnessed] = repo.witnessed_around(conn, checkpoint.size)
         same, earlier = judged[witnessed]
-        if same is not None and not constant_time_equal(bytes(same["root_hash"]), checkpoint.root):
+        if same is not None and not constant_time_equal(same, checkpoint.root):
             return f"split view: a second root for size {checkpoint.size}"
         sealed = message.created_at
         skew = dt.timedelta(seconds=self.settings.clock_skew_seconds)
         if earlier is not None and dt.datetime.fromisoformat(earlier) + skew < sealed:
             return f"rollback: size {checkpoint.size} sealed after a larger one was witnessed at {earlier}"
         return None
+
+    def _verified_note(self, note: str, keys: Sequence[OKPKey]) -> Checkpoint | str:
+        """The partner's checkpoint ``note`` verified with ``keys``, or why it is invalid; the
+        answer is kept for the last NOTES_KEPT notes and sets of keys (it cannot change)."""
+        key = (note, tuple(str(k.kid) for k in keys))
+        with self._notes_lock:
+            found = self._verified_notes.get(key)
+        if found is not None:
+            return found
+        answer: Checkpoint | str
+        try:
+            answer = verify_checkpoint_any(note, origin=self.partner.ledger_origin, keys=keys)
+        except CheckpointError as exc:
+            answer = f"invalid: {exc}"
+        except Exception as exc:  # whatever a hostile note makes a parser do: an incident
+            answer = f"invalid: unparsable note ({type(exc).__name__})"
+        with self._notes_lock:
+            self._verified_notes[key] = answer
+            while len(self._verified_notes) > NOTES_KEPT:
+                del self._verified_notes[next(iter(self._verified_notes))]
+        return answer
 
     # --- ledger ----------------------------------------------------------------------------------
 

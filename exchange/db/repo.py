@@ -55,9 +55,12 @@ _INSERT_ENTRIES = ledger_entries.insert()
 _INSERT_SUBTREES = ledger_subtrees.insert()
 _LATEST_CHECKPOINT = sa.select(checkpoints).order_by(checkpoints.c.size.desc()).limit(1)
 _LATEST_COSIGNED = _LATEST_CHECKPOINT.where(checkpoints.c.cosignature.is_not(None))
-_WITNESSED_AT = sa.select(witnessed).where(witnessed.c.size == sa.bindparam("size_"))
-_FIRST_WITNESSED_ABOVE = sa.select(sa.func.min(witnessed.c.witnessed_at)).where(
-    witnessed.c.size > sa.bindparam("size_")
+#: the root witnessed at size ``size_`` and when the first larger checkpoint was witnessed
+_WITNESSED_AROUND = sa.select(
+    sa.select(witnessed.c.root_hash).where(witnessed.c.size == sa.bindparam("size_")).scalar_subquery(),
+    sa.select(sa.func.min(witnessed.c.witnessed_at))
+    .where(witnessed.c.size > sa.bindparam("size_"))
+    .scalar_subquery(),
 )
 
 # --- clients -------------------------------------------------------------------------------------
@@ -754,12 +757,8 @@ def all_witnessed(conn: Connection) -> list[dict[str, Any]]:
     return [dict(r._mapping) for r in conn.execute(sa.select(witnessed).order_by(witnessed.c.size))]
 
 
-def witnessed_at_size(conn: Connection, size: int) -> dict[str, Any] | None:
-    row = conn.execute(_WITNESSED_AT, {"size_": size}).first()
-    return dict(row._mapping) if row else None
-
-
-def first_witnessed_above(conn: Connection, size: int) -> str | None:
-    """When the first partner checkpoint larger than ``size`` was witnessed, if one was."""
-    value = conn.execute(_FIRST_WITNESSED_ABOVE, {"size_": size}).scalar()
-    return str(value) if value is not None else None
+def witnessed_around(conn: Connection, size: int) -> tuple[bytes | None, str | None]:
+    """The root of the partner checkpoint of ``size`` we witnessed, if we did, and when the first
+    larger one was witnessed, if one was: one statement."""
+    root, above = conn.execute(_WITNESSED_AROUND, {"size_": size}).one()
+    return (bytes(root) if root is not None else None), (str(above) if above is not None else None)

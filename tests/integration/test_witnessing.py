@@ -15,10 +15,13 @@ from exchange.auditing import AuditService
 from exchange.checkpoints import CheckpointService
 from exchange.db import repo
 from exchange.errors import CheckpointConflict, LedgerIntegrityError
+from exchange.keys.rotation import KeyAdmin
 from exchange.ledger import EntryDraft
 from exchange.ledger.checkpoint import CheckpointError, sign_checkpoint
 from exchange.node import Node
 from exchange.transport.checkpointer import Checkpointer
+from exchange.transport.worker import DeliveryWorker
+from tests.integration.test_key_rotation import drain
 from tests.integration.test_node_flow import Loopback
 from tests.support import signed_message
 
@@ -210,3 +213,27 @@ def test_chunked_parallel_verification_agrees_and_names_the_first_bad_entry(
         service.verify(workers=2, chunk=8)
     with pytest.raises(LedgerIntegrityError, match="entry 37 was altered"):
         service.verify(workers=1)
+
+
+def test_a_note_verified_before_its_key_was_revoked_is_judged_afresh_after(
+    node_pair: tuple[Node, Node],
+) -> None:
+    """A node keeps each partner note it verified, by note and the keys it used: once the key
+    that signed a note is revoked, a message sealed afterwards carrying that note is an incident,
+    whatever was verified before."""
+    id_node, my_node = node_pair
+    grow(id_node, 3)
+    assert Checkpointer(CheckpointService(id_node), Loopback(my_node), 1).run_once() == 3
+    with id_node.db.read() as conn:
+        latest = repo.latest_checkpoint(conn)
+    assert latest is not None
+    now = dt.datetime.now(dt.UTC)
+    assert my_node.receive([_message_from(id_node, latest["note"], now)], now)[0].accepted
+    assert incidents(my_node) == []
+    old = str(id_node.keys.checkpoint.kid)
+    KeyAdmin(id_node.settings, id_node.registry).revoke(old, reason="stolen", effective_at=now)
+    drain(DeliveryWorker(id_node, Loopback(my_node)))  # MY learns of the revocation
+    assert my_node.partner.history.in_force(old, now + dt.timedelta(seconds=1)) is None
+    later = now + dt.timedelta(seconds=1)
+    assert my_node.receive([_message_from(id_node, latest["note"], later)], later)[0].accepted
+    assert incidents(my_node) == ["invalid"]
