@@ -202,12 +202,15 @@ def test_a_message_not_delivered_within_the_replay_window_ends_failed_expired_an
 
 
 class Watched(Loopback):
-    """A Loopback that notes, when a batch goes out, the sender's statements so far and the
-    claimed messages' status and attempts."""
+    """A Loopback that notes every statement of the sender and, when a batch goes out, the
+    statements so far and the claimed messages' status and attempts."""
 
-    def __init__(self, receiver: Node, sender: Node, statements: list[str]) -> None:
+    def __init__(self, receiver: Node, sender: Node) -> None:
         super().__init__(receiver)
-        self.sender, self.statements = sender, statements
+        self.sender = sender
+        self.statements: list[str] = []
+        for engine in {sender.db.engine, sender.db.reader}:  # SQLite reads through a second engine
+            sa.event.listen(engine, "before_cursor_execute", lambda *a: self.statements.append(a[2].lower()))
         self.before_send: list[str] = []
         self.claimed: list[tuple[str, int]] = []
         self.calls: list[str] = []
@@ -234,11 +237,8 @@ def test_a_round_claims_in_three_statements_without_reading_the_key_sets_or_the_
 ) -> None:
     id_dir, _my_dir, id_node, my_node = pair
     polri = actor(id_node, id_dir, "polri-cms")
-    statements: list[str] = []
-    for engine in {id_node.db.engine, id_node.db.reader}:  # SQLite reads through a second engine
-        sa.event.listen(engine, "before_cursor_execute", lambda *a: statements.append(a[2].lower()))
     clock = Clock()
-    transport = Watched(my_node, id_node, statements)
+    transport = Watched(my_node, id_node)
     worker = DeliveryWorker(id_node, transport, clock=clock)
     id_node.submit(polri, MessageSubmission.model_validate(rfi()), now())
     assert worker.run_once() == 1  # the first round sweeps, reads the key sets and announces
@@ -247,16 +247,16 @@ def test_a_round_claims_in_three_statements_without_reading_the_key_sets_or_the_
         id_node.submit(polri, MessageSubmission.model_validate(rfi()), now())
     sweep = min(EXPIRY_SWEEP_SECONDS, worker.expiry_seconds / 10)  # 0.4 s: a tenth of the 4 s expiry
     clock.now += sweep / 2
-    statements.clear()
+    transport.statements.clear()
     assert worker.run_once() == 3
     claim = [s for s in transport.before_send if not s.startswith(("begin", "commit", "rollback"))]
     assert len(claim) == 3, claim  # lease, then mark sent (counting the attempt) returning the envelopes
     assert not [s for s in claim if "key_sets" in s or "min(outbox.enqueued_at)" in s]
     assert sorted(transport.claimed) == [("delivered", 1), ("sent", 1), ("sent", 1), ("sent", 1)]
     clock.now += sweep  # the sweep is due again
-    statements.clear()
+    transport.statements.clear()
     worker.run_once()
-    assert [s for s in statements if "min(outbox.enqueued_at)" in s]
+    assert [s for s in transport.statements if "min(outbox.enqueued_at)" in s]
 
 
 def test_a_key_set_version_loaded_after_the_last_acknowledgement_is_announced_before_the_round_sends(
@@ -264,9 +264,7 @@ def test_a_key_set_version_loaded_after_the_last_acknowledgement_is_announced_be
 ) -> None:
     id_dir, _my_dir, id_node, my_node = pair
     polri = actor(id_node, id_dir, "polri-cms")
-    statements: list[str] = []
-    sa.event.listen(id_node.db.engine, "before_cursor_execute", lambda *a: statements.append(a[2].lower()))
-    transport = Watched(my_node, id_node, statements)
+    transport = Watched(my_node, id_node)
     worker = DeliveryWorker(id_node, transport)
     id_node.submit(polri, MessageSubmission.model_validate(rfi()), now())
     worker.run_once()
