@@ -956,7 +956,7 @@ def _audit_service(directory: Path) -> AuditService:
         _node_database(directory),
         load_agreement(settings.agreement_file),
         settings.party,
-        dt.timedelta(seconds=settings.clock_skew_seconds),
+        settings.clock_skew,
     )
 
 

@@ -6,6 +6,7 @@ import time. Defensive limits (body size, clock skew, replay window) are named s
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 import tomllib
 from pathlib import Path
@@ -213,6 +214,16 @@ class NodeSettings(BaseSettings):
         if not self.database_url:
             object.__setattr__(self, "database_url", f"sqlite:///{base / 'node.db'}")
         return self
+
+    @property
+    def clock_skew(self) -> dt.timedelta:
+        """``clock_skew_seconds``: how far a partner's clock may be from ours."""
+        return dt.timedelta(seconds=self.clock_skew_seconds)
+
+    @property
+    def replay_window(self) -> dt.timedelta:
+        """``replay_window_seconds``: how old an envelope may be and still be opened."""
+        return dt.timedelta(seconds=self.replay_window_seconds)
 
     def passphrase(self) -> str:
         """The key passphrase, from ``EXCHANGE_KEY_PASSPHRASE`` or the secrets file.

@@ -302,7 +302,7 @@ class Node(Releases):
         partner = used[-1]
         newest = self.registry.history(self.party)
         sent = {v: sha256_hex(a) for v, a in pending}
-        skew = dt.timedelta(seconds=self.settings.clock_skew_seconds)
+        skew = self.settings.clock_skew
         earliest = self.registry.recorded_at(self.party, pending[0][0]) - skew
         if (
             receipt.party != self.partner_party
@@ -692,8 +692,8 @@ class Node(Releases):
                 expected_recipient=self.party,
                 accepted_agreements=self.accepted_agreements,
                 now=now,
-                clock_skew=dt.timedelta(seconds=self.settings.clock_skew_seconds),
-                replay_window=dt.timedelta(seconds=self.settings.replay_window_seconds),
+                clock_skew=self.settings.clock_skew,
+                replay_window=self.settings.replay_window,
                 max_envelope_bytes=self.agreement.max_envelope_bytes,
             )
 
@@ -955,7 +955,7 @@ class Node(Releases):
         if same is not None and not constant_time_equal(same, checkpoint.root):
             return f"split view: a second root for size {checkpoint.size}"
         sealed = message.created_at
-        skew = dt.timedelta(seconds=self.settings.clock_skew_seconds)
+        skew = self.settings.clock_skew
         if earlier is not None and dt.datetime.fromisoformat(earlier) + skew < sealed:
             return f"rollback: size {checkpoint.size} sealed after a larger one was witnessed at {earlier}"
         return None

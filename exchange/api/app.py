@@ -3,7 +3,6 @@ by the caller, so a bad configuration is reported before the server starts."""
 
 from __future__ import annotations
 
-import datetime as dt
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -127,7 +126,7 @@ def create_app(node: Node, transport: PeerTransport | None = None, *, run_worker
         node.db,
         node.agreement,
         node.party,
-        dt.timedelta(seconds=settings.clock_skew_seconds),
+        settings.clock_skew,
         concurrent=settings.audit_verify_concurrency,
         workers=settings.audit_verify_workers,
     )

@@ -37,7 +37,7 @@ from exchange.db import repo
 from exchange.errors import KeyManagementError
 from exchange.keys.announcement import MAX_KEYS, KeyEntry, KeySet, Purpose, Trusted, accept, announce
 from exchange.keys.registry import KeyHistory, KeyRegistry
-from exchange.keys.store import USE_OF, add_key, destroy_key, held
+from exchange.keys.store import add_key, destroy_key, held, load_private_key
 from exchange.ledger import EntryDraft
 from exchange.ledger.events import LedgerEvent
 from exchange.pki import TLSFiles, promote_node_key, stage_node_key
@@ -155,7 +155,7 @@ class KeyAdmin:
         if not reason.strip():
             raise KeyManagementError("a revocation needs a --reason")
         now = self.clock()
-        if effective_at > now + dt.timedelta(seconds=self.settings.clock_skew_seconds):
+        if effective_at > now + self.settings.clock_skew:
             raise KeyManagementError(
                 "--effective-at is in the future: revoke from now or from when it was lost"
             )
@@ -382,12 +382,7 @@ class KeyAdmin:
         return self.settings.delivery_max_wait_seconds + self.settings.clock_skew_seconds
 
     def _private(self, kid: str, purpose: Purpose) -> OKPKey:
-        path = self.settings.key_dir / f"{USE_OF[purpose]}-{kid}.pem"
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise KeyManagementError(f"the private key of {kid} is not held here") from exc
-        return crypto.private_jwk(crypto.decrypt_private_pem(data, self.settings.passphrase()), kid)
+        return load_private_key(self.settings.key_dir, kid, purpose, self.settings.passphrase())
 
     def _base(self) -> KeyHistory:
         """The node's own history as a step starts: the version its new one is computed from."""
@@ -408,7 +403,7 @@ class KeyAdmin:
         """``keys`` without those already retired or revoked in ``base`` that nothing they signed can
         still arrive from: past their end plus the replay window. Earlier versions keep them, for
         verification at signing time and for the audit."""
-        horizon = self.clock() - dt.timedelta(seconds=self.settings.replay_window_seconds)
+        horizon = self.clock() - self.settings.replay_window
 
         def gone(key: KeyEntry) -> bool:
             before = base.key(key.kid)

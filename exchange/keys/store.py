@@ -99,6 +99,25 @@ def read_keyring(key_dir: Path) -> KeyRing:
         raise KeyManagementError(f"key ring {key_dir / KEYRING_FILE} is invalid: {exc}") from exc
 
 
+def key_path(key_dir: Path, use: str, kid: str) -> Path:
+    """Where the private key ``kid`` of ``use`` (``sig``, ``enc``, ``ckpt``) is kept, encrypted."""
+    return key_dir / f"{use}-{kid}.pem"
+
+
+def load_private_key(key_dir: Path, kid: str, purpose: Purpose, passphrase: str) -> OKPKey:
+    """The private key ``kid`` of ``purpose``, decrypted.
+
+    Raises:
+        KeyManagementError: its file is not held at ``key_dir``, is damaged, or the passphrase is
+            wrong.
+    """
+    try:
+        data = key_path(key_dir, USE_OF[purpose], kid).read_bytes()
+    except OSError as exc:
+        raise KeyManagementError(f"the private key of {kid} is not held at {key_dir}") from exc
+    return crypto.private_jwk(crypto.decrypt_private_pem(data, passphrase), kid)
+
+
 def create_node_keys(key_dir: Path, party: PartyId, passphrase: str) -> KeyRing:
     """Generate an active signing and encryption key and write them encrypted.
 
@@ -114,7 +133,7 @@ def create_node_keys(key_dir: Path, party: PartyId, passphrase: str) -> KeyRing:
     for use in uses:
         pem = crypto.new_message_key(use)
         kid = crypto.message_key_id(party, use, pem)
-        path = key_dir / f"{use}-{kid}.pem"
+        path = key_path(key_dir, use, kid)
         write_private(path, crypto.encrypt_private_pem(pem, passphrase))
         public = crypto.public_jwk_dict(crypto.private_jwk(pem, kid))
         records.append(KeyRecord(kid=kid, use=use, file=path.name, created_at=now, public_jwk=public))
@@ -144,7 +163,7 @@ def add_key(key_dir: Path, purpose: Purpose, passphrase: str) -> KeyRecord:
         use = USE_OF[purpose]
         pem = crypto.new_message_key(use)
         kid = crypto.message_key_id(ring.party, use, pem)
-        path = key_dir / f"{use}-{kid}.pem"
+        path = key_path(key_dir, use, kid)
         write_private(path, crypto.encrypt_private_pem(pem, passphrase))
         record = KeyRecord(
             kid=kid,
@@ -165,7 +184,7 @@ def destroy_key(key_dir: Path, kid: str) -> bool:
         ring = read_keyring(key_dir)
         record = ring.record(kid)
         paths = [key_dir / record.file] if record is not None and record.file else []
-        paths += [key_dir / f"{use}-{kid}.pem" for use in USE_OF.values()]
+        paths += [key_path(key_dir, use, kid) for use in USE_OF.values()]
         erased = any([erase(path) for path in dict.fromkeys(paths)])
         if record is not None and record.file is not None:
             record.file = None
@@ -175,7 +194,7 @@ def destroy_key(key_dir: Path, kid: str) -> bool:
 
 def held(key_dir: Path, kid: str) -> bool:
     """True if a private key file of ``kid`` is still on disk."""
-    return any((key_dir / f"{use}-{kid}.pem").exists() for use in USE_OF.values())
+    return any(key_path(key_dir, use, kid).exists() for use in USE_OF.values())
 
 
 def load_node_keys(key_dir: Path, passphrase: str, key_set: KeySet) -> NodeKeys:
@@ -193,15 +212,12 @@ def load_node_keys(key_dir: Path, passphrase: str, key_set: KeySet) -> NodeKeys:
         raise KeyManagementError(f"the key ring at {key_dir} is {ring.party}'s, not {key_set.party}'s")
 
     def load(kid: str, purpose: Purpose) -> OKPKey:
-        path = key_dir / f"{USE_OF[purpose]}-{kid}.pem"
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
+        if not key_path(key_dir, USE_OF[purpose], kid).exists():
             raise KeyManagementError(
                 f"the {purpose} key {kid} of key set version {key_set.version} is not held at {key_dir}"
                 " (its private key file is missing)"
-            ) from exc
-        return crypto.private_jwk(crypto.decrypt_private_pem(data, passphrase), kid)
+            )
+        return load_private_key(key_dir, kid, purpose, passphrase)
 
     active_enc = key_set.active("encryption").kid
     decryption = {KeyId(active_enc): load(active_enc, "encryption")}

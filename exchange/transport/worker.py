@@ -432,7 +432,7 @@ class DeliveryWorker:
             now,
         )
         signed_at = dt.datetime.fromisoformat(receipt.received_at)
-        skew = dt.timedelta(seconds=self.node.settings.clock_skew_seconds)
+        skew = self.node.settings.clock_skew
         if not dt.datetime.fromisoformat(item.created_at) - skew <= signed_at <= now + skew:
             # a receipt is judged at its own time: that time must lie between sealing and now
             raise EnvelopeError("receipt-mismatch", f"received_at {receipt.received_at} is out of range")
