@@ -8,6 +8,11 @@ Latency is measured from the sender's own records: the message's creation time (
 to the time its receipt was verified (status delivered); throughput is messages over the time
 from the first submission to the last delivery. Load comes from client threads in this process,
 on the same 2 cores as both servers.
+
+For the saturated phase, the CPU per message of each side is printed (user + system time from
+``/proc``, threads included, over the phase): the sending and receiving processes, every
+PostgreSQL process of the machine (with ``--postgres``; SQLite's work is inside the nodes), the
+load generator (this process), and how busy the whole machine was.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -43,6 +49,81 @@ SUBMISSION = {
     "legal_basis": ["Polri-PDRM police cooperation agreement"],
     "payload": {"summary": "benchmark " + "x" * 3000, "questions": ["q1", "q2", "q3"]},
 }
+
+
+CLOCK_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _processes() -> Iterator[tuple[int, int, str, float]]:
+    """(pid, parent pid, name, CPU seconds used: user + system, every thread) of each process."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # gone meanwhile
+            continue
+        head, _, rest = text.rpartition(")")
+        fields = rest.split()
+        yield (
+            int(stat.parent.name),
+            int(fields[1]),
+            head.split("(", 1)[1],
+            (int(fields[11]) + int(fields[12])) / CLOCK_TICK,
+        )
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds used so far by process ``pid`` and its running descendants (the workers of
+    ``exchange serve --workers N``)."""
+    table = list(_processes())
+    children: dict[int, list[int]] = {}
+    for child, parent, _, _ in table:
+        children.setdefault(parent, []).append(child)
+    used = {p: cpu for p, _, _, cpu in table}
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(children.get(current, []))
+    return sum(used.get(p, 0.0) for p in tree)
+
+
+def postgres_cpu() -> float:
+    """CPU seconds used so far by the PostgreSQL processes of this machine that are still running."""
+    return sum(cpu for _, _, name, cpu in _processes() if name == "postgres")
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, every core."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = values[3] + values[4]  # idle, iowait
+    return (sum(values) - idle) / CLOCK_TICK, sum(values) / CLOCK_TICK
+
+
+class CpuMeter:
+    """CPU used by each side of one run: the two server processes, PostgreSQL, this process."""
+
+    def __init__(self, sender: int, receiver: int, postgres: bool) -> None:
+        self.pids = {"sender": sender, "receiver": receiver}
+        self.postgres = postgres
+
+    def snapshot(self) -> dict[str, float]:
+        taken = {name: tree_cpu(pid) for name, pid in self.pids.items()}
+        if self.postgres:
+            taken["PostgreSQL"] = postgres_cpu()
+        taken["load generator"] = time.process_time()
+        taken["machine busy"], taken["machine"] = machine_cpu()
+        return taken
+
+    @staticmethod
+    def report(before: dict[str, float], after: dict[str, float], messages: int) -> None:
+        used = {name: after[name] - before[name] for name in before}
+        sides = [n for n in used if n not in ("machine busy", "machine")]
+        print(
+            "  CPU per message: "
+            + ", ".join(f"{name} {1000 * used[name] / messages:.2f} ms" for name in sides)
+            + f"; the machine {100 * used['machine busy'] / used['machine']:.0f}% busy"
+            f" ({1000 * used['machine busy'] / messages:.2f} ms of CPU per message in all)"
+        )
 
 
 def load(make_client: Callable[[], ExchangeClient], messages: int, clients: int, rate: float = 0) -> float:
@@ -105,12 +186,21 @@ def summarise(label: str, first_submit: float, done: list[tuple[str, str]]) -> d
 
 
 def phases(
-    label: str, make_client: Callable[[], ExchangeClient], db: str, table: str, args: argparse.Namespace
+    label: str,
+    make_client: Callable[[], ExchangeClient],
+    db: str,
+    table: str,
+    args: argparse.Namespace,
+    meter: CpuMeter,
 ) -> dict[str, dict[str, float]]:
-    """Saturation (closed loop, all clients flat out), then latency at each paced offered rate."""
+    """Saturation (closed loop, all clients flat out) with the CPU each side used, then latency at
+    each paced offered rate."""
+    before = meter.snapshot()
     first = load(make_client, args.messages, args.clients)
     done = wait_delivered(db, table, args.messages, first)
+    after = meter.snapshot()
     figures = {"max": summarise(f"{label}, saturated", first, done)}
+    meter.report(before, after, len(done))
     for rate in args.rate:
         paced_n = max(50, int(rate * 15))
         first = load(make_client, paced_n, args.clients, rate=rate)
@@ -133,12 +223,20 @@ def main() -> None:
         help="an offered load for a latency phase (msg/s, evenly spaced); repeat for more (default 40, 200)",
     )
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes per node (exchange serve --workers N; PostgreSQL only)",
+    )
+    parser.add_argument(
         "--postgres",
         metavar="URL",
         help="run both nodes on PostgreSQL: two throwaway databases made through this admin URL",
     )
     args = parser.parse_args()
     args.rate = args.rate or [40.0, 200.0]
+    if args.workers > 1 and not args.postgres:
+        parser.error("--workers above 1 needs --postgres")
     root = Path(tempfile.mkdtemp(prefix="exchange-bench-"))
     with databases(args.postgres) as urls:
         run(root, (urls[0], urls[1]), (urls[2], urls[3]), args)
@@ -166,6 +264,12 @@ def databases(admin_url: str | None) -> Iterator[tuple[str | None, ...]]:
         engine.dispose()
 
 
+def server_pid(node: Any) -> int:
+    """The process id of a started demo node's server."""
+    assert node.server.process is not None
+    return int(node.server.process.pid)
+
+
 def run(
     root: Path,
     urls: tuple[str | None, str | None],
@@ -178,11 +282,13 @@ def run(
         print(
             f"machine: {os.cpu_count()} cores, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())};"
             f" {args.messages} messages of ~3.3 KB payload; {args.clients} client threads;"
+            f" {args.workers} process(es) per node;"
             f" {'PostgreSQL' if urls[0] else 'SQLite WAL'} on both sides, the plain store-and-forward"
             " too\n"
         )
 
         for node in (polri, pdrm):
+            node.server.args = ("--workers", str(args.workers))
             node.server.start()
         for node in (polri, pdrm):
             node.server.wait_ready()
@@ -192,6 +298,7 @@ def run(
             urls[0] or f"sqlite:///{polri.dir / 'node.db'}",
             "messages",
             args,
+            CpuMeter(server_pid(polri), server_pid(pdrm), postgres=urls[0] is not None),
         )
         for node in (polri, pdrm):
             node.server.stop()
@@ -254,6 +361,7 @@ def run(
             plain_urls[0] or f"sqlite:///{plain_dbs[0]}",
             "plain_messages",
             args,
+            CpuMeter(procs[0].pid, procs[1].pid, postgres=urls[0] is not None),
         )
         for p in procs:
             p.terminate()
