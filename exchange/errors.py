@@ -20,7 +20,8 @@ and the CLI turns them into a one-line message and a non-zero exit. Domain error
     ├── EnvelopeError               an envelope or receipt failed verification (opaque to the peer)
     │   └── ReplayRejected          outside the replay window, or same id with other content
     ├── TransportError              the partner node could not be reached or answered badly
-    │   └── PartnerRefused          the partner answered 4xx to a whole batch (split it)
+    │   ├── PartnerRefused          the partner answered 4xx to a whole batch (split it)
+    │   └── PartnerKeysUnavailable  the partner's key sets could not be fetched to check a signature
     ├── Unavailable                 a resource the node needs is down for now (retry later)
     │   ├── DatabaseUnavailable     the database cannot be reached, or its disk is full
     │   └── Busy                    a bounded resource is saturated (a ledger verification runs)
@@ -150,6 +151,11 @@ class PartnerRefused(TransportError):
     def __init__(self, status: int, detail: str = "") -> None:
         super().__init__(f"the partner refused the batch: HTTP {status}{': ' + detail if detail else ''}")
         self.status = status
+
+
+class PartnerKeysUnavailable(TransportError):
+    """The partner signed with a key id we do not know, and its key sets could not be fetched to
+    look it up: no evidence of forgery, a condition to retry (the link, not the batch)."""
 
 
 class Unavailable(ExchangeError):

@@ -37,6 +37,7 @@ from exchange.errors import (
     FieldError,
     InvalidInput,
     NotFound,
+    PartnerKeysUnavailable,
     TransportError,
 )
 from exchange.keys.announcement import AnnouncementRejected, KeySetReceipt, sign_receipt, verify_receipt
@@ -118,7 +119,7 @@ class Node(Releases):
         )
         self._keys_lock = threading.Lock()
         self._latest_note: tuple[float, str | None] = (-math.inf, None)  # (read at, checkpoint)
-        self._verified_notes: dict[tuple[str, tuple[str, ...]], Checkpoint | str] = {}
+        self._verified_notes: dict[tuple[str, str, tuple[str, ...]], Checkpoint | str] = {}
         self._notes_lock = threading.Lock()
         self._keys: NodeKeys | None = None
         try:
@@ -173,8 +174,8 @@ class Node(Releases):
         announced while it was away). True if a newer version is now trusted.
 
         Raises:
-            TransportError: the fetch failed, only with ``fetch_errors_raise`` (else it is logged
-                and nothing is learnt).
+            PartnerKeysUnavailable: the fetch failed, only with ``fetch_errors_raise`` (else it is
+                logged and nothing is learnt). A failed fetch does not count against the rate.
         """
         cached = self.registry.history(self.partner_party).version
         self.registry.refresh()
@@ -187,8 +188,11 @@ class Node(Releases):
         try:
             announcements = fetch(known)
         except TransportError as exc:
+            self.registry.fetch_failed()  # the next unknown key id may look again at once
             if fetch_errors_raise:
-                raise
+                raise PartnerKeysUnavailable(
+                    f"could not fetch the key sets of {self.partner_party}: {exc}"
+                ) from exc
             log.warning("could not fetch the key sets of %s: %s", self.partner_party, exc)
             return False
         if not announcements:
@@ -212,7 +216,7 @@ class Node(Releases):
         """``verify(the partner's keys)``; if it fails for a key this node does not know yet
         (``unknown_key(error)``), learn the partner's newer key sets once (:meth:`learn_partner_keys`)
         and verify again with them. Raises what ``verify`` raises (and, with
-        ``fetch_errors_raise``, the TransportError of a fetch that failed)."""
+        ``fetch_errors_raise``, PartnerKeysUnavailable for a fetch that failed)."""
         try:
             return verify(self.partner)
         except Exception as exc:
@@ -246,7 +250,8 @@ class Node(Releases):
         receipt and keep it. Returns the version acknowledged, None if there was nothing to send.
 
         Raises:
-            TransportError: the partner could not be reached (PartnerRefused: it refused them).
+            TransportError: the partner could not be reached (PartnerRefused: it refused them;
+                PartnerKeysUnavailable: its receipt names a key we could not look up).
             AnnouncementRejected: its receipt is not valid for what was sent (a security incident,
                 ledgered as ``keys.rejected`` of our own party).
         """
@@ -279,8 +284,8 @@ class Node(Releases):
         Raises:
             AnnouncementRejected: ``bad-signature``, ``unknown-key`` (after fetching the partner's
                 newer key sets once), or ``bad-receipt``.
-            TransportError: the receipt names a key we do not know and the partner's key sets
-                could not be fetched (a condition to retry, not an incident).
+            PartnerKeysUnavailable: the receipt names a key we do not know and the partner's key
+                sets could not be fetched (a condition to retry, not an incident).
         """
         used: list[PartnerKeys] = []  # the partner's keys the receipt verified with
 
@@ -288,17 +293,12 @@ class Node(Releases):
             used.append(partner)
             return verify_receipt(compact, partner.verification)
 
-        try:
-            receipt, kid = self.verify_by_partner(
-                verify,
-                lambda exc: isinstance(exc, AnnouncementRejected) and exc.reason == "unknown-key",
-                now,
-                fetch_errors_raise=True,  # a key we could not look up is no evidence of forgery
-            )
-        except TransportError as exc:
-            raise TransportError(
-                f"could not fetch the partner's key sets to verify its receipt: {exc}"
-            ) from exc
+        receipt, kid = self.verify_by_partner(
+            verify,
+            lambda exc: isinstance(exc, AnnouncementRejected) and exc.reason == "unknown-key",
+            now,
+            fetch_errors_raise=True,  # a key we could not look up is no evidence of forgery
+        )
         partner = used[-1]
         newest = self.registry.history(self.party)
         sent = {v: sha256_hex(a) for v, a in pending}
@@ -962,8 +962,9 @@ class Node(Releases):
 
     def _verified_note(self, note: str, keys: Sequence[OKPKey]) -> Checkpoint | str:
         """The partner's checkpoint ``note`` verified with ``keys``, or why it is invalid; the
-        answer is kept for the last NOTES_KEPT notes and sets of keys (it cannot change)."""
-        key = (note, tuple(str(k.kid) for k in keys))
+        answer is kept for the last NOTES_KEPT notes and sets of keys (it cannot change: a key id
+        names one key for ever)."""
+        key = (self.partner.ledger_origin, note, tuple(str(k.kid) for k in keys))
         with self._notes_lock:
             found = self._verified_notes.get(key)
         if found is not None:

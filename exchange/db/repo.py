@@ -23,6 +23,7 @@ from exchange.db.schema import (
     checkpoints,
     clients,
     consent_requests,
+    key_sets,
     ledger_entries,
     ledger_head,
     ledger_subtrees,
@@ -368,35 +369,56 @@ class Claimed:
     enqueued_at: float
 
 
+@dataclass(frozen=True)
+class Claim:
+    """What :func:`claim_due` leased, and whether ``key_sets_of``'s key set had versions the
+    partner has not acknowledged when it did (read in the same statement as the due rows)."""
+
+    envelopes: list[Claimed]
+    key_sets_unacknowledged: bool
+
+
 def claim_due(
     conn: Connection,
     *,
     now: float,
+    queued_since: float,
     lease_seconds: float,
     limit: int,
     max_bytes: int,
     worker: str,
     frame: Callable[[list[int]], int],
     updated_at: str,
-) -> list[Claimed]:
-    """Lease the oldest due outbox rows to ``worker``: at most ``limit`` rows whose request body,
-    ``frame(sizes)``, stays within ``max_bytes`` (always at least one row); their messages become
-    ``sent`` with the attempt counted. Three statements, whatever the batch's size.
+    key_sets_of: str,
+) -> Claim:
+    """Lease to ``worker`` the oldest due outbox rows queued at or after ``queued_since`` (an older
+    one is past its deadline: it waits for the expiry sweep, never sent): at most ``limit`` rows
+    whose request body, ``frame(sizes)``, stays within ``max_bytes`` (always at least one row);
+    their messages become ``sent`` with the attempt counted. Three statements, whatever the
+    batch's size.
 
     Rows are locked with ``FOR UPDATE SKIP LOCKED`` (PostgreSQL) and their next attempt pushed past
     the lease, so a second worker does not take them and a crashed worker's rows come back; the
     lease names its holder, so a restarted worker takes its own back at once
-    (:func:`release_leases_of`).
+    (:func:`release_leases_of`). Whatever the claimed messages were signed with was stored before
+    them, so the first statement also sees every version of our key set they may need announced.
     """
+    unacknowledged = (
+        sa.select(sa.func.count())
+        .select_from(key_sets)
+        .where(key_sets.c.party == key_sets_of, key_sets.c.acknowledged_at.is_(None))
+        .scalar_subquery()
+    )
     candidates = conn.execute(
         sa.select(
             outbox.c.message_id,
             outbox.c.attempts,
             outbox.c.enqueued_at,
             sa.func.length(messages.c.envelope).label("size"),
+            unacknowledged.label("unacknowledged"),
         )
         .join(messages, messages.c.id == outbox.c.message_id)
-        .where(outbox.c.next_attempt_at <= now)
+        .where(outbox.c.next_attempt_at <= now, outbox.c.enqueued_at >= queued_since)
         .order_by(outbox.c.enqueued_at, outbox.c.message_id)
         .limit(limit)
         .with_for_update(skip_locked=True, of=outbox)
@@ -409,7 +431,7 @@ def claim_due(
         taken.append(row)
         sizes.append(int(row.size))
     if not taken:
-        return []
+        return Claim([], False)
     ids = [row.message_id for row in taken]
     conn.execute(
         outbox.update()
@@ -426,7 +448,7 @@ def claim_due(
             .returning(messages.c.id, messages.c.envelope, messages.c.envelope_sha256, messages.c.created_at)
         )
     }
-    return [
+    envelopes = [
         Claimed(
             row.message_id,
             sent[row.message_id].envelope,
@@ -437,6 +459,7 @@ def claim_due(
         )
         for row in taken
     ]
+    return Claim(envelopes, bool(taken[0].unacknowledged))
 
 
 def release(conn: Connection, message_ids: Sequence[str], *, now: float, error: str) -> None:

@@ -214,6 +214,7 @@ class KeyRegistry:
         self._cache: dict[PartyId, KeyHistory] = {}
         self._checked = 0.0
         self._fetched_at = 0.0
+        self._last_fetched_at = 0.0
         self._partner_keys: PartnerKeys | None = None
         self._seen_kids: set[str] = set()
         self._regressions: set[tuple[PartyId, int]] = set()  # (party, stored version) reported
@@ -536,12 +537,18 @@ class KeyRegistry:
 
     def may_fetch(self, min_interval: float) -> bool:
         """True at most once per ``min_interval`` seconds: the rate limit of fetching the partner's
-        key sets on meeting an unknown key id."""
+        key sets on meeting an unknown key id (a fetch that failed does not count: see
+        :meth:`fetch_failed`)."""
         with self._lock:
             if time.monotonic() - self._fetched_at < min_interval:
                 return False
-            self._fetched_at = time.monotonic()
+            self._last_fetched_at, self._fetched_at = self._fetched_at, time.monotonic()
             return True
+
+    def fetch_failed(self) -> None:
+        """The fetch :meth:`may_fetch` allowed did not happen: the next one may go at once."""
+        with self._lock:
+            self._fetched_at = self._last_fetched_at
 
 
 def _key_event(

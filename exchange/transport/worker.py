@@ -38,6 +38,7 @@ from exchange.errors import (
     ConfigurationError,
     DatabaseUnavailable,
     EnvelopeError,
+    PartnerKeysUnavailable,
     PartnerRefused,
     TransportError,
 )
@@ -55,9 +56,15 @@ KEY_RECEIPT_RETRY_MAX_SECONDS = 3600.0
 log = logging.getLogger("exchange.delivery")
 
 
+def backoff_ceiling(attempts: int, *, base: float, cap: float) -> float:
+    """``base`` doubled for each attempt after the first, never above ``cap`` (and never an
+    overflow, however many attempts)."""
+    return float(min(cap, base * 2.0 ** min(max(0, attempts - 1), 64)))
+
+
 def backoff_delay(attempts: int, *, base: float, cap: float, jitter: float) -> float:
     """Exponential backoff with equal jitter: half fixed, half random (``jitter`` in [0, 1))."""
-    ceiling: float = min(cap, base * 2.0 ** max(0, attempts - 1))
+    ceiling = backoff_ceiling(attempts, base=base, cap=cap)
     return ceiling / 2 + ceiling / 2 * jitter
 
 
@@ -147,6 +154,7 @@ class DeliveryWorker:
         self.max_request_bytes = peer_body_limit(node.agreement.max_envelope_bytes)
         self.partner = PartnerBackoff()
         self._announce_after = 0.0
+        self._waiting_with = 0  # our newest version when the wait until _announce_after began
         #: our key-set version the partner is known to hold: a round reads the table of
         #: unacknowledged versions only when this process's own version is newer
         self._acknowledged_through = 0
@@ -179,18 +187,21 @@ class DeliveryWorker:
         if not self.partner.ready(now):
             return settled
         with self.node.db.transaction() as conn:
-            claimed = repo.claim_due(
+            claim = repo.claim_due(
                 conn,
                 now=now,
+                queued_since=now - self.expiry_seconds,
                 lease_seconds=settings.delivery_lease_seconds,
                 limit=settings.delivery_batch_size,
                 max_bytes=self.max_request_bytes,
                 worker=self.worker_id,
                 frame=batch_bytes,
                 updated_at=self._at(now),
+                key_sets_of=self.node.party,
             )
+        claimed = claim.envelopes
         try:  # the partner learns a key before it sees it used: our new key sets go first
-            self._announce_keys(now)
+            self._announce_keys(now, pending=claim.key_sets_unacknowledged)
         except TransportError as exc:
             self._partner_down(claimed, exc)
             return settled
@@ -220,38 +231,58 @@ class DeliveryWorker:
             self.partner.succeeded()
         return settled
 
-    def _announce_keys(self, now: float) -> None:
-        """Send the partner our key-set versions it has not acknowledged. The partner's refusal
-        is logged and retried no more often than the longest probe interval; a refused receipt
-        (an incident, ledgered) after that interval doubled for each refusal in a row, up to
-        KEY_RECEIPT_RETRY_MAX_SECONDS (so a hostile partner gets a few dozen ledger entries a day,
-        not one per probe); an unreachable partner raises TransportError.
+    def _announce_keys(self, now: float, *, pending: bool) -> None:
+        """Send the partner our key-set versions it has not acknowledged. An unreachable partner
+        raises TransportError; otherwise the round goes on whatever happens here:
 
-        The table is read only while the newest own version this process's registry holds is
-        newer than the last one the partner acknowledged: a version goes out at the first round
-        after this process loaded it (within ``key_refresh_seconds`` of its publication), so
-        before any message this process signs with it. (One that another process of the node
-        signed with a version this one has not loaded yet may reach the partner first; the
-        partner then fetches our key sets, see ``Node.learn_partner_keys``.)"""
-        if now < self._announce_after:
-            return
+        - the partner's refusal is logged and retried after the longest probe interval;
+        - a refused receipt (an incident, ledgered) is retried after that interval doubled for
+          each refusal in a row, up to KEY_RECEIPT_RETRY_MAX_SECONDS, so a hostile partner gets a
+          few dozen ledger entries a day, not one per probe;
+        - a receipt under a key we could not look up (the partner's key sets could not be
+          fetched) is retried after the key-fetch interval, no incident.
+
+        The table is read when the claim saw an unacknowledged version (``pending``: whatever
+        the claimed messages were signed with was stored before them) or when this process's
+        registry holds a version newer than the last acknowledged (an idle node announces a
+        rotation within ``key_refresh_seconds``). A version newer than the one a wait began with
+        (an emergency revocation) does not wait."""
         own = self.node.registry.history(self.node.party).version
-        if own <= self._acknowledged_through:
+        if not pending and own <= self._acknowledged_through:
             return
+        if now < self._announce_after and own <= self._waiting_with:
+            return
+        settings = self.node.settings
         try:
             acknowledged = self.node.announce_keys(
                 self.transport.announce_keys, dt.datetime.fromtimestamp(now, dt.UTC)
             )
         except PartnerRefused as exc:
             log.error("the partner refused our key set: %s", exc)
-            self._announce_after = now + self.node.settings.delivery_backoff_max_seconds
+            self._wait(now, settings.delivery_backoff_max_seconds, own)
+        except PartnerKeysUnavailable as exc:
+            log.warning("the receipt of our key set cannot be checked yet: %s", exc)
+            self._wait(
+                now, max(settings.delivery_backoff_base_seconds, settings.key_fetch_interval_seconds), own
+            )
         except AnnouncementRejected:  # a security incident, logged and ledgered by the node
             self._receipts_refused += 1
-            wait = self.node.settings.delivery_backoff_max_seconds * 2 ** (self._receipts_refused - 1)
-            self._announce_after = now + min(KEY_RECEIPT_RETRY_MAX_SECONDS, wait)
+            self._wait(
+                now,
+                backoff_ceiling(
+                    self._receipts_refused,
+                    base=settings.delivery_backoff_max_seconds,
+                    cap=KEY_RECEIPT_RETRY_MAX_SECONDS,
+                ),
+                own,
+            )
         else:
             self._receipts_refused = 0
             self._acknowledged_through = own if acknowledged is None else acknowledged
+
+    def _wait(self, now: float, seconds: float, own: int) -> None:
+        """Announce no sooner than ``seconds`` from ``now`` unless a version newer than ``own``."""
+        self._announce_after, self._waiting_with = now + seconds, own
 
     def _deliver(
         self, claimed: list[repo.Claimed]
@@ -472,9 +503,10 @@ class DeliveryWorker:
         """End ``failed`` (reason ``expired``, ledgered) every waiting message past its deadline.
 
         Nothing is read if the last sweep is less than EXPIRY_SWEEP_SECONDS old (a tenth of the
-        expiry, if that is shorter): a message expires that much late at most."""
-        if now - self._swept_at < min(EXPIRY_SWEEP_SECONDS, self.expiry_seconds / 10):
-            return 0
+        expiry, if that is shorter), unless it found a full batch: a message expires that much
+        late at most, and is never sent meanwhile (the claim leaves it)."""
+        if 0 <= now - self._swept_at < min(EXPIRY_SWEEP_SECONDS, self.expiry_seconds / 10):
+            return 0  # (a clock that went back sweeps at once)
         self._swept_at = now
         cutoff = now - self.expiry_seconds
         with self.node.db.read() as conn:
@@ -496,6 +528,8 @@ class DeliveryWorker:
                 conn, [w.message_id for w in gone], status="failed", status_reason=reason, updated_at=at
             )
             repo.append_ledger(conn, head, [self._failure(w, "expired") for w in gone], at)
+        if len(waiting) == self.node.settings.delivery_batch_size:
+            self._swept_at = -math.inf  # more may be overdue: the next round sweeps again
         if gone:
             log.warning("%d message(s) expired undelivered", len(gone))
             metrics.settled(delivered_enqueued_at=(), failed=len(gone), now=now)

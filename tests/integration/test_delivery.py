@@ -232,7 +232,7 @@ class Watched(Loopback):
         return super().send(envelopes)
 
 
-def test_a_round_claims_in_three_statements_without_reading_the_key_sets_or_the_deadlines_again(
+def test_a_round_claims_in_three_statements_and_reads_the_key_sets_and_deadlines_no_further(
     pair: Pair,
 ) -> None:
     id_dir, _my_dir, id_node, my_node = pair
@@ -250,9 +250,14 @@ def test_a_round_claims_in_three_statements_without_reading_the_key_sets_or_the_
     transport.statements.clear()
     assert worker.run_once() == 3
     claim = [s for s in transport.before_send if not s.startswith(("begin", "commit", "rollback"))]
-    assert len(claim) == 3, claim  # lease, then mark sent (counting the attempt) returning the envelopes
-    assert not [s for s in claim if "key_sets" in s or "min(outbox.enqueued_at)" in s]
+    assert len(claim) == 3, claim  # pick (and see the key sets), lease, mark sent returning the envelopes
+    assert "key_sets" in claim[0]
+    assert not [s for s in claim[1:] if "key_sets" in s or "min(outbox.enqueued_at)" in s]
     assert sorted(transport.claimed) == [("delivered", 1), ("sent", 1), ("sent", 1), ("sent", 1)]
+    worker.finish_settling()
+    with id_node.db.read() as conn:
+        sent = [e.data["attempts"] for e in repo.iter_ledger(conn) if e.event == "message.sent"]
+    assert sent == [1, 1, 1, 1]  # each the first attempt, as the outbox counted it
     clock.now += sweep  # the sweep is due again
     transport.statements.clear()
     worker.run_once()
@@ -280,6 +285,70 @@ def test_a_key_set_version_loaded_after_the_last_acknowledgement_is_announced_be
     assert my_node.registry.history("ID").version == 2
     assert my_node.registry.history("ID").current.key(staged.kid) is not None
     assert [r["acknowledged_at"] is not None for r in id_node.registry.own_rows()] == [True]
+
+
+def test_a_message_signed_by_another_process_with_a_version_the_leader_has_not_loaded_is_preceded_by_it(
+    pair: Pair,
+) -> None:
+    """The delivery leader's registry may be up to key_refresh_seconds behind another process of
+    the node; what the claim takes was signed under a version already stored, and the claim sees
+    it: the version goes first, even if the partner could not have fetched it."""
+    id_dir, _my_dir, id_node, my_node = pair
+    set_node_options(id_dir.path, key_refresh_seconds=3600.0)
+    leader = Node(load_settings(id_dir.path))  # another process, its key sets read now
+    try:
+        transport = Watched(my_node, leader)
+        worker = DeliveryWorker(leader, transport)
+        polri = actor(id_node, id_dir, "polri-cms")
+        id_node.submit(polri, MessageSubmission.model_validate(rfi()), now())
+        worker.run_once()
+        worker.finish_settling()
+        old = str(id_node.keys.signing.kid)
+        KeyAdmin(id_node.settings, id_node.registry).revoke(old, reason="stolen", effective_at=now())
+        mid = id_node.submit(polri, MessageSubmission.model_validate(rfi()), now())["id"]  # the new key
+        assert leader.registry.history("ID").version == 1  # the leader has not read version 2
+        my_node.fetch_partner_key_sets = None  # nor could the partner look it up
+        transport.calls.clear()
+        worker.run_once()
+        worker.finish_settling()
+        assert transport.calls == ["announce", "send"]
+        assert id_node.status(polri, mid, now())["status"] == "delivered"
+    finally:
+        leader.close()
+
+
+def test_a_message_past_its_deadline_is_never_sent_while_it_waits_for_the_sweep(pair: Pair) -> None:
+    id_dir, _my_dir, id_node, my_node = pair
+    polri = actor(id_node, id_dir, "polri-cms")
+    clock = Clock()
+    transport = Watched(my_node, id_node)
+    worker = DeliveryWorker(id_node, transport, clock=clock)
+    worker.expire_overdue(clock.now)  # swept just now: the next sweep is a while away
+    late = id_node.submit(
+        polri,
+        MessageSubmission.model_validate(rfi()),
+        dt.datetime.fromtimestamp(clock.now - 3600, dt.UTC),
+    )["id"]
+    assert worker.run_once() == 0
+    assert "send" not in transport.calls
+    assert id_node.status(polri, late, now())["status"] == "queued"
+    clock.now -= 60  # the clock stepped back: the sweep does not wait for it to catch up
+    assert worker.run_once() == 1
+    assert id_node.status(polri, late, now())["status"] == "failed"
+    assert "send" not in transport.calls
+
+
+def test_an_expiry_sweep_that_found_a_full_batch_sweeps_again_at_the_next_round(pair: Pair) -> None:
+    id_dir, _my_dir, id_node, my_node = pair
+    set_node_options(id_dir.path, delivery_batch_size=2)
+    node = Node(load_settings(id_dir.path), id_node.db)
+    polri = actor(node, id_dir, "polri-cms")
+    clock = Clock()
+    worker = DeliveryWorker(node, Loopback(my_node), clock=clock)
+    old = dt.datetime.fromtimestamp(clock.now - worker.expiry_seconds - 1, dt.UTC)
+    for _ in range(5):
+        node.submit(polri, MessageSubmission.model_validate(rfi()), old)
+    assert [worker.run_once() for _ in range(4)] == [2, 2, 1, 0]  # no wait between full sweeps
 
 
 def test_backoff_never_pushes_the_next_probe_past_the_oldest_message_s_deadline(pair: Pair) -> None:

@@ -25,7 +25,7 @@ from exchange.errors import (
     EnvelopeError,
     KeyManagementError,
     LedgerIntegrityError,
-    PartnerRefused,
+    PartnerKeysUnavailable,
     TransportError,
 )
 from exchange.keys import store
@@ -42,7 +42,7 @@ from exchange.keys.registry import KeyRegistry
 from exchange.node import Node
 from exchange.transport.worker import DeliveryWorker
 from tests.integration.conftest import Pair
-from tests.integration.test_key_rotation import admin, drain, events, submit
+from tests.integration.test_key_rotation import admin, drain, events, statuses, submit
 from tests.integration.test_node_flow import Clock, Loopback, now
 from tests.support import PASSPHRASE
 
@@ -551,29 +551,73 @@ def test_a_receipt_of_our_key_set_signed_by_a_key_not_the_partners_is_refused_an
     acknowledged_honestly_after(id_node, link, announcement, len(signers) + 3, ledgered)
 
 
-def test_a_receipt_by_a_key_we_could_not_look_up_is_a_failed_round_not_an_incident(nodes: Pair) -> None:
+def test_a_receipt_by_a_key_we_could_not_look_up_is_retried_not_an_incident(nodes: Pair) -> None:
     """A receipt signed by a key id we do not know makes us fetch the partner's key sets; if that
-    fetch fails, nothing says the receipt is forged: the round fails like an unreachable partner,
-    nothing is ledgered, and the version is announced again."""
-    _, _, id_node, my_node = nodes
+    fetch fails, nothing says the receipt is forged: nothing is ledgered, the delivery round still
+    sends its batch, and the version is announced again after the key-fetch interval, when the
+    fetch is tried again (a failed fetch does not use up its rate) and a key still unknown is
+    refused."""
+    id_dir, _, id_node, my_node = nodes
     admin(id_node).rotate("signing")
     link = ReceiptSwap(my_node)
     link.forge = signed_by(stranger("MY-sig-new"))
+    fetched: list[int] = []
 
     def unreachable(after: int) -> list[str]:
+        fetched.append(after)
         raise TransportError("connection refused")
 
     id_node.fetch_partner_key_sets = unreachable
     before = events(id_node, "keys.")
-    with pytest.raises(TransportError, match="could not fetch the partner's key sets") as failed:
+    with pytest.raises(PartnerKeysUnavailable, match="could not fetch the key sets of MY"):
         id_node.announce_keys(link.announce_keys, now())
-    assert not isinstance(failed.value, PartnerRefused)  # the worker takes it as the partner away
     assert events(id_node, "keys.") == before
     assert [v for v, _ in id_node.registry.unacknowledged()] == [2]
-    id_node.fetch_partner_key_sets = link.fetch_key_sets  # reachable again: the stranger is refused
-    with pytest.raises(AnnouncementRejected, match="unknown-key"):
-        id_node.announce_keys(link.announce_keys, now())
+    clock = Clock()
+    worker = DeliveryWorker(id_node, link, clock=clock)
+    mid = submit(id_node, id_dir, "polri-cms")
+    assert worker.run_once() == 1  # the batch went, though its key set's receipt could not be checked
+    assert statuses(id_node, id_dir, "polri-cms", [mid]) == ["delivered"]
+    assert events(id_node, "keys.") == before
+    assert len(fetched) == 2  # looked again at once: the first failure did not use up the rate
+    worker.run_once()
+    assert len(link.sent) == 2  # waiting for the key-fetch interval
+    clock.now += id_node.settings.key_fetch_interval_seconds
+
+    def reachable(after: int) -> list[str]:
+        fetched.append(after)
+        return link.fetch_key_sets(after)
+
+    id_node.fetch_partner_key_sets = reachable
+    worker.run_once()  # reachable again: the key is looked up, not there, the receipt refused
+    assert len(fetched) == 3
     assert events(id_node, "keys.")[-1]["event"] == "keys.rejected"
+
+
+def test_after_refused_receipts_a_newer_version_is_announced_without_waiting(nodes: Pair) -> None:
+    """The wait after refused receipts holds back the version that was refused, not a revocation
+    published meanwhile: that goes out at the next round."""
+    _, _, id_node, my_node = nodes
+    admin(id_node).rotate("signing")
+    link = ReceiptSwap(my_node)
+    link.forge = signed_by(stranger(my_node.keys.signing_kid))
+    clock = Clock()
+    worker = DeliveryWorker(id_node, link, clock=clock)
+    backoff = id_node.settings.delivery_backoff_max_seconds
+    for wait in (0, backoff, 2 * backoff):  # each refusal in a row doubles the wait
+        clock.now += wait
+        worker.run_once()
+    assert len(link.sent) == 3
+    clock.now += backoff
+    worker.run_once()  # the third refusal waits four times the longest probe interval
+    assert len(link.sent) == 3
+    link.forge = None
+    admin(id_node).revoke(id_node.keys.signing_kid, reason="stolen", effective_at=now())
+    worker.run_once()
+    assert len(link.sent) == 4
+    assert not id_node.registry.unacknowledged()
+    worker.run_once()
+    assert len(link.sent) == 4  # acknowledged: nothing more to announce
 
 
 def test_a_receipt_by_the_partners_own_key_for_another_version_or_digest_is_refused(nodes: Pair) -> None:

@@ -15,6 +15,7 @@ from exchange.errors import ConfigurationError, InvalidInput, MessageTooLarge
 from exchange.idempotency import check_key
 from exchange.transport.worker import (
     PartnerBackoff,
+    backoff_ceiling,
     backoff_delay,
     delivery_expiry_seconds,
     probe_delay,
@@ -23,10 +24,26 @@ from exchange.transport.worker import (
 
 @pytest.mark.parametrize(
     ("failures", "jitter", "expected"),
-    [(1, 0.0, 0.25), (1, 0.999, 0.49975), (2, 0.0, 0.5), (4, 0.0, 2.0), (30, 0.0, 5.0), (30, 0.5, 7.5)],
+    [
+        (1, 0.0, 0.25),
+        (1, 0.999, 0.49975),
+        (2, 0.0, 0.5),
+        (4, 0.0, 2.0),
+        (30, 0.0, 5.0),
+        (30, 0.5, 7.5),
+        (5000, 0.0, 5.0),  # a partner away for days: no overflow, still the cap
+        (10**9, 0.5, 7.5),
+    ],
 )
 def test_backoff_grows_exponentially_to_its_cap(failures: int, jitter: float, expected: float) -> None:
     assert backoff_delay(failures, base=0.5, cap=10.0, jitter=jitter) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("refusals", "expected"), [(1, 10.0), (2, 20.0), (3, 40.0), (9, 2560.0), (10, 3600.0), (10**6, 3600.0)]
+)
+def test_refused_key_set_receipts_double_the_wait_up_to_an_hour(refusals: int, expected: float) -> None:
+    assert backoff_ceiling(refusals, base=10.0, cap=3600.0) == expected
 
 
 @pytest.mark.parametrize(
