@@ -80,6 +80,12 @@ class NodeSettings(BaseSettings):
         default=10.0, gt=0, description="the longest wait between two probes of an unreachable partner"
     )
     delivery_lease_seconds: float = Field(default=60.0, gt=0)
+    delivery_expiry_sweep_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        description="how often, at most, the delivery loop looks for messages past their deadline"
+        " (a tenth of the expiry, if that is shorter): how late a message may end expired",
+    )
     peer_timeout_seconds: float = Field(default=10.0, gt=0)
     checkpoint_interval_seconds: float = Field(default=5.0, gt=0)
     checkpoint_note_cache_seconds: float = Field(
@@ -165,6 +171,12 @@ class NodeSettings(BaseSettings):
         default=5.0,
         gt=0,
         description="the partner's key sets are fetched on an unknown key at most this often",
+    )
+    key_receipt_retry_max_seconds: float = Field(
+        default=3600.0,
+        gt=0,
+        description="the longest wait before announcing our key set again after the partner's receipts"
+        " of it were refused in a row (the wait doubles from delivery_backoff_max_seconds)",
     )
     key_versions_per_day: int = Field(
         default=24, ge=1, description="the most versions of the partner's key set accepted in 24 hours"

@@ -48,11 +48,6 @@ from exchange.node import Node, PeerResult, iso
 from exchange.observability import metrics
 from exchange.transport.peer import PeerTransport
 
-#: how often, at most, a round looks for messages past their delivery deadline
-EXPIRY_SWEEP_SECONDS = 1.0
-#: the longest wait before announcing our key set again after its receipts were refused in a row
-KEY_RECEIPT_RETRY_MAX_SECONDS = 3600.0
-
 log = logging.getLogger("exchange.delivery")
 
 
@@ -160,7 +155,8 @@ class DeliveryWorker:
         self._acknowledged_through = 0
         #: receipts of our key set refused in a row: each doubles the wait before announcing again
         self._receipts_refused = 0
-        #: the expiry sweep runs at most once per EXPIRY_SWEEP_SECONDS (less for a shorter expiry)
+        #: the expiry sweep runs at most this often (see expire_overdue)
+        self.sweep_seconds = min(settings.delivery_expiry_sweep_seconds, self.expiry_seconds / 10)
         self._swept_at = -math.inf
         self._recovered = False
         self.interval = settings.delivery_poll_seconds  # the fallback poll: wake-ups come first
@@ -237,7 +233,7 @@ class DeliveryWorker:
 
         - the partner's refusal is logged and retried after the longest probe interval;
         - a refused receipt (an incident, ledgered) is retried after that interval doubled for
-          each refusal in a row, up to KEY_RECEIPT_RETRY_MAX_SECONDS, so a hostile partner gets a
+          each refusal in a row, up to ``key_receipt_retry_max_seconds``, so a hostile partner gets a
           few dozen ledger entries a day, not one per probe;
         - a receipt under a key we could not look up (the partner's key sets could not be
           fetched) is retried after the key-fetch interval, no incident.
@@ -272,7 +268,7 @@ class DeliveryWorker:
                 backoff_ceiling(
                     self._receipts_refused,
                     base=settings.delivery_backoff_max_seconds,
-                    cap=KEY_RECEIPT_RETRY_MAX_SECONDS,
+                    cap=settings.key_receipt_retry_max_seconds,
                 ),
                 own,
             )
@@ -502,10 +498,11 @@ class DeliveryWorker:
     def expire_overdue(self, now: float) -> int:
         """End ``failed`` (reason ``expired``, ledgered) every waiting message past its deadline.
 
-        Nothing is read if the last sweep is less than EXPIRY_SWEEP_SECONDS old (a tenth of the
-        expiry, if that is shorter), unless it found a full batch: a message expires that much
+        Nothing is read if the last sweep is less than ``sweep_seconds`` old
+        (``delivery_expiry_sweep_seconds``, or a tenth of the expiry if that is shorter), unless it
+        found a full batch: a message expires that much
         late at most, and is never sent meanwhile (the claim leaves it)."""
-        if 0 <= now - self._swept_at < min(EXPIRY_SWEEP_SECONDS, self.expiry_seconds / 10):
+        if 0 <= now - self._swept_at < self.sweep_seconds:
             return 0  # (a clock that went back sweeps at once)
         self._swept_at = now
         cutoff = now - self.expiry_seconds

@@ -29,7 +29,7 @@ from exchange.idempotency import IdempotentSubmission
 from exchange.keys.rotation import KeyAdmin
 from exchange.messages import MessageSubmission
 from exchange.node import Node, PeerResult
-from exchange.transport.worker import EXPIRY_SWEEP_SECONDS, DeliveryWorker
+from exchange.transport.worker import DeliveryWorker
 from tests.integration.test_node_flow import Clock, Loopback, actor
 from tests.support import NodeDir, make_pair, rfi, set_node_options
 
@@ -245,7 +245,8 @@ def test_a_round_claims_in_three_statements_and_reads_the_key_sets_and_deadlines
     worker.finish_settling()
     for _ in range(3):
         id_node.submit(polri, MessageSubmission.model_validate(rfi()), now())
-    sweep = min(EXPIRY_SWEEP_SECONDS, worker.expiry_seconds / 10)  # 0.4 s: a tenth of the 4 s expiry
+    sweep = worker.sweep_seconds
+    assert sweep == 0.4  # a tenth of the 4 s expiry, shorter than delivery_expiry_sweep_seconds
     clock.now += sweep / 2
     transport.statements.clear()
     assert worker.run_once() == 3
