@@ -28,7 +28,7 @@ from exchange.config import NodeSettings
 from exchange.content import ContentStore, destroy_after
 from exchange.crypto import constant_time_equal
 from exchange.db import repo, rows
-from exchange.db.client_directory import ClientDirectory
+from exchange.db.client_directory import UNREAD, ClientDirectory, Unread
 from exchange.db.committer import GroupCommitter
 from exchange.db.engine import Database, defer_inserts
 from exchange.errors import (
@@ -375,8 +375,19 @@ class Node(Releases):
     # --- identity --------------------------------------------------------------------------------
 
     def actor_for(self, fingerprint: str) -> Actor | None:
-        """The registered local system holding the certificate with this fingerprint, if any."""
+        """The registered local system holding the certificate with this fingerprint, if any.
+
+        Raises:
+            DatabaseUnavailable: the registration had to be read and the database is unreachable.
+        """
         row = self.clients.lookup(fingerprint, dt.datetime.now(dt.UTC))
+        return rows.actor_from_row(self.agreement, self.party, row) if row else None
+
+    def held_actor_for(self, fingerprint: str) -> Actor | Unread | None:
+        """:meth:`actor_for` without reading the database: ``UNREAD`` when it would have to."""
+        row = self.clients.held(fingerprint, dt.datetime.now(dt.UTC))
+        if row is UNREAD:
+            return UNREAD
         return rows.actor_from_row(self.agreement, self.party, row) if row else None
 
     # --- outbound --------------------------------------------------------------------------------

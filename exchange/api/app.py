@@ -117,6 +117,10 @@ def create_app(node: Node, transport: PeerTransport | None = None, *, run_worker
         lifespan=lifespan,
         docs_url=None,  # no third-party scripts in the node's origin: read /openapi.json with local tools
         redoc_url=None,
+        # no OpenTelemetry: the node's metrics are /metrics and its logs never carry content, while
+        # FastAPI's own telemetry records request bodies and exception messages when a provider is
+        # configured (and costs every request its checks when none is)
+        telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
     )
     openapi.install(app)
     app.state.node = node

@@ -12,8 +12,10 @@ CA could carry it.
 from __future__ import annotations
 
 from fastapi import Request
+from starlette.concurrency import run_in_threadpool
 
 from exchange import crypto
+from exchange.db.client_directory import UNREAD
 from exchange.errors import Unauthorised
 from exchange.node import Node
 from exchange.observability import MONITORING_ROLE
@@ -37,10 +39,10 @@ def node_of(request: Request) -> Node:
 AUDITOR_ROLE = "AUDITOR"
 
 
-def local_client(request: Request) -> Actor:
+async def local_client(request: Request) -> Actor:
     """FastAPI dependency: the registered local system calling (not an auditor: auditors never see
     message content; not a monitoring client: it reads /metrics only). Raises Unauthorised (403)."""
-    actor = registered_client(request)
+    actor = await registered_client(request)
     if AUDITOR_ROLE in actor.roles:
         raise Unauthorised("auditors have no access to messages; use /v1/audit")
     if MONITORING_ROLE in actor.roles:
@@ -48,25 +50,29 @@ def local_client(request: Request) -> Actor:
     return actor
 
 
-def auditor(request: Request) -> Actor:
+async def auditor(request: Request) -> Actor:
     """FastAPI dependency: a registered client with the AUDITOR role. Raises Unauthorised (403)."""
-    actor = registered_client(request)
+    actor = await registered_client(request)
     if AUDITOR_ROLE not in actor.roles or MONITORING_ROLE in actor.roles:
         raise Unauthorised("this endpoint is for clients registered with the AUDITOR role")
     return actor
 
 
-def monitoring_client(request: Request) -> Actor:
+async def monitoring_client(request: Request) -> Actor:
     """FastAPI dependency: a client registered with ``exchange clients add-monitoring``. Raises
     Unauthorised (403) for any other caller, local systems and auditors included."""
-    actor = registered_client(request)
+    actor = await registered_client(request)
     if MONITORING_ROLE not in actor.roles:
         raise Unauthorised("only a monitoring client (`exchange clients add-monitoring`) reads /metrics")
     return actor
 
 
-def registered_client(request: Request) -> Actor:
-    """The registered client calling, whatever its roles. Raises Unauthorised (403)."""
+async def registered_client(request: Request) -> Actor:
+    """The registered client calling, whatever its roles. Raises Unauthorised (403).
+
+    Runs on the event loop (an API request pays no thread hop for it): the certificate checks are
+    cached per certificate, and the registration is read in a worker thread only when the node
+    does not hold it (:meth:`~exchange.node.Node.held_actor_for`)."""
     node = node_of(request)
     pem = client_certificate(request)
     if not crypto.is_issued_by(pem, node.agreement.parties[node.party].ca_certificate.encode()):
@@ -74,7 +80,9 @@ def registered_client(request: Request) -> Actor:
     info = crypto.certificate_info(pem)
     if crypto.NODE_PURPOSE_OID in info.purposes:
         raise Unauthorised("a node-to-node certificate is not a local system")
-    actor = node.actor_for(info.fingerprint)
+    actor = node.held_actor_for(info.fingerprint)
+    if actor is UNREAD:
+        actor = await run_in_threadpool(node.actor_for, info.fingerprint)
     if actor is None:
         raise Unauthorised(
             "this client certificate is not registered; ask an administrator to run `exchange clients add`"

@@ -20,6 +20,7 @@ So a removed or replaced certificate is refused within milliseconds on PostgreSQ
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import threading
 import time
 from collections.abc import Callable
@@ -27,6 +28,15 @@ from typing import Any
 
 from exchange.db import repo
 from exchange.db.engine import Database
+
+
+class Unread(enum.Enum):
+    """:meth:`ClientDirectory.held`'s answer when the registration must be read."""
+
+    UNREAD = "unread"
+
+
+UNREAD = Unread.UNREAD
 
 
 class ClientDirectory:
@@ -39,6 +49,15 @@ class ClientDirectory:
         self._lock = threading.Lock()
         self._generation = 0
         self._rows: dict[str, tuple[float, list[dict[str, Any]]]] = {}  # fingerprint -> (read at, rows)
+
+    def held(self, fingerprint: str, now: dt.datetime) -> dict[str, Any] | Unread | None:
+        """What :meth:`lookup` would answer, without reading the database: ``UNREAD`` when the
+        registration is not held (or is older than ``ttl``) and must be read."""
+        with self._lock:
+            cached = self._rows.get(fingerprint)
+        if cached is not None and self.clock() - cached[0] < self.ttl:
+            return repo.holder_at(cached[1], fingerprint, now)
+        return UNREAD
 
     def lookup(self, fingerprint: str, now: dt.datetime) -> dict[str, Any] | None:
         """The client holding this certificate at ``now`` (``repo.client_by_fingerprint``).

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 import sqlalchemy as sa
 
+from exchange.api.routes import Accepted
 from exchange.client import ExchangeClient
 from exchange.demo import exchange_cli
 from tests.e2e.harness import Running, start_nodes
@@ -204,6 +205,9 @@ def test_a_retried_submission_with_an_idempotency_key_gets_the_original_answer_o
             "POST", "/v1/messages", json=rfi(case_ref="ID-MY/2026/0077"), headers={"Idempotency-Key": key}
         )
     assert first.status_code == again.status_code == 202
+    assert first.headers["content-type"] == "application/json"
+    Accepted.model_validate(first.json())  # the route answers Node.submit's dict as it is: its shape
+    assert "idempotent-replayed" not in first.headers
     assert again.json() == first.json()
     assert again.headers["idempotent-replayed"] == "true"
     assert other.status_code == 422

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from exchange import crypto
 from exchange.config import load_settings
 from exchange.db import repo
-from exchange.db.client_directory import ClientDirectory
+from exchange.db.client_directory import UNREAD, ClientDirectory
 from exchange.db.coordination import CLIENTS_CHANNEL, PostgresCoordination
 from exchange.db.engine import Database
 from exchange.node import Node
@@ -71,6 +71,26 @@ def test_a_registration_is_read_once_within_the_ttl_and_again_after_it(nodes: Pa
     clock.t += 0.2
     assert directory.lookup(fingerprint, NOW) is None  # read again: removed
     assert len(reads) == 2
+
+
+def test_held_answers_as_a_lookup_would_without_reading_or_unread_when_it_must_read(nodes: Pair) -> None:
+    """What the API's event loop asks first (the registration is read in a worker thread only when
+    this answers UNREAD): never a read, never a registration older than the ttl or forgotten."""
+    node, fingerprint, clock = nodes[2], _fingerprint(nodes), Clock()
+    directory = ClientDirectory(node.db, ttl=1.0, clock=clock)
+    reads = _selects(node.db)
+    assert directory.held(fingerprint, NOW) is UNREAD
+    looked_up = directory.lookup(fingerprint, NOW)
+    assert directory.held(fingerprint, NOW) == looked_up
+    assert directory.held(fingerprint, NOW + dt.timedelta(days=1)) == looked_up
+    assert directory.held("00" * 32, NOW) is UNREAD  # an unknown certificate is never kept
+    clock.t += 1.0
+    assert directory.held(fingerprint, NOW) is UNREAD  # as old as the ttl: read again
+    directory.lookup(fingerprint, NOW)
+    directory.forget()
+    assert directory.held(fingerprint, NOW) is UNREAD
+    assert len(reads) == 2
+    assert ClientDirectory(node.db, ttl=0).held(fingerprint, NOW) is UNREAD  # SQLite's: always read
 
 
 def test_a_ttl_of_zero_reads_on_every_request(nodes: Pair) -> None:
@@ -140,6 +160,7 @@ def test_the_node_admits_by_the_directory_which_keeps_nothing_on_sqlite(nodes: P
     node, fingerprint = nodes[2], _fingerprint(nodes)
     assert node.clients.ttl == (node.settings.client_cache_seconds if node.db.dialect == "postgresql" else 0)
     assert node.settings.client_cache_seconds > 0
+    assert node.held_actor_for(fingerprint) is UNREAD  # nothing kept: the API reads in a thread
     actor = node.actor_for(fingerprint)
     assert actor is not None
     assert actor.client_id == "polri-cms"
@@ -164,13 +185,16 @@ def test_a_removal_in_another_process_reaches_every_process_at_once_on_postgres(
             coordination.subscribe(CLIENTS_CHANNEL, node.clients.forget)
             coordination.start()
             coordinations.append(coordination)
-            assert node.actor_for(fingerprint) is not None
+            actor = node.actor_for(fingerprint)
+            assert actor is not None
+            assert node.held_actor_for(fingerprint) == actor  # kept: the API asks on its event loop
         cli = Database(url)
         with cli.transaction() as conn:
             repo.delete_client(conn, "polri-cms")
         cli.dispose()
         for node in processes:
-            eventually(lambda node=node: node.actor_for(fingerprint) is None, timeout=3)  # type: ignore[misc]
+            eventually(lambda node=node: node.held_actor_for(fingerprint) is UNREAD, timeout=3)  # type: ignore[misc]
+            assert node.actor_for(fingerprint) is None
     finally:
         for coordination in coordinations:
             coordination.close()
