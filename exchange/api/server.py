@@ -4,9 +4,12 @@ the background loops, each loop led by one process at a time (exchange.loops, do
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import signal
 import ssl
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -94,6 +97,9 @@ def peer_transport(node: Node, tls: TLSFiles) -> HttpsPeerTransport:
 
 #: the node directory, for the worker processes of ``serve(node, workers=N)``
 NODE_DIR_VARIABLE = "EXCHANGE_NODE_DIR"
+#: the supervisor's process id, which each worker checks it is still the child of
+SUPERVISOR_VARIABLE = "EXCHANGE_SUPERVISOR_PID"
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 #: how long a worker may take to answer the supervisor's health check (a new interpreter imports
 #: the whole package first) before it is taken for hung and replaced
 WORKER_START_SECONDS = 30
@@ -133,10 +139,28 @@ def server_config(node: Node, tls: TLSFiles, app: Any, **extra: Any) -> Hardened
     )
 
 
+def stop_with_supervisor() -> None:
+    """Have the kernel send this worker SIGTERM (a graceful stop) when its supervisor dies, even
+    by SIGKILL, so no worker outlives it holding the port, its leaderships and its connections
+    (Linux's ``PR_SET_PDEATHSIG``; elsewhere nothing is done).
+
+    Raises:
+        ConfigurationError: the supervisor is already gone (this worker must not start).
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != int(os.environ[SUPERVISOR_VARIABLE]):  # it died before the call above
+        raise ConfigurationError("the supervisor of this worker is gone: not starting")
+
+
 def worker_app() -> Any:
     """The app of one worker process of ``serve(node, workers=N)`` (a uvicorn factory): a Node of
-    its own, closed when the app shuts down. A new interpreter: its logging is set up as
-    ``exchange serve`` sets up its own."""
+    its own, closed when the app shuts down, and stopped when the supervisor dies. A new
+    interpreter: its logging is set up as ``exchange serve`` sets up its own."""
+    stop_with_supervisor()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     node = Node(load_settings(Path(os.environ[NODE_DIR_VARIABLE])))
     app = create_app(node, peer_transport(node, TLSFiles(node.settings.tls_dir)))
@@ -184,6 +208,7 @@ def serve(node: Node, workers: int = 1) -> None:
         )
         node.close()
         os.environ[NODE_DIR_VARIABLE] = str(settings.node_dir.resolve())
+        os.environ[SUPERVISOR_VARIABLE] = str(os.getpid())
         Multiprocess(config, sockets=[config.bind_socket()]).run()
         return
     config = server_config(node, tls, create_app(node, peer_transport(node, tls)))

@@ -372,3 +372,50 @@ def test_an_agreement_change_reaches_every_worker_on_sighup_without_stopping_the
         api.wait_for_status(sent, "delivered", 30)  # both nodes hold the changed agreement
     for run in workers:
         assert run.log_problems() == []
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie, dead but not yet reaped, is not running)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_the_workers_stop_when_their_supervisor_is_killed(
+    tmp_path_factory: pytest.TempPathFactory, postgres_admin: sa.Engine
+) -> None:
+    """SIGKILL leaves uvicorn's supervisor no chance to stop its workers: the kernel does
+    (PR_SET_PDEATHSIG), so none is left serving the port, leading a loop or holding connections."""
+    names = pg_databases(postgres_admin, 2)
+    base = PG_ADMIN_URL.rsplit("/", 1)[0]
+    both = start_nodes(
+        tmp_path_factory, db_urls=(f"{base}/{names[0]}", f"{base}/{names[1]}"), serve_args=("--workers", "2")
+    )
+    found: set[int] = set()
+    try:
+        polri, _ = next(both)
+        assert polri.process.process is not None
+        supervisor = polri.process.process.pid
+        deadline = time.monotonic() + 30
+        while len(found := children(supervisor)) < 2 or set(leaders(polri)) != set(LOOPS):
+            assert time.monotonic() < deadline, "two workers did not start, or a loop is not led"
+            time.sleep(0.1)
+        os.kill(supervisor, signal.SIGKILL)
+        polri.process.process.wait()
+        deadline = time.monotonic() + 30
+        while alive := {pid for pid in found if _alive(pid)}:
+            assert time.monotonic() < deadline, f"workers {alive} outlived their supervisor"
+            time.sleep(0.1)
+        deadline = time.monotonic() + 10
+        while leaders(polri):  # their leaderships went with them
+            assert time.monotonic() < deadline, "a loop is still led"
+            time.sleep(0.1)
+    finally:
+        for pid in found:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        both.close()
+        with postgres_admin.connect() as conn:
+            for name in names:
+                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
