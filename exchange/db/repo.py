@@ -41,13 +41,54 @@ from exchange.ledger.merkle import leaf_hash
 # Statements on the path of every message are built once, here: building a SELECT of the wide
 # messages table costs ~4x executing it. Values come as bound parameters at execute time.
 _MID: sa.BindParameter[str] = sa.bindparam("mid_")
+_MIDS: sa.BindParameter[list[str]] = sa.bindparam("mids_", expanding=True)
 _GET_MESSAGE = sa.select(messages).where(messages.c.id == _MID)
-_GET_MESSAGES = sa.select(messages).where(messages.c.id.in_(sa.bindparam("mids_", expanding=True)))
+_GET_MESSAGES = sa.select(messages).where(messages.c.id.in_(_MIDS))
 _UPDATE_MESSAGE = messages.update().where(messages.c.id == _MID)  # SET: the parameters given
 _INSERT_MESSAGE = messages.insert()
 _MESSAGE_COLUMNS = frozenset(messages.c.keys())
 _GET_CLIENT = sa.select(clients).where(clients.c.id == sa.bindparam("cid_"))
 _ENQUEUE = outbox.insert()
+#: claim_due's three statements: the due rows with the count of our unacknowledged key-set
+#: versions, their lease, and their messages marked sent with the outbox's attempt count
+_CLAIM_CANDIDATES = (
+    sa.select(
+        outbox.c.message_id,
+        outbox.c.attempts,
+        outbox.c.enqueued_at,
+        sa.func.length(messages.c.envelope).label("size"),
+        sa.select(sa.func.count())
+        .select_from(key_sets)
+        .where(key_sets.c.party == sa.bindparam("party_"), key_sets.c.acknowledged_at.is_(None))
+        .scalar_subquery()
+        .label("unacknowledged"),
+    )
+    .join(messages, messages.c.id == outbox.c.message_id)
+    .where(outbox.c.next_attempt_at <= sa.bindparam("now_"), outbox.c.enqueued_at >= sa.bindparam("since_"))
+    .order_by(outbox.c.enqueued_at, outbox.c.message_id)
+    .limit(sa.bindparam("limit_"))
+    .with_for_update(skip_locked=True, of=outbox)
+)
+_LEASE = (
+    outbox.update()
+    .where(outbox.c.message_id.in_(_MIDS))
+    .values(
+        next_attempt_at=sa.bindparam("until_"),
+        attempts=outbox.c.attempts + 1,
+        leased_by=sa.bindparam("worker_"),
+    )
+)
+_MARK_SENT = (
+    messages.update()
+    .where(messages.c.id.in_(_MIDS))
+    .values(
+        status="sent",
+        updated_at=sa.bindparam("at_"),
+        attempts=sa.select(outbox.c.attempts).where(outbox.c.message_id == messages.c.id).scalar_subquery(),
+    )
+    .returning(messages.c.id, messages.c.envelope, messages.c.envelope_sha256, messages.c.created_at)
+)
+_DEQUEUE_MANY = outbox.delete().where(outbox.c.message_id.in_(_MIDS)).returning(outbox.c.message_id)
 _DEQUEUE = outbox.delete().where(outbox.c.message_id == _MID)
 _LOCK_HEAD = sa.select(ledger_head).where(ledger_head.c.id == 1).with_for_update()
 _READ_HEAD = sa.select(ledger_head).where(ledger_head.c.id == 1)
@@ -403,25 +444,8 @@ def claim_due(
     (:func:`release_leases_of`). Whatever the claimed messages were signed with was stored before
     them, so the first statement also sees every version of our key set they may need announced.
     """
-    unacknowledged = (
-        sa.select(sa.func.count())
-        .select_from(key_sets)
-        .where(key_sets.c.party == key_sets_of, key_sets.c.acknowledged_at.is_(None))
-        .scalar_subquery()
-    )
     candidates = conn.execute(
-        sa.select(
-            outbox.c.message_id,
-            outbox.c.attempts,
-            outbox.c.enqueued_at,
-            sa.func.length(messages.c.envelope).label("size"),
-            unacknowledged.label("unacknowledged"),
-        )
-        .join(messages, messages.c.id == outbox.c.message_id)
-        .where(outbox.c.next_attempt_at <= now, outbox.c.enqueued_at >= queued_since)
-        .order_by(outbox.c.enqueued_at, outbox.c.message_id)
-        .limit(limit)
-        .with_for_update(skip_locked=True, of=outbox)
+        _CLAIM_CANDIDATES, {"now_": now, "since_": queued_since, "limit_": limit, "party_": key_sets_of}
     ).all()
     taken: list[Any] = []
     sizes: list[int] = []
@@ -433,21 +457,8 @@ def claim_due(
     if not taken:
         return Claim([], False)
     ids = [row.message_id for row in taken]
-    conn.execute(
-        outbox.update()
-        .where(outbox.c.message_id.in_(ids))
-        .values(next_attempt_at=now + lease_seconds, attempts=outbox.c.attempts + 1, leased_by=worker)
-    )
-    attempts = sa.select(outbox.c.attempts).where(outbox.c.message_id == messages.c.id).scalar_subquery()
-    sent = {
-        r.id: r
-        for r in conn.execute(
-            messages.update()
-            .where(messages.c.id.in_(ids))
-            .values(status="sent", updated_at=updated_at, attempts=attempts)
-            .returning(messages.c.id, messages.c.envelope, messages.c.envelope_sha256, messages.c.created_at)
-        )
-    }
+    conn.execute(_LEASE, {"mids_": ids, "until_": now + lease_seconds, "worker_": worker})
+    sent = {r.id: r for r in conn.execute(_MARK_SENT, {"mids_": ids, "at_": updated_at})}
     envelopes = [
         Claimed(
             row.message_id,
@@ -530,8 +541,7 @@ def dequeue_many(conn: Connection, message_ids: Sequence[str]) -> set[str]:
     """Remove messages from the outbox in one statement; returns those that were still there."""
     if not message_ids:
         return set()
-    query = outbox.delete().where(outbox.c.message_id.in_(list(message_ids))).returning(outbox.c.message_id)
-    return {row.message_id for row in conn.execute(query)}
+    return {row.message_id for row in conn.execute(_DEQUEUE_MANY, {"mids_": list(message_ids)})}
 
 
 def outbox_size(conn: Connection) -> int:
