@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -83,7 +84,10 @@ class KeyEntry(BaseModel):
             raise ValueError(f"key {self.kid}: a {self.purpose} key is {wanted}")
         return self
 
+    @functools.cached_property
     def okp(self) -> OKPKey:
+        """The key as a JOSE key, built once per entry (an entry never changes; the key is only
+        read, so threads share it)."""
         return OKPKey.import_key({**self.jwk.model_dump(), "kid": self.kid})
 
 
@@ -252,8 +256,8 @@ def accept(
     ever = {**(known or {}), **{k.kid: k for k in old.keys}}
     _check_continuity(old, key_set, ever)
     # the old signature is checked with the OLD key; a new key id is new (continuity checked above)
-    introduced = {k.kid: k.okp() for k in key_set.keys if k.purpose == "signing" and k.kid not in ever}
-    candidates = {**introduced, **{k.kid: k.okp() for k in old.keys if k.purpose == "signing"}}
+    introduced = {k.kid: k.okp for k in key_set.keys if k.purpose == "signing" and k.kid not in ever}
+    candidates = {**introduced, **{k.kid: k.okp for k in old.keys if k.purpose == "signing"}}
     key_set, verified = _signers(announcement, candidates)
     if old.active("signing").kid not in verified:
         raise AnnouncementRejected(

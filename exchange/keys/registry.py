@@ -128,7 +128,7 @@ class KeyHistory:
         for key_set in self.sets:
             for k in key_set.keys:
                 if k.purpose == purpose and KeyId(k.kid) not in found:
-                    found[KeyId(k.kid)] = k.okp()
+                    found[KeyId(k.kid)] = k.okp
         return found
 
     def in_force(self, kid: str, signed_at: dt.datetime) -> KeyEntry | None:
@@ -158,7 +158,7 @@ class KeyHistory:
                     else (entry.state != "next" and entry.kid not in revoked)
                 )
                 if usable:
-                    found[entry.kid] = entry.okp()
+                    found[entry.kid] = entry.okp
         return list(found.values())
 
 
@@ -179,11 +179,11 @@ class PartnerKeys:
 
     @functools.cached_property
     def encryption(self) -> OKPKey:
-        return self.history.active("encryption").okp()
+        return self.history.active("encryption").okp
 
     @functools.cached_property
     def checkpoint(self) -> OKPKey:
-        return self.history.active("checkpoint").okp()
+        return self.history.active("checkpoint").okp
 
     def checkpoint_keys(self, at: dt.datetime) -> list[OKPKey]:
         """The partner's checkpoint keys in force at ``at`` (see KeyHistory.checkpoint_keys)."""

@@ -126,7 +126,7 @@ class PartyKeys:
         """Every checkpoint key with its note verifier: of log signatures (``SIG_ED25519``, named by
         the origin) or of cosignatures (``SIG_COSIGNATURE_V1``, named by the witness name)."""
         name = self.origin if algorithm == SIG_ED25519 else self.witness_name
-        return [(k, NoteVerifier.of(name, k.okp(), algorithm)) for k in self.checkpoint_keys()]
+        return [(k, NoteVerifier.of(name, k.okp, algorithm)) for k in self.checkpoint_keys()]
 
     def why_not(self, kid: str, at: dt.datetime) -> str:
         """Why ``kid`` was not in force at ``at``, in words."""
