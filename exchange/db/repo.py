@@ -764,11 +764,6 @@ def witness_cosignatures_by_size(conn: Connection) -> dict[int, dict[str, str]]:
     return found
 
 
-def checkpoint_at(conn: Connection, size: int) -> dict[str, Any] | None:
-    row = conn.execute(sa.select(checkpoints).where(checkpoints.c.size == size)).first()
-    return dict(row._mapping) if row else None
-
-
 def first_checkpoint_covering(conn: Connection, size: int) -> dict[str, Any] | None:
     """The smallest of our checkpoints of at least ``size``."""
     row = conn.execute(

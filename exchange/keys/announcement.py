@@ -84,6 +84,23 @@ class KeyEntry(BaseModel):
             raise ValueError(f"key {self.kid}: a {self.purpose} key is {wanted}")
         return self
 
+    @classmethod
+    def public(
+        cls, kid: str, purpose: Purpose, state: State, jwk: Mapping[str, str], valid_from: dt.datetime
+    ) -> KeyEntry:
+        """An entry for the public half of ``jwk`` (its ``kty``, ``crv`` and ``x``: whatever else
+        it holds, a private part included, is left out). Raises ValidationError if it is not a
+        public key of ``purpose``."""
+        return cls.model_validate(
+            {
+                "kid": kid,
+                "purpose": purpose,
+                "state": state,
+                "jwk": {"kty": jwk["kty"], "crv": jwk["crv"], "x": jwk["x"]},
+                "valid_from": valid_from,
+            }
+        )
+
     @functools.cached_property
     def okp(self) -> OKPKey:
         """The key as a JOSE key, built once per entry (an entry never changes; the key is only

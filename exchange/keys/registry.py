@@ -36,6 +36,7 @@ from exchange.keys.announcement import (
     KeyEntry,
     KeySet,
     Purpose,
+    State,
     Trusted,
     accept,
     claimed_version,
@@ -53,16 +54,8 @@ ANCHOR_ISSUED_AT = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 ANCHOR_EXPIRES_AT = dt.datetime(9999, 12, 31, tzinfo=dt.UTC)
 
 
-def _entry(jwk: PublicJWK, purpose: Purpose, state: str) -> KeyEntry:
-    return KeyEntry.model_validate(
-        {
-            "kid": jwk.kid,
-            "purpose": purpose,
-            "state": state,
-            "jwk": {"kty": jwk.kty, "crv": jwk.crv, "x": jwk.x},
-            "valid_from": ANCHOR_ISSUED_AT,
-        }
-    )
+def _entry(jwk: PublicJWK, purpose: Purpose, state: State) -> KeyEntry:
+    return KeyEntry.public(jwk.kid, purpose, state, jwk.model_dump(), ANCHOR_ISSUED_AT)
 
 
 def initial_key_set(agreement: Agreement, party: PartyId) -> KeySet:
@@ -70,9 +63,13 @@ def initial_key_set(agreement: Agreement, party: PartyId) -> KeySet:
     encryption keys listed are active, earlier ones retired (their old signatures still verify)."""
     entry = agreement.parties[party]
     keys: list[KeyEntry] = []
-    for purpose, listed in (("signing", entry.signing_keys), ("encryption", entry.encryption_keys)):
-        keys += [_entry(k, purpose, "retired") for k in listed[:-1]]  # type: ignore[arg-type]
-        keys.append(_entry(listed[-1], purpose, "active"))  # type: ignore[arg-type]
+    pinned: tuple[tuple[Purpose, Sequence[PublicJWK]], ...] = (
+        ("signing", entry.signing_keys),
+        ("encryption", entry.encryption_keys),
+    )
+    for purpose, listed in pinned:
+        keys += [_entry(k, purpose, "retired") for k in listed[:-1]]
+        keys.append(_entry(listed[-1], purpose, "active"))
     keys.append(_entry(entry.checkpoint_key, "checkpoint", "active"))
     return KeySet(
         party=party,

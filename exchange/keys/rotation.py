@@ -83,7 +83,7 @@ class KeyAdmin:
         self._room(current, spare=True)
         now = self.clock()
         record = add_key(self.settings.key_dir, purpose, self.settings.passphrase())
-        new = _public_entry(record.kid, purpose, "next", record.public_jwk, now)
+        new = KeyEntry.public(record.kid, purpose, "next", record.public_jwk, now)
         signers = [self._private(current.active("signing").kid, "signing")]
         if purpose == "signing":
             signers.append(self._private(new.kid, "signing"))
@@ -166,7 +166,7 @@ class KeyAdmin:
         if entry.state == "active":
             self._room(current, spare=False)
             record = add_key(self.settings.key_dir, entry.purpose, self.settings.passphrase())
-            replacement = _public_entry(record.kid, entry.purpose, "active", record.public_jwk, now)
+            replacement = KeyEntry.public(record.kid, entry.purpose, "active", record.public_jwk, now)
             # a next key of the same purpose would be a second successor: it stays next
             keys.append(replacement)
             if entry.purpose == "signing":
@@ -475,15 +475,3 @@ class KeyAdmin:
         self.registry.refresh()
         log.info("key set version %d published (%s)", key_set.version, event.value)
         return trusted
-
-
-def _public_entry(kid: str, purpose: Purpose, state: str, jwk: dict[str, str], now: dt.datetime) -> KeyEntry:
-    return KeyEntry.model_validate(
-        {
-            "kid": kid,
-            "purpose": purpose,
-            "state": state,
-            "jwk": {"kty": jwk["kty"], "crv": jwk["crv"], "x": jwk["x"]},
-            "valid_from": now,
-        }
-    )
