@@ -18,6 +18,7 @@ never sealed under a KEK that a concurrent destruction retires.
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import threading
@@ -98,11 +99,15 @@ class KekStore:
 
     def kids(self, period: str | None = None) -> list[str]:
         """Every KEK id present (of one period), in order of period then ``n``."""
+        try:
+            names = [entry.name for entry in os.scandir(self.folder)]  # on every message: no pathlib glob
+        except FileNotFoundError:
+            return []
         found = []
-        for path in self.folder.glob("kek-*.jwe") if self.folder.exists() else []:
-            match = _KID.match(path.stem)
+        for name in names:
+            match = _KID.match(name.removesuffix(".jwe")) if name.endswith(".jwe") else None
             if match and (period is None or match.group(1) == period):
-                found.append((match.group(1), int(match.group(2)), path.stem))
+                found.append((match.group(1), int(match.group(2)), match.group(0)))
         return [kid for _, _, kid in sorted(found)]
 
     def live(self, period: str) -> OctKey:

@@ -121,3 +121,20 @@ def test_a_wrong_passphrase_cannot_open_the_kek_files(tmp_path: Path) -> None:
     intruder = KekStore(tmp_path / "kek", "another-long-passphrase")
     with pytest.raises(KeyManagementError):
         intruder.get("kek-2031-11-1")
+
+
+def test_only_kek_files_are_kek_ids_ordered_by_period_then_number(tmp_path: Path) -> None:
+    """The live KEK of a period is its highest number (10 after 9, not before it); the master key,
+    tombstones, files being erased and anything else in the folder are no KEK."""
+    store = KekStore(tmp_path / "kek", "a-long-enough-passphrase")
+    assert store.kids() == []  # no folder yet
+    for _ in range(10):
+        store.create("2031-12")
+    store.create("2031-11")
+    store.destroy("kek-2031-12-3")  # leaves a tombstone
+    for stray in (".kek-2031-12-11.jwe.erasing", "kek-2031-12-12.jwe.tmp", "kek-2031-1-13.jwe", "notes.txt"):
+        (tmp_path / "kek" / stray).write_text("")
+    assert store.kids("2031-12") == [f"kek-2031-12-{n}" for n in (1, 2, 4, 5, 6, 7, 8, 9, 10)]
+    assert store.kids() == ["kek-2031-11-1", *store.kids("2031-12")]
+    assert store.live("2031-12").kid == "kek-2031-12-10"
+    assert store.live("2032-01").kid == "kek-2032-01-1"  # a period without one gets its first
