@@ -62,6 +62,13 @@ class PublicKey(BaseModel):
     x: str = Field(min_length=43, max_length=43)
 
 
+@functools.lru_cache(maxsize=1024)
+def _jose_key(kid: str, kty: str, crv: str, x: str) -> OKPKey:
+    """A public OKP key as a JOSE key, built once: the receiver looks its partner's keys up for
+    every message. Keys are only read, so threads share them."""
+    return OKPKey.import_key({"kty": kty, "crv": crv, "x": x, "kid": kid})
+
+
 class KeyEntry(BaseModel):
     """One key of a party and where it stands."""
 
@@ -101,11 +108,10 @@ class KeyEntry(BaseModel):
             }
         )
 
-    @functools.cached_property
+    @property
     def okp(self) -> OKPKey:
-        """The key as a JOSE key, built once per entry (an entry never changes; the key is only
-        read, so threads share it)."""
-        return OKPKey.import_key({**self.jwk.model_dump(), "kid": self.kid})
+        """The key as a JOSE key (built once per kid and public key: see :func:`_jose_key`)."""
+        return _jose_key(self.kid, self.jwk.kty, self.jwk.crv, self.jwk.x)
 
 
 class KeySet(BaseModel):

@@ -129,6 +129,8 @@ def test_a_replaced_certificate_is_refused_when_its_overlap_ends_though_its_row_
     reads = _selects(node.db)
     assert directory.lookup(old, NOW) is not None  # in the overlap
     assert directory.lookup(old, until + dt.timedelta(seconds=1)) is None  # past it, no re-read
+    assert directory.held(old, NOW) is not None  # the API's event loop judges it the same way
+    assert directory.held(old, until + dt.timedelta(seconds=1)) is None
     assert len(reads) == 1
 
 

@@ -243,8 +243,9 @@ def test_a_round_claims_in_three_statements_and_reads_the_key_sets_and_deadlines
     id_node.submit(polri, MessageSubmission.model_validate(rfi()), now())
     assert worker.run_once() == 1  # the first round sweeps, reads the key sets and announces
     worker.finish_settling()
-    for _ in range(3):
-        id_node.submit(polri, MessageSubmission.model_validate(rfi()), now())
+    queued_at = dt.datetime.fromtimestamp(clock.now, dt.UTC)  # due on the fake clock, however long
+    for _ in range(3):  # the first round took on a loaded machine
+        id_node.submit(polri, MessageSubmission.model_validate(rfi()), queued_at)
     sweep = worker.sweep_seconds
     assert sweep == 0.4  # a tenth of the 4 s expiry, shorter than delivery_expiry_sweep_seconds
     clock.now += sweep / 2

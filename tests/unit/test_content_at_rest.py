@@ -132,7 +132,8 @@ def test_only_kek_files_are_kek_ids_ordered_by_period_then_number(tmp_path: Path
         store.create("2031-12")
     store.create("2031-11")
     store.destroy("kek-2031-12-3")  # leaves a tombstone
-    for stray in (".kek-2031-12-11.jwe.erasing", "kek-2031-12-12.jwe.tmp", "kek-2031-1-13.jwe", "notes.txt"):
+    strays = (".kek-2031-12-11.jwe.erasing", "kek-2031-12-12.jwe.tmp", "kek-2031-1-13.jwe", "kek-2031-12-14")
+    for stray in (*strays, "notes.txt"):
         (tmp_path / "kek" / stray).write_text("")
     assert store.kids("2031-12") == [f"kek-2031-12-{n}" for n in (1, 2, 4, 5, 6, 7, 8, 9, 10)]
     assert store.kids() == ["kek-2031-11-1", *store.kids("2031-12")]
