@@ -298,3 +298,26 @@ def test_several_workers_are_refused_on_sqlite_in_one_line(tmp_path: Path) -> No
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: --workers 2 needs PostgreSQL")
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_worker_whose_supervisor_is_already_gone_does_not_start() -> None:
+    """The supervisor may die between spawning a worker and the worker's PR_SET_PDEATHSIG: the
+    worker then finds another parent than the supervisor it was given, and refuses to start."""
+    script = (
+        "import os, sys\n"
+        "from exchange.api.server import SUPERVISOR_VARIABLE, stop_with_supervisor\n"
+        "from exchange.errors import ConfigurationError\n"
+        "os.environ[SUPERVISOR_VARIABLE] = sys.argv[1]\n"
+        "try:\n"
+        "    stop_with_supervisor()\n"
+        "except ConfigurationError as exc:\n"
+        "    print('refused:', exc)\n"
+        "else:\n"
+        "    print('started')\n"
+    )
+    here = os.getpid()  # the child's real parent
+    for supervisor, expected in ((here, "started"), (here + 1_000_000, "refused: the supervisor")):
+        out = subprocess.run(
+            [sys.executable, "-c", script, str(supervisor)], capture_output=True, text=True, check=True
+        ).stdout
+        assert out.startswith(expected), out
