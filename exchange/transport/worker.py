@@ -372,10 +372,22 @@ class DeliveryWorker:
         at = self._at(self.clock())
         drafts: list[EntryDraft] = []
         updates: list[tuple[str, dict[str, object]]] = []
+        unchecked: list[str] = []
         for item, outcome in done:
-            values, entries = self._judge(item, outcome)
+            try:
+                values, entries = self._judge(item, outcome)
+            except PartnerKeysUnavailable:
+                unchecked.append(item.message_id)
+                continue
             updates.append((item.message_id, values))
             drafts.extend(entries)
+        if unchecked:
+            log.warning(
+                "the receipts of %d message(s) are signed by a partner key not known here, and the"
+                " partner's key sets could not be fetched: they stay sent and leased, and go again"
+                " when their leases end (the partner answers with the same receipts)",
+                len(unchecked),
+            )
         with self.node.db.transaction() as conn:
             head = repo.lock_ledger_head(conn)
             kept = repo.dequeue_many(conn, [mid for mid, _ in updates])
@@ -391,7 +403,12 @@ class DeliveryWorker:
         return len(settled)
 
     def _judge(self, item: repo.Claimed, outcome: Outcome) -> tuple[dict[str, object], list[EntryDraft]]:
-        """The row update and ledger entries for one answered envelope."""
+        """The row update and ledger entries for one answered envelope.
+
+        Raises:
+            PartnerKeysUnavailable: the receipt is signed by a key not known here and the
+                partner's key sets could not be fetched: it can be judged neither way yet.
+        """
         if isinstance(outcome, Refused):
             reason = f"refused by the partner node: HTTP {outcome.status}"
             if outcome.status == 413:
@@ -445,7 +462,8 @@ class DeliveryWorker:
 
     def _verify_receipt(self, item: repo.Claimed, compact: str) -> envelope.Receipt:
         """The partner's receipt for ``item``, signed by a key in force when it was made (the
-        partner's newer key sets are fetched once on an unknown key). Raises EnvelopeError."""
+        partner's newer key sets are fetched once on an unknown key). Raises EnvelopeError, or
+        PartnerKeysUnavailable if that fetch failed."""
         now = dt.datetime.now(dt.UTC)
         receipt = self.node.verify_by_partner(
             lambda partner: envelope.verify_receipt(
@@ -457,6 +475,7 @@ class DeliveryWorker:
             ),
             lambda exc: isinstance(exc, EnvelopeError) and exc.reason == "unknown-signing-key",
             now,
+            fetch_errors_raise=True,
         )
         signed_at = dt.datetime.fromisoformat(receipt.received_at)
         skew = self.node.settings.clock_skew

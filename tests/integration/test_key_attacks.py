@@ -647,3 +647,41 @@ def test_a_receipt_by_the_partners_own_key_for_another_version_or_digest_is_refu
         refused_and_pending(id_node, link, "bad-receipt", case)
     assert my_node.registry.history("ID").version == 2
     acknowledged_honestly_after(id_node, link, announcement, len(changes), ledgered)
+
+
+def test_a_delivery_receipt_by_a_key_we_could_not_look_up_stays_unsettled_and_is_settled_later(
+    nodes: Pair,
+) -> None:
+    """The partner signs its receipts with a key it activated before we learnt it, and fetching its
+    key sets fails: nothing says the receipt is forged, and the partner holds the message. It is
+    neither failed nor ledgered as an invalid receipt: it stays leased, goes again when the lease
+    ends, and the partner's original receipt is verified once its keys can be fetched."""
+    id_dir, _, id_node, my_node = nodes
+    partner_keys = admin(my_node, key_activation_wait_seconds=0)
+    partner_keys.rotate("signing")
+    new_kid = partner_keys.activate("signing", force=True).kid  # we were never told of it
+    assert new_kid not in id_node.partner.verification
+    fetched: list[int] = []
+
+    def unreachable(after: int) -> list[str]:
+        fetched.append(after)
+        raise TransportError("connection refused")
+
+    id_node.fetch_partner_key_sets = unreachable
+    link = Loopback(my_node)
+    clock = Clock()
+    worker = DeliveryWorker(id_node, link, clock=clock)
+    mid = submit(id_node, id_dir, "polri-cms")
+    worker.run_once()
+    assert fetched  # the unknown key made us look
+    assert statuses(id_node, id_dir, "polri-cms", [mid]) == ["sent"]  # not failed
+    assert events(id_node, "receipt.") == []
+    with id_node.db.read() as conn:
+        assert repo.outbox_size(conn) == 1  # still ours to settle
+    id_node.fetch_partner_key_sets = link.fetch_key_sets
+    clock.now += max(id_node.settings.delivery_lease_seconds, id_node.settings.key_fetch_interval_seconds)
+    drain(worker)
+    assert statuses(id_node, id_dir, "polri-cms", [mid]) == ["delivered"]
+    verified = events(id_node, "receipt.verified")
+    assert [e["signer_kid"] for e in verified] == [new_kid]
+    assert len(events(my_node, "envelope.received")) == 1  # the partner took it once, answered twice
