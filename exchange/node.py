@@ -606,6 +606,8 @@ class Node(Releases):
         the peer nothing but "rejected"; the reason goes to the log and the ledger.
         """
         opened: list[Admitted | EnvelopeError] = []
+        # an envelope under a signing key not known here whose key sets cannot be fetched raises
+        # PartnerKeysUnavailable for the whole batch (502): nothing stored, the partner sends again
         for compact in envelopes:
             try:
                 opened.append(self._open(compact, now))
@@ -742,9 +744,13 @@ class Node(Releases):
         """Whether a key set newer than the one that could not open an envelope is now known: the
         partner's, fetched from it, for a signing key it announced while we were away; our own,
         read again, for an encryption key another process (or an emergency revocation) made
-        active less than ``key_refresh_seconds`` ago."""
-        if error.reason == "unknown-signing-key":
-            return self.learn_partner_keys(now)
+        active less than ``key_refresh_seconds`` ago.
+
+        Raises:
+            PartnerKeysUnavailable: the partner's key sets had to be fetched and could not be.
+        """
+        if error.reason == "unknown-signing-key":  # a failed fetch raises: judged neither way yet
+            return self.learn_partner_keys(now, fetch_errors_raise=True)
         if error.reason == "unknown-recipient-key":
             before = self.keys.version
             self.registry.refresh()

@@ -16,7 +16,7 @@ from exchange import crypto
 from exchange.config import load_settings
 from exchange.db import repo, schema
 from exchange.db.schema import key_sets
-from exchange.errors import KeyManagementError
+from exchange.errors import KeyManagementError, PartnerKeysUnavailable, TransportError
 from exchange.keys.announcement import AnnouncementRejected
 from exchange.keys.registry import KeyRegistry
 from exchange.keys.rotation import PURPOSES, KeyAdmin
@@ -377,3 +377,37 @@ def test_a_node_key_change_is_announced_by_its_pin_and_refused_out_of_order(node
     assert admin(id_node, key_destroy_grace_seconds=0).drop_old_tls_pins() is True
     drain(DeliveryWorker(id_node, Loopback(my_node)))
     assert partner_pins(my_node) == (new_pin,)
+
+
+def test_an_envelope_by_a_key_we_could_not_look_up_is_neither_admitted_nor_rejected(nodes: Pair) -> None:
+    """The partner seals with a signing key it activated before we learnt it, and its key sets
+    cannot be fetched: the batch is refused as a whole for now (PartnerKeysUnavailable: 502 to
+    the partner, which sends it again), nothing stored or ledgered; once the fetch works, the same
+    envelope is admitted."""
+    id_dir, _, id_node, my_node = nodes
+    keys = admin(id_node, key_activation_wait_seconds=0)
+    keys.rotate("signing")
+    keys.activate("signing", force=True)  # never announced
+    fetched: list[int] = []
+
+    def unreachable(after: int) -> list[str]:
+        fetched.append(after)
+        raise TransportError("connection refused")
+
+    my_node.fetch_partner_key_sets = unreachable
+    mid = submit(id_node, id_dir, "polri-cms")
+    with id_node.db.read() as conn:
+        sealed = conn.execute(
+            sa.text("SELECT envelope FROM messages WHERE id = :id"), {"id": mid}
+        ).scalar_one()
+    with my_node.db.read() as conn:
+        before = repo.read_ledger_head(conn).size
+    with pytest.raises(PartnerKeysUnavailable):
+        my_node.receive([sealed], now())
+    assert fetched == [1]
+    with my_node.db.read() as conn:
+        assert repo.read_ledger_head(conn).size == before  # no rejection, no incident
+        assert repo.get_message(conn, mid) is None
+    my_node.fetch_partner_key_sets = lambda after: list(id_node.registry.announcements_after("ID", after))
+    assert my_node.receive([sealed], now())[0].accepted  # a failed fetch did not use up its rate
+    assert [e["event"] for e in events(my_node, "envelope.")] == ["envelope.received"]
