@@ -45,7 +45,12 @@ from exchange.keys.kek import KekStore
 from exchange.keys.registry import KeyRegistry, PartnerKeys
 from exchange.keys.store import NodeKeys, load_node_keys
 from exchange.ledger import EntryDraft
-from exchange.ledger.checkpoint import Checkpoint, CheckpointError, verify_checkpoint_any
+from exchange.ledger.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    signed_by_unknown_key,
+    verify_checkpoint_any,
+)
 from exchange.ledger.events import LedgerEvent
 from exchange.lifecycle import Lifecycle
 from exchange.messages import (
@@ -693,8 +698,15 @@ class Node(Releases):
         return results, after
 
     def _open(self, compact: str, now: dt.datetime) -> Admitted:
-        """Open, verify and parse one envelope. Raises EnvelopeError (``malformed`` for a signed
-        message that is not a valid message of the agreement)."""
+        """Open, verify and parse one envelope; the partner's newer key sets are fetched (at most
+        once per interval) when its signing key, or the key of the checkpoint it carries, is not
+        known here.
+
+        Raises:
+            EnvelopeError: ``malformed`` for a signed message that is not a valid message of the
+                agreement, or why it could not be opened or verified.
+            PartnerKeysUnavailable: those key sets had to be fetched and could not be.
+        """
 
         def open_it() -> envelope.OpenedEnvelope:
             return envelope.open_envelope(
@@ -721,6 +733,12 @@ class Node(Releases):
         except MalformedMessage as exc:
             raise EnvelopeError("malformed", str(exc)) from exc
         self.check_partner_signature(opened.signer_kid, message.created_at, now)
+        if message.checkpoint is not None and signed_by_unknown_key(
+            str(message.checkpoint),
+            origin=self.partner.ledger_origin,
+            keys=self.partner.checkpoint_keys(message.created_at),
+        ):  # a checkpoint key published since: looked up here, before the ledger lock is taken
+            self.learn_partner_keys(now, fetch_errors_raise=True)
         self.registry.note_encryption_key_used(opened.recipient_kid, now)
         return Admitted(opened, message)
 

@@ -295,6 +295,20 @@ def verify_checkpoint_any(note: str, *, origin: str, keys: Sequence[OKPKey]) -> 
     raise error
 
 
+def signed_by_unknown_key(note: str, *, origin: str, keys: Sequence[OKPKey]) -> bool:
+    """True when the note is signed under ``origin`` only by keys other than ``keys`` (the log's
+    key may be newer than the ones held here: look its key set up before judging). False when a
+    line names one of ``keys`` (verify it), or the note does not parse or carries no line under
+    ``origin`` (nothing to look up: it is refused as it is). Nothing is verified here."""
+    try:
+        _, signatures = split_note(note)
+    except CheckpointError:
+        return False
+    held = {NoteVerifier.of(origin, key, SIG_ED25519).key_id for key in keys}
+    by_origin = [sig.key_id for sig in signatures if sig.name == origin]
+    return bool(by_origin) and not held.intersection(by_origin)
+
+
 def _cosigned_message(body: str, timestamp: int) -> bytes:
     return f"cosignature/v1\ntime {timestamp}\n{body}".encode()
 

@@ -14,14 +14,14 @@ from exchange import crypto, envelope
 from exchange.auditing import AuditService
 from exchange.checkpoints import CheckpointService
 from exchange.db import repo
-from exchange.errors import CheckpointConflict, LedgerIntegrityError
+from exchange.errors import CheckpointConflict, LedgerIntegrityError, PartnerKeysUnavailable, TransportError
 from exchange.keys.rotation import KeyAdmin
 from exchange.ledger import EntryDraft
 from exchange.ledger.checkpoint import CheckpointError, sign_checkpoint
 from exchange.node import Node
 from exchange.transport.checkpointer import Checkpointer
 from exchange.transport.worker import DeliveryWorker
-from tests.integration.test_key_rotation import drain
+from tests.integration.test_key_rotation import admin, drain
 from tests.integration.test_node_flow import Loopback
 from tests.support import signed_message
 
@@ -236,4 +236,39 @@ def test_a_note_verified_before_its_key_was_revoked_is_judged_afresh_after(
     assert my_node.partner.history.in_force(old, now + dt.timedelta(seconds=1)) is None
     later = now + dt.timedelta(seconds=1)
     assert my_node.receive([_message_from(id_node, latest["note"], later)], later)[0].accepted
+    assert incidents(my_node) == ["invalid"]
+
+
+def test_a_carried_checkpoint_under_a_key_we_could_not_look_up_is_no_incident(
+    node_pair: tuple[Node, Node],
+) -> None:
+    """The partner signs its checkpoints with a key it activated before we learnt it, and its key
+    sets cannot be fetched: the batch is refused for now (502), no incident is ledgered; once the
+    fetch works the key is learnt and the same message admitted, still without one. A note by a
+    key no key set names is an incident, as before."""
+    id_node, my_node = node_pair
+    keys = admin(id_node, key_activation_wait_seconds=0)
+    keys.rotate("checkpoint")
+    keys.activate("checkpoint", force=True)  # never announced
+    origin = id_node.agreement.parties["ID"].ledger_origin
+    note = sign_checkpoint(origin, 1, hashlib.sha256(b"one").digest(), id_node.keys.checkpoint)
+    now = dt.datetime.now(dt.UTC)
+    sealed = _message_from(id_node, note, now)
+    fetched: list[int] = []
+
+    def unreachable(after: int) -> list[str]:
+        fetched.append(after)
+        raise TransportError("connection refused")
+
+    my_node.fetch_partner_key_sets = unreachable
+    with pytest.raises(PartnerKeysUnavailable):
+        my_node.receive([sealed], now)
+    assert fetched == [1]
+    assert incidents(my_node) == []
+    my_node.fetch_partner_key_sets = lambda after: list(id_node.registry.announcements_after("ID", after))
+    assert my_node.receive([sealed], now)[0].accepted
+    assert incidents(my_node) == []
+    stranger = crypto.private_jwk(crypto.new_message_key("ckpt"), "x")
+    forged = sign_checkpoint(origin, 2, hashlib.sha256(b"two").digest(), stranger)
+    assert my_node.receive([_message_from(id_node, forged, now)], now)[0].accepted  # content verified
     assert incidents(my_node) == ["invalid"]

@@ -20,6 +20,7 @@ from exchange.ledger.checkpoint import (
     open_checkpoint,
     open_note,
     sign_checkpoint,
+    signed_by_unknown_key,
     verify_checkpoint,
     verify_cosignature,
 )
@@ -107,3 +108,13 @@ def test_a_cosignature_covers_the_extension_lines() -> None:
     plain = verify_checkpoint(sign_checkpoint(ORIGIN, 42, ROOT, KEY), origin=ORIGIN, key=KEY)
     with pytest.raises(CheckpointError):
         verify_cosignature(plain, line, witness="W/w", key=crypto.public_only(OTHER))
+
+
+def test_a_note_signed_only_by_keys_not_held_asks_for_a_key_lookup_and_nothing_else_does() -> None:
+    note = sign_checkpoint(ORIGIN, 7, ROOT, KEY)
+    assert signed_by_unknown_key(note, origin=ORIGIN, keys=[OTHER])  # a newer key, perhaps: look
+    assert not signed_by_unknown_key(note, origin=ORIGIN, keys=[OTHER, KEY])  # held: verify it
+    assert not signed_by_unknown_key(note, origin="MY-node/ledger", keys=[OTHER])  # not that log's
+    assert not signed_by_unknown_key("not a note", origin=ORIGIN, keys=[OTHER])  # refused as it is
+    tampered = note.replace("\n7\n", "\n8\n")  # a known key's bad line: verified, and refused
+    assert not signed_by_unknown_key(tampered, origin=ORIGIN, keys=[KEY])
