@@ -179,8 +179,9 @@ class Node(Releases):
         announced while it was away). True if a newer version is now trusted.
 
         Raises:
-            PartnerKeysUnavailable: the fetch failed, only with ``fetch_errors_raise`` (else it is
-                logged and nothing is learnt). A failed fetch does not count against the rate.
+            PartnerKeysUnavailable: only with ``fetch_errors_raise``: the fetch failed (else it is
+                logged and nothing is learnt), or the rate allows none now and the last one failed
+                or is still in flight. A failed fetch may be tried again at once, once per interval.
         """
         cached = self.registry.history(self.partner_party).version
         self.registry.refresh()
@@ -188,18 +189,25 @@ class Node(Releases):
         if known > cached:
             return True
         fetch = self.fetch_partner_key_sets
-        if fetch is None or not self.registry.may_fetch(self.settings.key_fetch_interval_seconds):
+        if fetch is None:
+            return False
+        if not self.registry.may_fetch(self.settings.key_fetch_interval_seconds):
+            if fetch_errors_raise and not self.registry.looked_up_lately:
+                raise PartnerKeysUnavailable(
+                    f"the key sets of {self.partner_party} could not be fetched lately: try again later"
+                )
             return False
         try:
             announcements = fetch(known)
         except TransportError as exc:
-            self.registry.fetch_failed()  # the next unknown key id may look again at once
+            self.registry.fetch_failed()  # the next unknown key id may look again at once (once)
             if fetch_errors_raise:
                 raise PartnerKeysUnavailable(
                     f"could not fetch the key sets of {self.partner_party}: {exc}"
                 ) from exc
             log.warning("could not fetch the key sets of %s: %s", self.partner_party, exc)
             return False
+        self.registry.fetch_succeeded()
         if not announcements:
             return False
         try:

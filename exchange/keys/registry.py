@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import logging
+import math
 import threading
 import time
 from collections.abc import Sequence
@@ -212,6 +213,9 @@ class KeyRegistry:
         self._checked = 0.0
         self._fetched_at = 0.0
         self._last_fetched_at = 0.0
+        self._fetch_interval = 0.0
+        self._refunded_at = -math.inf  # when a failed fetch last gave its allowance back
+        self._looked_up = True  # the last fetch allowed succeeded (False: failed or in flight)
         self._partner_keys: PartnerKeys | None = None
         self._seen_kids: set[str] = set()
         self._regressions: set[tuple[PartyId, int]] = set()  # (party, stored version) reported
@@ -534,17 +538,39 @@ class KeyRegistry:
 
     def may_fetch(self, min_interval: float) -> bool:
         """True at most once per ``min_interval`` seconds: the rate limit of fetching the partner's
-        key sets on meeting an unknown key id (a fetch that failed does not count: see
-        :meth:`fetch_failed`)."""
+        key sets on meeting an unknown key id (a fetch that failed may be tried again at once,
+        once per interval: see :meth:`fetch_failed`)."""
         with self._lock:
             if time.monotonic() - self._fetched_at < min_interval:
                 return False
+            self._fetch_interval = min_interval
             self._last_fetched_at, self._fetched_at = self._fetched_at, time.monotonic()
+            self._looked_up = False
             return True
 
-    def fetch_failed(self) -> None:
-        """The fetch :meth:`may_fetch` allowed did not happen: the next one may go at once."""
+    def fetch_succeeded(self) -> None:
+        """The fetch :meth:`may_fetch` allowed answered: a key it did not bring is not the partner's."""
         with self._lock:
+            self._looked_up = True
+
+    @property
+    def looked_up_lately(self) -> bool:
+        """False while the last fetch allowed is in flight or failed: a key unknown now may be one
+        that could not be looked up."""
+        with self._lock:
+            return self._looked_up
+
+    def fetch_failed(self) -> None:
+        """The fetch :meth:`may_fetch` allowed did not happen: the next one may go at once, unless
+        a failed fetch already gave its allowance back within the interval. So a blip costs no
+        interval, and a partner whose key-set endpoint fails or hangs still gets at most two
+        fetches per interval (each may hold a thread for the peer timeout), not one per batch."""
+        with self._lock:
+            self._looked_up = False
+            now = time.monotonic()
+            if now - self._refunded_at < self._fetch_interval:
+                return
+            self._refunded_at = now
             self._fetched_at = self._last_fetched_at
 
 

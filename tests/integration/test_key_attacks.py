@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -558,6 +559,7 @@ def test_a_receipt_by_a_key_we_could_not_look_up_is_retried_not_an_incident(node
     fetch is tried again (a failed fetch does not use up its rate) and a key still unknown is
     refused."""
     id_dir, _, id_node, my_node = nodes
+    id_node.settings = id_node.settings.model_copy(update={"key_fetch_interval_seconds": 0.3})
     admin(id_node).rotate("signing")
     link = ReceiptSwap(my_node)
     link.forge = signed_by(stranger("MY-sig-new"))
@@ -582,7 +584,9 @@ def test_a_receipt_by_a_key_we_could_not_look_up_is_retried_not_an_incident(node
     assert len(fetched) == 2  # looked again at once: the first failure did not use up the rate
     worker.run_once()
     assert len(link.sent) == 2  # waiting for the key-fetch interval
-    clock.now += id_node.settings.key_fetch_interval_seconds
+    settings = id_node.settings
+    clock.now += max(settings.delivery_backoff_base_seconds, settings.key_fetch_interval_seconds)
+    time.sleep(settings.key_fetch_interval_seconds)  # the fetch rate counts real time
 
     def reachable(after: int) -> list[str]:
         fetched.append(after)
@@ -685,3 +689,39 @@ def test_a_delivery_receipt_by_a_key_we_could_not_look_up_stays_unsettled_and_is
     verified = events(id_node, "receipt.verified")
     assert [e["signer_kid"] for e in verified] == [new_kid]
     assert len(events(my_node, "envelope.received")) == 1  # the partner took it once, answered twice
+
+
+def test_a_key_set_endpoint_that_keeps_failing_is_asked_twice_per_interval_not_once_per_batch(
+    nodes: Pair,
+) -> None:
+    """Envelopes under a signing key not known here, from a partner whose key-set endpoint fails
+    (or hangs: each attempt may hold a thread for the peer timeout): a blip is looked at again at
+    once, but a failing endpoint gets two fetches per interval whatever the number of batches,
+    and every batch meanwhile is refused for now (502), none rejected for good."""
+    id_dir, _, id_node, my_node = nodes
+    keys = admin(id_node, key_activation_wait_seconds=0)
+    keys.rotate("signing")
+    keys.activate("signing", force=True)  # never announced
+    my_node.settings = my_node.settings.model_copy(update={"key_fetch_interval_seconds": 0.5})
+    fetched: list[int] = []
+
+    def failing(after: int) -> list[str]:
+        fetched.append(after)
+        raise TransportError("timed out")
+
+    my_node.fetch_partner_key_sets = failing
+    mid = submit(id_node, id_dir, "polri-cms")
+    with id_node.db.read() as conn:
+        sealed = conn.execute(
+            sa.text("SELECT envelope FROM messages WHERE id = :id"), {"id": mid}
+        ).scalar_one()
+    for _ in range(5):
+        with pytest.raises(PartnerKeysUnavailable):
+            my_node.receive([sealed], now())
+    assert len(fetched) == 2
+    with my_node.db.read() as conn:
+        assert repo.get_message(conn, mid) is None
+    assert events(my_node, "envelope.") == []
+    time.sleep(0.5)
+    my_node.fetch_partner_key_sets = lambda after: list(id_node.registry.announcements_after("ID", after))
+    assert my_node.receive([sealed], now())[0].accepted
