@@ -43,7 +43,15 @@ from exchange.keys.registry import KeyRegistry
 from exchange.node import Node
 from exchange.transport.worker import DeliveryWorker
 from tests.integration.conftest import Pair
-from tests.integration.test_key_rotation import admin, drain, events, statuses, submit
+from tests.integration.test_key_rotation import (
+    admin,
+    drain,
+    events,
+    failing_fetch,
+    sealed_envelope,
+    statuses,
+    submit,
+)
 from tests.integration.test_node_flow import Clock, Loopback, now
 from tests.support import PASSPHRASE
 
@@ -666,12 +674,7 @@ def test_a_delivery_receipt_by_a_key_we_could_not_look_up_stays_unsettled_and_is
     new_kid = partner_keys.activate("signing", force=True).kid  # we were never told of it
     assert new_kid not in id_node.partner.verification
     fetched: list[int] = []
-
-    def unreachable(after: int) -> list[str]:
-        fetched.append(after)
-        raise TransportError("connection refused")
-
-    id_node.fetch_partner_key_sets = unreachable
+    id_node.fetch_partner_key_sets = failing_fetch(fetched)
     link = Loopback(my_node)
     clock = Clock()
     worker = DeliveryWorker(id_node, link, clock=clock)
@@ -704,17 +707,9 @@ def test_a_key_set_endpoint_that_keeps_failing_is_asked_twice_per_interval_not_o
     keys.activate("signing", force=True)  # never announced
     my_node.settings = my_node.settings.model_copy(update={"key_fetch_interval_seconds": 60.0})
     fetched: list[int] = []
-
-    def failing(after: int) -> list[str]:
-        fetched.append(after)
-        raise TransportError("timed out")
-
-    my_node.fetch_partner_key_sets = failing
+    my_node.fetch_partner_key_sets = failing_fetch(fetched)
     mid = submit(id_node, id_dir, "polri-cms")
-    with id_node.db.read() as conn:
-        sealed = conn.execute(
-            sa.text("SELECT envelope FROM messages WHERE id = :id"), {"id": mid}
-        ).scalar_one()
+    sealed = sealed_envelope(id_node, mid)
     for _ in range(5):
         with pytest.raises(PartnerKeysUnavailable):
             my_node.receive([sealed], now())

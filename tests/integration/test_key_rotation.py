@@ -8,6 +8,7 @@ import datetime as dt
 import json
 import logging
 import time
+from collections.abc import Callable
 
 import pytest
 import sqlalchemy as sa
@@ -44,6 +45,23 @@ def submit(node: Node, nd, name: str) -> str:  # type: ignore[no-untyped-def]
 def statuses(node: Node, nd, name: str, ids: list[str]) -> list[str]:  # type: ignore[no-untyped-def]
     who = actor(node, nd, name)
     return [node.status(who, mid, now())["status"] for mid in ids]
+
+
+def sealed_envelope(node: Node, message_id: str) -> str:
+    """The transport JWE ``node`` sealed for ``message_id`` (kept until it is delivered)."""
+    with node.db.read() as conn:
+        query = sa.text("SELECT envelope FROM messages WHERE id = :id")
+        return str(conn.execute(query, {"id": message_id}).scalar_one())
+
+
+def failing_fetch(fetched: list[int]) -> Callable[[int], list[str]]:
+    """A fetch of the partner's key sets that fails, noting each call's ``after`` in ``fetched``."""
+
+    def fetch(after: int) -> list[str]:
+        fetched.append(after)
+        raise TransportError("connection refused")
+
+    return fetch
 
 
 def drain(worker: DeliveryWorker) -> None:
@@ -233,20 +251,14 @@ def test_an_unknown_key_makes_the_node_fetch_the_partner_key_sets_once_and_walk_
 
     my_node.fetch_partner_key_sets = fetch
     mid = submit(id_node, id_dir, "polri-cms")
-    with id_node.db.read() as conn:
-        sealed = conn.execute(
-            sa.text("SELECT envelope FROM messages WHERE id = :id"), {"id": mid}
-        ).scalar_one()
+    sealed = sealed_envelope(id_node, mid)
     assert my_node.receive([sealed], now())[0].accepted  # fetched, walked 1 -> 2 -> 3, then verified
     assert fetched == [1]
     assert my_node.registry.history("ID").version == 3
     keys.rotate("signing")
     keys.activate("signing", force=True)  # version 5: the node fetches at most once per interval
     second = submit(id_node, id_dir, "polri-cms")
-    with id_node.db.read() as conn:
-        sealed = conn.execute(
-            sa.text("SELECT envelope FROM messages WHERE id = :id"), {"id": second}
-        ).scalar_one()
+    sealed = sealed_envelope(id_node, second)
     assert not my_node.receive([sealed], now())[0].accepted
     assert fetched == [1]
 
@@ -389,17 +401,9 @@ def test_an_envelope_by_a_key_we_could_not_look_up_is_neither_admitted_nor_rejec
     keys.rotate("signing")
     keys.activate("signing", force=True)  # never announced
     fetched: list[int] = []
-
-    def unreachable(after: int) -> list[str]:
-        fetched.append(after)
-        raise TransportError("connection refused")
-
-    my_node.fetch_partner_key_sets = unreachable
+    my_node.fetch_partner_key_sets = failing_fetch(fetched)
     mid = submit(id_node, id_dir, "polri-cms")
-    with id_node.db.read() as conn:
-        sealed = conn.execute(
-            sa.text("SELECT envelope FROM messages WHERE id = :id"), {"id": mid}
-        ).scalar_one()
+    sealed = sealed_envelope(id_node, mid)
     with my_node.db.read() as conn:
         before = repo.read_ledger_head(conn).size
     with pytest.raises(PartnerKeysUnavailable):

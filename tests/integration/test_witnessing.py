@@ -14,14 +14,14 @@ from exchange import crypto, envelope
 from exchange.auditing import AuditService
 from exchange.checkpoints import CheckpointService
 from exchange.db import repo
-from exchange.errors import CheckpointConflict, LedgerIntegrityError, PartnerKeysUnavailable, TransportError
+from exchange.errors import CheckpointConflict, LedgerIntegrityError, PartnerKeysUnavailable
 from exchange.keys.rotation import KeyAdmin
 from exchange.ledger import EntryDraft
 from exchange.ledger.checkpoint import CheckpointError, sign_checkpoint
 from exchange.node import Node
 from exchange.transport.checkpointer import Checkpointer
 from exchange.transport.worker import DeliveryWorker
-from tests.integration.test_key_rotation import admin, drain
+from tests.integration.test_key_rotation import admin, drain, failing_fetch
 from tests.integration.test_node_flow import Loopback
 from tests.support import signed_message
 
@@ -255,12 +255,7 @@ def test_a_carried_checkpoint_under_a_key_we_could_not_look_up_is_no_incident(
     now = dt.datetime.now(dt.UTC)
     sealed = _message_from(id_node, note, now)
     fetched: list[int] = []
-
-    def unreachable(after: int) -> list[str]:
-        fetched.append(after)
-        raise TransportError("connection refused")
-
-    my_node.fetch_partner_key_sets = unreachable
+    my_node.fetch_partner_key_sets = failing_fetch(fetched)
     with pytest.raises(PartnerKeysUnavailable):
         my_node.receive([sealed], now)
     assert fetched == [1]
