@@ -34,7 +34,27 @@ PDRM_EXTRA = (
 )
 
 
+#: ports for servers started here are picked below the kernel's ephemeral range, so that no
+#: outgoing connection (to PostgreSQL, to a node) takes one between its pick and the server's bind
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
 def free_port() -> int:
+    """A loopback TCP port free now, chosen at random below the ephemeral range (where the
+    kernel picks the ports of outgoing connections) when there is room, else any free port."""
+    try:
+        ephemeral_low = int(_EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 0
+    if ephemeral_low > 12_000:
+        for _ in range(100):
+            port = 10_000 + secrets.randbelow(ephemeral_low - 10_000)
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

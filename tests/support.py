@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import secrets
 import shutil
-import socket
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typer.testing import CliRunner
 from exchange import envelope
 from exchange.canonical import canonical_json
 from exchange.cli import app
+from exchange.demo import free_port
 from exchange.messages import MessageSubmission, Origin, draft_from_submission
 from exchange.node import Node
 
@@ -33,12 +33,6 @@ def cli(*args: str) -> str:
     result = RUNNER.invoke(app, list(args), catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return result.output
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass(frozen=True)

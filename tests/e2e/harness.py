@@ -14,13 +14,12 @@ import tomli_w
 
 from exchange.client import ExchangeClient
 from exchange.db.engine import normalise_url
-from exchange.demo import NodeProcess
+from exchange.demo import NodeProcess, free_port
 from tests.support import (
     CLIENT_PASSPHRASE,
     PASSPHRASE,
     ClientFiles,
     NodeDir,
-    free_port,
     make_pair,
     set_node_options,
 )

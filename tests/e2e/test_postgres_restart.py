@@ -21,9 +21,10 @@ import httpx
 import pytest
 
 from exchange.client import ExchangeClient
+from exchange.demo import free_port
 from tests.e2e.harness import Running, start_nodes
 from tests.e2e.test_reliability import inbound_order, ledger_verifies, wait_all_delivered
-from tests.support import free_port, rfi
+from tests.support import rfi
 
 pytestmark = pytest.mark.e2e
 

@@ -19,8 +19,9 @@ from exchange import crypto
 from exchange.api.app import create_app
 from exchange.api.tls import TLSHttpToolsProtocol
 from exchange.config import load_settings
+from exchange.demo import free_port
 from exchange.node import Node
-from tests.support import PASSPHRASE, free_port, make_pair
+from tests.support import PASSPHRASE, make_pair
 
 seen: list[dict[str, Any]] = []
 
