@@ -332,10 +332,12 @@ class Node(Releases):
     def check_partner_signature(self, kid: str, signed_at: dt.datetime, now: dt.datetime) -> None:
         """Raise EnvelopeError ``key-not-in-force`` unless the partner's key ``kid`` was trusted
         for a signature made at ``signed_at``: listed and not ``next`` in the key set in force then,
-        not revoked before it (the partner's newer key sets are fetched once before refusing)."""
+        not revoked before it (the partner's newer key sets are fetched once before refusing).
+        Raises PartnerKeysUnavailable if that fetch failed: not looked up is not refused."""
         if self.partner.history.in_force(kid, signed_at) is not None:
             return
-        if self.learn_partner_keys(now) and self.partner.history.in_force(kid, signed_at) is not None:
+        learnt = self.learn_partner_keys(now, fetch_errors_raise=True)
+        if learnt and self.partner.history.in_force(kid, signed_at) is not None:
             return
         raise EnvelopeError("key-not-in-force", f"{kid} was not trusted at {signed_at.isoformat()}")
 

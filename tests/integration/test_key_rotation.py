@@ -415,3 +415,27 @@ def test_an_envelope_by_a_key_we_could_not_look_up_is_neither_admitted_nor_rejec
     my_node.fetch_partner_key_sets = lambda after: list(id_node.registry.announcements_after("ID", after))
     assert my_node.receive([sealed], now())[0].accepted  # a failed fetch did not use up its rate
     assert [e["event"] for e in events(my_node, "envelope.")] == ["envelope.received"]
+
+
+def test_an_envelope_by_a_key_we_hold_as_next_but_could_not_look_up_is_not_refused_for_good(
+    nodes: Pair,
+) -> None:
+    """We hold the partner's new signing key as ``next``; it activated it (a version we never got)
+    and signs with it. Whether it was in force needs that version: if the fetch fails the batch
+    is refused for now (502), nothing stored; once the fetch works the envelope is admitted."""
+    id_dir, _, id_node, my_node = nodes
+    keys = admin(id_node, key_activation_wait_seconds=0)
+    keys.rotate("signing")
+    my_node.accept_key_sets(id_node.registry.announcements_after("ID", 1), now())  # version 2
+    keys.activate("signing", force=True)  # version 3, never announced
+    assert id_node.keys.signing_kid in my_node.partner.verification  # held, but as next
+    fetched: list[int] = []
+    my_node.fetch_partner_key_sets = failing_fetch(fetched)
+    mid = submit(id_node, id_dir, "polri-cms")
+    sealed = sealed_envelope(id_node, mid)
+    with pytest.raises(PartnerKeysUnavailable):
+        my_node.receive([sealed], now())
+    assert fetched == [2]
+    assert events(my_node, "envelope.") == []
+    my_node.fetch_partner_key_sets = lambda after: list(id_node.registry.announcements_after("ID", after))
+    assert my_node.receive([sealed], now())[0].accepted
