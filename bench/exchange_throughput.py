@@ -197,9 +197,11 @@ def phases(
     each paced offered rate."""
     before = meter.snapshot()
     first = load(make_client, args.messages, args.clients)
+    accepted = args.messages / (time.time() - first)
     done = wait_delivered(db, table, args.messages, first)
     after = meter.snapshot()
     figures = {"max": summarise(f"{label}, saturated", first, done)}
+    print(f"  submissions accepted at {accepted:.1f} msg/s (the API alone, delivery running meanwhile)")
     meter.report(before, after, len(done))
     for rate in args.rate:
         paced_n = max(50, int(rate * 15))

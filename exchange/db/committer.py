@@ -7,7 +7,8 @@ them in one transaction with no savepoint (two round trips fewer per unit), each
 the whole batch inserted in one statement just before the commit (:func:`defer_inserts`: a unit
 must not read back what it inserts), commits once, then releases every caller. If a unit fails,
 nothing of the batch is written and every unit of it runs again alone, in its own transaction (its
-inserts at once): the failing one's caller gets its exception, the others commit. A unit may
+inserts, deferred the same way, still its own): the failing one's caller gets its exception, the
+others commit. A unit may
 therefore run twice; it must have no effect outside the transaction but what is safe to repeat
 (the content store's live KEK is such).
 
@@ -109,10 +110,13 @@ class GroupCommitter:
 
     def _commit_alone(self, unit: Unit, future: Future[None]) -> None:
         """One unit in its own transaction: if it fails, rolling the transaction back is rolling
-        back that unit alone, and its caller gets the error."""
+        back that unit alone, and its caller gets the error (an insert's included: the rows are
+        deferred to just before the commit, as in a batch, so a lone unit too writes them in one
+        round trip)."""
         ran = False
         try:
             with self.db.transaction() as conn:
+                defer_inserts(conn)
                 unit(conn, repo.lock_ledger_head(conn))
                 ran = True
         except DatabaseUnavailable as exc:  # a condition, logged once by the Database

@@ -12,7 +12,9 @@ the pool tries a fresh one); under load, connections come back within millisecon
 pinged. What a transaction asks to do just before it commits (:func:`before_commit`) runs once:
 the notifications it asked for (:func:`exchange.db.coordination.notify`) go in one statement, the
 rows it deferred (:func:`defer_inserts`) in one statement per table, and
-the ledger head is written once, whatever the number of units of work and appends it holds.
+the ledger head is written once, whatever the number of units of work and appends it holds; on
+PostgreSQL those statements go in one round trip (psycopg's pipeline mode), their errors raised
+as any statement's.
 
 An unreachable database (server down or restarting, connection lost, pool exhausted) or one that
 cannot write (disk full) raises :class:`~exchange.errors.DatabaseUnavailable` from both, which the
@@ -155,6 +157,34 @@ def insert(conn: Connection, statement: Any, rows: Sequence[Mapping[str, Any]]) 
     by_columns = deferred.rows.setdefault(statement, {})
     for row in rows:
         by_columns.setdefault(frozenset(row), []).append(dict(row))
+
+
+@contextmanager
+def _pipelined(conn: Connection) -> Iterator[None]:
+    """The statements run inside in one round trip to the server (psycopg's pipeline mode), not one
+    each: for the actions just before a commit, which write and read nothing back. An error is
+    raised as SQLAlchemy raises a statement's (a lost connection invalidated, and so reported as
+    unavailable); elsewhere than on psycopg, the statements run one by one."""
+    if conn.dialect.driver != "psycopg":
+        yield
+        return
+    driver: Any = conn.connection.driver_connection
+    error = conn.dialect.loaded_dbapi.Error
+    try:
+        with driver.pipeline():
+            yield
+    except error as exc:  # raised by the pipeline's last sync, outside SQLAlchemy's execute
+        lost = conn.dialect.is_disconnect(exc, conn.connection.dbapi_connection, None)
+        if lost:
+            conn.invalidate(exc)
+        raise sa.exc.DBAPIError.instance(
+            "(the statements pipelined before commit)",
+            None,
+            exc,
+            error,
+            connection_invalidated=lost,
+            dialect=conn.dialect,
+        ) from exc
 
 
 def _ping_when_idle(engine: Engine) -> None:
@@ -302,8 +332,10 @@ class Database:
             _BEFORE_COMMIT[conn] = actions
             try:
                 yield conn
-                for action in actions.values():
-                    action(conn)
+                if actions:
+                    with _pipelined(conn):
+                        for action in actions.values():
+                            action(conn)
             finally:
                 del _BEFORE_COMMIT[conn]
 

@@ -412,11 +412,13 @@ class Claimed:
 
 @dataclass(frozen=True)
 class Claim:
-    """What :func:`claim_due` leased, and whether ``key_sets_of``'s key set had versions the
-    partner has not acknowledged when it did (read in the same statement as the due rows)."""
+    """What :func:`claim_due` leased, whether ``key_sets_of``'s key set had versions the partner
+    has not acknowledged when it did (read in the same statement as the due rows), and whether
+    more rows were due than it leased (the count or the byte bound held them back)."""
 
     envelopes: list[Claimed]
     key_sets_unacknowledged: bool
+    more_due: bool = False
 
 
 def claim_due(
@@ -444,12 +446,12 @@ def claim_due(
     (:func:`release_leases_of`). Whatever the claimed messages were signed with was stored before
     them, so the first statement also sees every version of our key set they may need announced.
     """
-    candidates = conn.execute(
-        _CLAIM_CANDIDATES, {"now_": now, "since_": queued_since, "limit_": limit, "party_": key_sets_of}
+    candidates = conn.execute(  # one more than the limit: whether more are due than are taken
+        _CLAIM_CANDIDATES, {"now_": now, "since_": queued_since, "limit_": limit + 1, "party_": key_sets_of}
     ).all()
     taken: list[Any] = []
     sizes: list[int] = []
-    for row in candidates:
+    for row in candidates[:limit]:
         if taken and frame([*sizes, int(row.size)]) > max_bytes:
             break
         taken.append(row)
@@ -470,7 +472,7 @@ def claim_due(
         )
         for row in taken
     ]
-    return Claim(envelopes, bool(taken[0].unacknowledged))
+    return Claim(envelopes, bool(taken[0].unacknowledged), more_due=len(candidates) > len(taken))
 
 
 def release(conn: Connection, message_ids: Sequence[str], *, now: float, error: str) -> None:

@@ -163,6 +163,8 @@ class DeliveryWorker:
         #: the loop settles a round's answers in this thread while it sends the next round
         self._settler: ThreadPoolExecutor | None = None
         self._settling: Future[int] | None = None
+        #: the last round left due work behind (a full claim, a full expiry sweep)
+        self._more_due = False
 
     # --- one round -------------------------------------------------------------------------------
 
@@ -179,6 +181,7 @@ class DeliveryWorker:
             self.recover_leases()
         settings = self.node.settings
         now = self.clock()
+        self._more_due = False
         settled = self.expire_overdue(now)
         if not self.partner.ready(now):
             return settled
@@ -196,6 +199,7 @@ class DeliveryWorker:
                 key_sets_of=self.node.party,
             )
         claimed = claim.envelopes
+        self._more_due = self._more_due or claim.more_due
         try:  # the partner learns a key before it sees it used: our new key sets go first
             self._announce_keys(now, pending=claim.key_sets_unacknowledged)
         except TransportError as exc:
@@ -546,6 +550,7 @@ class DeliveryWorker:
             repo.append_ledger(conn, head, [self._failure(w, "expired") for w in gone], at)
         if len(waiting) == self.node.settings.delivery_batch_size:
             self._swept_at = -math.inf  # more may be overdue: the next round sweeps again
+            self._more_due = True
         if gone:
             log.warning("%d message(s) expired undelivered", len(gone))
             metrics.settled(delivered_enqueued_at=(), failed=len(gone), now=now)
@@ -565,10 +570,12 @@ class DeliveryWorker:
         self.partner = PartnerBackoff()
 
     def step(self) -> float:
-        """One round, its answers settled while the next round is sent; at once again if it had
-        any, else (once they are settled) at the partner's next probe or the fallback poll,
-        whichever is sooner."""
-        if self.run_once(settle_later=True):
+        """One round, its answers settled while the next round is sent; at once again if it
+        settled any and left due work behind (a full batch), else (once they are settled) at the
+        partner's next probe or the fallback poll, whichever is sooner. A submission meanwhile
+        wakes the loop (:class:`exchange.loops.LoopRunner`): a round that took every due message
+        is not followed by one that finds none."""
+        if self.run_once(settle_later=True) and self._more_due:
             return 0.0
         self.finish_settling()
         until_probe = self.partner.retry_at - self.clock()

@@ -472,6 +472,33 @@ def test_a_full_disk_is_database_unavailable_logged_once_then_recovers(
     node.close()
 
 
+def test_a_round_that_took_every_due_message_is_not_followed_by_one_that_finds_none(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loop goes again at once only when the claim left due messages behind (a full batch);
+    otherwise it sleeps until a submission wakes it, without a claim that finds nothing."""
+    id_dir, _my_dir, id_node, my_node = pair
+    polri = actor(id_node, id_dir, "polri-cms")
+    set_node_options(id_dir.path, delivery_batch_size=2)
+    id_node.settings = load_settings(id_dir.path)
+    ids = [id_node.submit(polri, MessageSubmission.model_validate(rfi()), now())["id"] for _ in range(3)]
+    claims: list[int] = []
+    claim_due = repo.claim_due
+
+    def counted(*args: object, **kwargs: object) -> repo.Claim:
+        claim = claim_due(*args, **kwargs)  # type: ignore[arg-type]
+        claims.append(len(claim.envelopes))
+        return claim
+
+    monkeypatch.setattr(repo, "claim_due", counted)
+    worker = DeliveryWorker(id_node, Loopback(my_node))
+    assert worker.step() == 0.0  # two of three: one is left, so at once again
+    assert worker.step() == worker.interval  # the last one: nothing left, sleep (settled first)
+    assert claims == [2, 1]
+    assert [id_node.status(polri, m, now())["status"] for m in ids] == ["delivered"] * 3
+    worker.close()
+
+
 def test_the_loop_sends_the_next_round_while_the_last_one_is_settled(
     pair: Pair, monkeypatch: pytest.MonkeyPatch
 ) -> None:

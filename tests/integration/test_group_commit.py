@@ -13,7 +13,7 @@ import sqlalchemy as sa
 
 from exchange import crypto
 from exchange.config import load_settings
-from exchange.db import repo
+from exchange.db import idempotency_keys, repo
 from exchange.db.committer import Unit
 from exchange.db.schema import messages
 from exchange.idempotency import IdempotentSubmission
@@ -164,6 +164,52 @@ def test_a_failing_unit_undoes_its_batch_whose_units_then_commit_alone(nodes: Pa
         head = repo.read_ledger_head(conn)
         verify_rows(repo.ledger_rows(conn), size=head.size, root=head.root)
         assert [e.event for e in repo.iter_ledger(conn)] == ["a", "b"]
+
+
+def test_a_row_the_database_refuses_at_commit_fails_its_unit_with_the_databases_error(nodes: Pair) -> None:
+    """A unit's rows go in just before the commit (on PostgreSQL all in one round trip, outside
+    SQLAlchemy's execute): a row refused there fails that unit with SQLAlchemy's IntegrityError,
+    as a statement run at once would, writes nothing of it, and the next unit commits."""
+    _, _, node, _ = nodes
+
+    def refused(conn: sa.Connection, head: repo.LedgerHead) -> repo.LedgerHead:
+        new = repo.append_ledger(conn, head, [EntryDraft(event="with-a-refused-row")], "t")
+        idempotency_keys.insert(  # no such message: the foreign key refuses it
+            conn,
+            client_id="c",
+            key="k-0001",
+            request_sha256="0" * 64,
+            message_id="none",
+            response="{}",
+            at="t",
+        )
+        return new
+
+    with pytest.raises(sa.exc.IntegrityError):
+        node.committer.run(refused)
+    node.committer.run(lambda conn, head: repo.append_ledger(conn, head, [EntryDraft(event="next")], "t"))
+    with node.db.read() as conn:
+        head = repo.read_ledger_head(conn)
+        verify_rows(repo.ledger_rows(conn), size=head.size, root=head.root)
+        assert [e.event for e in repo.iter_ledger(conn)] == ["next"]
+
+
+def test_a_unit_alone_writes_its_rows_in_one_statement_each_just_before_the_commit(nodes: Pair) -> None:
+    """A lone unit's inserts are deferred as a batch's are: they follow everything else it runs."""
+    _, _, node, _ = nodes
+    statements: list[str] = []
+    sa.event.listen(node.db.engine, "before_cursor_execute", lambda *a: statements.append(a[2].lower()))
+
+    def unit(conn: sa.Connection, head: repo.LedgerHead) -> repo.LedgerHead:
+        new = repo.append_ledger(conn, head, [EntryDraft(event="a"), EntryDraft(event="b")], "t")
+        conn.execute(sa.text("SELECT 1 AS last_read"))
+        return new
+
+    node.committer.run(unit)
+    read = next(i for i, s in enumerate(statements) if "last_read" in s)
+    inserts = [i for i, s in enumerate(statements) if s.startswith("insert into ledger_entries")]
+    assert len(inserts) == 1
+    assert inserts[0] > read
 
 
 def test_an_append_inside_a_savepoint_is_refused(nodes: Pair) -> None:

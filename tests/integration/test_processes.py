@@ -24,7 +24,7 @@ from exchange.checkpoints import CheckpointService, WitnessRequest
 from exchange.db import engine as engine_module
 from exchange.db import repo
 from exchange.db.coordination import LEDGER_CHANNEL, OUTBOX_CHANNEL, PostgresCoordination, notify
-from exchange.db.engine import Database, normalise_url
+from exchange.db.engine import Database, before_commit, normalise_url
 from exchange.errors import Busy, DatabaseUnavailable
 from exchange.node import Node
 from exchange.transport.checkpointer import Checkpointer
@@ -193,6 +193,38 @@ def test_a_connection_lost_inside_a_transaction_is_unavailability_and_the_next_o
     admin.dispose()
     with db.transaction() as conn:
         assert conn.execute(sa.text("SELECT 1")).scalar_one() == 1
+    db.dispose()
+
+
+@pytest.mark.postgres
+def test_a_connection_lost_just_before_the_commit_is_unavailability_and_the_next_one_works(
+    pg_url: str,
+) -> None:
+    """What a transaction does just before it commits goes in one round trip (psycopg's pipeline
+    mode), whose errors arise outside SQLAlchemy's execute: a connection lost there is still
+    DatabaseUnavailable, and the pool hands out a sound connection next."""
+    db = Database(pg_url)
+    admin = sa.create_engine(normalise_url(pg_url), isolation_level="AUTOCOMMIT")
+
+    def terminate_self(conn: sa.Connection) -> None:
+        conn.execute(sa.text("SELECT pg_terminate_backend(pg_backend_pid())"))
+
+    def lost_before_commit(sent: bool) -> None:
+        with db.transaction() as conn:
+            notify(conn, OUTBOX_CHANNEL)  # pipelined, after the connection is gone
+            if sent:  # the server goes while the pipelined statements are in flight
+                before_commit(conn, "zz", terminate_self)
+            else:  # the server went before they were sent
+                pid = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
+                with admin.connect() as other:
+                    other.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+
+    for sent in (True, False, True):
+        with pytest.raises(DatabaseUnavailable):
+            lost_before_commit(sent)
+        with db.transaction() as conn:
+            assert conn.execute(sa.text("SELECT 1")).scalar_one() == 1
+    admin.dispose()
     db.dispose()
 
 
