@@ -156,13 +156,20 @@ class CheckpointService:
 
     def _verify_partner(self, note: str, now: dt.datetime) -> Checkpoint:
         """The partner's new checkpoint, signed by a checkpoint key in force ``now`` (its newer key
-        sets fetched once if none verifies). Raises CheckpointError."""
+        sets fetched once if none verifies).
+
+        Raises:
+            CheckpointError: malformed, or signed by no checkpoint key of the partner's key sets.
+            PartnerKeysUnavailable: signed by no key held here, and the partner's key sets could
+                not be fetched: neither refused nor cosigned yet (the partner asks again).
+        """
         return self.node.verify_by_partner(  # a checkpoint key announced while we were away
             lambda partner: verify_checkpoint_any(
                 note, origin=partner.ledger_origin, keys=partner.checkpoint_keys(now)
             ),
             lambda exc: isinstance(exc, CheckpointError),
             now,
+            fetch_errors_raise=True,
         )
 
     def witness(self, note: str, from_size: int, proof: list[bytes], now: dt.datetime) -> str:
@@ -172,6 +179,7 @@ class CheckpointService:
         Raises:
             CheckpointError: the note is malformed or not signed by the partner's pinned key, or a
                 line by that key does not verify.
+            PartnerKeysUnavailable: as :meth:`_verify_partner` (answered 502).
             CheckpointConflict: with ``reason`` ``size-mismatch`` (``from_size`` is not the size last
                 witnessed: ask again from ``witnessed_size``), ``bad-request`` (an old size beyond
                 the checkpoint, or a proof from size 0), or, ledgered as incidents before raising,

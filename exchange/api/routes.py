@@ -268,6 +268,11 @@ WITNESS_PATH = "/witness" + ADD_CHECKPOINT  # under /v1/peer: its body is the sp
             "content": {SIZE_MEDIA_TYPE: {}},
         },
         422: {"description": "the consistency proof does not verify (an incident)", **PROBLEM},
+        502: {
+            "description": "signed by a key not known here, and the partner's key sets could not be"
+            " fetched: neither refused nor cosigned yet, ask again",
+            **PROBLEM,
+        },
     },
 )
 async def witness_add_checkpoint(request: Request) -> Response:

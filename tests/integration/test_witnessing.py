@@ -162,6 +162,33 @@ def test_checkpoints_not_signed_by_the_partner_key_are_refused(node_pair: tuple[
         )
 
 
+def test_a_checkpoint_to_witness_under_a_key_we_could_not_look_up_is_neither_refused_nor_cosigned(
+    node_pair: tuple[Node, Node],
+) -> None:
+    """The partner asks us to witness a checkpoint signed by a key it activated before we learnt
+    it, and its key sets cannot be fetched: PartnerKeysUnavailable (502, it asks again), nothing
+    witnessed or ledgered; once the fetch works the same request is cosigned."""
+    id_node, my_node = node_pair
+    keys = admin(id_node, key_activation_wait_seconds=0)
+    keys.rotate("checkpoint")
+    keys.activate("checkpoint", force=True)  # never announced
+    origin = id_node.agreement.parties["ID"].ledger_origin
+    note = sign_checkpoint(origin, 1, hashlib.sha256(b"one").digest(), id_node.keys.checkpoint)
+    now = dt.datetime.now(dt.UTC)  # (the new key is in force from its activation on)
+    fetched: list[int] = []
+    my_node.fetch_partner_key_sets = failing_fetch(fetched)
+    witness = CheckpointService(my_node)
+    with pytest.raises(PartnerKeysUnavailable):
+        witness.witness(note, 0, [], now)
+    assert fetched == [1]
+    assert incidents(my_node) == []
+    with my_node.db.read() as conn:
+        assert repo.latest_witnessed(conn) is None
+    my_node.fetch_partner_key_sets = lambda after: list(id_node.registry.announcements_after("ID", after))
+    assert witness.witness(note, 0, [], now).startswith("— ")
+    assert incidents(my_node) == []
+
+
 def test_the_audit_names_a_forged_or_rewritten_checkpoint(node_pair: tuple[Node, Node]) -> None:
     id_node, my_node = node_pair
     grow(id_node, 4)
