@@ -31,6 +31,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+from sqlalchemy.engine import Connection
+
 from exchange import envelope
 from exchange.db import repo
 from exchange.envelope.size import batch_bytes, peer_body_limit
@@ -392,12 +394,15 @@ class DeliveryWorker:
                 " when their leases end (the partner answers with the same receipts)",
                 len(unchecked),
             )
-        with self.node.db.transaction() as conn:
-            head = repo.lock_ledger_head(conn)
+        settled: list[tuple[str, dict[str, object]]] = []
+
+        def write(conn: Connection, head: repo.LedgerHead) -> repo.LedgerHead:
             kept = repo.dequeue_many(conn, [mid for mid, _ in updates])
-            settled = [(mid, values) for mid, values in updates if mid in kept]
+            settled[:] = [(mid, values) for mid, values in updates if mid in kept]  # (a unit may run twice)
             repo.update_messages(conn, [(mid, {**values, "updated_at": at}) for mid, values in settled])
-            repo.append_ledger(conn, head, [d for d in drafts if d.message_id in kept], at)
+            return repo.append_ledger(conn, head, [d for d in drafts if d.message_id in kept], at)
+
+        self.node.committer.run(write)  # in the submissions' transaction: one holder of the ledger lock
         queued_at = {item.message_id: item.enqueued_at for item, _ in done}
         metrics.settled(
             delivered_enqueued_at=[queued_at[mid] for mid, v in settled if v["status"] == "delivered"],
