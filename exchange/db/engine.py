@@ -163,28 +163,21 @@ def insert(conn: Connection, statement: Any, rows: Sequence[Mapping[str, Any]]) 
 def _pipelined(conn: Connection) -> Iterator[None]:
     """The statements run inside in one round trip to the server (psycopg's pipeline mode), not one
     each: for the actions just before a commit, which write and read nothing back. An error is
-    raised as SQLAlchemy raises a statement's (a lost connection invalidated, and so reported as
-    unavailable); elsewhere than on psycopg, the statements run one by one."""
-    if conn.dialect.driver != "psycopg":
+    raised as SQLAlchemy raises a statement's (translated; on a lost connection this one and the
+    pool's others invalidated, so reported as unavailable); elsewhere than on psycopg with a libpq
+    that pipelines, the statements run one by one."""
+    dbapi = conn.dialect.loaded_dbapi
+    if conn.dialect.driver != "psycopg" or not dbapi.Pipeline.is_supported():
         yield
         return
     driver: Any = conn.connection.driver_connection
-    error = conn.dialect.loaded_dbapi.Error
     try:
         with driver.pipeline():
             yield
-    except error as exc:  # raised by the pipeline's last sync, outside SQLAlchemy's execute
-        lost = conn.dialect.is_disconnect(exc, conn.connection.dbapi_connection, None)
-        if lost:
-            conn.invalidate(exc)
-        raise sa.exc.DBAPIError.instance(
-            "(the statements pipelined before commit)",
-            None,
-            exc,
-            error,
-            connection_invalidated=lost,
-            dialect=conn.dialect,
-        ) from exc
+    except dbapi.Error as exc:  # raised by the pipeline's last sync, outside SQLAlchemy's execute
+        # SQLAlchemy's own handling of a statement's error (also with no cursor or context)
+        conn._handle_dbapi_exception(exc, "(the statements pipelined before commit)", None, None, None)
+        raise  # (not reached: the call above raises)
 
 
 def _ping_when_idle(engine: Engine) -> None:

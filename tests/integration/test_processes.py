@@ -219,9 +219,15 @@ def test_a_connection_lost_just_before_the_commit_is_unavailability_and_the_next
                 with admin.connect() as other:
                     other.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
 
+    def pooled() -> set[int]:  # the backends of two connections, back in the pool afterwards
+        with db.engine.connect() as one, db.engine.connect() as two:
+            return {int(c.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()) for c in (one, two)}
+
     for sent in (True, False, True):
+        before = pooled()
         with pytest.raises(DatabaseUnavailable):
             lost_before_commit(sent)
+        assert not before & pooled()  # the pool replaced all its connections, not only the lost one
         with db.transaction() as conn:
             assert conn.execute(sa.text("SELECT 1")).scalar_one() == 1
     admin.dispose()
