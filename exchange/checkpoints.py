@@ -169,7 +169,6 @@ class CheckpointService:
             ),
             lambda exc: isinstance(exc, CheckpointError),
             now,
-            fetch_errors_raise=True,
         )
 
     def witness(self, note: str, from_size: int, proof: list[bytes], now: dt.datetime) -> str:

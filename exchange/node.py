@@ -172,16 +172,16 @@ class Node(Releases):
         """The partner's public keys as its key set in force has them."""
         return self.registry.partner_keys()
 
-    def learn_partner_keys(self, now: dt.datetime, *, fetch_errors_raise: bool = False) -> bool:
+    def learn_partner_keys(self, now: dt.datetime) -> bool:
         """Learn the partner's newer key sets: first those another process of this node stored
         less than ``key_refresh_seconds`` ago, else those fetched from the partner, at most once
         per ``key_fetch_interval_seconds`` (a key id this node does not know may be a key
         announced while it was away). True if a newer version is now trusted.
 
         Raises:
-            PartnerKeysUnavailable: only with ``fetch_errors_raise``: the fetch failed (else it is
-                logged and nothing is learnt), or the rate allows none now and the last one failed
-                or is still in flight. A failed fetch may be tried again at once, once per interval.
+            PartnerKeysUnavailable: the fetch failed, or the rate allows none now and the last one
+                failed or is still in flight: a key not looked up is neither the partner's nor
+                refused yet. A failed fetch may be tried again at once, once per interval.
         """
         cached = self.registry.history(self.partner_party).version
         self.registry.refresh()
@@ -192,7 +192,7 @@ class Node(Releases):
         if fetch is None:
             return False
         if not self.registry.may_fetch(self.settings.key_fetch_interval_seconds):
-            if fetch_errors_raise and not self.registry.looked_up_lately:
+            if not self.registry.looked_up_lately:
                 raise PartnerKeysUnavailable(
                     f"the key sets of {self.partner_party} could not be fetched lately: try again later"
                 )
@@ -201,12 +201,9 @@ class Node(Releases):
             announcements = fetch(known)
         except TransportError as exc:
             self.registry.fetch_failed()  # the next unknown key id may look again at once (once)
-            if fetch_errors_raise:
-                raise PartnerKeysUnavailable(
-                    f"could not fetch the key sets of {self.partner_party}: {exc}"
-                ) from exc
-            log.warning("could not fetch the key sets of %s: %s", self.partner_party, exc)
-            return False
+            raise PartnerKeysUnavailable(
+                f"could not fetch the key sets of {self.partner_party}: {exc}"
+            ) from exc
         self.registry.fetch_succeeded()
         if not announcements:
             return False
@@ -223,19 +220,15 @@ class Node(Releases):
         verify: Callable[[PartnerKeys], T],
         unknown_key: Callable[[Exception], bool],
         now: dt.datetime,
-        *,
-        fetch_errors_raise: bool = False,
     ) -> T:
         """``verify(the partner's keys)``; if it fails for a key this node does not know yet
         (``unknown_key(error)``), learn the partner's newer key sets once (:meth:`learn_partner_keys`)
-        and verify again with them. Raises what ``verify`` raises (and, with
-        ``fetch_errors_raise``, PartnerKeysUnavailable for a fetch that failed)."""
+        and verify again with them. Raises what ``verify`` raises, or PartnerKeysUnavailable for
+        a fetch that failed (a key we could not look up is no evidence of forgery)."""
         try:
             return verify(self.partner)
         except Exception as exc:
-            if not unknown_key(exc) or not self.learn_partner_keys(
-                now, fetch_errors_raise=fetch_errors_raise
-            ):
+            if not unknown_key(exc) or not self.learn_partner_keys(now):
                 raise
         return verify(self.partner)
 
@@ -310,7 +303,6 @@ class Node(Releases):
             verify,
             lambda exc: isinstance(exc, AnnouncementRejected) and exc.reason == "unknown-key",
             now,
-            fetch_errors_raise=True,  # a key we could not look up is no evidence of forgery
         )
         partner = used[-1]
         newest = self.registry.history(self.party)
@@ -336,7 +328,7 @@ class Node(Releases):
         Raises PartnerKeysUnavailable if that fetch failed: not looked up is not refused."""
         if self.partner.history.in_force(kid, signed_at) is not None:
             return
-        learnt = self.learn_partner_keys(now, fetch_errors_raise=True)
+        learnt = self.learn_partner_keys(now)
         if learnt and self.partner.history.in_force(kid, signed_at) is not None:
             return
         raise EnvelopeError("key-not-in-force", f"{kid} was not trusted at {signed_at.isoformat()}")
@@ -748,7 +740,7 @@ class Node(Releases):
             origin=self.partner.ledger_origin,
             keys=self.partner.checkpoint_keys(message.created_at),
         ):  # a checkpoint key published since: looked up here, before the ledger lock is taken
-            self.learn_partner_keys(now, fetch_errors_raise=True)
+            self.learn_partner_keys(now)
         self.registry.note_encryption_key_used(opened.recipient_kid, now)
         return Admitted(opened, message)
 
@@ -778,7 +770,7 @@ class Node(Releases):
             PartnerKeysUnavailable: the partner's key sets had to be fetched and could not be.
         """
         if error.reason == "unknown-signing-key":  # a failed fetch raises: judged neither way yet
-            return self.learn_partner_keys(now, fetch_errors_raise=True)
+            return self.learn_partner_keys(now)
         if error.reason == "unknown-recipient-key":
             before = self.keys.version
             self.registry.refresh()

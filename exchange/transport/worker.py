@@ -165,8 +165,8 @@ class DeliveryWorker:
         #: the loop settles a round's answers in this thread while it sends the next round
         self._settler: ThreadPoolExecutor | None = None
         self._settling: Future[int] | None = None
-        #: the last round left due work behind (a full claim, a full expiry sweep)
-        self._more_due = False
+        #: the last round's claim left due messages behind (the count or the byte bound)
+        self._claim_left_some = False
 
     # --- one round -------------------------------------------------------------------------------
 
@@ -183,7 +183,7 @@ class DeliveryWorker:
             self.recover_leases()
         settings = self.node.settings
         now = self.clock()
-        self._more_due = False
+        self._claim_left_some = False
         settled = self.expire_overdue(now)
         if not self.partner.ready(now):
             return settled
@@ -201,7 +201,7 @@ class DeliveryWorker:
                 key_sets_of=self.node.party,
             )
         claimed = claim.envelopes
-        self._more_due = self._more_due or claim.more_due
+        self._claim_left_some = claim.more_due
         try:  # the partner learns a key before it sees it used: our new key sets go first
             self._announce_keys(now, pending=claim.key_sets_unacknowledged)
         except TransportError as exc:
@@ -484,7 +484,6 @@ class DeliveryWorker:
             ),
             lambda exc: isinstance(exc, EnvelopeError) and exc.reason == "unknown-signing-key",
             now,
-            fetch_errors_raise=True,
         )
         signed_at = dt.datetime.fromisoformat(receipt.received_at)
         skew = self.node.settings.clock_skew
@@ -555,7 +554,6 @@ class DeliveryWorker:
             repo.append_ledger(conn, head, [self._failure(w, "expired") for w in gone], at)
         if len(waiting) == self.node.settings.delivery_batch_size:
             self._swept_at = -math.inf  # more may be overdue: the next round sweeps again
-            self._more_due = True
         if gone:
             log.warning("%d message(s) expired undelivered", len(gone))
             metrics.settled(delivered_enqueued_at=(), failed=len(gone), now=now)
@@ -580,7 +578,8 @@ class DeliveryWorker:
         partner's next probe or the fallback poll, whichever is sooner. A submission meanwhile
         wakes the loop (:class:`exchange.loops.LoopRunner`): a round that took every due message
         is not followed by one that finds none."""
-        if self.run_once(settle_later=True) and self._more_due:
+        settled = self.run_once(settle_later=True)
+        if settled and (self._claim_left_some or self._swept_at == -math.inf):  # (a full expiry sweep)
             return 0.0
         self.finish_settling()
         until_probe = self.partner.retry_at - self.clock()

@@ -48,6 +48,7 @@ from tests.integration.test_key_rotation import (
     drain,
     events,
     failing_fetch,
+    fetch_from,
     sealed_envelope,
     statuses,
     submit,
@@ -719,5 +720,5 @@ def test_a_key_set_endpoint_that_keeps_failing_is_asked_twice_per_interval_not_o
     assert events(my_node, "envelope.") == []
     my_node.settings = my_node.settings.model_copy(update={"key_fetch_interval_seconds": 0.05})
     time.sleep(0.1)  # the interval has passed
-    my_node.fetch_partner_key_sets = lambda after: list(id_node.registry.announcements_after("ID", after))
+    my_node.fetch_partner_key_sets = fetch_from(id_node)
     assert my_node.receive([sealed], now())[0].accepted

@@ -64,6 +64,11 @@ def failing_fetch(fetched: list[int]) -> Callable[[int], list[str]]:
     return fetch
 
 
+def fetch_from(partner: Node) -> Callable[[int], list[str]]:
+    """A fetch of ``partner``'s key sets that works (the partner's peer endpoint, in this process)."""
+    return lambda after: list(partner.registry.announcements_after(partner.party, after))
+
+
 def drain(worker: DeliveryWorker) -> None:
     for _ in range(10):
         if worker.run_once() == 0:
@@ -412,7 +417,7 @@ def test_an_envelope_by_a_key_we_could_not_look_up_is_neither_admitted_nor_rejec
     with my_node.db.read() as conn:
         assert repo.read_ledger_head(conn).size == before  # no rejection, no incident
         assert repo.get_message(conn, mid) is None
-    my_node.fetch_partner_key_sets = lambda after: list(id_node.registry.announcements_after("ID", after))
+    my_node.fetch_partner_key_sets = fetch_from(id_node)
     assert my_node.receive([sealed], now())[0].accepted  # a failed fetch did not use up its rate
     assert [e["event"] for e in events(my_node, "envelope.")] == ["envelope.received"]
 
@@ -437,5 +442,5 @@ def test_an_envelope_by_a_key_we_hold_as_next_but_could_not_look_up_is_not_refus
         my_node.receive([sealed], now())
     assert fetched == [2]
     assert events(my_node, "envelope.") == []
-    my_node.fetch_partner_key_sets = lambda after: list(id_node.registry.announcements_after("ID", after))
+    my_node.fetch_partner_key_sets = fetch_from(id_node)
     assert my_node.receive([sealed], now())[0].accepted

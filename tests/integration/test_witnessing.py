@@ -21,7 +21,7 @@ from exchange.ledger.checkpoint import CheckpointError, sign_checkpoint
 from exchange.node import Node
 from exchange.transport.checkpointer import Checkpointer
 from exchange.transport.worker import DeliveryWorker
-from tests.integration.test_key_rotation import admin, drain, failing_fetch
+from tests.integration.test_key_rotation import admin, drain, failing_fetch, fetch_from
 from tests.integration.test_node_flow import Loopback
 from tests.support import signed_message
 
@@ -162,6 +162,16 @@ def test_checkpoints_not_signed_by_the_partner_key_are_refused(node_pair: tuple[
         )
 
 
+def _under_an_unannounced_checkpoint_key(node: Node) -> str:
+    """A checkpoint of size 1 of ``node``'s log, signed by a checkpoint key it activated without
+    announcing it: its partner cannot know the key without fetching ``node``'s key sets."""
+    keys = admin(node, key_activation_wait_seconds=0)
+    keys.rotate("checkpoint")
+    keys.activate("checkpoint", force=True)
+    origin = node.agreement.parties[node.party].ledger_origin
+    return sign_checkpoint(origin, 1, hashlib.sha256(b"one").digest(), node.keys.checkpoint)
+
+
 def test_a_checkpoint_to_witness_under_a_key_we_could_not_look_up_is_neither_refused_nor_cosigned(
     node_pair: tuple[Node, Node],
 ) -> None:
@@ -169,11 +179,7 @@ def test_a_checkpoint_to_witness_under_a_key_we_could_not_look_up_is_neither_ref
     it, and its key sets cannot be fetched: PartnerKeysUnavailable (502, it asks again), nothing
     witnessed or ledgered; once the fetch works the same request is cosigned."""
     id_node, my_node = node_pair
-    keys = admin(id_node, key_activation_wait_seconds=0)
-    keys.rotate("checkpoint")
-    keys.activate("checkpoint", force=True)  # never announced
-    origin = id_node.agreement.parties["ID"].ledger_origin
-    note = sign_checkpoint(origin, 1, hashlib.sha256(b"one").digest(), id_node.keys.checkpoint)
+    note = _under_an_unannounced_checkpoint_key(id_node)
     now = dt.datetime.now(dt.UTC)  # (the new key is in force from its activation on)
     fetched: list[int] = []
     my_node.fetch_partner_key_sets = failing_fetch(fetched)
@@ -184,7 +190,7 @@ def test_a_checkpoint_to_witness_under_a_key_we_could_not_look_up_is_neither_ref
     assert incidents(my_node) == []
     with my_node.db.read() as conn:
         assert repo.latest_witnessed(conn) is None
-    my_node.fetch_partner_key_sets = lambda after: list(id_node.registry.announcements_after("ID", after))
+    my_node.fetch_partner_key_sets = fetch_from(id_node)
     assert witness.witness(note, 0, [], now).startswith("— ")
     assert incidents(my_node) == []
 
@@ -274,11 +280,7 @@ def test_a_carried_checkpoint_under_a_key_we_could_not_look_up_is_no_incident(
     fetch works the key is learnt and the same message admitted, still without one. A note by a
     key no key set names is an incident, as before."""
     id_node, my_node = node_pair
-    keys = admin(id_node, key_activation_wait_seconds=0)
-    keys.rotate("checkpoint")
-    keys.activate("checkpoint", force=True)  # never announced
-    origin = id_node.agreement.parties["ID"].ledger_origin
-    note = sign_checkpoint(origin, 1, hashlib.sha256(b"one").digest(), id_node.keys.checkpoint)
+    note = _under_an_unannounced_checkpoint_key(id_node)
     now = dt.datetime.now(dt.UTC)
     sealed = _message_from(id_node, note, now)
     fetched: list[int] = []
@@ -287,10 +289,11 @@ def test_a_carried_checkpoint_under_a_key_we_could_not_look_up_is_no_incident(
         my_node.receive([sealed], now)
     assert fetched == [1]
     assert incidents(my_node) == []
-    my_node.fetch_partner_key_sets = lambda after: list(id_node.registry.announcements_after("ID", after))
+    my_node.fetch_partner_key_sets = fetch_from(id_node)
     assert my_node.receive([sealed], now)[0].accepted
     assert incidents(my_node) == []
     stranger = crypto.private_jwk(crypto.new_message_key("ckpt"), "x")
+    origin = id_node.agreement.parties["ID"].ledger_origin
     forged = sign_checkpoint(origin, 2, hashlib.sha256(b"two").digest(), stranger)
     assert my_node.receive([_message_from(id_node, forged, now)], now)[0].accepted  # content verified
     assert incidents(my_node) == ["invalid"]
