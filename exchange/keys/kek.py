@@ -22,6 +22,7 @@ import os
 import re
 import secrets
 import threading
+import time
 from pathlib import Path
 
 from joserfc import jwe
@@ -36,6 +37,9 @@ PBES2_ITERATIONS = 210_000  # OWASP's figure for PBKDF2-HMAC-SHA512
 _PBES2 = jwe.JWERegistry(algorithms=["PBES2-HS512+A256KW", "A256GCM"])
 _WRAP = jwe.JWERegistry(algorithms=["A256KW", "A256GCM"])
 _KID = re.compile(r"^kek-(\d{4}-\d{2})-(\d+)$")
+#: a folder's modification time this old is settled: a later change cannot leave it as it is,
+#: however coarse the file system's timestamps (whole seconds on some)
+SETTLED_NS = 2_000_000_000
 
 
 def kek_id(period: str, n: int) -> str:
@@ -50,6 +54,8 @@ class KekStore:
         self._passphrase = passphrase
         self._master: OctKey | None = None
         self._cache: dict[str, OctKey] = {}
+        #: the live KEK id of a period, with the folder's modification time it was listed under
+        self._live: dict[str, tuple[int, str]] = {}
         self._lock = threading.Lock()
 
     def _master_key(self) -> OctKey:
@@ -111,9 +117,29 @@ class KekStore:
         return [kid for _, _, kid in sorted(found)]
 
     def live(self, period: str) -> OctKey:
-        """The live KEK of ``period``, created if the period has none yet. Call under the ledger lock."""
+        """The live KEK of ``period``, created if the period has none yet. Call under the ledger lock.
+
+        The folder is listed again only if it may have changed since the last listing (by any
+        process): its modification time is another, or was not settled then (see
+        ``SETTLED_NS``). So a message costs one ``stat``, not a listing of every KEK and tombstone
+        of the node's lifetime."""
+        changed = self._folder_changed_ns()
+        with self._lock:
+            seen = self._live.get(period)
+            if seen is not None and seen[0] == changed and seen[1] in self._cache:
+                return self._cache[seen[1]]
         existing = self.kids(period)
-        return self.get(existing[-1]) if existing else self.create(period)
+        key = self.get(existing[-1]) if existing else self.create(period)
+        if changed is not None and time.time_ns() - changed > SETTLED_NS:
+            with self._lock:
+                self._live[period] = (changed, str(key.kid))
+        return key
+
+    def _folder_changed_ns(self) -> int | None:
+        try:
+            return os.stat(self.folder).st_mtime_ns
+        except FileNotFoundError:
+            return None
 
     def create(self, period: str) -> OctKey:
         """A new KEK for ``period`` that becomes its live one. Call under the ledger lock."""
@@ -142,6 +168,7 @@ class KekStore:
         path = self._path(kid)
         with self._lock:
             self._cache.pop(kid, None)
+            self._live.clear()
             for leftover in self.folder.glob(".kek-*.erasing"):
                 erase(leftover)
             doomed = path.with_name(f".{path.name}.erasing")

@@ -3,7 +3,9 @@ KEK, re-wrap) and the KEK files (owner-only, destroyed for good, ids never reuse
 
 from __future__ import annotations
 
+import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -82,6 +84,52 @@ def test_kek_files_are_owner_only_destroyed_for_good_and_ids_never_reused(tmp_pa
     with pytest.raises(ContentUnavailable, match="destroyed"):
         again.get(str(first.kid))
     assert again.live("2031-11").kid == "kek-2031-11-2"  # a new key, never the destroyed one's id
+
+
+def _settle(folder: Path) -> None:
+    """The folder last changed ten seconds ago, as after any quiet spell."""
+    then = time.time_ns() - 10_000_000_000
+    os.utime(folder, ns=(then, then))
+
+
+def test_the_live_kek_is_listed_once_while_nothing_changes_and_at_once_after_another_process_changed_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A message costs a stat of the KEK folder, not a listing of every KEK and tombstone; yet a KEK
+    another process makes or destroys decides the live one at once, also when the change leaves
+    the folder's modification time as it was (timestamps coarser than the changes)."""
+    folder = tmp_path / "kek"
+    store = KekStore(folder, "a-long-enough-passphrase")
+    other = KekStore(folder, "a-long-enough-passphrase")  # another process of the node
+    first = store.live("2031-11")
+    listings: list[str | None] = []
+    list_folder = store.kids
+
+    def counted(period: str | None = None) -> list[str]:
+        listings.append(period)
+        return list_folder(period)
+
+    monkeypatch.setattr(store, "kids", counted)
+    _settle(folder)
+    for _ in range(20):
+        assert store.live("2031-11").kid == first.kid
+    assert listings == ["2031-11"]  # once: then the settled folder said nothing changed
+
+    second = other.create("2031-11")  # a destruction's new live KEK, in another process
+    assert store.live("2031-11").kid == second.kid
+
+    unsettled = os.stat(folder).st_mtime_ns  # changed just now: a listing now is not trusted later
+    assert store.live("2031-11").kid == second.kid
+    third = other.create("2031-11")
+    os.utime(folder, ns=(unsettled, unsettled))  # the second change within the same timestamp
+    assert store.live("2031-11").kid == third.kid
+
+    _settle(folder)
+    assert store.live("2031-11").kid == third.kid
+    assert other.destroy(str(third.kid))
+    assert store.live("2031-11").kid == second.kid  # never a destroyed KEK
+    with pytest.raises(ContentUnavailable, match="destroyed"):
+        store.get(str(third.kid))
 
 
 def test_another_process_never_reads_a_kek_half_destroyed(
