@@ -55,7 +55,8 @@ class KekStore:
         self._master: OctKey | None = None
         self._cache: dict[str, OctKey] = {}
         #: the live KEK id of a period, with the folder's modification time it was listed under
-        self._live: dict[str, tuple[int, str]] = {}
+        #: and the files that say it is still live (its own, and the next id's)
+        self._live: dict[str, tuple[int, str, str, str]] = {}
         self._lock = threading.Lock()
 
     def _master_key(self) -> OctKey:
@@ -119,20 +120,28 @@ class KekStore:
     def live(self, period: str) -> OctKey:
         """The live KEK of ``period``, created if the period has none yet. Call under the ledger lock.
 
-        The folder is listed again only if it may have changed since the last listing (by any
-        process): its modification time is another, or was not settled then (see
-        ``SETTLED_NS``). So a message costs one ``stat``, not a listing of every KEK and tombstone
-        of the node's lifetime."""
+        The folder is listed again unless the last listing's answer is known to stand: the
+        folder's modification time is the one it had then and was settled then (see
+        ``SETTLED_NS``), that KEK's file is still there, and the next id's is not (a new live KEK
+        takes the next id: this holds whatever the clocks or the folder's times do). So a message
+        costs three ``stat`` calls, not a listing of every KEK and tombstone of the node's
+        lifetime."""
         changed = self._folder_changed_ns()
+        listed_at = time.time_ns()
         with self._lock:
             seen = self._live.get(period)
-            if seen is not None and seen[0] == changed and seen[1] in self._cache:
-                return self._cache[seen[1]]
+            key = self._cache.get(seen[1]) if seen is not None and seen[0] == changed else None
+        if seen is not None and key is not None and os.path.exists(seen[2]) and not os.path.exists(seen[3]):
+            return key
         existing = self.kids(period)
         key = self.get(existing[-1]) if existing else self.create(period)
-        if changed is not None and time.time_ns() - changed > SETTLED_NS:
+        if changed is not None and listed_at - changed > SETTLED_NS:
+            kid = str(key.kid)
+            match = _KID.match(kid)
+            assert match is not None  # (an id of kids() or create())
+            following = kek_id(period, int(match.group(2)) + 1)
             with self._lock:
-                self._live[period] = (changed, str(key.kid))
+                self._live[period] = (changed, kid, str(self._path(kid)), str(self._path(following)))
         return key
 
     def _folder_changed_ns(self) -> int | None:
