@@ -122,10 +122,10 @@ class KekStore:
 
         The folder is listed again unless the last listing's answer is known to stand: the
         folder's modification time is the one it had then and was settled then (see
-        ``SETTLED_NS``), that KEK's file is still there, and the next id's is not (a new live KEK
-        takes the next id: this holds whatever the clocks or the folder's times do). So a message
-        costs three ``stat`` calls, not a listing of every KEK and tombstone of the node's
-        lifetime."""
+        ``SETTLED_NS``), that KEK's file is still there, and the id :meth:`create` would have given
+        next is not taken (a new live KEK takes that id: this holds whatever the clocks or the
+        folder's times do). So a message costs three ``stat`` calls, not a listing of every KEK
+        and tombstone of the node's lifetime."""
         changed = self._folder_changed_ns()
         listed_at = time.time_ns()
         with self._lock:
@@ -136,13 +136,20 @@ class KekStore:
         existing = self.kids(period)
         key = self.get(existing[-1]) if existing else self.create(period)
         if changed is not None and listed_at - changed > SETTLED_NS:
-            kid = str(key.kid)
-            match = _KID.match(kid)
-            assert match is not None  # (an id of kids() or create())
-            following = kek_id(period, int(match.group(2)) + 1)
+            kid, following = str(key.kid), self._next_id(period)
             with self._lock:
                 self._live[period] = (changed, kid, str(self._path(kid)), str(self._path(following)))
         return key
+
+    def _next_id(self, period: str) -> str:
+        """The id the next KEK of ``period`` takes: above every id the period ever used (a destroyed
+        KEK leaves a tombstone, so an id is never reused)."""
+        used = [
+            int(m.group(2))
+            for path in self.folder.glob(f"kek-{period}-*")
+            if (m := _KID.match(path.name.split(".")[0]))
+        ]
+        return kek_id(period, max(used, default=0) + 1)
 
     def _folder_changed_ns(self) -> int | None:
         try:
@@ -152,12 +159,7 @@ class KekStore:
 
     def create(self, period: str) -> OctKey:
         """A new KEK for ``period`` that becomes its live one. Call under the ledger lock."""
-        used = [
-            int(m.group(2))
-            for path in self.folder.glob(f"kek-{period}-*")
-            if (m := _KID.match(path.name.split(".")[0]))
-        ]  # a destroyed KEK leaves a tombstone, so an id is never reused
-        kid = kek_id(period, max(used, default=0) + 1)
+        kid = self._next_id(period)
         header = {"alg": "A256KW", "enc": "A256GCM", "kid": kid}
         raw = secrets.token_bytes(32)
         write_private(
@@ -177,7 +179,6 @@ class KekStore:
         path = self._path(kid)
         with self._lock:
             self._cache.pop(kid, None)
-            self._live.clear()
             for leftover in self.folder.glob(".kek-*.erasing"):
                 erase(leftover)
             doomed = path.with_name(f".{path.name}.erasing")

@@ -135,6 +135,25 @@ def test_the_live_kek_is_listed_once_while_nothing_changes_and_at_once_after_ano
         store.get(str(third.kid))
 
 
+def test_a_new_live_kek_above_a_destroyed_ones_tombstone_is_seen_whatever_the_folders_time(
+    tmp_path: Path,
+) -> None:
+    """The check that stands in for the folder's time looks for the id the next KEK really takes,
+    above every tombstone, not merely the one after the cached KEK."""
+    folder = tmp_path / "kek"
+    store = KekStore(folder, "a-long-enough-passphrase")
+    other = KekStore(folder, "a-long-enough-passphrase")  # another process of the node
+    first = store.create("2031-11")
+    assert other.destroy(str(other.create("2031-11").kid))  # kek-2031-11-2: a tombstone now
+    _settle(folder)
+    settled = os.stat(folder).st_mtime_ns
+    assert store.live("2031-11").kid == first.kid
+    third = other.create("2031-11")  # takes id 3, not 2
+    os.utime(folder, ns=(settled, settled))  # a clock stepped back, or the folder's times restored
+    assert third.kid == "kek-2031-11-3"
+    assert store.live("2031-11").kid == third.kid
+
+
 def test_another_process_never_reads_a_kek_half_destroyed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
