@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
@@ -256,6 +257,12 @@ class Agreement(_Strict):
 
     version: str = Field(min_length=1, max_length=32)
     title: str
+    effective_from: AwareDatetime | None = Field(
+        default=None,
+        description="when this version takes effect, the same instant for both nodes (RFC 3339 with a "
+        "zone, as a string); absent only in a node's first version, in force from the start. Every "
+        "later version names it, so both nodes hold it before either sends under it",
+    )
     parties: dict[PartyId, Party]
     common_levels: tuple[str, ...] = Field(min_length=2, description="lowest to highest")
     schemes: dict[str, Scheme]
@@ -382,6 +389,15 @@ class Agreement(_Strict):
         return frozenset(self.organisations[party].units)
 
     _document_digest: str | None = PrivateAttr(default=None)
+    _document: dict[str, Any] | None = PrivateAttr(default=None)
+
+    @property
+    def document(self) -> dict[str, Any]:
+        """The document as written (parsed, no defaults added): what :attr:`digest` is the hash of.
+        Raises ConfigurationError as :attr:`digest` does."""
+        if self._document is None:
+            raise ConfigurationError("the agreement's document is known only for a parsed document")
+        return self._document
 
     @property
     def digest(self) -> str:
@@ -509,6 +525,7 @@ def parse_agreement(data: dict[str, Any], source: str = "agreement") -> Agreemen
             problems += consistency_problems(data)
         raise ConfigurationError(f"{source} is invalid: {'; '.join(problems)}") from exc
     agreement._document_digest = digest
+    agreement._document = data
     return agreement
 
 

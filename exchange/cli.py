@@ -28,9 +28,11 @@ from pydantic import ValidationError
 
 from exchange import crypto, envelope
 from exchange.agreement import Agreement, PublicJWK, jwk_raw, load_agreement, parse_agreement
+from exchange.agreement_history import AgreementHistory
 from exchange.auditing import DEFAULT_SKEW, AuditService, party_anchor, verifier_keys
 from exchange.config import NODE_FILE, NodeSettings, check_passphrase, load_settings, resolve_passphrase
 from exchange.db import repo
+from exchange.db.agreement_book import AgreementBook
 from exchange.db.engine import Database, current_revision, upgrade
 from exchange.errors import (
     ConfigurationError,
@@ -60,7 +62,9 @@ from exchange.pki import (
 from exchange.types import PARTIES
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_enable=False)
-agreement_app = typer.Typer(no_args_is_help=True, help="Compose and check the agreement file.")
+agreement_app = typer.Typer(
+    no_args_is_help=True, help="Compose and check the agreement; install a new version."
+)
 db_app = typer.Typer(no_args_is_help=True, help="Database migrations.")
 clients_app = typer.Typer(no_args_is_help=True, help="Register local systems by their certificate.")
 pki_app = typer.Typer(no_args_is_help=True, help="The development PKI.")
@@ -248,6 +252,61 @@ def agreement_check(path: Annotated[Path, typer.Argument(help="agreement TOML fi
     typer.echo(f"agreement {agreement.version} is valid (sha256 {agreement.digest})")
 
 
+def _agreements(settings: NodeSettings, db: Database) -> AgreementHistory:
+    """Every agreement version the node holds: its agreement file, then each one installed.
+
+    Raises:
+        ConfigurationError: an installed version that does not follow the one before it.
+    """
+    return AgreementBook(db, load_agreement(settings.agreement_file), ttl=0).history()
+
+
+@agreement_app.command("install")
+def agreement_install(
+    directory: DirOpt,
+    path: Annotated[Path, typer.Argument(help="the new version's agreement TOML file")],
+) -> None:
+    """Install a new version of the agreement on this node, ledgered. Every process of the node holds
+    it within seconds, without a restart, and sends under it from its ``effective_from``: install
+    the same file on the partner's node before then. It must follow the newest version held: the
+    same parties, classification schemes, TLP, envelope limit and witnesses; purposes, types,
+    roles, handling codes, third parties and units only added to."""
+    settings = load_settings(directory)
+    agreement = load_agreement(path)
+    now = dt.datetime.now(dt.UTC)
+    with _node_database(directory) as db:
+        installed = AgreementBook(db, load_agreement(settings.agreement_file), ttl=0).install(agreement, now)
+    if not installed:
+        typer.echo(f"agreement {agreement.version} is installed already (sha256 {agreement.digest})")
+        return
+    assert agreement.effective_from is not None
+    typer.echo(
+        f"installed agreement {agreement.version} (sha256 {agreement.digest}), in force from"
+        f" {agreement.effective_from.isoformat()}"
+    )
+    if agreement.effective_from <= now:
+        typer.echo(
+            "warning: it is in force already; the partner refuses what this node sends under it until it"
+            " installs it too",
+            err=True,
+        )
+
+
+@agreement_app.command("list")
+def agreement_list(directory: DirOpt) -> None:
+    """Print every agreement version the node holds, oldest first, and which one is in force:
+    version, digest, effective from (tab-separated)."""
+    settings = load_settings(directory)
+    with _node_database(directory) as db:
+        history = _agreements(settings, db)
+    current = history.in_force(dt.datetime.now(dt.UTC))
+    for terms in history.versions:
+        start = terms.agreement.effective_from
+        since = start.isoformat() if start else "(from the start)"
+        marker = "\tin force" if terms is current else ""
+        typer.echo(f"{terms.version}\t{terms.agreement.digest}\t{since}{marker}")
+
+
 @db_app.command("upgrade")
 def db_upgrade(directory: DirOpt) -> None:
     """Apply the database migrations."""
@@ -361,7 +420,8 @@ def clients_add(
     if MONITORING_ROLE in (role or []):
         raise InvalidInput(f"--role {MONITORING_ROLE} is reserved: use `exchange clients add-monitoring`")
     settings = load_settings(directory)
-    agreement = load_agreement(settings.agreement_file)
+    with _node_database(directory) as db:  # what a client may do: the newest version's vocabulary
+        agreement = _agreements(settings, db).newest.agreement
     levels = list(agreement.schemes[agreement.parties[settings.party].scheme].levels)
     if clearance not in levels:
         raise InvalidInput(f"--clearance must be one of {levels}, not {clearance!r}")

@@ -164,6 +164,12 @@ class NodeSettings(BaseSettings):
         description="an old encryption key is destroyed this long after the partner was first seen"
         " using its successor",
     )
+    agreement_refresh_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        description="how old a process's view of the installed agreement versions may be (PostgreSQL also"
+        " tells every process of an install at once)",
+    )
     key_refresh_seconds: float = Field(
         default=1.0, gt=0, description="how old a process's view of the key sets may be"
     )

@@ -75,7 +75,11 @@ class ControlProtocol:
     """Compose and apply control messages for one node (see the module docstring)."""
 
     node: Node
-    agreement: Agreement
+
+    @property
+    def agreement(self) -> Agreement:
+        """The agreement version in force now."""
+        return self.node.agreement
 
     # --- composing control messages ---------------------------------------------------------------
 
@@ -89,7 +93,9 @@ class ControlProtocol:
     ) -> list[EntryDraft]:
         """Compose, decide, seal, store and queue a control message about ``target`` inside the
         caller's transaction (which holds the ledger lock). Returns its ledger entry."""
-        node, agreement = self.node, self.agreement
+        node = self.node
+        terms = node.terms  # one version for the whole control message
+        agreement = terms.agreement
         own = agreement.parties[node.party].scheme
         level = national_equivalent(agreement, target["common_level"], own)
         spec = agreement.message_types[message_type]
@@ -122,9 +128,9 @@ class ControlProtocol:
             mla_reference=None,
             checkpoint=None,
             payload=payload,
-            **personal_data(node.catalogue, message_type, payload, (), agreement.child_age),
+            **personal_data(terms.catalogue, message_type, payload, (), agreement.child_age),
         )
-        errors = node.catalogue.payload_errors(message_type, payload)
+        errors = terms.catalogue.payload_errors(message_type, payload)
         decision = decide("receive", agreement=agreement, message=message, now=now)  # as the partner will
         if errors or not decision.allowed:
             raise ValueError(f"a {message_type} this node composed is invalid: {errors or decision.refusals}")

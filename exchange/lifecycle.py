@@ -76,7 +76,6 @@ class Lifecycle(ControlProtocol):
 
     def __init__(self, node: Node) -> None:
         self.node = node
-        self.agreement = node.agreement
 
     def _transaction(self, now: dt.datetime, work: Any) -> Any:
         """Run ``work(conn) -> (result, drafts, retired)`` under the ledger lock, ledger its drafts,

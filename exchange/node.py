@@ -22,12 +22,14 @@ from sqlalchemy.engine import Connection
 
 from exchange import envelope
 from exchange.agreement import Agreement, load_agreement
+from exchange.agreement_history import Terms
 from exchange.canonical import sha256_hex
 from exchange.catalogue import NON_PERSONAL_CATEGORIES
 from exchange.config import NodeSettings
 from exchange.content import ContentStore, destroy_after
 from exchange.crypto import constant_time_equal
 from exchange.db import repo, rows
+from exchange.db.agreement_book import AgreementBook
 from exchange.db.client_directory import UNREAD, ClientDirectory, Unread
 from exchange.db.committer import GroupCommitter
 from exchange.db.engine import Database, defer_inserts
@@ -105,6 +107,7 @@ class Admitted:
 
     opened: envelope.OpenedEnvelope
     message: Message
+    terms: Terms  # the agreement version it was sent under, in force when it was signed
 
 
 class Node(Releases):
@@ -113,14 +116,14 @@ class Node(Releases):
     def __init__(self, settings: NodeSettings, db: Database | None = None) -> None:
         self.settings = settings
         self.party: PartyId = settings.party
-        self.agreement: Agreement = load_agreement(settings.agreement_file)
-        self.catalogue = Catalogue.for_agreement(self.agreement)
-        self.explicit_purposes = frozenset(self.agreement.explicit_purposes)
+        first = load_agreement(settings.agreement_file)  # the node's first version
         self.content = ContentStore(KekStore(settings.key_dir / "kek", settings.passphrase()))
-        self.partner_party: PartyId = self.agreement.partner_of(self.party)
+        self.partner_party: PartyId = first.partner_of(self.party)
         self.db = db or Database(settings.database_url, pool_size=settings.database_pool_size)
+        #: every agreement version held; parties never change between versions (agreement_history)
+        self.agreements = AgreementBook(self.db, first, settings.agreement_refresh_seconds)
         self.registry = KeyRegistry(
-            self.db, self.agreement, self.party, self.partner_party, settings.key_refresh_seconds
+            self.db, first, self.party, self.partner_party, settings.key_refresh_seconds
         )
         self._keys_lock = threading.Lock()
         self._latest_note: tuple[float, str | None] = (-math.inf, None)  # (read at, checkpoint)
@@ -129,6 +132,7 @@ class Node(Releases):
         self._keys: NodeKeys | None = None
         try:
             self.db.check_migrated()
+            self.agreements.history()  # refuse to start on installed versions that do not follow
             _ = self.keys  # refuse to start without the private keys of the node's key set in force
         except BaseException:
             if db is None:
@@ -146,8 +150,27 @@ class Node(Releases):
         self.wake_delivery: Callable[[], None] = lambda: None  # set by the app to its delivery loop
         self.lifecycle = Lifecycle(self)
         self.retention = RetentionService(self.db, self.content, self.party)
-        self.deadlines = DeadlineService(self.db, self.agreement, self.committer, self.party)
+        self.deadlines = DeadlineService(self.db, lambda: self.agreement, self.committer, self.party)
         self._seal_legacy()
+
+    @property
+    def terms(self) -> Terms:
+        """The agreement version in force now, with its catalogue (see :class:`AgreementBook`)."""
+        return self.agreements.in_force()
+
+    @property
+    def agreement(self) -> Agreement:
+        """The agreement version in force now. A use case that reads it more than once takes
+        :attr:`terms` once instead, so that a switch cannot fall in its middle."""
+        return self.agreements.in_force().agreement
+
+    @property
+    def catalogue(self) -> Catalogue:
+        return self.agreements.in_force().catalogue
+
+    @property
+    def explicit_purposes(self) -> frozenset[str]:
+        return frozenset(self.agreements.in_force().agreement.explicit_purposes)
 
     @property
     def keys(self) -> NodeKeys:
@@ -375,10 +398,6 @@ class Node(Releases):
         self.committer.close()
         self.db.dispose()
 
-    @property
-    def accepted_agreements(self) -> dict[str, str]:
-        return {self.agreement.version: self.agreement.digest}
-
     # --- identity --------------------------------------------------------------------------------
 
     def actor_for(self, fingerprint: str) -> Actor | None:
@@ -417,6 +436,8 @@ class Node(Releases):
             MessageTooLarge: the sealed envelope would exceed the agreement's limit.
             PolicyRefusal: naming every rule that refused and what would satisfy it (ledgered).
         """
+        terms = self.agreements.in_force(now)  # one version for the whole message
+        agreement = terms.agreement
         replied: dict[str, Any] | None = None
         thread: list[dict[str, Any]] = []
         if submission.in_reply_to or submission.thread_id:
@@ -426,8 +447,8 @@ class Node(Releases):
                     thread = repo.messages_in_thread(conn, submission.thread_id)
         draft = draft_from_submission(
             submission,
-            agreement=self.agreement,
-            catalogue=self.catalogue,
+            agreement=agreement,
+            catalogue=terms.catalogue,
             sender=self.party,
             origin=Origin(agency=actor.agency, unit=actor.unit),
             now=now,
@@ -450,7 +471,7 @@ class Node(Releases):
             draft = replace(draft, thread_id=replied["thread_id"])
         decision = decide(
             "submit",
-            agreement=self.agreement,
+            agreement=agreement,
             message=draft,
             actor=actor,
             reply=self._reply_context(actor, draft, replied, thread, now),
@@ -470,12 +491,12 @@ class Node(Releases):
                 ),
             )
             raise decision.refusal()
-        message = self._protected(draft, decision)
+        message = self._protected(terms, draft, decision)
         signed_json = message.signed_json()
         keys = self.keys  # one key set version for the whole message
         signed = envelope.sign(signed_json, signing_key=keys.signing)
         sealed = envelope.seal_signed(signed, signed_json, recipient_key=self.partner.encryption)
-        envelope.check_envelope_size(sealed, self.agreement.max_envelope_bytes)
+        envelope.check_envelope_size(sealed, agreement.max_envelope_bytes)
         digest = envelope.envelope_digest(sealed)
         assert message.marking is not None
         stored = rows.message_row(
@@ -490,11 +511,11 @@ class Node(Releases):
             now=iso(now),
         )
         stored.update(
-            destroy_after=destroy_after(self.agreement, message.type, now),
+            destroy_after=destroy_after(agreement, message.type, now),
             signer_kid=keys.signing_kid,
         )
 
-        partner_scheme = self.agreement.parties[self.partner_party].scheme
+        partner_scheme = agreement.parties[self.partner_party].scheme
         answer: dict[str, Any] = {
             "id": message.id,
             "status": "queued",
@@ -505,7 +526,7 @@ class Node(Releases):
                 "common": message.marking.common,
                 "partner_equivalent": {
                     "scheme": partner_scheme,
-                    "level": national_equivalent(self.agreement, message.marking.common, partner_scheme),
+                    "level": national_equivalent(agreement, message.marking.common, partner_scheme),
                 },
             },
             "tlp": message.tlp,
@@ -557,19 +578,20 @@ class Node(Releases):
         self.committer.run(write)
         return answer
 
-    def _protected(self, draft: Message, decision: Decision) -> Message:
+    def _protected(self, terms: Terms, draft: Message, decision: Decision) -> Message:
         """The draft as it is sealed: the decided level (in our scheme, mapped up), TLP, handling
         codes, and the replacements (an informant's identity by the handler reference)."""
         assert draft.marking is not None
         assert decision.level is not None
-        own = self.agreement.parties[self.party].scheme
-        level = national_equivalent(self.agreement, decision.level, own)
-        marking = Marking(own, level, self.agreement.schemes[own].levels[level])
+        agreement = terms.agreement
+        own = agreement.parties[self.party].scheme
+        level = national_equivalent(agreement, decision.level, own)
+        marking = Marking(own, level, agreement.schemes[own].levels[level])
         return with_payload(
             draft,
             redacted_payload(draft, decision),
-            catalogue=self.catalogue,
-            child_age=self.agreement.child_age,
+            catalogue=terms.catalogue,
+            child_age=agreement.child_age,
             marking=marking,
             tlp=decision.tlp,
             handling_codes=decision.handling_codes,
@@ -621,9 +643,9 @@ class Node(Releases):
             except EnvelopeError as exc:
                 log.warning("rejected envelope %s: %s", envelope.envelope_digest(compact)[:16], exc)
                 opened.append(exc)
-        admitted = [i.message for i in opened if isinstance(i, Admitted)]
-        plain = len({m.id for m in admitted}) == len(admitted) and not any(
-            self.agreement.message_types[m.type].kind == "control" for m in admitted
+        admitted = [i for i in opened if isinstance(i, Admitted)]
+        plain = len({i.message.id for i in admitted}) == len(admitted) and not any(
+            i.terms.agreement.message_types[i.message.type].kind == "control" for i in admitted
         )
         stored: tuple[list[PeerResult], list[Callable[[], None]]] | None = None
         if plain:  # no envelope reads back what another of the batch writes: no savepoints
@@ -710,6 +732,8 @@ class Node(Releases):
             PartnerKeysUnavailable: those key sets had to be fetched and could not be.
         """
 
+        held = self.agreements.history()  # one view of the versions for the whole envelope
+
         def open_it() -> envelope.OpenedEnvelope:
             return envelope.open_envelope(
                 compact,
@@ -717,11 +741,11 @@ class Node(Releases):
                 verification_keys=self.partner.verification,
                 expected_sender=self.partner_party,
                 expected_recipient=self.party,
-                accepted_agreements=self.accepted_agreements,
+                accepted_agreements=held.accepted,
                 now=now,
                 clock_skew=self.settings.clock_skew,
                 replay_window=self.settings.replay_window,
-                max_envelope_bytes=self.agreement.max_envelope_bytes,
+                max_envelope_bytes=held.newest.agreement.max_envelope_bytes,  # the same in every version
             )
 
         try:
@@ -730,10 +754,18 @@ class Node(Releases):
             if not self._learnt_keys_for(exc, now):
                 raise
             opened = open_it()  # a key published since this process last read the key sets
+        version = str(opened.message["agreement"]["version"])
+        terms = held.held(version)
+        assert terms is not None  # open_envelope admits only a version held, with its digest
         try:
-            message = parse_signed(opened.message, agreement=self.agreement, catalogue=self.catalogue)
+            message = parse_signed(opened.message, agreement=terms.agreement, catalogue=terms.catalogue)
         except MalformedMessage as exc:
             raise EnvelopeError("malformed", str(exc)) from exc
+        if not held.was_in_force(version, message.created_at, self.settings.clock_skew):
+            raise EnvelopeError(
+                "agreement-not-in-force",
+                f"version {version!r} was not in force at {iso(message.created_at)}, when it was signed",
+            )
         self.check_partner_signature(opened.signer_kid, message.created_at, now)
         if message.checkpoint is not None and signed_by_unknown_key(
             str(message.checkpoint),
@@ -742,7 +774,7 @@ class Node(Releases):
         ):  # a checkpoint key published since: looked up here, before the ledger lock is taken
             self.learn_partner_keys(now)
         self.registry.note_encryption_key_used(opened.recipient_kid, now)
-        return Admitted(opened, message)
+        return Admitted(opened, message, terms)
 
     def _checkpoint_note(self) -> str | None:
         """Our latest signed checkpoint, which every message carries (the partner judges it: a
@@ -805,7 +837,7 @@ class Node(Releases):
         attempt undone does and says nothing). ``prefetched`` is
         (True, the stored row or None) when the caller already looked the id up in this
         transaction; ``judged`` is the batch's memo of checkpoint judgements."""
-        opened, message = admitted.opened, admitted.message
+        opened, message, agreement = admitted.opened, admitted.message, admitted.terms.agreement
         mid = message.id
         looked_up, existing = prefetched
         if not looked_up:
@@ -825,7 +857,7 @@ class Node(Releases):
                 partial(log.warning, "rejected envelope for message %s: id reused with other content", mid)
             )
             return PeerResult(False), [self._rejection(opened.digest, "duplicate-id", mid)]
-        decision = decide("receive", agreement=self.agreement, message=message, now=now)
+        decision = decide("receive", agreement=agreement, message=message, now=now)
         after.append(partial(metrics.decided, "receive", decision))
         if not decision.allowed:
             refused = tuple(r.rule for r in decision.refusals)
@@ -856,7 +888,7 @@ class Node(Releases):
             message,
             direction="in",
             decision=decision,
-            local_level=rows.local_marking(self.agreement, self.party, decision.level),
+            local_level=rows.local_marking(agreement, self.party, decision.level),
             status="received",
             envelope=None,  # the transport JWE is not kept: its digest is, and the receipt names it
             envelope_sha256=opened.digest,
@@ -872,9 +904,9 @@ class Node(Releases):
             receipt_at=iso(now),
             inbox_seq=inbox_seq,
             signer_kid=opened.signer_kid,
-            destroy_after=destroy_after(self.agreement, message.type, message.created_at),
+            destroy_after=destroy_after(agreement, message.type, message.created_at),
         )
-        control = self.agreement.message_types[message.type].kind == "control"
+        control = agreement.message_types[message.type].kind == "control"
         if control:
             row.update(kind="control", inbox_seq=None)  # handled here, never released to an inbox
         row.update(self.content.seal(row, opened.signed))

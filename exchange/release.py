@@ -62,12 +62,22 @@ class InboxPage:
 class Releases:
     """The release use cases of a node (mixed into :class:`exchange.node.Node`)."""
 
-    agreement: Agreement
     db: Database
     settings: NodeSettings
     content: ContentStore
-    catalogue: Catalogue
-    explicit_purposes: frozenset[str]
+
+    @property
+    def agreement(self) -> Agreement:
+        """The agreement version in force now."""
+        raise NotImplementedError
+
+    @property
+    def catalogue(self) -> Catalogue:
+        raise NotImplementedError
+
+    @property
+    def explicit_purposes(self) -> frozenset[str]:
+        raise NotImplementedError
 
     def ledger(self, now: dt.datetime, *drafts: EntryDraft) -> None:
         raise NotImplementedError

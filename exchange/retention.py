@@ -100,11 +100,18 @@ class OverdueRequest:
 class DeadlineService:
     """Requests awaiting an answer, and the overdue ones ledgered once."""
 
-    def __init__(self, db: Database, agreement: Agreement, committer: GroupCommitter, party: PartyId) -> None:
+    def __init__(
+        self, db: Database, agreement: Callable[[], Agreement], committer: GroupCommitter, party: PartyId
+    ) -> None:
         self.db = db
+        self.agreement = agreement  # the version in force now
         self.committer = committer
         self.party = party
-        self.request_types = sorted({t for spec in agreement.message_types.values() for t in spec.replies_to})
+
+    @property
+    def request_types(self) -> list[str]:
+        """The message types some type of the agreement in force answers."""
+        return sorted({t for spec in self.agreement().message_types.values() for t in spec.replies_to})
 
     def open_requests(self, now: dt.datetime, *, overdue_only: bool = False) -> list[OverdueRequest]:
         with self.db.read() as conn:

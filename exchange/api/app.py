@@ -26,7 +26,13 @@ from exchange.api.routes import (
 )
 from exchange.auditing import AuditService
 from exchange.checkpoints import CheckpointService
-from exchange.db.coordination import CLIENTS_CHANNEL, LEDGER_CHANNEL, OUTBOX_CHANNEL, coordination_for
+from exchange.db.coordination import (
+    AGREEMENT_CHANNEL,
+    CLIENTS_CHANNEL,
+    LEDGER_CHANNEL,
+    OUTBOX_CHANNEL,
+    coordination_for,
+)
 from exchange.envelope import peer_body_limit
 from exchange.errors import ExchangeError, FieldError
 from exchange.keys.rotation import KeyAdmin
@@ -80,6 +86,7 @@ def create_app(node: Node, transport: PeerTransport | None = None, *, run_worker
     coordination = coordination_for(node.db, settings.leader_retry_seconds, f"exchange {node.party}")
     runners = [LoopRunner(name, loop, coordination, wakes.get(name, ())) for name, loop in loops if loop]
     coordination.subscribe(CLIENTS_CHANNEL, node.clients.forget)  # `exchange clients` changed one
+    coordination.subscribe(AGREEMENT_CHANNEL, node.agreements.forget)  # `exchange agreement install`
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

@@ -76,6 +76,15 @@ class KeySetHealth(BaseModel):
     partner_version: int = Field(description="the partner's key set this node trusts")
 
 
+class AgreementHealth(BaseModel):
+    version: str = Field(description="the agreement version in force, under which this node sends")
+    digest: str = Field(description="its SHA-256 (schemas/agreement-digest.md)")
+    held: list[str] = Field(
+        description="every version this node holds, oldest first: the agreement file, then each one"
+        " installed (`exchange agreement install`); a message is judged by the one in force when signed"
+    )
+
+
 class CertificateHealth(_Open):
     """One of the node's TLS certificates."""
 
@@ -95,7 +104,7 @@ class Health(_Open):
         description="the node's TLS certificates as they are on disk, the ones the node serves"
     )
     party: str
-    agreement: dict[str, str]
+    agreement: AgreementHealth
     outbox: int
     ledger_size: int
     key_sets: KeySetHealth

@@ -305,6 +305,7 @@ async def witness_add_checkpoint(request: Request) -> Response:
 @health_router.get("/healthz", summary="Liveness and a few gauges", response_model=models.Health)
 def health(request: Request) -> dict[str, Any]:
     node = node_of(request)
+    terms = node.terms
     with node.db.read() as conn:
         outbox = repo.outbox_size(conn)
         head = repo.read_ledger_head(conn)
@@ -317,7 +318,11 @@ def health(request: Request) -> dict[str, Any]:
         "status": "warning" if any(c["expiring"] for c in certificates) else "ok",
         "certificates": certificates,
         "party": node.party,
-        "agreement": {"version": node.agreement.version, "digest": node.agreement.digest},
+        "agreement": {
+            "version": terms.version,
+            "digest": terms.agreement.digest,
+            "held": [t.version for t in node.agreements.history().versions],
+        },
         "outbox": outbox,
         "ledger_size": head.size,
         "checkpoint_size": status["latest"]["size"] if status["latest"] else 0,

@@ -37,11 +37,13 @@ from exchange.db.engine import Database, before_commit, normalise_url, pending
 
 log = logging.getLogger("exchange.coordination")
 
-#: NOTIFY channels: the outbox got an envelope to send; the ledger grew; the registered clients changed
+#: NOTIFY channels: the outbox got an envelope to send; the ledger grew; the registered clients changed;
+#: an agreement version was installed
 OUTBOX_CHANNEL = "exchange_outbox"
 LEDGER_CHANNEL = "exchange_ledger"
 CLIENTS_CHANNEL = "exchange_clients"
-CHANNELS = (OUTBOX_CHANNEL, LEDGER_CHANNEL, CLIENTS_CHANNEL)
+AGREEMENT_CHANNEL = "exchange_agreement"
+CHANNELS = (OUTBOX_CHANNEL, LEDGER_CHANNEL, CLIENTS_CHANNEL, AGREEMENT_CHANNEL)
 
 #: the first key of every advisory lock of this project ("exch"), so that other software sharing
 #: the database does not collide with our locks

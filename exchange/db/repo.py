@@ -10,16 +10,23 @@ sequence assigned under the same lock orders inbound messages by commit order.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from exchange.db.coordination import CLIENTS_CHANNEL, LEDGER_CHANNEL, OUTBOX_CHANNEL, notify
+from exchange.db.coordination import (
+    AGREEMENT_CHANNEL,
+    CLIENTS_CHANNEL,
+    LEDGER_CHANNEL,
+    OUTBOX_CHANNEL,
+    notify,
+)
 from exchange.db.engine import before_commit, insert, pending
 from exchange.db.schema import (
+    agreements,
     checkpoints,
     clients,
     consent_requests,
@@ -129,6 +136,23 @@ def insert_client(conn: Connection, row: Mapping[str, Any]) -> None:
         raise InvalidInput(f"client {holder!r} already has this id or certificate")
     conn.execute(clients.insert(), dict(row))
     notify(conn, CLIENTS_CHANNEL)
+
+
+def insert_agreement(conn: Connection, row: Mapping[str, Any]) -> None:
+    """Store an installed agreement version; every process of the node reads it again."""
+    conn.execute(agreements.insert(), dict(row))
+    notify(conn, AGREEMENT_CHANNEL)
+
+
+def agreement_documents(conn: Connection, known: Collection[str] = ()) -> list[tuple[str, str]]:
+    """(digest, document) of every installed agreement version whose digest is not in ``known``."""
+    digests = [d for d in conn.execute(sa.select(agreements.c.digest)).scalars() if d not in known]
+    if not digests:
+        return []
+    rows = conn.execute(
+        sa.select(agreements.c.digest, agreements.c.document).where(agreements.c.digest.in_(digests))
+    ).all()
+    return [(r.digest, r.document) for r in rows]
 
 
 def client_by_fingerprint(conn: Connection, fingerprint: str, now: dt.datetime) -> dict[str, Any] | None:

@@ -214,6 +214,16 @@ key_sets = sa.Table(  # key-set announcements after the agreement's version 1, o
     sa.Column("receipt", sa.Text),  # our own: the partner's signed receipt
 )
 
+agreements = sa.Table(  # agreement versions installed after the agreement file (exchange.agreement_history)
+    "agreements",
+    metadata,
+    sa.Column("version", sa.String(32), primary_key=True),
+    sa.Column("digest", sa.String(64), nullable=False, unique=True),
+    sa.Column("document", sa.Text, nullable=False),  # the RFC 8785 JSON of the document as written
+    sa.Column("effective_from", sa.String(40), nullable=False),
+    sa.Column("installed_at", sa.String(40), nullable=False),
+)
+
 key_usage = sa.Table(  # when the partner was first seen encrypting to each of our encryption keys
     "key_usage",
     metadata,

@@ -41,6 +41,7 @@ class LedgerEvent(StrEnum):
     KEYS_ACKNOWLEDGED = "keys.acknowledged"  # the partner's signed receipt of our versions
     TLS_CERTIFICATE_RENEWED = "tls.certificate_renewed"  # the node's server or node certificate replaced
     CLIENT_CERTIFICATE_RENEWED = "client.certificate_renewed"  # a local system's certificate replaced
+    AGREEMENT_INSTALLED = "agreement.installed"  # a new agreement version, in force from its effective_from
 
 
 #: the events that record a key-set version as published (this node's steps, ``data.version``) or

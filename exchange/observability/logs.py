@@ -100,7 +100,7 @@ def security_incident(
     """Log a security incident (event ``security.incident``, level error, the text beginning
     ``SECURITY INCIDENT``) and count it in ``exchange_security_incidents_total{kind}``. ``kind`` is a
     short code (``checkpoint``, ``partner-notified``, ``onward-without-consent``, ``key-receipt``,
-    ``key-sets``)."""
+    ``key-sets``, ``agreement``)."""
     metrics.security_incident(kind)
     logger.error(
         "SECURITY INCIDENT: " + template,

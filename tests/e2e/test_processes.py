@@ -6,6 +6,7 @@ mid-stream that loses, duplicates and forks nothing."""
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import os
 import signal
 import threading
@@ -71,6 +72,7 @@ def nodes(tmp_path_factory: pytest.TempPathFactory, postgres_admin: sa.Engine) -
             "checkpoint_interval_seconds": 0.05,  # the interval at which processes used to race
             "delivery_lease_seconds": 60.0,
             "client_cache_seconds": 3600.0,  # a change must reach the processes by NOTIFY
+            "agreement_refresh_seconds": 3600.0,  # an installed agreement version, likewise
         },
         db_urls=(f"{base}/{names[0]}", f"{base}/{names[1]}"),
     )
@@ -168,6 +170,51 @@ def test_a_removed_client_is_refused_by_every_process_within_moments(nodes: tupl
     finally:
         for api in apis:
             api.close()
+
+
+def test_an_installed_agreement_version_reaches_every_process_of_both_nodes_without_a_restart(
+    nodes: tuple[Node, Node], tmp_path: Path
+) -> None:
+    """``exchange agreement install`` on each node while both run as two processes: every process
+    holds the new version within moments (NOTIFY: the poll is an hour here), sends under it from its
+    effective_from, and a purpose only it defines is accepted through either process and delivered."""
+    polri, pdrm = nodes
+    data = tomllib.loads((polri.run.node.path / "agreement.toml").read_text())
+    first, version = data["version"], f"v-{uuid.uuid4().hex[:8]}"
+    effective = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=4)
+    data.update(version=version, effective_from=effective.isoformat())
+    data["purposes"]["VICTIM_SUPPORT"] = "support of an identified victim"
+    data["message_types"]["REQUEST_FOR_INFORMATION"]["purposes"].append("VICTIM_SUPPORT")
+    path = tmp_path / "agreement-next.toml"
+    path.write_text(tomli_w.dumps(data))
+    for node in nodes:
+        cli("agreement", "install", "--dir", str(node.run.node.path), str(path))
+    installed = time.monotonic()
+    apis = [
+        (node, node.run.client(port=node.port_of(p)))
+        for node in (polri, pdrm)
+        for p in node.processes().values()
+    ]
+    assert len(apis) == 4
+    try:
+        for _node, api in apis:
+            while version not in (seen := api.health()["agreement"])["held"]:
+                assert time.monotonic() - installed < 2.0, "a process does not hold the installed version"
+                time.sleep(0.01)
+            assert seen["version"] == first  # held, not yet in force
+        took = 1000 * (time.monotonic() - installed)
+        print(f"\n[agreement install] held by all four processes after {took:.0f} ms")
+        time.sleep(max(0.0, (effective - dt.datetime.now(dt.UTC)).total_seconds()))
+        for node, api in apis:
+            assert api.health()["agreement"]["version"] == version
+            if node is polri:
+                sent = api.submit(rfi(purposes=["VICTIM_SUPPORT"]))["id"]
+                api.wait_for_status(sent, "delivered", 30)
+    finally:
+        for _node, api in apis:
+            api.close()
+    for node in nodes:
+        assert node.run.log_problems() == []
 
 
 @dataclass
