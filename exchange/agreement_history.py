@@ -44,7 +44,7 @@ def successor_problems(previous: Agreement, new: Agreement) -> list[str]:
 
     A later version names its ``effective_from``, after ``previous``'s; keeps every field of
     :data:`FIXED`; keeps every value of the :data:`GROWING` vocabularies, every message type's
-    schema and kind, and every unit of each organisation.
+    schema, kind, purposes and the types it answers, and every unit of each organisation.
     """
     problems: list[str] = []
     if new.version == previous.version:
@@ -74,8 +74,14 @@ def successor_problems(previous: Agreement, new: Agreement) -> list[str]:
             )
     for tid, spec in previous.message_types.items():
         kept = new.message_types.get(tid)
-        if kept is not None and (kept.schema_file, kept.kind) != (spec.schema_file, spec.kind):
+        if kept is None:
+            continue
+        if (kept.schema_file, kept.kind) != (spec.schema_file, spec.kind):
             problems.append(f"message_types.{tid}: its schema and kind cannot change")
+        for name in ("purposes", "replies_to"):
+            gone = sorted(set(getattr(spec, name)) - set(getattr(kept, name)))
+            if gone:
+                problems.append(f"message_types.{tid}.{name}: {gone} are missing; they are only added to")
     for pid, organisation in previous.organisations.items():
         gone = sorted(set(organisation.units) - set(new.organisations[pid].units))
         if gone:
@@ -187,3 +193,11 @@ class AgreementHistory:
             end = self.versions[i + 1].agreement.effective_from if i + 1 < len(self.versions) else None
             return (start is None or signed_at >= start - skew) and (end is None or signed_at < end + skew)
         return False
+
+    def superseded_at(self, version: str) -> dt.datetime | None:
+        """When the version after ``version`` took or takes effect (None: it is the newest held,
+        or not held)."""
+        for i, terms in enumerate(self.versions[:-1]):
+            if terms.version == version:
+                return self.versions[i + 1].agreement.effective_from
+        return None

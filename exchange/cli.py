@@ -265,6 +265,12 @@ def _agreements(settings: NodeSettings, db: Database) -> AgreementHistory:
 def agreement_install(
     directory: DirOpt,
     path: Annotated[Path, typer.Argument(help="the new version's agreement TOML file")],
+    late: Annotated[
+        bool,
+        typer.Option(
+            "--late", help="install a version whose effective_from has passed (catching up with the partner)"
+        ),
+    ] = False,
 ) -> None:
     """Install a new version of the agreement on this node, ledgered. Every process of the node holds
     it within seconds, without a restart, and sends under it from its ``effective_from``: install
@@ -275,7 +281,8 @@ def agreement_install(
     agreement = load_agreement(path)
     now = dt.datetime.now(dt.UTC)
     with _node_database(directory) as db:
-        installed = AgreementBook(db, load_agreement(settings.agreement_file), ttl=0).install(agreement, now)
+        book = AgreementBook(db, load_agreement(settings.agreement_file), ttl=0)
+        installed = book.install(agreement, now, late=late)
     if not installed:
         typer.echo(f"agreement {agreement.version} is installed already (sha256 {agreement.digest})")
         return
@@ -286,8 +293,8 @@ def agreement_install(
     )
     if agreement.effective_from <= now:
         typer.echo(
-            "warning: it is in force already; the partner refuses what this node sends under it until it"
-            " installs it too",
+            "warning: it is in force already: the partner rejects what this node sends under it until"
+            " it installs it too",
             err=True,
         )
 

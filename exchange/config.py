@@ -243,6 +243,12 @@ class NodeSettings(BaseSettings):
         """``replay_window_seconds``: how old an envelope may be and still be opened."""
         return dt.timedelta(seconds=self.replay_window_seconds)
 
+    @property
+    def longest_wait(self) -> dt.timedelta:
+        """The longest a message may wait for delivery plus the clock skew: how long what was sealed
+        before a change stays acceptable (a retiring signing key, a superseded agreement version)."""
+        return dt.timedelta(seconds=self.delivery_max_wait_seconds + self.clock_skew_seconds)
+
     def passphrase(self) -> str:
         """The key passphrase, from ``EXCHANGE_KEY_PASSPHRASE`` or the secrets file.
 

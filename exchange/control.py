@@ -94,7 +94,7 @@ class ControlProtocol:
         """Compose, decide, seal, store and queue a control message about ``target`` inside the
         caller's transaction (which holds the ledger lock). Returns its ledger entry."""
         node = self.node
-        terms = node.terms  # one version for the whole control message
+        terms = node.agreements.in_force(now)  # one version for the whole control message
         agreement = terms.agreement
         own = agreement.parties[node.party].scheme
         level = national_equivalent(agreement, target["common_level"], own)
@@ -187,9 +187,10 @@ class ControlProtocol:
     ) -> list[EntryDraft]:
         """Apply the originator's new marking to a stored message, kept at its floor; history kept."""
         message = self.node.stored_message(row)
-        floors = decide("receive", agreement=self.agreement, message=_remarked(message, marking), now=now)
+        agreement = self.agreement  # a reclassification is a new act: the floors in force now
+        floors = decide("receive", agreement=agreement, message=_remarked(message, marking), now=now)
         assert floors.level is not None
-        local = rows.local_marking(self.agreement, self.node.party, floors.level)
+        local = rows.local_marking(agreement, self.node.party, floors.level)
         repo.insert_reclassification(
             conn,
             {
@@ -315,9 +316,10 @@ class ControlProtocol:
     ) -> Effects:
         p = message.payload
         recipient = p.get("recipient")
-        if (recipient is not None and recipient not in self.agreement.third_parties) or not set(
+        agreement = self.node.terms_of(message.agreement_version).agreement  # the request's own terms
+        if (recipient is not None and recipient not in agreement.third_parties) or not set(
             p["purposes"]
-        ) <= set(self.agreement.purposes):
+        ) <= set(agreement.purposes):
             return self._rejected(message, "not-in-the-agreement")
         stored = {
             "id": p["request_id"],

@@ -21,7 +21,7 @@ from joserfc.jwk import OKPKey
 from sqlalchemy.engine import Connection
 
 from exchange import envelope
-from exchange.agreement import Agreement, load_agreement
+from exchange.agreement import Agreement, Party, load_agreement
 from exchange.agreement_history import Terms
 from exchange.canonical import sha256_hex
 from exchange.catalogue import NON_PERSONAL_CATEGORIES
@@ -163,6 +163,16 @@ class Node(Releases):
         """The agreement version in force now. A use case that reads it more than once takes
         :attr:`terms` once instead, so that a switch cannot fall in its middle."""
         return self.agreements.in_force().agreement
+
+    def terms_of(self, version: str) -> Terms:
+        held = self.agreements.history()
+        return held.held(version) or held.in_force(dt.datetime.now(dt.UTC))
+
+    @property
+    def parties(self) -> dict[PartyId, Party]:
+        """Both parties (their nodes, CAs and first keys): the same in every agreement version, so
+        read without the database (on the event loop too)."""
+        return self.agreements.first.parties
 
     @property
     def catalogue(self) -> Catalogue:
@@ -414,7 +424,8 @@ class Node(Releases):
         row = self.clients.held(fingerprint, dt.datetime.now(dt.UTC))
         if row is UNREAD:
             return UNREAD
-        return rows.actor_from_row(self.agreement, self.party, row) if row else None
+        held = self.agreements.in_force(read=False).agreement  # on the event loop: no database read
+        return rows.actor_from_row(held, self.party, row) if row else None
 
     # --- outbound --------------------------------------------------------------------------------
 
@@ -765,6 +776,12 @@ class Node(Releases):
             raise EnvelopeError(
                 "agreement-not-in-force",
                 f"version {version!r} was not in force at {iso(message.created_at)}, when it was signed",
+            )
+        superseded = held.superseded_at(version)  # a signing time backdated past the switch:
+        if superseded is not None and now > superseded + self.settings.longest_wait:
+            raise EnvelopeError(
+                "agreement-not-in-force",
+                f"version {version!r} was superseded at {iso(superseded)}, longer ago than a message waits",
             )
         self.check_partner_signature(opened.signer_kid, message.created_at, now)
         if message.checkpoint is not None and signed_by_unknown_key(

@@ -15,6 +15,7 @@ from typing import Any
 
 from exchange import envelope
 from exchange.agreement import Agreement
+from exchange.agreement_history import Terms
 from exchange.config import NodeSettings
 from exchange.content import ContentStore
 from exchange.control import consent_of
@@ -77,6 +78,11 @@ class Releases:
 
     @property
     def explicit_purposes(self) -> frozenset[str]:
+        raise NotImplementedError
+
+    def terms_of(self, version: str) -> Terms:
+        """The agreement version a stored message was signed under (the one in force if it is no
+        longer held)."""
         raise NotImplementedError
 
     def ledger(self, now: dt.datetime, *drafts: EntryDraft) -> None:
@@ -256,7 +262,8 @@ class Releases:
                 raise
             compact = self.content.open(fresh)
         signed = envelope.signed_payload(compact)
-        return parse_signed(signed, agreement=self.agreement, catalogue=self.catalogue)
+        terms = self.terms_of(row["agreement_version"])  # its own vocabulary, even if newer than in force
+        return parse_signed(signed, agreement=terms.agreement, catalogue=terms.catalogue)
 
     def read(self, actor: Actor, message_id: str, now: dt.datetime) -> dict[str, Any]:
         """A message's content for a local system: the sender reads what it sent; a received one is

@@ -48,14 +48,15 @@ from exchange.transport.worker import DeliveryWorker
 def payload_errors(node: Node, body: dict[str, Any]) -> list[FieldError]:
     """The payload's schema errors and the vocabulary errors (unknown TLP, purposes, codes) of a
     submission whose other fields failed validation: one answer names every invalid field."""
-    errors = raw_vocabulary_errors(node.agreement, body)
+    terms = node.agreements.in_force(read=False)  # from the event loop (the validation error handler)
+    errors = raw_vocabulary_errors(terms.agreement, body)
     message_type, payload = body.get("type"), body.get("payload")
     if (
         isinstance(message_type, str)
-        and message_type in node.agreement.message_types
+        and message_type in terms.agreement.message_types
         and isinstance(payload, dict)
     ):
-        errors += node.catalogue.payload_errors(message_type, payload)
+        errors += terms.catalogue.payload_errors(message_type, payload)
     return errors
 
 
@@ -64,9 +65,8 @@ def create_app(node: Node, transport: PeerTransport | None = None, *, run_worker
     ``transport`` (required then) for the lifetime of the app."""
     checkpoints = CheckpointService(node)
     worker = DeliveryWorker(node, transport) if transport is not None else None
-    witnesses = [
-        HttpWitness(w.name, w.url, node.settings.peer_timeout_seconds) for w in node.agreement.witnesses
-    ]
+    fixed = node.agreements.first  # parties, witnesses and the envelope limit: the same in every version
+    witnesses = [HttpWitness(w.name, w.url, node.settings.peer_timeout_seconds) for w in fixed.witnesses]
     checkpointer = (
         Checkpointer(checkpoints, transport, node.settings.checkpoint_interval_seconds, witnesses)
         if transport is not None
@@ -133,9 +133,9 @@ def create_app(node: Node, transport: PeerTransport | None = None, *, run_worker
     app.state.node = node
     app.state.checkpoints = checkpoints
     app.state.transport = transport
-    app.state.audit = AuditService(
+    app.state.audit = AuditService(  # its keys, witnesses and bundles come from the fixed fields
         node.db,
-        node.agreement,
+        fixed,
         node.party,
         settings.clock_skew,
         concurrent=settings.audit_verify_concurrency,
@@ -169,7 +169,7 @@ def create_app(node: Node, transport: PeerTransport | None = None, *, run_worker
         max_bytes=node.settings.max_body_bytes,
         raw_paths=raw_paths,
         # the partner may send one envelope as large as the agreement allows (exchange/envelope/size.py)
-        path_limits={PEER_PATH: peer_body_limit(node.agreement.max_envelope_bytes)},
+        path_limits={PEER_PATH: peer_body_limit(fixed.max_envelope_bytes)},
     )
     app.add_middleware(SecurityHeaders)  # outermost: the guard's refusals carry the headers too
     observability.install(app, node)  # /metrics, and the request id around everything

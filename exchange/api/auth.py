@@ -75,7 +75,7 @@ async def registered_client(request: Request) -> Actor:
     does not hold it (:meth:`~exchange.node.Node.held_actor_for`)."""
     node = node_of(request)
     pem = client_certificate(request)
-    if not crypto.is_issued_by(pem, node.agreement.parties[node.party].ca_certificate.encode()):
+    if not crypto.is_issued_by(pem, node.parties[node.party].ca_certificate.encode()):
         raise Unauthorised("this certificate is not issued by this node's certificate authority")
     info = crypto.certificate_info(pem)
     if crypto.NODE_PURPOSE_OID in info.purposes:
@@ -94,7 +94,7 @@ async def registered_client(request: Request) -> Actor:
 def partner_node(request: Request) -> None:
     """FastAPI dependency: admit only the partner node's certificate. Raises Unauthorised (403)."""
     node = node_of(request)
-    partner = node.agreement.parties[node.partner_party]
+    partner = node.parties[node.partner_party]
     pem = client_certificate(request)
     if not crypto.is_issued_by(pem, partner.ca_certificate.encode()):
         raise Unauthorised("only the partner node may call this endpoint")

@@ -36,7 +36,7 @@ def write_trust_bundle(node: Node, tls: TLSFiles) -> Path:
     """The CAs whose client certificates the server accepts: ours and the partner's, both from
     the agreement (public certificates only)."""
     bundle = tls.trust_bundle
-    parties = node.agreement.parties
+    parties = node.parties
     write_private(
         bundle, parties[node.party].ca_certificate + "\n" + parties[node.partner_party].ca_certificate
     )
@@ -52,7 +52,7 @@ def check_node_identity(node: Node, tls: TLSFiles) -> None:
     Raises:
         ConfigurationError: naming what does not match.
     """
-    party = node.agreement.parties[node.party]
+    party = node.parties[node.party]
     if node.keys.party != node.party:
         raise ConfigurationError(
             f"this node directory holds the keys of {node.keys.party}, but its settings say party ="
@@ -78,7 +78,7 @@ def peer_transport(node: Node, tls: TLSFiles) -> HttpsPeerTransport:
     """The HTTPS transport to the partner, trusting only the partner CA pinned in the agreement; a
     replaced node certificate is used from the next connection (``exchange.tls_reload``)."""
     partner_ca = tls.partner_ca
-    write_private(partner_ca, node.agreement.parties[node.partner_party].ca_certificate)
+    write_private(partner_ca, node.parties[node.partner_party].ca_certificate)
     ctx = ReloadingContext(
         partial(
             client_ssl_context,
@@ -91,7 +91,7 @@ def peer_transport(node: Node, tls: TLSFiles) -> HttpsPeerTransport:
         node.settings.tls_reload_seconds,
         name="node-to-node",
     )
-    endpoint = node.settings.partner_endpoint or node.agreement.parties[node.partner_party].endpoint
+    endpoint = node.settings.partner_endpoint or node.parties[node.partner_party].endpoint
     return HttpsPeerTransport(endpoint, ctx.current, node.settings.peer_timeout_seconds)
 
 

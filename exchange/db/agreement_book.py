@@ -58,6 +58,7 @@ class AgreementBook:
         self.clock = clock
         self.wall = wall
         self._lock = threading.Lock()
+        self._reading = threading.Lock()  # one reload at a time: a slow one never overwrites a newer
         self._installed: dict[str, Agreement] = {}  # digest -> installed version
         self._history = AgreementHistory.of([first])
         self._read_at = -math.inf
@@ -67,21 +68,28 @@ class AgreementBook:
         # (history, terms in force, from, until): the answer of in_force() between two switches
         self._current: tuple[AgreementHistory, Terms, float, float] | None = None
 
-    def history(self) -> AgreementHistory:
-        """Every version held, read from the database at most ``ttl`` seconds ago.
+    def history(self, *, read: bool = True) -> AgreementHistory:
+        """Every version held, read from the database at most ``ttl`` seconds ago; with ``read``
+        False, what is held without reading (for the event loop, which must not wait on the
+        database). One thread reads at a time; the others meanwhile take what is held.
 
         Raises:
             ConfigurationError: at this process's first read, a version that does not follow the
-                one before it or whose document lost its digest.
+                one before it, whose document lost its digest, or that the ledger does not record.
             DatabaseUnavailable: the versions had to be read and the database is unreachable.
         """
-        if self.clock() - self._read_at >= self.ttl:
-            self._reload()
+        due = read and self.clock() - self._read_at >= self.ttl
+        if due and self._reading.acquire(blocking=not self._trusted):  # the first read: all wait
+            try:
+                if self.clock() - self._read_at >= self.ttl:  # not read meanwhile by another
+                    self._reload()
+            finally:
+                self._reading.release()
         return self._history
 
-    def in_force(self, at: dt.datetime | None = None) -> Terms:
+    def in_force(self, at: dt.datetime | None = None, *, read: bool = True) -> Terms:
         """The version in force at ``at`` (default: now). Raises as :meth:`history`."""
-        history = self.history()
+        history = self.history(read=read)
         if at is not None:
             return history.in_force(at)
         now = self.wall()
@@ -106,13 +114,15 @@ class AgreementBook:
             self._generation += 1
             self._read_at = -math.inf
 
-    def install(self, agreement: Agreement, now: dt.datetime) -> bool:
+    def install(self, agreement: Agreement, now: dt.datetime, *, late: bool = False) -> bool:
         """Install ``agreement`` as the node's newest version, ledgered; False if it is held already
-        (the same version and digest).
+        (the same version and digest). ``late``: its ``effective_from`` may have passed (a node
+        catching up with its partner: what either sent under the old version since is rejected).
 
         Raises:
-            ConfigurationError: naming every reason it cannot follow the newest version held, or
-                another document held under its version.
+            ConfigurationError: naming every reason it cannot follow the newest version held,
+                another document held under its version, or an ``effective_from`` not in the
+                future without ``late``.
         """
         with self.db.transaction() as conn:
             head = repo.lock_ledger_head(conn)  # one install at a time, ledgered with its row
@@ -127,6 +137,12 @@ class AgreementBook:
                 )
             history.followed_by(agreement)
             assert agreement.effective_from is not None  # followed_by requires it
+            if agreement.effective_from <= now and not late:
+                raise ConfigurationError(
+                    f"effective_from {agreement.effective_from.isoformat()} has passed: messages signed since"
+                    " under the version before would be rejected; give a later effective_from, agreed"
+                    " with the partner, or --late to catch up with a partner already under it"
+                )
             effective_from = agreement.effective_from.astimezone(dt.UTC).isoformat()
             repo.insert_agreement(
                 conn,
@@ -149,6 +165,7 @@ class AgreementBook:
                             "version": agreement.version,
                             "sha256": agreement.digest,
                             "effective_from": effective_from,
+                            **({"late": True} if agreement.effective_from <= now else {}),
                         },
                     )
                 ],
@@ -216,6 +233,7 @@ class AgreementBook:
             ConfigurationError: a stored document that lost its digest or is invalid, or a version
                 that does not follow the one before it.
         """
+        new: dict[str, Agreement] = {}
         for digest, document in repo.agreement_documents(conn, installed):
             agreement = parse_agreement(json.loads(document), source=f"installed agreement {digest[:16]}…")
             if agreement.digest != digest:
@@ -223,8 +241,21 @@ class AgreementBook:
                     f"installed agreement {agreement.version!r}: its stored document no longer has its"
                     f" digest {digest}; restore the agreements table from a backup"
                 )
-            installed[digest] = agreement
-            held = None
-        if held is not None:
+            new[digest] = agreement
+        if not new and held is not None:
             return held
-        return AgreementHistory.of([self.first, *installed.values()])
+        history = AgreementHistory.of([self.first, *installed.values(), *new.values()])
+        if new:  # the table before the ledger: an install stores and ledgers in one transaction
+            recorded = {
+                (str(e.data.get("version")), e.data.get("sha256"))
+                for e in repo.entries_of(conn, [LedgerEvent.AGREEMENT_INSTALLED])
+            }
+            for digest, agreement in new.items():
+                if (agreement.version, digest) not in recorded:
+                    raise ConfigurationError(
+                        f"installed agreement {agreement.version!r} (sha256 {digest}) has no"
+                        " agreement.installed ledger entry: it was not installed with `exchange agreement"
+                        " install`; remove the row"
+                    )
+        installed.update(new)
+        return history

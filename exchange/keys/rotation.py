@@ -379,7 +379,7 @@ class KeyAdmin:
     def retiring_seconds(self) -> float:
         """How long a replaced signing or checkpoint key stays trusted: the longest a message may
         wait for delivery plus the clock skew allowed."""
-        return self.settings.delivery_max_wait_seconds + self.settings.clock_skew_seconds
+        return self.settings.longest_wait.total_seconds()
 
     def _private(self, kid: str, purpose: Purpose) -> OKPKey:
         return load_private_key(self.settings.key_dir, kid, purpose, self.settings.passphrase())

@@ -181,7 +181,7 @@ def test_an_installed_agreement_version_reaches_every_process_of_both_nodes_with
     polri, pdrm = nodes
     data = tomllib.loads((polri.run.node.path / "agreement.toml").read_text())
     first, version = data["version"], f"v-{uuid.uuid4().hex[:8]}"
-    effective = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=4)
+    effective = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=8)  # the held check has 2 s of these
     data.update(version=version, effective_from=effective.isoformat())
     data["purposes"]["VICTIM_SUPPORT"] = "support of an identified victim"
     data["message_types"]["REQUEST_FOR_INFORMATION"]["purposes"].append("VICTIM_SUPPORT")

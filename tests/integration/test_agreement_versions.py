@@ -6,6 +6,7 @@ refused in one line with nothing written."""
 from __future__ import annotations
 
 import datetime as dt
+import threading
 import time
 import tomllib
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from exchange.agreement_history import Terms
 from exchange.canonical import canonical_json
 from exchange.config import load_settings
 from exchange.db import repo
-from exchange.db.schema import agreements
+from exchange.db.schema import agreements, messages
 from exchange.errors import ConfigurationError, InvalidInput
 from exchange.messages import MessageSubmission, Origin, draft_from_submission
 from exchange.node import Node
@@ -76,11 +77,11 @@ def wait_held(node: Node, version: str) -> None:
         time.sleep(0.05)
 
 
-def sealed_under(node: Node, terms: Terms, created: dt.datetime) -> str:
+def sealed_under(node: Node, terms: Terms, created: dt.datetime, **overrides: object) -> str:
     """An envelope from ``node`` signed at ``created`` naming ``terms``' version, built as submit
     builds one (a sender with its own idea of which version is in force)."""
     draft = draft_from_submission(
-        MessageSubmission.model_validate(rfi()),
+        MessageSubmission.model_validate(rfi(**overrides)),
         agreement=terms.agreement,
         catalogue=terms.catalogue,
         sender=node.party,
@@ -257,3 +258,137 @@ def test_an_installed_version_deleted_from_the_table_stops_a_start(pair: Pair, t
         Node(load_settings(id_dir.path))
     proc = run("agreement", "list", "--dir", str(id_dir.path))
     one_line_error(proc, 2, "restore the agreements table")
+
+
+def test_a_signing_time_backdated_past_the_switch_is_accepted_only_as_long_as_a_message_waits(
+    pair: Pair, tmp_path: Path
+) -> None:
+    """A sender may put its created_at anywhere in the replay window (30 days): without a bound it
+    could keep being judged by a superseded version for that long. A superseded version is accepted
+    only until the longest a message may wait (delivery_max_wait_seconds plus the skew) after the
+    switch, as a retiring signing key is."""
+    id_dir, my_dir, id_node, my_node = pair
+    set_node_options(my_dir.path, delivery_max_wait_seconds=1)  # another process of MY, waiting 1 s
+    impatient = Node(load_settings(my_dir.path))
+    try:
+        effective = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1.5)
+        v2 = next_version(tmp_path, "2027.1", effective)
+        for nd in (id_dir, my_dir):
+            cli("agreement", "install", "--dir", str(nd.path), str(v2))
+        for node in (id_node, my_node, impatient):
+            wait_held(node, "2027.1")
+        wait_until(effective + impatient.settings.longest_wait + dt.timedelta(seconds=0.2))
+        old = id_node.agreements.history().versions[0]
+        backdated = sealed_under(id_node, old, effective - dt.timedelta(seconds=0.5))  # "before the switch"
+        assert impatient.receive([backdated], dt.datetime.now(dt.UTC))[0].accepted is False
+        assert rejections(impatient) == ["agreement-not-in-force"]
+        # a node that lets a message wait a week still takes it: it may truly have waited
+        assert my_node.receive([backdated], dt.datetime.now(dt.UTC))[0].accepted is True
+    finally:
+        impatient.close()
+
+
+def test_a_version_whose_effective_from_has_passed_is_installed_only_with_late(
+    pair: Pair, tmp_path: Path
+) -> None:
+    id_dir, _, id_node, _ = pair
+    passed = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+    v2 = next_version(tmp_path, "2027.1", passed)
+    one_line_error(run("agreement", "install", "--dir", str(id_dir.path), str(v2)), 2, "has passed", "--late")
+    proc = run("agreement", "install", "--late", "--dir", str(id_dir.path), str(v2))
+    assert proc.returncode == 0, proc.stderr
+    assert "installed agreement 2027.1" in proc.stdout
+    assert proc.stderr.startswith("warning: it is in force already")
+    wait_held(id_node, "2027.1")
+    assert id_node.agreement.version == "2027.1"
+    with id_node.db.read() as conn:
+        (entry,) = [e for e in repo.iter_ledger(conn) if e.event == "agreement.installed"]
+    assert entry.data["late"] is True
+
+
+def test_a_following_version_written_around_install_is_not_taken(
+    pair: Pair, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It follows the version before, but no agreement.installed entry records it: it did not come
+    through `exchange agreement install`."""
+    id_dir, _, id_node, _ = pair
+    smuggled = load_agreement(
+        next_version(tmp_path, "2027.1", dt.datetime.now(dt.UTC) + dt.timedelta(days=1))
+    )
+    held(id_node)  # read and trusted before the row appears
+    with id_node.db.transaction() as conn:
+        conn.execute(
+            agreements.insert().values(
+                version=smuggled.version,
+                digest=smuggled.digest,
+                document=canonical_json(smuggled.document).decode(),
+                effective_from=dt.datetime.now(dt.UTC).isoformat(),
+                installed_at=dt.datetime.now(dt.UTC).isoformat(),
+            )
+        )
+    id_node.agreements.forget()
+    assert held(id_node) == [id_node.agreements.first.version]
+    incidents = [r.getMessage() for r in caplog.records if r.getMessage().startswith("SECURITY INCIDENT")]
+    assert len(incidents) == 1
+    assert "no agreement.installed ledger entry" in incidents[0]
+    with pytest.raises(ConfigurationError, match=r"no agreement\.installed ledger entry"):
+        Node(load_settings(id_dir.path))
+
+
+def test_a_message_signed_under_a_version_not_yet_in_force_here_reads_under_its_own(
+    pair: Pair, tmp_path: Path
+) -> None:
+    """Within the clock skew before the switch the partner may already send under the new version:
+    what it stored reads with that version's vocabulary while the older one is still in force here."""
+    id_dir, my_dir, id_node, my_node = pair
+    effective = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=2.5)
+    v2 = next_version(tmp_path, "2027.1", effective)
+    for nd in (id_dir, my_dir):
+        cli("agreement", "install", "--dir", str(nd.path), str(v2))
+    wait_held(id_node, "2027.1")
+    wait_held(my_node, "2027.1")
+    wait_until(effective - dt.timedelta(seconds=SKEW / 2))
+    new = id_node.agreements.history().versions[-1]
+    early = sealed_under(id_node, new, dt.datetime.now(dt.UTC), purposes=[NEW_PURPOSE])
+    assert my_node.receive([early], dt.datetime.now(dt.UTC))[0].accepted is True
+    assert my_node.agreement.version != "2027.1"  # still the older version here
+    with my_node.db.read() as conn:
+        (row,) = [r for r in conn.execute(sa.select(messages)).mappings() if r["direction"] == "in"]
+    assert my_node.stored_message(dict(row)).purposes == (NEW_PURPOSE,)
+
+
+def test_one_process_reads_the_versions_at_a_time_and_the_others_take_what_is_held(pair: Pair) -> None:
+    """A slow read must never publish an older view over a newer one: reads are serialised, and a
+    caller that finds one under way takes what is held rather than waiting on the database."""
+    _, _, id_node, _ = pair
+    book = id_node.agreements
+    held(id_node)
+    entered, release = threading.Event(), threading.Event()
+    reading, most, calls = [0], [0], [0]
+    original = book._read
+
+    def slow_read(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        reading[0] += 1
+        most[0] = max(most[0], reading[0])
+        entered.set()
+        release.wait(5)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            reading[0] -= 1
+
+    book._read = slow_read  # type: ignore[method-assign]
+    book.forget()
+    first = threading.Thread(target=book.history)
+    first.start()
+    assert entered.wait(5)
+    book.forget()  # a notification while the first read is under way
+    started = time.monotonic()
+    assert [t.version for t in book.history().versions] == [book.first.version]  # held, at once
+    assert time.monotonic() - started < 1.0
+    release.set()
+    first.join(5)
+    assert (most[0], calls[0]) == (1, 1)
+    book.history()  # the notification during the read is not lost: read again now
+    assert calls[0] == 2

@@ -20,6 +20,7 @@ T0 = dt.datetime(2027, 1, 1, tzinfo=dt.UTC)
 SKEW = dt.timedelta(minutes=5)
 FIRST_DATA = agreement_data()
 FIRST = parse_agreement(FIRST_DATA)
+NEW = "VICTIM_SUPPORT"  # the purpose every later version here adds
 
 
 def later(
@@ -32,8 +33,8 @@ def later(
     data["version"] = version
     if effective is not None:
         data["effective_from"] = effective.isoformat()
-    data["purposes"]["VICTIM_SUPPORT"] = "support of an identified victim"
-    data["message_types"]["REQUEST_FOR_INFORMATION"]["purposes"].append("VICTIM_SUPPORT")
+    data["purposes"][NEW] = "support of an identified victim"
+    data["message_types"]["REQUEST_FOR_INFORMATION"]["purposes"].append(NEW)
     data["message_types"]["REQUEST_FOR_INFORMATION"]["retention_days"] = 3650
     if change is not None:
         change(data)
@@ -169,3 +170,26 @@ def test_a_message_is_judged_by_the_version_in_force_when_it_was_signed_give_or_
     assert history.was_in_force(new, T0 - SKEW, SKEW)
     assert not history.was_in_force(new, T0 - SKEW - tick, SKEW)
     assert not history.was_in_force("1999-unknown", T0, SKEW)
+
+
+def test_a_message_type_keeps_its_purposes_and_the_types_it_answers() -> None:
+    def edit(data: dict[str, Any]) -> None:
+        data["message_types"]["RESPONSE"]["replies_to"] = []
+        data["message_types"]["REQUEST_FOR_INFORMATION"]["purposes"].remove(NEW)
+
+    previous = later("2027-01", T0)
+    problems = successor_problems(previous, later("2027-02", T0 + dt.timedelta(days=1), edit))
+    answered = sorted(FIRST.message_types["RESPONSE"].replies_to)
+    assert f"message_types.RESPONSE.replies_to: {answered} are missing; they are only added to" in problems
+    assert (
+        f"message_types.REQUEST_FOR_INFORMATION.purposes: ['{NEW}'] are missing; they are only added to"
+        in problems
+    )
+
+
+def test_each_version_knows_when_it_was_superseded() -> None:
+    history = AgreementHistory.of([FIRST, later("2027-01", T0), later("2027-02", T0 + dt.timedelta(days=30))])
+    assert history.superseded_at(FIRST.version) == T0
+    assert history.superseded_at("2027-01") == T0 + dt.timedelta(days=30)
+    assert history.superseded_at("2027-02") is None
+    assert history.superseded_at("1999-unknown") is None
