@@ -179,10 +179,6 @@ class Node(Releases):
         return self.agreements.in_force().catalogue
 
     @property
-    def explicit_purposes(self) -> frozenset[str]:
-        return frozenset(self.agreements.in_force().agreement.explicit_purposes)
-
-    @property
     def keys(self) -> NodeKeys:
         """The private keys the node's own key set in force makes active (reloaded when a new
         version is published, by this process or another).

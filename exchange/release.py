@@ -48,10 +48,10 @@ from exchange.policy import (
 log = logging.getLogger("exchange.release")
 
 
-def default_use(actor: Actor, message: Message, explicit: frozenset[str]) -> Use:
+def default_use(actor: Actor, message: Message, agreement: Agreement) -> Use:
     """The use of a release that declares none: the client's purposes that the message allows,
     except those the agreement wants declared (judicial use)."""
-    return Use((actor.purposes & frozenset(message.purposes)) - explicit)
+    return Use((actor.purposes & frozenset(message.purposes)) - frozenset(agreement.explicit_purposes))
 
 
 @dataclass(frozen=True)
@@ -74,10 +74,6 @@ class Releases:
 
     @property
     def catalogue(self) -> Catalogue:
-        raise NotImplementedError
-
-    @property
-    def explicit_purposes(self) -> frozenset[str]:
         raise NotImplementedError
 
     def terms_of(self, version: str) -> Terms:
@@ -124,12 +120,13 @@ class Releases:
         if row["direction"] == "out":
             return bool(row["submitted_by"] == actor.client_id)
         message = rows.message_view(row)
+        agreement = self.agreement
         return decide(
             "release",
-            agreement=self.agreement,
+            agreement=agreement,
             message=message,
             actor=actor,
-            use=default_use(actor, message, self.explicit_purposes),
+            use=default_use(actor, message, agreement),
             now=now,
         ).allowed
 
@@ -184,10 +181,11 @@ class Releases:
     ) -> tuple[dict[str, Any] | None, EntryDraft, Decision]:
         """Decide one release (on metadata first, so a refused message is never decrypted)."""
         view = rows.message_view(row)
-        use = Use(purposes) if purposes is not None else default_use(actor, view, self.explicit_purposes)
+        agreement = self.agreement  # one version for both decisions
+        use = Use(purposes) if purposes is not None else default_use(actor, view, agreement)
         decision = decide(
             "release",
-            agreement=self.agreement,
+            agreement=agreement,
             message=view,
             actor=actor,
             use=use,
@@ -203,7 +201,7 @@ class Releases:
                 return None, self._unreadable(actor, row, decision, type(exc).__name__), decision
             decision = decide(
                 "release",
-                agreement=self.agreement,
+                agreement=agreement,
                 message=rows.as_protected_here(row, message),
                 actor=actor,
                 use=use,
