@@ -649,6 +649,7 @@ class Node(Releases):
                 opened.append(self._open(compact, now))
             except EnvelopeError as exc:
                 log.warning("rejected envelope %s: %s", envelope.envelope_digest(compact)[:16], exc)
+                metrics.envelope_rejected(exc.reason)
                 opened.append(exc)
         admitted = [i for i in opened if isinstance(i, Admitted)]
         plain = len({i.message.id for i in admitted}) == len(admitted) and not any(

@@ -114,6 +114,7 @@ class NodeCollector(Collector):
             "exchange_database_up", "1 if the last snapshot could read the database", value=int(s.database_up)
         )
         yield from self._expiry(s, now)
+        yield from self._agreements(now)
         if not s.database_up or s.outbox is None or s.checkpoints is None:
             return
         messages = GaugeMetricFamily(
@@ -176,6 +177,35 @@ class NodeCollector(Collector):
         for event, count in s.incidents.items():
             incidents.add_metric([event], count)
         yield incidents
+
+    def _agreements(self, now: float) -> Iterator[Metric]:
+        """The agreement versions this process holds and when the next one takes effect (what it
+        held last if the database cannot be read)."""
+        try:
+            history = self.node.agreements.history()
+        except DatabaseUnavailable:
+            history = self.node.agreements.history(read=False)
+        moment = dt.datetime.fromtimestamp(now, dt.UTC)
+        current = history.in_force(moment)
+        versions = GaugeMetricFamily(
+            "exchange_agreement_versions",
+            "Agreement versions the node holds, by version and state (superseded, in_force, upcoming)",
+            labels=["version", "state"],
+        )
+        state = "superseded"
+        for terms in history.versions:
+            if terms is current:
+                state = "in_force"
+            versions.add_metric([terms.version, state], 1)
+            if terms is current:
+                state = "upcoming"
+        yield versions
+        upcoming = history.switches_after(moment)
+        yield GaugeMetricFamily(
+            "exchange_agreement_next_effective_timestamp_seconds",
+            "When the next agreement version held takes effect (Unix time; 0: none is held)",
+            value=upcoming.timestamp() if upcoming is not None else 0.0,
+        )
 
     def _expiry(self, s: Snapshot, now: float) -> Iterator[Metric]:
         certificates = GaugeMetricFamily(

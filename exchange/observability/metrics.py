@@ -81,9 +81,25 @@ HTTP_REQUEST_SECONDS = Histogram(
     buckets=_LATENCY_BUCKETS,
     registry=REGISTRY,
 )
+ENVELOPES_REJECTED = Counter(
+    "exchange_envelopes_rejected",
+    "Envelopes from the partner node this process could not open or admit before the rules, by reason"
+    " (unknown-agreement and agreement-not-in-force: the nodes do not hold the same agreement versions)",
+    ["reason"],
+    registry=REGISTRY,
+)
 
 #: incident kinds this node logs (exchange.observability.logs.security_incident)
-INCIDENT_KINDS = ("checkpoint", "partner-notified", "onward-without-consent", "key-receipt", "key-sets")
+INCIDENT_KINDS = (
+    "checkpoint",
+    "partner-notified",
+    "onward-without-consent",
+    "key-receipt",
+    "key-sets",
+    "agreement",
+)
+#: the reasons an alert watches (every other reason is counted from its first occurrence)
+AGREEMENT_REJECTIONS = ("unknown-agreement", "agreement-not-in-force")
 
 # every known label value starts at 0, so that a first occurrence is an increase Prometheus sees
 for _outcome in ("answered", "refused", "unreachable"):
@@ -92,6 +108,8 @@ for _outcome in ("delivered", "failed"):
     DELIVERIES.labels(_outcome)
 for _kind in INCIDENT_KINDS:
     SECURITY_INCIDENTS.labels(_kind)
+for _reason in AGREEMENT_REJECTIONS:
+    ENVELOPES_REJECTED.labels(_reason)
 
 
 def delivery_round(*, answered: int, refused: int, unreachable: int, seconds: float) -> None:
@@ -117,6 +135,11 @@ def decided(action: str, decision: Decision) -> None:
     """Count a decision of the rules on ``action``: one per rule that refused, nothing if allowed."""
     for refusal in decision.refusals:
         POLICY_REFUSALS.labels(action, refusal.rule_id).inc()
+
+
+def envelope_rejected(reason: str) -> None:
+    """Count an envelope from the partner that could not be opened or admitted (its reason code)."""
+    ENVELOPES_REJECTED.labels(reason).inc()
 
 
 def security_incident(kind: str) -> None:

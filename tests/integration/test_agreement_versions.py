@@ -27,9 +27,12 @@ from exchange.db.schema import agreements, messages
 from exchange.errors import ConfigurationError, InvalidInput
 from exchange.messages import MessageSubmission, Origin, draft_from_submission
 from exchange.node import Node
+from exchange.observability import metrics
+from exchange.observability.collector import NodeCollector
 from exchange.transport.worker import DeliveryWorker
 from tests.integration.test_cli import one_line_error
 from tests.integration.test_cli_input import run
+from tests.integration.test_metrics import samples
 from tests.integration.test_node_flow import Loopback, actor
 from tests.support import UNITS, NodeDir, cli, make_pair, rfi, set_node_options
 
@@ -392,3 +395,33 @@ def test_one_process_reads_the_versions_at_a_time_and_the_others_take_what_is_he
     assert (most[0], calls[0]) == (1, 1)
     book.history()  # the notification during the read is not lost: read again now
     assert calls[0] == 2
+
+
+def test_metrics_show_the_versions_held_the_next_switch_and_the_rejections_by_reason(
+    pair: Pair, tmp_path: Path
+) -> None:
+    id_dir, my_dir, id_node, my_node = pair
+    effective = dt.datetime.now(dt.UTC) + dt.timedelta(days=3)
+    v2 = next_version(tmp_path, "2027.1", effective)
+    cli("agreement", "install", "--dir", str(my_dir.path), str(v2))
+    wait_held(my_node, "2027.1")
+
+    def seen() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return samples(metrics.render(NodeCollector(my_node)))
+
+    before = seen()
+    first = my_node.agreements.first.version
+    assert before[("exchange_agreement_versions", (("state", "in_force"), ("version", first)))] == 1
+    assert before[("exchange_agreement_versions", (("state", "upcoming"), ("version", "2027.1")))] == 1
+    assert before[("exchange_agreement_next_effective_timestamp_seconds", ())] == effective.timestamp()
+    reason = (("reason", "unknown-agreement"),)
+    # ID never installed it: what ID seals under a version of its own making is not held here
+    cli("agreement", "install", "--dir", str(id_dir.path), str(next_version(tmp_path, "2027.0", effective)))
+    wait_held(id_node, "2027.0")
+    unheld = sealed_under(id_node, id_node.agreements.history().versions[-1], dt.datetime.now(dt.UTC))
+    assert my_node.receive([unheld], dt.datetime.now(dt.UTC))[0].accepted is False
+    after = seen()
+    assert (
+        after[("exchange_envelopes_rejected_total", reason)]
+        == before[("exchange_envelopes_rejected_total", reason)] + 1
+    )
