@@ -273,6 +273,7 @@ def run_demo(workdir: Path) -> None:
         _consent(polri, pdrm)
         _return_or_destroy(polri, pdrm)
         _key_rotation(polri, pdrm)
+        _new_agreement(workdir, polri, pdrm)
         _checkpoints(polri, pdrm)
     finally:
         clean = [node.server.stop() for node in nodes]
@@ -583,9 +584,43 @@ def _key_rotation(polri: DemoNode, pdrm: DemoNode) -> None:
     )
 
 
+def _new_agreement(workdir: Path, polri: DemoNode, pdrm: DemoNode) -> None:
+    """Both forces install a later version of the agreement while the nodes run: held at once, in
+    force from its effective_from, with a purpose the first version did not have."""
+    import tomllib
+
+    import tomli_w
+
+    print("\n-- 11. Both forces install a new version of the agreement while the nodes run")
+    data = tomllib.loads((workdir / "agreement.toml").read_text())
+    effective = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(seconds=8)
+    data.update(version=f"{data['version']}.1", effective_from=effective.isoformat())
+    data["purposes"]["VICTIM_SUPPORT"] = "Support of an identified victim"
+    data["message_types"]["REQUEST_FOR_INFORMATION"]["purposes"].append("VICTIM_SUPPORT")
+    path = workdir / "agreement-next.toml"
+    path.write_text(tomli_w.dumps(data))
+    for node in (polri, pdrm):
+        out = exchange_cli("agreement", "install", "--dir", str(node.dir), str(path), env=node.env)
+        _line(f"{node.party}: agreement install", out.strip())
+    with polri.client() as api:
+
+        def holds_it() -> dict[str, Any] | None:
+            agreement: dict[str, Any] = api.health()["agreement"]
+            return agreement if data["version"] in agreement["held"] else None
+
+        held = _until(holds_it, "the new agreement version held")
+        _line("held by ID, before it applies", f"{held['held']}, in force: {held['version']}")
+        _until(lambda: api.health()["agreement"]["version"] == data["version"], "the new version in force")
+        _line("in force from", f"{effective.isoformat()}, without a restart")
+        request = _short_request("ID-MY/2026/0045", "TERBATAS", "A victim's support needs", "Shelter?")
+        sent = api.submit({**request, "purposes": ["VICTIM_SUPPORT"]})
+        api.wait_for_status(sent["id"], "delivered")
+    _line("a purpose only it defines", "VICTIM_SUPPORT accepted by ID, delivered to and verified by MY")
+
+
 def _checkpoints(polri: DemoNode, pdrm: DemoNode) -> None:
     with polri.client() as polri_api, pdrm.client() as pdrm_api:
-        print("\n-- 11. Each node signs a checkpoint of its ledger; the other verifies it and cosigns")
+        print("\n-- 12. Each node signs a checkpoint of its ledger; the other verifies it and cosigns")
         for label, api in (("ID", polri_api), ("MY", pdrm_api)):
             health = _wait_cosigned(api)
             _line(

@@ -27,6 +27,7 @@ def test_the_demo_passes_twice_in_a_row(tmp_path: Path) -> None:
         out = proc.stdout
         assert "== Demo passed" in out
         assert "equivalent in Indonesia      RAHASIA" in out
+        assert "VICTIM_SUPPORT accepted by ID, delivered to and verified by MY" in out  # a new agreement
         assert out.count("ledger verified") == 2
     key_files = [p for p in (tmp_path / "demo").rglob("*.pem") if "PRIVATE KEY" in p.read_text()]
     assert len(key_files) >= 12  # per node: 2 message keys, CA, server, node, one client
