@@ -33,6 +33,7 @@ FIXED: Mapping[str, str] = {
     "tlp": "stored markings are ranked on them",
     "max_envelope_bytes": "both nodes' servers enforce it before any envelope is opened",
     "witnesses": "the audit verifies their cosignatures of both ledgers with the keys it names",
+    "child_age": "who is a child in a stored message, and so how it is protected, rests on it",
 }
 
 #: vocabularies a later version may only extend: stored messages and registrations use their values

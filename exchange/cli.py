@@ -275,8 +275,8 @@ def agreement_install(
     """Install a new version of the agreement on this node, ledgered. Every process of the node holds
     it within seconds, without a restart, and sends under it from its ``effective_from``: install
     the same file on the partner's node before then. It must follow the newest version held: the
-    same parties, classification schemes, TLP, envelope limit and witnesses; purposes, types,
-    roles, handling codes, third parties and units only added to."""
+    same parties, classification schemes, TLP, envelope limit, witnesses and child age; purposes,
+    types, roles, handling codes, third parties and units only added to."""
     settings = load_settings(directory)
     agreement = load_agreement(path)
     now = dt.datetime.now(dt.UTC)

@@ -166,7 +166,11 @@ class Node(Releases):
 
     def terms_of(self, version: str) -> Terms:
         held = self.agreements.history()
-        return held.held(version) or held.in_force(dt.datetime.now(dt.UTC))
+        found = held.held(version)
+        if found is None:  # installed since this process last read the versions?
+            held = self.agreements.refresh()
+            found = held.held(version)
+        return found or held.newest  # no longer held (the file replaced): the widest vocabulary
 
     @property
     def parties(self) -> dict[PartyId, Party]:
@@ -649,7 +653,6 @@ class Node(Releases):
                 opened.append(self._open(compact, now))
             except EnvelopeError as exc:
                 log.warning("rejected envelope %s: %s", envelope.envelope_digest(compact)[:16], exc)
-                metrics.envelope_rejected(exc.reason)
                 opened.append(exc)
         admitted = [i for i in opened if isinstance(i, Admitted)]
         plain = len({i.message.id for i in admitted}) == len(admitted) and not any(
@@ -668,6 +671,9 @@ class Node(Releases):
                     exc_info=True,
                 )
         results, after = stored if stored is not None else self._store(envelopes, opened, now, careful=True)
+        for item in opened:  # counted once the batch committed (a batch sent again is not counted twice)
+            if isinstance(item, EnvelopeError):
+                metrics.envelope_rejected(item.reason)
         for act in after:  # once, for what was committed: logs, counts, KEKs, answers to send
             act()
         return results
@@ -759,9 +765,13 @@ class Node(Releases):
         try:
             opened = open_it()
         except EnvelopeError as exc:
-            if not self._learnt_keys_for(exc, now):
+            if exc.reason == "unknown-agreement":  # (its signature verified: only the partner gets here)
+                before, held = held, self.agreements.refresh()
+                if held is before:
+                    raise  # not installed here since: the partner sends under a version we do not hold
+            elif not self._learnt_keys_for(exc, now):
                 raise
-            opened = open_it()  # a key published since this process last read the key sets
+            opened = open_it()  # a key or an agreement version this process had not read yet
         version = str(opened.message["agreement"]["version"])
         terms = held.held(version)
         assert terms is not None  # open_envelope admits only a version held, with its digest
@@ -777,7 +787,7 @@ class Node(Releases):
         superseded = held.superseded_at(version)  # a signing time backdated past the switch:
         if superseded is not None and now > superseded + self.settings.longest_wait:
             raise EnvelopeError(
-                "agreement-not-in-force",
+                "agreement-superseded",
                 f"version {version!r} was superseded at {iso(superseded)}, longer ago than a message waits",
             )
         self.check_partner_signature(opened.signer_kid, message.created_at, now)

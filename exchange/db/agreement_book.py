@@ -108,6 +108,17 @@ class AgreementBook:
         )
         return terms
 
+    def refresh(self) -> AgreementHistory:
+        """The versions read now, after any read under way: for a version named by a verified
+        message or a stored row that this process does not hold (installed since it last read).
+
+        Raises:
+            DatabaseUnavailable: the database is unreachable.
+        """
+        with self._reading:
+            self._reload()
+        return self._history
+
     def forget(self) -> None:
         """Read the versions again at the next use: one was installed, or may have been."""
         with self._lock:

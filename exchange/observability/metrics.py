@@ -84,7 +84,8 @@ HTTP_REQUEST_SECONDS = Histogram(
 ENVELOPES_REJECTED = Counter(
     "exchange_envelopes_rejected",
     "Envelopes from the partner node this process could not open or admit before the rules, by reason"
-    " (unknown-agreement and agreement-not-in-force: the nodes do not hold the same agreement versions)",
+    " (unknown-agreement and agreement-not-in-force: the nodes do not hold the same agreement versions;"
+    " agreement-superseded: a message under a version superseded longer ago than a message waits)",
     ["reason"],
     registry=REGISTRY,
 )

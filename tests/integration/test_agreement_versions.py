@@ -284,7 +284,7 @@ def test_a_signing_time_backdated_past_the_switch_is_accepted_only_as_long_as_a_
         old = id_node.agreements.history().versions[0]
         backdated = sealed_under(id_node, old, effective - dt.timedelta(seconds=0.5))  # "before the switch"
         assert impatient.receive([backdated], dt.datetime.now(dt.UTC))[0].accepted is False
-        assert rejections(impatient) == ["agreement-not-in-force"]
+        assert rejections(impatient) == ["agreement-superseded"]
         # a node that lets a message wait a week still takes it: it may truly have waited
         assert my_node.receive([backdated], dt.datetime.now(dt.UTC))[0].accepted is True
     finally:
@@ -425,3 +425,27 @@ def test_metrics_show_the_versions_held_the_next_switch_and_the_rejections_by_re
         after[("exchange_envelopes_rejected_total", reason)]
         == before[("exchange_envelopes_rejected_total", reason)] + 1
     )
+
+
+def test_a_process_that_has_not_read_a_new_version_yet_reads_it_before_it_rejects_a_message_under_it(
+    pair: Pair, tmp_path: Path
+) -> None:
+    """The notification is a hint and the poll may be long: a verified message naming a version this
+    process does not hold makes it read the versions once before it answers unknown-agreement."""
+    _, my_dir, id_node, _ = pair
+    set_node_options(my_dir.path, agreement_refresh_seconds=3600)
+    slow = Node(load_settings(my_dir.path))  # another process of MY, which read the versions just now
+    try:
+        assert held(slow) == [slow.agreements.first.version]
+        v2 = next_version(tmp_path, "2027.1", dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1))
+        proc = run("agreement", "install", "--late", "--dir", str(my_dir.path), str(v2))
+        assert proc.returncode == 0, proc.stderr
+        under_v2 = sealed_under(id_node, Terms(load_agreement(v2)), dt.datetime.now(dt.UTC))
+        assert slow.receive([under_v2], dt.datetime.now(dt.UTC))[0].accepted is True
+        assert held(slow)[-1] == "2027.1"
+        never = next_version(tmp_path, "2027.9", dt.datetime.now(dt.UTC) + dt.timedelta(days=9))
+        unheld = sealed_under(id_node, Terms(load_agreement(never)), dt.datetime.now(dt.UTC))
+        assert slow.receive([unheld], dt.datetime.now(dt.UTC))[0].accepted is False
+        assert rejections(slow)[-1] == "unknown-agreement"
+    finally:
+        slow.close()

@@ -70,6 +70,8 @@ def test_what_stored_data_and_trust_rest_on_cannot_change(field: str) -> None:
             data["party_schemes"] = {"ID": data["party_schemes"]["MY"], "MY": data["party_schemes"]["ID"]}
         elif field == "tlp":
             data["tlp"] = [*data["tlp"], "BLACK"]
+        elif field == "child_age":
+            data["child_age"] = FIRST.child_age - 2
         elif field == "max_envelope_bytes":
             data["max_envelope_bytes"] = FIRST.max_envelope_bytes // 2
         elif field == "witnesses":
