@@ -18,7 +18,7 @@ import sqlalchemy as sa
 import tomli_w
 
 from exchange import envelope
-from exchange.agreement import load_agreement
+from exchange.agreement import Agreement, load_agreement
 from exchange.agreement_history import Terms
 from exchange.canonical import canonical_json
 from exchange.config import load_settings
@@ -95,6 +95,20 @@ def sealed_under(node: Node, terms: Terms, created: dt.datetime, **overrides: ob
     return envelope.seal(
         draft.signed_json(), signing_key=node.keys.signing, recipient_key=node.partner.encryption
     )
+
+
+def smuggle(node: Node, agreement: Agreement) -> None:
+    """Write a version into the agreements table directly, around `exchange agreement install`."""
+    with node.db.transaction() as conn:
+        conn.execute(
+            agreements.insert().values(
+                version=agreement.version,
+                digest=agreement.digest,
+                document=canonical_json(agreement.document).decode(),
+                effective_from=dt.datetime.now(dt.UTC).isoformat(),
+                installed_at=dt.datetime.now(dt.UTC).isoformat(),
+            )
+        )
 
 
 def rejections(node: Node) -> list[str]:
@@ -225,20 +239,10 @@ def test_an_edited_or_smuggled_version_stops_a_start_and_is_not_taken_by_a_runni
     assert held(id_node) == [id_node.agreements.first.version, "2027.1"]  # what it read and checked, kept
     assert id_node.agreements.history().newest.agreement.digest == load_agreement(v2).digest
 
-    with id_node.db.transaction() as conn:  # the document put back; a version that cannot follow added
+    with id_node.db.transaction() as conn:  # the document put back
         conn.execute(agreements.update().values(document=document))
-        smuggled = load_agreement(
-            next_version(tmp_path, "2027.2", dt.datetime.now(dt.UTC) + dt.timedelta(days=8), tlp=TLP_WIDER)
-        )
-        conn.execute(
-            agreements.insert().values(
-                version=smuggled.version,
-                digest=smuggled.digest,
-                document=canonical_json(smuggled.document).decode(),
-                effective_from=dt.datetime.now(dt.UTC).isoformat(),
-                installed_at=dt.datetime.now(dt.UTC).isoformat(),
-            )
-        )
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=8)  # a version that cannot follow, added
+    smuggle(id_node, load_agreement(next_version(tmp_path, "2027.2", later, tlp=TLP_WIDER)))
     id_node.agreements.forget()
     assert held(id_node) == [id_node.agreements.first.version, "2027.1"]
     incidents = [r.getMessage() for r in caplog.records if r.getMessage().startswith("SECURITY INCIDENT")]
@@ -319,16 +323,7 @@ def test_a_following_version_written_around_install_is_not_taken(
         next_version(tmp_path, "2027.1", dt.datetime.now(dt.UTC) + dt.timedelta(days=1))
     )
     held(id_node)  # read and trusted before the row appears
-    with id_node.db.transaction() as conn:
-        conn.execute(
-            agreements.insert().values(
-                version=smuggled.version,
-                digest=smuggled.digest,
-                document=canonical_json(smuggled.document).decode(),
-                effective_from=dt.datetime.now(dt.UTC).isoformat(),
-                installed_at=dt.datetime.now(dt.UTC).isoformat(),
-            )
-        )
+    smuggle(id_node, smuggled)
     id_node.agreements.forget()
     assert held(id_node) == [id_node.agreements.first.version]
     incidents = [r.getMessage() for r in caplog.records if r.getMessage().startswith("SECURITY INCIDENT")]
