@@ -28,7 +28,6 @@ from pydantic import ValidationError
 
 from exchange import crypto, envelope
 from exchange.agreement import Agreement, PublicJWK, jwk_raw, load_agreement, parse_agreement
-from exchange.agreement_history import AgreementHistory
 from exchange.auditing import DEFAULT_SKEW, AuditService, party_anchor, verifier_keys
 from exchange.config import NODE_FILE, NodeSettings, check_passphrase, load_settings, resolve_passphrase
 from exchange.db import repo
@@ -252,13 +251,9 @@ def agreement_check(path: Annotated[Path, typer.Argument(help="agreement TOML fi
     typer.echo(f"agreement {agreement.version} is valid (sha256 {agreement.digest})")
 
 
-def _agreements(settings: NodeSettings, db: Database) -> AgreementHistory:
-    """Every agreement version the node holds: its agreement file, then each one installed.
-
-    Raises:
-        ConfigurationError: an installed version that does not follow the one before it.
-    """
-    return AgreementBook(db, load_agreement(settings.agreement_file), ttl=0).history()
+def _agreements(settings: NodeSettings, db: Database) -> AgreementBook:
+    """The node's agreement versions: its agreement file, then each one installed (read at once)."""
+    return AgreementBook(db, load_agreement(settings.agreement_file), ttl=0)
 
 
 @agreement_app.command("install")
@@ -281,8 +276,7 @@ def agreement_install(
     agreement = load_agreement(path)
     now = dt.datetime.now(dt.UTC)
     with _node_database(directory) as db:
-        book = AgreementBook(db, load_agreement(settings.agreement_file), ttl=0)
-        installed = book.install(agreement, now, late=late)
+        installed = _agreements(settings, db).install(agreement, now, late=late)
     if not installed:
         typer.echo(f"agreement {agreement.version} is installed already (sha256 {agreement.digest})")
         return
@@ -305,7 +299,7 @@ def agreement_list(directory: DirOpt) -> None:
     version, digest, effective from (tab-separated)."""
     settings = load_settings(directory)
     with _node_database(directory) as db:
-        history = _agreements(settings, db)
+        history = _agreements(settings, db).history()
     current = history.in_force(dt.datetime.now(dt.UTC))
     for terms in history.versions:
         start = terms.agreement.effective_from
@@ -428,7 +422,7 @@ def clients_add(
         raise InvalidInput(f"--role {MONITORING_ROLE} is reserved: use `exchange clients add-monitoring`")
     settings = load_settings(directory)
     with _node_database(directory) as db:  # what a client may do: the newest version's vocabulary
-        agreement = _agreements(settings, db).newest.agreement
+        agreement = _agreements(settings, db).history().newest.agreement
     levels = list(agreement.schemes[agreement.parties[settings.party].scheme].levels)
     if clearance not in levels:
         raise InvalidInput(f"--clearance must be one of {levels}, not {clearance!r}")

@@ -56,7 +56,6 @@ from exchange.ledger.checkpoint import (
 from exchange.ledger.events import LedgerEvent
 from exchange.lifecycle import Lifecycle
 from exchange.messages import (
-    Catalogue,
     MalformedMessage,
     Message,
     MessageSubmission,
@@ -177,10 +176,6 @@ class Node(Releases):
         """Both parties (their nodes, CAs and first keys): the same in every agreement version, so
         read without the database (on the event loop too)."""
         return self.agreements.first.parties
-
-    @property
-    def catalogue(self) -> Catalogue:
-        return self.agreements.in_force().catalogue
 
     @property
     def keys(self) -> NodeKeys:

@@ -30,7 +30,6 @@ from exchange.errors import (
 from exchange.ledger import EntryDraft
 from exchange.ledger.events import LedgerEvent
 from exchange.messages import (
-    Catalogue,
     MalformedMessage,
     Message,
     parse_signed,
@@ -72,13 +71,9 @@ class Releases:
         """The agreement version in force now."""
         raise NotImplementedError
 
-    @property
-    def catalogue(self) -> Catalogue:
-        raise NotImplementedError
-
     def terms_of(self, version: str) -> Terms:
-        """The agreement version a stored message was signed under (the one in force if it is no
-        longer held)."""
+        """The agreement version a stored message was signed under, read again if this process does
+        not hold it yet (the newest held, the widest vocabulary, if it is no longer held)."""
         raise NotImplementedError
 
     def ledger(self, now: dt.datetime, *drafts: EntryDraft) -> None:

@@ -174,10 +174,11 @@ def signed_json(
     """The signed form of ``rfi(**overrides)`` from ``node``, built from the draft exactly as submit
     builds it, without the rules (so a test can play a partner that does not apply them)."""
     submission = MessageSubmission.model_validate(rfi(**overrides))
+    terms = node.terms
     draft = draft_from_submission(
         submission,
-        agreement=node.agreement,
-        catalogue=node.catalogue,
+        agreement=terms.agreement,
+        catalogue=terms.catalogue,
         sender=node.party,
         origin=Origin(agency="Polri" if node.party == "ID" else "PDRM", unit=UNITS[node.party]),
         now=created,

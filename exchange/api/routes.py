@@ -305,7 +305,8 @@ async def witness_add_checkpoint(request: Request) -> Response:
 @health_router.get("/healthz", summary="Liveness and a few gauges", response_model=models.Health)
 def health(request: Request) -> dict[str, Any]:
     node = node_of(request)
-    terms = node.terms
+    held = node.agreements.history()  # one view for the version in force and the versions held
+    terms = held.in_force(_now())
     with node.db.read() as conn:
         outbox = repo.outbox_size(conn)
         head = repo.read_ledger_head(conn)
@@ -321,7 +322,7 @@ def health(request: Request) -> dict[str, Any]:
         "agreement": {
             "version": terms.version,
             "digest": terms.agreement.digest,
-            "held": [t.version for t in node.agreements.history().versions],
+            "held": [t.version for t in held.versions],
         },
         "outbox": outbox,
         "ledger_size": head.size,

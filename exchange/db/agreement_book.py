@@ -160,8 +160,7 @@ class AgreementBook:
                 {
                     "version": agreement.version,
                     "digest": agreement.digest,
-                    "document": canonical_json(agreement.document).decode(),
-                    "effective_from": effective_from,
+                    "document": canonical_json(agreement.document).decode(),  # effective_from in it
                     "installed_at": now.isoformat(),
                 },
             )

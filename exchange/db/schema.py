@@ -220,7 +220,6 @@ agreements = sa.Table(  # agreement versions installed after the agreement file 
     sa.Column("version", sa.String(32), primary_key=True),
     sa.Column("digest", sa.String(64), nullable=False, unique=True),
     sa.Column("document", sa.Text, nullable=False),  # the RFC 8785 JSON of the document as written
-    sa.Column("effective_from", sa.String(40), nullable=False),
     sa.Column("installed_at", sa.String(40), nullable=False),
 )
 

@@ -23,7 +23,6 @@ def upgrade() -> None:
         sa.Column("version", sa.String(32), primary_key=True),
         sa.Column("digest", sa.String(64), nullable=False, unique=True),
         sa.Column("document", sa.Text, nullable=False),
-        sa.Column("effective_from", sa.String(40), nullable=False),
         sa.Column("installed_at", sa.String(40), nullable=False),
     )
 

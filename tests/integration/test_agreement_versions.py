@@ -65,6 +65,11 @@ def next_version(root: Path, version: str, effective: dt.datetime, **changes: An
     return path
 
 
+def install(directory: Path, agreement_file: Path) -> str:
+    """``exchange agreement install`` on the node in ``directory``; its output."""
+    return cli("agreement", "install", "--dir", str(directory), str(agreement_file))
+
+
 def wait_until(moment: dt.datetime) -> None:
     time.sleep(max(0.0, (moment - dt.datetime.now(dt.UTC)).total_seconds()))
 
@@ -105,7 +110,6 @@ def smuggle(node: Node, agreement: Agreement) -> None:
                 version=agreement.version,
                 digest=agreement.digest,
                 document=canonical_json(agreement.document).decode(),
-                effective_from=dt.datetime.now(dt.UTC).isoformat(),
                 installed_at=dt.datetime.now(dt.UTC).isoformat(),
             )
         )
@@ -125,7 +129,7 @@ def test_an_installed_version_takes_effect_at_its_time_on_both_running_nodes(
     effective = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=2.5)
     v2 = next_version(tmp_path, "2027.1", effective)
     for nd in (id_dir, my_dir):
-        assert "installed agreement 2027.1" in cli("agreement", "install", "--dir", str(nd.path), str(v2))
+        assert "installed agreement 2027.1" in install(nd.path, v2)
     for node in (id_node, my_node):
         wait_held(node, "2027.1")  # both running nodes hold it, before it takes effect
         assert node.agreement.version == first
@@ -169,7 +173,7 @@ def test_a_message_naming_a_version_not_in_force_when_it_was_signed_is_rejected(
     effective = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=SKEW + 1.5)
     v2 = next_version(tmp_path, "2027.1", effective)
     for nd in (id_dir, my_dir):
-        cli("agreement", "install", "--dir", str(nd.path), str(v2))
+        install(nd.path, v2)
     wait_held(id_node, "2027.1")
     wait_held(my_node, "2027.1")
     old, new = id_node.agreements.history().versions
@@ -182,7 +186,7 @@ def test_a_message_naming_a_version_not_in_force_when_it_was_signed_is_rejected(
     assert rejections(my_node) == ["agreement-not-in-force", "agreement-not-in-force"]
     # a version the receiver never installed is not held at all
     v3 = next_version(tmp_path, "2027.2", effective + dt.timedelta(days=1))
-    cli("agreement", "install", "--dir", str(id_dir.path), str(v3))
+    install(id_dir.path, v3)
     wait_held(id_node, "2027.2")
     unheld = sealed_under(id_node, id_node.agreements.history().versions[-1], dt.datetime.now(dt.UTC))
     assert my_node.receive([unheld], dt.datetime.now(dt.UTC))[0].accepted is False
@@ -198,8 +202,8 @@ def test_an_install_is_idempotent_listed_and_refused_in_one_line_when_it_cannot_
     id_dir, _, id_node, _ = pair
     effective = dt.datetime.now(dt.UTC) + dt.timedelta(days=7)
     v2 = next_version(tmp_path, "2027.1", effective)
-    assert "installed agreement 2027.1" in cli("agreement", "install", "--dir", str(id_dir.path), str(v2))
-    assert "installed already" in cli("agreement", "install", "--dir", str(id_dir.path), str(v2))
+    assert "installed agreement 2027.1" in install(id_dir.path, v2)
+    assert "installed already" in install(id_dir.path, v2)
     listed = [line.split("\t") for line in cli("agreement", "list", "--dir", str(id_dir.path)).splitlines()]
     assert [row[0] for row in listed] == [id_node.agreements.first.version, "2027.1"]
     assert listed[0][-1] == "in force"
@@ -226,7 +230,7 @@ def test_an_edited_or_smuggled_version_stops_a_start_and_is_not_taken_by_a_runni
 ) -> None:
     id_dir, _, id_node, _ = pair
     v2 = next_version(tmp_path, "2027.1", dt.datetime.now(dt.UTC) + dt.timedelta(days=7))
-    cli("agreement", "install", "--dir", str(id_dir.path), str(v2))
+    install(id_dir.path, v2)
     wait_held(id_node, "2027.1")
     with id_node.db.transaction() as conn:  # someone loosens the installed terms in the database
         document = conn.execute(sa.select(agreements.c.document)).scalar_one()
@@ -258,7 +262,7 @@ def test_an_installed_version_deleted_from_the_table_stops_a_start(pair: Pair, t
     under it, or send under the older terms, as if it had never been agreed."""
     id_dir, _, id_node, _ = pair
     v2 = next_version(tmp_path, "2027.1", dt.datetime.now(dt.UTC) + dt.timedelta(days=7))
-    cli("agreement", "install", "--dir", str(id_dir.path), str(v2))
+    install(id_dir.path, v2)
     with id_node.db.transaction() as conn:
         conn.execute(agreements.delete())
     with pytest.raises(ConfigurationError, match=r"ledger entry \d+ records agreement '2027.1'"):
@@ -281,7 +285,7 @@ def test_a_signing_time_backdated_past_the_switch_is_accepted_only_as_long_as_a_
         effective = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1.5)
         v2 = next_version(tmp_path, "2027.1", effective)
         for nd in (id_dir, my_dir):
-            cli("agreement", "install", "--dir", str(nd.path), str(v2))
+            install(nd.path, v2)
         for node in (id_node, my_node, impatient):
             wait_held(node, "2027.1")
         wait_until(effective + impatient.settings.longest_wait + dt.timedelta(seconds=0.2))
@@ -342,7 +346,7 @@ def test_a_message_signed_under_a_version_not_yet_in_force_here_reads_under_its_
     effective = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=2.5)
     v2 = next_version(tmp_path, "2027.1", effective)
     for nd in (id_dir, my_dir):
-        cli("agreement", "install", "--dir", str(nd.path), str(v2))
+        install(nd.path, v2)
     wait_held(id_node, "2027.1")
     wait_held(my_node, "2027.1")
     wait_until(effective - dt.timedelta(seconds=SKEW / 2))
@@ -398,7 +402,7 @@ def test_metrics_show_the_versions_held_the_next_switch_and_the_rejections_by_re
     id_dir, my_dir, id_node, my_node = pair
     effective = dt.datetime.now(dt.UTC) + dt.timedelta(days=3)
     v2 = next_version(tmp_path, "2027.1", effective)
-    cli("agreement", "install", "--dir", str(my_dir.path), str(v2))
+    install(my_dir.path, v2)
     wait_held(my_node, "2027.1")
 
     def seen() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -411,7 +415,7 @@ def test_metrics_show_the_versions_held_the_next_switch_and_the_rejections_by_re
     assert before[("exchange_agreement_next_effective_timestamp_seconds", ())] == effective.timestamp()
     reason = (("reason", "unknown-agreement"),)
     # ID never installed it: what ID seals under a version of its own making is not held here
-    cli("agreement", "install", "--dir", str(id_dir.path), str(next_version(tmp_path, "2027.0", effective)))
+    install(id_dir.path, next_version(tmp_path, "2027.0", effective))
     wait_held(id_node, "2027.0")
     unheld = sealed_under(id_node, id_node.agreements.history().versions[-1], dt.datetime.now(dt.UTC))
     assert my_node.receive([unheld], dt.datetime.now(dt.UTC))[0].accepted is False
