@@ -6,6 +6,15 @@ failures), while read transactions (:meth:`Database.read`) begin deferred and ne
 writer. PostgreSQL serialises ledger appends on the locked ``ledger_head`` row. Commit and rollback
 happen only in :meth:`Database.transaction` and :meth:`Database.read`.
 
+On PostgreSQL the connections are in autocommit mode and a transaction sends its own ``BEGIN`` and
+``COMMIT``, each in the round trip of a statement it sends anyway: its ``BEGIN`` with the ledger
+head's lock when that is its first statement (:func:`begin_with`), else just before its first
+statement; its ``COMMIT`` at the end of the pipeline of what it does before it commits (below). A
+read (:meth:`Database.read`) sends neither: under READ COMMITTED each of its statements saw its own
+snapshot inside a transaction too, so only the two round trips go (a server-side cursor, which
+needs a transaction, begins one: :func:`begin_now`). Two round trips fewer for a write, two for a
+read, on the path of every message.
+
 On PostgreSQL a pooled connection is pinged before use only when it has been idle for
 ``PING_AFTER_IDLE_SECONDS`` (a server restart or a dropped idle connection is caught there, and
 the pool tries a fresh one); under load, connections come back within milliseconds and are not
@@ -107,6 +116,77 @@ PING_AFTER_IDLE_SECONDS = 5.0
 _BEFORE_COMMIT: dict[Connection, dict[str, Callable[[Connection], None]]] = {}
 
 
+#: the transactions opened by :meth:`Database.transaction` on PostgreSQL that have not sent their
+#: ``BEGIN`` yet (see the module docstring): their first statement sends it
+_UNBEGUN: set[Connection] = set()
+
+#: the connections of :meth:`Database.read` units: a write there is refused (on PostgreSQL it would
+#: commit at once, out of any transaction)
+_READING: set[Connection] = set()
+
+
+def _guard_units_of_work(engine: Engine) -> None:
+    """Before each statement sent through SQLAlchemy: refuse a write in a read, and send a
+    PostgreSQL transaction's ``BEGIN`` just before its first statement. A statement sent on the
+    driver's own cursor passes neither: the repository sends only reads there, and
+    :func:`begin_with` its ``BEGIN``."""
+
+    @sa.event.listens_for(engine, "before_cursor_execute")
+    def _before(conn: Connection, cursor: Any, _sql: str, _params: Any, context: Any, _many: bool) -> None:
+        writes = context is not None and (context.isinsert or context.isupdate or context.isdelete)
+        if writes and conn in _READING:
+            raise RuntimeError("a write inside Database.read(): write in Database.transaction()")
+        if conn in _UNBEGUN:
+            _UNBEGUN.discard(conn)
+            cursor.connection.execute("BEGIN")  # queued, in a pipeline: same round trip as the rest
+
+
+def _never_pooled_inside_a_transaction(engine: Engine) -> None:
+    """Roll back what a PostgreSQL connection left open when it returns to the pool (SQLAlchemy's
+    reset on return does it too, unless configured not to on an autocommit engine): an open
+    transaction there could hold the ledger head's lock for good."""
+    open_states = {engine.dialect.loaded_dbapi.pq.TransactionStatus.INTRANS}
+    open_states.add(engine.dialect.loaded_dbapi.pq.TransactionStatus.INERROR)
+
+    @sa.event.listens_for(engine, "checkin")
+    def _checkin(dbapi_conn: Any, _record: Any) -> None:
+        if dbapi_conn is not None and dbapi_conn.info.transaction_status in open_states:
+            dbapi_conn.rollback()
+
+
+def begin_with(conn: Connection, statement: str) -> Any:
+    """Run ``statement``, a constant statement without parameters, and return its first row (a
+    named tuple, or a Row): as the transaction's first statement with its ``BEGIN`` in the same
+    round trip on PostgreSQL (one simple query), as any statement otherwise.
+
+    Raises:
+        sqlalchemy.exc.DBAPIError: as a statement's error is raised (lost connection included).
+    """
+    if conn not in _UNBEGUN:
+        return conn.exec_driver_sql(statement).first()
+    _UNBEGUN.discard(conn)
+    driver: Any = conn.connection.driver_connection  # not in a pipeline: a simple query is needed
+    try:  # (the driver's own cursor: SQLAlchemy's hooks and echo do not see this statement)
+        with driver.cursor(row_factory=conn.dialect.loaded_dbapi.rows.namedtuple_row) as cursor:
+            cursor.execute("BEGIN; " + statement)
+            cursor.nextset()
+            return cursor.fetchone()
+    except conn.dialect.loaded_dbapi.Error as exc:  # raw cursor: translated as SQLAlchemy does
+        conn._handle_dbapi_exception(exc, statement, None, None, None)  # private; _pipelined's too
+        raise  # (not reached: the call above raises)
+
+
+def begin_now(conn: Connection) -> None:
+    """Have ``conn`` inside a database transaction from here (a PostgreSQL server-side cursor needs
+    one), ended by its unit of work's commit: a no-op where one is open already, and on SQLite."""
+    if conn.dialect.name != "postgresql":
+        return
+    _UNBEGUN.discard(conn)
+    driver: Any = conn.connection.driver_connection
+    if driver.info.transaction_status == conn.dialect.loaded_dbapi.pq.TransactionStatus.IDLE:
+        conn.exec_driver_sql("BEGIN")
+
+
 def before_commit(conn: Connection, key: str, action: Callable[[Connection], None]) -> bool:
     """Have ``action(conn)`` run once, just before ``conn``'s transaction commits; a later action
     under the same ``key`` replaces an earlier one. Only in a transaction opened by
@@ -160,12 +240,13 @@ def insert(conn: Connection, statement: Any, rows: Sequence[Mapping[str, Any]]) 
 
 
 @contextmanager
-def _pipelined(conn: Connection) -> Iterator[None]:
+def _pipelined(conn: Connection, *, commit: bool = False) -> Iterator[None]:
     """The statements run inside in one round trip to the server (psycopg's pipeline mode), not one
     each: for the actions just before a commit, which write and read nothing back. An error is
     raised as SQLAlchemy raises a statement's (translated; on a lost connection this one and the
     pool's others invalidated, so reported as unavailable); elsewhere than on psycopg with a libpq
-    that pipelines, the statements run one by one."""
+    that pipelines, the statements run one by one. With ``commit``, the transaction's ``COMMIT``
+    goes last in the same round trip (where statements run one by one, the unit of work commits)."""
     dbapi = conn.dialect.loaded_dbapi
     if conn.dialect.driver != "psycopg" or not dbapi.Pipeline.is_supported():
         yield
@@ -174,6 +255,8 @@ def _pipelined(conn: Connection) -> Iterator[None]:
     try:
         with driver.pipeline():
             yield
+            if commit and conn not in _UNBEGUN:  # (a transaction that sent nothing has nothing to commit)
+                driver.execute("COMMIT")  # the unit of work's own commit then finds nothing open
     except dbapi.Error as exc:  # raised by the pipeline's last sync, outside SQLAlchemy's execute
         # SQLAlchemy's own handling of a statement's error (also with no cursor or context)
         conn._handle_dbapi_exception(exc, "(the statements pipelined before commit)", None, None, None)
@@ -221,7 +304,7 @@ def make_engine(url: str, *, writer: bool = True, pool_size: int = 5) -> Engine:
             **(
                 {"connect_args": {"check_same_thread": False, "timeout": 30}}
                 if url.startswith("sqlite")
-                else {"pool_size": pool_size, "max_overflow": pool_size}
+                else {"pool_size": pool_size, "max_overflow": pool_size, "isolation_level": "AUTOCOMMIT"}
             ),
         )
     except (sa.exc.ArgumentError, ImportError) as exc:
@@ -244,6 +327,8 @@ def make_engine(url: str, *, writer: bool = True, pool_size: int = 5) -> Engine:
 
     else:
         _ping_when_idle(engine)
+        _never_pooled_inside_a_transaction(engine)
+    _guard_units_of_work(engine)
     return engine
 
 
@@ -323,14 +408,17 @@ class Database:
         with self._available(), self.engine.begin() as conn:
             actions: dict[str, Callable[[Connection], None]] = {}
             _BEFORE_COMMIT[conn] = actions
+            if self.dialect == "postgresql":
+                _UNBEGUN.add(conn)
             try:
                 yield conn
                 if actions:
-                    with _pipelined(conn):
+                    with _pipelined(conn, commit=True):
                         for action in actions.values():
                             action(conn)
             finally:
                 del _BEFORE_COMMIT[conn]
+                _UNBEGUN.discard(conn)
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
@@ -340,7 +428,11 @@ class Database:
             DatabaseUnavailable: the database could not be reached.
         """
         with self._available(write=False), self.reader.begin() as conn:
-            yield conn
+            _READING.add(conn)
+            try:
+                yield conn
+            finally:
+                _READING.discard(conn)
 
     @contextmanager
     def _available(self, *, write: bool = True) -> Iterator[None]:

@@ -24,7 +24,7 @@ from exchange.db.coordination import (
     OUTBOX_CHANNEL,
     notify,
 )
-from exchange.db.engine import before_commit, insert, pending
+from exchange.db.engine import before_commit, begin_now, begin_with, insert, pending
 from exchange.db.schema import (
     agreements,
     checkpoints,
@@ -97,7 +97,9 @@ _MARK_SENT = (
 )
 _DEQUEUE_MANY = outbox.delete().where(outbox.c.message_id.in_(_MIDS)).returning(outbox.c.message_id)
 _DEQUEUE = outbox.delete().where(outbox.c.message_id == _MID)
-_LOCK_HEAD = sa.select(ledger_head).where(ledger_head.c.id == 1).with_for_update()
+#: the head's lock: constant SQL, so that on PostgreSQL it goes with its transaction's BEGIN in one
+#: round trip (:func:`~exchange.db.engine.begin_with`); SQLite's BEGIN IMMEDIATE holds the lock there
+_LOCK_HEAD = "SELECT size, root_hash, frontier FROM ledger_head WHERE id = 1"
 _READ_HEAD = sa.select(ledger_head).where(ledger_head.c.id == 1)
 _WRITE_HEAD = ledger_head.update().where(ledger_head.c.id == 1)
 _INSERT_ENTRIES = ledger_entries.insert()
@@ -611,7 +613,9 @@ def _appended(conn: Connection) -> LedgerHead | None:
 
 def lock_ledger_head(conn: Connection) -> LedgerHead:
     """Lock and read the ledger head (see the module docstring). First statement of an append."""
-    return _appended(conn) or _head(conn.execute(_LOCK_HEAD).first())
+    return _appended(conn) or _head(
+        begin_with(conn, _LOCK_HEAD + (" FOR UPDATE" if conn.dialect.name == "postgresql" else ""))
+    )
 
 
 def read_ledger_head(conn: Connection) -> LedgerHead:
@@ -699,6 +703,7 @@ def ledger_rows(
     """Every entry as the verifier reads it (index columns, leaf, stored leaf hash), in order,
     through the raw DB-API cursor (server-side on PostgreSQL): a million rows without Row objects.
     A caller that may stop early closes it (``contextlib.closing``) while ``conn`` is open."""
+    begin_now(conn)  # a server-side cursor lives in a transaction
     dbapi = conn.connection.dbapi_connection
     assert dbapi is not None
     cursor = dbapi.cursor(name="ledger_scan") if conn.dialect.name == "postgresql" else dbapi.cursor()

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from exchange.config import load_settings
+from exchange.db.engine import upgrade
 from exchange.node import Node
 from tests.support import NodeDir, make_pair
 
@@ -28,3 +29,15 @@ def nodes(tmp_path: Path, db_urls: tuple[str | None, str | None]) -> Iterator[Pa
 def node_pair(nodes: Pair) -> tuple[Node, Node]:
     """The two nodes (ID, MY) of ``nodes``."""
     return nodes[2], nodes[3]
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A migrated database of its own, SQLite or PostgreSQL: for what a node is not needed for."""
+    url = (
+        f"sqlite:///{tmp_path / 'ledger.db'}"
+        if request.param == "sqlite"
+        else request.getfixturevalue("make_pg_database")()
+    )
+    upgrade(url)
+    return url

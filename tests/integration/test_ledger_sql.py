@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import random
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -21,17 +20,6 @@ from exchange.ledger.merkle import (
     verify_consistency,
     verify_inclusion,
 )
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    url = (
-        f"sqlite:///{tmp_path / 'ledger.db'}"
-        if request.param == "sqlite"
-        else request.getfixturevalue("make_pg_database")()
-    )
-    upgrade(url)
-    return url
 
 
 def append(db: Database, n: int, tag: str = "e") -> None:
