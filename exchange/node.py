@@ -353,13 +353,24 @@ class Node(Releases):
         """Raise EnvelopeError ``key-not-in-force`` unless the partner's key ``kid`` was trusted
         for a signature made at ``signed_at``: listed and not ``next`` in the key set in force then,
         not revoked before it (the partner's newer key sets are fetched once before refusing).
+        Raise ``key-superseded`` if the partner ended the key's validity longer ago than a message
+        signed before that end may wait (``signed_at`` is the signer's word: a stolen retiring key
+        could otherwise backdate into the replay window).
         Raises PartnerKeysUnavailable if that fetch failed: not looked up is not refused."""
-        if self.partner.history.in_force(kid, signed_at) is not None:
-            return
-        learnt = self.learn_partner_keys(now)
-        if learnt and self.partner.history.in_force(kid, signed_at) is not None:
-            return
-        raise EnvelopeError("key-not-in-force", f"{kid} was not trusted at {signed_at.isoformat()}")
+        if self.partner.history.in_force(kid, signed_at) is None:
+            learnt = self.learn_partner_keys(now)
+            if not learnt or self.partner.history.in_force(kid, signed_at) is None:
+                raise EnvelopeError("key-not-in-force", f"{kid} was not trusted at {signed_at.isoformat()}")
+        ended = self.partner.history.entry(kid)
+        if (
+            ended is not None
+            and ended.valid_until is not None
+            and now > ended.valid_until + self.settings.longest_wait
+        ):
+            raise EnvelopeError(
+                "key-superseded",
+                f"{kid} stopped signing at {iso(ended.valid_until)}, longer ago than a message waits",
+            )
 
     def _seal_legacy(self) -> None:
         """Bring messages stored before content at rest (migration 0007) under it: a received one's

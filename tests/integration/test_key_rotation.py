@@ -25,6 +25,7 @@ from exchange.messages import MessageSubmission
 from exchange.node import Node
 from exchange.transport.worker import DeliveryWorker
 from tests.integration.conftest import Pair
+from tests.integration.test_agreement_versions import sealed_under
 from tests.integration.test_node_flow import Loopback, actor, now
 from tests.support import PASSPHRASE, rfi
 
@@ -213,6 +214,38 @@ def test_a_partner_signing_key_another_process_accepted_counts_at_once_in_this_o
         assert events(my_node, "envelope.rejected") == []
     finally:
         other.close()
+
+
+def test_a_retiring_signing_key_is_accepted_only_as_long_as_what_it_signed_before_its_end_may_wait(
+    nodes: Pair,
+) -> None:
+    """A signature is judged at its signing time, which is the signer's word: a stolen retiring key
+    could sign with a time before its end of validity anywhere in the replay window (30 days). A key
+    the partner ended is accepted only until the longest a message may wait (delivery_max_wait
+    plus the skew) after that end, as a superseded agreement version is."""
+    _, _, id_node, my_node = nodes
+    old_kid, old_key = id_node.keys.signing_kid, id_node.keys.signing
+    keys = admin(id_node)
+    keys.rotate("signing")
+    worker = DeliveryWorker(id_node, Loopback(my_node))
+    drain(worker)
+    keys.activate("signing")
+    drain(worker)  # the partner learns the old key is retiring, and until when
+    entry = my_node.partner.history.entry(old_kid)
+    assert entry is not None
+    assert entry.state == "retiring"
+    assert entry.valid_until is not None
+    wait = my_node.settings.longest_wait
+    signed_at = entry.valid_until - dt.timedelta(seconds=1)  # "just before its end"
+    second = dt.timedelta(seconds=1)
+
+    def backdated() -> str:
+        return sealed_under(id_node, id_node.terms, signed_at, signing_key=old_key)
+
+    assert my_node.receive([backdated()], entry.valid_until + wait - second)[0].accepted is True
+    assert my_node.receive([backdated()], entry.valid_until + wait + second)[0].accepted is False
+    assert [e["reason"] for e in events(my_node, "envelope.rejected")] == ["key-superseded"]
+    assert id_node.keys.signing_kid != old_kid
 
 
 def test_a_revoked_signing_key_is_refused_for_what_it_signed_after_the_revocation_time(nodes: Pair) -> None:
