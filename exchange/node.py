@@ -44,7 +44,7 @@ from exchange.errors import (
 )
 from exchange.keys.announcement import AnnouncementRejected, KeySetReceipt, sign_receipt, verify_receipt
 from exchange.keys.kek import KekStore
-from exchange.keys.registry import KeyRegistry, PartnerKeys
+from exchange.keys.registry import KeyHistory, KeyRegistry, PartnerKeys
 from exchange.keys.store import NodeKeys, load_node_keys
 from exchange.ledger import EntryDraft
 from exchange.ledger.checkpoint import (
@@ -343,6 +343,7 @@ class Node(Releases):
             or sent.get(receipt.version) != receipt.digest
             or not earliest <= receipt.accepted_at <= now + skew  # judged at its own time: bound it
             or partner.history.in_force(kid, receipt.accepted_at) is None
+            or self._ended_longer_ago_than_a_wait(partner.history, kid, now) is not None  # backdated
         ):
             raise AnnouncementRejected(
                 "bad-receipt", f"the receipt does not acknowledge version {newest.version}"
@@ -353,24 +354,27 @@ class Node(Releases):
         """Raise EnvelopeError ``key-not-in-force`` unless the partner's key ``kid`` was trusted
         for a signature made at ``signed_at``: listed and not ``next`` in the key set in force then,
         not revoked before it (the partner's newer key sets are fetched once before refusing).
-        Raise ``key-superseded`` if the partner ended the key's validity longer ago than a message
-        signed before that end may wait (``signed_at`` is the signer's word: a stolen retiring key
-        could otherwise backdate into the replay window).
+        Raise ``key-superseded`` if the partner ended the key (its end of validity or revocation)
+        longer ago than a message signed before that end may wait: ``signed_at`` is the signer's
+        word, and a stolen key could otherwise backdate into the whole replay window.
         Raises PartnerKeysUnavailable if that fetch failed: not looked up is not refused."""
         if self.partner.history.in_force(kid, signed_at) is None:
             learnt = self.learn_partner_keys(now)
             if not learnt or self.partner.history.in_force(kid, signed_at) is None:
                 raise EnvelopeError("key-not-in-force", f"{kid} was not trusted at {signed_at.isoformat()}")
-        ended = self.partner.history.entry(kid)
-        if (
-            ended is not None
-            and ended.valid_until is not None
-            and now > ended.valid_until + self.settings.longest_wait
-        ):
+        ended = self._ended_longer_ago_than_a_wait(self.partner.history, kid, now)
+        if ended is not None:
             raise EnvelopeError(
-                "key-superseded",
-                f"{kid} stopped signing at {iso(ended.valid_until)}, longer ago than a message waits",
+                "key-superseded", f"{kid} stopped signing at {iso(ended)}, longer ago than a message waits"
             )
+
+    def _ended_longer_ago_than_a_wait(
+        self, history: KeyHistory, kid: str, now: dt.datetime
+    ) -> dt.datetime | None:
+        """When ``history``'s key ``kid`` ended, if longer ago than the longest a message (or the
+        answer to one) signed before that end may wait; else None."""
+        ended = history.ended(kid)
+        return ended if ended is not None and now > ended + self.settings.longest_wait else None
 
     def _seal_legacy(self) -> None:
         """Bring messages stored before content at rest (migration 0007) under it: a received one's

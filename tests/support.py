@@ -188,12 +188,17 @@ def signed_json(
 
 
 def signed_message(
-    node: Node, created: dt.datetime, checkpoint: str | None = None, **overrides: object
+    node: Node,
+    created: dt.datetime,
+    checkpoint: str | None = None,
+    signing_key: Any = None,
+    **overrides: object,
 ) -> str:
-    """A genuinely sealed envelope from ``node`` to its partner of :func:`signed_json`."""
+    """A genuinely sealed envelope from ``node`` to its partner of :func:`signed_json`, signed by
+    ``signing_key`` (default: the node's active signing key)."""
     return envelope.seal(
         signed_json(node, created, checkpoint, **overrides),
-        signing_key=node.keys.signing,
+        signing_key=signing_key or node.keys.signing,
         recipient_key=node.partner.encryption,
     )
 

@@ -352,6 +352,19 @@ def key_in_force(history: Sequence[KeySet], kid: str, signed_at: dt.datetime) ->
     return entry
 
 
+def key_ended(history: Sequence[KeySet], kid: str) -> dt.datetime | None:
+    """When the key ``kid`` stopped being trusted for new signatures: the earliest end of validity
+    or revocation time any version gives it (None while no version ends it)."""
+    ends = [
+        end
+        for key_set in history
+        if (entry := key_set.key(kid)) is not None
+        for end in (entry.valid_until, entry.revoked_at)
+        if end is not None
+    ]
+    return min(ends, default=None)
+
+
 class KeySetReceipt(BaseModel):
     """A party's signed acknowledgement that it trusts another party's key set at ``version``."""
 

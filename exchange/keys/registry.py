@@ -41,6 +41,7 @@ from exchange.keys.announcement import (
     Trusted,
     accept,
     claimed_version,
+    key_ended,
     key_in_force,
 )
 from exchange.ledger import EntryDraft, LedgerEntry
@@ -132,6 +133,10 @@ class KeyHistory:
     def in_force(self, kid: str, signed_at: dt.datetime) -> KeyEntry | None:
         """The key if it was trusted for a signature made at ``signed_at`` (see ``key_in_force``)."""
         return key_in_force(self.sets, kid, signed_at)
+
+    def ended(self, kid: str) -> dt.datetime | None:
+        """When the key stopped being trusted for new signatures (see ``key_ended``)."""
+        return key_ended(self.sets, kid)
 
     def active(self, purpose: Purpose) -> KeyEntry:
         return self.current.active(purpose)

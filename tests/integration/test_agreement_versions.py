@@ -85,12 +85,9 @@ def wait_held(node: Node, version: str) -> None:
         time.sleep(0.05)
 
 
-def sealed_under(
-    node: Node, terms: Terms, created: dt.datetime, signing_key: Any = None, **overrides: object
-) -> str:
+def sealed_under(node: Node, terms: Terms, created: dt.datetime, **overrides: object) -> str:
     """An envelope from ``node`` signed at ``created`` naming ``terms``' version, built as submit
-    builds one (a sender with its own idea of which version is in force), signed by ``signing_key``
-    (default: the node's active one)."""
+    builds one (a sender with its own idea of which version is in force)."""
     draft = draft_from_submission(
         MessageSubmission.model_validate(rfi(**overrides)),
         agreement=terms.agreement,
@@ -101,9 +98,7 @@ def sealed_under(
         checkpoint=None,
     )
     return envelope.seal(
-        draft.signed_json(),
-        signing_key=signing_key or node.keys.signing,
-        recipient_key=node.partner.encryption,
+        draft.signed_json(), signing_key=node.keys.signing, recipient_key=node.partner.encryption
     )
 
 

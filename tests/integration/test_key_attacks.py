@@ -473,6 +473,32 @@ def refused_and_pending(id_node: Node, link: ReceiptSwap, reason: str, case: str
     assert last["sha256"] == sha256_hex(link.answered[-1]), case
 
 
+def test_a_receipt_of_our_key_set_by_a_partner_key_lost_since_is_refused_once_no_honest_one_can_be_late(
+    nodes: Pair,
+) -> None:
+    """Our version 2 was recorded before the partner lost a signing key: a receipt by the stolen
+    key dated between the two is in force at its own date. It is refused once a receipt the
+    partner gave before the loss could no longer be on its way (the longest wait after the loss,
+    judged when it arrives), so the thief cannot acknowledge for the partner forever."""
+    _, _, id_node, my_node = nodes
+    admin(id_node).rotate("signing")  # version 2, recorded now
+    time.sleep(0.2)
+    lost_at = now() - dt.timedelta(seconds=0.1)
+    stolen = my_node.keys.signing
+    admin(my_node).revoke(str(stolen.kid), reason="laptop stolen", effective_at=lost_at)
+    drain(DeliveryWorker(my_node, Loopback(id_node)))  # ID learns of the revocation
+    link = ReceiptSwap(my_node)
+    link.forge = signed_by(stolen, dated(lost_at - dt.timedelta(seconds=0.05)))
+    wait, second = id_node.settings.longest_wait, dt.timedelta(seconds=1)
+    with pytest.raises(AnnouncementRejected) as refused:
+        id_node.announce_keys(link.announce_keys, lost_at + wait + second)
+    assert refused.value.reason == "bad-receipt"
+    assert [v for v, _ in id_node.registry.unacknowledged()] == [2]
+    # within the wait it cannot be told from a receipt the partner gave before the loss
+    assert id_node.announce_keys(link.announce_keys, lost_at + wait - second) == 2
+    assert not id_node.registry.unacknowledged()
+
+
 def acknowledged_honestly_after(
     id_node: Node, link: ReceiptSwap, announcement: str, refusals: int, ledgered: list[str]
 ) -> None:

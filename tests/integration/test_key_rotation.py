@@ -25,9 +25,8 @@ from exchange.messages import MessageSubmission
 from exchange.node import Node
 from exchange.transport.worker import DeliveryWorker
 from tests.integration.conftest import Pair
-from tests.integration.test_agreement_versions import sealed_under
 from tests.integration.test_node_flow import Loopback, actor, now
-from tests.support import PASSPHRASE, rfi
+from tests.support import PASSPHRASE, rfi, signed_message
 
 
 def admin(node: Node, **settings: object) -> KeyAdmin:
@@ -240,12 +239,33 @@ def test_a_retiring_signing_key_is_accepted_only_as_long_as_what_it_signed_befor
     second = dt.timedelta(seconds=1)
 
     def backdated() -> str:
-        return sealed_under(id_node, id_node.terms, signed_at, signing_key=old_key)
+        return signed_message(id_node, signed_at, signing_key=old_key)
 
     assert my_node.receive([backdated()], entry.valid_until + wait - second)[0].accepted is True
     assert my_node.receive([backdated()], entry.valid_until + wait + second)[0].accepted is False
     assert [e["reason"] for e in events(my_node, "envelope.rejected")] == ["key-superseded"]
     assert id_node.keys.signing_kid != old_kid
+
+
+def test_a_key_revoked_while_active_is_accepted_for_what_it_signed_before_only_as_long_as_that_may_wait(
+    nodes: Pair,
+) -> None:
+    """The thief of an active key signs with a time just before the revocation time: accepted while
+    a message signed then could still be on its way, refused (``key-superseded``) after."""
+    _, _, id_node, my_node = nodes
+    stolen_kid, stolen = id_node.keys.signing_kid, id_node.keys.signing
+    lost_at = now() - dt.timedelta(seconds=1)
+    admin(id_node).revoke(stolen_kid, reason="laptop stolen", effective_at=lost_at)
+    drain(DeliveryWorker(id_node, Loopback(my_node)))  # the revocation is announced
+    assert my_node.partner.history.ended(stolen_kid) == lost_at
+    wait, second = my_node.settings.longest_wait, dt.timedelta(seconds=1)
+
+    def backdated() -> str:
+        return signed_message(id_node, lost_at - second, signing_key=stolen)
+
+    assert my_node.receive([backdated()], lost_at + wait - second)[0].accepted is True
+    assert my_node.receive([backdated()], lost_at + wait + second)[0].accepted is False
+    assert [e["reason"] for e in events(my_node, "envelope.rejected")] == ["key-superseded"]
 
 
 def test_a_revoked_signing_key_is_refused_for_what_it_signed_after_the_revocation_time(nodes: Pair) -> None:

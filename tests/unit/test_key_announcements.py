@@ -19,6 +19,7 @@ from exchange.keys.announcement import (
     accept,
     announce,
     announcement_digest,
+    key_ended,
     key_in_force,
     walk,
 )
@@ -222,6 +223,33 @@ def test_a_revoked_key_is_trusted_only_for_what_it_signed_before_its_revocation(
     assert key_in_force(history, str(old.kid), revoked_at + dt.timedelta(seconds=1)) is None  # after: refused
     assert key_in_force(history, str(new.kid), NOW) is not None
     assert key_in_force(history, "nobody", NOW) is None
+
+
+def test_a_key_ends_at_the_earliest_end_of_validity_or_revocation_any_version_gives_it() -> None:
+    """What the receipt-time bound (``key-superseded``) counts from: a retiring key's end of
+    validity, a revoked key's revocation time, the earlier of the two, still known once a later
+    version drops the key."""
+    chain = Chain().grow(1)
+    old = chain.signers[-1]
+    chain.signers = [signing_key("sig-2")]
+    link = "0" * 64  # the chain of announcements is not what is tested here
+    until, revoked_at = T0 + dt.timedelta(days=12), T0 + dt.timedelta(days=10)
+    retiring = chain.key_set(2, previous=link, extra=(entry(old, "signing", "retiring", valid_until=until),))
+    revoked = entry(old, "signing", "revoked", valid_until=until, revoked_at=revoked_at)
+    versions = [
+        chain.sets[0],
+        retiring,
+        chain.key_set(3, previous=link, extra=(revoked,)),
+        chain.key_set(4, previous=link),
+    ]
+    assert [key_ended(versions[:n], str(old.kid)) for n in (1, 2, 3, 4)] == [
+        None,
+        until,
+        revoked_at,
+        revoked_at,
+    ]
+    assert key_ended(versions, str(chain.signers[0].kid)) is None  # the active one
+    assert key_ended(versions, "nobody") is None
 
 
 def test_a_key_set_must_have_one_active_key_per_purpose() -> None:
