@@ -10,7 +10,7 @@ import datetime as dt
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
@@ -248,6 +248,12 @@ class NodeSettings(BaseSettings):
         """The longest a message may wait for delivery plus the clock skew: how long what was sealed
         before a change stays acceptable (a retiring signing key, a superseded agreement version)."""
         return dt.timedelta(seconds=self.delivery_max_wait_seconds + self.clock_skew_seconds)
+
+    def waited_out(self, ended: dt.datetime | None, now: dt.datetime) -> TypeGuard[dt.datetime]:
+        """Whether ``ended`` (a key's end, an agreement version's supersession) is longer ago at
+        ``now`` than anything sealed before it may wait: what claims to be signed before it is
+        then refused, whatever its signing time says (the signer's word)."""
+        return ended is not None and now > ended + self.longest_wait
 
     def passphrase(self) -> str:
         """The key passphrase, from ``EXCHANGE_KEY_PASSPHRASE`` or the secrets file.

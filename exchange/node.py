@@ -44,7 +44,7 @@ from exchange.errors import (
 )
 from exchange.keys.announcement import AnnouncementRejected, KeySetReceipt, sign_receipt, verify_receipt
 from exchange.keys.kek import KekStore
-from exchange.keys.registry import KeyHistory, KeyRegistry, PartnerKeys
+from exchange.keys.registry import KeyRegistry, PartnerKeys
 from exchange.keys.store import NodeKeys, load_node_keys
 from exchange.ledger import EntryDraft
 from exchange.ledger.checkpoint import (
@@ -343,7 +343,7 @@ class Node(Releases):
             or sent.get(receipt.version) != receipt.digest
             or not earliest <= receipt.accepted_at <= now + skew  # judged at its own time: bound it
             or partner.history.in_force(kid, receipt.accepted_at) is None
-            or self._ended_longer_ago_than_a_wait(partner.history, kid, now) is not None  # backdated
+            or self.settings.waited_out(partner.history.ended(kid), now)  # backdated
         ):
             raise AnnouncementRejected(
                 "bad-receipt", f"the receipt does not acknowledge version {newest.version}"
@@ -362,19 +362,11 @@ class Node(Releases):
             learnt = self.learn_partner_keys(now)
             if not learnt or self.partner.history.in_force(kid, signed_at) is None:
                 raise EnvelopeError("key-not-in-force", f"{kid} was not trusted at {signed_at.isoformat()}")
-        ended = self._ended_longer_ago_than_a_wait(self.partner.history, kid, now)
-        if ended is not None:
+        ended = self.partner.history.ended(kid)
+        if self.settings.waited_out(ended, now):
             raise EnvelopeError(
                 "key-superseded", f"{kid} stopped signing at {iso(ended)}, longer ago than a message waits"
             )
-
-    def _ended_longer_ago_than_a_wait(
-        self, history: KeyHistory, kid: str, now: dt.datetime
-    ) -> dt.datetime | None:
-        """When ``history``'s key ``kid`` ended, if longer ago than the longest a message (or the
-        answer to one) signed before that end may wait; else None."""
-        ended = history.ended(kid)
-        return ended if ended is not None and now > ended + self.settings.longest_wait else None
 
     def _seal_legacy(self) -> None:
         """Bring messages stored before content at rest (migration 0007) under it: a received one's
@@ -795,7 +787,7 @@ class Node(Releases):
                 f"version {version!r} was not in force at {iso(message.created_at)}, when it was signed",
             )
         superseded = held.superseded_at(version)  # a signing time backdated past the switch:
-        if superseded is not None and now > superseded + self.settings.longest_wait:
+        if self.settings.waited_out(superseded, now):
             raise EnvelopeError(
                 "agreement-superseded",
                 f"version {version!r} was superseded at {iso(superseded)}, longer ago than a message waits",

@@ -145,8 +145,8 @@ def _never_pooled_inside_a_transaction(engine: Engine) -> None:
     """Roll back what a PostgreSQL connection left open when it returns to the pool (SQLAlchemy's
     reset on return does it too, unless configured not to on an autocommit engine): an open
     transaction there could hold the ledger head's lock for good."""
-    open_states = {engine.dialect.loaded_dbapi.pq.TransactionStatus.INTRANS}
-    open_states.add(engine.dialect.loaded_dbapi.pq.TransactionStatus.INERROR)
+    status = engine.dialect.loaded_dbapi.pq.TransactionStatus
+    open_states = {status.INTRANS, status.INERROR}
 
     @sa.event.listens_for(engine, "checkin")
     def _checkin(dbapi_conn: Any, _record: Any) -> None:
