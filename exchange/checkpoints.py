@@ -272,7 +272,9 @@ class CheckpointService:
                 "note_sha256": sha256_hex(note),
             },
         )
-        self.node.committer.run(lambda conn, head: repo.append_ledger(conn, head, [draft], iso(now)))
+        self.node.committer.run(
+            lambda conn, head: repo.append_ledger(conn, head, [draft], iso(now)), appends_only=True
+        )
 
     def status(self) -> dict[str, Any]:
         """Latest own checkpoint (and whether the partner cosigned it), latest witnessed one."""

@@ -44,7 +44,9 @@ class ContentStore:
 
     def seal(self, row: dict[str, Any], signed: str) -> dict[str, Any]:
         """The content columns of ``row`` (which has its metadata and ``destroy_after``) for the
-        signed JWS. Call inside a transaction holding the ledger lock."""
+        signed JWS. Call inside a transaction holding the ledger lock, or assuming the head
+        (``repo.assume_ledger_head``): a destruction moves the head, so such a transaction that
+        sealed under a KEK the destruction retired is not committed."""
         kek = self.keks.live(period_of(row["destroy_after"]))
         content = seal_at_rest(signed, message_id=row["id"], meta=metadata_digest(row), kek=kek)
         return {"content": content, "content_kid": kek.kid, "content_sha256": sha256_hex(signed)}

@@ -560,7 +560,9 @@ class Node(Releases):
         }
 
         def write(conn: Connection, head: repo.LedgerHead) -> repo.LedgerHead:
-            stored.update(self.content.seal(stored, signed))  # under the ledger lock: the live KEK
+            # the live KEK, judged under the ledger head: a destruction moves the head, so a unit
+            # that sealed under a KEK retired meanwhile is not committed, and runs again
+            stored.update(self.content.seal(stored, signed))
             repo.insert_message(conn, stored)
             repo.enqueue(conn, message.id, now.timestamp())
             if on_write is not None:
@@ -588,7 +590,7 @@ class Node(Releases):
                 iso(now),
             )
 
-        self.committer.run(write)
+        self.committer.run(write, appends_only=True)
         return answer
 
     def _protected(self, terms: Terms, draft: Message, decision: Decision) -> Message:
@@ -1080,7 +1082,9 @@ class Node(Releases):
     # --- ledger ----------------------------------------------------------------------------------
 
     def ledger(self, now: dt.datetime, *drafts: EntryDraft) -> None:
-        self.committer.run(lambda conn, head: repo.append_ledger(conn, head, list(drafts), iso(now)))
+        self.committer.run(
+            lambda conn, head: repo.append_ledger(conn, head, list(drafts), iso(now)), appends_only=True
+        )
 
 
 __all__ = ["InboxPage", "KeyId", "MessageId", "Node", "NotFound", "PeerResult"]

@@ -12,6 +12,15 @@ others commit. A unit may
 therefore run twice; it must have no effect outside the transaction but what is safe to repeat
 (the content store's live KEK is such).
 
+On PostgreSQL a batch of units that only read, insert and append (``run(..., appends_only=True)``:
+submissions, decisions) does not lock the ledger head first: it appends after the head its process
+last committed (:attr:`Database.known_ledger_head`), and the head is locked and written first at
+commit, only if it is still that head (:func:`repo.assume_ledger_head`). That saves the lock's round
+trip. If another writer moved the head meanwhile (another process, or a transaction of this one
+outside the committer that had not finished), the commit fails, and the batch runs again holding
+the lock, as every batch does for the next ``LOCK_AFTER_MOVED_SECONDS``. A unit may thus run three
+times (the batch unlocked, the batch locked, alone).
+
 Guarantee: :meth:`GroupCommitter.run` returns only after the unit is committed, and raises if it
 was not. Appends stay serialised by the database (the head row lock / SQLite's write lock), so
 several processes may each run a committer against one database.
@@ -22,6 +31,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 
@@ -35,6 +45,11 @@ log = logging.getLogger("exchange.committer")
 
 Unit = Callable[[Connection, repo.LedgerHead], repo.LedgerHead]
 
+#: after the head moved under an unlocked batch, batches lock it first for this long
+LOCK_AFTER_MOVED_SECONDS = 1.0
+
+_Item = tuple[Unit, Future[None], bool]  # the unit, its caller's future, whether it only appends
+
 
 class GroupCommitter:
     """One background thread committing batches of units for one Database."""
@@ -42,15 +57,24 @@ class GroupCommitter:
     def __init__(self, db: Database, max_batch: int = 256) -> None:
         self.db = db
         self.max_batch = max_batch
-        self._queue: queue.Queue[tuple[Unit, Future[None]] | None] = queue.Queue()
+        self._queue: queue.Queue[_Item | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._locking_until = 0.0  # (monotonic) batches lock the head first until then
+        #: batches committed without locking the head first, and those that went again locked (the
+        #: head had moved, or a unit or the commit failed)
+        self.unlocked_commits = 0
+        self.unlocked_retried = 0
 
-    def run(self, unit: Unit) -> None:
-        """Commit ``unit``; block until it is durable. Re-raises the unit's or the commit's error."""
+    def run(self, unit: Unit, *, appends_only: bool = False) -> None:
+        """Commit ``unit``; block until it is durable. Re-raises the unit's or the commit's error.
+
+        ``appends_only``: the unit reads, inserts and appends to the ledger, and updates, deletes
+        or locks no row (a statement that would raises RuntimeError in an unlocked batch, which
+        then runs again holding the lock): its batch may go without locking the head first."""
         self._ensure_started()
         future: Future[None] = Future()
-        self._queue.put((unit, future))
+        self._queue.put((unit, future, appends_only))
         future.result()
 
     def close(self) -> None:
@@ -87,25 +111,57 @@ class GroupCommitter:
             if stop:
                 return
 
-    def _commit(self, batch: list[tuple[Unit, Future[None]]]) -> None:
+    def _commit(self, batch: list[_Item]) -> None:
+        known = self.db.known_ledger_head
+        if (
+            isinstance(known, repo.LedgerHead)
+            and self.db.dialect == "postgresql"  # (SQLite: a writer holds the lock from its BEGIN)
+            and all(appends_only for _, _, appends_only in batch)
+            and time.monotonic() >= self._locking_until
+        ):
+            try:
+                with self.db.transaction(lock_free=True) as conn:
+                    head = repo.assume_ledger_head(conn, known)  # locked and written first at commit
+                    defer_inserts(conn)
+                    for unit, _, _ in batch:
+                        head = unit(conn, head)
+            except DatabaseUnavailable as exc:  # a condition, logged once by the Database
+                for _, future, _ in batch:
+                    future.set_exception(exc)
+                return
+            except Exception as exc:  # the head moved, or a unit or the commit failed: nothing written
+                self.unlocked_retried += 1
+                self._locking_until = time.monotonic() + LOCK_AFTER_MOVED_SECONDS
+                reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[:1]  # (no parameters)
+                log.debug(
+                    "an unlocked batch of %d unit(s) goes again holding the ledger lock (%s: %s)",
+                    len(batch),
+                    type(exc).__name__,
+                    reason[0] if reason else "",
+                )
+            else:
+                self.unlocked_commits += 1
+                for _, future, _ in batch:
+                    future.set_result(None)
+                return
         if len(batch) == 1:
-            self._commit_alone(*batch[0])
+            self._commit_alone(*batch[0][:2])
             return
         try:
             with self.db.transaction() as conn:
                 defer_inserts(conn)  # each table's rows of the whole batch in one statement
                 head = repo.lock_ledger_head(conn)
-                for unit, _ in batch:
+                for unit, _, _ in batch:
                     head = unit(conn, head)
         except DatabaseUnavailable as exc:  # a condition, logged once by the Database
-            for _, future in batch:
+            for _, future, _ in batch:
                 future.set_exception(exc)
             return
         except Exception:  # a unit failed, or the commit: nothing of the batch is written
-            for unit, future in batch:  # each again alone, so a failure is its own caller's only
+            for unit, future, _ in batch:  # each again alone, so a failure is its own caller's only
                 self._commit_alone(unit, future)
             return
-        for _, future in batch:
+        for _, future, _ in batch:
             future.set_result(None)
 
     def _commit_alone(self, unit: Unit, future: Future[None]) -> None:

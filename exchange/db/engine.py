@@ -34,6 +34,7 @@ it ends, not once per request.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -124,6 +125,15 @@ _UNBEGUN: set[Connection] = set()
 #: commit at once, out of any transaction)
 _READING: set[Connection] = set()
 
+#: the transactions of ``Database.transaction(lock_free=True)`` until their actions before commit:
+#: a statement that locks a row is refused there (see :meth:`Database.transaction`)
+_LOCK_FREE: set[Connection] = set()
+
+#: a statement that locks rows: an update or a delete (however it was built), or a locking read
+_LOCKING = re.compile(
+    r"^\s*(?:UPDATE|DELETE)\b|\bFOR\s+(?:NO\s+KEY\s+|KEY\s+)?(?:UPDATE|SHARE)\b", re.IGNORECASE
+)
+
 
 def _guard_units_of_work(engine: Engine) -> None:
     """Before each statement sent through SQLAlchemy: refuse a write in a read, and send a
@@ -132,10 +142,17 @@ def _guard_units_of_work(engine: Engine) -> None:
     :func:`begin_with` its ``BEGIN``."""
 
     @sa.event.listens_for(engine, "before_cursor_execute")
-    def _before(conn: Connection, cursor: Any, _sql: str, _params: Any, context: Any, _many: bool) -> None:
+    def _before(conn: Connection, cursor: Any, sql: str, _params: Any, context: Any, _many: bool) -> None:
         writes = context is not None and (context.isinsert or context.isupdate or context.isdelete)
         if writes and conn in _READING:
             raise RuntimeError("a write inside Database.read(): write in Database.transaction()")
+        if conn in _LOCK_FREE and (
+            (context is not None and (context.isupdate or context.isdelete)) or _LOCKING.search(sql)
+        ):
+            raise RuntimeError(
+                "a row lock in a lock-free transaction before its commit: use a transaction that"
+                " locks the ledger head first"
+            )
         if conn in _UNBEGUN:
             _UNBEGUN.discard(conn)
             cursor.connection.execute("BEGIN")  # queued, in a pipeline: same round trip as the rest
@@ -187,14 +204,23 @@ def begin_now(conn: Connection) -> None:
         conn.exec_driver_sql("BEGIN")
 
 
-def before_commit(conn: Connection, key: str, action: Callable[[Connection], None]) -> bool:
+def before_commit(
+    conn: Connection, key: str, action: Callable[[Connection], None], *, first: bool = False
+) -> bool:
     """Have ``action(conn)`` run once, just before ``conn``'s transaction commits; a later action
-    under the same ``key`` replaces an earlier one. Only in a transaction opened by
-    :meth:`Database.transaction`: returns False elsewhere, and the caller must act at once."""
+    under the same ``key`` replaces an earlier one in its place. The actions run in the order
+    their keys were first registered, except that ``first`` puts this key before every other.
+    Only in a transaction opened by :meth:`Database.transaction`: returns False elsewhere, and the
+    caller must act at once."""
     actions = _BEFORE_COMMIT.get(conn)
     if actions is None:
         return False
-    actions[key] = action
+    if first:
+        others = [(k, a) for k, a in actions.items() if k != key]
+        actions.clear()
+        actions.update([(key, action), *others])
+    else:
+        actions[key] = action
     return True
 
 
@@ -393,25 +419,40 @@ class Database:
         self.engine = make_engine(url, pool_size=pool_size)
         self.reader = make_engine(url, writer=False) if self.engine.dialect.name == "sqlite" else self.engine
         self.availability = Availability(self.engine.url.render_as_string(hide_password=True))
+        #: the ledger head (``repo.LedgerHead``) that this process's last transaction to write one
+        #: committed, or None: the group committer appends after it without locking it first
+        #: (``repo.assume_ledger_head``). Another process's append makes it stale, which the
+        #: head's guard then refuses at commit.
+        self.known_ledger_head: Any = None
 
     @property
     def dialect(self) -> str:
         return self.engine.dialect.name
 
     @contextmanager
-    def transaction(self) -> Iterator[Connection]:
-        """A connection in a transaction, committed on success and rolled back on error.
+    def transaction(self, *, lock_free: bool = False) -> Iterator[Connection]:
+        """A connection in a transaction, committed on success and rolled back on error. Once it
+        committed, each action it ran before the commit that has a ``committed(db)`` method is
+        told so.
+
+        ``lock_free``: no statement before the actions at commit may lock a row (``UPDATE``,
+        ``DELETE``, ``SELECT ... FOR UPDATE``/``FOR SHARE``): it raises RuntimeError instead. For a
+        transaction that locks the ledger head only at commit (``repo.assume_ledger_head``):
+        every other writer locks the head first, so a row locked before it could deadlock.
 
         Raises:
             DatabaseUnavailable: the database could not be reached or could not write.
         """
+        actions: dict[str, Callable[[Connection], None]] = {}
         with self._available(), self.engine.begin() as conn:
-            actions: dict[str, Callable[[Connection], None]] = {}
             _BEFORE_COMMIT[conn] = actions
             if self.dialect == "postgresql":
                 _UNBEGUN.add(conn)
+            if lock_free:
+                _LOCK_FREE.add(conn)
             try:
                 yield conn
+                _LOCK_FREE.discard(conn)
                 if actions:
                     with _pipelined(conn, commit=True):
                         for action in actions.values():
@@ -419,6 +460,11 @@ class Database:
             finally:
                 del _BEFORE_COMMIT[conn]
                 _UNBEGUN.discard(conn)
+                _LOCK_FREE.discard(conn)
+        for action in actions.values():
+            committed = getattr(action, "committed", None)
+            if committed is not None:
+                committed(self)
 
     @contextmanager
     def read(self) -> Iterator[Connection]:

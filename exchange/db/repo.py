@@ -4,7 +4,10 @@ and never commits.
 Ledger appends: :func:`lock_ledger_head` must be the first statement of a transaction that appends;
 it locks the head row (PostgreSQL) or holds SQLite's write lock (``BEGIN IMMEDIATE``), so appends from
 any number of processes get consecutive sequence numbers with no gap and no fork, and an inbox
-sequence assigned under the same lock orders inbound messages by commit order.
+sequence assigned under the same lock orders inbound messages by commit order. A transaction may
+instead append after a head it already knows (:func:`assume_ledger_head`): it then takes the lock
+only at commit, where the head is written first and only if it is still the one assumed, so it
+commits as if it had held the lock all along, or not at all.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from exchange.db.coordination import (
     OUTBOX_CHANNEL,
     notify,
 )
-from exchange.db.engine import before_commit, begin_now, begin_with, insert, pending
+from exchange.db.engine import Database, before_commit, begin_now, begin_with, insert, pending
 from exchange.db.schema import (
     agreements,
     checkpoints,
@@ -101,7 +104,17 @@ _DEQUEUE = outbox.delete().where(outbox.c.message_id == _MID)
 #: round trip (:func:`~exchange.db.engine.begin_with`); SQLite's BEGIN IMMEDIATE holds the lock there
 _LOCK_HEAD = "SELECT size, root_hash, frontier FROM ledger_head WHERE id = 1"
 _READ_HEAD = sa.select(ledger_head).where(ledger_head.c.id == 1)
-_WRITE_HEAD = ledger_head.update().where(ledger_head.c.id == 1)
+#: the new head, written only over the head it was appended after (``expected_``): on PostgreSQL
+#: the guard function raises otherwise (migration 0014), on SQLite no row is written (and the
+#: caller raises; there a writer holds the lock from its first statement anyway)
+_WRITE_HEAD = {
+    "postgresql": ledger_head.update().where(
+        ledger_head.c.id == 1, sa.func.ledger_head_is(ledger_head.c.size, sa.bindparam("expected_"))
+    ),
+    "sqlite": ledger_head.update().where(
+        ledger_head.c.id == 1, ledger_head.c.size == sa.bindparam("expected_")
+    ),
+}
 _INSERT_ENTRIES = ledger_entries.insert()
 _INSERT_SUBTREES = ledger_subtrees.insert()
 _LATEST_CHECKPOINT = sa.select(checkpoints).order_by(checkpoints.c.size.desc()).limit(1)
@@ -593,20 +606,30 @@ def _head(row: Any) -> LedgerHead:
 
 
 class _HeadWrite:
-    """The ledger head a transaction's appends reached, written once just before it commits."""
+    """The ledger head a transaction's appends reached, written once just before it commits, over
+    the head of ``expected`` entries they were appended after. Once committed, it is the head its
+    Database knows (:attr:`~exchange.db.engine.Database.known_ledger_head`)."""
 
-    def __init__(self, head: LedgerHead) -> None:
+    def __init__(self, head: LedgerHead, expected: int) -> None:
         self.head = head
+        self.expected = expected
 
     def __call__(self, conn: Connection) -> None:
-        frontier = self.head.frontier
-        conn.execute(
-            _WRITE_HEAD, {"size": self.head.size, "root_hash": self.head.root, "frontier": frontier.to_json()}
-        )
+        """Raises:
+        LedgerIntegrityError: (SQLite) the stored head is not the one expected; on PostgreSQL
+            the database raises (the guard function), failing the transaction as well."""
+        head = self.head
+        values = {"size": head.size, "root_hash": head.root, "frontier": head.frontier.to_json()}
+        written = conn.execute(_WRITE_HEAD[conn.dialect.name], {**values, "expected_": self.expected})
+        if conn.dialect.name != "postgresql" and written.rowcount != 1:  # (PostgreSQL: in a pipeline)
+            raise LedgerIntegrityError(f"the ledger head moved: {self.expected} entries were expected")
+
+    def committed(self, db: Database) -> None:
+        db.known_ledger_head = self.head
 
 
 def _appended(conn: Connection) -> LedgerHead | None:
-    """The head this transaction's appends reached, not yet written."""
+    """The head this transaction's appends reached (or assumed), not yet written."""
     write = pending(conn, "ledger_head")
     return write.head if isinstance(write, _HeadWrite) else None
 
@@ -616,6 +639,23 @@ def lock_ledger_head(conn: Connection) -> LedgerHead:
     return _appended(conn) or _head(
         begin_with(conn, _LOCK_HEAD + (" FOR UPDATE" if conn.dialect.name == "postgresql" else ""))
     )
+
+
+def assume_ledger_head(conn: Connection, head: LedgerHead) -> LedgerHead:
+    """Append after ``head`` without locking it now: the head is locked and written first of what
+    the transaction does before it commits (even if nothing is appended), and only if the stored
+    head is still ``head``; otherwise the commit fails and nothing of the transaction is written
+    (on PostgreSQL the guard function raises; on SQLite, LedgerIntegrityError). In place of
+    :func:`lock_ledger_head`, in a transaction that locks no row before it commits
+    (``Database.transaction(lock_free=True)``: every other writer locks the head first, so a row
+    locked before it could deadlock).
+
+    Raises:
+        RuntimeError: outside a transaction of :meth:`~exchange.db.engine.Database.transaction`.
+    """
+    if not before_commit(conn, "ledger_head", _HeadWrite(head, head.size), first=True):
+        raise RuntimeError("assume_ledger_head outside Database.transaction()")
+    return head
 
 
 def read_ledger_head(conn: Connection) -> LedgerHead:
@@ -660,7 +700,8 @@ def append_ledger(conn: Connection, head: LedgerHead, drafts: Sequence[EntryDraf
     new_head = LedgerHead(frontier.size, frontier.root(), frontier)
     if conn.in_nested_transaction():  # a savepoint rolled back would leave a written head behind
         raise RuntimeError("a ledger append inside a savepoint: append after it, in the transaction")
-    write = _HeadWrite(new_head)
+    assumed = pending(conn, "ledger_head")
+    write = _HeadWrite(new_head, assumed.expected if isinstance(assumed, _HeadWrite) else head.size)
     if not before_commit(conn, "ledger_head", write):
         write(conn)
     notify(conn, LEDGER_CHANNEL)

@@ -118,7 +118,8 @@ class KekStore:
         return [kid for _, _, kid in sorted(found)]
 
     def live(self, period: str) -> OctKey:
-        """The live KEK of ``period``, created if the period has none yet. Call under the ledger lock.
+        """The live KEK of ``period``, created if the period has none yet. Call under the ledger lock
+        (or in a transaction assuming the head, which commits only if it is still the head).
 
         The folder is listed again unless the last listing's answer is known to stand: the
         folder's modification time is the one it had then and was settled then (see

@@ -138,7 +138,7 @@ def test_a_batch_is_one_transaction_without_savepoints_writing_the_head_once(nod
     sa.event.listen(node.db.engine, "before_cursor_execute", lambda *a: statements.append(a[2].lower()))
     runs: Counter[str] = Counter()
     futures: list[Future[None]] = [Future() for _ in range(3)]
-    node.committer._commit([(_appending(n, runs), f) for n, f in zip("abc", futures, strict=True)])
+    node.committer._commit([(_appending(n, runs), f, False) for n, f in zip("abc", futures, strict=True)])
     assert [f.result() for f in futures] == [None, None, None]
     assert runs == {"a": 1, "b": 1, "c": 1}
     assert not [s for s in statements if "savepoint" in s]
@@ -154,7 +154,7 @@ def test_a_failing_unit_undoes_its_batch_whose_units_then_commit_alone(nodes: Pa
     runs: Counter[str] = Counter()
     units = [_appending("a", runs), _appending("bad", runs, fail=True), _appending("b", runs)]
     futures: list[Future[None]] = [Future() for _ in units]
-    node.committer._commit(list(zip(units, futures, strict=True)))
+    node.committer._commit([(unit, future, False) for unit, future in zip(units, futures, strict=True)])
     assert futures[0].result() is None
     assert futures[2].result() is None
     with pytest.raises(ValueError, match="bad fails after writing"):
@@ -230,12 +230,12 @@ def test_an_append_inside_a_savepoint_is_refused(nodes: Pair) -> None:
 def _batched(node: Node, size: int) -> None:
     """Make ``node``'s committer commit the next ``size`` units as one batch, whatever their timing
     (each caller blocks until the batch is committed, as with the real queue)."""
-    batch: list[tuple[Unit, Future[None]]] = []
+    batch: list[tuple[Unit, Future[None], bool]] = []
     full = threading.Barrier(size, action=lambda: node.committer._commit(batch))
 
-    def run(unit: Unit) -> None:
+    def run(unit: Unit, *, appends_only: bool = False) -> None:
         future: Future[None] = Future()
-        batch.append((unit, future))
+        batch.append((unit, future, appends_only))
         full.wait()
         future.result()
 

@@ -1,0 +1,330 @@
+"""Appends after a head known beforehand (``repo.assume_ledger_head``), which lock the ledger head
+only at commit: the group committer's batches of submissions and decisions on PostgreSQL. Such a
+transaction commits as if it had held the lock all along, or not at all: never after a head that
+another writer moved, never ahead of the stored head, never under a content key a destruction
+retired meanwhile, and never deadlocked against a writer that locks the head first."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from exchange import crypto
+from exchange.config import load_settings
+from exchange.db import repo
+from exchange.db.committer import LOCK_AFTER_MOVED_SECONDS, GroupCommitter
+from exchange.db.engine import Database, defer_inserts, upgrade
+from exchange.db.schema import ledger_entries, messages, outbox
+from exchange.errors import LedgerIntegrityError
+from exchange.ledger import EntryDraft, verify_rows
+from exchange.messages import MessageSubmission
+from exchange.node import Node
+from tests.integration.test_transactions import round_trips
+from tests.support import make_pair, rfi
+
+
+class Abandoned(Exception):
+    """Raised inside a unit of work to have it rolled back."""
+
+
+def append(conn: Any, head: repo.LedgerHead, event: str = "test.entry") -> repo.LedgerHead:
+    return repo.append_ledger(conn, head, [EntryDraft(event=event)], "t")
+
+
+def append_locked(db: Database, event: str = "test.entry") -> None:
+    with db.transaction() as conn:
+        append(conn, repo.lock_ledger_head(conn), event)
+
+
+def ledger(db: Database) -> list[str]:
+    """The events of the stored ledger, after checking that it is whole (no gap, no fork)."""
+    with db.read() as conn:
+        head = repo.read_ledger_head(conn)
+        assert verify_rows(repo.ledger_rows(conn), size=head.size, root=head.root) == head.size
+        return [e.event for e in repo.iter_ledger(conn)]
+
+
+def abandoned_append(db: Database) -> repo.LedgerHead:
+    """The head an append reached in a transaction then rolled back: never committed."""
+    reached: list[repo.LedgerHead] = []
+
+    def abandon() -> None:
+        with db.transaction() as conn:
+            reached.append(append(conn, repo.lock_ledger_head(conn)))
+            raise Abandoned
+
+    with pytest.raises(Abandoned):
+        abandon()
+    return reached[0]
+
+
+def append_assuming(db: Database, head: repo.LedgerHead, event: str = "assumed") -> None:
+    with db.transaction(lock_free=True) as conn:
+        defer_inserts(conn)
+        append(conn, repo.assume_ledger_head(conn, head), event)
+
+
+#: what each database raises when the head assumed is not the stored one
+MOVED = (sa.exc.DBAPIError, LedgerIntegrityError)
+
+
+def test_the_head_a_committed_append_reached_is_known_and_an_abandoned_one_is_not(db_url: str) -> None:
+    with Database(db_url) as db:
+        assert db.known_ledger_head is None
+        append_locked(db)
+        known = db.known_ledger_head
+        assert isinstance(known, repo.LedgerHead)
+        assert known.size == 1
+        abandoned_append(db)
+        assert db.known_ledger_head == known
+        with db.read() as conn:
+            assert repo.read_ledger_head(conn) == known
+
+
+def test_an_append_after_a_head_another_writer_moved_is_refused_and_leaves_nothing(db_url: str) -> None:
+    with Database(db_url) as db, Database(db_url) as other_process:
+        append_locked(db)
+        known = db.known_ledger_head
+        append_locked(other_process, "other")
+        with pytest.raises(MOVED, match="ledger head moved"):
+            append_assuming(db, known)
+        assert ledger(db) == ["test.entry", "other"]
+
+
+def test_an_append_after_a_head_ahead_of_the_stored_one_is_refused_and_leaves_no_gap(db_url: str) -> None:
+    """A head that was never committed (or a database restored under a running node): the
+    entries' keys would not collide, so only the head's guard stops entries beyond its end."""
+    with Database(db_url) as db:
+        append_locked(db)
+        ahead = abandoned_append(db)
+        with pytest.raises(MOVED, match="ledger head moved"):
+            append_assuming(db, ahead)
+        assert ledger(db) == ["test.entry"]
+        with db.read() as conn:
+            assert conn.execute(sa.select(sa.func.count()).select_from(ledger_entries)).scalar_one() == 1
+
+
+def test_an_append_after_the_stored_head_commits_and_writes_the_head_once(db_url: str) -> None:
+    with Database(db_url) as db:
+        append_locked(db)
+        known = db.known_ledger_head
+        with db.transaction(lock_free=True) as conn:
+            defer_inserts(conn)
+            head = repo.assume_ledger_head(conn, known)
+            assert repo.lock_ledger_head(conn) == head  # the assumed head: no lock now
+            head = append(conn, head, "a")
+            append(conn, head, "b")
+        assert ledger(db) == ["test.entry", "a", "b"]
+        assert db.known_ledger_head.size == 3
+        with db.transaction(lock_free=True) as conn:  # nothing appended: the head is still checked
+            repo.assume_ledger_head(conn, db.known_ledger_head)
+        with pytest.raises(MOVED, match="ledger head moved"), db.transaction(lock_free=True) as conn:
+            repo.assume_ledger_head(conn, known)
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE outbox SET attempts = 1",
+        "DELETE FROM outbox",
+        "SELECT size FROM ledger_head WHERE id = 1 FOR UPDATE",
+        "SELECT message_id FROM outbox FOR SHARE",
+    ],
+    ids=["update", "delete", "for-update", "for-share"],
+)
+def test_a_lock_free_transaction_refuses_a_row_lock_before_its_commit(db_url: str, statement: str) -> None:
+    """Every other writer locks the ledger head first: a row locked before it could deadlock."""
+    with Database(db_url) as db:
+        append_locked(db)
+        known = db.known_ledger_head
+
+        def lock_a_row() -> None:
+            with db.transaction(lock_free=True) as conn:
+                repo.assume_ledger_head(conn, known)
+                conn.execute(sa.select(outbox.c.message_id)).all()  # a plain read is fine
+                conn.exec_driver_sql(statement)
+
+        with pytest.raises(RuntimeError, match="row lock in a lock-free transaction"):
+            lock_a_row()
+        assert ledger(db) == ["test.entry"]
+
+
+@pytest.mark.postgres
+def test_an_unlocked_append_waits_for_a_writer_holding_the_lock_then_is_refused_without_deadlock(
+    make_pg_database: Callable[[], str],
+) -> None:
+    url = make_pg_database()
+    upgrade(url)
+    with Database(url) as db, Database(url) as other_process:
+        append_locked(db)
+        known = db.known_ledger_head
+        holding = threading.Event()
+
+        def writer_holding_the_lock() -> None:
+            with other_process.transaction() as conn:
+                append(conn, repo.lock_ledger_head(conn), "locker")
+                conn.execute(sa.select(messages.c.id)).all()  # the lock is taken and the BEGIN sent
+                holding.set()
+                time.sleep(0.5)
+
+        locker = threading.Thread(target=writer_holding_the_lock)
+        locker.start()
+        assert holding.wait(10)
+        started = time.monotonic()
+        with pytest.raises(sa.exc.DBAPIError, match="ledger head moved"):
+            append_assuming(db, known)
+        waited = time.monotonic() - started
+        locker.join()
+        assert 0.2 < waited < 5  # it waited for the lock, and was not ended by deadlock detection
+        assert ledger(db) == ["test.entry", "locker"]
+
+
+@pytest.mark.postgres
+def test_a_writer_locking_the_head_after_an_unlocked_append_appends_after_it(
+    make_pg_database: Callable[[], str],
+) -> None:
+    url = make_pg_database()
+    upgrade(url)
+    with Database(url) as db, Database(url) as other_process:
+        append_locked(db)
+        known = db.known_ledger_head
+        assert known is not None
+        committing = threading.Event()
+        done: list[str] = []
+
+        def lock_after_it() -> None:
+            committing.wait(10)
+            append_locked(other_process, "locker")
+            done.append("locker")
+
+        locker = threading.Thread(target=lock_after_it)
+        locker.start()
+        with db.transaction(lock_free=True) as conn:
+            defer_inserts(conn)
+            append(conn, repo.assume_ledger_head(conn, known), "assumed")
+            committing.set()
+        locker.join()
+        assert done == ["locker"]
+        assert ledger(db) == ["test.entry", "assumed", "locker"]
+
+
+def counted(runs: Counter[str], name: str) -> Callable[[Any, repo.LedgerHead], repo.LedgerHead]:
+    def unit(conn: Any, head: repo.LedgerHead) -> repo.LedgerHead:
+        runs[name] += 1
+        return append(conn, head, name)
+
+    return unit
+
+
+@pytest.mark.postgres
+def test_the_committer_appends_unlocked_after_its_known_head_and_goes_again_locked_when_it_moved(
+    make_pg_database: Callable[[], str], tmp_path: Path
+) -> None:
+    url = make_pg_database()
+    upgrade(url)
+    with Database(url, pool_size=1) as db, Database(url) as other_process:
+        committer = GroupCommitter(db)
+        runs: Counter[str] = Counter()
+        try:
+            committer.run(counted(runs, "first"), appends_only=True)  # no head known yet: locked
+            assert committer.unlocked_commits == 0
+            for n in range(6):  # psycopg prepares a statement at its fifth use: the steady state
+                committer.run(counted(runs, f"warm{n}"), appends_only=True)
+            assert committer.unlocked_commits == 6
+            with round_trips(db, tmp_path) as trips:
+                committer.run(counted(runs, "unlocked"), appends_only=True)
+            assert trips == [1]  # BEGIN, the head (locked and written), the rows, NOTIFY, COMMIT
+            committer.run(counted(runs, "updates"))  # a unit that may update: always locked
+            assert committer.unlocked_commits == 7
+
+            append_locked(other_process, "other")  # another process moves the head
+            committer.run(counted(runs, "after-other"), appends_only=True)
+            assert (committer.unlocked_retried, runs["after-other"]) == (1, 2)  # unlocked, then again locked
+            committer.run(counted(runs, "next"), appends_only=True)
+            assert (committer.unlocked_commits, runs["next"]) == (7, 1)  # locked for a while
+            time.sleep(LOCK_AFTER_MOVED_SECONDS)
+            committer.run(counted(runs, "later"), appends_only=True)
+            assert committer.unlocked_commits == 8
+        finally:
+            committer.close()
+        assert ledger(db) == [
+            "first",
+            *(f"warm{n}" for n in range(6)),
+            "unlocked",
+            "updates",
+            "other",
+            "after-other",
+            "next",
+            "later",
+        ]
+
+
+def test_on_sqlite_the_committer_always_locks_first(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'node.db'}"
+    upgrade(url)
+    with Database(url) as db:
+        committer = GroupCommitter(db)
+        runs: Counter[str] = Counter()
+        try:
+            for n in range(3):
+                committer.run(counted(runs, str(n)), appends_only=True)
+        finally:
+            committer.close()
+        assert committer.unlocked_commits == 0
+        assert ledger(db) == ["0", "1", "2"]
+
+
+@pytest.mark.postgres
+def test_a_submission_sealed_under_a_key_a_destruction_retired_meanwhile_is_sealed_again_under_the_new_one(
+    tmp_path: Path, make_pg_database: Callable[[], str]
+) -> None:
+    """The content key is chosen in the unit, before an unlocked batch commits. A destruction of
+    the period in between retires that key (and destroys its file once committed): the batch must
+    not commit content that no key opens."""
+    id_dir, _ = make_pair(tmp_path, (make_pg_database(), make_pg_database()))
+    node = Node(load_settings(id_dir.path))
+    try:
+        actor = node.actor_for(
+            crypto.certificate_info(id_dir.client("polri-cms").cert.read_bytes()).fingerprint
+        )
+        assert actor is not None
+        submission = MessageSubmission.model_validate(rfi())
+        node.submit(actor, submission, dt.datetime.now(dt.UTC))  # the committer learns the head
+        doomed = node.submit(actor, submission, dt.datetime.now(dt.UTC))["id"]
+        seal = node.content.seal
+        sealed_under: list[str] = []
+
+        def seal_then_destroy(row: dict[str, Any], signed: str) -> dict[str, Any]:
+            columns = seal(row, signed)
+            sealed_under.append(str(columns["content_kid"]))
+            if len(sealed_under) == 1:  # a destruction commits between the seal and the commit
+                other = threading.Thread(
+                    target=node.retention.destroy, args=([doomed], "test", dt.datetime.now(dt.UTC))
+                )
+                other.start()
+                other.join(30)
+            return columns
+
+        node.content.seal = seal_then_destroy  # type: ignore[method-assign]
+        accepted = node.submit(actor, submission, dt.datetime.now(dt.UTC))
+        node.content.seal = seal  # type: ignore[method-assign]
+
+        assert len(sealed_under) == 2
+        assert sealed_under[0] != sealed_under[1]  # sealed again
+        assert not node.content.keks.kids(sealed_under[0][4:11]).count(sealed_under[0])  # retired
+        with node.db.read() as conn:
+            row = repo.get_message(conn, accepted["id"])
+        assert row is not None
+        assert row["content_kid"] == sealed_under[1]
+        assert node.content.open(row)  # the content opens with the keys left
+        assert node.committer.unlocked_retried == 1
+    finally:
+        node.close()
