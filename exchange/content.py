@@ -1,9 +1,11 @@
 """Messages' content at rest: sealed under a fresh data key wrapped by the retention period's KEK,
 opened for releases and for the sender, destroyed so that no backup can bring it back.
 
-Every change of a period's live KEK happens in a transaction that holds the ledger lock (submit,
-receive and destruction all do), so no content is ever sealed under a KEK that a destruction is
-retiring. Destroying messages re-wraps the other messages of their period under a new KEK in the
+Content is sealed in a transaction that appends to the ledger (submit, receive), and a
+destruction changes a period's live KEK holding the ledger lock and moves the head, so no content
+sealed under a KEK that a destruction retires is ever committed: its transaction held the lock, or
+assumed a head that the destruction moved and is refused at commit (``repo.assume_ledger_head``).
+Destroying messages re-wraps the other messages of their period under a new KEK in the
 same transaction; the old KEK files are destroyed after the commit (:meth:`ContentStore.retire`),
 and :meth:`ContentStore.sweep` destroys any KEK no stored content needs (after a crash in between).
 """

@@ -27,10 +27,15 @@ def private_dir(path: Path) -> Path:
     return path
 
 
-def write_private(path: Path, data: bytes | str) -> Path:
+def write_private(path: Path, data: bytes | str, *, exclusive: bool = False) -> Path:
     """Write ``data`` to ``path`` atomically, mode 0600 from the first byte: a temporary file in the
     same folder, synced, then renamed over ``path``, so a crash leaves the old file or the new one,
-    never half of either."""
+    never half of either. ``exclusive``: never over an existing file (hard-linked into place
+    instead of renamed), for a file two writers may create at once and only the first may.
+
+    Raises:
+        FileExistsError: ``exclusive`` and ``path`` exists (nothing was written).
+    """
     raw = data.encode() if isinstance(data, str) else data
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
@@ -45,7 +50,13 @@ def write_private(path: Path, data: bytes | str) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     os.close(fd)
-    os.replace(tmp, path)
+    if not exclusive:
+        os.replace(tmp, path)
+        return path
+    try:
+        os.link(tmp, path)  # atomic, and fails where a file is: no writer overwrites another's
+    finally:
+        tmp.unlink()
     return path
 
 

@@ -18,8 +18,9 @@ last committed (:attr:`Database.known_ledger_head`), and the head is locked and 
 commit, only if it is still that head (:func:`repo.assume_ledger_head`). That saves the lock's round
 trip. If another writer moved the head meanwhile (another process, or a transaction of this one
 outside the committer that had not finished), the commit fails, and the batch runs again holding
-the lock, as every batch does for the next ``LOCK_AFTER_MOVED_SECONDS``. A unit may thus run three
-times (the batch unlocked, the batch locked, alone).
+the lock, as every batch does for the next ``LOCK_AFTER_MOVED_SECONDS``; so does a batch whose
+unit or commit failed otherwise. A unit may thus run three times (the batch unlocked, the batch
+locked, alone).
 
 Guarantee: :meth:`GroupCommitter.run` returns only after the unit is committed, and raises if it
 was not. Appends stay serialised by the database (the head row lock / SQLite's write lock), so
@@ -131,7 +132,8 @@ class GroupCommitter:
                 return
             except Exception as exc:  # the head moved, or a unit or the commit failed: nothing written
                 self.unlocked_retried += 1
-                self._locking_until = time.monotonic() + LOCK_AFTER_MOVED_SECONDS
+                if repo.head_moved(exc):  # (a unit's own error says nothing about the next batches)
+                    self._locking_until = time.monotonic() + LOCK_AFTER_MOVED_SECONDS
                 reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[:1]  # (no parameters)
                 log.debug(
                     "an unlocked batch of %d unit(s) goes again holding the ledger lock (%s: %s)",

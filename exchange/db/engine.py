@@ -126,13 +126,13 @@ _UNBEGUN: set[Connection] = set()
 _READING: set[Connection] = set()
 
 #: the transactions of ``Database.transaction(lock_free=True)`` until their actions before commit:
-#: a statement that locks a row is refused there (see :meth:`Database.transaction`)
+#: anything but a plain read is refused there, and a read sends no BEGIN (see
+#: :meth:`Database.transaction`)
 _LOCK_FREE: set[Connection] = set()
 
-#: a statement that locks rows: an update or a delete (however it was built), or a locking read
-_LOCKING = re.compile(
-    r"^\s*(?:UPDATE|DELETE)\b|\bFOR\s+(?:NO\s+KEY\s+|KEY\s+)?(?:UPDATE|SHARE)\b", re.IGNORECASE
-)
+#: a plain read (what a lock-free transaction may send before its commit), and what makes a read lock
+_PLAIN_READ = re.compile(r"^\s*SELECT\b", re.IGNORECASE)
+_LOCKING_READ = re.compile(r"\bFOR\s+(?:NO\s+KEY\s+|KEY\s+)?(?:UPDATE|SHARE)\b|\bpg_advisory", re.IGNORECASE)
 
 
 def _guard_units_of_work(engine: Engine) -> None:
@@ -146,13 +146,13 @@ def _guard_units_of_work(engine: Engine) -> None:
         writes = context is not None and (context.isinsert or context.isupdate or context.isdelete)
         if writes and conn in _READING:
             raise RuntimeError("a write inside Database.read(): write in Database.transaction()")
-        if conn in _LOCK_FREE and (
-            (context is not None and (context.isupdate or context.isdelete)) or _LOCKING.search(sql)
-        ):
-            raise RuntimeError(
-                "a row lock in a lock-free transaction before its commit: use a transaction that"
-                " locks the ledger head first"
-            )
+        if conn in _LOCK_FREE:  # before its commit: plain reads only, which need no BEGIN yet
+            if writes or not _PLAIN_READ.match(sql) or _LOCKING_READ.search(sql):
+                raise RuntimeError(
+                    "a row lock in a lock-free transaction before its commit (only plain reads may go"
+                    " there, its writes deferred to the commit): lock the ledger head first instead"
+                )
+            return  # (READ COMMITTED: it sees what it would inside the transaction, which wrote nothing yet)
         if conn in _UNBEGUN:
             _UNBEGUN.discard(conn)
             cursor.connection.execute("BEGIN")  # queued, in a pipeline: same round trip as the rest
@@ -435,8 +435,9 @@ class Database:
         committed, each action it ran before the commit that has a ``committed(db)`` method is
         told so.
 
-        ``lock_free``: no statement before the actions at commit may lock a row (``UPDATE``,
-        ``DELETE``, ``SELECT ... FOR UPDATE``/``FOR SHARE``): it raises RuntimeError instead. For a
+        ``lock_free``: before the actions at commit, only plain reads may be sent (anything else,
+        a write not deferred to the commit or a locking read, raises RuntimeError: it could lock
+        a row), and they send no ``BEGIN``: it goes with the actions, in their pipeline. For a
         transaction that locks the ledger head only at commit (``repo.assume_ledger_head``):
         every other writer locks the head first, so a row locked before it could deadlock.
 

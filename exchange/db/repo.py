@@ -104,15 +104,23 @@ _DEQUEUE = outbox.delete().where(outbox.c.message_id == _MID)
 #: round trip (:func:`~exchange.db.engine.begin_with`); SQLite's BEGIN IMMEDIATE holds the lock there
 _LOCK_HEAD = "SELECT size, root_hash, frontier FROM ledger_head WHERE id = 1"
 _READ_HEAD = sa.select(ledger_head).where(ledger_head.c.id == 1)
-#: the new head, written only over the head it was appended after (``expected_``): on PostgreSQL
+#: the new head, written only over the head it was appended after (``after_``): on PostgreSQL
 #: the guard function raises otherwise (migration 0014), on SQLite no row is written (and the
 #: caller raises; there a writer holds the lock from its first statement anyway)
 _WRITE_HEAD = {
     "postgresql": ledger_head.update().where(
-        ledger_head.c.id == 1, sa.func.ledger_head_is(ledger_head.c.size, sa.bindparam("expected_"))
+        ledger_head.c.id == 1,
+        sa.func.ledger_head_is(
+            ledger_head.c.size,
+            ledger_head.c.root_hash,
+            sa.bindparam("after_size"),
+            sa.bindparam("after_root"),
+        ),
     ),
     "sqlite": ledger_head.update().where(
-        ledger_head.c.id == 1, ledger_head.c.size == sa.bindparam("expected_")
+        ledger_head.c.id == 1,
+        ledger_head.c.size == sa.bindparam("after_size"),
+        ledger_head.c.root_hash == sa.bindparam("after_root"),
     ),
 }
 _INSERT_ENTRIES = ledger_entries.insert()
@@ -607,22 +615,26 @@ def _head(row: Any) -> LedgerHead:
 
 class _HeadWrite:
     """The ledger head a transaction's appends reached, written once just before it commits, over
-    the head of ``expected`` entries they were appended after. Once committed, it is the head its
-    Database knows (:attr:`~exchange.db.engine.Database.known_ledger_head`)."""
+    the head ``after`` they were appended after. Once committed, it is the head its Database
+    knows (:attr:`~exchange.db.engine.Database.known_ledger_head`)."""
 
-    def __init__(self, head: LedgerHead, expected: int) -> None:
+    def __init__(self, head: LedgerHead, after: LedgerHead) -> None:
         self.head = head
-        self.expected = expected
+        self.after = after
 
     def __call__(self, conn: Connection) -> None:
         """Raises:
-        LedgerIntegrityError: (SQLite) the stored head is not the one expected; on PostgreSQL
-            the database raises (the guard function), failing the transaction as well."""
-        head = self.head
+        LedgerIntegrityError: (SQLite) the stored head is not ``after``; on PostgreSQL the
+            database raises (the guard function), failing the transaction as well."""
+        head, after = self.head, self.after
         values = {"size": head.size, "root_hash": head.root, "frontier": head.frontier.to_json()}
-        written = conn.execute(_WRITE_HEAD[conn.dialect.name], {**values, "expected_": self.expected})
+        written = conn.execute(
+            _WRITE_HEAD[conn.dialect.name], {**values, "after_size": after.size, "after_root": after.root}
+        )
         if conn.dialect.name != "postgresql" and written.rowcount != 1:  # (PostgreSQL: in a pipeline)
-            raise LedgerIntegrityError(f"the ledger head moved: {self.expected} entries were expected")
+            raise LedgerIntegrityError(
+                f"the ledger head moved: the head of {after.size} entries was expected"
+            )
 
     def committed(self, db: Database) -> None:
         db.known_ledger_head = self.head
@@ -641,6 +653,15 @@ def lock_ledger_head(conn: Connection) -> LedgerHead:
     )
 
 
+def head_moved(exc: BaseException) -> bool:
+    """Whether ``exc`` is the head's guard refusing a write after a head that is not the stored
+    one (:func:`assume_ledger_head`)."""
+    if isinstance(exc, LedgerIntegrityError):
+        return str(exc).startswith("the ledger head moved")
+    orig = getattr(exc, "orig", None)
+    return getattr(orig, "sqlstate", None) == "P0001" and str(orig).startswith("the ledger head moved")
+
+
 def assume_ledger_head(conn: Connection, head: LedgerHead) -> LedgerHead:
     """Append after ``head`` without locking it now: the head is locked and written first of what
     the transaction does before it commits (even if nothing is appended), and only if the stored
@@ -653,7 +674,7 @@ def assume_ledger_head(conn: Connection, head: LedgerHead) -> LedgerHead:
     Raises:
         RuntimeError: outside a transaction of :meth:`~exchange.db.engine.Database.transaction`.
     """
-    if not before_commit(conn, "ledger_head", _HeadWrite(head, head.size), first=True):
+    if not before_commit(conn, "ledger_head", _HeadWrite(head, head), first=True):
         raise RuntimeError("assume_ledger_head outside Database.transaction()")
     return head
 
@@ -701,7 +722,7 @@ def append_ledger(conn: Connection, head: LedgerHead, drafts: Sequence[EntryDraf
     if conn.in_nested_transaction():  # a savepoint rolled back would leave a written head behind
         raise RuntimeError("a ledger append inside a savepoint: append after it, in the transaction")
     assumed = pending(conn, "ledger_head")
-    write = _HeadWrite(new_head, assumed.expected if isinstance(assumed, _HeadWrite) else head.size)
+    write = _HeadWrite(new_head, assumed.after if isinstance(assumed, _HeadWrite) else head)
     if not before_commit(conn, "ledger_head", write):
         write(conn)
     notify(conn, LEDGER_CHANNEL)

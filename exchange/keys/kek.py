@@ -12,12 +12,16 @@ Files under ``<key_dir>/kek/`` (owner-only, written atomically):
 
 Nothing of a KEK is ever in the database: destroying its file (overwritten, then unlinked) makes
 every at-rest copy it wrapped unreadable, in the database and in every backup of the database.
-Changes of the live KEK happen under the ledger lock (see ``exchange.lifecycle``), so a message is
-never sealed under a KEK that a concurrent destruction retires.
+A destruction makes a new live KEK under the ledger lock and moves the ledger head (see
+``exchange.lifecycle``), so a message sealed under a KEK it retires is never committed: its
+transaction either held the lock or assumed a head the destruction moved. A period's first KEK
+may be made by any writer (several at once, in several processes): each KEK file is created
+exclusively, and a writer that finds the id taken uses the KEK already there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -67,9 +71,9 @@ class KekStore:
         if not path.exists():
             private_dir(self.folder)  # every KEK is written after the master key: one place creates it
             header = {"alg": "PBES2-HS512+A256KW", "enc": "A256GCM", "p2c": PBES2_ITERATIONS}
-            write_private(
-                path, jwe.encrypt_compact(header, secrets.token_bytes(32), password, registry=_PBES2).encode()
-            )
+            sealed = jwe.encrypt_compact(header, secrets.token_bytes(32), password, registry=_PBES2)
+            with contextlib.suppress(FileExistsError):  # another thread or process made it first: theirs
+                write_private(path, sealed.encode(), exclusive=True)
         try:
             raw = jwe.decrypt_compact(path.read_bytes(), password, registry=_PBES2).plaintext
         except (JoseError, ValueError) as exc:
@@ -118,8 +122,9 @@ class KekStore:
         return [kid for _, _, kid in sorted(found)]
 
     def live(self, period: str) -> OctKey:
-        """The live KEK of ``period``, created if the period has none yet. Call under the ledger lock
-        (or in a transaction assuming the head, which commits only if it is still the head).
+        """The live KEK of ``period``, created if the period has none yet (or the one another
+        writer created first). Call in a transaction that appends to the ledger: holding its lock,
+        or assuming a head, which commits only if no destruction moved it meanwhile.
 
         The folder is listed again unless the last listing's answer is known to stand: the
         folder's modification time is the one it had then and was settled then (see
@@ -135,7 +140,7 @@ class KekStore:
         if seen is not None and key is not None and os.path.exists(seen[2]) and not os.path.exists(seen[3]):
             return key
         existing = self.kids(period)
-        key = self.get(existing[-1]) if existing else self.create(period)
+        key = self.get(existing[-1]) if existing else self.create(period, unless_one_exists=True)
         if changed is not None and listed_at - changed > SETTLED_NS:
             kid, following = str(key.kid), self._next_id(period)
             with self._lock:
@@ -158,14 +163,24 @@ class KekStore:
         except FileNotFoundError:
             return None
 
-    def create(self, period: str) -> OctKey:
-        """A new KEK for ``period`` that becomes its live one. Call under the ledger lock."""
-        kid = self._next_id(period)
-        header = {"alg": "A256KW", "enc": "A256GCM", "kid": kid}
+    def create(self, period: str, *, unless_one_exists: bool = False) -> OctKey:
+        """A new KEK for ``period`` that becomes its live one. Each KEK file is created exclusively:
+        a writer that finds its id taken (another thread or process created a KEK of the period
+        meanwhile) takes the next id, or with ``unless_one_exists`` the period's live KEK instead,
+        so no key is ever overwritten with content already sealed under it."""
         raw = secrets.token_bytes(32)
-        write_private(
-            self._path(kid), jwe.encrypt_compact(header, raw, self._master_key(), registry=_WRAP).encode()
-        )
+        while True:
+            kid = self._next_id(period)
+            # (after the id: a KEK made since then is seen here, one made later takes this id too)
+            if unless_one_exists and (existing := self.kids(period)):
+                return self.get(existing[-1])
+            header = {"alg": "A256KW", "enc": "A256GCM", "kid": kid}
+            sealed = jwe.encrypt_compact(header, raw, self._master_key(), registry=_WRAP).encode()
+            try:
+                write_private(self._path(kid), sealed, exclusive=True)
+                break
+            except FileExistsError:  # another writer took the id: the next one, or theirs
+                continue
         key = OctKey.import_key(raw, {"kid": kid})
         with self._lock:
             self._cache[kid] = key

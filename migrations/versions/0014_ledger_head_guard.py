@@ -1,5 +1,7 @@
-"""The ledger head's guard on PostgreSQL: ``ledger_head_is(stored, expected)`` is true when the
-stored head's size is the one a transaction appended after, and raises otherwise. A batch of the
+"""The ledger head's guard on PostgreSQL: ``ledger_head_is(size, root, expected_size,
+expected_root)`` is true when the stored head is the one a transaction appended after (its size
+and its root: a database restored and grown back to the same size has another root), and raises
+otherwise. A batch of the
 group committer that did not lock the head first (it appended after the head its process last
 committed, docs/adr/0004) writes the new head only where the guard holds: if another writer moved
 the head meanwhile, the write fails and nothing of the transaction is committed. SQLite needs no
@@ -25,11 +27,14 @@ def upgrade() -> None:
         return
     op.execute(
         """
-        CREATE OR REPLACE FUNCTION ledger_head_is(stored bigint, expected bigint) RETURNS boolean
+        CREATE OR REPLACE FUNCTION ledger_head_is(
+            stored_size bigint, stored_root bytea, expected_size bigint, expected_root bytea
+        ) RETURNS boolean
         LANGUAGE plpgsql AS $$
         BEGIN
-            IF stored IS DISTINCT FROM expected THEN
-                RAISE EXCEPTION 'the ledger head moved: it holds % entries, % were expected', stored, expected
+            IF stored_size IS DISTINCT FROM expected_size OR stored_root IS DISTINCT FROM expected_root THEN
+                RAISE EXCEPTION 'the ledger head moved: it holds % entries, the head of % was expected',
+                    stored_size, expected_size
                     USING HINT = 'another writer appended meanwhile: append again after the head';
             END IF;
             RETURN true;
@@ -42,4 +47,4 @@ def upgrade() -> None:
 def downgrade() -> None:
     if op.get_context().dialect.name != "postgresql":
         return
-    op.execute("DROP FUNCTION IF EXISTS ledger_head_is(bigint, bigint)")
+    op.execute("DROP FUNCTION IF EXISTS ledger_head_is(bigint, bytea, bigint, bytea)")

@@ -21,7 +21,7 @@ from exchange import crypto
 from exchange.config import load_settings
 from exchange.db import repo
 from exchange.db.committer import LOCK_AFTER_MOVED_SECONDS, GroupCommitter
-from exchange.db.engine import Database, defer_inserts, upgrade
+from exchange.db.engine import Database, before_commit, defer_inserts, upgrade
 from exchange.db.schema import ledger_entries, messages, outbox
 from exchange.errors import LedgerIntegrityError
 from exchange.ledger import EntryDraft, verify_rows
@@ -94,8 +94,9 @@ def test_an_append_after_a_head_another_writer_moved_is_refused_and_leaves_nothi
         append_locked(db)
         known = db.known_ledger_head
         append_locked(other_process, "other")
-        with pytest.raises(MOVED, match="ledger head moved"):
+        with pytest.raises(MOVED, match="ledger head moved") as refused:
             append_assuming(db, known)
+        assert repo.head_moved(refused.value)
         assert ledger(db) == ["test.entry", "other"]
 
 
@@ -110,6 +111,20 @@ def test_an_append_after_a_head_ahead_of_the_stored_one_is_refused_and_leaves_no
         assert ledger(db) == ["test.entry"]
         with db.read() as conn:
             assert conn.execute(sa.select(sa.func.count()).select_from(ledger_entries)).scalar_one() == 1
+
+
+def test_an_append_after_a_head_of_the_right_size_but_another_root_is_refused(db_url: str) -> None:
+    """The same size, another ledger: a head known before the database was restored and grown back
+    to that size by another writer (here: a head never committed, then another entry committed).
+    Appending after it would chain the new entries onto a frontier that is not the stored one."""
+    with Database(db_url) as db, Database(db_url) as other_process:
+        other = abandoned_append(db)
+        append_locked(other_process, "stored")
+        with db.read() as conn:
+            assert repo.read_ledger_head(conn).size == other.size
+        with pytest.raises(MOVED, match="ledger head moved"):
+            append_assuming(db, other)
+        assert ledger(db) == ["stored"]
 
 
 def test_an_append_after_the_stored_head_commits_and_writes_the_head_once(db_url: str) -> None:
@@ -137,8 +152,11 @@ def test_an_append_after_the_stored_head_commits_and_writes_the_head_once(db_url
         "DELETE FROM outbox",
         "SELECT size FROM ledger_head WHERE id = 1 FOR UPDATE",
         "SELECT message_id FROM outbox FOR SHARE",
+        "WITH gone AS (DELETE FROM outbox RETURNING 1) SELECT count(*) FROM gone",
+        "INSERT INTO agreements (version, digest, document, installed_at) VALUES ('v', 'd', '{}', 't')",
+        "SELECT pg_advisory_xact_lock(1)",
     ],
-    ids=["update", "delete", "for-update", "for-share"],
+    ids=["update", "delete", "for-update", "for-share", "cte-delete", "insert-not-deferred", "advisory"],
 )
 def test_a_lock_free_transaction_refuses_a_row_lock_before_its_commit(db_url: str, statement: str) -> None:
     """Every other writer locks the ledger head first: a row locked before it could deadlock."""
@@ -202,15 +220,21 @@ def test_a_writer_locking_the_head_after_an_unlocked_append_appends_after_it(
 
         def lock_after_it() -> None:
             committing.wait(10)
+            time.sleep(0.15)  # the unlocked commit holds the head row now, for 0.5 s
             append_locked(other_process, "locker")
             done.append("locker")
 
         locker = threading.Thread(target=lock_after_it)
         locker.start()
+
+        def hold_the_head(conn: Any) -> None:  # after the head's write, in the commit's pipeline
+            committing.set()  # (the pipeline goes to the server once its actions are queued)
+            conn.execute(sa.text("SELECT pg_sleep(0.5)"))
+
         with db.transaction(lock_free=True) as conn:
             defer_inserts(conn)
             append(conn, repo.assume_ledger_head(conn, known), "assumed")
-            committing.set()
+            before_commit(conn, "hold", hold_the_head)
         locker.join()
         assert done == ["locker"]
         assert ledger(db) == ["test.entry", "assumed", "locker"]
@@ -253,6 +277,17 @@ def test_the_committer_appends_unlocked_after_its_known_head_and_goes_again_lock
             time.sleep(LOCK_AFTER_MOVED_SECONDS)
             committer.run(counted(runs, "later"), appends_only=True)
             assert committer.unlocked_commits == 8
+
+            def failing(conn: Any, head: repo.LedgerHead) -> repo.LedgerHead:
+                runs["failing"] += 1
+                append(conn, head, "failing")
+                raise ValueError("this unit fails")
+
+            with pytest.raises(ValueError, match="this unit fails"):
+                committer.run(failing, appends_only=True)
+            assert runs["failing"] == 2  # unlocked, then again alone holding the lock
+            committer.run(counted(runs, "after-failing"), appends_only=True)
+            assert committer.unlocked_commits == 9  # a unit's own error does not lock the next batches
         finally:
             committer.close()
         assert ledger(db) == [
@@ -264,7 +299,40 @@ def test_the_committer_appends_unlocked_after_its_known_head_and_goes_again_lock
             "after-other",
             "next",
             "later",
+            "after-failing",
         ]
+
+
+@pytest.mark.postgres
+def test_two_processes_committing_unlocked_at_once_lose_nothing_and_keep_one_ledger(
+    make_pg_database: Callable[[], str],
+) -> None:
+    url = make_pg_database()
+    upgrade(url)
+    with Database(url) as first, Database(url) as second:
+        committers = [GroupCommitter(first), GroupCommitter(second)]  # two processes of one node
+        runs: Counter[str] = Counter()
+        errors: list[BaseException] = []
+
+        def submitter(committer: GroupCommitter, name: str) -> None:
+            try:
+                for n in range(25):
+                    committer.run(counted(runs, f"{name}-{n}"), appends_only=True)
+            except BaseException as exc:  # (reported below)
+                errors.append(exc)
+
+        threads = [threading.Thread(target=submitter, args=(committers[i % 2], f"t{i}")) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for committer in committers:
+            committer.close()
+        assert errors == []
+        events = ledger(first)
+        assert sorted(events) == sorted(f"t{i}-{n}" for i in range(8) for n in range(25))  # each once
+        assert sum(c.unlocked_commits for c in committers) > 0
+        assert max(runs.values()) <= 3  # a unit runs unlocked, locked, alone at most
 
 
 def test_on_sqlite_the_committer_always_locks_first(tmp_path: Path) -> None:
@@ -299,6 +367,7 @@ def test_a_submission_sealed_under_a_key_a_destruction_retired_meanwhile_is_seal
         submission = MessageSubmission.model_validate(rfi())
         node.submit(actor, submission, dt.datetime.now(dt.UTC))  # the committer learns the head
         doomed = node.submit(actor, submission, dt.datetime.now(dt.UTC))["id"]
+        assert (node.committer.unlocked_commits, node.committer.unlocked_retried) == (1, 0)
         seal = node.content.seal
         sealed_under: list[str] = []
 

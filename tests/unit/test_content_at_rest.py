@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 import time
 from pathlib import Path
 
@@ -209,3 +210,33 @@ def test_only_kek_files_are_kek_ids_ordered_by_period_then_number(tmp_path: Path
     assert store.kids() == ["kek-2031-11-1", *store.kids("2031-12")]
     assert store.live("2031-12").kid == "kek-2031-12-10"
     assert store.live("2032-01").kid == "kek-2032-01-1"  # a period without one gets its first
+
+
+def test_writers_making_a_periods_first_kek_at_once_all_seal_under_the_one_kept(tmp_path: Path) -> None:
+    """Any transaction may make a period's first KEK (a batch assuming the ledger head holds no
+    lock), in several threads and processes at once. A KEK overwritten after content was sealed
+    under it would lose that content for good: the master key and each KEK are created
+    exclusively, and a writer that finds its id taken uses the KEK already there."""
+    folder = tmp_path / "kek"
+    stores = [KekStore(folder, "a-long-enough-passphrase") for _ in range(4)]  # four processes
+    periods = [f"2031-{m:02d}" for m in range(1, 13)]
+    got: dict[tuple[int, str], OctKey] = {}
+    start = threading.Barrier(len(stores) * 2)
+
+    def writer(store_index: int) -> None:
+        start.wait()
+        for period in periods:
+            got[(store_index, period)] = stores[store_index % len(stores)].live(period)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(len(stores) * 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    kept = KekStore(folder, "a-long-enough-passphrase")  # a process started afterwards
+    for period in periods:
+        assert kept.kids(period) == [f"kek-{period}-1"]  # one KEK per period, no second made
+        for (_, of), key in got.items():
+            if of == period:
+                assert key.kid == f"kek-{period}-1"
+                assert key.raw_value == kept.get(f"kek-{period}-1").raw_value  # the one kept
