@@ -640,12 +640,15 @@ class Node(Releases):
         """Verify, de-duplicate, store and receipt a batch of envelopes from the partner node.
 
         An admitted message's inbox position is 1 + the ledger sequence of its ``envelope.received``
-        entry: assigned under the ledger lock, so positions grow in commit order.
+        entry: assigned under the ledger lock (or after a head assumed, which the commit checks),
+        so positions grow in commit order.
 
         Crypto runs before the ledger lock is taken; the batch's state changes and ledger entries
         commit in one transaction: each table's rows in one statement when no envelope of the batch
-        reads what another writes (no id twice, no control message), else, and whenever that
-        fails, with one savepoint per envelope so that one's failure rejects it alone. A
+        reads what another writes (no id twice, no control message), after the head this process
+        last committed without locking it first where one is known (PostgreSQL, ADR 4; again
+        holding the lock if the head moved), else, and whenever that fails, with one savepoint
+        per envelope so that one's failure rejects it alone. A
         redelivered envelope gets its original receipt and stores nothing twice. A rejection tells
         the peer nothing but "rejected"; the reason goes to the log and the ledger.
         """
@@ -663,7 +666,16 @@ class Node(Releases):
             i.terms.agreement.message_types[i.message.type].kind == "control" for i in admitted
         )
         stored: tuple[list[PeerResult], list[Callable[[], None]]] | None = None
-        if plain:  # no envelope reads back what another of the batch writes: no savepoints
+        if plain and (known := self.committer.unlocked.head()) is not None:
+            try:  # after the head this process last committed, locked only at commit (ADR 4)
+                stored = self._store(envelopes, opened, now, careful=False, assumed=known)
+            except DatabaseUnavailable:
+                raise
+            except Exception as exc:  # the head moved, or an envelope failed: again, locked
+                self.committer.unlocked.failed(f"a received batch of {len(envelopes)} envelope(s)", exc)
+            else:
+                self.committer.unlocked.commits += 1
+        if plain and stored is None:  # no envelope reads back what another of the batch writes
             try:
                 stored = self._store(envelopes, opened, now, careful=False)
             except DatabaseUnavailable:
@@ -689,6 +701,7 @@ class Node(Releases):
         now: dt.datetime,
         *,
         careful: bool,
+        assumed: repo.LedgerHead | None = None,
     ) -> tuple[list[PeerResult], list[Callable[[], None]]]:
         """Admit the opened envelopes of a batch and ledger them, in one transaction; returns the
         results and what to do once it committed (see :meth:`_admit`).
@@ -697,14 +710,18 @@ class Node(Releases):
         each row written at once (an envelope may read what an earlier one of the batch wrote).
         Otherwise no savepoint, and every row inserted just before the commit
         (:func:`exchange.db.engine.defer_inserts`): any failure raises, and nothing is written.
+        ``assumed`` (not careful): append after this head without locking it first; the commit
+        fails if it is no longer the stored head (``repo.assume_ledger_head``).
         """
         results: list[PeerResult] = []
         after: list[Callable[[], None]] = []
         drafts: list[EntryDraft] = []
-        with self.db.transaction() as conn:
+        with self.db.transaction(lock_free=assumed is not None) as conn:
+            if assumed is not None:
+                repo.assume_ledger_head(conn, assumed)
             if not careful:
                 defer_inserts(conn)
-            head = repo.lock_ledger_head(conn)
+            head = repo.lock_ledger_head(conn)  # (the assumed head, if one is)
             # one query for the batch's ids already stored; an id seen earlier in this batch is
             # looked up again (its earlier envelope may just have stored it)
             stored = repo.get_messages(conn, [i.message.id for i in opened if isinstance(i, Admitted)])

@@ -52,6 +52,47 @@ LOCK_AFTER_MOVED_SECONDS = 1.0
 _Item = tuple[Unit, Future[None], bool]  # the unit, its caller's future, whether it only appends
 
 
+class UnlockedAppends:
+    """Whether a transaction of this process may append after the ledger head the process last
+    committed without locking the head first (PostgreSQL, ``repo.assume_ledger_head``), and what
+    a failed attempt means for the next ones. Shared by the group committer and the receiver."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._locking_until = 0.0  # (monotonic) attempts lock the head first until then
+        #: attempts committed, and attempts that went again holding the lock
+        self.commits = 0
+        self.retried = 0
+
+    def head(self) -> repo.LedgerHead | None:
+        """The head to assume, or None to lock it first: on SQLite (a writer holds the lock from
+        its ``BEGIN``), before this process committed a head, and for ``LOCK_AFTER_MOVED_SECONDS``
+        after the head moved under an attempt."""
+        known = self.db.known_ledger_head
+        if (
+            isinstance(known, repo.LedgerHead)
+            and self.db.dialect == "postgresql"
+            and time.monotonic() >= self._locking_until
+        ):
+            return known
+        return None
+
+    def failed(self, what: str, exc: BaseException) -> None:
+        """An attempt failed with ``exc`` (nothing of it was written) and goes again holding the
+        lock; if the head had moved, so do the attempts of the next ``LOCK_AFTER_MOVED_SECONDS``
+        (a unit's own error says nothing about them)."""
+        self.retried += 1
+        if repo.head_moved(exc):
+            self._locking_until = time.monotonic() + LOCK_AFTER_MOVED_SECONDS
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[:1]  # (no parameters)
+        log.debug(
+            "%s goes again holding the ledger lock (%s: %s)",
+            what,
+            type(exc).__name__,
+            reason[0] if reason else "",
+        )
+
+
 class GroupCommitter:
     """One background thread committing batches of units for one Database."""
 
@@ -61,11 +102,7 @@ class GroupCommitter:
         self._queue: queue.Queue[_Item | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._locking_until = 0.0  # (monotonic) batches lock the head first until then
-        #: batches committed without locking the head first, and those that went again locked (the
-        #: head had moved, or a unit or the commit failed)
-        self.unlocked_commits = 0
-        self.unlocked_retried = 0
+        self.unlocked = UnlockedAppends(db)
 
     def run(self, unit: Unit, *, appends_only: bool = False) -> None:
         """Commit ``unit``; block until it is durable. Re-raises the unit's or the commit's error.
@@ -113,13 +150,8 @@ class GroupCommitter:
                 return
 
     def _commit(self, batch: list[_Item]) -> None:
-        known = self.db.known_ledger_head
-        if (
-            isinstance(known, repo.LedgerHead)
-            and self.db.dialect == "postgresql"  # (SQLite: a writer holds the lock from its BEGIN)
-            and all(appends_only for _, _, appends_only in batch)
-            and time.monotonic() >= self._locking_until
-        ):
+        known = self.unlocked.head() if all(appends_only for _, _, appends_only in batch) else None
+        if known is not None:
             try:
                 with self.db.transaction(lock_free=True) as conn:
                     head = repo.assume_ledger_head(conn, known)  # locked and written first at commit
@@ -131,18 +163,9 @@ class GroupCommitter:
                     future.set_exception(exc)
                 return
             except Exception as exc:  # the head moved, or a unit or the commit failed: nothing written
-                self.unlocked_retried += 1
-                if repo.head_moved(exc):  # (a unit's own error says nothing about the next batches)
-                    self._locking_until = time.monotonic() + LOCK_AFTER_MOVED_SECONDS
-                reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[:1]  # (no parameters)
-                log.debug(
-                    "an unlocked batch of %d unit(s) goes again holding the ledger lock (%s: %s)",
-                    len(batch),
-                    type(exc).__name__,
-                    reason[0] if reason else "",
-                )
+                self.unlocked.failed(f"an unlocked batch of {len(batch)} unit(s)", exc)
             else:
-                self.unlocked_commits += 1
+                self.unlocked.commits += 1
                 for _, future, _ in batch:
                     future.set_result(None)
                 return

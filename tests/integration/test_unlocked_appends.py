@@ -259,24 +259,24 @@ def test_the_committer_appends_unlocked_after_its_known_head_and_goes_again_lock
         runs: Counter[str] = Counter()
         try:
             committer.run(counted(runs, "first"), appends_only=True)  # no head known yet: locked
-            assert committer.unlocked_commits == 0
+            assert committer.unlocked.commits == 0
             for n in range(6):  # psycopg prepares a statement at its fifth use: the steady state
                 committer.run(counted(runs, f"warm{n}"), appends_only=True)
-            assert committer.unlocked_commits == 6
+            assert committer.unlocked.commits == 6
             with round_trips(db, tmp_path) as trips:
                 committer.run(counted(runs, "unlocked"), appends_only=True)
             assert trips == [1]  # BEGIN, the head (locked and written), the rows, NOTIFY, COMMIT
             committer.run(counted(runs, "updates"))  # a unit that may update: always locked
-            assert committer.unlocked_commits == 7
+            assert committer.unlocked.commits == 7
 
             append_locked(other_process, "other")  # another process moves the head
             committer.run(counted(runs, "after-other"), appends_only=True)
-            assert (committer.unlocked_retried, runs["after-other"]) == (1, 2)  # unlocked, then again locked
+            assert (committer.unlocked.retried, runs["after-other"]) == (1, 2)  # unlocked, then again locked
             committer.run(counted(runs, "next"), appends_only=True)
-            assert (committer.unlocked_commits, runs["next"]) == (7, 1)  # locked for a while
+            assert (committer.unlocked.commits, runs["next"]) == (7, 1)  # locked for a while
             time.sleep(LOCK_AFTER_MOVED_SECONDS)
             committer.run(counted(runs, "later"), appends_only=True)
-            assert committer.unlocked_commits == 8
+            assert committer.unlocked.commits == 8
 
             def failing(conn: Any, head: repo.LedgerHead) -> repo.LedgerHead:
                 runs["failing"] += 1
@@ -287,7 +287,7 @@ def test_the_committer_appends_unlocked_after_its_known_head_and_goes_again_lock
                 committer.run(failing, appends_only=True)
             assert runs["failing"] == 2  # unlocked, then again alone holding the lock
             committer.run(counted(runs, "after-failing"), appends_only=True)
-            assert committer.unlocked_commits == 9  # a unit's own error does not lock the next batches
+            assert committer.unlocked.commits == 9  # a unit's own error does not lock the next batches
         finally:
             committer.close()
         assert ledger(db) == [
@@ -331,7 +331,7 @@ def test_two_processes_committing_unlocked_at_once_lose_nothing_and_keep_one_led
         assert errors == []
         events = ledger(first)
         assert sorted(events) == sorted(f"t{i}-{n}" for i in range(8) for n in range(25))  # each once
-        assert sum(c.unlocked_commits for c in committers) > 0
+        assert sum(c.unlocked.commits for c in committers) > 0
         assert max(runs.values()) <= 3  # a unit runs unlocked, locked, alone at most
 
 
@@ -346,7 +346,7 @@ def test_on_sqlite_the_committer_always_locks_first(tmp_path: Path) -> None:
                 committer.run(counted(runs, str(n)), appends_only=True)
         finally:
             committer.close()
-        assert committer.unlocked_commits == 0
+        assert committer.unlocked.commits == 0
         assert ledger(db) == ["0", "1", "2"]
 
 
@@ -367,7 +367,7 @@ def test_a_submission_sealed_under_a_key_a_destruction_retired_meanwhile_is_seal
         submission = MessageSubmission.model_validate(rfi())
         node.submit(actor, submission, dt.datetime.now(dt.UTC))  # the committer learns the head
         doomed = node.submit(actor, submission, dt.datetime.now(dt.UTC))["id"]
-        assert (node.committer.unlocked_commits, node.committer.unlocked_retried) == (1, 0)
+        assert (node.committer.unlocked.commits, node.committer.unlocked.retried) == (1, 0)
         seal = node.content.seal
         sealed_under: list[str] = []
 
@@ -394,6 +394,51 @@ def test_a_submission_sealed_under_a_key_a_destruction_retired_meanwhile_is_seal
         assert row is not None
         assert row["content_kid"] == sealed_under[1]
         assert node.content.open(row)  # the content opens with the keys left
-        assert node.committer.unlocked_retried == 1
+        assert node.committer.unlocked.retried == 1
     finally:
         node.close()
+
+
+@pytest.mark.postgres
+def test_a_received_batch_is_stored_unlocked_and_again_locked_when_the_head_moved(
+    tmp_path: Path, make_pg_database: Callable[[], str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The receiver's batch appends after the known head too. Inbox positions come from the head
+    (1 + the sequence of the message's ``envelope.received`` entry): a batch that assumed a head
+    another writer moved is not committed with stale positions, but stored again holding the lock
+    (not one savepoint per envelope, which is for an envelope's own failure)."""
+    my_url = make_pg_database()
+    id_dir, my_dir = make_pair(tmp_path, (make_pg_database(), my_url))
+    id_node, my_node = Node(load_settings(id_dir.path)), Node(load_settings(my_dir.path))
+    try:
+        actor = id_node.actor_for(
+            crypto.certificate_info(id_dir.client("polri-cms").cert.read_bytes()).fingerprint
+        )
+        assert actor is not None
+        ids = [
+            id_node.submit(actor, MessageSubmission.model_validate(rfi()), dt.datetime.now(dt.UTC))["id"]
+            for _ in range(4)
+        ]
+        with id_node.db.read() as conn:
+            envelopes = [repo.get_message(conn, mid)["envelope"] for mid in ids]  # type: ignore[index]
+        unlocked = my_node.committer.unlocked
+        assert my_node.receive(envelopes[:1], dt.datetime.now(dt.UTC))[0].accepted  # the head is known
+        before = (unlocked.commits, unlocked.retried)
+        assert all(r.accepted for r in my_node.receive(envelopes[1:3], dt.datetime.now(dt.UTC)))
+        assert (unlocked.commits, unlocked.retried) == (before[0] + 1, before[1])
+
+        with Database(my_url) as other_process:
+            append_locked(other_process, "other")
+        with caplog.at_level("WARNING"):
+            assert my_node.receive(envelopes[3:], dt.datetime.now(dt.UTC))[0].accepted
+        assert unlocked.retried == before[1] + 1
+        assert "savepoint per envelope" not in caplog.text
+
+        with my_node.db.read() as conn:
+            received = {e.message_id: e.seq for e in repo.iter_ledger(conn) if e.event == "envelope.received"}
+            positions = {mid: repo.get_message(conn, mid)["inbox_seq"] for mid in ids}  # type: ignore[index]
+        assert positions == {mid: received[mid] + 1 for mid in ids}
+        assert ledger(my_node.db).count("other") == 1
+    finally:
+        id_node.close()
+        my_node.close()
