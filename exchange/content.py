@@ -22,7 +22,7 @@ from sqlalchemy.engine import Connection
 from exchange.agreement import Agreement
 from exchange.canonical import sha256_hex
 from exchange.db import repo
-from exchange.db.engine import Database
+from exchange.db.engine import Database, transaction_memo
 from exchange.envelope.at_rest import metadata_digest, open_at_rest, rewrap, seal_at_rest
 from exchange.errors import ContentDestroyed
 from exchange.keys.kek import KekStore, period_of
@@ -44,12 +44,21 @@ class ContentStore:
     def __init__(self, keks: KekStore) -> None:
         self.keks = keks
 
-    def seal(self, row: dict[str, Any], signed: str) -> dict[str, Any]:
+    def seal(self, row: dict[str, Any], signed: str, conn: Connection | None = None) -> dict[str, Any]:
         """The content columns of ``row`` (which has its metadata and ``destroy_after``) for the
         signed JWS. Call inside a transaction holding the ledger lock, or assuming the head
         (``repo.assume_ledger_head``): a destruction moves the head, so such a transaction that
-        sealed under a KEK the destruction retired is not committed."""
-        kek = self.keks.live(period_of(row["destroy_after"]))
+        sealed under a KEK the destruction retired is not committed. With ``conn`` (that
+        transaction's), the period's live KEK is looked up once per transaction, not once per
+        message: no destruction commits inside one that holds the lock, and one that assumed the
+        head is refused if any did."""
+        period = period_of(row["destroy_after"])
+        memo = transaction_memo(conn) if conn is not None else None
+        kek = memo.get(("live_kek", period)) if memo is not None else None
+        if kek is None:
+            kek = self.keks.live(period)
+            if memo is not None:
+                memo[("live_kek", period)] = kek
         content = seal_at_rest(signed, message_id=row["id"], meta=metadata_digest(row), kek=kek)
         return {"content": content, "content_kid": kek.kid, "content_sha256": sha256_hex(signed)}
 
@@ -74,6 +83,10 @@ class ContentStore:
         their content. Returns the ledger entries and the KEK ids to :meth:`retire` after commit."""
         doomed = {r["id"] for r in rows if r["destroyed_at"] is None}
         periods = {period_of(r["destroy_after"]) for r in rows if r["id"] in doomed and r["content_kid"]}
+        memo = transaction_memo(conn)
+        if memo is not None:  # a later seal in this transaction takes the new KEK
+            for period in periods:
+                memo.pop(("live_kek", period), None)
         retired: list[str] = []
         for period in sorted(periods):
             old = self.keks.kids(period)

@@ -562,7 +562,7 @@ class Node(Releases):
         def write(conn: Connection, head: repo.LedgerHead) -> repo.LedgerHead:
             # the live KEK, judged under the ledger head: a destruction moves the head, so a unit
             # that sealed under a KEK retired meanwhile is not committed, and runs again
-            stored.update(self.content.seal(stored, signed))
+            stored.update(self.content.seal(stored, signed, conn))
             repo.insert_message(conn, stored)
             repo.enqueue(conn, message.id, now.timestamp())
             if on_write is not None:
@@ -954,7 +954,7 @@ class Node(Releases):
         control = agreement.message_types[message.type].kind == "control"
         if control:
             row.update(kind="control", inbox_seq=None)  # handled here, never released to an inbox
-        row.update(self.content.seal(row, opened.signed))
+        row.update(self.content.seal(row, opened.signed, conn))
         repo.insert_message(conn, row)
         data = {
             "type": message.type,

@@ -117,6 +117,11 @@ PING_AFTER_IDLE_SECONDS = 5.0
 _BEFORE_COMMIT: dict[Connection, dict[str, Callable[[Connection], None]]] = {}
 
 
+#: what each transaction opened by :meth:`Database.transaction` remembers until it ends (see
+#: :func:`transaction_memo`), by its Connection object
+_MEMOS: dict[Connection, dict[Any, Any]] = {}
+
+
 #: the transactions opened by :meth:`Database.transaction` on PostgreSQL that have not sent their
 #: ``BEGIN`` yet (see the module docstring): their first statement sends it
 _UNBEGUN: set[Connection] = set()
@@ -222,6 +227,12 @@ def before_commit(
     else:
         actions[key] = action
     return True
+
+
+def transaction_memo(conn: Connection) -> dict[Any, Any] | None:
+    """A dict that lives as long as ``conn``'s transaction (opened by :meth:`Database.transaction`;
+    None elsewhere): for what its units of work may look up once instead of once each."""
+    return _MEMOS.get(conn)
 
 
 def pending(conn: Connection, key: str) -> object | None:
@@ -447,6 +458,7 @@ class Database:
         actions: dict[str, Callable[[Connection], None]] = {}
         with self._available(), self.engine.begin() as conn:
             _BEFORE_COMMIT[conn] = actions
+            _MEMOS[conn] = {}
             if self.dialect == "postgresql":
                 _UNBEGUN.add(conn)
             if lock_free:
@@ -460,6 +472,7 @@ class Database:
                             action(conn)
             finally:
                 del _BEFORE_COMMIT[conn]
+                del _MEMOS[conn]
                 _UNBEGUN.discard(conn)
                 _LOCK_FREE.discard(conn)
         for action in actions.values():

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from joserfc.jwk import OctKey
 
 from exchange import crypto
 from exchange.config import load_settings
@@ -242,12 +243,21 @@ def _batched(node: Node, size: int) -> None:
     node.committer.run = run  # type: ignore[method-assign]
 
 
-def test_a_batch_inserts_each_tables_rows_in_one_statement(nodes: Pair) -> None:
+def test_a_batch_inserts_each_tables_rows_in_one_statement_and_looks_the_live_kek_up_once(
+    nodes: Pair,
+) -> None:
     id_dir, _, node, _ = nodes
     actor = node.actor_for(crypto.certificate_info(id_dir.client("polri-cms").cert.read_bytes()).fingerprint)
     assert actor is not None
     statements: list[str] = []
     sa.event.listen(node.db.engine, "before_cursor_execute", lambda *a: statements.append(a[2].lower()))
+    live, looked_up = node.content.keks.live, []
+
+    def counted_live(period: str) -> OctKey:
+        looked_up.append(period)
+        return live(period)
+
+    node.content.keks.live = counted_live  # type: ignore[method-assign]
     _batched(node, 3)
     answers: list[dict[str, object]] = []
     threads = [
@@ -264,6 +274,7 @@ def test_a_batch_inserts_each_tables_rows_in_one_statement(nodes: Pair) -> None:
         t.join()
     inserts = Counter(s.split()[2] for s in statements if s.startswith("insert into"))
     assert inserts["messages"] == inserts["outbox"] == inserts["ledger_entries"] == 1
+    assert len(looked_up) == 1  # the period's live KEK, once for the batch's three messages
     with node.db.read() as conn:
         stored = {r.id for r in conn.execute(sa.select(messages.c.id))}
         head = repo.read_ledger_head(conn)

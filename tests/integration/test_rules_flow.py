@@ -414,10 +414,10 @@ def test_a_hostile_checkpoint_note_or_a_failing_envelope_never_aborts_the_batch(
     seal = my_node.content.seal
     doomed = signed_message(id_node, now(), case_ref="ID-MY/2026/0666")
 
-    def failing(row: dict[str, Any], signed: str) -> dict[str, Any]:
+    def failing(row: dict[str, Any], signed: str, conn: Any = None) -> dict[str, Any]:
         if row["case_ref"] == "ID-MY/2026/0666":
             raise RuntimeError("disk trouble for this one")
-        return dict(seal(row, signed))
+        return dict(seal(row, signed, conn))
 
     monkeypatch.setattr(my_node.content, "seal", failing)
     results = my_node.receive([signed_message(id_node, now()), doomed, signed_message(id_node, now())], now())
@@ -477,10 +477,10 @@ def test_a_batch_stored_again_with_savepoints_logs_and_counts_its_incidents_once
     doomed = signed_message(id_node, now(), case_ref="ID-MY/2026/0666")
     seal = my_node.content.seal
 
-    def failing(row: dict[str, Any], signed: str) -> dict[str, Any]:
+    def failing(row: dict[str, Any], signed: str, conn: Any = None) -> dict[str, Any]:
         if row["case_ref"] == "ID-MY/2026/0666":
             raise RuntimeError("disk trouble for this one")
-        return dict(seal(row, signed))
+        return dict(seal(row, signed, conn))
 
     monkeypatch.setattr(my_node.content, "seal", failing)
     counted = metrics.REGISTRY.get_sample_value("exchange_security_incidents_total", {"kind": "checkpoint"})

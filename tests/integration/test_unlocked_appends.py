@@ -371,8 +371,8 @@ def test_a_submission_sealed_under_a_key_a_destruction_retired_meanwhile_is_seal
         seal = node.content.seal
         sealed_under: list[str] = []
 
-        def seal_then_destroy(row: dict[str, Any], signed: str) -> dict[str, Any]:
-            columns = seal(row, signed)
+        def seal_then_destroy(row: dict[str, Any], signed: str, conn: Any = None) -> dict[str, Any]:
+            columns = seal(row, signed, conn)
             sealed_under.append(str(columns["content_kid"]))
             if len(sealed_under) == 1:  # a destruction commits between the seal and the commit
                 other = threading.Thread(
@@ -442,3 +442,40 @@ def test_a_received_batch_is_stored_unlocked_and_again_locked_when_the_head_move
     finally:
         id_node.close()
         my_node.close()
+
+
+def test_a_destruction_inside_a_transaction_makes_its_later_seals_take_the_new_kek(
+    tmp_path: Path, db_urls: tuple[str | None, str | None]
+) -> None:
+    """A transaction looks a period's live KEK up once; a destruction inside it (a return-or-destroy
+    request in a received batch) makes a new one and retires the old after the commit, so a later
+    seal of the same transaction must not take the remembered one."""
+    id_dir, _ = make_pair(tmp_path, db_urls)
+    node = Node(load_settings(id_dir.path))
+    cert = id_dir.client("polri-cms").cert.read_bytes()
+    actor = node.actor_for(crypto.certificate_info(cert).fingerprint)
+    assert actor is not None
+    doomed = node.submit(actor, MessageSubmission.model_validate(rfi()), dt.datetime.now(dt.UTC))["id"]
+    sealed: list[str] = []
+
+    def destroy_between_two_seals() -> None:
+        with node.db.transaction() as conn:
+            repo.lock_ledger_head(conn)
+            row = repo.get_message(conn, doomed)
+            assert row is not None
+            sealed.append(row["content_kid"])
+            sealed.append(node.content.seal({**row, "id": "first"}, "signed", conn)["content_kid"])
+            node.content.destroy(conn, [row], reason="test", at="t", actor="ID")
+            sealed.append(node.content.seal({**row, "id": "later"}, "signed", conn)["content_kid"])
+            sealed.append(node.content.keks.kids(row["destroy_after"][:7])[-1])  # the new live KEK
+            raise Abandoned
+
+    try:
+        with pytest.raises(Abandoned):
+            destroy_between_two_seals()
+    finally:
+        node.close()
+    stored, first, later, live = sealed
+    assert first == stored
+    assert later != first
+    assert later == live
