@@ -153,41 +153,41 @@ class GroupCommitter:
         known = self.unlocked.head() if all(appends_only for _, _, appends_only in batch) else None
         if known is not None:
             try:
-                with self.db.transaction(lock_free=True) as conn:
-                    head = repo.assume_ledger_head(conn, known)  # locked and written first at commit
-                    defer_inserts(conn)
-                    for unit, _, _ in batch:
-                        head = unit(conn, head)
+                self._in_one_transaction(batch, known)
             except DatabaseUnavailable as exc:  # a condition, logged once by the Database
-                for _, future, _ in batch:
-                    future.set_exception(exc)
+                _answer(batch, exc)
                 return
             except Exception as exc:  # the head moved, or a unit or the commit failed: nothing written
                 self.unlocked.failed(f"an unlocked batch of {len(batch)} unit(s)", exc)
             else:
                 self.unlocked.commits += 1
-                for _, future, _ in batch:
-                    future.set_result(None)
+                _answer(batch, None)
                 return
         if len(batch) == 1:
             self._commit_alone(*batch[0][:2])
             return
         try:
-            with self.db.transaction() as conn:
-                defer_inserts(conn)  # each table's rows of the whole batch in one statement
-                head = repo.lock_ledger_head(conn)
-                for unit, _, _ in batch:
-                    head = unit(conn, head)
+            self._in_one_transaction(batch, None)
         except DatabaseUnavailable as exc:  # a condition, logged once by the Database
-            for _, future, _ in batch:
-                future.set_exception(exc)
+            _answer(batch, exc)
             return
         except Exception:  # a unit failed, or the commit: nothing of the batch is written
             for unit, future, _ in batch:  # each again alone, so a failure is its own caller's only
                 self._commit_alone(unit, future)
             return
-        for _, future, _ in batch:
-            future.set_result(None)
+        _answer(batch, None)
+
+    def _in_one_transaction(self, batch: list[_Item], assumed: repo.LedgerHead | None) -> None:
+        """The batch's units in one transaction with no savepoint, each table's rows of the whole
+        batch inserted in one statement, after the head locked now, or ``assumed`` (locked at
+        commit, if it is still the head). Raises what a unit or the commit raised."""
+        with self.db.transaction(lock_free=assumed is not None) as conn:
+            if assumed is not None:
+                repo.assume_ledger_head(conn, assumed)
+            defer_inserts(conn)
+            head = repo.lock_ledger_head(conn)  # (the assumed head, if one is)
+            for unit, _, _ in batch:
+                head = unit(conn, head)
 
     def _commit_alone(self, unit: Unit, future: Future[None]) -> None:
         """One unit in its own transaction: if it fails, rolling the transaction back is rolling
@@ -209,3 +209,12 @@ class GroupCommitter:
             future.set_exception(exc)
             return
         future.set_result(None)
+
+
+def _answer(batch: list[_Item], error: BaseException | None) -> None:
+    """Tell every caller of the batch: committed (None), or the error."""
+    for _, future, _ in batch:
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
