@@ -666,26 +666,32 @@ class Node(Releases):
             i.terms.agreement.message_types[i.message.type].kind == "control" for i in admitted
         )
         stored: tuple[list[PeerResult], list[Callable[[], None]]] | None = None
-        if plain and (known := self.committer.unlocked.head()) is not None:
-            try:  # after the head this process last committed, locked only at commit (ADR 4)
-                stored = self._store(envelopes, opened, now, careful=False, assumed=known)
-            except DatabaseUnavailable:
-                raise
-            except Exception as exc:  # the head moved, or an envelope failed: again, locked
-                self.committer.unlocked.failed(f"a received batch of {len(envelopes)} envelope(s)", exc)
-            else:
-                self.committer.unlocked.commits += 1
-        if plain and stored is None:  # no envelope reads back what another of the batch writes
+        unlocked = self.committer.unlocked
+        # no envelope reads back what another of the batch writes: no savepoints, after the head this
+        # process last committed (locked only at commit, ADR 4) or, if it moved, holding the lock
+        attempts: list[repo.LedgerHead | None] = []
+        if plain:
+            known = unlocked.head()
+            attempts = [known, None] if known is not None else [None]
+        for assumed in attempts:
             try:
-                stored = self._store(envelopes, opened, now, careful=False)
+                stored = self._store(envelopes, opened, now, careful=False, assumed=assumed)
             except DatabaseUnavailable:
                 raise
-            except Exception:  # an envelope failed: again, each in its own savepoint
-                log.warning(
+            except Exception as exc:
+                if assumed is not None:
+                    unlocked.failed(f"a received batch of {len(envelopes)} envelope(s)", exc, assumed)
+                    if repo.head_moved(exc):
+                        continue
+                log.warning(  # an envelope failed: again, each in its own savepoint
                     "a received batch of %d envelopes is stored again one savepoint per envelope",
                     len(envelopes),
                     exc_info=True,
                 )
+                break
+            if assumed is not None:
+                unlocked.committed()
+            break
         results, after = stored if stored is not None else self._store(envelopes, opened, now, careful=True)
         for item in opened:  # counted once the batch committed (a batch sent again is not counted twice)
             if isinstance(item, EnvelopeError):

@@ -60,6 +60,7 @@ class UnlockedAppends:
     def __init__(self, db: Database) -> None:
         self.db = db
         self._locking_until = 0.0  # (monotonic) attempts lock the head first until then
+        self._lock = threading.Lock()
         #: attempts committed, and attempts that went again holding the lock
         self.commits = 0
         self.retried = 0
@@ -77,13 +78,20 @@ class UnlockedAppends:
             return known
         return None
 
-    def failed(self, what: str, exc: BaseException) -> None:
-        """An attempt failed with ``exc`` (nothing of it was written) and goes again holding the
-        lock; if the head had moved, so do the attempts of the next ``LOCK_AFTER_MOVED_SECONDS``
-        (a unit's own error says nothing about them)."""
-        self.retried += 1
-        if repo.head_moved(exc):
-            self._locking_until = time.monotonic() + LOCK_AFTER_MOVED_SECONDS
+    def committed(self) -> None:
+        with self._lock:
+            self.commits += 1
+
+    def failed(self, what: str, exc: BaseException, assumed: repo.LedgerHead) -> None:
+        """An attempt after ``assumed`` failed with ``exc`` (nothing of it was written) and goes
+        again holding the lock. If another process moved the head, so do the attempts of the next
+        ``LOCK_AFTER_MOVED_SECONDS``; not if a transaction of this process did (the next attempt
+        assumes the head it committed), nor for a unit's own error."""
+        elsewhere = repo.head_moved(exc) and self.db.known_ledger_head is assumed
+        with self._lock:
+            self.retried += 1
+            if elsewhere:
+                self._locking_until = time.monotonic() + LOCK_AFTER_MOVED_SECONDS
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[:1]  # (no parameters)
         log.debug(
             "%s goes again holding the ledger lock (%s: %s)",
@@ -158,9 +166,9 @@ class GroupCommitter:
                 _answer(batch, exc)
                 return
             except Exception as exc:  # the head moved, or a unit or the commit failed: nothing written
-                self.unlocked.failed(f"an unlocked batch of {len(batch)} unit(s)", exc)
+                self.unlocked.failed(f"an unlocked batch of {len(batch)} unit(s)", exc, known)
             else:
-                self.unlocked.commits += 1
+                self.unlocked.committed()
                 _answer(batch, None)
                 return
         if len(batch) == 1:

@@ -14,7 +14,7 @@ from joserfc.jwk import OctKey
 
 from exchange import crypto
 from exchange.config import load_settings
-from exchange.db import idempotency_keys, repo
+from exchange.db import engine, idempotency_keys, repo
 from exchange.db.committer import Unit
 from exchange.db.schema import messages
 from exchange.idempotency import IdempotentSubmission
@@ -275,6 +275,7 @@ def test_a_batch_inserts_each_tables_rows_in_one_statement_and_looks_the_live_ke
     inserts = Counter(s.split()[2] for s in statements if s.startswith("insert into"))
     assert inserts["messages"] == inserts["outbox"] == inserts["ledger_entries"] == 1
     assert len(looked_up) == 1  # the period's live KEK, once for the batch's three messages
+    assert not engine._MEMOS  # forgotten with the transaction
     with node.db.read() as conn:
         stored = {r.id for r in conn.execute(sa.select(messages.c.id))}
         head = repo.read_ledger_head(conn)

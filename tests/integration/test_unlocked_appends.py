@@ -288,6 +288,19 @@ def test_the_committer_appends_unlocked_after_its_known_head_and_goes_again_lock
             assert runs["failing"] == 2  # unlocked, then again alone holding the lock
             committer.run(counted(runs, "after-failing"), appends_only=True)
             assert committer.unlocked.commits == 9  # a unit's own error does not lock the next batches
+
+            def colliding(conn: Any, head: repo.LedgerHead) -> repo.LedgerHead:
+                runs["colliding"] += 1
+                if runs["colliding"] == 1:  # a transaction of this same process appends meanwhile
+                    same_process = threading.Thread(target=append_locked, args=(db, "same-process"))
+                    same_process.start()
+                    same_process.join()
+                return append(conn, head, "colliding")
+
+            committer.run(colliding, appends_only=True)
+            assert (runs["colliding"], committer.unlocked.retried) == (2, 3)  # moved: again, locked
+            committer.run(counted(runs, "after-colliding"), appends_only=True)
+            assert committer.unlocked.commits == 10  # moved by this process: the next goes unlocked
         finally:
             committer.close()
         assert ledger(db) == [
@@ -300,6 +313,9 @@ def test_the_committer_appends_unlocked_after_its_known_head_and_goes_again_lock
             "next",
             "later",
             "after-failing",
+            "same-process",
+            "colliding",
+            "after-colliding",
         ]
 
 
@@ -435,7 +451,9 @@ def test_a_received_batch_is_stored_unlocked_and_again_locked_when_the_head_move
         assert "savepoint per envelope" not in caplog.text
 
         with my_node.db.read() as conn:
-            received = {e.message_id: e.seq for e in repo.iter_ledger(conn) if e.event == "envelope.received"}
+            entries = [e for e in repo.iter_ledger(conn) if e.event == "envelope.received"]
+            assert len(entries) == len(ids)  # each stored once
+            received = {e.message_id: e.seq for e in entries}
             positions = {mid: repo.get_message(conn, mid)["inbox_seq"] for mid in ids}  # type: ignore[index]
         assert positions == {mid: received[mid] + 1 for mid in ids}
         assert ledger(my_node.db).count("other") == 1
