@@ -93,7 +93,10 @@ class UnlockedAppends:
             if elsewhere:
                 self._locking_until = time.monotonic() + LOCK_AFTER_MOVED_SECONDS
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[:1]  # (no parameters)
-        log.debug(
+        log.log(
+            # a row lock refused in a lock-free transaction is a bug of the unit (it then goes
+            # again, locked, and works): said loudly, not at the level of the expected refusals
+            logging.ERROR if isinstance(exc, RuntimeError) else logging.DEBUG,
             "%s goes again holding the ledger lock (%s: %s)",
             what,
             type(exc).__name__,

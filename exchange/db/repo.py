@@ -613,6 +613,11 @@ def _head(row: Any) -> LedgerHead:
     return LedgerHead(int(row.size), bytes(row.root_hash), Frontier.from_json(int(row.size), row.frontier))
 
 
+#: how the head's guard says the stored head is not the one assumed (the guard function of
+#: migration 0014 raises with it too): :func:`head_moved` knows the refusal by it
+HEAD_MOVED = "the ledger head moved"
+
+
 class _HeadWrite:
     """The ledger head a transaction's appends reached, written once just before it commits, over
     the head ``after`` they were appended after. Once committed, it is the head its Database
@@ -632,9 +637,7 @@ class _HeadWrite:
             _WRITE_HEAD[conn.dialect.name], {**values, "after_size": after.size, "after_root": after.root}
         )
         if conn.dialect.name != "postgresql" and written.rowcount != 1:  # (PostgreSQL: in a pipeline)
-            raise LedgerIntegrityError(
-                f"the ledger head moved: the head of {after.size} entries was expected"
-            )
+            raise LedgerIntegrityError(f"{HEAD_MOVED}: the head of {after.size} entries was expected")
 
     def committed(self, db: Database) -> None:
         db.known_ledger_head = self.head
@@ -657,9 +660,9 @@ def head_moved(exc: BaseException) -> bool:
     """Whether ``exc`` is the head's guard refusing a write after a head that is not the stored
     one (:func:`assume_ledger_head`)."""
     if isinstance(exc, LedgerIntegrityError):
-        return str(exc).startswith("the ledger head moved")
+        return str(exc).startswith(HEAD_MOVED)
     orig = getattr(exc, "orig", None)
-    return getattr(orig, "sqlstate", None) == "P0001" and str(orig).startswith("the ledger head moved")
+    return getattr(orig, "sqlstate", None) == "P0001" and str(orig).startswith(HEAD_MOVED)
 
 
 def assume_ledger_head(conn: Connection, head: LedgerHead) -> LedgerHead:
