@@ -108,12 +108,12 @@ def top(profile: cProfile.Profile, n: int, messages: int) -> str:
     return out.getvalue()
 
 
-def inline_commit(node: Any, unit: Any) -> None:
+def inline_commit(node: Any, unit: Any, appends_only: bool = False) -> None:
     """Run one unit the way the group committer does, in this thread, raising its error."""
     from concurrent.futures import Future
 
     future: Future[None] = Future()
-    node.committer._commit([(unit, future)])
+    node.committer._commit([(unit, future, appends_only)])
     future.result()
 
 
@@ -160,8 +160,8 @@ def run(
 
     one_pass(20)  # warm: caches, prepared statements, the key-set announcement
     if profile:  # cProfile sees one thread: commit in the caller's thread, as the committer would
-        sender.committer.run = lambda unit: inline_commit(sender, unit)  # type: ignore[method-assign]
-        receiver.committer.run = lambda unit: inline_commit(receiver, unit)  # type: ignore[method-assign]
+        sender.committer.run = lambda unit, **kw: inline_commit(sender, unit, **kw)  # type: ignore[method-assign]
+        receiver.committer.run = lambda unit, **kw: inline_commit(receiver, unit, **kw)  # type: ignore[method-assign]
         submit_t.profile = cProfile.Profile(time.process_time)
         round_t.profile = cProfile.Profile(time.process_time)  # the receiver's share shows as Node.receive
     statements = {"sender": 0, "receiver": 0}

@@ -8,8 +8,8 @@ happen only in :meth:`Database.transaction` and :meth:`Database.read`.
 
 On PostgreSQL the connections are in autocommit mode and a transaction sends its own ``BEGIN`` and
 ``COMMIT``, each in the round trip of a statement it sends anyway: its ``BEGIN`` with the ledger
-head's lock when that is its first statement (:func:`begin_with`), else just before its first
-statement; its ``COMMIT`` at the end of the pipeline of what it does before it commits (below). A
+head's lock when that is its first statement (:func:`begin_with`), else with its first statement
+(one pipeline); its ``COMMIT`` at the end of the pipeline of what it does before it commits (below). A
 read (:meth:`Database.read`) sends neither: under READ COMMITTED each of its statements saw its own
 snapshot inside a transaction too, so only the two round trips go (a server-side cursor, which
 needs a transaction, begins one: :func:`begin_now`). Two round trips fewer for a write, two for a
@@ -142,7 +142,8 @@ _LOCKING_READ = re.compile(r"\bFOR\s+(?:NO\s+KEY\s+|KEY\s+)?(?:UPDATE|SHARE)\b|\
 
 def _guard_units_of_work(engine: Engine) -> None:
     """Before each statement sent through SQLAlchemy: refuse a write in a read, and send a
-    PostgreSQL transaction's ``BEGIN`` just before its first statement. A statement sent on the
+    PostgreSQL transaction's ``BEGIN`` with its first statement (in one round trip where psycopg
+    pipelines; an executemany's just before it). A statement sent on the
     driver's own cursor passes neither: the repository sends only reads there, and
     :func:`begin_with` its ``BEGIN``."""
 
@@ -160,7 +161,39 @@ def _guard_units_of_work(engine: Engine) -> None:
             return  # (READ COMMITTED: it sees what it would inside the transaction, which wrote nothing yet)
         if conn in _UNBEGUN:
             _UNBEGUN.discard(conn)
-            cursor.connection.execute("BEGIN")  # queued, in a pipeline: same round trip as the rest
+            driver = cursor.connection
+            if _many or context is None or driver.pgconn.pipeline_status or not _pipelines(conn):
+                driver.execute("BEGIN")  # (in a pipeline already: queued, in the same round trip)
+            else:  # sent with the statement, in one round trip (below)
+                context.begin_first = True
+
+    if engine.dialect.name != "postgresql":
+        return
+
+    def _execute(cursor: Any, sql: str, params: Any, context: Any) -> bool:
+        """Send a transaction's ``BEGIN`` and its first statement in one round trip (psycopg's
+        pipeline mode; its results are read once the pipeline synced, its error raised there)."""
+        if not getattr(context, "begin_first", False):
+            return False  # SQLAlchemy executes it
+        driver = cursor.connection
+        with driver.pipeline():
+            driver.execute("BEGIN")
+            cursor.execute(sql, params)
+        return True
+
+    @sa.event.listens_for(engine, "do_execute")
+    def _do_execute(cursor: Any, sql: str, params: Any, context: Any) -> bool:
+        return _execute(cursor, sql, params, context)
+
+    @sa.event.listens_for(engine, "do_execute_no_params")
+    def _do_execute_no_params(cursor: Any, sql: str, context: Any) -> bool:
+        return _execute(cursor, sql, None, context)
+
+
+def _pipelines(conn: Connection) -> bool:
+    """Whether ``conn``'s driver sends several statements in one round trip (psycopg's pipeline
+    mode, with a libpq that has it)."""
+    return conn.dialect.driver == "psycopg" and bool(conn.dialect.loaded_dbapi.Pipeline.is_supported())
 
 
 def _never_pooled_inside_a_transaction(engine: Engine) -> None:
@@ -276,6 +309,37 @@ def insert(conn: Connection, statement: Any, rows: Sequence[Mapping[str, Any]]) 
         by_columns.setdefault(frozenset(row), []).append(dict(row))
 
 
+class _Statements:
+    """The statements one transaction runs just before it commits (:func:`at_commit`), in the
+    order they were queued."""
+
+    def __init__(self) -> None:
+        self.queued: list[tuple[Any, Any]] = []
+
+    def __call__(self, conn: Connection) -> None:
+        for statement, params in self.queued:
+            conn.execute(statement, params)
+
+
+def at_commit(
+    conn: Connection, statement: Any, params: Mapping[str, Any] | Sequence[Mapping[str, Any]]
+) -> None:
+    """Run ``statement`` (an ``UPDATE`` or ``DELETE`` whose result is not read) with ``params``
+    just before ``conn``'s transaction commits: after the actions registered before the first
+    such statement (a committer's or a receiver's deferred inserts, the head's guarded write),
+    in the commit's single round trip on PostgreSQL. At once outside :meth:`Database.transaction`.
+
+    The one way a lock-free transaction updates or deletes (ADR 4): there the head row is locked
+    first, at commit, and these rows after it, as every other writer locks them."""
+    queued = pending(conn, "statements")
+    if not isinstance(queued, _Statements):
+        queued = _Statements()
+        if not before_commit(conn, "statements", queued):
+            conn.execute(statement, params)
+            return
+    queued.queued.append((statement, params))
+
+
 @contextmanager
 def _pipelined(conn: Connection, *, commit: bool = False) -> Iterator[None]:
     """The statements run inside in one round trip to the server (psycopg's pipeline mode), not one
@@ -285,7 +349,7 @@ def _pipelined(conn: Connection, *, commit: bool = False) -> Iterator[None]:
     that pipelines, the statements run one by one. With ``commit``, the transaction's ``COMMIT``
     goes last in the same round trip (where statements run one by one, the unit of work commits)."""
     dbapi = conn.dialect.loaded_dbapi
-    if conn.dialect.driver != "psycopg" or not dbapi.Pipeline.is_supported():
+    if not _pipelines(conn):
         yield
         return
     driver: Any = conn.connection.driver_connection

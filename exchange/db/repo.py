@@ -27,7 +27,7 @@ from exchange.db.coordination import (
     OUTBOX_CHANNEL,
     notify,
 )
-from exchange.db.engine import Database, before_commit, begin_now, begin_with, insert, pending
+from exchange.db.engine import Database, at_commit, before_commit, begin_now, begin_with, insert, pending
 from exchange.db.schema import (
     agreements,
     checkpoints,
@@ -59,25 +59,46 @@ _INSERT_MESSAGE = messages.insert()
 _MESSAGE_COLUMNS = frozenset(messages.c.keys())
 _GET_CLIENT = sa.select(clients).where(clients.c.id == sa.bindparam("cid_"))
 _ENQUEUE = outbox.insert()
-#: claim_due's three statements: the due rows with the count of our unacknowledged key-set
-#: versions, their lease, and their messages marked sent with the outbox's attempt count
+#: claim_due's three statements: the due rows locked, with the count of our unacknowledged key-set
+#: versions and the envelopes the round may carry (only those within its byte bound: the first
+#: row's, and those whose running sum of sizes is within it, never ``limit`` of the largest); then,
+#: at commit, their lease, and their messages marked sent with the outbox's attempt count
+_DUE = (
+    sa.select(outbox.c.message_id, outbox.c.attempts, outbox.c.enqueued_at)
+    .where(outbox.c.next_attempt_at <= sa.bindparam("now_"), outbox.c.enqueued_at >= sa.bindparam("since_"))
+    .order_by(outbox.c.enqueued_at, outbox.c.message_id)
+    .limit(sa.bindparam("limit_"))
+    .with_for_update(skip_locked=True)
+    .subquery("due")
+)
+_DUE_ORDER = (_DUE.c.enqueued_at, _DUE.c.message_id)
+_ENVELOPE_SIZE = sa.func.length(messages.c.envelope)
 _CLAIM_CANDIDATES = (
     sa.select(
-        outbox.c.message_id,
-        outbox.c.attempts,
-        outbox.c.enqueued_at,
-        sa.func.length(messages.c.envelope).label("size"),
+        _DUE.c.message_id,
+        _DUE.c.attempts,
+        _DUE.c.enqueued_at,
+        _ENVELOPE_SIZE.label("size"),
+        sa.case(
+            (
+                sa.or_(
+                    sa.func.row_number().over(order_by=_DUE_ORDER) == 1,
+                    sa.func.sum(_ENVELOPE_SIZE).over(order_by=_DUE_ORDER, rows=(None, 0))
+                    <= sa.bindparam("max_bytes_"),
+                ),
+                messages.c.envelope,
+            ),
+        ).label("envelope"),
+        messages.c.envelope_sha256,
+        messages.c.created_at,
         sa.select(sa.func.count())
         .select_from(key_sets)
         .where(key_sets.c.party == sa.bindparam("party_"), key_sets.c.acknowledged_at.is_(None))
         .scalar_subquery()
         .label("unacknowledged"),
     )
-    .join(messages, messages.c.id == outbox.c.message_id)
-    .where(outbox.c.next_attempt_at <= sa.bindparam("now_"), outbox.c.enqueued_at >= sa.bindparam("since_"))
-    .order_by(outbox.c.enqueued_at, outbox.c.message_id)
-    .limit(sa.bindparam("limit_"))
-    .with_for_update(skip_locked=True, of=outbox)
+    .join(messages, messages.c.id == _DUE.c.message_id)
+    .order_by(*_DUE_ORDER)
 )
 _LEASE = (
     outbox.update()
@@ -96,9 +117,9 @@ _MARK_SENT = (
         updated_at=sa.bindparam("at_"),
         attempts=sa.select(outbox.c.attempts).where(outbox.c.message_id == messages.c.id).scalar_subquery(),
     )
-    .returning(messages.c.id, messages.c.envelope, messages.c.envelope_sha256, messages.c.created_at)
 )
-_DEQUEUE_MANY = outbox.delete().where(outbox.c.message_id.in_(_MIDS)).returning(outbox.c.message_id)
+_QUEUED = sa.select(outbox.c.message_id).where(outbox.c.message_id.in_(_MIDS))
+_DEQUEUE_MANY = outbox.delete().where(outbox.c.message_id.in_(_MIDS))
 _DEQUEUE = outbox.delete().where(outbox.c.message_id == _MID)
 #: the head's lock: constant SQL, so that on PostgreSQL it goes with its transaction's BEGIN in one
 #: round trip (:func:`~exchange.db.engine.begin_with`); SQLite's BEGIN IMMEDIATE holds the lock there
@@ -283,14 +304,15 @@ def update_message(conn: Connection, message_id: str, **values: Any) -> None:
 
 
 def update_messages(conn: Connection, updates: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
-    """Set each message's values: one executemany per set of columns, not a statement each."""
+    """Set each message's values when the transaction commits (:func:`~exchange.db.engine.at_commit`):
+    one executemany per set of columns, not a statement each."""
     groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for message_id, values in updates:
         columns = _columns(values)
         if columns:
             groups.setdefault(columns, []).append({"mid_": message_id, **values})
     for params in groups.values():
-        conn.execute(_UPDATE_MESSAGE, params)
+        at_commit(conn, _UPDATE_MESSAGE, params)
 
 
 def inbound_after(conn: Connection, after: int, limit: int) -> list[dict[str, Any]]:
@@ -485,7 +507,8 @@ def claim_due(
     one is past its deadline: it waits for the expiry sweep, never sent): at most ``limit`` rows
     whose request body, ``frame(sizes)``, stays within ``max_bytes`` (always at least one row);
     their messages become ``sent`` with the attempt counted. Three statements, whatever the
-    batch's size.
+    batch's size; the last two, which read nothing back, go at commit
+    (:func:`~exchange.db.engine.at_commit`): in the commit's round trip on PostgreSQL.
 
     Rows are locked with ``FOR UPDATE SKIP LOCKED`` (PostgreSQL) and their next attempt pushed past
     the lease, so a second worker does not take them and a crashed worker's rows come back; the
@@ -494,27 +517,34 @@ def claim_due(
     them, so the first statement also sees every version of our key set they may need announced.
     """
     candidates = conn.execute(  # one more than the limit: whether more are due than are taken
-        _CLAIM_CANDIDATES, {"now_": now, "since_": queued_since, "limit_": limit + 1, "party_": key_sets_of}
+        _CLAIM_CANDIDATES,
+        {
+            "now_": now,
+            "since_": queued_since,
+            "limit_": limit + 1,
+            "party_": key_sets_of,
+            "max_bytes_": max_bytes,
+        },
     ).all()
     taken: list[Any] = []
     sizes: list[int] = []
-    for row in candidates[:limit]:
-        if taken and frame([*sizes, int(row.size)]) > max_bytes:
+    for row in candidates[:limit]:  # (a row past the bound came without its envelope: frame >= sum)
+        if taken and (row.envelope is None or frame([*sizes, int(row.size)]) > max_bytes):
             break
         taken.append(row)
         sizes.append(int(row.size))
     if not taken:
         return Claim([], False)
     ids = [row.message_id for row in taken]
-    conn.execute(_LEASE, {"mids_": ids, "until_": now + lease_seconds, "worker_": worker})
-    sent = {r.id: r for r in conn.execute(_MARK_SENT, {"mids_": ids, "at_": updated_at})}
+    at_commit(conn, _LEASE, {"mids_": ids, "until_": now + lease_seconds, "worker_": worker})
+    at_commit(conn, _MARK_SENT, {"mids_": ids, "at_": updated_at})  # (after the lease: its attempts)
     envelopes = [
         Claimed(
             row.message_id,
-            sent[row.message_id].envelope,
-            sent[row.message_id].envelope_sha256,
+            row.envelope,
+            row.envelope_sha256,
             int(row.attempts) + 1,
-            sent[row.message_id].created_at,
+            row.created_at,
             float(row.enqueued_at),
         )
         for row in taken
@@ -587,10 +617,18 @@ def dequeue(conn: Connection, message_id: str) -> bool:
 
 
 def dequeue_many(conn: Connection, message_ids: Sequence[str]) -> set[str]:
-    """Remove messages from the outbox in one statement; returns those that were still there."""
+    """Remove messages from the outbox when the transaction commits
+    (:func:`~exchange.db.engine.at_commit`); returns those still there, read now (a plain read).
+
+    Every dequeuer appends to the ledger, holding its head or guarded by it at commit: a row read
+    here cannot be removed by another before this transaction commits while it holds the head's
+    lock, and if it assumed the head instead (``assume_ledger_head``), its commit fails."""
     if not message_ids:
         return set()
-    return {row.message_id for row in conn.execute(_DEQUEUE_MANY, {"mids_": list(message_ids)})}
+    kept = {row.message_id for row in conn.execute(_QUEUED, {"mids_": list(message_ids)})}
+    if kept:
+        at_commit(conn, _DEQUEUE_MANY, {"mids_": sorted(kept)})
+    return kept
 
 
 def outbox_size(conn: Connection) -> int:

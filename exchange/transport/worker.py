@@ -402,7 +402,9 @@ class DeliveryWorker:
             repo.update_messages(conn, [(mid, {**values, "updated_at": at}) for mid, values in settled])
             return repo.append_ledger(conn, head, [d for d in drafts if d.message_id in kept], at)
 
-        self.node.committer.run(write)  # in the submissions' transaction: one holder of the ledger lock
+        # in a batch of the committer with the submissions; it reads, appends, and updates and
+        # deletes only at commit, so the batch may go without locking the head first (ADR 4)
+        self.node.committer.run(write, appends_only=True)
         queued_at = {item.message_id: item.enqueued_at for item, _ in done}
         metrics.settled(
             delivered_enqueued_at=[queued_at[mid] for mid, v in settled if v["status"] == "delivered"],

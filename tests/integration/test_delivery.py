@@ -11,6 +11,7 @@ import threading
 import tomllib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -18,6 +19,7 @@ import tomli_w
 
 from exchange.config import load_settings
 from exchange.db import repo
+from exchange.envelope.size import batch_bytes
 from exchange.errors import (
     DatabaseUnavailable,
     IdempotencyKeyReused,
@@ -169,6 +171,67 @@ def test_batches_are_bounded_by_bytes_as_well_as_count(pair: Pair) -> None:
     assert len(transport.sizes) >= 3
     assert max(transport.sizes) <= 100_000
     assert {id_node.status(polri, m, now())["status"] for m in ids} == {"delivered"}
+
+
+class ClaimRolledBack(Exception):
+    """Raised to roll a claim back."""
+
+
+def test_a_claim_reads_only_the_envelopes_its_round_may_carry(pair: Pair) -> None:
+    """The claim reads its due rows with their envelopes in one statement: only the first row's
+    and those whose running sum of sizes is within the round's byte bound, not a whole batch of
+    the largest envelopes into memory; a round still takes at least one."""
+    id_dir, _my_dir, id_node, _my_node = pair
+    polri = actor(id_node, id_dir, "polri-cms")
+    ids = [id_node.submit(polri, padded(20_000), now())["id"] for _ in range(5)]
+
+    def claim(max_bytes: int) -> tuple[list[Any], repo.Claim]:
+        read: list[Any] = []
+        claimed: list[repo.Claim] = []
+
+        def rolled_back() -> None:
+            with id_node.db.transaction() as conn:
+                params = {"now_": 2e9, "since_": 0.0, "limit_": 10, "party_": id_node.party}
+                read[:] = conn.execute(repo._CLAIM_CANDIDATES, {**params, "max_bytes_": max_bytes}).all()
+                claimed.append(
+                    repo.claim_due(
+                        conn,
+                        now=2e9,
+                        queued_since=0.0,
+                        lease_seconds=60,
+                        limit=10,
+                        max_bytes=max_bytes,
+                        worker="w",
+                        frame=batch_bytes,
+                        updated_at="t",
+                        key_sets_of=id_node.party,
+                    )
+                )
+                raise ClaimRolledBack
+
+        with pytest.raises(ClaimRolledBack):
+            rolled_back()
+        return read, claimed[0]
+
+    size = len(repo_envelope(id_node, ids[0]))
+    read, claimed = claim(int(2.5 * size))
+    assert [r.message_id for r in read] == ids
+    assert [r.envelope is not None for r in read] == [True, True, False, False, False]
+    assert [c.message_id for c in claimed.envelopes] == ids[:2]
+    assert [c.envelope for c in claimed.envelopes] == [repo_envelope(id_node, m) for m in ids[:2]]
+    assert batch_bytes([len(c.envelope) for c in claimed.envelopes]) <= int(2.5 * size)
+    assert claimed.more_due
+
+    read, claimed = claim(size // 2)  # one envelope over the bound: still sent alone
+    assert [r.envelope is not None for r in read] == [True, False, False, False, False]
+    assert [c.message_id for c in claimed.envelopes] == ids[:1]
+
+
+def repo_envelope(node: Node, message_id: str) -> str:
+    with node.db.read() as conn:
+        row = repo.get_message(conn, message_id)
+    assert row is not None
+    return str(row["envelope"])
 
 
 def test_a_message_not_delivered_within_the_replay_window_ends_failed_expired_and_ledgered(

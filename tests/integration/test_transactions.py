@@ -43,7 +43,15 @@ def update_first(conn: Any) -> None:  # a first statement other than the ledger 
     append_one(conn)
 
 
-@pytest.mark.parametrize("work", [append_one, update_first], ids=["lock-first", "insert-first"])
+def read_first(conn: Any) -> None:  # a first statement without parameters (another path to the driver)
+    conn.exec_driver_sql("SELECT 1")
+    insert(conn, agreements.insert(), [AGREEMENT_ROW])
+    append_one(conn)
+
+
+@pytest.mark.parametrize(
+    "work", [append_one, update_first, read_first], ids=["lock-first", "insert-first", "raw-read-first"]
+)
 def test_a_unit_of_work_abandoned_after_its_statements_leaves_nothing(
     db_url: str, work: Callable[[Any], None]
 ) -> None:
@@ -124,6 +132,38 @@ def test_on_postgresql_an_append_takes_two_round_trips_and_a_read_one(
             repo.read_ledger_head(conn)  # no BEGIN, no COMMIT
         assert (append, read) == ([2], [1])
         assert stored(db)[:2] == (7, 7)
+
+
+@pytest.mark.postgres
+def test_on_postgresql_a_transaction_sends_its_begin_with_its_first_statement(
+    make_pg_database: Callable[[], str], tmp_path: Path
+) -> None:
+    """Whatever its first statement, the BEGIN goes in its round trip; that statement's error is
+    raised as SQLAlchemy raises it, and leaves no transaction open."""
+    url = make_pg_database()
+    upgrade(url)
+    with Database(url, pool_size=1) as db:
+        for _ in range(6):  # psycopg prepares a statement at its fifth use: count the steady state
+            with db.transaction() as conn:
+                conn.execute(
+                    sa.select(ledger_entries.c.seq).where(ledger_entries.c.seq > sa.bindparam("s")), {"s": 0}
+                )
+        with round_trips(db, tmp_path) as trips, db.transaction() as conn:
+            conn.execute(
+                sa.select(ledger_entries.c.seq).where(ledger_entries.c.seq > sa.bindparam("s")), {"s": 0}
+            )
+            conn.execute(agreements.insert(), AGREEMENT_ROW)
+        assert trips == [3]  # BEGIN with the read; the insert; COMMIT
+        for first in ("SELECT 1/0", "SELECT no_such_column FROM agreements"):
+            with pytest.raises(sa.exc.DBAPIError), db.transaction() as conn:
+                conn.exec_driver_sql(first)
+            with pytest.raises(sa.exc.DBAPIError), db.transaction() as conn:
+                conn.execute(sa.text(first.replace("1/0", "1/:zero")), {"zero": 0})
+        with db.engine.connect() as conn:  # the pool's one connection, back in it with nothing open
+            driver: Any = conn.connection.driver_connection
+            assert driver.info.transaction_status == pq.TransactionStatus.IDLE
+            assert not driver.pgconn.pipeline_status
+        assert stored(db) == (0, 0, 1)
 
 
 def test_a_write_inside_a_read_is_refused_and_leaves_nothing(db_url: str) -> None:

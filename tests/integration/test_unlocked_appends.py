@@ -10,7 +10,7 @@ import datetime as dt
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,9 @@ from exchange.errors import LedgerIntegrityError
 from exchange.ledger import EntryDraft, verify_rows
 from exchange.messages import MessageSubmission
 from exchange.node import Node
+from exchange.policy import Actor
+from exchange.transport.worker import DeliveryWorker
+from tests.integration.test_node_flow import Loopback, actor
 from tests.integration.test_transactions import round_trips
 from tests.support import make_pair, rfi
 
@@ -526,3 +529,135 @@ def test_a_unit_that_says_it_only_appends_but_updates_is_committed_locked_and_re
         assert len(errors) == 1
         assert "row lock in a lock-free transaction" in errors[0].getMessage()
         assert ledger(db) == ["test.entry", "updating"]
+
+
+@pytest.fixture
+def pg_pair(tmp_path: Path, make_pg_database: Callable[[], str]) -> Iterator[tuple[Node, Node, Actor]]:
+    """Two nodes on PostgreSQL, and the sending node's client."""
+    id_dir, my_dir = make_pair(tmp_path, (make_pg_database(), make_pg_database()))
+    id_node, my_node = Node(load_settings(id_dir.path)), Node(load_settings(my_dir.path))
+    try:
+        yield id_node, my_node, actor(id_node, id_dir, "polri-cms")
+    finally:
+        id_node.close()
+        my_node.close()
+
+
+def submit_some(node: Node, who: Actor, n: int) -> list[str]:
+    return [
+        node.submit(who, MessageSubmission.model_validate(rfi()), dt.datetime.now(dt.UTC))["id"]
+        for _ in range(n)
+    ]
+
+
+@pytest.mark.postgres
+def test_a_claim_leases_and_marks_sent_in_its_commits_round_trip(
+    pg_pair: tuple[Node, Node, Actor], tmp_path: Path
+) -> None:
+    """The claim reads the due rows with their envelopes (the BEGIN with it); their lease and the
+    messages marked sent read nothing back, and go with the COMMIT: two round trips."""
+    id_node, _my_node, polri = pg_pair
+    ids = submit_some(id_node, polri, 8)
+    with Database(id_node.settings.database_url, pool_size=1) as db:
+
+        def claim_one(now: float) -> repo.Claim:
+            with db.transaction() as conn:
+                return repo.claim_due(
+                    conn,
+                    now=now,
+                    queued_since=0.0,
+                    lease_seconds=600,
+                    limit=1,
+                    max_bytes=10**9,
+                    worker="w1",
+                    frame=sum,
+                    updated_at="2026-11-25T00:00:00+00:00",
+                    key_sets_of=id_node.party,
+                )
+
+        claims = [claim_one(time.time()) for _ in range(7)]  # psycopg prepares at a statement's fifth use
+        with round_trips(db, tmp_path) as trips:
+            claims.append(claim_one(time.time()))
+        assert trips == [2]
+    claimed = [c.envelopes[0] for c in claims]
+    assert [c.message_id for c in claimed] == ids  # the oldest first, each once
+    with id_node.db.read() as conn:
+        for c in claimed:
+            row = repo.get_message(conn, c.message_id)
+            assert row is not None
+            assert (c.envelope, c.envelope_sha256, c.created_at) == (
+                row["envelope"],
+                row["envelope_sha256"],
+                row["created_at"],
+            )
+            assert (row["status"], row["attempts"], c.attempts) == ("sent", 1, 1)
+        leases = conn.execute(sa.select(outbox.c.leased_by, outbox.c.attempts)).all()
+    assert sorted(leases) == [("w1", 1)] * 8
+
+
+@pytest.mark.postgres
+def test_a_delivery_round_is_settled_in_an_unlocked_batch(pg_pair: tuple[Node, Node, Actor]) -> None:
+    id_node, my_node, polri = pg_pair
+    worker = DeliveryWorker(id_node, Loopback(my_node))
+    submit_some(id_node, polri, 2)
+    assert worker.run_once() == 2  # the head is known from here
+    unlocked = id_node.committer.unlocked
+    before = (unlocked.commits, unlocked.retried)
+    ids = submit_some(id_node, polri, 3)
+    assert unlocked.commits == before[0] + 3
+    assert worker.run_once() == 3
+    assert (unlocked.commits, unlocked.retried) == (before[0] + 4, before[1])  # the settling too
+    assert {id_node.status(polri, m, dt.datetime.now(dt.UTC))["status"] for m in ids} == {"delivered"}
+    with id_node.db.read() as conn:
+        assert repo.outbox_size(conn) == 0
+    events = ledger(id_node.db)
+    assert events.count("receipt.verified") == events.count("message.sent") == 5
+
+
+@pytest.mark.postgres
+def test_a_settling_whose_row_another_process_dequeued_meanwhile_goes_again_locked_and_leaves_it_be(
+    pg_pair: tuple[Node, Node, Actor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The settling reads which of its rows are still queued, and removes them only at commit. If
+    another process dequeues one in between (here: fails it, as the expiry sweep does), that one
+    moved the head: the settling's commit is refused, and it runs again holding the lock, where
+    the row is gone. The message keeps the other's outcome; it is never both failed and delivered."""
+    id_node, my_node, polri = pg_pair
+    worker = DeliveryWorker(id_node, Loopback(my_node))
+    submit_some(id_node, polri, 1)
+    assert worker.run_once() == 1
+    ids = submit_some(id_node, polri, 3)
+    taken = ids[1]
+    dequeue_many = repo.dequeue_many
+    reads: list[set[str]] = []
+
+    def dequeued_meanwhile(conn: Any, message_ids: Any) -> set[str]:
+        kept = dequeue_many(conn, message_ids)
+        reads.append(kept)
+        if len(reads) == 1:  # another process fails one of them after this read, before the commit
+            with Database(id_node.settings.database_url) as other_process, other_process.transaction() as c:
+                c.exec_driver_sql(
+                    "SET LOCAL lock_timeout = '5s'"
+                )  # (were the head held here: fail, not hang)
+                head = repo.lock_ledger_head(c)
+                assert repo.dequeue(c, taken)
+                repo.set_status(c, [taken], status="failed", status_reason="expired", updated_at="t")
+                repo.append_ledger(
+                    c, head, [EntryDraft(event="message.delivery_failed", message_id=taken)], "t"
+                )
+        return kept
+
+    monkeypatch.setattr(repo, "dequeue_many", dequeued_meanwhile)
+    retried = id_node.committer.unlocked.retried
+    assert worker.run_once() == 2  # settled: the two still queued
+    assert reads == [set(ids), set(ids) - {taken}]  # unlocked, then again holding the lock
+    assert id_node.committer.unlocked.retried == retried + 1
+    status = {m: id_node.status(polri, m, dt.datetime.now(dt.UTC))["status"] for m in ids}
+    assert status == {ids[0]: "delivered", taken: "failed", ids[2]: "delivered"}
+    with id_node.db.read() as conn:
+        verified = [e.message_id for e in repo.iter_ledger(conn) if e.event == "receipt.verified"]
+        assert repo.outbox_size(conn) == 0
+    assert taken not in verified
+    assert ids[0] in verified
+    assert ids[2] in verified
+    ledger(id_node.db)  # whole: no gap, no fork
