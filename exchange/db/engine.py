@@ -162,10 +162,10 @@ def _guard_units_of_work(engine: Engine) -> None:
         if conn in _UNBEGUN:
             _UNBEGUN.discard(conn)
             driver = cursor.connection
-            if _many or context is None or driver.pgconn.pipeline_status or not _pipelines(conn):
+            if _one_statement_to_pipeline(conn, context, _params, _many):
+                context.begin_first = True  # sent with the statement, in one round trip (below)
+            else:
                 driver.execute("BEGIN")  # (in a pipeline already: queued, in the same round trip)
-            else:  # sent with the statement, in one round trip (below)
-                context.begin_first = True
 
     if engine.dialect.name != "postgresql":
         return
@@ -181,13 +181,23 @@ def _guard_units_of_work(engine: Engine) -> None:
             cursor.execute(sql, params)
         return True
 
-    @sa.event.listens_for(engine, "do_execute")
-    def _do_execute(cursor: Any, sql: str, params: Any, context: Any) -> bool:
-        return _execute(cursor, sql, params, context)
+    sa.event.listen(engine, "do_execute", _execute)
 
-    @sa.event.listens_for(engine, "do_execute_no_params")
-    def _do_execute_no_params(cursor: Any, sql: str, context: Any) -> bool:
-        return _execute(cursor, sql, None, context)
+
+def _one_statement_to_pipeline(conn: Connection, context: Any, params: Any, many: bool) -> bool:
+    """Whether a transaction's first statement may go in one pipeline with its ``BEGIN``: a
+    statement with parameters (text without them may hold several statements, which a pipeline
+    refuses), executed once, on a client-side cursor (a server-side one cannot be pipelined), on a
+    connection not in a pipeline already, whose driver pipelines."""
+    driver: Any = conn.connection.driver_connection
+    return (
+        context is not None
+        and not many
+        and bool(params)
+        and not context.execution_options.get("stream_results", False)
+        and not driver.pgconn.pipeline_status
+        and _pipelines(conn)
+    )
 
 
 def _pipelines(conn: Connection) -> bool:
@@ -330,7 +340,13 @@ def at_commit(
     in the commit's single round trip on PostgreSQL. At once outside :meth:`Database.transaction`.
 
     The one way a lock-free transaction updates or deletes (ADR 4): there the head row is locked
-    first, at commit, and these rows after it, as every other writer locks them."""
+    first, at commit, and these rows after it, as every other writer locks them.
+
+    Raises:
+        RuntimeError: called inside a savepoint (its rollback would not take the statement back).
+    """
+    if conn.in_nested_transaction():
+        raise RuntimeError("a statement for the commit inside a savepoint: queue it after the savepoint")
     queued = pending(conn, "statements")
     if not isinstance(queued, _Statements):
         queued = _Statements()

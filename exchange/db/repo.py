@@ -27,7 +27,16 @@ from exchange.db.coordination import (
     OUTBOX_CHANNEL,
     notify,
 )
-from exchange.db.engine import Database, at_commit, before_commit, begin_now, begin_with, insert, pending
+from exchange.db.engine import (
+    Database,
+    at_commit,
+    before_commit,
+    begin_now,
+    begin_with,
+    insert,
+    pending,
+    transaction_memo,
+)
 from exchange.db.schema import (
     agreements,
     checkpoints,
@@ -552,14 +561,18 @@ def claim_due(
     return Claim(envelopes, bool(taken[0].unacknowledged), more_due=len(candidates) > len(taken))
 
 
-def release(conn: Connection, message_ids: Sequence[str], *, now: float, error: str) -> None:
-    """Give leased rows back, due at once: the worker's per-partner backoff decides when to send."""
-    if message_ids:
-        conn.execute(
-            outbox.update()
-            .where(outbox.c.message_id.in_(list(message_ids)))
-            .values(next_attempt_at=now, leased_by=None, last_error=error)
-        )
+def release(conn: Connection, message_ids: Sequence[str], *, now: float, error: str) -> set[str]:
+    """Give leased rows back, due at once: the worker's per-partner backoff decides when to send.
+    Returns those still queued (another worker may have settled one whose lease ran out)."""
+    if not message_ids:
+        return set()
+    released = conn.execute(
+        outbox.update()
+        .where(outbox.c.message_id.in_(list(message_ids)))
+        .values(next_attempt_at=now, leased_by=None, last_error=error)
+        .returning(outbox.c.message_id)
+    )
+    return {r.message_id for r in released}
 
 
 def release_leases_of(conn: Connection, worker: str, *, now: float) -> list[str]:
@@ -626,9 +639,18 @@ def dequeue_many(conn: Connection, message_ids: Sequence[str]) -> set[str]:
     if not message_ids:
         return set()
     kept = {row.message_id for row in conn.execute(_QUEUED, {"mids_": list(message_ids)})}
+    memo = transaction_memo(conn)
+    if memo is not None:  # what this transaction already dequeues is no longer queued for it
+        dequeued: set[str] = memo.setdefault(_DEQUEUED, set())
+        kept -= dequeued
+        dequeued |= kept
     if kept:
         at_commit(conn, _DEQUEUE_MANY, {"mids_": sorted(kept)})
     return kept
+
+
+#: the transaction memo's key for the message ids a transaction dequeues at commit
+_DEQUEUED = "dequeued"
 
 
 def outbox_size(conn: Connection) -> int:

@@ -357,8 +357,8 @@ class DeliveryWorker:
             delay,
         )
         with self.node.db.transaction() as conn:
-            repo.release(conn, [c.message_id for c in rest], now=now, error=str(error))
-            repo.update_messages(
+            released = repo.release(conn, [c.message_id for c in rest], now=now, error=str(error))
+            repo.update_messages(  # (one settled meanwhile, by a worker after its lease ran out, stays so)
                 conn,
                 [
                     (
@@ -371,6 +371,7 @@ class DeliveryWorker:
                         },
                     )
                     for item in rest
+                    if item.message_id in released
                 ],
             )
 

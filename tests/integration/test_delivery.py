@@ -8,6 +8,7 @@ import datetime as dt
 import json
 import logging
 import threading
+import time
 import tomllib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -26,6 +27,7 @@ from exchange.errors import (
     InvalidInput,
     MessageTooLarge,
     PartnerRefused,
+    TransportError,
 )
 from exchange.idempotency import IdempotentSubmission
 from exchange.keys.rotation import KeyAdmin
@@ -225,6 +227,50 @@ def test_a_claim_reads_only_the_envelopes_its_round_may_carry(pair: Pair) -> Non
     read, claimed = claim(size // 2)  # one envelope over the bound: still sent alone
     assert [r.envelope is not None for r in read] == [True, False, False, False, False]
     assert [c.message_id for c in claimed.envelopes] == ids[:1]
+
+
+def test_a_transaction_dequeues_a_message_once_however_often_it_asks(pair: Pair) -> None:
+    """The dequeue waits for the commit: the transaction's second read must not find the row it
+    already dequeues (two settlings in one batch would both ledger it)."""
+    id_dir, _my_dir, id_node, _my_node = pair
+    mid = id_node.submit(actor(id_node, id_dir, "polri-cms"), MessageSubmission.model_validate(rfi()), now())[
+        "id"
+    ]
+    with id_node.db.transaction() as conn:
+        assert repo.dequeue_many(conn, [mid, "not-queued"]) == {mid}
+        assert repo.dequeue_many(conn, [mid]) == set()
+    with id_node.db.read() as conn:
+        assert repo.outbox_size(conn) == 0
+
+
+def test_a_round_given_back_after_a_partner_failure_leaves_a_message_settled_meanwhile_be(pair: Pair) -> None:
+    """A worker whose lease ran out gives its round back when the partner fails; a message another
+    worker delivered and dequeued meanwhile stays delivered, not queued without an outbox row."""
+    id_dir, _my_dir, id_node, my_node = pair
+    polri = actor(id_node, id_dir, "polri-cms")
+    first, second = (
+        id_node.submit(polri, MessageSubmission.model_validate(rfi()), now())["id"] for _ in range(2)
+    )
+    transport = Loopback(my_node)
+    slow = DeliveryWorker(id_node, transport)
+    with id_node.db.transaction() as conn:  # the slow worker's round, whose lease then runs out
+        claim = repo.claim_due(
+            conn,
+            now=time.time(),
+            queued_since=0.0,
+            lease_seconds=0.0,
+            limit=10,
+            max_bytes=10**9,
+            worker=slow.worker_id,
+            frame=batch_bytes,
+            updated_at=now().isoformat(),
+            key_sets_of=id_node.party,
+        )
+    assert [c.message_id for c in claim.envelopes] == [first, second]
+    assert DeliveryWorker(id_node, Loopback(my_node)).run_once() == 2  # another worker delivers both
+    assert {id_node.status(polri, m, now())["status"] for m in (first, second)} == {"delivered"}
+    slow._partner_down(claim.envelopes, TransportError("partner unreachable: connection refused"))
+    assert {id_node.status(polri, m, now())["status"] for m in (first, second)} == {"delivered"}
 
 
 def repo_envelope(node: Node, message_id: str) -> str:

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from psycopg import pq
 
 from exchange.db import repo
-from exchange.db.engine import Database, defer_inserts, insert, upgrade
+from exchange.db.engine import Database, at_commit, defer_inserts, insert, upgrade
 from exchange.db.schema import agreements, ledger_entries, ledger_subtrees
 from exchange.ledger import EntryDraft, verify_rows
 
@@ -154,15 +154,44 @@ def test_on_postgresql_a_transaction_sends_its_begin_with_its_first_statement(
             )
             conn.execute(agreements.insert(), AGREEMENT_ROW)
         assert trips == [3]  # BEGIN with the read; the insert; COMMIT
-        for first in ("SELECT 1/0", "SELECT no_such_column FROM agreements"):
-            with pytest.raises(sa.exc.DBAPIError), db.transaction() as conn:
-                conn.exec_driver_sql(first)
-            with pytest.raises(sa.exc.DBAPIError), db.transaction() as conn:
-                conn.execute(sa.text(first.replace("1/0", "1/:zero")), {"zero": 0})
-        with db.engine.connect() as conn:  # the pool's one connection, back in it with nothing open
-            driver: Any = conn.connection.driver_connection
-            assert driver.info.transaction_status == pq.TransactionStatus.IDLE
-            assert not driver.pgconn.pipeline_status
+        returned: list[tuple[Any, Any]] = []  # how each connection comes back to the pool (before
+        sa.event.listen(  # the pool's own safety rollback: _never_pooled_inside_a_transaction)
+            db.engine.pool,
+            "checkin",
+            lambda dbapi_conn, _record: returned.append(
+                (dbapi_conn.info.transaction_status, dbapi_conn.pgconn.pipeline_status)
+            ),
+            insert=True,
+        )
+        failing: list[tuple[str, dict[str, Any]]] = [
+            ("SELECT 1/:zero", {"zero": 0}),  # the server's error
+            ("SELECT no_such_column FROM agreements WHERE version = :v", {"v": "v2"}),
+            ("SELECT :what", {"what": object()}),  # the client's: a parameter it cannot send
+        ]
+        for sql, params in failing:
+            with pytest.raises(sa.exc.StatementError), db.transaction() as conn:
+                conn.execute(sa.text(sql), params)
+        assert returned == [(pq.TransactionStatus.IDLE, pq.PipelineStatus.OFF)] * len(failing)
+        # what cannot go in a pipeline still goes first, its BEGIN just before it: a server-side
+        # cursor, and raw SQL without parameters (which may hold several statements)
+        streamed = sa.select(agreements.c.version).where(agreements.c.version == sa.bindparam("v"))
+        with db.transaction() as conn:
+            rows = conn.execute(streamed.execution_options(stream_results=True), {"v": "v2"})
+            assert rows.scalars().all() == ["v2"]
+            conn.execute(agreements.insert(), {**AGREEMENT_ROW, "version": "v3", "digest": "3" * 64})
+        with db.transaction() as conn:
+            assert conn.exec_driver_sql("SELECT 1; SELECT 2").scalar() == 1  # (the first result)
+            conn.execute(agreements.insert(), {**AGREEMENT_ROW, "version": "v4", "digest": "4" * 64})
+        assert stored(db) == (0, 0, 3)
+
+
+def test_a_statement_for_the_commit_inside_a_savepoint_is_refused(db_url: str) -> None:
+    """Its savepoint's rollback would not take it back: it would commit all the same."""
+    with Database(db_url) as db:
+        with db.transaction() as conn:
+            conn.execute(agreements.insert(), AGREEMENT_ROW)
+            with conn.begin_nested(), pytest.raises(RuntimeError, match="inside a savepoint"):
+                at_commit(conn, agreements.delete(), {})
         assert stored(db) == (0, 0, 1)
 
 
