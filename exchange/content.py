@@ -88,8 +88,11 @@ class ContentStore:
             for period in periods:
                 memo.pop(("live_kek", period), None)
         retired: list[str] = []
-        for period in sorted(periods):
-            old = self.keks.kids(period)
+        old_kids = {period: self.keks.kids(period) for period in sorted(periods)}
+        repo.lock_queued(
+            conn, under=[k for kids in old_kids.values() for k in kids], message_ids=sorted(doomed)
+        )
+        for period, old in old_kids.items():
             keep = [r for r in repo.contents_under(conn, old) if r["id"] not in doomed]
             new = self.keks.create(period)  # always: so no old KEK of the period is its live one
             if keep:

@@ -362,6 +362,23 @@ def contents_under(conn: Connection, kids: Sequence[str]) -> list[dict[str, Any]
     return [dict(r._mapping) for r in rows]
 
 
+def lock_queued(conn: Connection, *, under: Sequence[str], message_ids: Sequence[str]) -> None:
+    """Lock the outbox rows of the queued messages whose content one of the KEKs ``under`` wraps,
+    or among ``message_ids``, before their messages' rows are written: the order in which the
+    claim locks them (its outbox rows, then at commit their messages), so that a writer of many
+    messages (a destruction re-wrapping a period) cannot deadlock with a claim. On SQLite the
+    writer holds the whole database already."""
+    if not under and not message_ids:
+        return
+    conn.execute(
+        sa.select(outbox.c.message_id)
+        .join(messages, messages.c.id == outbox.c.message_id)
+        .where(sa.or_(messages.c.content_kid.in_(list(under)), outbox.c.message_id.in_(list(message_ids))))
+        .order_by(outbox.c.message_id)
+        .with_for_update(of=outbox)
+    ).all()
+
+
 def due_for_destruction(conn: Connection, now: str, limit: int) -> list[dict[str, Any]]:
     """Messages past their destroy date whose content still exists, oldest first."""
     rows = conn.execute(

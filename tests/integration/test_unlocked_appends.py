@@ -661,3 +661,67 @@ def test_a_settling_whose_row_another_process_dequeued_meanwhile_goes_again_lock
     assert ids[0] in verified
     assert ids[2] in verified
     ledger(id_node.db)  # whole: no gap, no fork
+
+
+@pytest.mark.postgres
+def test_a_destruction_while_a_claim_holds_its_rows_waits_for_it_without_deadlock(
+    pg_pair: tuple[Node, Node, Actor],
+) -> None:
+    """A claim locks its outbox rows, then at commit their messages. A destruction re-wraps the
+    other messages of the period (their rows) and dequeues the destroyed one: it locks the queued
+    messages' outbox rows first, so it waits for the claim instead of holding a message the claim's
+    commit needs while waiting for an outbox row the claim holds (PostgreSQL would abort one)."""
+    id_node, _my_node, polri = pg_pair
+    kept, doomed = submit_some(id_node, polri, 2)  # one period: the destruction re-wraps the first
+    claimed, destruction_started = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def claim() -> None:
+        try:
+            with id_node.db.transaction() as conn:
+                taken = repo.claim_due(
+                    conn,
+                    now=time.time(),
+                    queued_since=0.0,
+                    lease_seconds=600,
+                    limit=10,
+                    max_bytes=10**9,
+                    worker="w1",
+                    frame=sum,
+                    updated_at="t",
+                    key_sets_of=id_node.party,
+                )
+                assert [c.message_id for c in taken.envelopes] == [kept, doomed]
+                claimed.set()
+                assert destruction_started.wait(10)
+                time.sleep(0.5)  # the destruction has gone as far as it can meanwhile
+        except BaseException as exc:
+            errors.append(exc)
+
+    def destroy() -> None:
+        try:
+            assert claimed.wait(10)
+            with id_node.db.transaction() as conn:
+                conn.exec_driver_sql("SET LOCAL deadlock_timeout = '100ms'")
+                head = repo.lock_ledger_head(conn)
+                row = repo.get_message(conn, doomed)
+                assert row is not None
+                destruction_started.set()
+                drafts, _retired = id_node.content.destroy(conn, [row], reason="test", at="t", actor="ID")
+                repo.append_ledger(conn, head, drafts, "t")
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=claim), threading.Thread(target=destroy)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    status = {m: id_node.status(polri, m, dt.datetime.now(dt.UTC))["status"] for m in (kept, doomed)}
+    assert status == {kept: "sent", doomed: "destroyed"}
+    with id_node.db.read() as conn:
+        assert [r.message_id for r in conn.execute(sa.select(outbox.c.message_id))] == [kept]
+        row = repo.get_message(conn, kept)
+        assert row is not None
+    assert id_node.content.open(row)  # re-wrapped under the new KEK, and opens
