@@ -94,6 +94,7 @@ class ControlProtocol:
         """Compose, decide, seal, store and queue a control message about ``target`` inside the
         caller's transaction (which holds the ledger lock). Returns its ledger entry."""
         node = self.node
+        keys, now = node.keys_at(now)  # one key set version for the message, in force at its time
         terms = node.agreements.in_force(now)  # one version for the whole control message
         agreement = terms.agreement
         own = agreement.parties[node.party].scheme
@@ -135,7 +136,6 @@ class ControlProtocol:
         if errors or not decision.allowed:
             raise ValueError(f"a {message_type} this node composed is invalid: {errors or decision.refusals}")
         signed_json = message.signed_json()
-        keys = node.keys  # one key set version for the whole message
         signed = envelope.sign(signed_json, signing_key=keys.signing)
         sealed = envelope.seal_signed(signed, signed_json, recipient_key=node.partner.encryption)
         digest = envelope.envelope_digest(sealed)

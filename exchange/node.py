@@ -270,14 +270,24 @@ class Node(Releases):
         history = self.registry.accept_partner(
             announcements, now, max_per_day=self.settings.key_versions_per_day
         )
+        keys, signed_at = self.keys_at(now)
         receipt = KeySetReceipt(
             party=self.party,
             of=self.partner_party,
             version=history.version,
             digest=history.digest,
-            accepted_at=now,
+            accepted_at=signed_at,
         )
-        return sign_receipt(receipt, self.keys.signing)
+        return sign_receipt(receipt, keys.signing)
+
+    def keys_at(self, now: dt.datetime) -> tuple[NodeKeys, dt.datetime]:
+        """Our keys in force, and the time to date what their signing key signs: ``now``, or the
+        moment that key came into force if that is later (it was activated, by this process or
+        another, while the request that took ``now`` was handled). A message or receipt dated
+        before its key came into force would be refused by the partner (``key-not-in-force``)."""
+        keys = self.keys
+        start = self.registry.history(self.party).in_force_from(keys.signing_kid)
+        return keys, (now if start is None or start <= now else start)
 
     def announce_keys(self, announce: Callable[[list[str]], str], now: dt.datetime) -> int | None:
         """Send the partner every version of our key set it has not acknowledged, verify its signed
@@ -449,6 +459,7 @@ class Node(Releases):
             MessageTooLarge: the sealed envelope would exceed the agreement's limit.
             PolicyRefusal: naming every rule that refused and what would satisfy it (ledgered).
         """
+        keys, now = self.keys_at(now)  # one key set version for the message, in force at its time
         terms = self.agreements.in_force(now)  # one version for the whole message
         agreement = terms.agreement
         replied: dict[str, Any] | None = None
@@ -506,7 +517,6 @@ class Node(Releases):
             raise decision.refusal()
         message = self._protected(terms, draft, decision)
         signed_json = message.signed_json()
-        keys = self.keys  # one key set version for the whole message
         signed = envelope.sign(signed_json, signing_key=keys.signing)
         sealed = envelope.seal_signed(signed, signed_json, recipient_key=self.partner.encryption)
         envelope.check_envelope_size(sealed, agreement.max_envelope_bytes)
@@ -927,13 +937,14 @@ class Node(Releases):
             )
             return PeerResult(False), [self._rejection(opened.digest, "policy", mid, decision.evaluated)]
         assert decision.level is not None
+        keys, signed_at = self.keys_at(now)
         receipt = envelope.sign_receipt(
             message_id=mid,
             envelope_sha256=opened.digest,
             receiver=self.party,
             sender=self.partner_party,
-            received_at=now,
-            signing_key=self.keys.signing,
+            received_at=signed_at,
+            signing_key=keys.signing,
         )
         row = rows.message_row(
             message,

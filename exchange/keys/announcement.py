@@ -352,6 +352,17 @@ def key_in_force(history: Sequence[KeySet], kid: str, signed_at: dt.datetime) ->
     return entry
 
 
+def key_in_force_from(history: Sequence[KeySet], kid: str) -> dt.datetime | None:
+    """The earliest time at which ``key_in_force`` trusts ``kid``'s signatures: the first version
+    listing it other than ``next``, from its issue and the key's ``valid_from`` (None if none does)."""
+    starts = [
+        max(key_set.issued_at, entry.valid_from)
+        for key_set in history
+        if (entry := key_set.key(kid)) is not None and entry.state != "next"
+    ]
+    return min(starts, default=None)
+
+
 def key_ended(history: Sequence[KeySet], kid: str) -> dt.datetime | None:
     """When the key ``kid`` stopped being trusted for new signatures: the earliest end of validity
     or revocation time any version gives it (None while no version ends it)."""

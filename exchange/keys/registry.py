@@ -43,6 +43,7 @@ from exchange.keys.announcement import (
     claimed_version,
     key_ended,
     key_in_force,
+    key_in_force_from,
 )
 from exchange.ledger import EntryDraft, LedgerEntry
 from exchange.ledger.events import KEY_SET_RECORDED, LedgerEvent, key_set_mismatch
@@ -133,6 +134,10 @@ class KeyHistory:
     def in_force(self, kid: str, signed_at: dt.datetime) -> KeyEntry | None:
         """The key if it was trusted for a signature made at ``signed_at`` (see ``key_in_force``)."""
         return key_in_force(self.sets, kid, signed_at)
+
+    def in_force_from(self, kid: str) -> dt.datetime | None:
+        """When the key was first trusted for new signatures (see ``key_in_force_from``)."""
+        return key_in_force_from(self.sets, kid)
 
     def ended(self, kid: str) -> dt.datetime | None:
         """When the key stopped being trusted for new signatures (see ``key_ended``)."""

@@ -497,3 +497,56 @@ def test_an_envelope_by_a_key_we_hold_as_next_but_could_not_look_up_is_not_refus
     assert events(my_node, "envelope.") == []
     my_node.fetch_partner_key_sets = fetch_from(id_node)
     assert my_node.receive([sealed], now())[0].accepted
+
+
+class ArrivedEarlier(Loopback):
+    """The partner's API took the time a batch arrived (``arrived``) before it handled it."""
+
+    def __init__(self, partner: Node, arrived: dt.datetime) -> None:
+        super().__init__(partner)
+        self.arrived = arrived
+
+    def send(self, envelopes):  # type: ignore[no-untyped-def]
+        return self.partner.receive(envelopes, self.arrived)
+
+
+def test_a_signing_key_activated_while_a_batch_was_handled_dates_its_receipt_from_when_it_came_in_force(
+    nodes: Pair,
+) -> None:
+    """The API takes a batch's arrival time before opening it. If the signing key was activated
+    meanwhile (by another process, or this one's reload), the receipt signed by the new key cannot
+    be dated at the arrival: the partner would find the key not yet in force then and fail the
+    message for good. Likewise a submission's time and the key signing it. (Found by the e2e test
+    rotating every key under traffic.)"""
+    id_dir, _my_dir, id_node, my_node = nodes
+    keys = admin(my_node)
+    keys.rotate("signing")
+    drain(DeliveryWorker(my_node, Loopback(id_node)))  # the partner acknowledged the next key
+    mid = submit(id_node, id_dir, "polri-cms")
+    arrived = now()
+    time.sleep(0.01)
+    new_kid = keys.activate("signing").kid  # in force from after ``arrived``
+    drain(DeliveryWorker(my_node, Loopback(id_node)))  # the partner has the version activating it
+    worker = DeliveryWorker(id_node, ArrivedEarlier(my_node, arrived))
+    assert worker.run_once() == 1
+    assert statuses(id_node, id_dir, "polri-cms", [mid]) == ["delivered"]
+    received = [e for e in events(my_node, "envelope.received") if e.get("signer_kid")]
+    assert received
+    activated = my_node.registry.history("MY").in_force_from(new_kid)
+    assert activated is not None
+    assert activated > arrived
+    with id_node.db.read() as conn:
+        receipt_at = repo.get_message(conn, mid)["receipt_at"]  # type: ignore[index]
+    assert dt.datetime.fromisoformat(receipt_at) >= activated
+    # a submission dated before the sender's own new signing key came into force goes the same way
+    sender = admin(id_node)
+    sender.rotate("signing")
+    drain(DeliveryWorker(id_node, Loopback(my_node)))
+    before = now()
+    time.sleep(0.01)
+    sender.activate("signing")
+    late = id_node.submit(
+        actor(id_node, id_dir, "polri-cms"), MessageSubmission.model_validate(rfi()), before
+    )
+    drain(DeliveryWorker(id_node, Loopback(my_node)))
+    assert statuses(id_node, id_dir, "polri-cms", [late["id"]]) == ["delivered"]
