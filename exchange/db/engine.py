@@ -142,8 +142,8 @@ _LOCKING_READ = re.compile(r"\bFOR\s+(?:NO\s+KEY\s+|KEY\s+)?(?:UPDATE|SHARE)\b|\
 
 def _guard_units_of_work(engine: Engine) -> None:
     """Before each statement sent through SQLAlchemy: refuse a write in a read, and send a
-    PostgreSQL transaction's ``BEGIN`` with its first statement (in one round trip where psycopg
-    pipelines; an executemany's just before it). A statement sent on the
+    PostgreSQL transaction's ``BEGIN`` with its first statement (in one round trip where it can,
+    :func:`_one_statement_to_pipeline`; else just before it). A statement sent on the
     driver's own cursor passes neither: the repository sends only reads there, and
     :func:`begin_with` its ``BEGIN``."""
 
