@@ -646,6 +646,10 @@ def dequeue(conn: Connection, message_id: str) -> bool:
     return bool(conn.execute(_DEQUEUE, {"mid_": message_id}).rowcount)
 
 
+#: the transaction memo's key for the message ids a transaction dequeues at commit
+_DEQUEUED = "dequeued"
+
+
 def dequeue_many(conn: Connection, message_ids: Sequence[str]) -> set[str]:
     """Remove messages from the outbox when the transaction commits
     (:func:`~exchange.db.engine.at_commit`); returns those still there, read now (a plain read).
@@ -664,10 +668,6 @@ def dequeue_many(conn: Connection, message_ids: Sequence[str]) -> set[str]:
     if kept:
         at_commit(conn, _DEQUEUE_MANY, {"mids_": sorted(kept)})
     return kept
-
-
-#: the transaction memo's key for the message ids a transaction dequeues at commit
-_DEQUEUED = "dequeued"
 
 
 def outbox_size(conn: Connection) -> int:

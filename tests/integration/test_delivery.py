@@ -8,7 +8,6 @@ import datetime as dt
 import json
 import logging
 import threading
-import time
 import tomllib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -34,7 +33,7 @@ from exchange.keys.rotation import KeyAdmin
 from exchange.messages import MessageSubmission
 from exchange.node import Node, PeerResult
 from exchange.transport.worker import DeliveryWorker
-from tests.integration.test_node_flow import Clock, Loopback, actor
+from tests.integration.test_node_flow import Clock, Loopback, actor, claim_due
 from tests.support import NodeDir, make_pair, rfi, set_node_options
 
 Pair = tuple[NodeDir, NodeDir, Node, Node]
@@ -195,20 +194,7 @@ def test_a_claim_reads_only_the_envelopes_its_round_may_carry(pair: Pair) -> Non
             with id_node.db.transaction() as conn:
                 params = {"now_": 2e9, "since_": 0.0, "limit_": 10, "party_": id_node.party}
                 read[:] = conn.execute(repo._CLAIM_CANDIDATES, {**params, "max_bytes_": max_bytes}).all()
-                claimed.append(
-                    repo.claim_due(
-                        conn,
-                        now=2e9,
-                        queued_since=0.0,
-                        lease_seconds=60,
-                        limit=10,
-                        max_bytes=max_bytes,
-                        worker="w",
-                        frame=batch_bytes,
-                        updated_at="t",
-                        key_sets_of=id_node.party,
-                    )
-                )
+                claimed.append(claim_due(conn, id_node, at=2e9, max_bytes=max_bytes))
                 raise ClaimRolledBack
 
         with pytest.raises(ClaimRolledBack):
@@ -254,18 +240,7 @@ def test_a_round_given_back_after_a_partner_failure_leaves_a_message_settled_mea
     transport = Loopback(my_node)
     slow = DeliveryWorker(id_node, transport)
     with id_node.db.transaction() as conn:  # the slow worker's round, whose lease then runs out
-        claim = repo.claim_due(
-            conn,
-            now=time.time(),
-            queued_since=0.0,
-            lease_seconds=0.0,
-            limit=10,
-            max_bytes=10**9,
-            worker=slow.worker_id,
-            frame=batch_bytes,
-            updated_at=now().isoformat(),
-            key_sets_of=id_node.party,
-        )
+        claim = claim_due(conn, id_node, lease_seconds=0.0, worker=slow.worker_id)
     assert [c.message_id for c in claim.envelopes] == [first, second]
     assert DeliveryWorker(id_node, Loopback(my_node)).run_once() == 2  # another worker delivers both
     assert {id_node.status(polri, m, now())["status"] for m in (first, second)} == {"delivered"}

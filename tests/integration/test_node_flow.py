@@ -4,6 +4,7 @@ the transport double hands envelopes straight to the partner Node."""
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from exchange.config import load_settings
 from exchange.db import repo
 from exchange.db.engine import Database
 from exchange.db.schema import ledger_entries, messages
+from exchange.envelope.size import batch_bytes
 from exchange.errors import (
     CheckpointConflict,
     DatabaseNotMigrated,
@@ -108,6 +110,33 @@ def pair(tmp_path: Path, db_urls: tuple[str | None, str | None]):  # type: ignor
 
 def now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def claim_due(
+    conn: Any,
+    node: Node,
+    *,
+    at: float | None = None,
+    lease_seconds: float = 600.0,
+    limit: int = 10,
+    max_bytes: int = 10**9,
+    worker: str = "w1",
+) -> repo.Claim:
+    """``node``'s due outbox rows claimed in ``conn``'s transaction, as its delivery worker claims
+    them (request bodies framed as the worker frames them), at ``at`` (default: now)."""
+    when = time.time() if at is None else at
+    return repo.claim_due(
+        conn,
+        now=when,
+        queued_since=0.0,
+        lease_seconds=lease_seconds,
+        limit=limit,
+        max_bytes=max_bytes,
+        worker=worker,
+        frame=batch_bytes,
+        updated_at=dt.datetime.fromtimestamp(when, dt.UTC).isoformat(),
+        key_sets_of=node.party,
+    )
 
 
 def test_a_request_crosses_and_its_response_comes_back(pair) -> None:  # type: ignore[no-untyped-def]

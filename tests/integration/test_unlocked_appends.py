@@ -29,7 +29,7 @@ from exchange.messages import MessageSubmission
 from exchange.node import Node
 from exchange.policy import Actor
 from exchange.transport.worker import DeliveryWorker
-from tests.integration.test_node_flow import Loopback, actor
+from tests.integration.test_node_flow import Loopback, actor, claim_due
 from tests.integration.test_transactions import round_trips
 from tests.support import make_pair, rfi
 
@@ -562,18 +562,7 @@ def test_a_claim_leases_and_marks_sent_in_its_commits_round_trip(
 
         def claim_one(now: float) -> repo.Claim:
             with db.transaction() as conn:
-                return repo.claim_due(
-                    conn,
-                    now=now,
-                    queued_since=0.0,
-                    lease_seconds=600,
-                    limit=1,
-                    max_bytes=10**9,
-                    worker="w1",
-                    frame=sum,
-                    updated_at="2026-11-25T00:00:00+00:00",
-                    key_sets_of=id_node.party,
-                )
+                return claim_due(conn, id_node, at=now, limit=1)
 
         claims = [claim_one(time.time()) for _ in range(7)]  # psycopg prepares at a statement's fifth use
         with round_trips(db, tmp_path) as trips:
@@ -679,18 +668,7 @@ def test_a_destruction_while_a_claim_holds_its_rows_waits_for_it_without_deadloc
     def claim() -> None:
         try:
             with id_node.db.transaction() as conn:
-                taken = repo.claim_due(
-                    conn,
-                    now=time.time(),
-                    queued_since=0.0,
-                    lease_seconds=600,
-                    limit=10,
-                    max_bytes=10**9,
-                    worker="w1",
-                    frame=sum,
-                    updated_at="t",
-                    key_sets_of=id_node.party,
-                )
+                taken = claim_due(conn, id_node)
                 assert [c.message_id for c in taken.envelopes] == [kept, doomed]
                 claimed.set()
                 assert destruction_started.wait(10)
