@@ -24,6 +24,7 @@ and the CLI turns them into a one-line message and a non-zero exit. Domain error
     │   └── PartnerKeysUnavailable  the partner's key sets could not be fetched to check a signature
     ├── Unavailable                 a resource the node needs is down for now (retry later)
     │   ├── DatabaseUnavailable     the database cannot be reached, or its disk is full
+    │   ├── TransactionConflict     a transaction lost a conflict (deadlock) and wrote nothing
     │   └── Busy                    a bounded resource is saturated (a ledger verification runs)
     ├── LedgerIntegrityError        the ledger does not verify (names the first bad entry)
     │   └── CheckpointConflict      a partner checkpoint is inconsistent with one already witnessed
@@ -164,6 +165,12 @@ class Unavailable(ExchangeError):
 
 class DatabaseUnavailable(Unavailable):
     """The database cannot be reached or cannot write (server down, connection lost, disk full)."""
+
+
+class TransactionConflict(Unavailable):
+    """The database aborted a transaction in a conflict with another (a deadlock, a serialization
+    failure, a lock wait that timed out). Nothing of it was written, and running it again is
+    safe; the database itself is available."""
 
 
 class Busy(Unavailable):

@@ -20,7 +20,7 @@ import threading
 from typing import Protocol
 
 from exchange.db.coordination import Coordination
-from exchange.errors import DatabaseUnavailable
+from exchange.errors import DatabaseUnavailable, TransactionConflict
 
 log = logging.getLogger("exchange.loops")
 
@@ -79,6 +79,9 @@ class LoopRunner:
                     self.leading = True
                 wait = self.loop.step()
             except DatabaseUnavailable:
+                wait = self.loop.interval
+            except TransactionConflict as exc:  # nothing of it written; the next round runs it again
+                log.warning("%s round: %s; retrying", self.name, exc)
                 wait = self.loop.interval
             except Exception:
                 log.exception("%s round failed; retrying", self.name)

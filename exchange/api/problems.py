@@ -31,6 +31,7 @@ from exchange.errors import (
     MessageTooLarge,
     NotFound,
     PolicyRefusal,
+    TransactionConflict,
     TransportError,
     Unauthorised,
     Unavailable,
@@ -61,6 +62,11 @@ STATUS_TABLE: dict[type[ExchangeError], tuple[int, str, str]] = {
     IdempotencyKeyReused: (422, "idempotency-key-reused", "The Idempotency-Key was used for another request"),
     Unavailable: (503, "unavailable", "The node cannot serve this request now; retry later"),
     DatabaseUnavailable: (503, "database-unavailable", "The node's database is unavailable; retry later"),
+    TransactionConflict: (
+        503,
+        "transaction-conflict",
+        "The node's database aborted the request's transaction in a conflict with another; retry",
+    ),
     Busy: (503, "busy", "The node is already doing as much of this work as it allows; retry later"),
 }
 
@@ -105,7 +111,8 @@ PROBLEM_STATUSES: dict[int, str] = {
     422: "Invalid request: names every invalid field",
     500: "Internal error (logged); nothing of the request is revealed",
     502: "The partner node could not be reached",
-    503: "The node cannot serve now (database unavailable); retry after Retry-After seconds",
+    503: "The node cannot serve now (its database unavailable or busy, or a transaction lost a conflict); retry after"
+    " Retry-After seconds",
 }
 
 

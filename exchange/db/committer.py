@@ -20,7 +20,10 @@ trip. If another writer moved the head meanwhile (another process, or a transact
 outside the committer that had not finished), the commit fails, and the batch runs again holding
 the lock, as every batch does for the next ``LOCK_AFTER_MOVED_SECONDS``; so does a batch whose
 unit or commit failed otherwise. A unit may thus run three times (the batch unlocked, the batch
-locked, alone).
+locked, alone). A transaction the database aborts in a conflict with another (a deadlock:
+:class:`~exchange.errors.TransactionConflict`) is not the unit's fault: a batch it aborts runs
+again as any failed batch does, and a unit alone runs again up to ``CONFLICT_RETRIES`` times
+before its caller gets the conflict.
 
 Guarantee: :meth:`GroupCommitter.run` returns only after the unit is committed, and raises if it
 was not. Appends stay serialised by the database (the head row lock / SQLite's write lock), so
@@ -40,7 +43,7 @@ from sqlalchemy.engine import Connection
 
 from exchange.db import repo
 from exchange.db.engine import Database, defer_inserts
-from exchange.errors import DatabaseUnavailable
+from exchange.errors import DatabaseUnavailable, TransactionConflict
 
 log = logging.getLogger("exchange.committer")
 
@@ -48,6 +51,9 @@ Unit = Callable[[Connection, repo.LedgerHead], repo.LedgerHead]
 
 #: after the head moved under an unlocked batch, batches lock it first for this long
 LOCK_AFTER_MOVED_SECONDS = 1.0
+
+#: how many times a unit alone runs again after the database aborted it in a conflict
+CONFLICT_RETRIES = 3
 
 _Item = tuple[Unit, Future[None], bool]  # the unit, its caller's future, whether it only appends
 
@@ -205,21 +211,29 @@ class GroupCommitter:
         back that unit alone, and its caller gets the error (an insert's included: the rows are
         deferred to just before the commit, as in a batch, so a lone unit too writes them in one
         round trip)."""
-        ran = False
-        try:
-            with self.db.transaction() as conn:
-                defer_inserts(conn)
-                unit(conn, repo.lock_ledger_head(conn))
-                ran = True
-        except DatabaseUnavailable as exc:  # a condition, logged once by the Database
-            future.set_exception(exc)
+        for attempt in range(1 + CONFLICT_RETRIES):
+            ran = False
+            try:
+                with self.db.transaction() as conn:
+                    defer_inserts(conn)
+                    unit(conn, repo.lock_ledger_head(conn))
+                    ran = True
+            except TransactionConflict as exc:  # nothing written: it may run again
+                if attempt < CONFLICT_RETRIES:
+                    log.warning("%s; the unit runs again", exc)
+                    continue
+                future.set_exception(exc)
+                return
+            except DatabaseUnavailable as exc:  # a condition, logged once by the Database
+                future.set_exception(exc)
+                return
+            except Exception as exc:  # the unit's error (rolled back), or the commit's
+                if ran:
+                    log.exception("group commit of 1 unit failed")
+                future.set_exception(exc)
+                return
+            future.set_result(None)
             return
-        except Exception as exc:  # the unit's error (rolled back), or the commit's
-            if ran:
-                log.exception("group commit of 1 unit failed")
-            future.set_exception(exc)
-            return
-        future.set_result(None)
 
 
 def _answer(batch: list[_Item], error: BaseException | None) -> None:

@@ -28,7 +28,10 @@ as any statement's.
 An unreachable database (server down or restarting, connection lost, pool exhausted) or one that
 cannot write (disk full) raises :class:`~exchange.errors.DatabaseUnavailable` from both, which the
 API answers 503 with ``Retry-After``. The condition is logged once when it starts and once when
-it ends, not once per request.
+it ends, not once per request. A transaction PostgreSQL aborts in a conflict with another (a
+deadlock, a serialization failure, a lock wait timed out) raises
+:class:`~exchange.errors.TransactionConflict` instead: the database is up, nothing of the
+transaction was written, and its caller may run it again (the group committer does).
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection, Engine
 
-from exchange.errors import ConfigurationError, DatabaseNotMigrated, DatabaseUnavailable
+from exchange.errors import ConfigurationError, DatabaseNotMigrated, DatabaseUnavailable, TransactionConflict
 from exchange.files import create_private
 
 log = logging.getLogger("exchange.db")
@@ -69,11 +72,23 @@ UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (
 SQLITE_UNAVAILABLE_CODES = frozenset({5, 6, 7, 8, 10, 13, 14})
 
 
+#: PostgreSQL's SQLSTATEs of a transaction that lost a conflict with another: deadlock_detected,
+#: serialization_failure, lock_not_available (a lock wait past ``lock_timeout``)
+CONFLICT_SQLSTATES = frozenset({"40P01", "40001", "55P03"})
+
+
+def is_conflict(exc: BaseException) -> bool:
+    """True if the database aborted ``exc``'s transaction in a conflict with another transaction:
+    nothing of it was written, and it may run again."""
+    return getattr(getattr(exc, "orig", None), "sqlstate", None) in CONFLICT_SQLSTATES
+
+
 def is_unavailable(exc: BaseException) -> bool:
-    """True if ``exc`` says the database is unavailable rather than the statement being wrong."""
+    """True if ``exc`` says the database is unavailable rather than the statement being wrong (or
+    the transaction losing a conflict: :func:`is_conflict`)."""
     if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
         return True
-    if not isinstance(exc, UNAVAILABLE_ERRORS):
+    if not isinstance(exc, UNAVAILABLE_ERRORS) or is_conflict(exc):
         return False
     code = getattr(getattr(exc, "orig", None), "sqlite_errorcode", None)
     return code is None or (int(code) & 0xFF) in SQLITE_UNAVAILABLE_CODES
@@ -534,6 +549,7 @@ class Database:
 
         Raises:
             DatabaseUnavailable: the database could not be reached or could not write.
+            TransactionConflict: the database aborted the transaction in a conflict with another.
         """
         actions: dict[str, Callable[[Connection], None]] = {}
         with self._available(), self.engine.begin() as conn:
@@ -576,11 +592,15 @@ class Database:
 
     @contextmanager
     def _available(self, *, write: bool = True) -> Iterator[None]:
-        """Convert unavailability to DatabaseUnavailable. Only a committed write ends the
-        condition: with a full disk, reads still succeed while every write fails."""
+        """Convert unavailability to DatabaseUnavailable, a lost conflict to TransactionConflict
+        (not a condition of the database). Only a committed write ends the condition: with a full
+        disk, reads still succeed while every write fails."""
         try:
             yield
         except sa.exc.SQLAlchemyError as exc:
+            if is_conflict(exc):
+                lost = type(getattr(exc, "orig", exc)).__name__
+                raise TransactionConflict(f"the transaction lost a conflict with another: {lost}") from exc
             if not is_unavailable(exc):
                 raise
             self.availability.failed(exc)

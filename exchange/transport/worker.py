@@ -42,6 +42,7 @@ from exchange.errors import (
     EnvelopeError,
     PartnerKeysUnavailable,
     PartnerRefused,
+    TransactionConflict,
     TransportError,
 )
 from exchange.keys.announcement import AnnouncementRejected
@@ -323,6 +324,9 @@ class DeliveryWorker:
             return self.finish_settling()
         except DatabaseUnavailable:
             return 0  # a condition, logged once by the Database
+        except TransactionConflict as exc:
+            log.warning("settling a delivery round: %s; its messages go again when their leases end", exc)
+            return 0
         except Exception:
             log.exception("settling a delivery round failed; its messages go again when their leases end")
             return 0

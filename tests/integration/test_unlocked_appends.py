@@ -356,6 +356,56 @@ def test_two_processes_committing_unlocked_at_once_lose_nothing_and_keep_one_led
         assert max(runs.values()) <= 3  # a unit runs unlocked, locked, alone at most
 
 
+@pytest.mark.postgres
+def test_a_unit_whose_transaction_loses_a_deadlock_runs_again_and_commits_once(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PostgreSQL aborts one transaction of a deadlock. When it is a committer's, nothing of it was
+    written: the unit runs again and its caller sees a commit, not a 503, and the database is not
+    reported unavailable."""
+    other_waits, other_pid = threading.Event(), []
+    runs: list[int] = []
+
+    with Database(pg_url) as db, Database(pg_url) as other_db:
+        committer = GroupCommitter(db)
+
+        def other_writer() -> None:  # holds lock 4242, then waits for the head the unit holds
+            with other_db.transaction() as conn:
+                conn.execute(sa.text("SET LOCAL deadlock_timeout = '20s'"))  # the unit's side detects it
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(4242)"))
+                other_pid.append(conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one())
+                other_waits.set()
+                repo.lock_ledger_head(conn)
+
+        def unit(conn: Any, head: repo.LedgerHead) -> repo.LedgerHead:
+            runs.append(1)
+            if len(runs) == 1:  # holding the head: wait until the other waits for it, then close the cycle
+                conn.execute(sa.text("SET LOCAL deadlock_timeout = '100ms'"))
+                threading.Thread(target=other_writer).start()
+                assert other_waits.wait(10)
+                deadline = time.monotonic() + 10
+                with other_db.read() as watch:
+                    while not watch.execute(
+                        sa.text("SELECT count(*) FROM pg_locks WHERE pid = :pid AND NOT granted"),
+                        {"pid": other_pid[0]},
+                    ).scalar_one():
+                        assert time.monotonic() < deadline, "the other writer never waited for the head"
+                        time.sleep(0.01)
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(4242)"))
+            return append(conn, head, "after.conflict")
+
+        try:
+            committer.run(unit)  # no error: the deadlock's loser ran again
+        finally:
+            committer.close()
+        assert len(runs) == 2
+        assert ledger(db) == ["after.conflict"]
+        assert db.availability.available
+    said = [r.getMessage() for r in caplog.records]
+    assert any("lost a conflict" in line and "DeadlockDetected" in line for line in said)
+    assert not [line for line in said if "unavailable" in line]
+
+
 def test_on_sqlite_the_committer_always_locks_first(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'node.db'}"
     upgrade(url)

@@ -3,15 +3,19 @@ database errors are unavailability."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
+from types import SimpleNamespace
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 
-from exchange.db.engine import is_unavailable
+from exchange.api.problems import exchange_error_handler
+from exchange.db.engine import is_conflict, is_unavailable
 from exchange.envelope.size import batch_bytes, check_envelope_size, peer_body_limit
-from exchange.errors import ConfigurationError, InvalidInput, MessageTooLarge
+from exchange.errors import ConfigurationError, InvalidInput, MessageTooLarge, TransactionConflict
 from exchange.idempotency import check_key
 from exchange.transport.worker import (
     PartnerBackoff,
@@ -116,6 +120,32 @@ def _sqlite_error(sql: str, *setup: str) -> sa.exc.OperationalError:
     finally:
         conn.close()
     raise AssertionError("the statement succeeded")
+
+
+@pytest.mark.parametrize(
+    "lost",
+    [psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure, psycopg.errors.LockNotAvailable],
+)
+def test_a_transaction_lost_in_a_conflict_is_a_conflict_not_unavailability(lost: type[Exception]) -> None:
+    exc = sa.exc.OperationalError("update", {}, lost("lost"))
+    assert is_conflict(exc)
+    assert not is_unavailable(exc)  # the database is up: not a condition, no 503 for everyone
+    assert not is_conflict(sa.exc.OperationalError("connect", {}, psycopg.errors.AdminShutdown("down")))
+    assert is_unavailable(sa.exc.OperationalError("connect", {}, psycopg.errors.AdminShutdown("down")))
+
+
+def test_a_conflict_that_outlived_its_retries_is_a_503_to_retry_naming_no_statement() -> None:
+    settings = SimpleNamespace(unavailable_retry_after_seconds=3)
+    request = SimpleNamespace(
+        app=SimpleNamespace(state=SimpleNamespace(node=SimpleNamespace(settings=settings)))
+    )
+    exc = TransactionConflict("the transaction lost a conflict with another: DeadlockDetected")
+    answer = asyncio.run(exchange_error_handler(request, exc))  # type: ignore[arg-type]
+    body = json.loads(bytes(answer.body))
+    assert (answer.status_code, answer.headers["retry-after"]) == (503, "3")
+    assert answer.headers["content-type"] == "application/problem+json"
+    assert body["type"].endswith("/transaction-conflict")
+    assert "Deadlock" not in body["detail"]  # the title, not the database's words
 
 
 def test_a_full_database_is_unavailability_but_a_missing_table_is_a_bug() -> None:
