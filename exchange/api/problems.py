@@ -111,8 +111,8 @@ PROBLEM_STATUSES: dict[int, str] = {
     422: "Invalid request: names every invalid field",
     500: "Internal error (logged); nothing of the request is revealed",
     502: "The partner node could not be reached",
-    503: "The node cannot serve now (its database unavailable or busy, or a transaction lost a conflict); retry after"
-    " Retry-After seconds",
+    503: "The node cannot serve now (its database unavailable or busy, or a transaction lost a conflict);"
+    " retry after Retry-After seconds",
 }
 
 

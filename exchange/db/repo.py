@@ -506,14 +506,25 @@ class Claimed:
 
 
 @dataclass(frozen=True)
+class Lease:
+    """One claim's lease: its holder and when it ends (what the claim wrote on its rows). A later
+    claim of the same rows, after it ended, writes another end, even by a holder of the same name."""
+
+    worker: str
+    until: float
+
+
+@dataclass(frozen=True)
 class Claim:
     """What :func:`claim_due` leased, whether ``key_sets_of``'s key set had versions the partner
     has not acknowledged when it did (read in the same statement as the due rows), and whether
-    more rows were due than it leased (the count or the byte bound held them back)."""
+    more rows were due than it leased (the count or the byte bound held them back). ``lease`` names
+    this lease among every lease of the rows (see :func:`release`)."""
 
     envelopes: list[Claimed]
     key_sets_unacknowledged: bool
     more_due: bool = False
+    lease: Lease | None = None
 
 
 def claim_due(
@@ -562,7 +573,8 @@ def claim_due(
     if not taken:
         return Claim([], False)
     ids = [row.message_id for row in taken]
-    at_commit(conn, _LEASE, {"mids_": ids, "until_": now + lease_seconds, "worker_": worker})
+    lease = Lease(worker, now + lease_seconds)
+    at_commit(conn, _LEASE, {"mids_": ids, "until_": lease.until, "worker_": lease.worker})
     at_commit(conn, _MARK_SENT, {"mids_": ids, "at_": updated_at})  # (after the lease: its attempts)
     envelopes = [
         Claimed(
@@ -575,17 +587,24 @@ def claim_due(
         )
         for row in taken
     ]
-    return Claim(envelopes, bool(taken[0].unacknowledged), more_due=len(candidates) > len(taken))
+    return Claim(envelopes, bool(taken[0].unacknowledged), more_due=len(candidates) > len(taken), lease=lease)
 
 
-def release(conn: Connection, message_ids: Sequence[str], *, now: float, error: str) -> set[str]:
-    """Give leased rows back, due at once: the worker's per-partner backoff decides when to send.
-    Returns those still queued (another worker may have settled one whose lease ran out)."""
+def release(
+    conn: Connection, message_ids: Sequence[str], lease: Lease, *, now: float, error: str
+) -> set[str]:
+    """Give back the rows ``lease`` still holds, due at once: the worker's per-partner backoff
+    decides when to send. Returns them. A row whose lease ran out meanwhile and which another
+    worker settled, or claimed again (its lease in flight), is left as it is."""
     if not message_ids:
         return set()
     released = conn.execute(
         outbox.update()
-        .where(outbox.c.message_id.in_(list(message_ids)))
+        .where(
+            outbox.c.message_id.in_(list(message_ids)),
+            outbox.c.leased_by == lease.worker,
+            outbox.c.next_attempt_at == lease.until,
+        )
         .values(next_attempt_at=now, leased_by=None, last_error=error)
         .returning(outbox.c.message_id)
     )

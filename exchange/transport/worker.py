@@ -206,7 +206,7 @@ class DeliveryWorker:
         try:  # the partner learns a key before it sees it used: our new key sets go first
             self._announce_keys(now, pending=claim.key_sets_unacknowledged)
         except TransportError as exc:
-            self._partner_down(claimed, exc)
+            self._partner_down(claimed, claim.lease, exc)
             return settled
         if not claimed:
             return settled
@@ -229,7 +229,7 @@ class DeliveryWorker:
             else:
                 settled += self._settle(done)
         if error is not None:
-            self._partner_down(rest, error)
+            self._partner_down(rest, claim.lease, error)
         else:
             self.partner.succeeded()
         return settled
@@ -339,7 +339,10 @@ class DeliveryWorker:
         if settler is not None:
             settler.shutdown(wait=True)
 
-    def _partner_down(self, rest: list[repo.Claimed], error: TransportError) -> None:
+    def _partner_down(
+        self, rest: list[repo.Claimed], lease: repo.Lease | None, error: TransportError
+    ) -> None:
+        """Back off from the partner and give back what ``lease`` still holds of ``rest``."""
         settings = self.node.settings
         now = self.clock()
         with self.node.db.read() as conn:
@@ -361,8 +364,9 @@ class DeliveryWorker:
             delay,
         )
         with self.node.db.transaction() as conn:
-            released = repo.release(conn, [c.message_id for c in rest], now=now, error=str(error))
-            repo.update_messages(  # (one settled meanwhile, by a worker after its lease ran out, stays so)
+            ids = [c.message_id for c in rest]
+            released = set() if lease is None else repo.release(conn, ids, lease, now=now, error=str(error))
+            repo.update_messages(  # (one settled or claimed again after the lease ran out stays so)
                 conn,
                 [
                     (

@@ -8,6 +8,7 @@ import datetime as dt
 import json
 import logging
 import threading
+import time
 import tomllib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -19,6 +20,7 @@ import tomli_w
 
 from exchange.config import load_settings
 from exchange.db import repo
+from exchange.db.schema import outbox
 from exchange.envelope.size import batch_bytes
 from exchange.errors import (
     DatabaseUnavailable,
@@ -229,6 +231,9 @@ def test_a_transaction_dequeues_a_message_once_however_often_it_asks(pair: Pair)
         assert repo.outbox_size(conn) == 0
 
 
+REFUSED = TransportError("partner unreachable: connection refused")
+
+
 def test_a_round_given_back_after_a_partner_failure_leaves_a_message_settled_meanwhile_be(pair: Pair) -> None:
     """A worker whose lease ran out gives its round back when the partner fails; a message another
     worker delivered and dequeued meanwhile stays delivered, not queued without an outbox row."""
@@ -244,8 +249,36 @@ def test_a_round_given_back_after_a_partner_failure_leaves_a_message_settled_mea
     assert [c.message_id for c in claim.envelopes] == [first, second]
     assert DeliveryWorker(id_node, Loopback(my_node)).run_once() == 2  # another worker delivers both
     assert {id_node.status(polri, m, now())["status"] for m in (first, second)} == {"delivered"}
-    slow._partner_down(claim.envelopes, TransportError("partner unreachable: connection refused"))
+    slow._partner_down(claim.envelopes, claim.lease, REFUSED)
     assert {id_node.status(polri, m, now())["status"] for m in (first, second)} == {"delivered"}
+
+
+def test_a_round_given_back_after_its_lease_ran_out_leaves_a_later_lease_of_its_rows_in_flight(
+    pair: Pair,
+) -> None:
+    """A worker whose lease ran out gives its round back when the partner fails; rows claimed again
+    meanwhile (by the next leader of the node, under the same worker name) stay leased to that
+    claim, sent, and are not made due at once: they would go twice while the other round is on the
+    wire."""
+    id_dir, _my_dir, id_node, my_node = pair
+    polri = actor(id_node, id_dir, "polri-cms")
+    ids = [id_node.submit(polri, MessageSubmission.model_validate(rfi()), now())["id"] for _ in range(2)]
+    slow = DeliveryWorker(id_node, Loopback(my_node))
+    with id_node.db.transaction() as conn:  # the slow worker's round, whose lease then runs out
+        claim = claim_due(conn, id_node, lease_seconds=0.0, worker=slow.worker_id)
+    with id_node.db.transaction() as conn:  # claimed again, in flight for the next 600 s
+        again = claim_due(conn, id_node, at=time.time() + 0.01, worker=slow.worker_id)
+    assert [c.message_id for c in again.envelopes] == ids
+    slow._partner_down(claim.envelopes, claim.lease, REFUSED)
+    with id_node.db.read() as conn:
+        rows = conn.execute(sa.select(outbox.c.leased_by, outbox.c.next_attempt_at)).all()
+    assert again.lease is not None
+    assert sorted(rows) == [(again.lease.worker, again.lease.until)] * 2  # the later lease, untouched
+    assert {id_node.status(polri, m, now())["status"] for m in ids} == {"sent"}
+    slow._partner_down(again.envelopes, again.lease, REFUSED)
+    with id_node.db.read() as conn:  # the lease that holds them gives them back
+        assert conn.execute(sa.select(outbox.c.leased_by)).scalars().all() == [None, None]
+    assert {id_node.status(polri, m, now())["status"] for m in ids} == {"queued"}
 
 
 def repo_envelope(node: Node, message_id: str) -> str:
