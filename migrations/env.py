@@ -12,7 +12,10 @@ config = context.config
 
 def run_migrations() -> None:
     connectable = engine_from_config(
-        config.get_section(config.config_ini_section, {}), prefix="sqlalchemy.", poolclass=pool.NullPool
+        config.get_section(config.config_ini_section, {}),
+        prefix="sqlalchemy.",
+        poolclass=pool.NullPool,
+        hide_parameters=True,  # a failing statement's values (a data migration's rows) never reach a log
     )
     with connectable.connect() as connection:
         context.configure(

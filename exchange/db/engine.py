@@ -433,6 +433,9 @@ def make_engine(url: str, *, writer: bool = True, pool_size: int = 5) -> Engine:
     try:
         engine = sa.create_engine(
             normalise_url(url),
+            # an error's text never carries a statement's values (a message's case reference and
+            # markings, a client's registration): tracebacks are logged, values must not be
+            hide_parameters=True,
             **(
                 {"connect_args": {"check_same_thread": False, "timeout": 30}}
                 if url.startswith("sqlite")
