@@ -169,8 +169,8 @@ class DatabaseUnavailable(Unavailable):
 
 class TransactionConflict(Unavailable):
     """The database aborted a transaction in a conflict with another (a deadlock, a serialization
-    failure, a lock wait that timed out). Nothing of it was written, and running it again is
-    safe; the database itself is available."""
+    failure). Nothing of it was written, and running it again is safe; the database itself is
+    available."""
 
 
 class Busy(Unavailable):

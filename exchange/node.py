@@ -32,7 +32,7 @@ from exchange.db import repo, rows
 from exchange.db.agreement_book import AgreementBook
 from exchange.db.client_directory import UNREAD, ClientDirectory, Unread
 from exchange.db.committer import GroupCommitter
-from exchange.db.engine import Database, defer_inserts
+from exchange.db.engine import Database, defer_inserts, is_conflict, is_unavailable
 from exchange.errors import (
     DatabaseUnavailable,
     EnvelopeError,
@@ -40,6 +40,7 @@ from exchange.errors import (
     InvalidInput,
     NotFound,
     PartnerKeysUnavailable,
+    TransactionConflict,
     TransportError,
 )
 from exchange.keys.announcement import AnnouncementRejected, KeySetReceipt, sign_receipt, verify_receipt
@@ -686,7 +687,7 @@ class Node(Releases):
         for assumed in attempts:
             try:
                 stored = self._store(envelopes, opened, now, careful=False, assumed=assumed)
-            except DatabaseUnavailable:
+            except (DatabaseUnavailable, TransactionConflict):  # nothing written: 503; sent again
                 raise
             except Exception as exc:
                 if assumed is not None:
@@ -759,7 +760,9 @@ class Node(Releases):
                     try:
                         with conn.begin_nested():  # one envelope's failure rejects that envelope alone
                             result, new = self._admit(conn, item, now, inbox_seq, prefetched, judged, then)
-                    except Exception:
+                    except Exception as exc:
+                        if is_conflict(exc) or is_unavailable(exc):  # not the envelope's fault: the
+                            raise  # batch fails (503) and the partner sends it again
                         log.exception("envelope for message %s could not be admitted", mid)
                         result, new = (
                             PeerResult(False),

@@ -22,8 +22,8 @@ the lock, as every batch does for the next ``LOCK_AFTER_MOVED_SECONDS``; so does
 unit or commit failed otherwise. A unit may thus run three times (the batch unlocked, the batch
 locked, alone). A transaction the database aborts in a conflict with another (a deadlock:
 :class:`~exchange.errors.TransactionConflict`) is not the unit's fault: a batch it aborts runs
-again as any failed batch does, and a unit alone runs again up to ``CONFLICT_RETRIES`` times
-before its caller gets the conflict.
+again as any failed batch does, and a unit alone runs again, up to ``CONFLICT_RETRIES`` more
+times, before its caller gets the conflict.
 
 Guarantee: :meth:`GroupCommitter.run` returns only after the unit is committed, and raises if it
 was not. Appends stay serialised by the database (the head row lock / SQLite's write lock), so
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -52,8 +53,10 @@ Unit = Callable[[Connection, repo.LedgerHead], repo.LedgerHead]
 #: after the head moved under an unlocked batch, batches lock it first for this long
 LOCK_AFTER_MOVED_SECONDS = 1.0
 
-#: how many times a unit alone runs again after the database aborted it in a conflict
+#: how many times a unit alone runs again after the database aborted it in a conflict, and the
+#: longest pause before each (jittered: two units that deadlocked do not meet again in step)
 CONFLICT_RETRIES = 3
+CONFLICT_PAUSE_SECONDS = 0.05
 
 _Item = tuple[Unit, Future[None], bool]  # the unit, its caller's future, whether it only appends
 
@@ -221,6 +224,7 @@ class GroupCommitter:
             except TransactionConflict as exc:  # nothing written: it may run again
                 if attempt < CONFLICT_RETRIES:
                     log.warning("%s; the unit runs again", exc)
+                    time.sleep(random.uniform(0, CONFLICT_PAUSE_SECONDS))  # noqa: S311 (not a secret)
                     continue
                 future.set_exception(exc)
                 return

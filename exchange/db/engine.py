@@ -29,7 +29,7 @@ An unreachable database (server down or restarting, connection lost, pool exhaus
 cannot write (disk full) raises :class:`~exchange.errors.DatabaseUnavailable` from both, which the
 API answers 503 with ``Retry-After``. The condition is logged once when it starts and once when
 it ends, not once per request. A transaction PostgreSQL aborts in a conflict with another (a
-deadlock, a serialization failure, a lock wait timed out) raises
+deadlock, a serialization failure) raises
 :class:`~exchange.errors.TransactionConflict` instead: the database is up, nothing of the
 transaction was written, and its caller may run it again (the group committer does).
 """
@@ -72,9 +72,10 @@ UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (
 SQLITE_UNAVAILABLE_CODES = frozenset({5, 6, 7, 8, 10, 13, 14})
 
 
-#: PostgreSQL's SQLSTATEs of a transaction that lost a conflict with another: deadlock_detected,
-#: serialization_failure, lock_not_available (a lock wait past ``lock_timeout``)
-CONFLICT_SQLSTATES = frozenset({"40P01", "40001", "55P03"})
+#: PostgreSQL's SQLSTATEs of a transaction that lost a conflict with another, which running it
+#: again resolves: deadlock_detected, serialization_failure. (A lock wait past ``lock_timeout``,
+#: 55P03, stays unavailability: whoever holds the lock may hold it for long.)
+CONFLICT_SQLSTATES = frozenset({"40P01", "40001"})
 
 
 def is_conflict(exc: BaseException) -> bool:

@@ -365,6 +365,7 @@ class DeliveryWorker:
         )
         with self.node.db.transaction() as conn:
             ids = [c.message_id for c in rest]
+            assert lease is not None or not ids, "claimed rows come with their lease"
             released = set() if lease is None else repo.release(conn, ids, lease, now=now, error=str(error))
             repo.update_messages(  # (one settled or claimed again after the lease ran out stays so)
                 conn,

@@ -10,10 +10,11 @@ import logging
 import threading
 import time
 import tomllib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 import tomli_w
@@ -28,6 +29,7 @@ from exchange.errors import (
     InvalidInput,
     MessageTooLarge,
     PartnerRefused,
+    TransactionConflict,
     TransportError,
 )
 from exchange.idempotency import IdempotentSubmission
@@ -279,6 +281,47 @@ def test_a_round_given_back_after_its_lease_ran_out_leaves_a_later_lease_of_its_
     with id_node.db.read() as conn:  # the lease that holds them gives them back
         assert conn.execute(sa.select(outbox.c.leased_by)).scalars().all() == [None, None]
     assert {id_node.status(polri, m, now())["status"] for m in ids} == {"queued"}
+
+
+def deadlock() -> sa.exc.OperationalError:
+    """What SQLAlchemy raises when PostgreSQL aborts a statement's transaction in a deadlock."""
+    return sa.exc.OperationalError("INSERT ...", {}, psycopg.errors.DeadlockDetected("deadlock detected"))
+
+
+@pytest.mark.parametrize(
+    "failures",
+    [
+        pytest.param([deadlock], id="conflict-in-the-batch"),
+        pytest.param([lambda: ValueError("an envelope's own fault"), deadlock], id="conflict-in-a-savepoint"),
+    ],
+)
+def test_a_received_batch_that_loses_a_conflict_is_answered_to_retry_and_no_envelope_is_rejected(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch, failures: list[Callable[[], Exception]]
+) -> None:
+    """A conflict with another transaction is not the envelope's fault: the batch is not stored
+    (the sender gets 503 and sends it again), no envelope is ledgered as rejected (the sender would
+    fail its message for good), and sent again it is admitted. Also when the batch went one
+    savepoint per envelope after an envelope's own failure."""
+    id_dir, _my_dir, id_node, my_node = pair
+    polri = actor(id_node, id_dir, "polri-cms")
+    id_node.submit(polri, MessageSubmission.model_validate(rfi()), now())
+    with id_node.db.transaction() as conn:
+        envelopes = [c.envelope for c in claim_due(conn, id_node).envelopes]
+    admit, pending = my_node._admit, list(failures)
+
+    def failing_admit(*args: Any, **kwargs: Any) -> Any:
+        if pending:
+            raise pending.pop(0)()
+        return admit(*args, **kwargs)
+
+    monkeypatch.setattr(my_node, "_admit", failing_admit)
+    with my_node.db.read() as conn:
+        before = [e.event for e in repo.iter_ledger(conn)]
+    with pytest.raises(TransactionConflict):
+        my_node.receive(envelopes, now())
+    with my_node.db.read() as conn:
+        assert [e.event for e in repo.iter_ledger(conn)] == before  # nothing stored, nothing rejected
+    assert [r.accepted for r in my_node.receive(envelopes, now())] == [True]
 
 
 def repo_envelope(node: Node, message_id: str) -> str:

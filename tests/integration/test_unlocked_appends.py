@@ -20,10 +20,10 @@ import sqlalchemy as sa
 from exchange import crypto
 from exchange.config import load_settings
 from exchange.db import repo
-from exchange.db.committer import LOCK_AFTER_MOVED_SECONDS, GroupCommitter
+from exchange.db.committer import CONFLICT_RETRIES, LOCK_AFTER_MOVED_SECONDS, GroupCommitter
 from exchange.db.engine import Database, before_commit, defer_inserts, upgrade
 from exchange.db.schema import ledger_entries, messages, outbox
-from exchange.errors import LedgerIntegrityError
+from exchange.errors import LedgerIntegrityError, TransactionConflict
 from exchange.ledger import EntryDraft, verify_rows
 from exchange.messages import MessageSubmission
 from exchange.node import Node
@@ -353,7 +353,8 @@ def test_two_processes_committing_unlocked_at_once_lose_nothing_and_keep_one_led
         # unlocked attempts were made (each process's first after its first commit, at least);
         # whether any committed depends on the interleaving: the other process moves the head
         assert sum(c.unlocked.commits + c.unlocked.retried for c in committers) > 0
-        assert max(runs.values()) <= 3  # a unit runs unlocked, locked, alone at most
+        # a unit runs unlocked, locked, alone at most, and alone again after a conflict
+        assert max(runs.values()) <= 3 + CONFLICT_RETRIES
 
 
 @pytest.mark.postgres
@@ -381,7 +382,7 @@ def test_a_unit_whose_transaction_loses_a_deadlock_runs_again_and_commits_once(
             runs.append(1)
             if len(runs) == 1:  # holding the head: wait until the other waits for it, then close the cycle
                 conn.execute(sa.text("SET LOCAL deadlock_timeout = '100ms'"))
-                threading.Thread(target=other_writer).start()
+                other.start()
                 assert other_waits.wait(10)
                 deadline = time.monotonic() + 10
                 with other_db.read() as watch:
@@ -394,16 +395,42 @@ def test_a_unit_whose_transaction_loses_a_deadlock_runs_again_and_commits_once(
                 conn.execute(sa.text("SELECT pg_advisory_xact_lock(4242)"))
             return append(conn, head, "after.conflict")
 
+        other = threading.Thread(target=other_writer)
         try:
             committer.run(unit)  # no error: the deadlock's loser ran again
         finally:
             committer.close()
+            other.join(10)
+        assert not other.is_alive()
         assert len(runs) == 2
         assert ledger(db) == ["after.conflict"]
         assert db.availability.available
     said = [r.getMessage() for r in caplog.records]
     assert any("lost a conflict" in line and "DeadlockDetected" in line for line in said)
     assert not [line for line in said if "unavailable" in line]
+
+
+def test_a_unit_that_keeps_losing_conflicts_fails_with_the_conflict_after_its_retries(tmp_path: Path) -> None:
+    """The retries are bounded: a unit whose transaction is aborted every time runs 1 + 3 times,
+    then its caller gets the conflict (the API answers 503 with Retry-After), nothing written."""
+    url = f"sqlite:///{tmp_path / 'node.db'}"
+    upgrade(url)
+    runs: list[int] = []
+
+    def always_aborted(conn: Any, head: repo.LedgerHead) -> repo.LedgerHead:
+        runs.append(1)
+        append(conn, head, "never")
+        raise TransactionConflict("the transaction lost a conflict with another: DeadlockDetected")
+
+    with Database(url) as db:
+        committer = GroupCommitter(db)
+        try:
+            with pytest.raises(TransactionConflict):
+                committer.run(always_aborted)
+        finally:
+            committer.close()
+        assert len(runs) == 1 + CONFLICT_RETRIES
+        assert ledger(db) == []
 
 
 def test_on_sqlite_the_committer_always_locks_first(tmp_path: Path) -> None:

@@ -124,7 +124,7 @@ def _sqlite_error(sql: str, *setup: str) -> sa.exc.OperationalError:
 
 @pytest.mark.parametrize(
     "lost",
-    [psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure, psycopg.errors.LockNotAvailable],
+    [psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure],
 )
 def test_a_transaction_lost_in_a_conflict_is_a_conflict_not_unavailability(lost: type[Exception]) -> None:
     exc = sa.exc.OperationalError("update", {}, lost("lost"))
@@ -132,6 +132,8 @@ def test_a_transaction_lost_in_a_conflict_is_a_conflict_not_unavailability(lost:
     assert not is_unavailable(exc)  # the database is up: not a condition, no 503 for everyone
     assert not is_conflict(sa.exc.OperationalError("connect", {}, psycopg.errors.AdminShutdown("down")))
     assert is_unavailable(sa.exc.OperationalError("connect", {}, psycopg.errors.AdminShutdown("down")))
+    held = sa.exc.OperationalError("update", {}, psycopg.errors.LockNotAvailable("lock timeout"))
+    assert not is_conflict(held) and is_unavailable(held)  # past a lock_timeout: the lock may stay held
 
 
 def test_a_conflict_that_outlived_its_retries_is_a_503_to_retry_naming_no_statement() -> None:
