@@ -36,7 +36,7 @@ from tests.integration.test_metrics import samples
 from tests.integration.test_node_flow import Loopback, actor
 from tests.support import UNITS, NodeDir, cli, make_pair, rfi, set_node_options
 
-SKEW = 1  # seconds: the nodes' clock_skew_seconds in this module, so that tests wait little
+SKEW = 2  # seconds: the nodes' clock_skew_seconds in this module, so that tests wait little
 NEW_PURPOSE = "VICTIM_SUPPORT"
 TLP_WIDER = ["CLEAR", "GREEN", "AMBER", "AMBER+STRICT", "RED", "BLACK"]  # a valid agreement, not a successor
 
@@ -343,13 +343,14 @@ def test_a_message_signed_under_a_version_not_yet_in_force_here_reads_under_its_
     """Within the clock skew before the switch the partner may already send under the new version:
     what it stored reads with that version's vocabulary while the older one is still in force here."""
     id_dir, my_dir, id_node, my_node = pair
-    effective = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=2.5)
+    effective = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=SKEW + 2.5)
     v2 = next_version(tmp_path, "2027.1", effective)
     for nd in (id_dir, my_dir):
         install(nd.path, v2)
     wait_held(id_node, "2027.1")
     wait_held(my_node, "2027.1")
-    wait_until(effective - dt.timedelta(seconds=SKEW / 2))
+    # just inside the skew: the rest of the test has most of it (1.8 s) before the switch here
+    wait_until(effective - dt.timedelta(seconds=SKEW - 0.2))
     new = id_node.agreements.history().versions[-1]
     early = sealed_under(id_node, new, dt.datetime.now(dt.UTC), purposes=[NEW_PURPOSE])
     assert my_node.receive([early], dt.datetime.now(dt.UTC))[0].accepted is True
