@@ -523,8 +523,8 @@ class Claim:
 
     envelopes: list[Claimed]
     key_sets_unacknowledged: bool
+    lease: Lease
     more_due: bool = False
-    lease: Lease | None = None
 
 
 def claim_due(
@@ -570,10 +570,10 @@ def claim_due(
             break
         taken.append(row)
         sizes.append(int(row.size))
-    if not taken:
-        return Claim([], False)
-    ids = [row.message_id for row in taken]
     lease = Lease(worker, now + lease_seconds)
+    if not taken:
+        return Claim([], False, lease)
+    ids = [row.message_id for row in taken]
     at_commit(conn, _LEASE, {"mids_": ids, "until_": lease.until, "worker_": lease.worker})
     at_commit(conn, _MARK_SENT, {"mids_": ids, "at_": updated_at})  # (after the lease: its attempts)
     envelopes = [
@@ -587,7 +587,7 @@ def claim_due(
         )
         for row in taken
     ]
-    return Claim(envelopes, bool(taken[0].unacknowledged), more_due=len(candidates) > len(taken), lease=lease)
+    return Claim(envelopes, bool(taken[0].unacknowledged), lease, more_due=len(candidates) > len(taken))
 
 
 def release(

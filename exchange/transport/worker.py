@@ -339,9 +339,7 @@ class DeliveryWorker:
         if settler is not None:
             settler.shutdown(wait=True)
 
-    def _partner_down(
-        self, rest: list[repo.Claimed], lease: repo.Lease | None, error: TransportError
-    ) -> None:
+    def _partner_down(self, rest: list[repo.Claimed], lease: repo.Lease, error: TransportError) -> None:
         """Back off from the partner and give back what ``lease`` still holds of ``rest``."""
         settings = self.node.settings
         now = self.clock()
@@ -364,9 +362,7 @@ class DeliveryWorker:
             delay,
         )
         with self.node.db.transaction() as conn:
-            ids = [c.message_id for c in rest]
-            assert lease is not None or not ids, "claimed rows come with their lease"
-            released = set() if lease is None else repo.release(conn, ids, lease, now=now, error=str(error))
+            released = repo.release(conn, [c.message_id for c in rest], lease, now=now, error=str(error))
             repo.update_messages(  # (one settled or claimed again after the lease ran out stays so)
                 conn,
                 [
