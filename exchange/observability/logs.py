@@ -9,7 +9,10 @@ Invariants the call sites keep and the tests check: a log line never holds messa
 payload, no summary, no free text from a message) nor the identity of a person (no victim, witness
 or informant; of a caller only its registered client id, never its certificate subject). A stack
 trace keeps its frames but, for an exception that is not one of ours, only the exception's type:
-a library's message can quote the data it choked on.
+a library's message can quote the data it choked on. PostgreSQL's own ``DETAIL`` and ``CONTEXT``
+parts of an error (``Failing row contains (...)``, ``Key (case_ref)=(...) already exists``) quote a
+row's values, so a line never carries them, whoever formatted the error into its text
+(:func:`withhold_server_detail`).
 
 Security incidents are the distinct event ``security.incident`` (:func:`security_incident`), so an
 operator can alert on the event rather than on a phrase.
@@ -109,13 +112,26 @@ def security_incident(
     )
 
 
+#: a part of a PostgreSQL error that quotes values (psycopg writes each on a line of its own; in a
+#: ``repr`` the line break is a backslash and an ``n``): up to the end of its line
+_SERVER_DETAIL = re.compile(r"(DETAIL|CONTEXT):(?:(?!\\n).)*")
+
+
+def withhold_server_detail(text: str) -> str:
+    """``text`` without the ``DETAIL`` and ``CONTEXT`` parts of a PostgreSQL error, each replaced by
+    ``DETAIL: (withheld)``: they quote the values of the row at fault (a case reference, a name)."""
+    if "DETAIL:" not in text and "CONTEXT:" not in text:
+        return text
+    return _SERVER_DETAIL.sub(lambda m: f"{m.group(1)}: (withheld)", text)
+
+
 def exception_text(exc_info: tuple[type[BaseException], BaseException, TracebackType | None]) -> str:
     """A stack trace whose last line is the exception's type, and its message only if it is one of
     ours (an ExchangeError says nothing of content); a library's message may quote the data."""
     etype, value, tb = exc_info
     frames = "".join(traceback.format_tb(tb))
     name = f"{etype.__module__}.{etype.__qualname__}"
-    detail = f": {value}" if isinstance(value, ExchangeError) else ""
+    detail = f": {withhold_server_detail(str(value))}" if isinstance(value, ExchangeError) else ""
     return f"Traceback (most recent call last):\n{frames}{name}{detail}"
 
 
@@ -138,7 +154,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "event": _event_of(record),
-            "msg": record.getMessage(),
+            "msg": withhold_server_detail(record.getMessage()),
         }
         request_id = REQUEST_ID.get()
         if request_id is not None:
@@ -159,7 +175,7 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+        line = withhold_server_detail(super().format(record))
         parts = [f"request_id={REQUEST_ID.get()}"] if REQUEST_ID.get() else []
         parts += [f"{n}={getattr(record, n)}" for n in FIELDS if getattr(record, n, None) is not None]
         return f"{line} [{' '.join(parts)}]" if parts else line

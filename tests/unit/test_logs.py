@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from exchange.config import LogFormat
 from exchange.errors import InvalidInput
@@ -113,3 +115,49 @@ def test_the_logging_configuration_applies_in_both_formats() -> None:
         config = logs.log_config(fmt, "info")
         logging.config.dictConfig({**config, "root": {"level": logging.WARNING, "handlers": []}})
     assert config["loggers"]["uvicorn.access"]["propagate"] is False
+
+
+@pytest.mark.postgres
+def test_a_postgresql_error_logged_as_text_loses_the_values_it_quotes(make_pg_database: Any) -> None:
+    """PostgreSQL's DETAIL quotes the refused row ("Failing row contains (...)", "Key (...)=(...)
+    already exists"), and psycopg puts it in the error's text. A line that formats such an error
+    into its message, as text or as repr, or an ExchangeError quoting it, carries none of it, in
+    either format; the error's first line (no values) stays."""
+    from exchange.db.engine import make_engine
+    from exchange.errors import ExchangeError
+
+    canary = "CANARY-Siti-Rahayu-2012"
+    engine = make_engine(make_pg_database())
+    errors: list[sa.exc.DBAPIError] = []
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("create table person (name text primary key, born text not null)"))
+            conn.execute(sa.text("insert into person values (:n, '2012')"), {"n": canary})
+        for statement in (
+            "insert into person values (:n, null)",  # DETAIL: Failing row contains (CANARY..., null).
+            "insert into person values (:n, '2013')",  # DETAIL: Key (name)=(CANARY...) already exists.
+        ):
+            with pytest.raises(sa.exc.IntegrityError) as refused, engine.begin() as conn:
+                conn.execute(sa.text(statement), {"n": canary})
+            errors.append(refused.value)
+    finally:
+        engine.dispose()
+    for error in errors:
+        assert canary in str(error.orig)  # what the server said, which a careless line would log
+        for rec in (
+            record("insert failed: %s", error),
+            record("insert failed: %r", error),
+            record("insert failed: %s", error.orig),
+        ):
+            doc = json.loads(logs.JsonFormatter().format(rec))
+            text = logs.TextFormatter().format(rec)
+            for line in (doc["msg"], text):
+                assert canary not in line
+                assert "DETAIL: (withheld)" in line
+                assert " violates " in line  # the server's first line stays
+        try:
+            raise ExchangeError(f"storing failed: {error}")
+        except ExchangeError:
+            rec = record("round failed", exc=True)
+        assert canary not in json.loads(logs.JsonFormatter().format(rec))["error"]
+        assert canary not in logs.TextFormatter().format(rec)
