@@ -438,7 +438,9 @@ class ControlProtocol:
                 ]
             )
         at = iso(now)
-        reason = f"{DESTROYED_ON_REQUEST}: {message.payload['reason']}"
+        # the originator's words stay in its request, sealed at rest with the other messages: the
+        # row, the ledger (kept for good) and the certificate name the request, never quote it
+        reason = f"{DESTROYED_ON_REQUEST} ({RETURN_OR_DESTROY_REQUEST} {message.id})"
         drafts, retired = self.node.content.destroy(
             conn, [target], reason=reason, at=at, actor=message.sender
         )

@@ -227,3 +227,22 @@ def forge_envelope(node: Node, signed: dict[str, Any], header_source: dict[str, 
         algorithms=["ECDH-ES+A256KW", "A256GCM"],
     )
     return jwe.encrypt_compact(protected, signer, node.partner.encryption, registry=registry)
+
+
+def tables_quoting(node: Node, *texts: str) -> list[str]:
+    """The tables of ``node``'s database where any of ``texts`` is written in clear, in any column
+    of any row (sealed content is ciphertext and never matches)."""
+    import sqlalchemy as sa
+
+    from exchange.db import schema
+
+    found = []
+    with node.db.read() as conn:
+        for table in schema.metadata.sorted_tables:
+            rows = conn.execute(sa.select(table)).all()
+            written = " ".join(
+                v.decode("latin-1") if isinstance(v, bytes) else str(v) for row in rows for v in row
+            )
+            if any(text in written for text in texts):
+                found.append(table.name)
+    return found

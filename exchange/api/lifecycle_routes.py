@@ -61,7 +61,15 @@ class ReclassificationBody(BaseModel):
 
 
 class ReturnOrDestroyBody(BaseModel):
-    reason: Annotated[str, Field(min_length=1, max_length=2000)]
+    reason: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=2000,
+            description="why the partner must destroy it: sealed in the request, never written in clear;"
+            " the partner's readers learn only that the originator asked, and which request",
+        ),
+    ]
 
 
 @router.get("/messages/{message_id}/content", summary="A message's content, as this system may see it")

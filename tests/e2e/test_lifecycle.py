@@ -147,7 +147,10 @@ def test_reclassification_and_return_or_destroy(nodes: tuple[Running, Running]) 
         )
         problem = gone.json()
         assert problem["type"].endswith("/destroyed")
-        assert "the source withdrew consent" in problem["reason"]
+        assert problem["reason"].startswith(
+            "destroyed at the originator's request (RETURN_OR_DESTROY_REQUEST "
+        )
+        assert "withdrew" not in problem["reason"]  # the request's words stay sealed in the request
         assert problem["destroyed_at"]
     until(lambda: "destruction.certified" in events(polri))
     with polri.client() as sender:  # the sender still reads what it sent

@@ -29,7 +29,7 @@ from exchange.node import Node
 from exchange.policy import Actor
 from tests.integration.test_node_flow import actor, now, pair
 from tests.integration.test_rules_flow import client, deliver, submit
-from tests.support import PASSPHRASE, NodeDir, response_to, rfi
+from tests.support import PASSPHRASE, NodeDir, response_to, rfi, tables_quoting
 
 __all__ = ["pair"]
 
@@ -207,11 +207,17 @@ def test_return_or_destroy_destroys_and_the_certificate_comes_back(pair) -> None
     keep = submit(id_node, polri, rfi())
     doomed = submit(id_node, polri, rfi())
     deliver(id_node, my_node)
-    id_node.lifecycle.return_or_destroy(polri, doomed["id"], reason="the source withdrew", now=now())
+    why = "Siti Rahayu (born 2012) was named in it by mistake"  # an originator's words may name a victim
+    id_node.lifecycle.return_or_destroy(polri, doomed["id"], reason=why, now=now())
     deliver(id_node, my_node)
+    with my_node.db.read() as conn:
+        (request,) = conn.execute(sa.text("select id from messages where type = 'RETURN_OR_DESTROY_REQUEST'"))
     with pytest.raises(ContentDestroyed) as gone:
         my_node.read(d7, doomed["id"], now())
-    assert "the source withdrew" in gone.value.reason
+    # the reader learns that the originator asked, and which request, never the request's words
+    assert (
+        gone.value.reason == f"destroyed at the originator's request (RETURN_OR_DESTROY_REQUEST {request.id})"
+    )
     assert my_node.read(d7, keep["id"], now())["id"] == keep["id"]  # its period's other message re-wrapped
     deliver(my_node, id_node)  # the destruction certificate
     with id_node.db.read() as conn:
@@ -219,6 +225,9 @@ def test_return_or_destroy_destroys_and_the_certificate_comes_back(pair) -> None
     assert certified.message_id == doomed["id"]
     for node in (id_node, my_node):
         verified(node)
+        # the words are sealed in the request (and its copy at the originator), in clear nowhere: not
+        # in the destroyed message's row, nor in the ledger that outlives every message
+        assert tables_quoting(node, "Siti", "born 2012") == []
 
 
 def test_a_received_batch_wakes_the_delivery_loop_only_for_an_answer_it_queued(pair) -> None:  # type: ignore[no-untyped-def]
