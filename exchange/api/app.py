@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import exchange
-from exchange.api import lifecycle_routes, observability, openapi, problems
+from exchange.api import auth, lifecycle_routes, observability, openapi, problems
 from exchange.api.guard import RequestGuard, SecurityHeaders
 from exchange.api.routes import (
     WITNESS_PATH,
@@ -128,6 +128,9 @@ def create_app(node: Node, transport: PeerTransport | None = None, *, run_worker
         # FastAPI's own telemetry records request bodies and exception messages when a provider is
         # configured (and costs every request its checks when none is)
         telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
+        # a path with a trailing slash is not found (problem JSON), not redirected before any
+        # authorisation to a Location built from the caller's Host header
+        redirect_slashes=False,
     )
     openapi.install(app)
     app.state.node = node
@@ -168,8 +171,14 @@ def create_app(node: Node, transport: PeerTransport | None = None, *, run_worker
         RequestGuard,
         max_bytes=node.settings.max_body_bytes,
         raw_paths=raw_paths,
-        # the partner may send one envelope as large as the agreement allows (exchange/envelope/size.py)
-        path_limits={PEER_PATH: peer_body_limit(fixed.max_envelope_bytes)},
+        # the partner node may send one envelope as large as the agreement allows
+        # (exchange/envelope/size.py); any other caller of the path is held to the common limit
+        path_limits={
+            PEER_PATH: (
+                peer_body_limit(fixed.max_envelope_bytes),
+                lambda scope: auth.is_partner_node(node, auth.certificate_of(scope)),
+            )
+        },
     )
     app.add_middleware(SecurityHeaders)  # outermost: the guard's refusals carry the headers too
     observability.install(app, node)  # /metrics, and the request id around everything

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
+from starlette.types import Scope
 
 from exchange import crypto
 from exchange.db.client_directory import UNREAD
@@ -22,13 +23,20 @@ from exchange.observability import MONITORING_ROLE
 from exchange.policy import Actor
 
 
+def certificate_of(scope: Scope) -> bytes | None:
+    """The PEM of the verified certificate of a request's caller (the ASGI ``tls`` extension), if
+    it has one."""
+    tls = scope.get("extensions", {}).get("tls")
+    chain = tls.get("client_cert_chain") if isinstance(tls, dict) else None
+    return str(chain[0]).encode() if chain else None
+
+
 def client_certificate(request: Request) -> bytes:
     """The PEM of the caller's verified certificate. Raises Unauthorised if there is none."""
-    tls = request.scope.get("extensions", {}).get("tls")
-    chain = tls.get("client_cert_chain") if isinstance(tls, dict) else None
-    if not chain:
+    pem = certificate_of(request.scope)
+    if pem is None:
         raise Unauthorised("no verified client certificate on this connection")
-    return str(chain[0]).encode()
+    return pem
 
 
 def node_of(request: Request) -> Node:
@@ -91,18 +99,26 @@ async def registered_client(request: Request) -> Actor:
     return actor
 
 
+def is_partner_node(node: Node, pem: bytes | None) -> bool:
+    """Whether ``pem`` is the partner node's certificate: issued by the partner CA in the agreement,
+    with the agreed node name, the node-to-node purpose and a pinned key (checks cached per
+    certificate)."""
+    if pem is None:
+        return False
+    partner = node.parties[node.partner_party]
+    if not crypto.is_issued_by(pem, partner.ca_certificate.encode()):
+        return False
+    info = crypto.certificate_info(pem)
+    return (
+        info.common_name == partner.node_name
+        and crypto.NODE_PURPOSE_OID in info.purposes
+        and any(crypto.constant_time_equal(info.public_key_sha256, pin) for pin in node.partner.tls_pins)
+    )
+
+
 def partner_node(request: Request) -> None:
     """FastAPI dependency: admit only the partner node's certificate. Raises Unauthorised (403)."""
     node = node_of(request)
-    partner = node.parties[node.partner_party]
-    pem = client_certificate(request)
-    if not crypto.is_issued_by(pem, partner.ca_certificate.encode()):
+    if not is_partner_node(node, client_certificate(request)):
         raise Unauthorised("only the partner node may call this endpoint")
-    info = crypto.certificate_info(pem)
-    if (
-        info.common_name != partner.node_name
-        or crypto.NODE_PURPOSE_OID not in info.purposes
-        or not any(crypto.constant_time_equal(info.public_key_sha256, pin) for pin in node.partner.tls_pins)
-    ):
-        raise Unauthorised("only the partner node may call this endpoint")
-    request.state.client_id = partner.node_name
+    request.state.client_id = node.parties[node.partner_party].node_name

@@ -8,10 +8,18 @@ every answer carries the security headers.
 - 415 for a non-empty body that is not ``application/json`` (or ``+json``), except on the
   ``raw_paths`` whose own format is not JSON (the C2SP witness protocol's text body), which are only
   bounded and left to their route's strict parser;
-- 400 for malformed JSON, with the line and column, and for a key repeated in one object
-  (which JSON parsers resolve differently: the last one wins here, the first one elsewhere);
-- 422 for a string (key or value) holding a lone UTF-16 surrogate such as ``\\ud800``, which no
-  database or JSON encoder accepts, naming the field.
+- 400 for malformed JSON, with the line and column, for a key repeated in one object
+  (which JSON parsers resolve differently: the last one wins here, the first one elsewhere), for
+  ``NaN`` or ``Infinity`` (not JSON) and for a number of more digits than Python converts;
+- 422, naming the field, for a string (key or value) holding a lone UTF-16 surrogate such as
+  ``\\ud800`` (no database or JSON encoder accepts it) or a NUL character (PostgreSQL's text does
+  not hold it), and for an integer beyond ±(2^53 - 1), which JSON parsers read differently and the
+  canonical form of a signed message cannot carry (I-JSON, RFC 7493; JCS, RFC 8785), and for a
+  number beyond a double's range (``1e400``);
+- 400 for a URL holding a NUL character.
+
+A path may have a larger limit than the others for some callers only (the partner node's envelope
+batches): anyone else is held to the common limit before the body is read.
 
 Only then is the buffered body handed to the application. :class:`SecurityHeaders` adds HSTS,
 ``nosniff``, ``frame-ancestors 'none'`` and ``Cache-Control: no-store`` (answers hold decrypted
@@ -21,6 +29,8 @@ intelligence; no proxy or browser may keep them).
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Callable
 from typing import Any
 
 from starlette.datastructures import MutableHeaders
@@ -40,6 +50,18 @@ SECURITY_HEADERS: dict[str, str] = {
 }
 
 
+#: the largest integer every JSON parser reads exactly (I-JSON, RFC 7493 §2.2)
+MAX_SAFE_INTEGER = 2**53 - 1
+
+
+class _NotJson(ValueError):
+    """``NaN``, ``Infinity`` or ``-Infinity``: Python's parser accepts them, JSON does not."""
+
+
+def _no_constants(name: str) -> Any:
+    raise _NotJson(name)
+
+
 class _Duplicate(ValueError):
     def __init__(self, key: str) -> None:
         super().__init__(key)
@@ -55,21 +77,43 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
-def _surrogate_field(value: Any, path: tuple[str, ...] = ()) -> str | None:
-    """The path of the first string (key or value) that is not encodable as UTF-8, or None."""
-    stack: list[tuple[Any, tuple[str, ...]]] = [(value, path)]
+def _string_problem(text: str) -> str | None:
+    if "\x00" in text:
+        return "holds a NUL character (U+0000), which no text field may hold"
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            return "holds a lone UTF-16 surrogate (not a Unicode character)"
+    return None
+
+
+def _refused_value(value: Any) -> tuple[str, str] | None:
+    """The path and the reason of the first key or value no route may receive (a lone surrogate, a
+    NUL character, an integer beyond :data:`MAX_SAFE_INTEGER`), or None."""
+    stack: list[tuple[Any, tuple[str, ...]]] = [(value, ())]
     while stack:
         item, where = stack.pop()
         if isinstance(item, str):
-            if not item.isascii():
-                try:
-                    item.encode()
-                except UnicodeEncodeError:
-                    return "/".join(where) or "(body)"
+            problem = _string_problem(item)
+            if problem is not None:
+                return "/".join(where) or "(body)", problem
+        elif isinstance(item, bool):
+            continue
+        elif isinstance(item, int):
+            if not -MAX_SAFE_INTEGER <= item <= MAX_SAFE_INTEGER:
+                return "/".join(
+                    where
+                ) or "(body)", "is an integer beyond ±(2^53 - 1), which JSON cannot carry exactly"
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                return "/".join(where) or "(body)", "is a number beyond the range of a double"
         elif isinstance(item, dict):
             for key, child in item.items():
-                if _surrogate_field(key) is not None:
-                    return "/".join((*where, key.encode(errors="backslashreplace").decode()))
+                problem = _string_problem(key)
+                if problem is not None:
+                    shown = key.encode(errors="backslashreplace").decode().replace("\x00", "\\u0000")
+                    return "/".join((*where, shown)), "the key " + problem
                 stack.append((child, (*where, key)))
         elif isinstance(item, list):
             stack.extend((child, (*where, str(i))) for i, child in enumerate(item))
@@ -89,19 +133,26 @@ class RequestGuard:
         app: ASGIApp,
         max_bytes: int,
         raw_paths: frozenset[str] = frozenset(),
-        path_limits: dict[str, int] | None = None,
+        path_limits: dict[str, tuple[int, Callable[[Scope], bool]]] | None = None,
     ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.raw_paths = raw_paths
-        self.path_limits = path_limits or {}  # exact paths with their own limit (peer envelope batches)
+        #: exact paths with their own limit and who may use it (the partner's envelope batches)
+        self.path_limits = path_limits or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if "\x00" in scope["path"] or b"%00" in scope.get("query_string", b""):
+            await problems.problem(
+                400, "malformed-url", "Malformed URL", "the URL holds a NUL character (%00)"
+            )(scope, receive, send)
+            return
         headers = dict(scope["headers"])
-        max_bytes = self.path_limits.get(scope["path"], self.max_bytes)
+        own = self.path_limits.get(scope["path"])
+        max_bytes = own[0] if own is not None and own[1](scope) else self.max_bytes
         declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > max_bytes):
             await self._too_large(scope, receive, send, max_bytes)
@@ -149,7 +200,7 @@ class RequestGuard:
                 f"the body must be application/json, not {shown}",
             )
         try:
-            parsed = json.loads(body, object_pairs_hook=_no_duplicates)
+            parsed = json.loads(body, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
         except _Duplicate as exc:
             return problems.problem(
                 400,
@@ -166,13 +217,29 @@ class RequestGuard:
                 f"the body is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
                 errors=[{"field": "(body)", "message": f"{exc.msg} at line {exc.lineno} column {exc.colno}"}],
             )
+        except _NotJson as exc:
+            return problems.problem(
+                400,
+                "malformed-json",
+                "Malformed JSON",
+                f"the body is not JSON: {exc} is not a JSON number",
+                errors=[{"field": "(body)", "message": f"{exc} is not a JSON number"}],
+            )
         except (UnicodeDecodeError, RecursionError) as exc:
             return problems.problem(
                 400, "malformed-json", "Malformed JSON", f"the body is not UTF-8 JSON: {type(exc).__name__}"
             )
-        field = _surrogate_field(parsed)
-        if field is not None:
-            message = "holds a lone UTF-16 surrogate (not a Unicode character)"
+        except ValueError:  # (json's own errors are ValueErrors too, caught above)
+            return problems.problem(
+                400,
+                "malformed-json",
+                "Malformed JSON",
+                "the body holds a number of more than 4300 digits",
+                errors=[{"field": "(body)", "message": "a number of more than 4300 digits"}],
+            )
+        refused = _refused_value(parsed)
+        if refused is not None:
+            field, message = refused
             return problems.problem(
                 422,
                 "invalid-input",

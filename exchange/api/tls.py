@@ -8,17 +8,29 @@ ASGI ``tls`` extension (https://asgi.readthedocs.io/en/latest/specs/tls.html) to
 
 The application fails closed: a request whose scope has no ``tls`` extension or no client
 certificate is treated as unauthenticated.
+
+The protocol also bounds what uvicorn's httptools parser keeps of a request's head: the URL and
+headers of one request past :data:`MAX_HEAD_BYTES` are answered 431 (problem JSON) and the
+connection closed, before any route or authorisation runs (uvicorn keeps appending otherwise).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import ssl
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from exchange.api.guard import SECURITY_HEADERS
+from exchange.api.problems import PROBLEM_TYPE_BASE
 from exchange.crypto import der_to_pem
+
+#: the most bytes of URL and headers one request may carry (each header counted with a
+#: :data:`HEADER_OVERHEAD` too, so that many empty headers are bounded as well)
+MAX_HEAD_BYTES = 64 * 1024
+HEADER_OVERHEAD = 32
 
 TLS_VERSIONS = {
     "TLSv1.2": 0x0303,
@@ -65,5 +77,45 @@ class TLSHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._head_bytes = 0
         if self._tls is not None:
             self.scope["extensions"] = {"tls": self._tls}  # type: ignore[dict-item]
+
+    _head_bytes = 0
+
+    def _count(self, size: int) -> None:
+        self._head_bytes += size
+        if self._head_bytes > MAX_HEAD_BYTES:
+            # the parser stops on the error; uvicorn then calls send_400_response, answered 431 below
+            raise ValueError("request head too large")
+
+    def on_url(self, url: bytes) -> None:
+        self._count(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value) + HEADER_OVERHEAD)
+        super().on_header(name, value)
+
+    def send_400_response(self, msg: str) -> None:
+        if self._head_bytes <= MAX_HEAD_BYTES:
+            super().send_400_response(msg)
+            return
+        body = json.dumps(
+            {
+                "type": PROBLEM_TYPE_BASE + "headers-too-large",
+                "title": "Request header fields too large",
+                "status": 431,
+                "detail": f"the URL and headers of a request exceed {MAX_HEAD_BYTES} bytes",
+            }
+        ).encode()
+        head = [b"HTTP/1.1 431 Request Header Fields Too Large\r\n"]
+        headers = {
+            **SECURITY_HEADERS,
+            "content-type": "application/problem+json",
+            "content-length": str(len(body)),
+            "connection": "close",
+        }
+        head += [f"{name}: {value}\r\n".encode("latin-1") for name, value in headers.items()]
+        self.transport.write(b"".join([*head, b"\r\n", body]))
+        self.transport.close()

@@ -14,6 +14,7 @@ import pytest
 
 from exchange import crypto
 from exchange.client import ExchangeClient
+from exchange.config import load_settings
 from tests.e2e.harness import Running
 from tests.support import CLIENT_PASSPHRASE, PASSPHRASE, ClientFiles, register_client, rfi
 
@@ -51,6 +52,48 @@ def test_a_lone_surrogate_in_any_string_is_422_naming_the_field(nodes: tuple[Run
             body = _problem(api.request("POST", "/v1/messages", content=raw, headers=headers), 422)
             assert str(body["detail"]).startswith(field), body
     _no_traceback(polri)
+
+
+def test_what_json_cannot_carry_exactly_is_refused_naming_the_field(nodes: tuple[Running, Running]) -> None:
+    """Numbers parsers read differently (beyond ±(2^53 - 1), beyond a double, NaN, thousands of
+    digits) and NUL characters (which PostgreSQL's text cannot hold) are refused at the edge with
+    the field, never signed into a message nor turned into a 500."""
+    polri, _ = nodes
+    headers = {"content-type": "application/json"}
+    with polri.client() as api:
+        for raw, status, field in (
+            (b'{"payload": {"question": 9007199254740992}}', 422, "payload/question"),
+            (b'{"payload": {"question": -9007199254740992}}', 422, "payload/question"),
+            (b'{"payload": {"amount": 1e400}}', 422, "payload/amount"),
+            (b'{"mla_reference": "MLA\\u0000/1"}', 422, "mla_reference"),
+            (b'{"payload": {"a\\u0000b": 1}}', 422, "payload/a\\u0000b"),
+            (b'{"payload": {"amount": NaN}}', 400, "(body)"),
+            (b'{"payload": {"question": ' + b"1" * 4301 + b"}}", 400, "(body)"),
+        ):
+            body = _problem(api.request("POST", "/v1/messages", content=raw, headers=headers), status)
+            assert body["errors"][0]["field"] == field, body  # type: ignore[index]
+        # the largest integer JSON carries exactly is not refused at the edge (the payload is then
+        # judged by its schema)
+        body = _problem(api.request("POST", "/v1/messages", json=rfi(payload={"question": 2**53 - 1})), 422)
+        assert "beyond" not in str(body)
+        for path, params in (
+            ("/v1/messages/%00", {}),
+            ("/v1/cases/ID-MY%002026", {}),
+            ("/v1/inbox", {"purpose": "TIP\x00INVESTIGATION"}),
+        ):
+            r = api.request("GET", path, params=params)
+            assert str(_problem(r, 400)["type"]).endswith("/malformed-url"), r.text
+    _no_traceback(polri)
+
+
+def test_a_trailing_slash_is_not_found_not_redirected(nodes: tuple[Running, Running]) -> None:
+    """No 307 to a Location built from the caller's Host header, and problem JSON like any 404."""
+    polri, _ = nodes
+    with polri.client() as api:
+        for path in ("/v1/inbox/", "/v1/messages/", "/healthz/"):
+            r = api.request("GET", path, headers={"host": "attacker.example"})
+            _problem(r, 404)
+            assert "location" not in r.headers
 
 
 def test_a_cursor_beyond_64_bits_is_422_not_500(nodes: tuple[Running, Running], auditor: ClientFiles) -> None:
@@ -203,6 +246,48 @@ def test_a_partner_ca_client_certificate_with_the_partner_node_name_is_not_the_p
     real = _tls(polri.node.ca, tls / "node.pem", tls / "node-key.pem", PASSPHRASE)
     with httpx.Client(verify=real) as http:
         assert http.get(f"{polri.node.url}/v1/peer/audit/messages/x").status_code == 200
+
+
+def test_only_the_partner_node_may_send_a_body_over_the_common_limit(
+    nodes: tuple[Running, Running], tmp_path: Path
+) -> None:
+    """The peer path takes batches larger than any other request, from the pinned partner node
+    only: any other caller trusted at the TLS layer (a local system, a certificate of the partner's
+    CA) is held to the common limit before its body is read, so it cannot make the node buffer and
+    parse 16 MiB per request before the 403."""
+    polri, pdrm = nodes
+    limit = load_settings(polri.node.path).max_body_bytes
+    body = b'{"envelopes": ["' + b"a" * (limit + 1024) + b'"]}'
+    headers = {"content-type": "application/json"}
+    tls = pdrm.node.path / "tls"
+    ca = crypto.IssuedCertificate((tls / "ca.pem").read_bytes(), (tls / "ca-key.pem").read_bytes())
+    forged = crypto.issue_certificate(
+        ca, PASSPHRASE, kind="client", common_name="MY-node", organisation="x", passphrase=PASSPHRASE
+    )
+    (tmp_path / "forged.pem").write_bytes(forged.cert_pem)
+    (tmp_path / "forged-key.pem").write_bytes(forged.key_pem)
+    callers = {
+        "a local system": polri.client(),
+        "a client of the partner's CA": ExchangeClient(
+            polri.node.url,
+            ca_file=polri.node.ca,
+            cert_file=tmp_path / "forged.pem",
+            key_file=tmp_path / "forged-key.pem",
+            key_password=PASSPHRASE,
+        ),
+    }
+    for who, caller in callers.items():
+        with caller as api:
+            problem = _problem(api.request("POST", "/v1/peer/envelopes", content=body, headers=headers), 413)
+            assert str(limit) in str(problem["detail"]), who
+            # under the common limit it is read, and refused for who it is
+            small = api.request("POST", "/v1/peer/envelopes", json={"envelopes": ["a.b.c.d.e"]})
+            _problem(small, 403)
+    real = _tls(polri.node.ca, tls / "node.pem", tls / "node-key.pem", PASSPHRASE)
+    with httpx.Client(verify=real) as http:  # the partner node's batch of that size is read
+        r = http.post(f"{polri.node.url}/v1/peer/envelopes", content=body, headers=headers)
+        assert r.status_code != 413, r.text
+    _no_traceback(polri)
 
 
 def test_a_node_certificate_is_never_a_local_system(nodes: tuple[Running, Running]) -> None:

@@ -4,6 +4,7 @@ and without it the API fails closed."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import threading
 import time
@@ -17,7 +18,7 @@ import uvicorn
 
 from exchange import crypto
 from exchange.api.app import create_app
-from exchange.api.tls import TLSHttpToolsProtocol
+from exchange.api.tls import HEADER_OVERHEAD, MAX_HEAD_BYTES, TLSHttpToolsProtocol
 from exchange.config import load_settings
 from exchange.demo import free_port
 from exchange.node import Node
@@ -120,3 +121,36 @@ def test_the_api_fails_closed_without_the_tls_extension(tmp_path: Path) -> None:
         assert response.status_code == 403
         assert response.headers["content-type"] == "application/problem+json"
     node.close()
+
+
+def test_a_request_head_over_the_bound_is_431_before_the_app_sees_it(
+    server: str, pki: dict[str, Path]
+) -> None:
+    """uvicorn's httptools parser keeps appending a request's URL and headers; the protocol answers
+    431 problem JSON past MAX_HEAD_BYTES (in one header, in many, or in the URL) and closes the
+    connection, and the app never sees the request. A head just under the bound is served."""
+    ctx = ssl.create_default_context(cafile=str(pki["ca"]))
+    ctx.load_cert_chain(str(pki["client"]), str(pki["client-key"]), password=PASSPHRASE)
+    seen.clear()
+    many = {f"x-h{i}": "v" for i in range(MAX_HEAD_BYTES // (HEADER_OVERHEAD + 6))}
+    with httpx.Client(verify=ctx) as http:
+        for headers in ({"x-big": "a" * (MAX_HEAD_BYTES + 1)}, many):
+            r = http.get(server + "/", headers=headers)
+            assert r.status_code == 431, r.text
+            assert r.headers["content-type"] == "application/problem+json"
+            assert r.headers["connection"] == "close"
+            assert r.json()["status"] == 431
+        # a URL longer than httpx sends: written on the socket
+        host, port = server.removeprefix("https://").split(":")
+        with (
+            socket.create_connection((host, int(port))) as raw,
+            ctx.wrap_socket(raw, server_hostname=host) as conn,
+        ):
+            conn.sendall(b"GET /" + b"a" * (MAX_HEAD_BYTES + 1) + b" HTTP/1.1\r\nhost: x\r\n\r\n")
+            answer = b""
+            while chunk := conn.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 431 "), answer[:100]
+        assert seen == []
+        assert http.get(server + "/", headers={"x-big": "a" * (MAX_HEAD_BYTES - 4096)}).status_code == 204
+    assert len(seen) == 1
