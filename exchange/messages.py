@@ -12,6 +12,7 @@ agreement's child age counts as a child whatever role the sender gave.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -308,13 +309,19 @@ class Catalogue:
         return cls(models, shapes)
 
     def payload_errors(self, message_type: str, payload: Any) -> list[FieldError]:
+        """The payload's schema errors, judged as the JSON that is signed and sent: strictly, so a
+        value of the wrong JSON type (``"7"`` or ``true`` for an integer, ``0`` for a date) is an
+        error, not converted here and then signed as it came (the partner's schema would refuse
+        it)."""
         model = self.models.get(message_type)
         if model is None:
             return [FieldError("type", f"{message_type!r} is not one of {sorted(self.models)}")]
         try:
-            model.model_validate(payload)
+            model.model_validate_json(json.dumps(payload), strict=True)
         except ValidationError as exc:
             return [_field_error("payload", e) for e in exc.errors()]
+        except (TypeError, ValueError) as exc:  # not JSON at all (only from Python callers)
+            return [FieldError("payload", f"is not JSON: {type(exc).__name__}")]
         return []
 
 

@@ -27,7 +27,7 @@ SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
 VECTOR = json.loads((SCHEMAS / "vectors" / "envelope-v1.json").read_text())
 
 
-def validator(name: str) -> Any:
+def validator(name: str, *, formats: bool = False) -> Any:
     resources = [
         (json.loads(p.read_text())["$id"], Resource.from_contents(json.loads(p.read_text())))
         for p in SCHEMAS.glob("*.schema.json")
@@ -35,7 +35,8 @@ def validator(name: str) -> Any:
     schema = json.loads((SCHEMAS / name).read_text())
     cls = validator_for(schema)
     cls.check_schema(schema)
-    return cls(schema, registry=Registry().with_resources(resources))
+    checker = cls.FORMAT_CHECKER if formats else None  # ("format" asserted, as a strict partner would)
+    return cls(schema, registry=Registry().with_resources(resources), format_checker=checker)
 
 
 def test_vector_opens_with_joserfc_through_our_code() -> None:
@@ -114,3 +115,46 @@ def test_every_category_in_the_schemas_is_one_of_the_catalogue_and_every_type_ha
     for path in (SCHEMAS / "messages").glob("*.schema.json"):
         found = re.findall(r'"x-exchange-category": "([a-z-]+)"', path.read_text())
         assert set(found) <= set(DATA_CATEGORIES), path.name
+
+
+ANSWER = {"outcome": "ANSWERED", "answers": [{"question": 0, "answer": "yes"}]}
+TRANSFER = {"from_account": 0, "to_account": 0, "amount": "10.00", "currency": "IDR", "on": "2026-01-02"}
+TRAIL = {
+    "summary": "transfers",
+    "accounts": [{"holder": "SUBJ-1", "institution": "bank", "country": "ID"}],
+    "transfers": [TRANSFER],
+}
+
+
+@pytest.mark.parametrize(
+    ("message_type", "payload"),
+    [
+        ("RESPONSE", ANSWER),
+        ("RESPONSE", {**ANSWER, "answers": [{"question": "7", "answer": "yes"}]}),
+        ("RESPONSE", {**ANSWER, "answers": [{"question": True, "answer": "yes"}]}),
+        ("FINANCIAL_TRAIL", TRAIL),
+        ("FINANCIAL_TRAIL", {**TRAIL, "transfers": [{**TRANSFER, "on": 0}]}),
+        ("FINANCIAL_TRAIL", {**TRAIL, "transfers": [{**TRANSFER, "on": "2026-01-02T00:00:00"}]}),
+        ("FINANCIAL_TRAIL", {**TRAIL, "transfers": [{**TRANSFER, "from_account": "0"}]}),
+    ],
+)
+def test_a_payload_is_accepted_exactly_when_the_published_schema_accepts_it(
+    message_type: str, payload: dict[str, Any]
+) -> None:
+    """What the sender validates is the JSON it signs: a value of the wrong JSON type is an error
+    here as it is for a partner validating against the published schema, never converted here
+    and then signed as it came."""
+    agreement = unit_agreement()
+    catalogue = Catalogue.for_agreement(agreement)
+    published = validator("messages/" + agreement.message_types[message_type].schema_file, formats=True)
+    refused_here = catalogue.payload_errors(message_type, payload)
+    refused_there = list(published.iter_errors(payload))
+    assert bool(refused_here) == bool(refused_there), (refused_here, refused_there)
+
+
+def test_an_integral_float_for_an_integer_is_refused_though_json_schema_calls_it_an_integer() -> None:
+    """7.0 is an integer to JSON Schema 2020-12 but not to every parser of the partner's: the
+    sender asks for 7 (stricter than the published schema, never looser)."""
+    catalogue = Catalogue.for_agreement(unit_agreement())
+    (error,) = catalogue.payload_errors("RESPONSE", {**ANSWER, "answers": [{"question": 7.0, "answer": "y"}]})
+    assert error.field == "payload/answers/0/question"
