@@ -181,12 +181,24 @@ def _holder_of(conn: Connection, fingerprint: str) -> str | None:
 
 
 def insert_client(conn: Connection, row: Mapping[str, Any]) -> None:
-    """Register a client. Raises InvalidInput if the id or certificate is already registered."""
+    """Register a client.
+
+    Raises:
+        InvalidInput: the id or certificate is already registered, or the id is a removed client's
+            that acted under it (the ledger names it): a new system under that id would read the
+            messages it sent, replay its answers and act on them.
+    """
     holder = _holder_of(conn, row["cert_fingerprint"])
     if holder is None and get_client(conn, row["id"]) is not None:
         holder = row["id"]
     if holder is not None:
         raise InvalidInput(f"client {holder!r} already has this id or certificate")
+    acted = sa.select(ledger_entries.c.seq).where(ledger_entries.c.actor == row["id"]).limit(1)
+    if conn.execute(acted).first() is not None:
+        raise InvalidInput(
+            f"the id {row['id']!r} was a removed client's, which acted under it (the ledger names it);"
+            " choose another id: this one would inherit that client's messages and answers"
+        )
     conn.execute(clients.insert(), dict(row))
     notify(conn, CLIENTS_CHANNEL)
 

@@ -362,3 +362,43 @@ def test_keys_rotate_activate_revoke_from_the_cli_in_order_or_with_a_one_line_er
     after = run("keys", "list", *where).stdout
     assert f"{encryption}\trevoked\tuntil {dt.datetime.now(dt.UTC).date().isoformat()}" in after
     assert "version 3\tNOT YET ACKNOWLEDGED" in after
+
+
+def test_a_removed_client_s_id_is_never_given_to_another_system_once_it_acted(pair) -> None:  # type: ignore[no-untyped-def]
+    """A message's sender, its idempotent answers and what may be done to it are keyed by the
+    client id: a new system registered under a removed one's id would read the messages it sent
+    and act on them. Once the ledger names the id, it is refused with a one-line reason; an id
+    that never acted may be registered again."""
+    from exchange.config import load_settings
+    from exchange.node import Node
+    from tests.integration.test_node_flow import actor
+    from tests.integration.test_rules_flow import submit
+    from tests.support import register_client, rfi
+
+    id_dir, _ = pair
+    register_client(id_dir, "idle-system", "RAHASIA")
+    register_client(id_dir, "old-system", "RAHASIA")
+    node = Node(load_settings(id_dir.path))
+    try:
+        submit(node, actor(node, id_dir, "old-system"), rfi())
+    finally:
+        node.close()
+    for name in ("old-system", "idle-system"):
+        cli("clients", "remove", "--dir", str(id_dir.path), "--id", name)
+    cli(
+        "pki",
+        "issue-client",
+        "--dir",
+        str(id_dir.path),
+        "--name",
+        "newcomer",
+        "--out",
+        str(id_dir.path / "clients"),
+    )
+    add = ["clients", "add", "--dir", str(id_dir.path), "--agency", "Polri", "--unit", "TPPO"]
+    add += ["--cert", str(id_dir.client("newcomer").cert), "--clearance", "TERBATAS"]
+    add += ["--type", "ALL", "--purpose", "ALL"]
+    one_line_error(
+        run(*add, "--id", "old-system"), 2, "'old-system' was a removed client's", "choose another id"
+    )
+    assert "registered idle-system" in cli(*add, "--id", "idle-system")
