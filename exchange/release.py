@@ -16,6 +16,7 @@ from typing import Any
 from exchange import envelope
 from exchange.agreement import Agreement
 from exchange.agreement_history import Terms
+from exchange.canonical import canonical_json
 from exchange.config import NodeSettings
 from exchange.content import ContentStore
 from exchange.control import consent_of
@@ -161,9 +162,33 @@ class Releases:
                 drafts.append(entry)
                 if item is not None:
                     items.append(item)
+        drafts = self.unrepeated(actor, drafts)
         if drafts:
             self.ledger(now, *drafts)
         return InboxPage(items=items, next_cursor=cursor)
+
+    def unrepeated(self, actor: Actor, drafts: Sequence[EntryDraft]) -> list[EntryDraft]:
+        """``drafts`` less each refusal that repeats, on the same grounds (rules, agreement, data),
+        the latest refusal of the same message to the same client already in the ledger: a client
+        pulling the same page again and again cannot grow the ledger, which is kept for good. Every
+        release is kept (each is a disclosure), and so is a refusal on new grounds."""
+        refused = [d.message_id for d in drafts if d.event == LedgerEvent.RELEASE_REFUSED and d.message_id]
+        if not refused:
+            return list(drafts)
+        with self.db.read() as conn:
+            latest = repo.latest_entries_of(conn, LedgerEvent.RELEASE_REFUSED, actor.client_id, refused)
+
+        def repeats(draft: EntryDraft) -> bool:
+            before = latest.get(draft.message_id or "")
+            return (
+                draft.event == LedgerEvent.RELEASE_REFUSED
+                and before is not None
+                and (before.decision, before.rules, before.case_ref)
+                == (draft.decision, draft.rules, draft.case_ref)
+                and canonical_json(dict(before.data)) == canonical_json(dict(draft.data))
+            )
+
+        return [d for d in drafts if not repeats(d)]
 
     def _release(
         self,
@@ -288,7 +313,8 @@ class Releases:
             return rows.content_view(row, message, dict(message.payload), ())
         held = self.consents_for([row["id"]]).get(row["id"], [])
         item, entry, decision = self._release(actor, row, int(row["inbox_seq"] or 0), now, None, held)
-        self.ledger(now, entry)
+        for unrepeated in self.unrepeated(actor, [entry]):
+            self.ledger(now, unrepeated)
         if item is None and decision.allowed:  # allowed, but the content does not open
             raise ContentUnavailable(f"the content of message {message_id} cannot be opened")
         if item is None:

@@ -166,8 +166,8 @@ def inbox(
     ] = None,
 ) -> dict[str, Any]:
     """Messages from the partner this system may receive, in order, from the cursor on, each with
-    its marking in both schemes and the paths the rules redacted. Every release and every refusal is
-    ledgered with the rules that decided it."""
+    its marking in both schemes and the paths the rules redacted. Every release is ledgered with the
+    rules that decided it, and every refusal once on the same grounds."""
     node = node_of(request)
     unknown = [p for p in purpose or [] if p not in node.agreement.purposes]
     if unknown:

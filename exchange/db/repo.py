@@ -915,6 +915,27 @@ def entries_of(conn: Connection, events: Sequence[str], *, below: int | None = N
     return [decode_leaf(row.leaf.encode()) for row in conn.execute(query.order_by(ledger_entries.c.seq))]
 
 
+def latest_entries_of(
+    conn: Connection, event: str, actor: str, message_ids: Sequence[str]
+) -> dict[str, LedgerEntry]:
+    """The latest ``event`` entry of ``actor`` about each of ``message_ids`` that has one (by the
+    message id index)."""
+    query = (
+        sa.select(ledger_entries.c.leaf)
+        .where(
+            ledger_entries.c.message_id.in_(list(message_ids)),
+            ledger_entries.c.event == event,
+            ledger_entries.c.actor == actor,
+        )
+        .order_by(ledger_entries.c.seq)
+    )
+    found: dict[str, LedgerEntry] = {}
+    for row in conn.execute(query):
+        entry = decode_leaf(row.leaf.encode())
+        found[str(entry.message_id)] = entry
+    return found
+
+
 # --- checkpoints ---------------------------------------------------------------------------------
 
 

@@ -558,3 +558,39 @@ def test_an_informant_s_identity_arriving_in_clear_is_a_policy_incident(pair) ->
         (incident,) = [e for e in repo.iter_ledger(conn) if e.event == "policy.incident"]
     assert incident.data["unreplaced_identities"] == ["payload/persons/0/names"]
     assert "Informant Name" not in incident.leaf.decode()
+
+
+def test_a_refusal_on_the_same_grounds_is_ledgered_once_however_often_it_is_asked(pair) -> None:  # type: ignore[no-untyped-def]
+    """A client pulling the same page (or asking for the same content) again and again cannot grow
+    the ledger, which is kept for good: a refusal that repeats the client's latest refusal of that
+    message on the same grounds is not ledgered again. Another client's refusal, a refusal on new
+    grounds (another declared use) and every release are."""
+    _id_dir, my_dir, id_node, my_node = pair
+    my_node.receive(
+        [signed_message(id_node, now(), tlp="RED", recipients=["someone"]) for _ in range(3)], now()
+    )
+    my_node.receive([signed_message(id_node, now())], now())
+    stranger = client(my_node, my_dir, "pdrm-stranger", "RAHSIA")
+    other = client(my_node, my_dir, "pdrm-other", "RAHSIA")
+
+    def entries(event: str, who: str) -> list[Any]:
+        with my_node.db.read() as conn:
+            return [e for e in repo.iter_ledger(conn) if e.event == event and e.actor == who]
+
+    for _ in range(4):
+        assert len(my_node.inbox(stranger, 0, 10, now()).items) == 1
+    assert len(entries("release.refused", "pdrm-stranger")) == 3  # once per message
+    assert len(entries("message.released", "pdrm-stranger")) == 4  # each disclosure
+    red = entries("release.refused", "pdrm-stranger")[0].message_id
+    for _ in range(3):
+        with pytest.raises(NotFound):
+            my_node.read(stranger, red, now())
+    assert len(entries("release.refused", "pdrm-stranger")) == 3
+    my_node.inbox(other, 0, 10, now())
+    assert len(entries("release.refused", "pdrm-other")) == 3
+    for _ in range(2):
+        my_node.inbox(stranger, 0, 10, now(), frozenset({"STRATEGIC_ANALYSIS"}))  # a use not asked before
+    refused = entries("release.refused", "pdrm-stranger")
+    assert len(refused) >= 6  # the three refused again for this use, once
+    assert {tuple(e.data["use"]) for e in refused[3:]} == {("STRATEGIC_ANALYSIS",)}
+    assert len({e.message_id for e in refused[3:]}) == len(refused[3:])
