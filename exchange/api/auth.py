@@ -116,6 +116,17 @@ def is_partner_node(node: Node, pem: bytes | None) -> bool:
     )
 
 
+async def known_caller(request: Request) -> None:
+    """FastAPI dependency: the partner node or a registered client of any role (a monitoring
+    system, an auditor, a local system). Raises Unauthorised (403) for any other certificate the
+    TLS layer trusts (an unregistered or removed client, another certificate of the partner's CA)."""
+    node = node_of(request)
+    if is_partner_node(node, certificate_of(request.scope)):
+        request.state.client_id = node.parties[node.partner_party].node_name
+        return
+    await registered_client(request)
+
+
 def partner_node(request: Request) -> None:
     """FastAPI dependency: admit only the partner node's certificate. Raises Unauthorised (403)."""
     node = node_of(request)

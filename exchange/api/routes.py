@@ -23,7 +23,7 @@ from exchange.api.audit_models import (
     MessageHistory,
     Verification,
 )
-from exchange.api.auth import auditor, local_client, node_of, partner_node
+from exchange.api.auth import auditor, known_caller, local_client, node_of, partner_node
 from exchange.api.problems import problem
 from exchange.auditing import AuditService, EntryFilter
 from exchange.checkpoints import CheckpointService
@@ -54,7 +54,9 @@ COMMON_PROBLEMS: dict[int | str, dict[str, Any]] = {
 
 client_router = APIRouter(prefix="/v1", tags=["local systems"], responses=COMMON_PROBLEMS)
 peer_router = APIRouter(prefix="/v1/peer", tags=["partner node"], dependencies=[Depends(partner_node)])
-health_router = APIRouter(tags=["operations"])
+health_router = APIRouter(
+    tags=["operations"], dependencies=[Depends(known_caller)], responses=COMMON_PROBLEMS
+)
 audit_router = APIRouter(
     prefix="/v1/audit", tags=["auditors"], dependencies=[Depends(auditor)], responses=COMMON_PROBLEMS
 )
@@ -304,6 +306,8 @@ async def witness_add_checkpoint(request: Request) -> Response:
 
 @health_router.get("/healthz", summary="Liveness and a few gauges", response_model=models.Health)
 def health(request: Request) -> dict[str, Any]:
+    """For the partner node and registered clients of any role (a monitoring system's probe
+    included); any other certificate is refused 403."""
     node = node_of(request)
     held = node.agreements.history()  # one view for the version in force and the versions held
     terms = held.in_force(_now())

@@ -444,11 +444,15 @@ def mark_destroyed(conn: Connection, message_id: str, *, at: str, reason: str) -
     )
 
 
+#: a message's columns but the large ones (sealed content, transport envelope, receipt)
+_METADATA_COLUMNS = [c for c in messages.c if c.name not in ("content", "envelope", "receipt")]
+
+
 def open_requests(conn: Connection, types: Sequence[str]) -> list[dict[str, Any]]:
     """Messages of these types with a response due and no answer yet (a message in reply to them)."""
     answered = sa.select(messages.c.in_reply_to).where(messages.c.in_reply_to.is_not(None))
     rows = conn.execute(
-        sa.select(messages)
+        sa.select(*_METADATA_COLUMNS)  # (not the sealed content, the envelope or the receipt)
         .where(
             messages.c.type.in_(list(types)),
             messages.c.response_due.is_not(None),

@@ -16,7 +16,7 @@ from exchange import crypto
 from exchange.client import ExchangeClient
 from exchange.config import load_settings
 from tests.e2e.harness import Running
-from tests.support import CLIENT_PASSPHRASE, PASSPHRASE, ClientFiles, register_client, rfi
+from tests.support import CLIENT_PASSPHRASE, PASSPHRASE, ClientFiles, cli, register_client, rfi
 
 pytestmark = pytest.mark.e2e
 
@@ -288,6 +288,40 @@ def test_only_the_partner_node_may_send_a_body_over_the_common_limit(
         r = http.post(f"{polri.node.url}/v1/peer/envelopes", content=body, headers=headers)
         assert r.status_code != 413, r.text
     _no_traceback(polri)
+
+
+def test_healthz_answers_the_partner_node_and_registered_clients_only(
+    nodes: tuple[Running, Running], tmp_path: Path
+) -> None:
+    """/healthz tells the outbox, the overdue requests and the key sets: a certificate the TLS
+    layer trusts but that names no one (a client of the partner's CA, a removed client) gets 403."""
+    polri, pdrm = nodes
+    tls = pdrm.node.path / "tls"
+    ca = crypto.IssuedCertificate((tls / "ca.pem").read_bytes(), (tls / "ca-key.pem").read_bytes())
+    forged = crypto.issue_certificate(
+        ca, PASSPHRASE, kind="client", common_name="MY-node", organisation="x", passphrase=PASSPHRASE
+    )
+    (tmp_path / "forged.pem").write_bytes(forged.cert_pem)
+    (tmp_path / "forged-key.pem").write_bytes(forged.key_pem)
+    removed = register_client(polri.node, "health-removed", "TERBATAS")
+    cli("clients", "remove", "--dir", str(polri.node.path), "--id", "health-removed")
+    refused = [
+        _tls(polri.node.ca, tmp_path / "forged.pem", tmp_path / "forged-key.pem", PASSPHRASE),
+        _tls(polri.node.ca, removed.cert, removed.key, CLIENT_PASSPHRASE),
+    ]
+    for ctx in refused:
+        with httpx.Client(verify=ctx) as http:
+            body = _problem(http.get(f"{polri.node.url}/healthz"), 403)
+            assert "outbox" not in body
+    admitted = [
+        _tls(polri.node.ca, tls / "node.pem", tls / "node-key.pem", PASSPHRASE),  # the partner node
+        _tls(polri.node.ca, polri.client_files.cert, polri.client_files.key, CLIENT_PASSPHRASE),
+    ]
+    for ctx in admitted:
+        with httpx.Client(verify=ctx) as http:
+            r = http.get(f"{polri.node.url}/healthz")
+            assert r.status_code == 200, r.text
+            assert "outbox" in r.json()
 
 
 def test_a_node_certificate_is_never_a_local_system(nodes: tuple[Running, Running]) -> None:
