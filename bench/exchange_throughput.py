@@ -33,6 +33,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import machine_speed
 import sqlalchemy as sa
 
 from exchange.client import ExchangeClient
@@ -92,11 +93,12 @@ def postgres_cpu() -> float:
     return sum(cpu for _, _, name, cpu in _processes() if name == "postgres")
 
 
-def machine_cpu() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine so far, every core."""
+def machine_cpu() -> tuple[float, float, float]:
+    """(busy, stolen, total) CPU seconds of the whole machine so far, every core (stolen: time the
+    hypervisor ran something else while this machine had work; counted as busy)."""
     values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
     idle = values[3] + values[4]  # idle, iowait
-    return (sum(values) - idle) / CLOCK_TICK, sum(values) / CLOCK_TICK
+    return (sum(values) - idle) / CLOCK_TICK, values[7] / CLOCK_TICK, sum(values) / CLOCK_TICK
 
 
 class CpuMeter:
@@ -111,17 +113,18 @@ class CpuMeter:
         if self.postgres:
             taken["PostgreSQL"] = postgres_cpu()
         taken["load generator"] = time.process_time()
-        taken["machine busy"], taken["machine"] = machine_cpu()
+        taken["machine busy"], taken["machine stolen"], taken["machine"] = machine_cpu()
         return taken
 
     @staticmethod
     def report(before: dict[str, float], after: dict[str, float], messages: int) -> None:
         used = {name: after[name] - before[name] for name in before}
-        sides = [n for n in used if n not in ("machine busy", "machine")]
+        sides = [n for n in used if not n.startswith("machine")]
         print(
             "  CPU per message: "
             + ", ".join(f"{name} {1000 * used[name] / messages:.2f} ms" for name in sides)
             + f"; the machine {100 * used['machine busy'] / used['machine']:.0f}% busy"
+            f", {100 * used['machine stolen'] / used['machine']:.0f}% stolen by the hypervisor"
             f" ({1000 * used['machine busy'] / messages:.2f} ms of CPU per message in all)"
         )
 
@@ -286,8 +289,9 @@ def run(
             f" {args.messages} messages of ~3.3 KB payload; {args.clients} client threads;"
             f" {args.workers} process(es) per node;"
             f" {'PostgreSQL' if urls[0] else 'SQLite WAL'} on both sides, the plain store-and-forward"
-            " too\n"
+            " too"
         )
+        print(machine_speed.describe() + "\n")
 
         for node in (polri, pdrm):
             node.server.args = ("--workers", str(args.workers))
@@ -369,6 +373,7 @@ def run(
             p.terminate()
             p.wait(30)
         print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        print(machine_speed.describe("at the end"))
         ratio = secure["max"]["rate"] / plain["max"]["rate"]
         print(f"\nratio secure/plain: saturation throughput {ratio:.2f}x")
         for rate in args.rate:

@@ -30,6 +30,7 @@ import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import machine_speed
 from exchange_throughput import SUBMISSION, databases
 
 from exchange.demo import set_up_pair
@@ -70,8 +71,9 @@ def main() -> None:
             print(
                 f"machine: {os.cpu_count()} cores, load average"
                 f" {' '.join(f'{x:.2f}' for x in os.getloadavg())};"
-                f" {'PostgreSQL' if urls[0] else 'SQLite WAL'} on both sides; one message at a time\n"
+                f" {'PostgreSQL' if urls[0] else 'SQLite WAL'} on both sides; one message at a time"
             )
+            print(machine_speed.describe() + "\n")
             names = ("submit", "to partner", "back", "settle", "total")
             stages: dict[str, list[float]] = {k: [] for k in names}
             with polri.client() as api:
