@@ -541,4 +541,6 @@ def load_agreement(path: Path) -> Agreement:
         raise ConfigurationError(f"agreement file not found: {path}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigurationError(f"agreement file {path} is not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigurationError(f"agreement file {path} is not UTF-8 text (byte {exc.start})") from exc
     return parse_agreement(data, source=f"agreement file {path}")

@@ -240,7 +240,7 @@ def agreement_compose(
     if version:
         data["version"] = version
     agreement = parse_agreement(data, source="composed agreement")
-    write_private(out, tomli_w.dumps(data, multiline_strings=True))
+    _write_new_file("--out", out, tomli_w.dumps(data, multiline_strings=True))
     typer.echo(f"agreement {agreement.version} written to {out} (sha256 {agreement.digest})")
 
 
@@ -385,6 +385,22 @@ def _client_certificate(
     return pem, _check_client_certificate(source, pem, tls, own_ca)
 
 
+def _check_new_file(option: str, path: Path | None) -> None:
+    """Raises InvalidInput if ``path`` (an output option's) exists: an output never replaces a file."""
+    if path is not None and (path.exists() or path.is_symlink()):
+        raise InvalidInput(f"{option} {path} exists: not overwriting it (remove it or choose another path)")
+
+
+def _write_new_file(option: str, path: Path | None, data: bytes | str) -> None:
+    """Write an output option's file, never over an existing one (see :func:`_check_new_file`)."""
+    if path is None:
+        return
+    try:
+        write_private(path, data, exclusive=True)
+    except FileExistsError as exc:
+        raise InvalidInput(f"{option} {path} exists: not overwriting it") from exc
+
+
 def _read_option_file(option: str, path: Path) -> bytes:
     try:
         return path.read_bytes()
@@ -440,8 +456,7 @@ def clients_add(
                 f"{option}: {unknown} not among {sorted(known)}" + (" or ALL" if option != "--role" else "")
             )
     pem, info = _client_certificate(cert, csr, settings, agreement, client_id)
-    if csr is not None and out is not None:
-        write_private(out, pem)
+    _check_new_file("--out", out)
     with _node_database(directory) as db, db.transaction() as conn:
         repo.insert_client(
             conn,
@@ -459,6 +474,7 @@ def clients_add(
                 "cert_not_after": info.not_after.isoformat(),
             },
         )
+    _write_new_file("--out", out, pem)
     typer.echo(f"registered {client_id} (certificate {info.fingerprint[:16]}…, clearance {clearance})")
 
 
@@ -477,8 +493,7 @@ def clients_add_monitoring(
     settings = load_settings(directory)
     agreement = load_agreement(settings.agreement_file)
     pem, info = _client_certificate(cert, csr, settings, agreement, client_id)
-    if csr is not None and out is not None:
-        write_private(out, pem)
+    _check_new_file("--out", out)
     lowest = next(iter(agreement.schemes[agreement.parties[settings.party].scheme].levels))
     with _node_database(directory) as db, db.transaction() as conn:
         repo.insert_client(
@@ -496,6 +511,7 @@ def clients_add_monitoring(
                 "created_at": dt.datetime.now(dt.UTC).isoformat(),
             },
         )
+    _write_new_file("--out", out, pem)
     typer.echo(f"registered {client_id} (certificate {info.fingerprint[:16]}…) to read /metrics only")
 
 
@@ -1162,10 +1178,11 @@ def audit_export(
 ) -> None:
     """Write an audit bundle: entries with RFC 9162 inclusion proofs, the cosigned checkpoint, and a
     consistency proof from the first checkpoint that covered them."""
+    _check_new_file("--out", out)
     service = _audit_service(directory)
     with service.db:
         data = service.export(start, end)
-    write_private(out, json.dumps(data, indent=1))
+    _write_new_file("--out", out, json.dumps(data, indent=1))
     first, last = data["entries"][0]["index"], data["entries"][-1]["index"]
     size = data["checkpoint"].split("\n")[1]
     typer.echo(f"wrote entries {first}..{last} proven against the checkpoint of size {size} to {out}")
@@ -1218,4 +1235,7 @@ def main() -> None:
         sys.exit(2)
     except OSError as exc:
         typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except UnicodeDecodeError as exc:  # a file that is not text; its bytes are not echoed
+        typer.echo(f"error: a file is not UTF-8 text (byte {exc.start}: {exc.reason})", err=True)
         sys.exit(2)

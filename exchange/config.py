@@ -276,6 +276,8 @@ def resolve_passphrase(value: str | None, file: Path | None) -> str:
             value = file.read_text().strip()
         except OSError as exc:
             raise ConfigurationError(f"cannot read key passphrase file: {exc}") from exc
+        except UnicodeDecodeError as exc:  # (its message would quote a byte of the passphrase)
+            raise ConfigurationError(f"the key passphrase file {file} is not UTF-8 text") from exc
     if value is None:
         raise ConfigurationError(
             "no key passphrase: set EXCHANGE_KEY_PASSPHRASE or EXCHANGE_KEY_PASSPHRASE_FILE"
@@ -311,9 +313,17 @@ def load_settings(node_dir: Path, **overrides: Any) -> NodeSettings:
     if not (node_dir / NODE_FILE).is_file():
         raise ConfigurationError(f"{node_dir} is not a node directory (no {NODE_FILE}); run `exchange init`")
     try:
-        tomllib.loads((node_dir / NODE_FILE).read_text())
+        written = tomllib.loads((node_dir / NODE_FILE).read_text())
     except tomllib.TOMLDecodeError as exc:
         raise ConfigurationError(f"{node_dir / NODE_FILE} is not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigurationError(f"{node_dir / NODE_FILE} is not UTF-8 text (byte {exc.start})") from exc
+    if "key_passphrase" in written:
+        raise ConfigurationError(
+            f"{node_dir / NODE_FILE} holds key_passphrase: the passphrase must not sit beside the keys it"
+            " protects (and travel with every copy of the node directory); remove it and set"
+            " EXCHANGE_KEY_PASSPHRASE or key_passphrase_file"
+        )
     try:
         return NodeSettings(node_dir=node_dir, **overrides)
     except ValidationError as exc:

@@ -254,11 +254,27 @@ def set_up_pair(
     return polri, pdrm
 
 
+#: the file that marks a folder as the demo's own, which a later demo may delete
+DEMO_MARKER = ".exchange-demo"
+
+
 def run_demo(workdir: Path) -> None:
-    """Set up and run the two-node demo; raises ExchangeError if any step fails."""
+    """Set up and run the two-node demo in ``workdir``, recreated (only if it is empty or an
+    earlier demo's: a node's folder given by mistake is never deleted).
+
+    Raises:
+        ExchangeError: ``workdir`` holds something else, or a step failed.
+    """
     if workdir.exists():
+        if not (workdir / DEMO_MARKER).is_file() and any(workdir.iterdir()):
+            raise ExchangeError(
+                f"{workdir} is not empty and not an earlier demo's folder (no {DEMO_MARKER}): not deleting"
+                " it;"
+                " choose another --workdir"
+            )
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
+    (workdir / DEMO_MARKER).write_text("made by `exchange demo`; deleted by the next one\n")
     print("== Setting up two nodes (development PKI, encrypted keys, SQLite) in", workdir)
     polri, pdrm = nodes = list(set_up_pair(workdir))
     for node in nodes:

@@ -51,7 +51,11 @@ def write_private(path: Path, data: bytes | str, *, exclusive: bool = False) -> 
         raise
     os.close(fd)
     if not exclusive:
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # (a key's copy never lingers under another name)
+            raise
         return path
     try:
         os.link(tmp, path)  # atomic, and fails where a file is: no writer overwrites another's
@@ -95,11 +99,14 @@ def create_private(path: Path) -> None:
 
 
 def restrict_tree(root: Path) -> None:
-    """Make every folder under ``root`` 0700 and every file 0600 (``root`` included)."""
+    """Make every folder under ``root`` 0700 and every file 0600 (``root`` included); a symbolic
+    link is neither followed nor changed (what it points to may be outside ``root``)."""
     root.chmod(DIR_MODE)
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root):  # (os.walk does not descend into links)
         for name in dirnames:
-            (Path(dirpath) / name).chmod(DIR_MODE)
+            path = Path(dirpath) / name
+            if not path.is_symlink():
+                path.chmod(DIR_MODE)
         for name in filenames:
             path = Path(dirpath) / name
             if not path.is_symlink():

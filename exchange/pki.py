@@ -78,10 +78,11 @@ class TLSFiles:
         )
         crypto.check_private_key_matches(self.node_key.read_bytes(), passphrase, self.node_cert.read_bytes())
 
-    def write(self, name: str, issued: crypto.IssuedCertificate) -> None:
-        """Write a certificate and its (encrypted) key, both owner-only."""
-        write_private(self.root / f"{name}.pem", issued.cert_pem)
-        write_private(self.root / f"{name}-key.pem", issued.key_pem)
+    def write(self, name: str, issued: crypto.IssuedCertificate, *, exclusive: bool = False) -> None:
+        """Write a certificate and its (encrypted) key, both owner-only; ``exclusive``: never over an
+        existing file (FileExistsError, nothing written over)."""
+        write_private(self.root / f"{name}.pem", issued.cert_pem, exclusive=exclusive)
+        write_private(self.root / f"{name}-key.pem", issued.key_pem, exclusive=exclusive)
 
 
 def create_dev_pki(
@@ -137,8 +138,13 @@ def issue_client(
     national system makes its own key and sends a CSR (:func:`sign_client_request`).
 
     Raises:
-        ConfigurationError: the node has no development CA key.
+        ConfigurationError: the node has no development CA key, or a file of that name is in
+            ``out_dir`` already (never overwritten: it could be the CA's own key).
     """
+    paths = (out_dir / f"{name}.pem", out_dir / f"{name}-key.pem")
+    for path in paths:
+        if path.exists() or path.is_symlink():
+            raise ConfigurationError(f"{path} exists: not overwriting it (choose another --name or --out)")
     issued = crypto.issue_certificate(
         _development_ca(tls),
         ca_passphrase,
@@ -148,8 +154,11 @@ def issue_client(
         passphrase=client_passphrase,
     )
     private_dir(out_dir)
-    TLSFiles(out_dir).write(name, issued)
-    return out_dir / f"{name}.pem", out_dir / f"{name}-key.pem"
+    try:
+        TLSFiles(out_dir).write(name, issued, exclusive=True)
+    except FileExistsError as exc:  # (made meanwhile by another process)
+        raise ConfigurationError(f"{exc.filename} exists: not overwriting it") from exc
+    return paths
 
 
 def sign_client_request(

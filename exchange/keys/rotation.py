@@ -82,19 +82,32 @@ class KeyAdmin:
             )
         self._room(current, spare=True)
         now = self.clock()
+        signers = [self._private(current.active("signing").kid, "signing")]  # (the passphrase checked)
         record = add_key(self.settings.key_dir, purpose, self.settings.passphrase())
-        new = KeyEntry.public(record.kid, purpose, "next", record.public_jwk, now)
-        signers = [self._private(current.active("signing").kid, "signing")]
-        if purpose == "signing":
-            signers.append(self._private(new.kid, "signing"))
-        self._publish(
-            base,
-            [*current.keys, new],
-            signers,
-            LedgerEvent.KEYS_ROTATED,
-            {"kid": new.kid, "purpose": purpose},
-        )
+        try:
+            new = KeyEntry.public(record.kid, purpose, "next", record.public_jwk, now)
+            if purpose == "signing":
+                signers.append(self._private(new.kid, "signing"))
+            self._publish(
+                base,
+                [*current.keys, new],
+                signers,
+                LedgerEvent.KEYS_ROTATED,
+                {"kid": new.kid, "purpose": purpose},
+            )
+        except BaseException:  # unless published, no key set lists it and nothing would remove it
+            if not self._listed(record.kid):
+                destroy_key(self.settings.key_dir, record.kid)
+            raise
         return new
+
+    def _listed(self, kid: str) -> bool:
+        """Whether a stored version of the node's key set lists ``kid`` (True if that cannot be
+        read: a key file is never destroyed on a doubt)."""
+        try:
+            return self._base().entry(kid) is not None
+        except Exception:
+            return True
 
     def activate(self, purpose: Purpose, *, force: bool = False) -> KeyEntry:
         """Make the next key of ``purpose`` active and the active one retiring.

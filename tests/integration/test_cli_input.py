@@ -296,3 +296,117 @@ def test_node_files_are_owner_only_whatever_the_umask(tmp_path: Path) -> None:
         db.dispose()
     finally:
         os.umask(old)
+
+
+def test_files_that_are_not_utf8_text_are_one_line_errors(
+    pair: tuple[NodeDir, NodeDir], tmp_path: Path
+) -> None:
+    """A settings, agreement or passphrase file holding bytes that are not UTF-8: one line, exit 2,
+    no traceback, and no byte of the passphrase file echoed."""
+    id_dir, _ = pair
+    (tmp_path / "bad.toml").write_bytes(b'version = "1"\n\xff = 1\n')
+    one_line_error(run("agreement", "check", str(tmp_path / "bad.toml")), 2, "not UTF-8")
+    secret = tmp_path / "passphrase"
+    secret.write_bytes(b"\xffsecret-passphrase-\xfe")
+    proc = run(
+        "init",
+        "--party",
+        "ID",
+        "--dir",
+        str(tmp_path / "n"),
+        passphrase=None,
+        **{"EXCHANGE_KEY_PASSPHRASE_FILE": str(secret)},
+    )
+    one_line_error(proc, 2, "not UTF-8")
+    assert "secret" not in proc.stderr
+    assert "\\xff" not in proc.stderr
+    settings = id_dir.path / "node.toml"
+    settings.write_bytes(settings.read_bytes() + b'\nlog_level = "\xff"\n')
+    one_line_error(run("db", "upgrade", "--dir", str(id_dir.path)), 2, "node.toml", "not UTF-8")
+
+
+def test_the_passphrase_is_refused_in_node_toml(pair: tuple[NodeDir, NodeDir]) -> None:
+    """It would sit beside the keys it protects and travel with every copy of the directory."""
+    id_dir, _ = pair
+    with (id_dir.path / "node.toml").open("a") as settings:
+        settings.write(f'key_passphrase = "{PASSPHRASE}"\n')
+    proc = run("db", "upgrade", "--dir", str(id_dir.path), passphrase=None)
+    one_line_error(proc, 2, "holds key_passphrase", "EXCHANGE_KEY_PASSPHRASE")
+    assert PASSPHRASE not in proc.stderr
+
+
+def test_no_command_writes_over_an_existing_file(pair: tuple[NodeDir, NodeDir], tmp_path: Path) -> None:
+    """`pki issue-client --name ca --out <node>/tls` would have replaced the CA's key; an output
+    that exists is refused in one line and left as it was, and a refused registration writes no
+    certificate."""
+    id_dir, my_dir = pair
+    tls = id_dir.path / "tls"
+    before = {name: (tls / name).read_bytes() for name in ("ca.pem", "ca-key.pem", "server-key.pem")}
+    for name in ("ca", "server"):
+        one_line_error(
+            run("pki", "issue-client", "--dir", str(id_dir.path), "--name", name, "--out", str(tls)),
+            2,
+            "exists",
+        )
+    assert {name: (tls / name).read_bytes() for name in before} == before
+    precious = tmp_path / "precious.pem"
+    precious.write_text("keep me")
+    _key, csr_pem = crypto.make_csr("cms-out", "the-client-keeps-this-key")
+    (tmp_path / "cms.csr").write_bytes(csr_pem)
+    one_line_error(
+        _add(id_dir, "--id", "cms-out", "--csr", str(tmp_path / "cms.csr"), "--out", str(precious)),
+        2,
+        "exists",
+    )
+    assert precious.read_text() == "keep me"
+    listed = run("clients", "list", "--dir", str(id_dir.path)).stdout
+    assert "cms-out" not in listed  # refused before it was registered
+    fresh = tmp_path / "fresh.pem"
+    one_line_error(  # an id already registered: refused, and no certificate left behind
+        _add(id_dir, "--id", "polri-cms", "--csr", str(tmp_path / "cms.csr"), "--out", str(fresh)), 2
+    )
+    assert not fresh.exists()
+    agreement = id_dir.path / "agreement.toml"
+    kept = agreement.read_bytes()
+    compose = ["agreement", "compose", "--party", str(id_dir.path / "party.toml")]
+    compose += ["--party", str(my_dir.path / "party.toml"), "--out", str(agreement)]
+    one_line_error(run(*compose), 2, "exists")
+    assert agreement.read_bytes() == kept
+
+
+def test_a_rotation_refused_for_a_wrong_passphrase_leaves_no_key_behind(
+    pair: tuple[NodeDir, NodeDir],
+) -> None:
+    id_dir, _ = pair
+    keys = id_dir.path / "keys"
+    files, ring = sorted(keys.rglob("*.pem")), (keys / "keyring.json").read_bytes()
+    wrong = "another-passphrase-" + PASSPHRASE[::-1]
+    one_line_error(
+        run("keys", "rotate", "--dir", str(id_dir.path), "--purpose", "signing", passphrase=wrong), 2
+    )
+    assert sorted(keys.rglob("*.pem")) == files
+    assert (keys / "keyring.json").read_bytes() == ring
+
+
+def test_the_demo_never_deletes_a_folder_that_is_not_its_own(tmp_path: Path) -> None:
+    node = tmp_path / "node"
+    node.mkdir()
+    (node / "keys").mkdir()
+    (node / "keys" / "kek.key").write_text("content keys")
+    one_line_error(run("demo", "--workdir", str(node)), 2, "not deleting")
+    assert (node / "keys" / "kek.key").read_text() == "content keys"
+
+
+def test_init_in_a_folder_changes_nothing_a_symbolic_link_in_it_points_to(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    outside.chmod(0o755)  # (whatever this process's umask)
+    (outside / "tool").write_text("#!/bin/sh\n")
+    (outside / "tool").chmod(0o755)
+    target = tmp_path / "node"
+    target.mkdir()
+    (target / "link").symlink_to(outside, target_is_directory=True)
+    proc = run("init", "--party", "ID", "--dir", str(target))
+    assert proc.returncode == 0, proc.stderr
+    assert stat.S_IMODE(outside.stat().st_mode) == 0o755
+    assert stat.S_IMODE((outside / "tool").stat().st_mode) == 0o755
