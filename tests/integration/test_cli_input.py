@@ -315,7 +315,7 @@ def test_files_that_are_not_utf8_text_are_one_line_errors(
         "--dir",
         str(tmp_path / "n"),
         passphrase=None,
-        **{"EXCHANGE_KEY_PASSPHRASE_FILE": str(secret)},
+        EXCHANGE_KEY_PASSPHRASE_FILE=str(secret),
     )
     one_line_error(proc, 2, "not UTF-8")
     assert "secret" not in proc.stderr
