@@ -31,7 +31,7 @@ from joserfc import jws
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet as JWKSet
 from joserfc.jwk import OKPKey
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from exchange.canonical import canonical_json, sha256_hex
 from exchange.errors import KeyManagementError
@@ -78,9 +78,9 @@ class KeyEntry(BaseModel):
     purpose: Purpose
     state: State
     jwk: PublicKey
-    valid_from: dt.datetime
-    valid_until: dt.datetime | None = None
-    revoked_at: dt.datetime | None = None
+    valid_from: AwareDatetime  # (a time without a zone cannot be compared: refused, never stored)
+    valid_until: AwareDatetime | None = None
+    revoked_at: AwareDatetime | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> KeyEntry:
@@ -122,8 +122,8 @@ class KeySet(BaseModel):
     format: Literal["exchange-key-set/1"] = "exchange-key-set/1"
     party: str
     version: int = Field(ge=1)
-    issued_at: dt.datetime
-    expires_at: dt.datetime
+    issued_at: AwareDatetime
+    expires_at: AwareDatetime
     previous: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     tls_pins: tuple[Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")], ...] = Field(
         default=(),
@@ -185,7 +185,7 @@ def _signers(announcement: str, keys: dict[str, OKPKey]) -> tuple[KeySet, list[s
         payload = document["payload"]
         if not isinstance(signatures, list) or not isinstance(payload, str):
             raise TypeError("signatures and payload")
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise AnnouncementRejected("malformed", "not a JWS in the general JSON serialization") from exc
     verified: list[str] = []
     seen: set[str] = set()
@@ -197,9 +197,9 @@ def _signers(announcement: str, keys: dict[str, OKPKey]) -> tuple[KeySet, list[s
                 "signature": member["signature"],
             }
             header = json.loads(_b64decode(member["protected"]))
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, RecursionError) as exc:
             raise AnnouncementRejected("malformed", "a signature without its protected header") from exc
-        kid = header.get("kid")
+        kid = header.get("kid") if isinstance(header, dict) else None
         if not isinstance(kid, str):
             raise AnnouncementRejected("malformed", "a signature names no key")
         if kid in seen:
@@ -215,7 +215,7 @@ def _signers(announcement: str, keys: dict[str, OKPKey]) -> tuple[KeySet, list[s
         verified.append(kid)
     try:
         key_set = KeySet.model_validate_json(_b64decode(payload))
-    except (ValidationError, ValueError) as exc:
+    except (ValidationError, ValueError, RecursionError) as exc:
         raise AnnouncementRejected("malformed", "the payload is not a key set") from exc
     if canonical_json(key_set.model_dump(mode="json", exclude_none=True)) != _b64decode(payload):
         raise AnnouncementRejected("malformed", "the payload is not its RFC 8785 form")
@@ -233,7 +233,7 @@ def claimed_version(announcement: str) -> int | None:
     ledger entry of a refusal); None if it names none."""
     try:
         version = json.loads(_b64decode(json.loads(announcement)["payload"]))["version"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         return None
     return version if isinstance(version, int) else None
 
@@ -259,7 +259,8 @@ def accept(
 
     Raises:
         AnnouncementRejected: ``malformed``, ``wrong-party``, ``rollback``, ``replay``,
-            ``skipped-version``, ``mix-and-match``, ``expired``, ``key-changed``, ``bad-transition``,
+            ``skipped-version``, ``mix-and-match``, ``issued-before`` (an issue time going back),
+            ``expired`` (also: expiring when issued), ``key-changed``, ``bad-transition``,
             ``duplicate-signature``, ``missing-old-signature`` or ``missing-new-signature``.
     """
     old = trusted.key_set
@@ -274,6 +275,10 @@ def accept(
         raise AnnouncementRejected("skipped-version", f"version {key_set.version} after {old.version}")
     if key_set.previous != trusted.digest:
         raise AnnouncementRejected("mix-and-match", "it does not name the announcement trusted before it")
+    if key_set.issued_at < old.issued_at:
+        raise AnnouncementRejected("issued-before", f"version {key_set.version} is issued before the last")
+    if key_set.expires_at <= key_set.issued_at:
+        raise AnnouncementRejected("expired", f"version {key_set.version} expired when it was issued")
     if final and key_set.expires_at <= now:
         raise AnnouncementRejected("expired", f"expired at {key_set.expires_at.isoformat()}")
     ever = {**(known or {}), **{k.kid: k for k in old.keys}}
@@ -386,7 +391,7 @@ class KeySetReceipt(BaseModel):
     of: str  # whose key set
     version: int = Field(ge=1)
     digest: str = Field(pattern=r"^[0-9a-f]{64}$")
-    accepted_at: dt.datetime
+    accepted_at: AwareDatetime
 
 
 def sign_receipt(receipt: KeySetReceipt, key: OKPKey) -> str:

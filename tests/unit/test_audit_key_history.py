@@ -332,7 +332,7 @@ def test_a_tampered_announcement_chain_fails(tamper: Any, reason: str) -> None:
 def test_a_version_issued_before_the_one_it_follows_breaks_the_chain() -> None:
     chain = Chain("MY")
     chain.rotate_checkpoint(announced=at(3), activated=at(2))
-    with pytest.raises(LedgerIntegrityError, match="version 3 is issued before it"):
+    with pytest.raises(LedgerIntegrityError, match="issued-before: version 3 is issued before the last"):
         chain.anchor().walk(chain.announcements)
 
 

@@ -3,7 +3,9 @@ trusted only for what it signed before its revocation."""
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -163,6 +165,38 @@ def dropped(purpose: str) -> Callable[[Chain], str]:
     return make
 
 
+def altered(change: str) -> Callable[[Chain], str]:
+    """Version n+1, signed by both keys as it should be, but ``naive``: its issue time without a
+    time zone (or, ``naive-key``, a key's start); ``earlier``: issued before the version it follows.
+    Stored, either would have broken every later check of a key (or the audit) for good."""
+
+    def make(chain: Chain) -> str:
+        key_set, old, new = next_version(chain)
+        if change == "naive":
+            key_set = key_set.model_copy(update={"issued_at": key_set.issued_at.replace(tzinfo=None)})
+        elif change == "naive-key":
+            first = key_set.keys[0].model_copy(update={"valid_from": T0.replace(tzinfo=None)})
+            key_set = key_set.model_copy(update={"keys": (first, *key_set.keys[1:])})
+        else:
+            key_set = key_set.model_copy(
+                update={"issued_at": chain.sets[-1].issued_at - dt.timedelta(hours=1)}
+            )
+        return announce(key_set, [old, new])
+
+    return make
+
+
+def header(protected: bytes) -> Callable[[Chain], str]:
+    """A general JWS whose one protected header is ``protected`` (not a JSON object)."""
+    encoded = base64.urlsafe_b64encode(protected).decode().rstrip("=")
+    return lambda chain: json.dumps(
+        {
+            "payload": json.loads(chain.announcements[-1])["payload"],
+            "signatures": [{"protected": encoded, "signature": "AA"}],
+        }
+    )
+
+
 Case = tuple[str, Callable[[Chain], str], str | None]
 CASES: list[Case] = [
     ("both signatures", signed("old,new"), None),
@@ -181,6 +215,11 @@ CASES: list[Case] = [
     ("a set that names another predecessor", signed("old,new", previous="0" * 64), "mix-and-match"),
     ("another party's set", signed("old,new", party="MY"), "wrong-party"),
     ("not a JWS at all", lambda c: '{"payload": 1}', "malformed"),
+    ("an issue time without a time zone", altered("naive"), "malformed"),
+    ("a key's start without a time zone", altered("naive-key"), "malformed"),
+    ("issued before the version it follows", altered("earlier"), "issued-before"),
+    ("a protected header that is a list", header(b"[]"), "malformed"),
+    ("a protected header nested beyond the parser's depth", header(b"[" * 100_000), "malformed"),
 ]
 
 
