@@ -373,19 +373,27 @@ class ControlProtocol:
         self, conn: Connection, message: Message, target: dict[str, Any], now: dt.datetime
     ) -> Effects:
         p = message.payload
-        granted = [  # what this node consented to: a release under no consent of ours is an incident
-            r
-            for r in repo.consent_requests_for(conn, direction="in", message_ids=[target["id"]])
-            if r["status"] == "granted"
-            and r["recipient"] == p["recipient"]
-            and set(p["purposes"]) <= set(r["purposes"])
-        ]
+        agreement = self.node.terms_of(message.agreement_version).agreement  # the notice's own terms
+        # the ledger keeps for good only the agreement's own words: a recipient or a use outside it
+        # (free text of the partner's, which could name a person) is an incident, not quoted
+        known = p["recipient"] in agreement.third_parties and set(p["purposes"]) <= set(agreement.purposes)
+        granted = (
+            known
+            and [  # what this node consented to: a release under no consent of ours is an incident
+                r
+                for r in repo.consent_requests_for(conn, direction="in", message_ids=[target["id"]])
+                if r["status"] == "granted"
+                and r["recipient"] == p["recipient"]
+                and set(p["purposes"]) <= set(r["purposes"])
+            ]
+        )
         if not granted:
             logs.security_incident(
                 log,
                 "onward-without-consent",
-                "the partner released message %s without our consent",
+                "the partner released message %s without our consent%s",
                 target["id"],
+                "" if known else ", to a recipient or for a use outside the agreement",
                 message_id=target["id"],
             )
         return Effects(
@@ -395,10 +403,11 @@ class ControlProtocol:
                     message,
                     "allow" if granted else "incident",
                     {
-                        "recipient": p["recipient"],
-                        "use": p["purposes"],
+                        "recipient": p["recipient"] if known else None,
+                        "use": [u for u in p["purposes"] if u in agreement.purposes],
                         "released_at": p["released_at"],
                         "consented": bool(granted),
+                        **({} if known else {"outside_the_agreement": True}),
                     },
                 )
             ]

@@ -29,7 +29,7 @@ from exchange.node import Node
 from exchange.policy import Actor
 from tests.integration.test_node_flow import actor, now, pair
 from tests.integration.test_rules_flow import client, deliver, submit
-from tests.support import PASSPHRASE, NodeDir, response_to, rfi, tables_quoting
+from tests.support import PASSPHRASE, NodeDir, response_to, rfi, signed_message, tables_quoting
 
 __all__ = ["pair"]
 
@@ -560,3 +560,36 @@ def test_messages_stored_before_content_at_rest_are_brought_under_it_at_start(pa
         assert "message.sealed_at_rest" in events(restarted)
     finally:
         restarted.close()
+
+
+def test_a_release_notice_outside_the_agreement_is_an_incident_that_quotes_nothing(pair) -> None:  # type: ignore[no-untyped-def]
+    """A partner's RELEASE_NOTICE naming a recipient or a use the agreement does not know is free
+    text of the partner's: an incident, ledgered without it (the ledger is kept for good)."""
+    _id_dir, my_dir, id_node, my_node = pair
+    body = rfi()
+    body["classification"] = {"scheme": "ARAHAN", "level": "SULIT"}
+    original = submit(my_node, actor(my_node, my_dir, "pdrm-d7"), body)
+    deliver(my_node, id_node)
+    notice = signed_message(
+        id_node,
+        now(),
+        type="RELEASE_NOTICE",
+        in_reply_to=original["id"],
+        payload={
+            "message_id": original["id"],
+            "recipient": "Siti Rahayu's uncle",
+            "purposes": ["TIP_INVESTIGATION", "asked by Siti's family"],
+            "released_at": now().isoformat(),
+        },
+    )
+    (result,) = my_node.receive([notice], now())
+    assert result.accepted
+    with my_node.db.read() as conn:
+        (onward,) = [e for e in repo.iter_ledger(conn) if e.event == "message.released_onward"]
+    assert (onward.decision, onward.data["recipient"], onward.data["use"]) == (
+        "incident",
+        None,
+        ["TIP_INVESTIGATION"],
+    )
+    assert onward.data["outside_the_agreement"] is True
+    assert tables_quoting(my_node, "Siti") == []
