@@ -184,7 +184,7 @@ def _protected_header(compact: bytes | str, parts: int, what: str) -> dict[str, 
         raise EnvelopeError("malformed", f"not a compact {what}")
     try:
         header = json.loads(base64.urlsafe_b64decode(pieces[0] + "=" * (-len(pieces[0]) % 4)))
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise EnvelopeError("malformed", f"{what} header is not base64url JSON") from exc
     if not isinstance(header, dict):
         raise EnvelopeError("malformed", f"{what} header is not an object")

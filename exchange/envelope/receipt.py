@@ -71,8 +71,9 @@ def verify_receipt(
     """Verify a receipt for the envelope we sent.
 
     Raises:
-        EnvelopeError: reason ``malformed``, ``unknown-signing-key``, ``bad-signature`` or
-            ``receipt-mismatch`` (signed for another message, envelope or receiver).
+        EnvelopeError: reason ``malformed`` (also: ``received_at`` not a time with its offset),
+            ``unknown-signing-key``, ``bad-signature`` or ``receipt-mismatch`` (signed for another
+            message, envelope or receiver).
     """
     header = peek_jws_header(compact)
     kid = header.get("kid")
@@ -91,6 +92,13 @@ def verify_receipt(
         and body.get("receiver") == expected_receiver
     ):
         raise EnvelopeError("receipt-mismatch", "the receipt names another message, envelope or receiver")
+    received_at = body.get("received_at")
+    try:
+        at = dt.datetime.fromisoformat(received_at) if isinstance(received_at, str) else None
+    except ValueError:
+        at = None
+    if at is None or at.tzinfo is None:  # (it is compared with times that have theirs)
+        raise EnvelopeError("malformed", "received_at is not an RFC 3339 time with its offset")
     return Receipt(
         message_id=str(body["message_id"]),
         envelope_sha256=str(body["envelope_sha256"]),

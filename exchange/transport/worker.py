@@ -391,6 +391,9 @@ class DeliveryWorker:
             except PartnerKeysUnavailable:
                 unchecked.append(item.message_id)
                 continue
+            except Exception as exc:  # a receipt no check foresaw fails its message, never the round
+                log.error("invalid receipt for message %s: %s", item.message_id, type(exc).__name__)
+                values, entries = self._invalid_receipt(item, "malformed")
             updates.append((item.message_id, values))
             drafts.extend(entries)
         if unchecked:
@@ -441,15 +444,7 @@ class DeliveryWorker:
             receipt = self._verify_receipt(item, outcome.receipt)
         except EnvelopeError as exc:
             log.error("invalid receipt for message %s: %s", item.message_id, exc)
-            return {"status": "failed", "status_reason": f"invalid receipt: {exc.reason}"}, [
-                EntryDraft(
-                    event="receipt.invalid",
-                    message_id=item.message_id,
-                    actor=self.node.partner_party,
-                    decision="deny",
-                    data={"reason": exc.reason},
-                )
-            ]
+            return self._invalid_receipt(item, exc.reason)
         values: dict[str, object] = {
             "status": "delivered",
             "status_reason": None,
@@ -475,6 +470,18 @@ class DeliveryWorker:
                     "signed_at": receipt.received_at,
                 },
             ),
+        ]
+
+    def _invalid_receipt(self, item: repo.Claimed, reason: str) -> tuple[dict[str, object], list[EntryDraft]]:
+        """The row update and ledger entry of a message whose receipt does not verify: failed."""
+        return {"status": "failed", "status_reason": f"invalid receipt: {reason}"}, [
+            EntryDraft(
+                event="receipt.invalid",
+                message_id=item.message_id,
+                actor=self.node.partner_party,
+                decision="deny",
+                data={"reason": reason},
+            )
         ]
 
     def _verify_receipt(self, item: repo.Claimed, compact: str) -> envelope.Receipt:

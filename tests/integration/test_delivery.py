@@ -4,6 +4,7 @@ submission and an unavailable database."""
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import json
 import logging
@@ -758,3 +759,49 @@ def test_finish_settling_raises_the_error_of_the_round_being_settled(
         worker.finish_settling()
     worker.close()  # nothing left in flight; closing twice, or after a failure, is harmless
     worker.close()
+
+
+class OddReceipts(Loopback):
+    """The partner node answering with genuinely signed receipts that no check of the code's
+    foresaw, one kind per envelope after the first: ``received_at`` empty, a number, a time without
+    its offset, and a receipt whose protected header is nested past the parser's depth."""
+
+    def send(self, envelopes: Sequence[str]) -> list[PeerResult]:
+        from joserfc import jws
+
+        from exchange.canonical import canonical_json
+        from exchange.envelope import receipt as receipts
+
+        results = super().send(envelopes)
+        odd: list[object] = ["", 5, dt.datetime.now(dt.UTC).replace(tzinfo=None).isoformat()]
+        key = self.partner.keys.signing
+        answered = [results[0]]
+        for result, received_at in zip(results[1:4], odd, strict=True):
+            assert result.receipt is not None
+            body = json.loads(jws.extract_compact(result.receipt.encode()).payload)
+            body["received_at"] = received_at
+            header = {"alg": receipts.JWS_ALG, "kid": key.kid, "typ": receipts.RECEIPT_TYP}
+            signed = jws.serialize_compact(header, canonical_json(body), key, registry=receipts._REGISTRY)
+            answered.append(PeerResult(True, signed))
+        nested = base64.urlsafe_b64encode(b"[" * 100_000).decode().rstrip("=")
+        answered.append(PeerResult(True, nested + ".e30.AA"))
+        return answered
+
+
+def test_a_receipt_no_check_foresaw_fails_its_message_alone_and_never_the_round(pair) -> None:  # type: ignore[no-untyped-def]
+    """One odd answer from the partner used to raise out of the settling and discard the whole
+    round: every message of it stayed leased, went again, and in the end expired. Now each fails
+    alone (ledgered receipt.invalid) and the others of the round are delivered."""
+    id_dir, _my_dir, id_node, my_node = pair
+    polri = actor(id_node, id_dir, "polri-cms")
+    sent = [id_node.submit(polri, MessageSubmission.model_validate(rfi()), now()) for _ in range(5)]
+    assert DeliveryWorker(id_node, OddReceipts(my_node)).run_once() == 5
+    status = {m["id"]: id_node.status(polri, m["id"], now()) for m in sent}
+    assert status[sent[0]["id"]]["status"] == "delivered"
+    for message in sent[1:]:
+        assert status[message["id"]]["status"] == "failed", status[message["id"]]
+        assert status[message["id"]]["status_reason"] == "invalid receipt: malformed"
+    with id_node.db.read() as conn:
+        invalid = [e.message_id for e in repo.iter_ledger(conn) if e.event == "receipt.invalid"]
+        assert repo.outbox_size(conn) == 0
+    assert sorted(invalid) == sorted(m["id"] for m in sent[1:])
