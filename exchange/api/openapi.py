@@ -36,6 +36,8 @@ def _problem_statuses(path: str, operation: dict[str, Any]) -> set[int]:
     if path not in UNAUTHENTICATED_PATHS:
         statuses.add(403)
     parameters = operation.get("parameters", [])
+    if parameters:
+        statuses.add(400)  # a NUL in the URL (exchange/api/guard.py)
     if parameters or "requestBody" in operation:
         statuses.add(422)
     if any(p.get("in") == "path" for p in parameters):

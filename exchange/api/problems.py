@@ -100,7 +100,8 @@ class Problem(BaseModel):
 
 #: what each problem status means on this API, for the OpenAPI description
 PROBLEM_STATUSES: dict[int, str] = {
-    400: "Malformed request: not JSON, a key repeated in one object, or a rejected envelope or checkpoint",
+    400: "Malformed request: not JSON, a key repeated in one object, a NUL in the URL, or a rejected"
+    " envelope or checkpoint",
     403: "The certificate may not use this endpoint, or the agreement's rules refused (each rule named)",
     404: "No such resource, or none this client may know of",
     405: "The method is not allowed on this path (see the Allow header)",
