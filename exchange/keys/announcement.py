@@ -413,13 +413,16 @@ def verify_receipt(compact: str, keys: Mapping[KeyId, OKPKey]) -> tuple[KeySetRe
         kid = header["kid"]
         if header.get("typ") != RECEIPT_TYP or not isinstance(kid, str):
             raise TypeError("typ")
-    except (ValueError, KeyError, TypeError, IndexError) as exc:
+    except (ValueError, KeyError, TypeError, IndexError, RecursionError) as exc:
         raise AnnouncementRejected("malformed", "not a key-set receipt") from exc
     key = keys.get(KeyId(kid))
     if key is None:
         raise AnnouncementRejected("unknown-key", f"receipt signed by unknown key {kid}")
     try:
         verified = jws.deserialize_compact(compact, key, registry=_JWS)
-        return KeySetReceipt.model_validate_json(verified.payload), kid
     except (JoseError, ValueError) as exc:
         raise AnnouncementRejected("bad-signature", "the receipt does not verify") from exc
+    try:  # signed, but not a receipt of the agreed shape (a time without its zone, say)
+        return KeySetReceipt.model_validate_json(verified.payload), kid
+    except (ValueError, RecursionError) as exc:
+        raise AnnouncementRejected("malformed", "the signed receipt is not a key-set receipt") from exc

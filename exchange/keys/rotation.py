@@ -454,7 +454,7 @@ class KeyAdmin:
         key_set = KeySet(
             party=history.current.party,
             version=history.version + 1,
-            issued_at=now,
+            issued_at=max(now, history.current.issued_at),  # never before the last (a clock stepped back)
             expires_at=now + dt.timedelta(days=self.settings.key_set_validity_days),
             previous=history.digest,
             tls_pins=history.current.tls_pins if tls_pins is None else tls_pins,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ssl
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -36,6 +37,40 @@ HISTORY_PATH = "/v1/peer/audit/messages"
 #: status (401, 403, 429, 5xx, ...) is about the link or the partner, and is retried.
 CONTENT_REFUSALS = frozenset({400, 413, 415, 422})
 
+#: the most bytes read of an answer of the partner's (or of a further witness): per envelope of a
+#: batch (a receipt is under 1 KiB) and for the whole of each other answer. An answer beyond its
+#: bound, or whose body takes longer than the client's read timeout to arrive, is a TransportError:
+#: a partner cannot make this node hold gigabytes, or wait for ever on a trickle.
+RESULT_BYTES_PER_ENVELOPE = 8 * 1024
+ANSWER_BYTES = 64 * 1024
+KEY_SETS_BYTES = 8 * 1024 * 1024
+HISTORY_BYTES = 8 * 1024 * 1024
+
+
+def fetch(client: httpx.Client, method: str, url: str, *, limit: int, **kwargs: Any) -> httpx.Response:
+    """The answer to a request, its body read whole but never beyond ``limit`` bytes nor for longer
+    than the client's read timeout.
+
+    Raises:
+        httpx.HTTPError: the request failed.
+        TransportError: the body exceeds ``limit`` bytes or takes too long.
+    """
+    seconds = client.timeout.read or 30.0
+    with client.stream(method, url, **kwargs) as response:
+        deadline = time.monotonic() + seconds
+        chunks: list[bytes] = []
+        size = 0
+        for chunk in response.iter_bytes():
+            size += len(chunk)
+            if size > limit:
+                raise TransportError(f"the answer to {method} {url} exceeds {limit} bytes")
+            if time.monotonic() > deadline:
+                raise TransportError(f"the answer to {method} {url} took over {seconds:g} s to arrive")
+            chunks.append(chunk)
+    return httpx.Response(
+        response.status_code, headers=response.headers, content=b"".join(chunks), request=response.request
+    )
+
 
 @dataclass(frozen=True)
 class WitnessAnswer:
@@ -55,7 +90,8 @@ def add_checkpoint(client: httpx.Client, url: str, request: WitnessRequest) -> W
     """
     try:
         body = encode_add_checkpoint(request.from_size, request.proof, request.note)
-        response = client.post(url, content=body, headers={"content-type": "text/plain; charset=utf-8"})
+        headers = {"content-type": "text/plain; charset=utf-8"}
+        response = fetch(client, "POST", url, limit=ANSWER_BYTES, content=body, headers=headers)
     except (httpx.HTTPError, CheckpointError) as exc:
         raise TransportError(f"witness request failed: {type(exc).__name__}: {exc}") from exc
     if response.status_code == 200:
@@ -165,7 +201,7 @@ def parse_results(body: object, expected: int) -> list[PeerResult]:
 def _detail(response: httpx.Response) -> str:
     try:
         body = response.json()
-    except ValueError:
+    except (ValueError, RecursionError):
         return ""
     return str(body.get("detail", ""))[:200] if isinstance(body, dict) else ""
 
@@ -208,7 +244,10 @@ class HttpsPeerTransport:
 
     def send(self, envelopes: Sequence[str]) -> list[PeerResult]:
         try:
-            response = self._client.post(PEER_PATH, json={"envelopes": list(envelopes)})
+            limit = ANSWER_BYTES + RESULT_BYTES_PER_ENVELOPE * len(envelopes)
+            response = fetch(
+                self._client, "POST", PEER_PATH, limit=limit, json={"envelopes": list(envelopes)}
+            )
         except httpx.HTTPError as exc:
             raise TransportError(f"partner unreachable: {type(exc).__name__}: {exc}") from exc
         if response.status_code in CONTENT_REFUSALS:
@@ -217,7 +256,7 @@ class HttpsPeerTransport:
             raise TransportError(f"partner answered HTTP {response.status_code}")
         try:
             body = response.json()
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise TransportError("partner answered with a body that is not JSON") from exc
         return parse_results(body, len(envelopes))
 
@@ -226,31 +265,42 @@ class HttpsPeerTransport:
 
     def message_history(self, message_id: str) -> list[dict[str, Any]]:
         try:
-            response = self._client.get(f"{HISTORY_PATH}/{escape_segment(message_id)}")
+            path = f"{HISTORY_PATH}/{escape_segment(message_id)}"
+            response = fetch(self._client, "GET", path, limit=HISTORY_BYTES)
             body = response.json()
-        except (httpx.HTTPError, ValueError) as exc:
+        except (httpx.HTTPError, ValueError, RecursionError) as exc:
             raise TransportError(f"history request failed: {type(exc).__name__}: {exc}") from exc
-        if response.status_code != 200 or not isinstance(body.get("entries"), list):
+        if (
+            response.status_code != 200
+            or not isinstance(body, dict)
+            or not isinstance(body.get("entries"), list)
+        ):
             raise TransportError(f"the partner refused the history request: HTTP {response.status_code}")
         return list(body["entries"])
 
     def announce_keys(self, announcements: list[str]) -> str:
         try:
-            response = self._client.post(KEYS_PATH, json={"announcements": announcements})
+            response = fetch(
+                self._client, "POST", KEYS_PATH, limit=ANSWER_BYTES, json={"announcements": announcements}
+            )
             body = response.json()
-        except (httpx.HTTPError, ValueError) as exc:
+        except (httpx.HTTPError, ValueError, RecursionError) as exc:
             raise TransportError(f"key-set announcement failed: {type(exc).__name__}: {exc}") from exc
         if response.status_code == 409:
             raise PartnerRefused(409, _detail(response))
-        if response.status_code != 200 or not isinstance(body.get("receipt"), str):
+        if (
+            response.status_code != 200
+            or not isinstance(body, dict)
+            or not isinstance(body.get("receipt"), str)
+        ):
             raise TransportError(f"the partner did not take the key sets: HTTP {response.status_code}")
         return str(body["receipt"])
 
     def fetch_key_sets(self, after: int) -> list[str]:
         try:
-            response = self._client.get(KEYS_PATH, params={"after": after})
+            response = fetch(self._client, "GET", KEYS_PATH, limit=KEY_SETS_BYTES, params={"after": after})
             body = response.json()
-        except (httpx.HTTPError, ValueError) as exc:
+        except (httpx.HTTPError, ValueError, RecursionError) as exc:
             raise TransportError(f"key-set fetch failed: {type(exc).__name__}: {exc}") from exc
         found = body.get("announcements") if isinstance(body, dict) else None
         if (
