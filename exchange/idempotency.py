@@ -8,6 +8,9 @@ was accepted. It sends the same request again with the same ``Idempotency-Key`` 
   body;
 - a normal submission otherwise.
 
+The request is kept only as a keyed digest (HMAC-SHA256 under a key derived from the node's master
+key): the database alone does not tell whether a guessed submission, a name in it say, was made.
+
 Keys are per client (one client cannot learn or replay another's), stored with the original answer
 in the very transaction that writes the message they name (``Node.submit``'s ``on_write``), so a key
 exists if and only if its message does, whatever crashes. Two concurrent requests with one key are
@@ -17,6 +20,8 @@ serialised by that write: the second finds the key under the ledger lock and ans
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import hmac
 import json
 import re
 from typing import Any
@@ -49,11 +54,24 @@ def check_key(key: str) -> str:
     return key
 
 
-def request_digest(submission: MessageSubmission) -> str:
-    """SHA-256 of the submission as parsed: the same JSON body, whatever its key order or spacing,
-    gives the same digest."""
+#: the label of the key that keys the request digests (exchange.keys.kek.KekStore.derived_key)
+DIGEST_KEY_PURPOSE = b"exchange idempotency request digest v1"
+
+
+def _canonical(submission: MessageSubmission) -> bytes:
     body = submission.model_dump(mode="json")
-    return sha256_hex(json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True))
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def request_digest(submission: MessageSubmission, key: bytes) -> str:
+    """HMAC-SHA256 under ``key`` of the submission as parsed: the same JSON body, whatever its key
+    order or spacing, gives the same digest; without ``key`` it cannot be recomputed."""
+    return hmac.new(key, _canonical(submission), hashlib.sha256).hexdigest()
+
+
+def legacy_request_digest(submission: MessageSubmission) -> str:
+    """The plain SHA-256 that keys stored before the keyed digest hold (compared, never written)."""
+    return sha256_hex(_canonical(submission).decode())
 
 
 class _Raced(Exception):
@@ -87,11 +105,11 @@ class IdempotentSubmission:
         if key is None:
             return self.node.submit(actor, submission, now), False
         check_key(key)
-        digest = request_digest(submission)
+        digest = request_digest(submission, self.node.content.keks.derived_key(DIGEST_KEY_PURPOSE))
         with self.node.db.read() as conn:
             prior = idempotency_keys.get(conn, actor.client_id, key)
         if prior is not None:
-            return self._replay(prior, digest), True
+            return self._replay(prior, submission, digest), True
 
         def record(conn: Connection, answer: dict[str, Any]) -> None:
             raced = idempotency_keys.get(conn, actor.client_id, key)
@@ -110,10 +128,15 @@ class IdempotentSubmission:
         try:
             return self.node.submit(actor, submission, now, on_write=record), False
         except _Raced as raced:
-            return self._replay(raced.row, digest), True
+            return self._replay(raced.row, submission, digest), True
 
-    def _replay(self, prior: idempotency_keys.KeyRow, digest: str) -> dict[str, Any]:
-        if prior.request_sha256 != digest:
+    def _replay(
+        self, prior: idempotency_keys.KeyRow, submission: MessageSubmission, digest: str
+    ) -> dict[str, Any]:
+        same = hmac.compare_digest(prior.request_sha256, digest) or hmac.compare_digest(
+            prior.request_sha256, legacy_request_digest(submission)
+        )
+        if not same:
             raise IdempotencyKeyReused(
                 f"this {HEADER} was already used for a different request (message {prior.message_id})",
                 [FieldError(HEADER, "already used with a different body: use a new key")],

@@ -29,6 +29,8 @@ import threading
 import time
 from pathlib import Path
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from joserfc import jwe
 from joserfc.errors import JoseError
 from joserfc.jwk import OctKey
@@ -58,6 +60,7 @@ class KekStore:
         self._passphrase = passphrase
         self._master: OctKey | None = None
         self._cache: dict[str, OctKey] = {}
+        self._derived: dict[bytes, bytes] = {}
         #: the live KEK id of a period, with the folder's modification time it was listed under
         #: and the files that say it is still live (its own, and the next id's)
         self._live: dict[str, tuple[int, str, str, str]] = {}
@@ -82,6 +85,20 @@ class KekStore:
             raise KeyManagementError(f"{path} does not hold a 256-bit key")
         self._master = OctKey.import_key(raw)
         return self._master
+
+    def derived_key(self, purpose: bytes) -> bytes:
+        """A 256-bit key for ``purpose`` (a fixed label) derived from the master key with HKDF-SHA256:
+        the node's own secret for keyed digests, the same in every process and across restarts.
+
+        Raises:
+            KeyManagementError: the master key does not open (wrong passphrase, damaged file).
+        """
+        derived = self._derived.get(purpose)
+        if derived is None:
+            master = self._master_key().raw_value
+            derived = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=purpose).derive(master)
+            self._derived[purpose] = derived
+        return derived
 
     def _path(self, kid: str) -> Path:
         if not _KID.match(kid):

@@ -575,6 +575,29 @@ def test_a_retried_submission_with_the_same_idempotency_key_returns_the_original
         assert repo.outbox_size(conn) == 1
 
 
+def test_the_idempotency_store_cannot_confirm_a_guessed_submission(pair: Pair) -> None:
+    """Someone holding a copy of the database guesses a submission (a name in a template): the
+    stored digest is keyed by the node's own secret, so the plain SHA-256 of the guess matches
+    nothing; a key stored before the keyed digest (the plain one) is still replayed."""
+    from sqlalchemy import text
+
+    from exchange.db.schema import idempotency_keys as keys_table
+    from exchange.idempotency import legacy_request_digest
+
+    id_dir, _my_dir, id_node, _my_node = pair
+    polri = actor(id_node, id_dir, "polri-cms")
+    service = IdempotentSubmission(id_node)
+    guess = MessageSubmission.model_validate(rfi(payload={"summary": "Siti Rahayu, 12", "questions": ["q"]}))
+    first, _ = service.submit(polri, guess, "guess-1", now())
+    with id_node.db.read() as conn:
+        stored = conn.execute(text("select request_sha256 from idempotency_keys")).scalar_one()
+    assert stored != legacy_request_digest(guess)
+    with id_node.db.transaction() as conn:  # as a node before the keyed digest wrote it
+        conn.execute(keys_table.update().values(request_sha256=legacy_request_digest(guess)))
+    again, replayed = service.submit(polri, guess, "guess-1", now())
+    assert (again, replayed) == (first, True)
+
+
 def test_concurrent_submissions_with_one_idempotency_key_make_one_message(pair: Pair) -> None:
     id_dir, _my_dir, id_node, _my_node = pair
     polri = actor(id_node, id_dir, "polri-cms")
