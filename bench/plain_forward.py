@@ -152,6 +152,7 @@ def main() -> None:
         ssl_keyfile_password=args.passphrase,
         ssl_ca_certs=str(bundle),
         ssl_cert_reqs=ssl.CERT_REQUIRED,
+        proxy_headers=False,  # as a node's server (exchange/api/server.py)
     )
 
 

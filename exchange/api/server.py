@@ -133,6 +133,9 @@ def server_config(node: Node, tls: TLSFiles, app: Any, **extra: Any) -> Hardened
         timeout_keep_alive=75,
         timeout_graceful_shutdown=20,
         server_header=False,
+        # no reverse proxy stands before a node (mutual TLS ends here): no X-Forwarded-* header is
+        # believed, from 127.0.0.1 either, and no middleware layer reads them on every request
+        proxy_headers=False,
         ssl_ciphers=tls_policy.TLS12_CIPHERS,
         ssl_context_factory=ServerContextFactory(settings.tls_reload_seconds),  # replaced files reload
         **extra,
