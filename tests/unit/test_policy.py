@@ -370,6 +370,52 @@ def test_onward_rules(name: str, fields: dict[str, Any], consented: bool, expect
     assert refused(decision) == expected, name
 
 
+@pytest.mark.parametrize("authority", ["IMMIGRATION_ID", "IMMIGRATION_MY"])
+def test_a_victim_s_data_never_goes_on_to_an_immigration_authority_even_with_consent(authority: str) -> None:
+    """Non-punishment: the rule looked only at the caller's roles, so an investigator holding the
+    originator's consent could pass an adult victim's identity to immigration."""
+    subject = referral(ADULT, handling_codes=["H0"])
+    use = Use(frozenset({"VICTIM_IDENTIFICATION"}), recipient=authority)
+    consent = Consent(subject.id, authority, frozenset({"VICTIM_IDENTIFICATION"}), NOW + dt.timedelta(days=1))
+    decision = decide(
+        "onward", agreement=AGREEMENT, message=subject, actor=actor(), use=use, consents=[consent], now=NOW
+    )
+    assert "R-NON-PUNISHMENT" in refused(decision)
+    to_police = Use(frozenset({"VICTIM_IDENTIFICATION"}), recipient="INTERPOL")
+    interpol = Consent(
+        subject.id, "INTERPOL", frozenset({"VICTIM_IDENTIFICATION"}), NOW + dt.timedelta(days=1)
+    )
+    allowed = decide(
+        "onward",
+        agreement=AGREEMENT,
+        message=subject,
+        actor=actor(),
+        use=to_police,
+        consents=[interpol],
+        now=NOW,
+    )
+    assert "R-NON-PUNISHMENT" not in refused(allowed)
+
+
+def test_an_h2_message_reaches_a_local_system_outside_the_police_only_with_consent() -> None:
+    """H2: any release outside the receiving police (a ministry's or immigration's system
+    registered as a client) needs the originator's consent, as a third party would."""
+    subject = message(handling_codes=["H2"], tlp="AMBER")
+    ministry = actor(client_id="kpppa-case", agency="Kementerian PPPA", police=False)
+    use = Use(frozenset({"TIP_INVESTIGATION"}))
+    refusal = decide("release", agreement=AGREEMENT, message=subject, actor=ministry, use=use, now=NOW)
+    assert "R-H2-POLICE" in refused(refusal)
+    consent = Consent(subject.id, None, frozenset({"TIP_INVESTIGATION"}), NOW + dt.timedelta(days=1))
+    consented = decide(
+        "release", agreement=AGREEMENT, message=subject, actor=ministry, use=use, consents=[consent], now=NOW
+    )
+    assert "R-H2-POLICE" not in refused(consented)
+    police = decide("release", agreement=AGREEMENT, message=subject, actor=actor(), use=use, now=NOW)
+    assert police.allowed
+    h0 = decide("release", agreement=AGREEMENT, message=message(), actor=ministry, use=use, now=NOW)
+    assert "R-H2-POLICE" not in refused(h0)
+
+
 def test_a_consent_covers_only_its_recipient_and_only_until_it_expires_or_is_revoked() -> None:
     subject = message()
     use = Use(frozenset({"TIP_INVESTIGATION"}), recipient="INTERPOL")
