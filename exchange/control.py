@@ -377,14 +377,16 @@ class ControlProtocol:
         # the ledger keeps for good only the agreement's own words: a recipient or a use outside it
         # (free text of the partner's, which could name a person) is an incident, not quoted
         known = p["recipient"] in agreement.third_parties and set(p["purposes"]) <= set(agreement.purposes)
+        released_at = _AWARE.validate_python(p["released_at"])
         granted = (
             known
             and [  # what this node consented to: a release under no consent of ours is an incident
                 r
                 for r in repo.consent_requests_for(conn, direction="in", message_ids=[target["id"]])
-                if r["status"] == "granted"
+                if r["status"] in ("granted", "revoked")
                 and r["recipient"] == p["recipient"]
                 and set(p["purposes"]) <= set(r["purposes"])
+                and _in_force(r, released_at, self.node.settings.clock_skew)
             ]
         )
         if not granted:
@@ -513,6 +515,21 @@ class ControlProtocol:
                 "expires_at": request["expires_at"],
             },
         )
+
+
+def _in_force(consent: dict[str, Any], at: dt.datetime, skew: dt.timedelta) -> bool:
+    """Whether a consent this node granted was in force at ``at`` (a time on the partner's clock,
+    ``skew`` allowed either way): granted before it, and neither expired nor revoked by then."""
+    decided, expires, revoked = (
+        dt.datetime.fromisoformat(v) if v else None
+        for v in (consent["decided_at"], consent["expires_at"], consent["revoked_at"])
+    )
+    return (
+        decided is not None
+        and expires is not None
+        and decided - skew <= at < expires + skew
+        and (revoked is None or at < revoked + skew)
+    )
 
 
 def _utc(value: Any) -> str | None:

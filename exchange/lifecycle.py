@@ -414,17 +414,22 @@ class Lifecycle(ControlProtocol):
 
         Raises:
             Unauthorised: the caller is not a consent decider of this node.
-            NotFound: a message is not one received from the partner.
+            NotFound: a message is not one received from the partner that the caller may see.
         """
         if not self._decides(actor):
             raise Unauthorised("only this node's consent deciders notify security incidents")
         with self.node.db.read() as conn:
             found = [repo.get_message(conn, mid) for mid in notice.message_ids]
-        targets = [
-            r for r in found if r is not None and r["direction"] == "in" and r["kind"] == "information"
+        targets = [  # (one the caller may not see answers as one that does not exist)
+            r
+            for r in found
+            if r is not None
+            and r["direction"] == "in"
+            and r["kind"] == "information"
+            and self.node.may_see(actor, r, now)
         ]
         if not notice.message_ids or len(targets) != len(notice.message_ids):
-            raise NotFound("name messages received from the partner")
+            raise NotFound("name messages received from the partner that this system may see")
         incident_id = str(uuid.uuid4())
         payload = {
             "incident_id": incident_id,

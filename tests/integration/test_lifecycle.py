@@ -352,6 +352,11 @@ def test_a_security_incident_is_notified_to_the_originator_with_its_clock(pair) 
     boss = supervisor(my_node, my_dir)
     with pytest.raises(NotFound):  # only about messages received from the partner
         my_node.lifecycle.notify_incident(boss, replace(notice, message_ids=("nope",)), now())
+    hidden = submit(id_node, actor(id_node, id_dir, "polri-cms"), rfi(tlp="RED", recipients=["someone"]))
+    deliver(id_node, my_node)
+    with pytest.raises(NotFound) as unseen:  # one the decider may not see answers as one that is not there
+        my_node.lifecycle.notify_incident(boss, replace(notice, message_ids=(hidden["id"],)), now())
+    assert str(unseen.value) == "name messages received from the partner that this system may see"
     my_node.lifecycle.notify_incident(boss, notice, now())
     deliver(my_node, id_node)
     with id_node.db.read() as conn:
@@ -593,3 +598,49 @@ def test_a_release_notice_outside_the_agreement_is_an_incident_that_quotes_nothi
     )
     assert onward.data["outside_the_agreement"] is True
     assert tables_quoting(my_node, "Siti") == []
+
+
+def test_a_release_notice_after_the_consent_ended_is_an_incident(pair) -> None:  # type: ignore[no-untyped-def]
+    """The originator judges a partner's onward release by the consent in force when it was made:
+    a release after the consent expired (or was revoked) is an incident, not ledgered as allowed."""
+    id_dir, my_dir, id_node, my_node = pair
+    body = rfi(handling_codes=["H2"])
+    body["classification"] = {"scheme": "ARAHAN", "level": "SULIT"}
+    original = submit(my_node, actor(my_node, my_dir, "pdrm-d7"), body)
+    deliver(my_node, id_node)
+    reader = actor(id_node, id_dir, "polri-cms")
+    request = id_node.lifecycle.request_consent(
+        reader,
+        original["id"],
+        recipient="INTERPOL",
+        purposes=["TIP_INVESTIGATION"],
+        justification="red notice",
+        now=now(),
+    )
+    deliver(id_node, my_node)
+    expiry = now() + dt.timedelta(days=30)
+    my_node.lifecycle.decide_consent(
+        supervisor(my_node, my_dir), request["id"], grant=True, conditions=None, expires_at=expiry, now=now()
+    )
+    deliver(my_node, id_node)
+    id_node.lifecycle.release_onward(
+        reader, original["id"], recipient="INTERPOL", purposes=["TIP_INVESTIGATION"], now=now()
+    )
+    deliver(id_node, my_node)  # a release while the consent was in force
+    late = signed_message(
+        id_node,
+        now(),
+        type="RELEASE_NOTICE",
+        in_reply_to=original["id"],
+        payload={
+            "message_id": original["id"],
+            "recipient": "INTERPOL",
+            "purposes": ["TIP_INVESTIGATION"],
+            "released_at": (expiry + dt.timedelta(days=1)).isoformat(),
+        },
+    )
+    (result,) = my_node.receive([late], now())
+    assert result.accepted
+    with my_node.db.read() as conn:
+        onward = [e for e in repo.iter_ledger(conn) if e.event == "message.released_onward"]
+    assert [(e.decision, e.data["consented"]) for e in onward] == [("allow", True), ("incident", False)]
