@@ -93,12 +93,19 @@ def postgres_cpu() -> float:
     return sum(cpu for _, _, name, cpu in _processes() if name == "postgres")
 
 
-def machine_cpu() -> tuple[float, float, float]:
-    """(busy, stolen, total) CPU seconds of the whole machine so far, every core (stolen: time the
-    hypervisor ran something else while this machine had work; counted as busy)."""
+def machine_cpu() -> tuple[float, float, float, float]:
+    """(busy, in the kernel, stolen, total) CPU seconds of the whole machine so far, every core
+    (kernel: system, irq and softirq time; stolen: time the hypervisor ran something else while
+    this machine had work; both counted as busy)."""
     values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
     idle = values[3] + values[4]  # idle, iowait
-    return (sum(values) - idle) / CLOCK_TICK, values[7] / CLOCK_TICK, sum(values) / CLOCK_TICK
+    kernel = values[2] + values[5] + values[6]  # system, irq, softirq
+    return (
+        (sum(values) - idle) / CLOCK_TICK,
+        kernel / CLOCK_TICK,
+        values[7] / CLOCK_TICK,
+        sum(values) / CLOCK_TICK,
+    )
 
 
 class CpuMeter:
@@ -113,7 +120,9 @@ class CpuMeter:
         if self.postgres:
             taken["PostgreSQL"] = postgres_cpu()
         taken["load generator"] = time.process_time()
-        taken["machine busy"], taken["machine stolen"], taken["machine"] = machine_cpu()
+        taken["machine busy"], taken["machine kernel"], taken["machine stolen"], taken["machine"] = (
+            machine_cpu()
+        )
         return taken
 
     @staticmethod
@@ -124,7 +133,8 @@ class CpuMeter:
             "  CPU per message: "
             + ", ".join(f"{name} {1000 * used[name] / messages:.2f} ms" for name in sides)
             + f"; the machine {100 * used['machine busy'] / used['machine']:.0f}% busy"
-            f", {100 * used['machine stolen'] / used['machine']:.0f}% stolen by the hypervisor"
+            f" ({100 * used['machine kernel'] / max(used['machine busy'], 1e-9):.0f}% of it in the kernel),"
+            f" {100 * used['machine stolen'] / used['machine']:.0f}% stolen by the hypervisor"
             f" ({1000 * used['machine busy'] / messages:.2f} ms of CPU per message in all)"
         )
 
