@@ -962,8 +962,18 @@ class Node(Releases):
         )
         answered = repo.get_message(conn, message.in_reply_to) if message.in_reply_to else None
         if answered is not None and answered["direction"] == "out" and answered["submitted_by"]:
-            asker = repo.get_client(conn, answered["submitted_by"])  # a reply goes to the unit that asked
-            row["addressed_to"] = [asker["unit"]] if asker else ["(no such unit)"]
+            # a reply goes to the unit that asked, narrowed (never widened) by the partner's addressing
+            asker = repo.get_client(conn, answered["submitted_by"])
+            units = [asker["unit"]] if asker else []
+            if message.addressed_to:
+                units = [u for u in units if u in message.addressed_to]
+                if not units:
+                    log.warning(
+                        "reply %s is addressed by the partner to units other than the one that asked:"
+                        " released to none here",
+                        message.id,
+                    )
+            row["addressed_to"] = units or ["(no such unit)"]
         row.update(
             receipt=receipt,
             receipt_at=iso(now),

@@ -400,6 +400,26 @@ def test_a_reply_is_released_only_to_the_unit_that_asked(pair) -> None:  # type:
     assert answer["in_reply_to"] == request["id"]
 
 
+def test_a_reply_the_partner_addresses_is_narrowed_never_widened(pair) -> None:  # type: ignore[no-untyped-def]
+    """The partner addressed its answer to one unit only (PPA, the women and children unit): it
+    is released to the asking unit only if that unit is among those, never to the asking unit
+    instead of them."""
+    id_dir, my_dir, id_node, my_node = pair
+    asker = actor(id_node, id_dir, "polri-cms")  # unit TPPO
+    ppa = client(id_node, id_dir, "polri-ppa", "RAHASIA", "--unit", "PPA")
+    pdrm = actor(my_node, my_dir, "pdrm-d7")
+    for addressed, seen_by_asker in ((["PPA"], False), (["PPA", "TPPO"], True)):
+        request = submit(id_node, asker, rfi())
+        deliver(id_node, my_node)
+        submit(my_node, pdrm, response_to(request["id"], addressed_to=addressed))
+        deliver(my_node, id_node)
+        with id_node.db.read() as conn:
+            (row,) = [r for r in repo.inbound_after(conn, 0, 100) if r["in_reply_to"] == request["id"]]
+        assert row["addressed_to"] == (["TPPO"] if seen_by_asker else ["(no such unit)"])
+        assert [i["in_reply_to"] for i in id_node.inbox(ppa, 0, 100, now()).items] == []
+    assert len(id_node.inbox(asker, 0, 100, now()).items) == 1
+
+
 def test_a_hostile_checkpoint_note_or_a_failing_envelope_never_aborts_the_batch(pair, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     _id_dir, _my_dir, id_node, my_node = pair
     hostile = signed_message(id_node, now(), "ID-node/ledger\n\u00b2\nAAAA\n\n\u2014 x y\n")
