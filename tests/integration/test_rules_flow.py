@@ -301,11 +301,21 @@ def test_a_reply_needs_a_message_the_client_may_see_in_its_case_and_thread(pair)
     deliver(id_node, my_node)
     low = client(my_node, my_dir, "pdrm-terhad", "TERHAD")
     d7 = actor(my_node, my_dir, "pdrm-d7")
-    with pytest.raises(PolicyRefusal) as refused:  # a TERHAD system answering a RAHSIA request
+    with pytest.raises(PolicyRefusal) as unseen:  # a TERHAD system answering a RAHSIA request
         submit(
             my_node, low, response_to(request["id"], classification={"scheme": "ARAHAN", "level": "TERHAD"})
         )
-    assert {v.rule_id for v in refused.value.violations} == {"R-REPLY-VISIBLE"}
+    with pytest.raises(PolicyRefusal) as missing:  # the same answer to a message that is not there
+        submit(
+            my_node,
+            low,
+            response_to("no-such-message", classification={"scheme": "ARAHAN", "level": "TERHAD"}),
+        )
+    # the refusal does not tell a message the client may not see from one that does not exist
+    assert [(v.rule_id, v.reason) for v in unseen.value.violations] == [
+        (v.rule_id, v.reason) for v in missing.value.violations
+    ]
+    assert {v.rule_id for v in unseen.value.violations} == {"R-REPLY-TARGET", "R-REPLY-VISIBLE"}
     with pytest.raises(PolicyRefusal) as refused:  # moving the answer to another case
         submit(my_node, d7, response_to(request["id"], case_ref="ID-MY/2026/0999"))
     assert {v.rule_id for v in refused.value.violations} == {"R-REPLY-VISIBLE"}

@@ -240,7 +240,18 @@ SUBMIT_CASES: list[tuple[str, dict[str, Any], dict[str, Any], ReplyContext | Non
         },
         {},
         ReplyContext(True, True, False, True, True, "REQUEST_FOR_INFORMATION", False),
-        {"R-REPLY-VISIBLE"},
+        {"R-REPLY-TARGET", "R-REPLY-VISIBLE"},  # as for one that does not exist: existence not told
+    ),
+    (
+        "reply to a message that does not exist",
+        {
+            "type": "RESPONSE",
+            "in_reply_to": "m-404",
+            "payload": {"outcome": "REFUSED", "refusal_reasons": ["NOT_HELD"]},
+        },
+        {},
+        ReplyContext(),
+        {"R-REPLY-TARGET", "R-REPLY-VISIBLE"},
     ),
     (
         "reply that changes the case",
