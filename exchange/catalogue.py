@@ -137,7 +137,10 @@ class RequestForInformation(_Part):
 
 class Answer(_Part):
     question: int = Field(ge=0)
-    answer: Annotated[str, Field(min_length=1, max_length=20000)]
+    answer: Annotated[str, Field(min_length=1, max_length=20000)] = Field(
+        description="the answer, without identities: a person it speaks of goes in persons, by pseudonym,"
+        " so the rules can protect them"
+    )
 
 
 class Response(_Part):
