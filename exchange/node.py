@@ -900,7 +900,8 @@ class Node(Releases):
         message retires to destroy, and waking the delivery loop for an answer it queued (an
         attempt undone does and says nothing). ``prefetched`` is
         (True, the stored row or None) when the caller already looked the id up in this
-        transaction; ``judged`` is the batch's memo of checkpoint judgements."""
+        transaction; ``judged`` is the batch's memo of checkpoint judgements (and of the messages
+        whose redelivery is ledgered already)."""
         opened, message, agreement = admitted.opened, admitted.message, admitted.terms.agreement
         mid = message.id
         looked_up, existing = prefetched
@@ -908,15 +909,22 @@ class Node(Releases):
             existing = repo.get_message(conn, mid)
         if existing is not None:
             if existing["direction"] == "in" and existing["envelope_sha256"] == opened.digest:
-                return PeerResult(True, existing["receipt"]), [
-                    EntryDraft(
-                        event=LedgerEvent.REDELIVERED,
-                        message_id=mid,
-                        actor=self.partner_party,
-                        decision="allow",
-                        data={"envelope_sha256": opened.digest},
+                # ledgered once per message (in this batch, or before): a partner replaying one
+                # envelope a thousand times cannot grow the ledger, which is kept for good
+                seen = ("redelivered", mid)
+                if seen not in judged:
+                    judged[seen] = bool(
+                        repo.latest_entries_of(conn, LedgerEvent.REDELIVERED, self.partner_party, [mid])
                     )
-                ]
+                first, judged[seen] = not judged[seen], True
+                redelivered = EntryDraft(
+                    event=LedgerEvent.REDELIVERED,
+                    message_id=mid,
+                    actor=self.partner_party,
+                    decision="allow",
+                    data={"envelope_sha256": opened.digest},
+                )
+                return PeerResult(True, existing["receipt"]), [redelivered] if first else []
             after.append(
                 partial(log.warning, "rejected envelope for message %s: id reused with other content", mid)
             )
