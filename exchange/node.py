@@ -744,9 +744,10 @@ class Node(Releases):
             stored = repo.get_messages(conn, [i.message.id for i in opened if isinstance(i, Admitted)])
             seen: set[str] = set()
             judged: dict[Any, Any] = {}  # the checkpoints the batch carries, judged once each
+            unopened: dict[str, list[str]] = {}  # the digests of those that did not open, by reason
             for compact, item in zip(envelopes, opened, strict=True):
                 if isinstance(item, EnvelopeError):
-                    drafts.append(self._rejection(envelope.envelope_digest(compact), item.reason, None))
+                    unopened.setdefault(item.reason, []).append(envelope.envelope_digest(compact))
                     results.append(PeerResult(False))
                     continue
                 then: list[Callable[[], None]] = []  # kept only if this envelope's savepoint commits
@@ -772,8 +773,27 @@ class Node(Releases):
                 after.extend(then)
                 drafts.extend(new)
                 results.append(result)
+            drafts.extend(self._unopened(unopened))
             repo.append_ledger(conn, head, drafts, iso(now))
         return results, after
+
+    def _unopened(self, unopened: dict[str, list[str]]) -> list[EntryDraft]:
+        """The ledger entries of a batch's envelopes that did not open or verify (nothing ties them
+        to the partner): one per reason, naming the first envelope's digest, and how many there were
+        with the digest of all their digests. Junk sent by the thousand cannot grow the ledger (kept
+        for good) by an entry each; each envelope is still logged and answered "rejected"."""
+        drafts = []
+        for reason, digests in unopened.items():
+            draft = self._rejection(digests[0], reason, None)
+            if len(digests) > 1:
+                data = {
+                    **draft.data,
+                    "envelopes": len(digests),
+                    "envelopes_sha256": sha256_hex("\n".join(digests)),
+                }
+                draft = replace(draft, data=data)
+            drafts.append(draft)
+        return drafts
 
     def _open(self, compact: str, now: dt.datetime) -> Admitted:
         """Open, verify and parse one envelope; the partner's newer key sets are fetched (at most

@@ -624,3 +624,41 @@ def test_a_refusal_on_the_same_grounds_is_ledgered_once_however_often_it_is_aske
     assert len(refused) >= 6  # the three refused again for this use, once
     assert {tuple(e.data["use"]) for e in refused[3:]} == {("STRATEGIC_ANALYSIS",)}
     assert len({e.message_id for e in refused[3:]}) == len(refused[3:])
+
+
+def test_envelopes_that_do_not_open_are_ledgered_once_per_reason_and_batch(pair) -> None:  # type: ignore[no-untyped-def]
+    """Nothing ties an envelope that does not open or verify to the partner: five hundred of them
+    in one batch are one ledger entry per reason (the first digest, how many, the digest of all
+    their digests), not five hundred entries in a ledger kept for good. Each is answered rejected,
+    and the batch's valid envelope is admitted; a lone one is ledgered as before."""
+    from exchange.canonical import sha256_hex
+    from exchange.envelope import envelope_digest
+
+    _id_dir, _my_dir, id_node, my_node = pair
+
+    def flipped() -> str:  # a genuine envelope whose tag was altered on the way: it does not decrypt
+        head, _, tag = signed_message(id_node, now()).rpartition(".")
+        return f"{head}.{'A' if tag[0] != 'A' else 'B'}{tag[1:]}"
+
+    junk = [f"junk-{i}" for i in range(500)]
+    altered = [flipped() for _ in range(3)]
+    results = my_node.receive([*junk, signed_message(id_node, now()), *altered], now())
+    assert [r.accepted for r in results] == [False] * 500 + [True] + [False] * 3
+    with my_node.db.read() as conn:
+        assert len(repo.inbound_after(conn, 0, 10)) == 1
+    digests = {
+        "malformed": [envelope_digest(j) for j in junk],
+        "decrypt-failed": [envelope_digest(a) for a in altered],
+    }
+    assert _rejections(my_node) == [
+        {
+            "envelope_sha256": d[0],
+            "reason": reason,
+            "envelopes": len(d),
+            "envelopes_sha256": sha256_hex("\n".join(d)),
+        }
+        for reason, d in digests.items()
+    ]
+    lone = flipped()
+    my_node.receive([lone], now())
+    assert _rejections(my_node)[-1] == {"envelope_sha256": envelope_digest(lone), "reason": "decrypt-failed"}
