@@ -120,6 +120,12 @@ def _refused_value(value: Any) -> tuple[str, str] | None:
     return None
 
 
+def _malformed(detail: str, message: str | None = None) -> Any:
+    """A 400 problem for a body that is not JSON (``message``: the error naming the body)."""
+    errors: dict[str, Any] = {} if message is None else {"errors": [{"field": "(body)", "message": message}]}
+    return problems.problem(400, "malformed-json", "Malformed JSON", detail, **errors)
+
+
 def _is_json(content_type: bytes) -> bool:
     media = content_type.split(b";", 1)[0].strip().lower()
     return media in JSON_TYPES or (media.startswith(b"application/") and media.endswith(b"+json"))
@@ -202,40 +208,21 @@ class RequestGuard:
         try:
             parsed = json.loads(body, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
         except _Duplicate as exc:
-            return problems.problem(
-                400,
-                "malformed-json",
-                "Malformed JSON",
-                f"the key {exc.key!r} appears twice in one object",
-                errors=[{"field": "(body)", "message": f"duplicate key {exc.key!r}"}],
+            return _malformed(
+                f"the key {exc.key!r} appears twice in one object", f"duplicate key {exc.key!r}"
             )
         except json.JSONDecodeError as exc:
-            return problems.problem(
-                400,
-                "malformed-json",
-                "Malformed JSON",
-                f"the body is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
-                errors=[{"field": "(body)", "message": f"{exc.msg} at line {exc.lineno} column {exc.colno}"}],
-            )
+            where = f"{exc.msg} at line {exc.lineno} column {exc.colno}"
+            return _malformed(f"the body is not JSON: {where}", where)
         except _NotJson as exc:
-            return problems.problem(
-                400,
-                "malformed-json",
-                "Malformed JSON",
-                f"the body is not JSON: {exc} is not a JSON number",
-                errors=[{"field": "(body)", "message": f"{exc} is not a JSON number"}],
+            return _malformed(
+                f"the body is not JSON: {exc} is not a JSON number", f"{exc} is not a JSON number"
             )
         except (UnicodeDecodeError, RecursionError) as exc:
-            return problems.problem(
-                400, "malformed-json", "Malformed JSON", f"the body is not UTF-8 JSON: {type(exc).__name__}"
-            )
+            return _malformed(f"the body is not UTF-8 JSON: {type(exc).__name__}")
         except ValueError:  # (json's own errors are ValueErrors too, caught above)
-            return problems.problem(
-                400,
-                "malformed-json",
-                "Malformed JSON",
-                "the body holds a number of more than 4300 digits",
-                errors=[{"field": "(body)", "message": "a number of more than 4300 digits"}],
+            return _malformed(
+                "the body holds a number of more than 4300 digits", "a number of more than 4300 digits"
             )
         refused = _refused_value(parsed)
         if refused is not None:

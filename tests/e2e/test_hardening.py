@@ -248,6 +248,20 @@ def test_a_partner_ca_client_certificate_with_the_partner_node_name_is_not_the_p
         assert http.get(f"{polri.node.url}/v1/peer/audit/messages/x").status_code == 200
 
 
+def _partner_ca_client(partner: Running, folder: Path) -> tuple[Path, Path]:
+    """A client certificate (and its key, under PASSPHRASE) of the partner's CA naming the partner
+    node: trusted at the TLS layer, but not the partner node (not its purpose, not its pinned key)."""
+    tls = partner.node.path / "tls"
+    ca = crypto.IssuedCertificate((tls / "ca.pem").read_bytes(), (tls / "ca-key.pem").read_bytes())
+    forged = crypto.issue_certificate(
+        ca, PASSPHRASE, kind="client", common_name="MY-node", organisation="x", passphrase=PASSPHRASE
+    )
+    cert, key = folder / "forged.pem", folder / "forged-key.pem"
+    cert.write_bytes(forged.cert_pem)
+    key.write_bytes(forged.key_pem)
+    return cert, key
+
+
 def test_only_the_partner_node_may_send_a_body_over_the_common_limit(
     nodes: tuple[Running, Running], tmp_path: Path
 ) -> None:
@@ -260,19 +274,14 @@ def test_only_the_partner_node_may_send_a_body_over_the_common_limit(
     body = b'{"envelopes": ["' + b"a" * (limit + 1024) + b'"]}'
     headers = {"content-type": "application/json"}
     tls = pdrm.node.path / "tls"
-    ca = crypto.IssuedCertificate((tls / "ca.pem").read_bytes(), (tls / "ca-key.pem").read_bytes())
-    forged = crypto.issue_certificate(
-        ca, PASSPHRASE, kind="client", common_name="MY-node", organisation="x", passphrase=PASSPHRASE
-    )
-    (tmp_path / "forged.pem").write_bytes(forged.cert_pem)
-    (tmp_path / "forged-key.pem").write_bytes(forged.key_pem)
+    forged = _partner_ca_client(pdrm, tmp_path)
     callers = {
         "a local system": polri.client(),
         "a client of the partner's CA": ExchangeClient(
             polri.node.url,
             ca_file=polri.node.ca,
-            cert_file=tmp_path / "forged.pem",
-            key_file=tmp_path / "forged-key.pem",
+            cert_file=forged[0],
+            key_file=forged[1],
             key_password=PASSPHRASE,
         ),
     }
@@ -297,16 +306,11 @@ def test_healthz_answers_the_partner_node_and_registered_clients_only(
     layer trusts but that names no one (a client of the partner's CA, a removed client) gets 403."""
     polri, pdrm = nodes
     tls = pdrm.node.path / "tls"
-    ca = crypto.IssuedCertificate((tls / "ca.pem").read_bytes(), (tls / "ca-key.pem").read_bytes())
-    forged = crypto.issue_certificate(
-        ca, PASSPHRASE, kind="client", common_name="MY-node", organisation="x", passphrase=PASSPHRASE
-    )
-    (tmp_path / "forged.pem").write_bytes(forged.cert_pem)
-    (tmp_path / "forged-key.pem").write_bytes(forged.key_pem)
+    forged = _partner_ca_client(pdrm, tmp_path)
     removed = register_client(polri.node, "health-removed", "TERBATAS")
     cli("clients", "remove", "--dir", str(polri.node.path), "--id", "health-removed")
     refused = [
-        _tls(polri.node.ca, tmp_path / "forged.pem", tmp_path / "forged-key.pem", PASSPHRASE),
+        _tls(polri.node.ca, *forged, PASSPHRASE),
         _tls(polri.node.ca, removed.cert, removed.key, CLIENT_PASSPHRASE),
     ]
     for ctx in refused:
