@@ -512,7 +512,9 @@ def clients_add_monitoring(
             },
         )
     _write_new_file("--out", out, pem)
-    typer.echo(f"registered {client_id} (certificate {info.fingerprint[:16]}…) to read /metrics only")
+    typer.echo(
+        f"registered {client_id} (certificate {info.fingerprint[:16]}…) to read /metrics and /healthz only"
+    )
 
 
 @clients_app.command("list")
@@ -1190,9 +1192,9 @@ def audit_export(
 
 @app.command()
 def demo(
-    workdir: Annotated[Path, typer.Option(help="where the two demo nodes live (recreated)")] = Path(
-        "keys/demo"
-    ),
+    workdir: Annotated[
+        Path, typer.Option(help="where the two demo nodes live (recreated if empty or an earlier demo's)")
+    ] = Path("keys/demo"),
 ) -> None:
     """Run two nodes on SQLite and exchange a request and its response between them."""
     from exchange.demo import run_demo

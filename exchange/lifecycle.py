@@ -88,10 +88,12 @@ class Lifecycle(ControlProtocol):
         self.node.wake_delivery()
         return result
 
-    def _visible_inbound(self, actor: Actor, message_id: str, now: dt.datetime) -> dict[str, Any]:
+    def _visible_inbound(
+        self, actor: Actor, message_id: str, now: dt.datetime, *, asking: bool = False
+    ) -> dict[str, Any]:
         with self.node.db.read() as conn:
             row = repo.get_message(conn, message_id)
-        if row is None or row["direction"] != "in" or not self.node.may_see(actor, row, now):
+        if row is None or row["direction"] != "in" or not self.node.may_see(actor, row, now, asking=asking):
             raise NotFound(f"no received message {message_id}")
         if row["destroyed_at"] is not None:
             raise ContentDestroyed(row["id"], row["destroyed_at"], row["destroyed_reason"])
@@ -138,7 +140,7 @@ class Lifecycle(ControlProtocol):
             NotFound: no such received message the caller may see.
             InvalidInput: an unknown recipient or purpose, or no justification.
         """
-        row = self._visible_inbound(actor, message_id, now)
+        row = self._visible_inbound(actor, message_id, now, asking=True)  # (a consent may open it)
         errors = []
         if recipient is not None and recipient not in self.agreement.third_parties:
             errors.append(

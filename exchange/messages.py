@@ -308,16 +308,16 @@ class Catalogue:
             shapes[name] = shape_of(payload_schema(stem))
         return cls(models, shapes)
 
-    def payload_errors(self, message_type: str, payload: Any) -> list[FieldError]:
-        """The payload's schema errors, judged as the JSON that is signed and sent: strictly, so a
+    def payload_errors(self, message_type: str, payload: Any, *, strict: bool = True) -> list[FieldError]:
+        """The payload's schema errors, judged as the JSON that is signed and sent: ``strict``, so a
         value of the wrong JSON type (``"7"`` or ``true`` for an integer, ``0`` for a date) is an
         error, not converted here and then signed as it came (the partner's schema would refuse
-        it)."""
+        it). Not ``strict`` for a message stored before that check, read again."""
         model = self.models.get(message_type)
         if model is None:
             return [FieldError("type", f"{message_type!r} is not one of {sorted(self.models)}")]
         try:
-            model.model_validate_json(json.dumps(payload), strict=True)
+            model.model_validate_json(json.dumps(payload), strict=strict)
         except ValidationError as exc:
             return [_field_error("payload", e) for e in exc.errors()]
         except (TypeError, ValueError) as exc:  # not JSON at all (only from Python callers)
@@ -469,8 +469,9 @@ class MalformedMessage(ValueError):
     """A signed message that is not a valid message of the agreement (detail for the log only)."""
 
 
-def parse_signed(raw: Any, *, agreement: Agreement, catalogue: Catalogue) -> Message:
-    """The typed message of a verified signed payload.
+def parse_signed(raw: Any, *, agreement: Agreement, catalogue: Catalogue, stored: bool = False) -> Message:
+    """The typed message of a verified signed payload; ``stored``: one this node admitted or sent
+    before (its payload judged as it was then: not strictly, see :meth:`Catalogue.payload_errors`).
 
     Raises:
         MalformedMessage: naming what is wrong (for the log and the ledger, never the peer).
@@ -481,7 +482,7 @@ def parse_signed(raw: Any, *, agreement: Agreement, catalogue: Catalogue) -> Mes
         detail = "; ".join(f"{e.field}: {e.message}" for e in map(_msg_error, exc.errors()))
         raise MalformedMessage(detail) from exc
     errors = _vocabulary_errors(agreement, signed.model_dump())
-    errors += catalogue.payload_errors(signed.type, signed.payload) if not errors else []
+    errors += catalogue.payload_errors(signed.type, signed.payload, strict=not stored) if not errors else []
     cls = signed.classification
     found = classify(agreement, cls.scheme, cls.level)
     if not isinstance(found, Marking) or found.common != cls.common:

@@ -934,7 +934,7 @@ class Node(Releases):
                 seen = ("redelivered", mid)
                 if seen not in judged:
                     judged[seen] = bool(
-                        repo.latest_entries_of(conn, LedgerEvent.REDELIVERED, self.partner_party, [mid])
+                        repo.latest_entries_of(conn, (LedgerEvent.REDELIVERED,), self.partner_party, [mid])
                     )
                 first, judged[seen] = not judged[seen], True
                 redelivered = EntryDraft(

@@ -108,23 +108,32 @@ class Releases:
             raise NotFound(f"no case {case_ref}")
         return {"case_ref": case_ref, "messages": visible}
 
-    def may_see(self, actor: Actor, row: dict[str, Any], now: dt.datetime) -> bool:
+    def may_see(self, actor: Actor, row: dict[str, Any], now: dt.datetime, *, asking: bool = False) -> bool:
         """A sent message is seen by the system that sent it; a received one by a system the release
-        rules allow (metadata decision, no decryption)."""
+        rules allow (metadata decision, no decryption), with the originator's consents held for it
+        where only a consent would open it (an H2 message to a system outside the police).
+        ``asking``: also one only a consent would open (the system may ask the originator for it)."""
         if row["kind"] == "control":
             return False  # a node's own protocol: no local system reads it
         if row["direction"] == "out":
             return bool(row["submitted_by"] == actor.client_id)
         message = rows.message_view(row)
         agreement = self.agreement
-        return decide(
-            "release",
-            agreement=agreement,
-            message=message,
-            actor=actor,
-            use=default_use(actor, message, agreement),
-            now=now,
-        ).allowed
+        use = default_use(actor, message, agreement)
+
+        def allowed(**consent: Any) -> bool:
+            return decide(
+                "release", agreement=agreement, message=message, actor=actor, use=use, now=now, **consent
+            ).allowed
+
+        if allowed():
+            return True
+        if not allowed(assume_consent=True):
+            return False
+        if asking:
+            return True
+        held = self.consents_for([row["id"]]).get(row["id"], [])
+        return bool(held) and allowed(consents=held)
 
     # --- release to local systems ----------------------------------------------------------------
 
@@ -169,20 +178,24 @@ class Releases:
 
     def unrepeated(self, actor: Actor, drafts: Sequence[EntryDraft]) -> list[EntryDraft]:
         """``drafts`` less each refusal that repeats, on the same grounds (rules, agreement, data),
-        the latest refusal of the same message to the same client already in the ledger: a client
+        the latest decision on the same message for the same client already in the ledger (a
+        refusal, not a release: a refusal after a release is always ledgered): a client
         pulling the same page again and again cannot grow the ledger, which is kept for good. Every
         release is kept (each is a disclosure), and so is a refusal on new grounds."""
         refused = [d.message_id for d in drafts if d.event == LedgerEvent.RELEASE_REFUSED and d.message_id]
         if not refused:
             return list(drafts)
         with self.db.read() as conn:
-            latest = repo.latest_entries_of(conn, LedgerEvent.RELEASE_REFUSED, actor.client_id, refused)
+            latest = repo.latest_entries_of(
+                conn, (LedgerEvent.RELEASE_REFUSED, LedgerEvent.RELEASED), actor.client_id, refused
+            )
 
         def repeats(draft: EntryDraft) -> bool:
             before = latest.get(draft.message_id or "")
             return (
                 draft.event == LedgerEvent.RELEASE_REFUSED
                 and before is not None
+                and before.event == LedgerEvent.RELEASE_REFUSED  # (not after a release)
                 and (before.decision, before.rules, before.case_ref)
                 == (draft.decision, draft.rules, draft.case_ref)
                 and canonical_json(dict(before.data)) == canonical_json(dict(draft.data))
@@ -281,7 +294,7 @@ class Releases:
             compact = self.content.open(fresh)
         signed = envelope.signed_payload(compact)
         terms = self.terms_of(row["agreement_version"])  # its own vocabulary, even if newer than in force
-        return parse_signed(signed, agreement=terms.agreement, catalogue=terms.catalogue)
+        return parse_signed(signed, agreement=terms.agreement, catalogue=terms.catalogue, stored=True)
 
     def read(self, actor: Actor, message_id: str, now: dt.datetime) -> dict[str, Any]:
         """A message's content for a local system: the sender reads what it sent; a received one is

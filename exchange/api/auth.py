@@ -54,7 +54,7 @@ async def local_client(request: Request) -> Actor:
     if AUDITOR_ROLE in actor.roles:
         raise Unauthorised("auditors have no access to messages; use /v1/audit")
     if MONITORING_ROLE in actor.roles:
-        raise Unauthorised("a monitoring client reads /metrics only")
+        raise Unauthorised("a monitoring client reads /metrics and /healthz only")
     return actor
 
 

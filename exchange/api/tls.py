@@ -77,11 +77,31 @@ class TLSHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._head_bytes = 0
+        self._head_bytes = self._head_data = 0
+        self._in_head = True
         if self._tls is not None:
             self.scope["extensions"] = {"tls": self._tls}  # type: ignore[dict-item]
 
-    _head_bytes = 0
+    _head_bytes = 0  # of the URL and the complete headers of the request being read
+    _head_data = 0  # received while its head is not complete (a header still arriving)
+    _in_head = False
+    _refused = False
+
+    def data_received(self, data: bytes) -> None:
+        """As uvicorn's, but a head still incomplete past :data:`MAX_HEAD_BYTES` of data is
+        refused: the parser buffers a header until it is complete, so counting complete headers
+        alone would let one endless header through."""
+        if self._refused:
+            return
+        super().data_received(data)
+        if self._in_head and not self._refused:
+            self._head_data += len(data)
+            if self._head_data > MAX_HEAD_BYTES:
+                self._refuse_head()
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        super().on_headers_complete()
 
     def _count(self, size: int) -> None:
         self._head_bytes += size
@@ -101,6 +121,11 @@ class TLSHttpToolsProtocol(HttpToolsProtocol):
         if self._head_bytes <= MAX_HEAD_BYTES:
             super().send_400_response(msg)
             return
+        self._refuse_head()
+
+    def _refuse_head(self) -> None:
+        """Answer 431 (problem JSON) and close the connection."""
+        self._refused = True
         body = json.dumps(
             {
                 "type": PROBLEM_TYPE_BASE + "headers-too-large",

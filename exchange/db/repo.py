@@ -920,15 +920,15 @@ def entries_of(conn: Connection, events: Sequence[str], *, below: int | None = N
 
 
 def latest_entries_of(
-    conn: Connection, event: str, actor: str, message_ids: Sequence[str]
+    conn: Connection, events: Sequence[str], actor: str, message_ids: Sequence[str]
 ) -> dict[str, LedgerEntry]:
-    """The latest ``event`` entry of ``actor`` about each of ``message_ids`` that has one (by the
-    message id index)."""
+    """The latest entry of one of ``events`` by ``actor`` about each of ``message_ids`` that has
+    one (by the message id index)."""
     query = (
         sa.select(ledger_entries.c.leaf)
         .where(
             ledger_entries.c.message_id.in_(list(message_ids)),
-            ledger_entries.c.event == event,
+            ledger_entries.c.event.in_(list(events)),
             ledger_entries.c.actor == actor,
         )
         .order_by(ledger_entries.c.seq)

@@ -112,14 +112,15 @@ def security_incident(
     )
 
 
-#: a part of a PostgreSQL error that quotes values (psycopg writes each on a line of its own; in a
-#: ``repr`` the line break is a backslash and an ``n``): up to the end of its line
-_SERVER_DETAIL = re.compile(r"(DETAIL|CONTEXT):(?:(?!\\n).)*")
+#: a part of a PostgreSQL error that quotes values, up to the end of the text: a quoted value may
+#: itself hold line breaks, so no line end is taken for the end of the part
+_SERVER_DETAIL = re.compile(r"(DETAIL|CONTEXT):.*", re.DOTALL)
 
 
 def withhold_server_detail(text: str) -> str:
-    """``text`` without the ``DETAIL`` and ``CONTEXT`` parts of a PostgreSQL error, each replaced by
-    ``DETAIL: (withheld)``: they quote the values of the row at fault (a case reference, a name)."""
+    """``text`` up to the first ``DETAIL`` or ``CONTEXT`` part of a PostgreSQL error, then
+    ``DETAIL: (withheld)``: they quote the values of the row at fault (a case reference, a name),
+    which may hold line breaks, so everything after is withheld."""
     if "DETAIL:" not in text and "CONTEXT:" not in text:
         return text
     return _SERVER_DETAIL.sub(lambda m: f"{m.group(1)}: (withheld)", text)

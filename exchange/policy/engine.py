@@ -292,13 +292,15 @@ def decide(
     consents: Sequence[Consent] = (),
     reply: ReplyContext | None = None,
     now: dt.datetime,
+    assume_consent: bool = False,
 ) -> Decision:
     """Evaluate every rule of ``agreement`` for ``action`` on ``message`` (see the module docstring).
 
     ``actor`` is the local system (None for ``receive``: the partner node); ``use`` what a release
-    is for; ``consents`` the originator's consents held for the message.
+    is for; ``consents`` the originator's consents held for the message. ``assume_consent``: as if
+    the originator had consented to the use (what a consent would open; never to release).
     """
-    consent = use is not None and any(c.covers(message.id, use, now) for c in consents)
+    consent = assume_consent or (use is not None and any(c.covers(message.id, use, now) for c in consents))
     facts = _facts(agreement, actor, message, use, consent, reply or ReplyContext())
     policy = Policy.of(agreement)
     compiled = policy.by_action.get(action, [])

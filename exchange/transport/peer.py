@@ -67,8 +67,12 @@ def fetch(client: httpx.Client, method: str, url: str, *, limit: int, **kwargs: 
             if time.monotonic() > deadline:
                 raise TransportError(f"the answer to {method} {url} took over {seconds:g} s to arrive")
             chunks.append(chunk)
+    headers = [
+        (k, v) for k, v in response.headers.items() if k.lower() not in ("content-encoding", "content-length")
+    ]
+    # (iter_bytes decoded the body already: a kept Content-Encoding would decode it twice)
     return httpx.Response(
-        response.status_code, headers=response.headers, content=b"".join(chunks), request=response.request
+        response.status_code, headers=headers, content=b"".join(chunks), request=response.request
     )
 
 

@@ -35,6 +35,7 @@ from sqlalchemy.engine import Connection
 
 from exchange import envelope
 from exchange.db import repo
+from exchange.db.engine import is_conflict, is_unavailable
 from exchange.envelope.size import batch_bytes, peer_body_limit
 from exchange.errors import (
     ConfigurationError,
@@ -391,7 +392,11 @@ class DeliveryWorker:
             except PartnerKeysUnavailable:
                 unchecked.append(item.message_id)
                 continue
+            except (DatabaseUnavailable, TransactionConflict):
+                raise  # (a key fetch writes: trouble here is this node's, not the receipt's)
             except Exception as exc:  # a receipt no check foresaw fails its message, never the round
+                if is_unavailable(exc) or is_conflict(exc):
+                    raise
                 log.error("invalid receipt for message %s: %s", item.message_id, type(exc).__name__)
                 values, entries = self._invalid_receipt(item, "malformed")
             updates.append((item.message_id, values))

@@ -828,3 +828,24 @@ def test_a_receipt_no_check_foresaw_fails_its_message_alone_and_never_the_round(
         invalid = [str(e.message_id) for e in repo.iter_ledger(conn) if e.event == "receipt.invalid"]
         assert repo.outbox_size(conn) == 0
     assert sorted(invalid) == sorted(m["id"] for m in sent[1:])
+
+
+def test_trouble_with_this_node_s_database_while_judging_a_receipt_never_fails_the_message(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Judging a receipt may fetch and store the partner's key sets: the database failing there is
+    this node's trouble, not the receipt's. The round is not settled (its messages stay sent and
+    leased, and go again), and no receipt is ledgered invalid."""
+    id_dir, _my_dir, id_node, my_node = pair
+    polri = actor(id_node, id_dir, "polri-cms")
+    sent = id_node.submit(polri, MessageSubmission.model_validate(rfi()), now())
+
+    def unavailable(*_args: object, **_kwargs: object) -> None:
+        raise DatabaseUnavailable("the database is unavailable")
+
+    monkeypatch.setattr(id_node, "verify_by_partner", unavailable)
+    with pytest.raises(DatabaseUnavailable):  # (the delivery loop waits and goes again)
+        DeliveryWorker(id_node, Loopback(my_node)).run_once()
+    assert id_node.status(polri, sent["id"], now())["status"] == "sent"
+    with id_node.db.read() as conn:
+        assert [e for e in repo.iter_ledger(conn) if e.event == "receipt.invalid"] == []

@@ -644,3 +644,42 @@ def test_a_release_notice_after_the_consent_ended_is_an_incident(pair) -> None: 
     with my_node.db.read() as conn:
         onward = [e for e in repo.iter_ledger(conn) if e.event == "message.released_onward"]
     assert [(e.decision, e.data["consented"]) for e in onward] == [("allow", True), ("incident", False)]
+
+
+def test_an_h2_message_reaches_a_system_outside_the_police_once_the_originator_consents(pair) -> None:  # type: ignore[no-untyped-def]
+    """R-H2-POLICE: a registered system outside the police (an immigration case system) does not
+    receive an H2 message, but may ask the originator (a 404 would leave it no remedy); once the
+    originator consents, the inbox and the content route both release it to that system."""
+    from tests.integration.test_rules_flow import client
+
+    id_dir, my_dir, id_node, my_node = pair
+    sent = submit(id_node, actor(id_node, id_dir, "polri-cms"), rfi(handling_codes=["H2"]))
+    deliver(id_node, my_node)
+    outside = client(my_node, my_dir, "imigresen-case", "RAHSIA", "--agency", "Imigresen")
+    assert not outside.police
+    assert my_node.inbox(outside, 0, 10, now()).items == []
+    with pytest.raises(NotFound):
+        my_node.read(outside, sent["id"], now())
+    request = my_node.lifecycle.request_consent(
+        outside, sent["id"], recipient=None, purposes=["TIP_INVESTIGATION"], justification="case", now=now()
+    )
+    deliver(my_node, id_node)
+    boss = supervisor(id_node, id_dir)
+    id_node.lifecycle.decide_consent(
+        boss, request["id"], grant=True, conditions=None, expires_at=now() + dt.timedelta(days=7), now=now()
+    )
+    deliver(id_node, my_node)
+    (item,) = my_node.inbox(outside, 0, 10, now()).items
+    assert item["id"] == sent["id"]
+    assert my_node.read(outside, sent["id"], now())["id"] == sent["id"]
+    id_node.lifecycle.revoke_consent(boss, request["id"], now())
+    deliver(id_node, my_node)
+    assert my_node.inbox(outside, 0, 10, now()).items == []
+    with my_node.db.read() as conn:  # refused, released, refused again on the first grounds: all three
+        decided = [e.event for e in repo.iter_ledger(conn) if e.actor == "imigresen-case"]
+    assert [e for e in decided if e.startswith(("release", "message.released"))] == [
+        "release.refused",
+        "message.released",
+        "message.released",
+        "release.refused",
+    ]

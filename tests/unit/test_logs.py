@@ -161,3 +161,16 @@ def test_a_postgresql_error_logged_as_text_loses_the_values_it_quotes(make_pg_da
             rec = record("round failed", exc=True)
         assert canary not in json.loads(logs.JsonFormatter().format(rec))["error"]
         assert canary not in logs.TextFormatter().format(rec)
+
+
+def test_a_detail_whose_values_hold_line_breaks_is_withheld_to_the_end() -> None:
+    """A refused row's values may hold line breaks (a free-text field): nothing after DETAIL is kept."""
+    text = (
+        "insert failed: null value violates\n"
+        "DETAIL:  Failing row contains (1, Victim Siti\nlives at Jl. Mawar 5, null).\n"
+    )
+    for written in (text, repr(text)):
+        kept = logs.withhold_server_detail(written)
+        assert "Siti" not in kept
+        assert "Mawar" not in kept
+        assert "violates" in kept

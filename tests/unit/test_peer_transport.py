@@ -80,3 +80,15 @@ def test_an_answer_of_the_partner_is_read_to_a_bound_and_must_have_its_shape() -
     transport = _transport(lambda _r: httpx.Response(200, json=results))
     assert len(transport.send(["a.b.c.d.e"] * 900)) == 900
     transport.close()
+
+
+def test_a_compressed_answer_is_decoded_once() -> None:
+    """A further witness or a proxy that compresses its answers (httpx asks for gzip): the body
+    read to its bound is decoded once, not twice."""
+    import gzip
+    import json
+
+    body = gzip.compress(json.dumps({"entries": [{"seq": 1}]}).encode())
+    transport = _transport(lambda _r: httpx.Response(200, content=body, headers={"content-encoding": "gzip"}))
+    assert transport.message_history("m") == [{"seq": 1}]
+    transport.close()

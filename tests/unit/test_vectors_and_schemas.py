@@ -158,3 +158,12 @@ def test_an_integral_float_for_an_integer_is_refused_though_json_schema_calls_it
     catalogue = Catalogue.for_agreement(unit_agreement())
     (error,) = catalogue.payload_errors("RESPONSE", {**ANSWER, "answers": [{"question": 7.0, "answer": "y"}]})
     assert error.field == "payload/answers/0/question"
+
+
+def test_a_stored_payload_is_read_as_it_was_admitted() -> None:
+    """A message admitted before the strict check (an integer sent as "7") stays readable: only
+    what is submitted or received from now on is judged strictly."""
+    catalogue = Catalogue.for_agreement(unit_agreement())
+    lax = {**ANSWER, "answers": [{"question": "7", "answer": "yes"}]}
+    assert catalogue.payload_errors("RESPONSE", lax)
+    assert catalogue.payload_errors("RESPONSE", lax, strict=False) == []
