@@ -71,6 +71,11 @@ class NodeSettings(BaseSettings):
         default=None, description="override of the partner endpoint named in the agreement"
     )
     max_body_bytes: int = Field(default=1_048_576, gt=0)
+    max_head_bytes: int = Field(
+        default=65_536,
+        ge=8_192,
+        description="the most bytes of URL and headers a request may carry (431 past it)",
+    )
     clock_skew_seconds: int = Field(default=300, ge=0)
     replay_window_seconds: int = Field(default=30 * 86400, gt=0)
     delivery_batch_size: int = Field(default=64, ge=1, le=1000)

@@ -26,7 +26,7 @@ from exchange.ledger import EntryDraft
 from exchange.ledger.events import LedgerEvent
 from exchange.messages import Message, Origin, personal_data
 from exchange.observability import logs
-from exchange.policy import Consent, Marking, decide, national_equivalent
+from exchange.policy import Consent, Marking, Use, decide, national_equivalent
 
 if TYPE_CHECKING:
     from exchange.agreement import Agreement
@@ -377,18 +377,22 @@ class ControlProtocol:
         # the ledger keeps for good only the agreement's own words: a recipient or a use outside it
         # (free text of the partner's, which could name a person) is an incident, not quoted
         known = p["recipient"] in agreement.third_parties and set(p["purposes"]) <= set(agreement.purposes)
+        # judged by what this node consented to, in force when the partner released (on its clock,
+        # the skew allowed): a release under no consent of ours is an incident
         released_at = _AWARE.validate_python(p["released_at"])
-        granted = (
-            known
-            and [  # what this node consented to: a release under no consent of ours is an incident
-                r
-                for r in repo.consent_requests_for(conn, direction="in", message_ids=[target["id"]])
-                if r["status"] in ("granted", "revoked")
-                and r["recipient"] == p["recipient"]
-                and set(p["purposes"]) <= set(r["purposes"])
-                and _in_force(r, released_at, self.node.settings.clock_skew)
-            ]
-        )
+        use, skew = Use(frozenset(p["purposes"]), recipient=p["recipient"]), self.node.settings.clock_skew
+
+        def in_force(request: dict[str, Any]) -> bool:
+            consent = consent_of(request)
+            return (
+                consent is not None
+                and request["decided_at"] is not None
+                and dt.datetime.fromisoformat(request["decided_at"]) - skew <= released_at
+                and consent.covers(target["id"], use, released_at - skew)
+            )
+
+        held = repo.consent_requests_for(conn, direction="in", message_ids=[target["id"]])
+        granted = known and [r for r in held if in_force(r)]
         if not granted:
             logs.security_incident(
                 log,
@@ -515,21 +519,6 @@ class ControlProtocol:
                 "expires_at": request["expires_at"],
             },
         )
-
-
-def _in_force(consent: dict[str, Any], at: dt.datetime, skew: dt.timedelta) -> bool:
-    """Whether a consent this node granted was in force at ``at`` (a time on the partner's clock,
-    ``skew`` allowed either way): granted before it, and neither expired nor revoked by then."""
-    decided, expires, revoked = (
-        dt.datetime.fromisoformat(v) if v else None
-        for v in (consent["decided_at"], consent["expires_at"], consent["revoked_at"])
-    )
-    return (
-        decided is not None
-        and expires is not None
-        and decided - skew <= at < expires + skew
-        and (revoked is None or at < revoked + skew)
-    )
 
 
 def _utc(value: Any) -> str | None:

@@ -21,7 +21,7 @@ from uvicorn.supervisors import Multiprocess
 
 from exchange import crypto, tls_policy
 from exchange.api.app import create_app
-from exchange.api.tls import TLSHttpToolsProtocol
+from exchange.api.tls import MAX_HEAD_BYTES, TLSHttpToolsProtocol
 from exchange.config import load_settings
 from exchange.errors import ConfigurationError
 from exchange.files import write_private
@@ -107,7 +107,9 @@ WORKER_START_SECONDS = 30
 
 class HardenedConfig(uvicorn.Config):
     """uvicorn's configuration with this project's TLS policy applied wherever it is loaded (in
-    each worker process too)."""
+    each worker process too), and the bound on a request's head (``max_head_bytes``)."""
+
+    max_head_bytes: int = MAX_HEAD_BYTES
 
     def load(self) -> None:
         super().load()
@@ -117,7 +119,7 @@ class HardenedConfig(uvicorn.Config):
 
 def server_config(node: Node, tls: TLSFiles, app: Any, **extra: Any) -> HardenedConfig:
     settings = node.settings
-    return HardenedConfig(
+    config = HardenedConfig(
         app,
         host=settings.listen_host,
         port=settings.listen_port,
@@ -140,6 +142,8 @@ def server_config(node: Node, tls: TLSFiles, app: Any, **extra: Any) -> Hardened
         ssl_context_factory=ServerContextFactory(settings.tls_reload_seconds),  # replaced files reload
         **extra,
     )
+    config.max_head_bytes = settings.max_head_bytes  # read by TLSHttpToolsProtocol (exchange.api.tls)
+    return config
 
 
 def stop_with_supervisor() -> None:

@@ -10,7 +10,8 @@ The application fails closed: a request whose scope has no ``tls`` extension or 
 certificate is treated as unauthenticated.
 
 The protocol also bounds what uvicorn's httptools parser keeps of a request's head: the URL and
-headers of one request past :data:`MAX_HEAD_BYTES` are answered 431 (problem JSON) and the
+headers of one request past the node's ``max_head_bytes`` (:data:`MAX_HEAD_BYTES` unless the
+configuration says otherwise) are answered 431 (problem JSON) and the
 connection closed, before any route or authorisation runs (uvicorn keeps appending otherwise).
 """
 
@@ -27,8 +28,9 @@ from exchange.api.guard import SECURITY_HEADERS
 from exchange.api.problems import PROBLEM_TYPE_BASE
 from exchange.crypto import der_to_pem
 
-#: the most bytes of URL and headers one request may carry (each header counted with a
-#: :data:`HEADER_OVERHEAD` too, so that many empty headers are bounded as well)
+#: the most bytes of URL and headers one request may carry, unless the uvicorn configuration says
+#: otherwise (``max_head_bytes``, from the node's settings: exchange.api.server); each header is
+#: counted with a :data:`HEADER_OVERHEAD` too, so that many empty headers are bounded as well
 MAX_HEAD_BYTES = 64 * 1024
 HEADER_OVERHEAD = 32
 
@@ -82,13 +84,18 @@ class TLSHttpToolsProtocol(HttpToolsProtocol):
         if self._tls is not None:
             self.scope["extensions"] = {"tls": self._tls}  # type: ignore[dict-item]
 
+    @property
+    def max_head_bytes(self) -> int:
+        """The bound on a request's URL and headers: the configuration's, or :data:`MAX_HEAD_BYTES`."""
+        return int(getattr(self.config, "max_head_bytes", MAX_HEAD_BYTES))
+
     _head_bytes = 0  # of the URL and the complete headers of the request being read
     _head_data = 0  # received while its head is not complete (a header still arriving)
     _in_head = False
     _refused = False
 
     def data_received(self, data: bytes) -> None:
-        """As uvicorn's, but a head still incomplete past :data:`MAX_HEAD_BYTES` of data is
+        """As uvicorn's, but a head still incomplete past :attr:`max_head_bytes` of data is
         refused: the parser buffers a header until it is complete, so counting complete headers
         alone would let one endless header through."""
         if self._refused:
@@ -96,7 +103,7 @@ class TLSHttpToolsProtocol(HttpToolsProtocol):
         super().data_received(data)
         if self._in_head and not self._refused:
             self._head_data += len(data)
-            if self._head_data > MAX_HEAD_BYTES:
+            if self._head_data > self.max_head_bytes:
                 self._refuse_head()
 
     def on_headers_complete(self) -> None:
@@ -105,7 +112,7 @@ class TLSHttpToolsProtocol(HttpToolsProtocol):
 
     def _count(self, size: int) -> None:
         self._head_bytes += size
-        if self._head_bytes > MAX_HEAD_BYTES:
+        if self._head_bytes > self.max_head_bytes:
             # the parser stops on the error; uvicorn then calls send_400_response, answered 431 below
             raise ValueError("request head too large")
 
@@ -118,7 +125,7 @@ class TLSHttpToolsProtocol(HttpToolsProtocol):
         super().on_header(name, value)
 
     def send_400_response(self, msg: str) -> None:
-        if self._head_bytes <= MAX_HEAD_BYTES:
+        if self._head_bytes <= self.max_head_bytes:
             super().send_400_response(msg)
             return
         self._refuse_head()
@@ -131,7 +138,7 @@ class TLSHttpToolsProtocol(HttpToolsProtocol):
                 "type": PROBLEM_TYPE_BASE + "headers-too-large",
                 "title": "Request header fields too large",
                 "status": 431,
-                "detail": f"the URL and headers of a request exceed {MAX_HEAD_BYTES} bytes",
+                "detail": f"the URL and headers of a request exceed {self.max_head_bytes} bytes",
             }
         ).encode()
         head = [b"HTTP/1.1 431 Request Header Fields Too Large\r\n"]

@@ -58,6 +58,11 @@ def pki(tmp_path: Path) -> dict[str, Path]:
 
 @pytest.fixture
 def server(pki: dict[str, Path]) -> Iterator[str]:
+    yield from _serve(pki)
+
+
+def _serve(pki: dict[str, Path], **settings: int) -> Iterator[str]:
+    """The echo app under uvicorn with the TLS protocol; ``settings`` set on its configuration."""
     port = free_port()
     config = uvicorn.Config(
         echo_app,
@@ -71,6 +76,8 @@ def server(pki: dict[str, Path]) -> Iterator[str]:
         ssl_ca_certs=str(pki["ca"]),
         ssl_cert_reqs=ssl.CERT_REQUIRED,
     )
+    for name, value in settings.items():
+        setattr(config, name, value)
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -170,3 +177,20 @@ def test_a_request_head_over_the_bound_is_431_before_the_app_sees_it(
         assert seen == []
         assert http.get(server + "/", headers={"x-big": "a" * (MAX_HEAD_BYTES - 4096)}).status_code == 204
     assert len(seen) == 1
+
+
+def test_the_head_bound_is_the_node_s_setting(pki: dict[str, Path]) -> None:
+    """``max_head_bytes`` (the node's settings, set on the uvicorn configuration by serve) bounds
+    the head in place of the default."""
+    served = _serve(pki, max_head_bytes=8192)
+    url = next(served)
+    ctx = ssl.create_default_context(cafile=str(pki["ca"]))
+    ctx.load_cert_chain(str(pki["client"]), str(pki["client-key"]), password=PASSPHRASE)
+    try:
+        with httpx.Client(verify=ctx) as http:
+            assert http.get(url + "/", headers={"x-big": "a" * 4096}).status_code == 204
+            refused = http.get(url + "/", headers={"x-big": "a" * 9000})
+            assert refused.status_code == 431
+            assert "8192" in refused.json()["detail"]
+    finally:
+        next(served, None)
