@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,7 @@ from sqlalchemy.engine import Connection
 from exchange import envelope
 from exchange.content import destroy_after
 from exchange.db import repo, rows
+from exchange.errors import ContentDestroyed
 from exchange.ledger import EntryDraft
 from exchange.ledger.events import LedgerEvent
 from exchange.messages import Message, Origin, personal_data
@@ -90,9 +92,12 @@ class ControlProtocol:
         target: dict[str, Any],
         payload: dict[str, Any],
         now: dt.datetime,
+        *,
+        message_id: str | None = None,
     ) -> list[EntryDraft]:
         """Compose, decide, seal, store and queue a control message about ``target`` inside the
-        caller's transaction (which holds the ledger lock). Returns its ledger entry."""
+        caller's transaction (which holds the ledger lock); its id is ``message_id`` if given (a row
+        that keeps only a reference to the words it carries). Returns its ledger entry."""
         node = self.node
         keys, now = node.keys_at(now)  # one key set version for the message, in force at its time
         terms = node.agreements.in_force(now)  # one version for the whole control message
@@ -101,7 +106,7 @@ class ControlProtocol:
         level = national_equivalent(agreement, target["common_level"], own)
         spec = agreement.message_types[message_type]
         purposes = tuple(p for p in target["purposes"] if p in spec.purposes) or spec.purposes[:1]
-        mid = str(uuid.uuid4())
+        mid = message_id or str(uuid.uuid4())
         message = Message(
             id=mid,
             type=message_type,
@@ -181,11 +186,12 @@ class ControlProtocol:
         conn: Connection,
         row: dict[str, Any],
         marking: Marking,
-        reason: str,
         notice_id: str,
+        control_id: str,
         now: dt.datetime,
     ) -> list[EntryDraft]:
-        """Apply the originator's new marking to a stored message, kept at its floor; history kept."""
+        """Apply the originator's new marking to a stored message, kept at its floor; history kept
+        (its reason only in the control message ``control_id``, sealed)."""
         message = self.node.stored_message(row)
         agreement = self.agreement  # a reclassification is a new act: the floors in force now
         floors = decide("receive", agreement=agreement, message=_remarked(message, marking), now=now)
@@ -198,9 +204,10 @@ class ControlProtocol:
                 "scheme": marking.scheme,
                 "from_level": row["level"],
                 "to_level": marking.level,
-                "reason": reason,
+                "reason": None,
                 "notice_id": notice_id,
                 "at": iso(now),
+                "control_id": control_id,
             },
         )
         repo.update_message(
@@ -228,6 +235,37 @@ class ControlProtocol:
                     "notice_id": notice_id,
                 },
             )
+        ]
+
+    def sealed_payloads(self, control_ids: Iterable[str | None]) -> dict[str, dict[str, Any]]:
+        """The payloads of stored control messages by id, opened from their content at rest: the
+        free text (a justification, conditions, a reason) that consent and reclassification rows
+        only refer to. One whose content was destroyed (retention) is absent."""
+        wanted = sorted({c for c in control_ids if c})
+        if not wanted:
+            return {}
+        with self.node.db.read() as conn:
+            found = repo.get_messages(conn, wanted)
+        payloads = {}
+        for control_id, row in found.items():
+            if row["kind"] != "control":
+                continue
+            try:
+                payloads[control_id] = dict(self.node.stored_message(row).payload)
+            except ContentDestroyed:
+                continue
+        return payloads
+
+    def reclassification_history(self, history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """A message's reclassifications as its readers see them, each reason read from the sealed
+        notice that carried it (null once that was destroyed)."""
+        payloads = self.sealed_payloads(h["control_id"] for h in history)
+        return [
+            {
+                **{k: v for k, v in h.items() if k != "control_id"},
+                "reason": payloads.get(h["control_id"] or "", {}).get("reason"),
+            }
+            for h in history
         ]
 
     # --- applying a received control message ---------------------------------------------------------------
@@ -328,7 +366,7 @@ class ControlProtocol:
             "requested_by": None,
             "recipient": p.get("recipient"),
             "purposes": list(p["purposes"]),
-            "justification": p["justification"],
+            "justification": None,  # sealed in the request (request_control_id)
             "status": "pending",
             "requested_at": iso(now),
             "decided_by": None,
@@ -336,6 +374,8 @@ class ControlProtocol:
             "conditions": None,
             "expires_at": None,
             "revoked_at": None,
+            "request_control_id": message.id,
+            "decision_control_id": None,
         }
         if repo.get_consent_request(conn, stored["id"]) is not None:
             return Effects(
@@ -360,7 +400,7 @@ class ControlProtocol:
             else {
                 "status": "granted" if verdict == "GRANTED" else "refused",
                 "decided_at": iso(now),
-                "conditions": p.get("conditions"),
+                "decision_control_id": message.id,  # its conditions stay sealed in it
                 "expires_at": _utc(p.get("expires_at")),
             }
         )
@@ -439,7 +479,7 @@ class ControlProtocol:
                 ]
             )
         marking = Marking(cls["scheme"], cls["level"], scheme.levels[cls["level"]])
-        return Effects(self._apply_marking(conn, target, marking, p["reason"], p["notice_id"], now))
+        return Effects(self._apply_marking(conn, target, marking, p["notice_id"], message.id, now))
 
     def _on_return_or_destroy(
         self, conn: Connection, message: Message, target: dict[str, Any], now: dt.datetime

@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -47,7 +48,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("exchange.lifecycle")
 
 
-def request_view(row: dict[str, Any], now: dt.datetime) -> dict[str, Any]:
+def request_view(
+    row: dict[str, Any], now: dt.datetime, payloads: Mapping[str, Mapping[str, Any]]
+) -> dict[str, Any]:
+    """A consent request as its parties see it, with its age. Its words (the justification, the
+    decision's conditions) come from the payloads of the control messages that carried them
+    (:meth:`ControlProtocol.sealed_payloads`): null once those were destroyed."""
     view = {
         k: row[k]
         for k in (
@@ -56,17 +62,17 @@ def request_view(row: dict[str, Any], now: dt.datetime) -> dict[str, Any]:
             "direction",
             "recipient",
             "purposes",
-            "justification",
             "status",
             "requested_by",
             "requested_at",
             "decided_by",
             "decided_at",
-            "conditions",
             "expires_at",
             "revoked_at",
         )
     }
+    view["justification"] = payloads.get(row["request_control_id"] or "", {}).get("justification")
+    view["conditions"] = payloads.get(row["decision_control_id"] or "", {}).get("conditions")
     view["age_seconds"] = int((now - dt.datetime.fromisoformat(row["requested_at"])).total_seconds())
     return view
 
@@ -111,14 +117,78 @@ class Lifecycle(ControlProtocol):
 
     def _acts_for_originator(self, actor: Actor, row: dict[str, Any]) -> bool:
         """Whether ``actor`` speaks for this node as the originator of ``row``: the system that sent
-        it, or a consent decider cleared for its level and entitled to its case (never beyond)."""
+        it, or a consent decider of the originating agency and unit, cleared for its level and
+        entitled to its case (never another unit's decider, never beyond)."""
         if row["direction"] != "out" or row["kind"] != "information":
             return False
         if row["submitted_by"] == actor.client_id:
             return True
         cleared = self.agreement.level_rank(actor.clearance) >= self.agreement.level_rank(row["common_level"])
         entitled = actor.cases is None or row["case_ref"] in actor.cases
-        return self._decides(actor) and cleared and entitled
+        return (
+            self._decides(actor)
+            and cleared
+            and entitled
+            and self._origin_of(row) == (actor.agency, actor.unit)
+        )
+
+    def _origin_of(self, row: dict[str, Any]) -> tuple[str, str] | None:
+        """The agency and unit that originated a sent message, as signed (read from its content if
+        it was stored before migration 0015 kept them; None once that was destroyed)."""
+        if row["origin_unit"] is not None:
+            return row["origin_agency"], row["origin_unit"]
+        try:
+            origin = self.node.stored_message(row).origin
+        except ContentDestroyed:
+            return None
+        return origin.agency, origin.unit
+
+    def seal_legacy_words(self) -> int:
+        """Empty the free text that consent requests and reclassifications kept in clear before
+        migration 0015, linking each row to the sealed control message that carried the same
+        words (words whose message was destroyed are gone with it, as they should be). Idempotent;
+        returns the rows changed."""
+        with self.node.db.read() as conn:
+            consents, reclassed = repo.words_in_clear(conn)
+            if not consents and not reclassed:
+                return 0
+            controls = repo.control_messages(
+                conn, [CONSENT_REQUEST, CONSENT_DECISION, RECLASSIFICATION_NOTICE]
+            )
+        carried: dict[tuple[str, str], str] = {}  # (type, request or notice id) -> control message
+        for row in controls:  # oldest first: the last decision that is not a revocation stands
+            try:
+                payload = self.node.stored_message(row).payload
+            except ContentDestroyed:
+                continue
+            if row["type"] == RECLASSIFICATION_NOTICE:
+                carried[(row["type"], str(payload.get("notice_id")))] = row["id"]
+            elif row["type"] == CONSENT_REQUEST or payload.get("decision") != "REVOKED":
+                carried[(row["type"], str(payload.get("request_id")))] = row["id"]
+        with self.node.db.transaction() as conn:
+            for request in consents:
+                repo.update_consent_request(
+                    conn,
+                    request["id"],
+                    justification=None,
+                    conditions=None,
+                    request_control_id=carried.get((CONSENT_REQUEST, request["id"])),
+                    decision_control_id=carried.get((CONSENT_DECISION, request["id"])),
+                )
+            for history in reclassed:
+                repo.update_reclassification(
+                    conn,
+                    history["id"],
+                    reason=None,
+                    control_id=carried.get((RECLASSIFICATION_NOTICE, history["notice_id"])),
+                )
+        log.info(
+            "the words of %d consent request(s) and %d reclassification(s) kept in clear are now"
+            " only in their sealed control messages",
+            len(consents),
+            len(reclassed),
+        )
+        return len(consents) + len(reclassed)
 
     # --- consent: the receiving side ------------------------------------------------------------------
 
@@ -155,8 +225,7 @@ class Lifecycle(ControlProtocol):
             errors.append(FieldError("justification", "say why the use is needed"))
         if errors:
             raise InvalidInput("the consent request is invalid", errors)
-        request_id = str(uuid.uuid4())
-        at = iso(now)
+        request_id, control_id = str(uuid.uuid4()), str(uuid.uuid4())
         stored = {
             "id": request_id,
             "message_id": message_id,
@@ -164,33 +233,30 @@ class Lifecycle(ControlProtocol):
             "requested_by": actor.client_id,
             "recipient": recipient,
             "purposes": list(purposes),
-            "justification": justification,
+            "justification": None,  # the words stay sealed in the request
             "status": "pending",
-            "requested_at": at,
+            "requested_at": iso(now),
             "decided_by": None,
             "decided_at": None,
             "conditions": None,
             "expires_at": None,
             "revoked_at": None,
+            "request_control_id": control_id,
+            "decision_control_id": None,
+        }
+        payload = {
+            "request_id": request_id,
+            "message_id": message_id,
+            "recipient": recipient,
+            "purposes": list(purposes),
+            "justification": justification,
         }
 
         def work(conn: Connection) -> tuple[dict[str, Any], list[EntryDraft], list[str]]:
             repo.insert_consent_request(conn, stored)
-            drafts = self.queue_control(
-                conn,
-                CONSENT_REQUEST,
-                row,
-                {
-                    "request_id": request_id,
-                    "message_id": message_id,
-                    "recipient": recipient,
-                    "purposes": list(purposes),
-                    "justification": justification,
-                },
-                now,
-            )
+            drafts = self.queue_control(conn, CONSENT_REQUEST, row, payload, now, message_id=control_id)
             drafts.append(self._consent_entry(LedgerEvent.CONSENT_REQUESTED, stored, actor.client_id, row))
-            return request_view(stored, now), drafts, []
+            return request_view(stored, now, {control_id: payload}), drafts, []
 
         return dict(self._transaction(now, work))
 
@@ -275,8 +341,11 @@ class Lifecycle(ControlProtocol):
                 for r in repo.consent_requests_for(conn, direction="out")
                 if r["requested_by"] == actor.client_id
             ]
-        found = [request_view(r, now) for r in [*asked_of_us, *ours]]
-        return [r for r in found if status is None or r["status"] == status]
+        found = [r for r in [*asked_of_us, *ours] if status is None or r["status"] == status]
+        payloads = self.sealed_payloads(
+            [c for r in found for c in (r["request_control_id"], r["decision_control_id"])]
+        )
+        return [request_view(r, now, payloads) for r in found]
 
     def decide_consent(
         self,
@@ -303,10 +372,11 @@ class Lifecycle(ControlProtocol):
             "status": "granted" if grant else "refused",
             "decided_by": actor.client_id,
             "decided_at": iso(now),
-            "conditions": conditions,
             "expires_at": iso(expires_at) if grant and expires_at else None,
         }
-        return self._send_decision(actor, request, values, "GRANTED" if grant else "REFUSED", now)
+        return self._send_decision(
+            actor, request, values, "GRANTED" if grant else "REFUSED", now, conditions=conditions
+        )
 
     def revoke_consent(self, actor: Actor, request_id: str, now: dt.datetime) -> dict[str, Any]:
         """Revoke a granted consent from now on. Raises NotFound if there is no granted one."""
@@ -333,9 +403,29 @@ class Lifecycle(ControlProtocol):
         return request
 
     def _send_decision(
-        self, actor: Actor, request: dict[str, Any], values: dict[str, Any], verdict: str, now: dt.datetime
+        self,
+        actor: Actor,
+        request: dict[str, Any],
+        values: dict[str, Any],
+        verdict: str,
+        now: dt.datetime,
+        *,
+        conditions: str | None = None,
     ) -> dict[str, Any]:
+        """Record and send a decision; the conditions travel sealed in it (a revocation keeps the
+        grant's decision as the one whose conditions stand)."""
         expected = "granted" if verdict == "REVOKED" else "pending"
+        control_id = str(uuid.uuid4())
+        if verdict != "REVOKED":
+            values = {**values, "decision_control_id": control_id}
+        payloads = self.sealed_payloads([request["request_control_id"], request["decision_control_id"]])
+        payload = {
+            "request_id": request["id"],
+            "message_id": request["message_id"],
+            "decision": verdict,
+            "conditions": conditions,
+            "expires_at": values.get("expires_at", request["expires_at"]),
+        }
 
         def work(conn: Connection) -> tuple[dict[str, Any], list[EntryDraft], list[str]]:
             current = repo.get_consent_request(conn, request["id"])  # under the ledger lock: decided once
@@ -345,21 +435,9 @@ class Lifecycle(ControlProtocol):
             target = repo.get_message(conn, request["message_id"])
             assert target is not None
             updated = {**request, **values}
-            drafts = self.queue_control(
-                conn,
-                CONSENT_DECISION,
-                target,
-                {
-                    "request_id": request["id"],
-                    "message_id": request["message_id"],
-                    "decision": verdict,
-                    "conditions": updated["conditions"],
-                    "expires_at": updated["expires_at"],
-                },
-                now,
-            )
+            drafts = self.queue_control(conn, CONSENT_DECISION, target, payload, now, message_id=control_id)
             drafts.append(self._consent_entry(LedgerEvent.CONSENT_DECIDED, updated, actor.client_id, target))
-            return request_view(updated, now), drafts, []
+            return request_view(updated, now, {**payloads, control_id: payload}), drafts, []
 
         return dict(self._transaction(now, work))
 
@@ -386,11 +464,11 @@ class Lifecycle(ControlProtocol):
         errors += [] if reason.strip() else [FieldError("reason", "say why")]
         if errors:
             raise InvalidInput("the reclassification is invalid", errors)
-        notice_id = str(uuid.uuid4())
+        notice_id, control_id = str(uuid.uuid4()), str(uuid.uuid4())
 
         def work(conn: Connection) -> tuple[dict[str, Any], list[EntryDraft], list[str]]:
             drafts = self._apply_marking(
-                conn, row, Marking(own, level, levels[level]), reason, notice_id, now
+                conn, row, Marking(own, level, levels[level]), notice_id, control_id, now
             )
             drafts += self.queue_control(
                 conn,
@@ -403,6 +481,7 @@ class Lifecycle(ControlProtocol):
                     "reason": reason,
                 },
                 now,
+                message_id=control_id,
             )
             updated = repo.get_message(conn, message_id)
             assert updated is not None

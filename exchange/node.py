@@ -152,6 +152,7 @@ class Node(Releases):
         self.retention = RetentionService(self.db, self.content, self.party)
         self.deadlines = DeadlineService(self.db, lambda: self.agreement, self.committer, self.party)
         self._seal_legacy()
+        self.lifecycle.seal_legacy_words()
 
     @property
     def terms(self) -> Terms:

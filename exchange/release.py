@@ -11,7 +11,7 @@ import datetime as dt
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from exchange import envelope
 from exchange.agreement import Agreement
@@ -36,6 +36,9 @@ from exchange.messages import (
     parse_signed,
 )
 from exchange.observability import metrics
+
+if TYPE_CHECKING:
+    from exchange.lifecycle import Lifecycle
 from exchange.policy import (
     Actor,
     Consent,
@@ -66,6 +69,7 @@ class Releases:
     db: Database
     settings: NodeSettings
     content: ContentStore
+    lifecycle: Lifecycle
 
     @property
     def agreement(self) -> Agreement:
@@ -92,7 +96,7 @@ class Releases:
         if row is None or not self.may_see(actor, row, now):
             raise NotFound(f"no message {message_id}")
         view = rows.status_view(row)
-        view["reclassifications"] = history  # the originator's marking over time
+        view["reclassifications"] = self.lifecycle.reclassification_history(history)  # the marking over time
         return view
 
     def case(self, actor: Actor, case_ref: str, now: dt.datetime) -> dict[str, Any]:

@@ -489,6 +489,34 @@ def consent_requests_for(
     return [dict(r._mapping) for r in conn.execute(query.order_by(consent_requests.c.requested_at))]
 
 
+def words_in_clear(conn: Connection) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Consent requests and reclassifications that still hold their free text in clear (stored
+    before migration 0015): ``Lifecycle.seal_legacy_words`` moves them under the sealed messages."""
+    consents = conn.execute(
+        sa.select(consent_requests).where(
+            sa.or_(consent_requests.c.justification.is_not(None), consent_requests.c.conditions.is_not(None))
+        )
+    )
+    reclassed = conn.execute(sa.select(reclassifications).where(reclassifications.c.reason.is_not(None)))
+    return [dict(r._mapping) for r in consents], [dict(r._mapping) for r in reclassed]
+
+
+def control_messages(conn: Connection, types: Sequence[str]) -> list[dict[str, Any]]:
+    """The stored control messages of these types whose content is kept, oldest first."""
+    query = (
+        sa.select(messages)
+        .where(
+            messages.c.kind == "control", messages.c.type.in_(list(types)), messages.c.content.is_not(None)
+        )
+        .order_by(messages.c.created_at)
+    )
+    return [dict(r._mapping) for r in conn.execute(query)]
+
+
+def update_reclassification(conn: Connection, row_id: int, **values: Any) -> None:
+    conn.execute(reclassifications.update().where(reclassifications.c.id == row_id).values(**values))
+
+
 def insert_reclassification(conn: Connection, row: Mapping[str, Any]) -> None:
     conn.execute(reclassifications.insert(), dict(row))
 

@@ -64,6 +64,8 @@ def message_row(
         "categories": sorted(message.categories),
         "mla_reference": message.mla_reference,
         "response_due": message.response_due.isoformat() if message.response_due else None,
+        "origin_agency": message.origin.agency,
+        "origin_unit": message.origin.unit,
     }
 
 

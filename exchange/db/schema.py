@@ -70,6 +70,8 @@ messages = sa.Table(
     sa.Column("destroyed_reason", sa.Text),
     sa.Column("response_due", sa.String(40)),
     sa.Column("overdue_at", sa.String(40)),  # when the overdue request was ledgered
+    sa.Column("origin_agency", sa.String(128)),  # as signed (NULL: stored before 0015, in the content)
+    sa.Column("origin_unit", sa.String(128)),
 )
 sa.Index("ix_messages_destroy_after", messages.c.destroy_after)
 sa.Index("ix_messages_content_kid", messages.c.content_kid)
@@ -169,7 +171,7 @@ consent_requests = sa.Table(
     sa.Column("requested_by", sa.String(64)),
     sa.Column("recipient", sa.String(64)),
     sa.Column("purposes", sa.JSON, nullable=False),
-    sa.Column("justification", sa.Text, nullable=False),
+    sa.Column("justification", sa.Text),  # NULL: the words are sealed in the request's control message
     sa.Column("status", sa.String(16), nullable=False),
     sa.Column("requested_at", sa.String(40), nullable=False),
     sa.Column("decided_by", sa.String(64)),
@@ -177,6 +179,9 @@ consent_requests = sa.Table(
     sa.Column("conditions", sa.Text),
     sa.Column("expires_at", sa.String(40)),
     sa.Column("revoked_at", sa.String(40)),
+    # the control messages that carried the justification and the decision's conditions (sealed)
+    sa.Column("request_control_id", sa.String(64)),
+    sa.Column("decision_control_id", sa.String(64)),
 )
 
 reclassifications = sa.Table(
@@ -187,9 +192,10 @@ reclassifications = sa.Table(
     sa.Column("scheme", sa.String(32), nullable=False),
     sa.Column("from_level", sa.String(64), nullable=False),
     sa.Column("to_level", sa.String(64), nullable=False),
-    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("reason", sa.Text),  # NULL: the words are sealed in the notice's control message
     sa.Column("notice_id", sa.String(64), nullable=False),
     sa.Column("at", sa.String(40), nullable=False),
+    sa.Column("control_id", sa.String(64)),  # the RECLASSIFICATION_NOTICE that carried the reason
 )
 witness_cosignatures = sa.Table(  # cosignatures of our checkpoints by the agreement's further witnesses
     "witness_cosignatures",

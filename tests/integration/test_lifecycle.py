@@ -683,3 +683,139 @@ def test_an_h2_message_reaches_a_system_outside_the_police_once_the_originator_c
         "message.released",
         "release.refused",
     ]
+
+
+def _consent_and_reclassification(id_dir, my_dir, id_node, my_node) -> tuple[str, str, Actor, Actor, Actor]:  # type: ignore[no-untyped-def]
+    """Polri sends; PDRM asks consent (granted with conditions); Polri reclassifies: each with words
+    that name people. Returns the message, the request, and the three systems that acted."""
+    polri, d7, boss = actor(id_node, id_dir, "polri-cms"), actor(my_node, my_dir, "pdrm-d7"), None
+    sent = submit(id_node, polri, rfi())
+    deliver(id_node, my_node)
+    request = my_node.lifecycle.request_consent(
+        d7,
+        sent["id"],
+        recipient="INTERPOL",
+        purposes=["TIP_INVESTIGATION"],
+        justification="Siti Aminah testifies in Johor",
+        now=now(),
+    )
+    assert request["justification"] == "Siti Aminah testifies in Johor"
+    deliver(my_node, id_node)
+    boss = supervisor(id_node, id_dir)
+    decided = id_node.lifecycle.decide_consent(
+        boss,
+        request["id"],
+        grant=True,
+        conditions="never shown to Budi Santoso",
+        expires_at=now() + dt.timedelta(days=30),
+        now=now(),
+    )
+    assert (decided["justification"], decided["conditions"]) == (
+        "Siti Aminah testifies in Johor",
+        "never shown to Budi Santoso",
+    )
+    deliver(id_node, my_node)
+    id_node.lifecycle.reclassify(polri, sent["id"], level="TERBATAS", reason="Wati Lestari left", now=now())
+    deliver(id_node, my_node)
+    return sent["id"], request["id"], polri, d7, boss
+
+
+WORDS = ("Siti Aminah", "Budi Santoso", "Wati Lestari")
+
+
+def _words_seen(id_node, my_node, sent: str, polri: Actor, d7: Actor, boss: Actor) -> list[tuple[Any, ...]]:  # type: ignore[no-untyped-def]
+    """The words each party's readers see: the decider's and the asker's views of the consent, and
+    the reclassification's reason at both ends."""
+    (asked,) = id_node.lifecycle.consent_requests(boss, now())
+    (ours,) = my_node.lifecycle.consent_requests(d7, now())
+    return [
+        (asked["justification"], asked["conditions"]),
+        (ours["justification"], ours["conditions"]),
+        [h["reason"] for h in id_node.status(polri, sent, now())["reclassifications"]],
+        [h["reason"] for h in my_node.status(d7, sent, now())["reclassifications"]],
+    ]
+
+
+SEEN = [
+    ("Siti Aminah testifies in Johor", "never shown to Budi Santoso"),
+    ("Siti Aminah testifies in Johor", "never shown to Budi Santoso"),
+    ["Wati Lestari left"],
+    ["Wati Lestari left"],
+]
+
+
+def test_consent_and_reclassification_words_are_read_from_sealed_messages_never_kept_in_clear(pair) -> None:  # type: ignore[no-untyped-def]
+    id_dir, my_dir, id_node, my_node = pair
+    sent, request, polri, d7, boss = _consent_and_reclassification(id_dir, my_dir, id_node, my_node)
+    assert _words_seen(id_node, my_node, sent, polri, d7, boss) == SEEN
+    for node in (id_node, my_node):  # a justification may name a victim: sealed only, at both ends
+        assert tables_quoting(node, *WORDS) == []
+    id_node.lifecycle.revoke_consent(boss, request, now())
+    deliver(id_node, my_node)
+    (revoked,) = my_node.lifecycle.consent_requests(d7, now())
+    assert (revoked["status"], revoked["conditions"]) == ("revoked", "never shown to Budi Santoso")
+    for node in (id_node, my_node):
+        verified(node)
+
+
+def test_words_kept_in_clear_before_migration_0015_are_sealed_at_start(pair) -> None:  # type: ignore[no-untyped-def]
+    id_dir, my_dir, id_node, my_node = pair
+    sent, _request, polri, d7, boss = _consent_and_reclassification(id_dir, my_dir, id_node, my_node)
+    for node in (id_node, my_node):  # the rows as an older version wrote them: words, no references
+        with node.db.transaction() as conn:
+            conn.execute(
+                sa.text(
+                    "update consent_requests set justification = 'Siti Aminah testifies in Johor',"
+                    " conditions = 'never shown to Budi Santoso', request_control_id = null,"
+                    " decision_control_id = null"
+                )
+            )
+            conn.execute(
+                sa.text("update reclassifications set reason = 'Wati Lestari left', control_id = null")
+            )
+        assert tables_quoting(node, *WORDS) == ["consent_requests", "reclassifications"]
+        node.close()
+    id_node, my_node = Node(load_settings(id_dir.path)), Node(load_settings(my_dir.path))
+    try:
+        for node in (id_node, my_node):
+            assert tables_quoting(node, *WORDS) == []
+        assert _words_seen(id_node, my_node, sent, polri, d7, boss) == SEEN  # found in the sealed messages
+    finally:
+        id_node.close()
+        my_node.close()
+
+
+def test_only_a_decider_of_the_originating_unit_acts_for_the_originator(pair) -> None:  # type: ignore[no-untyped-def]
+    id_dir, my_dir, id_node, my_node = pair
+    sent = submit(id_node, actor(id_node, id_dir, "polri-cms"), rfi())  # from the TPPO unit
+    deliver(id_node, my_node)
+    request = my_node.lifecycle.request_consent(
+        actor(my_node, my_dir, "pdrm-d7"),
+        sent["id"],
+        recipient="INTERPOL",
+        purposes=["TIP_INVESTIGATION"],
+        justification="red notice",
+        now=now(),
+    )
+    deliver(my_node, id_node)
+    other_unit = client(id_node, id_dir, "polri-ppa-boss", "RAHASIA", "--role", "SUPERVISOR", "--unit", "PPA")
+    assert id_node.lifecycle.consent_requests(other_unit, now()) == []
+    with pytest.raises(NotFound):
+        id_node.lifecycle.decide_consent(
+            other_unit,
+            request["id"],
+            grant=True,
+            conditions=None,
+            expires_at=now() + dt.timedelta(days=1),
+            now=now(),
+        )
+    with pytest.raises(NotFound):
+        id_node.lifecycle.reclassify(other_unit, sent["id"], level="BIASA", reason="x", now=now())
+    with pytest.raises(NotFound):
+        id_node.lifecycle.return_or_destroy(other_unit, sent["id"], reason="x", now=now())
+    boss = supervisor(id_node, id_dir)  # of the originating unit
+    with id_node.db.transaction() as conn:  # a row stored before 0015 kept the origin: read from its content
+        repo.update_message(conn, sent["id"], origin_agency=None, origin_unit=None)
+    assert [r["id"] for r in id_node.lifecycle.consent_requests(boss, now())] == [request["id"]]
+    assert id_node.lifecycle.consent_requests(other_unit, now()) == []
+    id_node.lifecycle.reclassify(boss, sent["id"], level="BIASA", reason="the operation ended", now=now())
