@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy.engine import Connection
@@ -30,6 +31,7 @@ from exchange.ledger import EntryDraft
 from exchange.ledger.events import LedgerEvent
 
 log = logging.getLogger("exchange.content")
+_BATCHED = "content.batched"  # the periods a ContentStore.batch re-wraps at its end
 
 
 def destroy_after(agreement: Agreement, message_type: str, created_at: dt.datetime) -> str:
@@ -79,30 +81,14 @@ class ContentStore:
         self, conn: Connection, rows: Sequence[dict[str, Any]], *, reason: str, at: str, actor: str
     ) -> tuple[list[EntryDraft], list[str]]:
         """Destroy the content of ``rows`` inside the caller's transaction (which holds the ledger
-        lock): the other messages of their periods are re-wrapped under a new KEK, these forget
-        their content. Returns the ledger entries and the KEK ids to :meth:`retire` after commit."""
+        lock): these forget their content, and the other messages of their periods are re-wrapped
+        under a new KEK (at once, or at the end of a :meth:`batch`). Returns the ledger entries and
+        the KEK ids to :meth:`retire` after commit."""
         doomed = {r["id"] for r in rows if r["destroyed_at"] is None}
         periods = {period_of(r["destroy_after"]) for r in rows if r["id"] in doomed and r["content_kid"]}
-        memo = transaction_memo(conn)
-        if memo is not None:  # a later seal in this transaction takes the new KEK
-            for period in periods:
-                memo.pop(("live_kek", period), None)
-        retired: list[str] = []
         old_kids = {period: self.keks.kids(period) for period in sorted(periods)}
-        repo.lock_queued(
-            conn, under=[k for kids in old_kids.values() for k in kids], message_ids=sorted(doomed)
-        )
-        for period, old in old_kids.items():
-            keep = [r for r in repo.contents_under(conn, old) if r["id"] not in doomed]
-            new = self.keks.create(period)  # always: so no old KEK of the period is its live one
-            if keep:
-                for row in keep:
-                    meta = metadata_digest(row)
-                    content = rewrap(
-                        row["content"], message_id=row["id"], meta=meta, old=self.keks.get, new=new
-                    )
-                    repo.update_message(conn, row["id"], content=content, content_kid=new.kid)
-            retired.extend(old)
+        retired = [k for kids in old_kids.values() for k in kids]
+        repo.lock_queued(conn, under=retired, message_ids=sorted(doomed))
         drafts = []
         for row in rows:
             if row["id"] not in doomed:
@@ -125,7 +111,47 @@ class ContentStore:
                     },
                 )
             )
+        memo = transaction_memo(conn)
+        batched = memo.get(_BATCHED) if memo is not None else None
+        if batched is not None:
+            batched.update(periods)
+        else:
+            for period in sorted(periods):
+                self._rewrap(period, conn)
         return drafts, retired
+
+    @contextmanager
+    def batch(self, conn: Connection) -> Iterator[None]:
+        """Within the block, :meth:`destroy` leaves the re-wrap of each period to the block's end:
+        once per period however many destructions the block makes (a batch of return-or-destroy
+        requests re-wraps a period once, not once per request). Nothing is re-wrapped if the block
+        raises (the transaction does not commit). Only in :meth:`Database.transaction`."""
+        memo = transaction_memo(conn)
+        if memo is None:
+            yield
+            return
+        periods: set[str] = set()
+        memo[_BATCHED] = periods
+        try:
+            yield
+        finally:
+            del memo[_BATCHED]
+        for period in sorted(periods):  # (a destruction rolled back with its savepoint: re-wrapped anyway)
+            self._rewrap(period, conn)
+
+    def _rewrap(self, period: str, conn: Connection) -> None:
+        """Re-wrap every content of ``period`` still kept under a new KEK, which becomes the live
+        one (always created: so no old KEK of the period stays live)."""
+        memo = transaction_memo(conn)
+        if memo is not None:  # a later seal in this transaction takes the new KEK
+            memo.pop(("live_kek", period), None)
+        old = self.keks.kids(period)
+        repo.lock_queued(conn, under=old, message_ids=[])  # (before the rows: the claim's order)
+        new = self.keks.create(period)
+        for row in repo.contents_under(conn, old):
+            meta = metadata_digest(row)
+            content = rewrap(row["content"], message_id=row["id"], meta=meta, old=self.keks.get, new=new)
+            repo.update_message(conn, row["id"], content=content, content_kid=new.kid)
 
     def retire(self, kids: Sequence[str], db: Database) -> None:
         """Destroy KEK files after the transaction that stopped needing them committed; a KEK some

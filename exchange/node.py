@@ -746,34 +746,37 @@ class Node(Releases):
             seen: set[str] = set()
             judged: dict[Any, Any] = {}  # the checkpoints the batch carries, judged once each
             unopened: dict[str, list[str]] = {}  # the digests of those that did not open, by reason
-            for compact, item in zip(envelopes, opened, strict=True):
-                if isinstance(item, EnvelopeError):
-                    unopened.setdefault(item.reason, []).append(envelope.envelope_digest(compact))
-                    results.append(PeerResult(False))
-                    continue
-                then: list[Callable[[], None]] = []  # kept only if this envelope's savepoint commits
-                mid = item.message.id
-                prefetched = (mid not in seen, stored.get(mid))
-                seen.add(mid)
-                inbox_seq = head.size + len(drafts) + 1
-                if not careful:
-                    result, new = self._admit(conn, item, now, inbox_seq, prefetched, judged, then)
-                else:
-                    try:
-                        with conn.begin_nested():  # one envelope's failure rejects that envelope alone
-                            result, new = self._admit(conn, item, now, inbox_seq, prefetched, judged, then)
-                    except Exception as exc:
-                        if is_conflict(exc) or is_unavailable(exc):  # not the envelope's fault: the
-                            raise  # batch fails (503) and the partner sends it again
-                        log.exception("envelope for message %s could not be admitted", mid)
-                        result, new = (
-                            PeerResult(False),
-                            [self._rejection(item.opened.digest, "internal", mid)],
-                        )
-                        then = []
-                after.extend(then)
-                drafts.extend(new)
-                results.append(result)
+            with self.content.batch(conn):  # each period a batch's destructions touch re-wrapped once
+                for compact, item in zip(envelopes, opened, strict=True):
+                    if isinstance(item, EnvelopeError):
+                        unopened.setdefault(item.reason, []).append(envelope.envelope_digest(compact))
+                        results.append(PeerResult(False))
+                        continue
+                    then: list[Callable[[], None]] = []  # kept only if this envelope's savepoint commits
+                    mid = item.message.id
+                    prefetched = (mid not in seen, stored.get(mid))
+                    seen.add(mid)
+                    inbox_seq = head.size + len(drafts) + 1
+                    if not careful:
+                        result, new = self._admit(conn, item, now, inbox_seq, prefetched, judged, then)
+                    else:
+                        try:
+                            with conn.begin_nested():  # one envelope's failure rejects that envelope alone
+                                result, new = self._admit(
+                                    conn, item, now, inbox_seq, prefetched, judged, then
+                                )
+                        except Exception as exc:
+                            if is_conflict(exc) or is_unavailable(exc):  # not the envelope's fault: the
+                                raise  # batch fails (503) and the partner sends it again
+                            log.exception("envelope for message %s could not be admitted", mid)
+                            result, new = (
+                                PeerResult(False),
+                                [self._rejection(item.opened.digest, "internal", mid)],
+                            )
+                            then = []
+                    after.extend(then)
+                    drafts.extend(new)
+                    results.append(result)
             drafts.extend(self._unopened(unopened))
             repo.append_ledger(conn, head, drafts, iso(now))
         return results, after

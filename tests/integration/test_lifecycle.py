@@ -723,7 +723,7 @@ def _consent_and_reclassification(id_dir, my_dir, id_node, my_node) -> tuple[str
 WORDS = ("Siti Aminah", "Budi Santoso", "Wati Lestari")
 
 
-def _words_seen(id_node, my_node, sent: str, polri: Actor, d7: Actor, boss: Actor) -> list[tuple[Any, ...]]:  # type: ignore[no-untyped-def]
+def _words_seen(id_node, my_node, sent: str, polri: Actor, d7: Actor, boss: Actor) -> list[Any]:  # type: ignore[no-untyped-def]
     """The words each party's readers see: the decider's and the asker's views of the consent, and
     the reclassification's reason at both ends."""
     (asked,) = id_node.lifecycle.consent_requests(boss, now())
@@ -819,3 +819,39 @@ def test_only_a_decider_of_the_originating_unit_acts_for_the_originator(pair) ->
     assert [r["id"] for r in id_node.lifecycle.consent_requests(boss, now())] == [request["id"]]
     assert id_node.lifecycle.consent_requests(other_unit, now()) == []
     id_node.lifecycle.reclassify(boss, sent["id"], level="BIASA", reason="the operation ended", now=now())
+
+
+def test_a_batch_of_return_or_destroy_requests_rewraps_each_period_once(pair, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from exchange.content import period_of_kid
+    from exchange.envelope.at_rest import rewrap
+
+    id_dir, my_dir, id_node, my_node = pair
+    polri, d7 = actor(id_node, id_dir, "polri-cms"), actor(my_node, my_dir, "pdrm-d7")
+    keep = submit(id_node, polri, rfi())
+    doomed = [submit(id_node, polri, rfi())["id"] for _ in range(6)]
+    deliver(id_node, my_node)
+    for message_id in doomed:
+        id_node.lifecycle.return_or_destroy(polri, message_id, reason="withdrawn", now=now())
+    rewrapped: list[str] = []
+
+    def counted(compact: str, **kwargs: Any) -> str:
+        rewrapped.append(kwargs["message_id"])
+        return rewrap(compact, **kwargs)
+
+    monkeypatch.setattr("exchange.content.rewrap", counted)
+    with my_node.db.read() as conn:
+        period = period_of_kid(str(repo.get_message(conn, keep["id"])["content_kid"]))  # type: ignore[index]
+    kids_before = my_node.content.keks.kids(period)
+    deliver(id_node, my_node)  # the six requests in one batch, one transaction
+    assert rewrapped == [keep["id"]]  # once, the one message kept; before: 6 + 5 + ... + 1 re-wraps
+    assert len(my_node.content.keks.kids(period)) == 1  # one new KEK for the period, the old retired
+    assert set(my_node.content.keks.kids(period)).isdisjoint(kids_before)
+    assert my_node.read(d7, keep["id"], now())["id"] == keep["id"]
+    for message_id in doomed:
+        with pytest.raises(ContentDestroyed):
+            my_node.read(d7, message_id, now())
+    with my_node.db.read() as conn:  # every KEK the destructions retired is gone
+        assert set(my_node.content.keks.kids()) == repo.referenced_kids(conn) | {
+            my_node.content.keks.kids()[-1]
+        }
+    verified(my_node)
