@@ -76,6 +76,14 @@ class NodeSettings(BaseSettings):
         ge=8_192,
         description="the most bytes of URL and headers a request may carry (431 past it)",
     )
+    max_requests_in_progress: int = Field(
+        default=256,
+        ge=1,
+        description="requests a process serves at once from every caller but the partner node (503 past it)",
+    )
+    max_requests_in_progress_per_caller: int = Field(
+        default=32, ge=1, description="requests a process serves at once for one client certificate"
+    )
     clock_skew_seconds: int = Field(default=300, ge=0)
     replay_window_seconds: int = Field(default=30 * 86400, gt=0)
     delivery_batch_size: int = Field(default=64, ge=1, le=1000)

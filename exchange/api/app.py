@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import exchange
 from exchange.api import auth, lifecycle_routes, observability, openapi, problems
-from exchange.api.guard import RequestGuard, SecurityHeaders
+from exchange.api.guard import ConcurrencyLimit, RequestGuard, SecurityHeaders
 from exchange.api.routes import (
     WITNESS_PATH,
     audit_router,
@@ -179,6 +179,13 @@ def create_app(node: Node, transport: PeerTransport | None = None, *, run_worker
                 lambda scope: auth.is_partner_node(node, auth.certificate_of(scope)),
             )
         },
+    )
+    app.add_middleware(  # before any body is read
+        ConcurrencyLimit,
+        total=node.settings.max_requests_in_progress,
+        per_caller=node.settings.max_requests_in_progress_per_caller,
+        caller_of=auth.certificate_of,
+        is_partner=lambda pem: auth.is_partner_node(node, pem),
     )
     app.add_middleware(SecurityHeaders)  # outermost: the guard's refusals carry the headers too
     observability.install(app, node)  # /metrics, and the request id around everything

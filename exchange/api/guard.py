@@ -21,7 +21,8 @@ every answer carries the security headers.
 A path may have a larger limit than the others for some callers only (the partner node's envelope
 batches): anyone else is held to the common limit before the body is read.
 
-Only then is the buffered body handed to the application. :class:`SecurityHeaders` adds HSTS,
+Only then is the buffered body handed to the application. :class:`ConcurrencyLimit` bounds the
+requests in progress before that (503 past it). :class:`SecurityHeaders` adds HSTS,
 ``nosniff``, ``frame-ancestors 'none'`` and ``Cache-Control: no-store`` (answers hold decrypted
 intelligence; no proxy or browser may keep them).
 """
@@ -242,6 +243,65 @@ class RequestGuard:
         )
         response.headers["connection"] = "close"  # the rest of the body is not read
         await response(scope, receive, send)
+
+
+class ConcurrencyLimit:
+    """Bound the requests a process has in progress, before a body is read: at most ``per_caller``
+    for one client certificate, and ``total`` for every caller but the partner node together (so
+    that local systems, however many requests they open, cannot starve the partner's deliveries,
+    and the bodies buffered stay within ``total`` times the body limit). Past either bound: 503
+    problem JSON with ``Retry-After``, the connection closed. Counted per process (asyncio: one
+    event loop, no lock)."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        total: int,
+        per_caller: int,
+        caller_of: Callable[[Scope], bytes | None],
+        is_partner: Callable[[bytes | None], bool],
+    ) -> None:
+        self.app = app
+        self.total = total
+        self.per_caller = per_caller
+        self.caller_of = caller_of  # the caller's certificate
+        self.is_partner = is_partner
+        self.in_progress = 0  # every caller's but the partner node's
+        self.by_caller: dict[bytes | None, int] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        caller = self.caller_of(scope)
+        partner = self.is_partner(caller)
+        mine = self.by_caller.get(caller, 0)
+        if mine >= self.per_caller or (not partner and self.in_progress >= self.total):
+            which = (
+                f"this caller has {mine} requests in progress (at most {self.per_caller})"
+                if mine >= self.per_caller
+                else f"the node has {self.in_progress} requests in progress (at most {self.total})"
+            )
+            response = problems.problem(
+                503,
+                "overloaded",
+                "Too many requests in progress",
+                f"{which}: send again after the Retry-After delay",
+                headers={"retry-after": "1", "connection": "close"},
+            )
+            await response(scope, receive, send)
+            return
+        self.by_caller[caller] = mine + 1
+        self.in_progress += 0 if partner else 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_progress -= 0 if partner else 1
+            left = self.by_caller[caller] - 1
+            if left:
+                self.by_caller[caller] = left
+            else:
+                del self.by_caller[caller]
 
 
 class SecurityHeaders:

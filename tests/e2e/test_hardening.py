@@ -395,3 +395,46 @@ def test_a_client_helper_still_works_with_its_own_key_passphrase(nodes: tuple[Ru
         key_password=CLIENT_PASSPHRASE,
     ) as api:
         assert api.health()["status"] == "ok"
+
+
+def test_one_caller_holding_requests_open_gets_503_and_others_are_still_served(
+    nodes: tuple[Running, Running], auditor: ClientFiles
+) -> None:
+    """A local system that opens requests and never sends their bodies holds at most
+    ``max_requests_in_progress_per_caller`` of the process's slots: its next request is 503 problem
+    JSON with Retry-After, before any body is read; another system is served meanwhile, and the
+    slots are freed when the connections go."""
+    import socket
+    import time
+
+    polri, _ = nodes
+    per_caller = load_settings(polri.node.path).max_requests_in_progress_per_caller
+    ctx = _tls(polri.node.ca, polri.client_files.cert, polri.client_files.key, CLIENT_PASSPHRASE)
+    host, port = polri.node.url.removeprefix("https://").split(":")
+    held = []
+    try:
+        for _ in range(per_caller):
+            conn = ctx.wrap_socket(socket.create_connection((host, int(port))), server_hostname=host)
+            conn.sendall(
+                b"POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                b"content-length: 100\r\n\r\n"  # and no body: the request stays in progress
+            )
+            held.append(conn)
+        with polri.client() as api:
+            deadline = time.monotonic() + 10
+            while (r := api.request("GET", "/v1/inbox")).status_code != 503 and time.monotonic() < deadline:
+                time.sleep(0.05)  # (until the server has read every held request's head)
+            problem = _problem(r, 503)
+            assert f"(at most {per_caller})" in str(problem["detail"])
+            assert r.headers["retry-after"] == "1"
+        with polri.client(auditor) as other:
+            assert other.request("GET", "/v1/audit/entries").status_code == 200
+    finally:
+        for conn in held:
+            conn.close()
+    with polri.client() as api:
+        deadline = time.monotonic() + 10
+        while (r := api.request("GET", "/v1/inbox")).status_code == 503 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert r.status_code == 200
+    _no_traceback(polri)
