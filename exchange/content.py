@@ -23,7 +23,7 @@ from sqlalchemy.engine import Connection
 from exchange.agreement import Agreement
 from exchange.canonical import sha256_hex
 from exchange.db import repo
-from exchange.db.engine import Database, transaction_memo
+from exchange.db.engine import Database, inserts_deferred, transaction_memo
 from exchange.envelope.at_rest import metadata_digest, open_at_rest, rewrap, seal_at_rest
 from exchange.errors import ContentDestroyed
 from exchange.keys.kek import KekStore, period_of
@@ -84,6 +84,8 @@ class ContentStore:
         lock): these forget their content, and the other messages of their periods are re-wrapped
         under a new KEK (at once, or at the end of a :meth:`batch`). Returns the ledger entries and
         the KEK ids to :meth:`retire` after commit."""
+        if inserts_deferred(conn):  # rows sealed in the transaction would miss the re-wrap
+            raise RuntimeError("a destruction in a transaction that defers its inserts")
         doomed = {r["id"] for r in rows if r["destroyed_at"] is None}
         periods = {period_of(r["destroy_after"]) for r in rows if r["id"] in doomed and r["content_kid"]}
         old_kids = {period: self.keks.kids(period) for period in sorted(periods)}

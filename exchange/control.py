@@ -23,10 +23,10 @@ from sqlalchemy.engine import Connection
 from exchange import envelope
 from exchange.content import destroy_after
 from exchange.db import repo, rows
-from exchange.errors import ContentDestroyed
+from exchange.errors import ContentDestroyed, ContentUnavailable, EnvelopeError
 from exchange.ledger import EntryDraft
 from exchange.ledger.events import LedgerEvent
-from exchange.messages import Message, Origin, personal_data
+from exchange.messages import MalformedMessage, Message, Origin, personal_data
 from exchange.observability import logs
 from exchange.policy import Consent, Marking, Use, decide, national_equivalent
 
@@ -248,13 +248,23 @@ class ControlProtocol:
             found = repo.get_messages(conn, wanted)
         payloads = {}
         for control_id, row in found.items():
-            if row["kind"] != "control":
-                continue
-            try:
-                payloads[control_id] = dict(self.node.stored_message(row).payload)
-            except ContentDestroyed:
-                continue
+            payload = self._payload_or_none(row) if row["kind"] == "control" else None
+            if payload is not None:
+                payloads[control_id] = payload
         return payloads
+
+    def _payload_or_none(self, row: dict[str, Any], *, whole: bool = False) -> Any:
+        """A stored message's payload (or, ``whole``, the message); None if its content was
+        destroyed, or does not open (logged by id: a database restored from before a destruction
+        holds content under KEKs retired since), so that one such message fails no listing."""
+        try:
+            message = self.node.stored_message(row)
+        except ContentDestroyed:
+            return None
+        except (ContentUnavailable, MalformedMessage, EnvelopeError) as exc:
+            log.error("stored message %s does not open (%s): left out", row["id"], type(exc).__name__)
+            return None
+        return message if whole else dict(message.payload)
 
     def reclassification_history(self, history: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """A message's reclassifications as its readers see them, each reason read from the sealed

@@ -132,63 +132,84 @@ class Lifecycle(ControlProtocol):
             and self._origin_of(row) == (actor.agency, actor.unit)
         )
 
-    def _origin_of(self, row: dict[str, Any]) -> tuple[str, str] | None:
-        """The agency and unit that originated a sent message, as signed (read from its content if
-        it was stored before migration 0015 kept them; None once that was destroyed)."""
-        if row["origin_unit"] is not None:
-            return row["origin_agency"], row["origin_unit"]
-        try:
-            origin = self.node.stored_message(row).origin
-        except ContentDestroyed:
+    @staticmethod
+    def _origin_of(row: dict[str, Any]) -> tuple[str, str] | None:
+        """The agency and unit that originated a sent message, as signed (None for a row of before
+        migration 0015 whose submitting client was removed and whose content could not be read:
+        then only the system that sent it acts for it)."""
+        if row["origin_unit"] is None:
             return None
-        return origin.agency, origin.unit
+        return row["origin_agency"], row["origin_unit"]
 
-    def seal_legacy_words(self) -> int:
-        """Empty the free text that consent requests and reclassifications kept in clear before
-        migration 0015, linking each row to the sealed control message that carried the same
-        words (words whose message was destroyed are gone with it, as they should be). Idempotent;
-        returns the rows changed."""
+    def seal_legacy_rows(self) -> int:
+        """Bring rows written before migration 0015 under it, once, holding the ledger lock (one
+        process does it; the others find nothing left): the free text that consent requests and
+        reclassifications kept in clear is emptied, each row linked to the sealed control message
+        that carried the very same words about the same message (words whose message was destroyed
+        are gone with it, as they should be); a sent message whose submitting client was removed
+        (the migration filled the others from the registrations) gets its origin from its content.
+        A message that does not open is logged by id and left. Returns the rows changed."""
         with self.node.db.read() as conn:
-            consents, reclassed = repo.words_in_clear(conn)
-            if not consents and not reclassed:
+            if not repo.rows_before_0015(conn):
                 return 0
-            controls = repo.control_messages(
-                conn, [CONSENT_REQUEST, CONSENT_DECISION, RECLASSIFICATION_NOTICE]
-            )
-        carried: dict[tuple[str, str], str] = {}  # (type, request or notice id) -> control message
-        for row in controls:  # oldest first: the last decision that is not a revocation stands
-            try:
-                payload = self.node.stored_message(row).payload
-            except ContentDestroyed:
-                continue
-            if row["type"] == RECLASSIFICATION_NOTICE:
-                carried[(row["type"], str(payload.get("notice_id")))] = row["id"]
-            elif row["type"] == CONSENT_REQUEST or payload.get("decision") != "REVOKED":
-                carried[(row["type"], str(payload.get("request_id")))] = row["id"]
         with self.node.db.transaction() as conn:
+            repo.lock_ledger_head(conn)
+            consents, reclassed = repo.words_in_clear(conn)
+            origins = repo.sent_without_origin(conn)
+            threads = repo.threads_of(conn, [r["message_id"] for r in [*consents, *reclassed]])
+            controls = repo.control_messages(
+                conn, [CONSENT_REQUEST, CONSENT_DECISION, RECLASSIFICATION_NOTICE], threads
+            )
+            carried: dict[tuple[str, str, str, str], str] = {}  # (type, id, about, words) -> control message
+            fields = {
+                CONSENT_REQUEST: ("request_id", "justification"),
+                CONSENT_DECISION: ("request_id", "conditions"),
+                RECLASSIFICATION_NOTICE: ("notice_id", "reason"),
+            }
+            for row in controls:
+                payload = self._payload_or_none(row)
+                if payload is not None:
+                    key, words = fields[row["type"]]
+                    found = _carried(
+                        row["type"], payload.get(key), payload.get("message_id"), payload.get(words)
+                    )
+                    carried.setdefault(found, row["id"])
             for request in consents:
+                asked, decided = request["justification"], request["conditions"]
+                on = (request["id"], request["message_id"])
                 repo.update_consent_request(
                     conn,
                     request["id"],
                     justification=None,
                     conditions=None,
-                    request_control_id=carried.get((CONSENT_REQUEST, request["id"])),
-                    decision_control_id=carried.get((CONSENT_DECISION, request["id"])),
+                    request_control_id=request["request_control_id"]
+                    or carried.get(_carried(CONSENT_REQUEST, *on, asked)),
+                    decision_control_id=request["decision_control_id"]
+                    or (
+                        carried.get(_carried(CONSENT_DECISION, *on, decided)) if decided is not None else None
+                    ),
                 )
             for history in reclassed:
-                repo.update_reclassification(
-                    conn,
-                    history["id"],
-                    reason=None,
-                    control_id=carried.get((RECLASSIFICATION_NOTICE, history["notice_id"])),
+                found = _carried(
+                    RECLASSIFICATION_NOTICE, history["notice_id"], history["message_id"], history["reason"]
                 )
+                repo.update_reclassification(
+                    conn, history["id"], reason=None, control_id=history["control_id"] or carried.get(found)
+                )
+            for row in origins:
+                message = self._payload_or_none(row, whole=True)
+                if message is not None:
+                    origin = message.origin
+                    repo.update_message(conn, row["id"], origin_agency=origin.agency, origin_unit=origin.unit)
         log.info(
-            "the words of %d consent request(s) and %d reclassification(s) kept in clear are now"
-            " only in their sealed control messages",
+            "rows written before migration 0015 brought under it: the words of %d consent request(s)"
+            " and %d reclassification(s) now only in their sealed control messages; %d origin(s) read",
             len(consents),
             len(reclassed),
+            len(origins),
         )
-        return len(consents) + len(reclassed)
+        self.node.db.compact(["consent_requests", "reclassifications"])  # the emptied words, out of the files
+        return len(consents) + len(reclassed) + len(origins)
 
     # --- consent: the receiving side ------------------------------------------------------------------
 
@@ -361,12 +382,17 @@ class Lifecycle(ControlProtocol):
 
         Raises:
             NotFound: no such pending request, or the caller is not a consent decider.
-            InvalidInput: a grant without a future expiry.
+            InvalidInput: a grant without a future expiry; conditions that say nothing.
         """
         request = self._request_to_decide(actor, request_id, pending=True)
         if grant and (expires_at is None or expires_at.tzinfo is None or expires_at <= now):
             raise InvalidInput(
                 "a consent expires", [FieldError("expires_at", "give a future time with a time zone")]
+            )
+        if conditions is not None and not conditions.strip():
+            raise InvalidInput(
+                "the decision is invalid",
+                [FieldError("conditions", "state the conditions, or leave them out")],
             )
         values = {
             "status": "granted" if grant else "refused",
@@ -563,6 +589,12 @@ class Lifecycle(ControlProtocol):
             return {"message_id": message_id, "status": "requested"}, drafts, []
 
         return dict(self._transaction(now, work))
+
+
+def _carried(message_type: str, ref: Any, message_id: Any, words: Any) -> tuple[str, str, str, str]:
+    """What links a row of before migration 0015 to the control message that carried its words:
+    the type, the request's or notice's id, the message it is about and the very same words."""
+    return message_type, str(ref), str(message_id), str(words)
 
 
 @dataclass(frozen=True)

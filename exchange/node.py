@@ -13,6 +13,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, TypeVar
@@ -152,7 +153,7 @@ class Node(Releases):
         self.retention = RetentionService(self.db, self.content, self.party)
         self.deadlines = DeadlineService(self.db, lambda: self.agreement, self.committer, self.party)
         self._seal_legacy()
-        self.lifecycle.seal_legacy_words()
+        self.lifecycle.seal_legacy_rows()
 
     @property
     def terms(self) -> Terms:
@@ -704,7 +705,19 @@ class Node(Releases):
             if assumed is not None:
                 unlocked.committed()
             break
-        results, after = stored if stored is not None else self._store(envelopes, opened, now, careful=True)
+        if stored is None:
+            try:
+                stored = self._store(envelopes, opened, now, careful=True)
+            except (DatabaseUnavailable, TransactionConflict):
+                raise
+            except Exception:  # the batch's re-wrap at its end failed (a content of the period that
+                log.warning(  # does not open): each destruction re-wraps in its envelope's savepoint
+                    "a received batch of %d envelopes is stored again, each destruction on its own",
+                    len(envelopes),
+                    exc_info=True,
+                )
+                stored = self._store(envelopes, opened, now, careful=True, batched=False)
+        results, after = stored
         for item in opened:  # counted once the batch committed (a batch sent again is not counted twice)
             if isinstance(item, EnvelopeError):
                 metrics.envelope_rejected(item.reason)
@@ -720,6 +733,7 @@ class Node(Releases):
         *,
         careful: bool,
         assumed: repo.LedgerHead | None = None,
+        batched: bool = True,
     ) -> tuple[list[PeerResult], list[Callable[[], None]]]:
         """Admit the opened envelopes of a batch and ledger them, in one transaction; returns the
         results and what to do once it committed (see :meth:`_admit`).
@@ -729,7 +743,9 @@ class Node(Releases):
         Otherwise no savepoint, and every row inserted just before the commit
         (:func:`exchange.db.engine.defer_inserts`): any failure raises, and nothing is written.
         ``assumed`` (not careful): append after this head without locking it first; the commit
-        fails if it is no longer the stored head (``repo.assume_ledger_head``).
+        fails if it is no longer the stored head (``repo.assume_ledger_head``). ``batched``: the
+        destructions the batch's control messages make re-wrap each period once, at its end
+        (``ContentStore.batch``); otherwise each in its envelope's savepoint.
         """
         results: list[PeerResult] = []
         after: list[Callable[[], None]] = []
@@ -746,7 +762,7 @@ class Node(Releases):
             seen: set[str] = set()
             judged: dict[Any, Any] = {}  # the checkpoints the batch carries, judged once each
             unopened: dict[str, list[str]] = {}  # the digests of those that did not open, by reason
-            with self.content.batch(conn):  # each period a batch's destructions touch re-wrapped once
+            with self.content.batch(conn) if batched else nullcontext():  # (each period re-wrapped once)
                 for compact, item in zip(envelopes, opened, strict=True):
                     if isinstance(item, EnvelopeError):
                         unopened.setdefault(item.reason, []).append(envelope.envelope_digest(compact))

@@ -36,9 +36,6 @@ from exchange.messages import (
     parse_signed,
 )
 from exchange.observability import metrics
-
-if TYPE_CHECKING:
-    from exchange.lifecycle import Lifecycle
 from exchange.policy import (
     Actor,
     Consent,
@@ -47,6 +44,9 @@ from exchange.policy import (
     decide,
     redacted_payload,
 )
+
+if TYPE_CHECKING:
+    from exchange.lifecycle import Lifecycle
 
 log = logging.getLogger("exchange.release")
 

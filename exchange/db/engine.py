@@ -321,6 +321,11 @@ def defer_inserts(conn: Connection) -> bool:
     return before_commit(conn, "inserts", _Inserts())
 
 
+def inserts_deferred(conn: Connection) -> bool:
+    """Whether ``conn``'s transaction defers its inserts to its commit (:func:`defer_inserts`)."""
+    return isinstance(pending(conn, "inserts"), _Inserts)
+
+
 def insert(conn: Connection, statement: Any, rows: Sequence[Mapping[str, Any]]) -> None:
     """Insert ``rows`` with ``statement`` (an ``INSERT`` of a table): at once, or just before the
     transaction commits if it defers its inserts (:func:`defer_inserts`)."""
@@ -455,6 +460,7 @@ def make_engine(url: str, *, writer: bool = True, pool_size: int = 5) -> Engine:
             cur.execute("PRAGMA synchronous=FULL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA secure_delete=ON")  # what a row no longer holds is overwritten in the file
             cur.close()
 
         @sa.event.listens_for(engine, "begin")
@@ -593,6 +599,23 @@ class Database:
                 yield conn
             finally:
                 _READING.discard(conn)
+
+    def compact(self, tables: Sequence[str]) -> None:
+        """Rewrite ``tables`` (PostgreSQL: ``VACUUM FULL``) or the whole file (SQLite: ``VACUUM``),
+        so that the values just emptied from them leave the database's files. Backups taken before,
+        and PostgreSQL's WAL archive, keep them until they expire. Outside any transaction; takes
+        the tables' exclusive lock for the rewrite (for a one-time step at start)."""
+        raw = self.engine.raw_connection()
+        try:
+            driver: Any = raw.driver_connection
+            if self.dialect == "postgresql":
+                driver.autocommit = True
+                driver.execute("VACUUM FULL " + ", ".join(tables))
+            else:  # (the WAL emptied too: frames of earlier transactions stay in it until truncated)
+                driver.execute("VACUUM")
+                driver.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            raw.close()
 
     @contextmanager
     def _available(self, *, write: bool = True) -> Iterator[None]:

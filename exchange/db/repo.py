@@ -489,26 +489,72 @@ def consent_requests_for(
     return [dict(r._mapping) for r in conn.execute(query.order_by(consent_requests.c.requested_at))]
 
 
+def rows_before_0015(conn: Connection) -> bool:
+    """Whether any row still has what migration 0015 moved: free text in clear in a consent
+    request or a reclassification, or a sent message without its origin whose content is kept."""
+    found = sa.union_all(
+        sa.select(consent_requests.c.id).where(
+            sa.or_(consent_requests.c.justification.is_not(None), consent_requests.c.conditions.is_not(None))
+        ),
+        sa.select(reclassifications.c.message_id).where(reclassifications.c.reason.is_not(None)),
+        _SENT_WITHOUT_ORIGIN.with_only_columns(messages.c.id),
+    )
+    return conn.execute(sa.select(found.subquery()).limit(1)).first() is not None
+
+
 def words_in_clear(conn: Connection) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Consent requests and reclassifications that still hold their free text in clear (stored
-    before migration 0015): ``Lifecycle.seal_legacy_words`` moves them under the sealed messages."""
+    before migration 0015), in a stable order."""
     consents = conn.execute(
-        sa.select(consent_requests).where(
+        sa.select(consent_requests)
+        .where(
             sa.or_(consent_requests.c.justification.is_not(None), consent_requests.c.conditions.is_not(None))
         )
+        .order_by(consent_requests.c.id)
     )
-    reclassed = conn.execute(sa.select(reclassifications).where(reclassifications.c.reason.is_not(None)))
+    reclassed = conn.execute(
+        sa.select(reclassifications)
+        .where(reclassifications.c.reason.is_not(None))
+        .order_by(reclassifications.c.id)
+    )
     return [dict(r._mapping) for r in consents], [dict(r._mapping) for r in reclassed]
 
 
-def control_messages(conn: Connection, types: Sequence[str]) -> list[dict[str, Any]]:
-    """The stored control messages of these types whose content is kept, oldest first."""
+_SENT_WITHOUT_ORIGIN = sa.select(messages).where(
+    messages.c.direction == "out",
+    messages.c.kind == "information",
+    messages.c.origin_unit.is_(None),
+    messages.c.content.is_not(None),
+)
+
+
+def sent_without_origin(conn: Connection) -> list[dict[str, Any]]:
+    """Sent messages without their origin whose content is kept (their client removed before 0015)."""
+    return [dict(r._mapping) for r in conn.execute(_SENT_WITHOUT_ORIGIN.order_by(messages.c.id))]
+
+
+def threads_of(conn: Connection, message_ids: Sequence[str]) -> list[str]:
+    """The threads of these messages."""
+    if not message_ids:
+        return []
+    query = sa.select(messages.c.thread_id).where(messages.c.id.in_(sorted(set(message_ids)))).distinct()
+    return [r.thread_id for r in conn.execute(query)]
+
+
+def control_messages(conn: Connection, types: Sequence[str], threads: Sequence[str]) -> list[dict[str, Any]]:
+    """The stored control messages of these types in these threads whose content is kept, oldest
+    stored first."""
+    if not threads:
+        return []
     query = (
         sa.select(messages)
         .where(
-            messages.c.kind == "control", messages.c.type.in_(list(types)), messages.c.content.is_not(None)
+            messages.c.kind == "control",
+            messages.c.type.in_(list(types)),
+            messages.c.thread_id.in_(list(threads)),
+            messages.c.content.is_not(None),
         )
-        .order_by(messages.c.created_at)
+        .order_by(messages.c.updated_at, messages.c.id)
     )
     return [dict(r._mapping) for r in conn.execute(query)]
 

@@ -3,11 +3,16 @@
 - A consent request's justification and a decision's conditions, and a reclassification's reason,
   are kept only in the sealed control messages that carried them (``request_control_id``,
   ``decision_control_id``, ``control_id``): the columns that held them in clear become nullable and
-  are emptied at the node's next start (``Node._seal_legacy_words``, which needs the node's keys to
-  find the control message of each row).
+  are emptied at the node's next start (``Lifecycle.seal_legacy_rows``, which needs the node's keys
+  to find the control message of each row). A downgrade leaves them empty: the older code shows
+  ``''`` where the words were (they stay in the sealed control messages).
 - ``messages.origin_agency`` and ``origin_unit``: the originating agency and unit as signed, so
-  that only a decider of the originating unit acts for the originator. Rows stored before are read
-  from their sealed content when needed.
+  that only a decider of the originating unit acts for the originator: filled here from the
+  submitting client's registration, or at the node's next start from the sealed content if that
+  client was removed.
+
+Stop every process of the node before migrating: one still on the older code would write words in
+clear again.
 
 Revision ID: 0015
 Revises: 0014
@@ -36,6 +41,16 @@ def upgrade() -> None:
     with op.batch_alter_table("messages") as batch:
         batch.add_column(sa.Column("origin_agency", sa.String(128)))
         batch.add_column(sa.Column("origin_unit", sa.String(128)))
+    # a sent message's origin is its submitting client's agency and unit (a registration never
+    # changes them); the node reads the origin of those whose client was removed from their content
+    op.execute(
+        """
+        UPDATE messages SET
+            origin_agency = (SELECT agency FROM clients WHERE clients.id = messages.submitted_by),
+            origin_unit = (SELECT unit FROM clients WHERE clients.id = messages.submitted_by)
+        WHERE direction = 'out' AND kind = 'information' AND submitted_by IN (SELECT id FROM clients)
+        """
+    )
 
 
 def downgrade() -> None:

@@ -22,6 +22,7 @@ from exchange import crypto
 from exchange.auditing import AuditService
 from exchange.config import load_settings
 from exchange.db import repo
+from exchange.db.engine import sqlite_path
 from exchange.envelope.at_rest import metadata_digest, open_at_rest
 from exchange.errors import ContentDestroyed, ContentUnavailable, NotFound, PolicyRefusal
 from exchange.keys.kek import KekStore
@@ -759,8 +760,49 @@ def test_consent_and_reclassification_words_are_read_from_sealed_messages_never_
 
 
 def test_words_kept_in_clear_before_migration_0015_are_sealed_at_start(pair) -> None:  # type: ignore[no-untyped-def]
+    from exchange.control import CONSENT_REQUEST, RECLASSIFICATION_NOTICE
+
     id_dir, my_dir, id_node, my_node = pair
-    sent, _request, polri, d7, boss = _consent_and_reclassification(id_dir, my_dir, id_node, my_node)
+    sent, request, polri, d7, boss = _consent_and_reclassification(id_dir, my_dir, id_node, my_node)
+    with id_node.db.read() as conn:
+        target = repo.get_message(conn, sent)
+        (notice,) = conn.execute(sa.text("select id from messages where type = 'RECLASSIFICATION_NOTICE'"))
+        reclassified = id_node.stored_message(dict(repo.get_message(conn, notice.id) or {}))
+    assert target is not None
+    forged = {  # the partner reuses the ids it knows, with words of its own: refused, but stored
+        CONSENT_REQUEST: {
+            "request_id": request,
+            "message_id": sent,
+            "recipient": "INTERPOL",
+            "purposes": ["TIP_INVESTIGATION"],
+            "justification": "forged words",
+        },
+        RECLASSIFICATION_NOTICE: {**reclassified.payload, "reason": "forged words"},
+    }
+    for message_type, payload in forged.items():
+        my_node.lifecycle._transaction(
+            now(),
+            lambda conn, t=message_type, p=payload: (
+                None,
+                my_node.lifecycle.queue_control(conn, t, target, p, now()),
+                [],
+            ),
+        )
+    deliver(my_node, id_node)
+    with id_node.db.read() as conn:
+        kinds = sa.text(
+            "select type, count(*) from messages where direction = 'in' and kind = 'control' group by type"
+        )
+        received = dict(conn.execute(kinds).all())  # the genuine request, and both forgeries, kept
+    assert (received[CONSENT_REQUEST], received[RECLASSIFICATION_NOTICE]) == (2, 1)
+    with id_node.db.transaction() as conn:  # the forgeries found first: only the words tell them apart
+        conn.execute(
+            sa.text(
+                "update messages set updated_at = '2000-01-01T00:00:00+00:00' where kind = 'control'"
+                " and id not in (select request_control_id from consent_requests)"
+                " and id not in (select control_id from reclassifications)"
+            )
+        )
     for node in (id_node, my_node):  # the rows as an older version wrote them: words, no references
         with node.db.transaction() as conn:
             conn.execute(
@@ -780,6 +822,13 @@ def test_words_kept_in_clear_before_migration_0015_are_sealed_at_start(pair) -> 
         for node in (id_node, my_node):
             assert tables_quoting(node, *WORDS) == []
         assert _words_seen(id_node, my_node, sent, polri, d7, boss) == SEEN  # found in the sealed messages
+        assert tables_quoting(id_node, "forged words") == []  # (the partner's, refused, sealed too)
+        for node in (id_node, my_node):  # nor in the database's files (a page or WAL frame of before)
+            path = sqlite_path(node.db.url)
+            if path is not None:
+                files = [path, path.with_name(path.name + "-wal")]
+                written = b"".join(f.read_bytes() for f in files if f.exists())
+                assert [w for w in WORDS if w.encode() in written] == []
     finally:
         id_node.close()
         my_node.close()
@@ -814,11 +863,22 @@ def test_only_a_decider_of_the_originating_unit_acts_for_the_originator(pair) ->
     with pytest.raises(NotFound):
         id_node.lifecycle.return_or_destroy(other_unit, sent["id"], reason="x", now=now())
     boss = supervisor(id_node, id_dir)  # of the originating unit
-    with id_node.db.transaction() as conn:  # a row stored before 0015 kept the origin: read from its content
-        repo.update_message(conn, sent["id"], origin_agency=None, origin_unit=None)
     assert [r["id"] for r in id_node.lifecycle.consent_requests(boss, now())] == [request["id"]]
-    assert id_node.lifecycle.consent_requests(other_unit, now()) == []
-    id_node.lifecycle.reclassify(boss, sent["id"], level="BIASA", reason="the operation ended", now=now())
+    with id_node.db.transaction() as conn:  # a row of before 0015 whose client was removed: no origin
+        repo.update_message(conn, sent["id"], origin_agency=None, origin_unit=None)
+    assert id_node.lifecycle.consent_requests(boss, now()) == []  # unknown origin: only its sender acts
+    id_node.close()
+    id_node = Node(load_settings(id_dir.path))  # the next start reads it from the sealed content
+    try:
+        with id_node.db.read() as conn:
+            row = repo.get_message(conn, sent["id"])
+        assert row is not None
+        assert (row["origin_agency"], row["origin_unit"]) == ("Polri", "TPPO")
+        assert [r["id"] for r in id_node.lifecycle.consent_requests(boss, now())] == [request["id"]]
+        assert id_node.lifecycle.consent_requests(other_unit, now()) == []
+        id_node.lifecycle.reclassify(boss, sent["id"], level="BIASA", reason="the operation ended", now=now())
+    finally:
+        id_node.close()
 
 
 def test_a_batch_of_return_or_destroy_requests_rewraps_each_period_once(pair, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -855,3 +915,81 @@ def test_a_batch_of_return_or_destroy_requests_rewraps_each_period_once(pair, mo
             my_node.content.keks.kids()[-1]
         }
     verified(my_node)
+
+
+def test_a_control_message_that_does_not_open_fails_no_listing_and_no_start(pair) -> None:  # type: ignore[no-untyped-def]
+    """A database restored from before a destruction holds content under KEKs retired since: the
+    words such a message carried show as null, and every other request and the node's start go on."""
+    id_dir, my_dir, id_node, my_node = pair
+    sent, _request, polri, _d7, boss = _consent_and_reclassification(id_dir, my_dir, id_node, my_node)
+    with id_node.db.transaction() as conn:
+        conn.execute(
+            sa.text(
+                "update messages set content = 'eyJhbGciOiJBMjU2S1cifQ.a.b.c.d'"
+                " where kind = 'control' and type = 'CONSENT_REQUEST'"
+            )
+        )
+        conn.execute(sa.text("update consent_requests set justification = 'Siti Aminah testifies in Johor'"))
+    (asked,) = id_node.lifecycle.consent_requests(boss, now())
+    assert (asked["justification"], asked["conditions"]) == (None, "never shown to Budi Santoso")
+    assert [h["reason"] for h in id_node.status(polri, sent, now())["reclassifications"]] == [
+        "Wati Lestari left"
+    ]
+    id_node.close()
+    restarted = Node(load_settings(id_dir.path))  # the words in clear emptied, the damaged message left
+    try:
+        assert tables_quoting(restarted, *WORDS) == []
+        (asked,) = restarted.lifecycle.consent_requests(boss, now())
+        assert asked["justification"] is None
+    finally:
+        restarted.close()
+
+
+def test_a_batch_whose_rewrap_fails_is_stored_with_each_destruction_on_its_own(pair) -> None:  # type: ignore[no-untyped-def]
+    id_dir, my_dir, id_node, my_node = pair
+    polri, d7 = actor(id_node, id_dir, "polri-cms"), actor(my_node, my_dir, "pdrm-d7")
+    damaged, doomed = submit(id_node, polri, rfi()), submit(id_node, polri, rfi())
+    deliver(id_node, my_node)
+    with my_node.db.transaction() as conn:  # one content of the period no longer opens
+        repo.update_message(conn, damaged["id"], content="eyJhbGciOiJBMjU2S1cifQ.a.b.c.d")
+    id_node.lifecycle.return_or_destroy(polri, doomed["id"], reason="withdrawn", now=now())
+    fresh = submit(id_node, polri, rfi())
+    deliver(id_node, my_node)  # before: the whole batch failed at its end, sent again for ever
+    assert [i["id"] for i in my_node.inbox(d7, 0, 10, now()).items if i["id"] == fresh["id"]] == [fresh["id"]]
+    assert my_node.read(d7, doomed["id"], now())["id"] == doomed["id"]  # that destruction alone failed
+    with pytest.raises(ContentUnavailable):
+        my_node.stored_message(repo_row(my_node, damaged["id"]))
+
+
+def repo_row(node: Node, message_id: str) -> dict[str, Any]:
+    with node.db.read() as conn:
+        row = repo.get_message(conn, message_id)
+    assert row is not None
+    return row
+
+
+def test_conditions_that_say_nothing_are_invalid_input(pair) -> None:  # type: ignore[no-untyped-def]
+    from exchange.errors import InvalidInput
+
+    id_dir, my_dir, id_node, my_node = pair
+    sent = submit(id_node, actor(id_node, id_dir, "polri-cms"), rfi())
+    deliver(id_node, my_node)
+    request = my_node.lifecycle.request_consent(
+        actor(my_node, my_dir, "pdrm-d7"),
+        sent["id"],
+        recipient="INTERPOL",
+        purposes=["TIP_INVESTIGATION"],
+        justification="red notice",
+        now=now(),
+    )
+    deliver(my_node, id_node)
+    with pytest.raises(InvalidInput) as invalid:  # before: a 500 (the control message's schema refused it)
+        id_node.lifecycle.decide_consent(
+            supervisor(id_node, id_dir),
+            request["id"],
+            grant=True,
+            conditions=" ",
+            expires_at=now() + dt.timedelta(days=1),
+            now=now(),
+        )
+    assert [e.field for e in invalid.value.errors] == ["conditions"]

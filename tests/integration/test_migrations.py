@@ -52,3 +52,84 @@ def test_the_newest_migration_goes_down_and_up_with_sealed_words(db_url: str) ->
     finally:
         engine.dispose()
     assert _differences(db_url) == []
+
+
+def test_0015_fills_a_sent_message_s_origin_from_its_client_s_registration(db_url: str) -> None:
+    command.downgrade(alembic_config(db_url), "0014")
+    engine = sa.create_engine(db_url)
+    try:
+        common = {
+            "type": "REQUEST_FOR_INFORMATION",
+            "case_ref": "ID-MY/2026/0001",
+            "thread_id": "t",
+            "sender": "ID",
+            "recipient": "MY",
+            "scheme": "ID-NSI",
+            "level": "RAHASIA",
+            "common_level": "S",
+            "local_level": "RAHASIA",
+            "tlp": "AMBER",
+            "handling_codes": [],
+            "purposes": [],
+            "agreement_version": "1",
+            "created_at": "2026-11-25T00:00:00+00:00",
+            "status": "delivered",
+            "envelope_sha256": "0" * 64,
+            "updated_at": "2026-11-25T00:00:00+00:00",
+            "addressed_to": [],
+            "recipients": [],
+            "subject_roles": [],
+            "categories": [],
+        }
+        with engine.begin() as conn:
+            conn.execute(
+                schema.clients.insert(),
+                {
+                    "id": "polri-cms",
+                    "cert_fingerprint": "f" * 64,
+                    "agency": "Polri",
+                    "unit": "TPPO",
+                    "roles": [],
+                    "clearance": "RAHASIA",
+                    "message_types": [],
+                    "purposes": [],
+                    "created_at": "2026-11-25T00:00:00+00:00",
+                    "cases": [],
+                },
+            )
+            table = sa.table(
+                "messages", *(sa.column(k) for k in ["id", "direction", "submitted_by", *common])
+            )
+            for mid, direction, by in (
+                ("sent", "out", "polri-cms"),
+                ("gone", "out", "removed"),
+                ("got", "in", None),
+            ):
+                conn.execute(
+                    table.insert(),
+                    {
+                        "id": mid,
+                        "direction": direction,
+                        "submitted_by": by,
+                        **{k: _json(v) for k, v in common.items()},
+                    },
+                )
+        upgrade(db_url)
+        with engine.connect() as conn:
+            found = conn.execute(
+                sa.text("select id, origin_agency, origin_unit from messages order by id")
+            ).all()
+        # the removed client's message is left to the node's start (from its sealed content)
+        assert [tuple(r) for r in found] == [
+            ("gone", None, None),
+            ("got", None, None),
+            ("sent", "Polri", "TPPO"),
+        ]
+    finally:
+        engine.dispose()
+
+
+def _json(value: object) -> object:
+    import json
+
+    return json.dumps(value) if isinstance(value, list) else value
