@@ -493,8 +493,9 @@ def test_a_consent_makes_judicial_use_and_another_purpose_possible(pair) -> None
     assert len(my_node.inbox(d7, 0, 10, now(), analysis).items) == 1
 
 
-def test_a_consent_is_decided_once_and_a_late_decision_changes_nothing(pair) -> None:  # type: ignore[no-untyped-def]
-    id_dir, my_dir, id_node, my_node = pair
+def _asked(id_dir, my_dir, id_node, my_node, justification: str = "red notice") -> tuple[str, str]:  # type: ignore[no-untyped-def]
+    """Polri sends a request for information; PDRM asks its consent to pass it to Interpol, and the
+    request reaches Polri. Returns the message's and the consent request's ids."""
     sent = submit(id_node, actor(id_node, id_dir, "polri-cms"), rfi())
     deliver(id_node, my_node)
     request = my_node.lifecycle.request_consent(
@@ -502,15 +503,20 @@ def test_a_consent_is_decided_once_and_a_late_decision_changes_nothing(pair) -> 
         sent["id"],
         recipient="INTERPOL",
         purposes=["TIP_INVESTIGATION"],
-        justification="x",
+        justification=justification,
         now=now(),
     )
+    assert request["justification"] == justification
     deliver(my_node, id_node)
+    return sent["id"], request["id"]
+
+
+def test_a_consent_is_decided_once_and_a_late_decision_changes_nothing(pair) -> None:  # type: ignore[no-untyped-def]
+    id_dir, my_dir, id_node, my_node = pair
+    _sent, request = _asked(id_dir, my_dir, id_node, my_node)
     boss = supervisor(id_node, id_dir)
-    pending = id_node.lifecycle._request_to_decide(boss, request["id"], pending=True)
-    id_node.lifecycle.decide_consent(
-        boss, request["id"], grant=False, conditions=None, expires_at=None, now=now()
-    )
+    pending = id_node.lifecycle._request_to_decide(boss, request, pending=True)
+    id_node.lifecycle.decide_consent(boss, request, grant=False, conditions=None, expires_at=None, now=now())
     with pytest.raises(NotFound):  # a second decision that passed the check before the first committed
         id_node.lifecycle._send_decision(boss, pending, {"status": "granted"}, "GRANTED", now())
 
@@ -689,23 +695,12 @@ def test_an_h2_message_reaches_a_system_outside_the_police_once_the_originator_c
 def _consent_and_reclassification(id_dir, my_dir, id_node, my_node) -> tuple[str, str, Actor, Actor, Actor]:  # type: ignore[no-untyped-def]
     """Polri sends; PDRM asks consent (granted with conditions); Polri reclassifies: each with words
     that name people. Returns the message, the request, and the three systems that acted."""
-    polri, d7, boss = actor(id_node, id_dir, "polri-cms"), actor(my_node, my_dir, "pdrm-d7"), None
-    sent = submit(id_node, polri, rfi())
-    deliver(id_node, my_node)
-    request = my_node.lifecycle.request_consent(
-        d7,
-        sent["id"],
-        recipient="INTERPOL",
-        purposes=["TIP_INVESTIGATION"],
-        justification="Siti Aminah testifies in Johor",
-        now=now(),
-    )
-    assert request["justification"] == "Siti Aminah testifies in Johor"
-    deliver(my_node, id_node)
+    polri, d7 = actor(id_node, id_dir, "polri-cms"), actor(my_node, my_dir, "pdrm-d7")
+    sent, request = _asked(id_dir, my_dir, id_node, my_node, "Siti Aminah testifies in Johor")
     boss = supervisor(id_node, id_dir)
     decided = id_node.lifecycle.decide_consent(
         boss,
-        request["id"],
+        request,
         grant=True,
         conditions="never shown to Budi Santoso",
         expires_at=now() + dt.timedelta(days=30),
@@ -716,9 +711,9 @@ def _consent_and_reclassification(id_dir, my_dir, id_node, my_node) -> tuple[str
         "never shown to Budi Santoso",
     )
     deliver(id_node, my_node)
-    id_node.lifecycle.reclassify(polri, sent["id"], level="TERBATAS", reason="Wati Lestari left", now=now())
+    id_node.lifecycle.reclassify(polri, sent, level="TERBATAS", reason="Wati Lestari left", now=now())
     deliver(id_node, my_node)
-    return sent["id"], request["id"], polri, d7, boss
+    return sent, request, polri, d7, boss
 
 
 WORDS = ("Siti Aminah", "Budi Santoso", "Wati Lestari")
@@ -836,47 +831,37 @@ def test_words_kept_in_clear_before_migration_0015_are_sealed_at_start(pair) -> 
 
 def test_only_a_decider_of_the_originating_unit_acts_for_the_originator(pair) -> None:  # type: ignore[no-untyped-def]
     id_dir, my_dir, id_node, my_node = pair
-    sent = submit(id_node, actor(id_node, id_dir, "polri-cms"), rfi())  # from the TPPO unit
-    deliver(id_node, my_node)
-    request = my_node.lifecycle.request_consent(
-        actor(my_node, my_dir, "pdrm-d7"),
-        sent["id"],
-        recipient="INTERPOL",
-        purposes=["TIP_INVESTIGATION"],
-        justification="red notice",
-        now=now(),
-    )
-    deliver(my_node, id_node)
+    sent, request = _asked(id_dir, my_dir, id_node, my_node)  # sent from the TPPO unit
     other_unit = client(id_node, id_dir, "polri-ppa-boss", "RAHASIA", "--role", "SUPERVISOR", "--unit", "PPA")
     assert id_node.lifecycle.consent_requests(other_unit, now()) == []
     with pytest.raises(NotFound):
         id_node.lifecycle.decide_consent(
             other_unit,
-            request["id"],
+            request,
             grant=True,
             conditions=None,
             expires_at=now() + dt.timedelta(days=1),
             now=now(),
         )
     with pytest.raises(NotFound):
-        id_node.lifecycle.reclassify(other_unit, sent["id"], level="BIASA", reason="x", now=now())
+        id_node.lifecycle.reclassify(other_unit, sent, level="BIASA", reason="x", now=now())
     with pytest.raises(NotFound):
-        id_node.lifecycle.return_or_destroy(other_unit, sent["id"], reason="x", now=now())
+        id_node.lifecycle.return_or_destroy(other_unit, sent, reason="x", now=now())
     boss = supervisor(id_node, id_dir)  # of the originating unit
-    assert [r["id"] for r in id_node.lifecycle.consent_requests(boss, now())] == [request["id"]]
+    assert [r["id"] for r in id_node.lifecycle.consent_requests(boss, now())] == [request]
     with id_node.db.transaction() as conn:  # a row of before 0015 whose client was removed: no origin
-        repo.update_message(conn, sent["id"], origin_agency=None, origin_unit=None)
+        repo.update_message(conn, sent, origin_agency=None, origin_unit=None)
     assert id_node.lifecycle.consent_requests(boss, now()) == []  # unknown origin: only its sender acts
     id_node.close()
     id_node = Node(load_settings(id_dir.path))  # the next start reads it from the sealed content
     try:
         with id_node.db.read() as conn:
-            row = repo.get_message(conn, sent["id"])
+            row = repo.get_message(conn, sent)
         assert row is not None
         assert (row["origin_agency"], row["origin_unit"]) == ("Polri", "TPPO")
-        assert [r["id"] for r in id_node.lifecycle.consent_requests(boss, now())] == [request["id"]]
+        assert [r["id"] for r in id_node.lifecycle.consent_requests(boss, now())] == [request]
         assert id_node.lifecycle.consent_requests(other_unit, now()) == []
-        id_node.lifecycle.reclassify(boss, sent["id"], level="BIASA", reason="the operation ended", now=now())
+        id_node.lifecycle.reclassify(boss, sent, level="BIASA", reason="the operation ended", now=now())
     finally:
         id_node.close()
 
@@ -972,21 +957,11 @@ def test_conditions_that_say_nothing_are_invalid_input(pair) -> None:  # type: i
     from exchange.errors import InvalidInput
 
     id_dir, my_dir, id_node, my_node = pair
-    sent = submit(id_node, actor(id_node, id_dir, "polri-cms"), rfi())
-    deliver(id_node, my_node)
-    request = my_node.lifecycle.request_consent(
-        actor(my_node, my_dir, "pdrm-d7"),
-        sent["id"],
-        recipient="INTERPOL",
-        purposes=["TIP_INVESTIGATION"],
-        justification="red notice",
-        now=now(),
-    )
-    deliver(my_node, id_node)
+    _sent, request = _asked(id_dir, my_dir, id_node, my_node)
     with pytest.raises(InvalidInput) as invalid:  # before: a 500 (the control message's schema refused it)
         id_node.lifecycle.decide_consent(
             supervisor(id_node, id_dir),
-            request["id"],
+            request,
             grant=True,
             conditions=" ",
             expires_at=now() + dt.timedelta(days=1),
