@@ -84,6 +84,14 @@ class NodeSettings(BaseSettings):
     max_requests_in_progress_per_caller: int = Field(
         default=32, ge=1, description="requests a process serves at once for one client certificate"
     )
+    max_partner_requests_in_progress: int = Field(
+        default=8,
+        ge=2,
+        description="requests a process serves at once for the partner node (outside the total)",
+    )
+    body_timeout_seconds: float = Field(
+        default=30.0, gt=0, description="how long a request's body may take to arrive (408 past it)"
+    )
     clock_skew_seconds: int = Field(default=300, ge=0)
     replay_window_seconds: int = Field(default=30 * 86400, gt=0)
     delivery_batch_size: int = Field(default=64, ge=1, le=1000)

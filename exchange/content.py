@@ -25,7 +25,7 @@ from exchange.canonical import sha256_hex
 from exchange.db import repo
 from exchange.db.engine import Database, inserts_deferred, transaction_memo
 from exchange.envelope.at_rest import metadata_digest, open_at_rest, rewrap, seal_at_rest
-from exchange.errors import ContentDestroyed
+from exchange.errors import ContentDestroyed, ContentUnavailable, KeyManagementError
 from exchange.keys.kek import KekStore, period_of
 from exchange.ledger import EntryDraft
 from exchange.ledger.events import LedgerEvent
@@ -38,6 +38,11 @@ def destroy_after(agreement: Agreement, message_type: str, created_at: dt.dateti
     """When a message's content must be destroyed: its creation plus its type's retention."""
     days = agreement.message_types[message_type].retention_days
     return (created_at.astimezone(dt.UTC) + dt.timedelta(days=days)).isoformat(timespec="seconds")
+
+
+class RewrapFailed(Exception):
+    """The re-wrap at the end of a :meth:`ContentStore.batch` failed (a content of the period that
+    does not open, a KEK that could not be written): nothing of the transaction is committed."""
 
 
 class ContentStore:
@@ -139,7 +144,12 @@ class ContentStore:
         finally:
             del memo[_BATCHED]
         for period in sorted(periods):  # (a destruction rolled back with its savepoint: re-wrapped anyway)
-            self._rewrap(period, conn)
+            try:
+                self._rewrap(period, conn)
+            except (ContentUnavailable, KeyManagementError, OSError) as exc:
+                raise RewrapFailed(
+                    f"the period {period} could not be re-wrapped: {type(exc).__name__}"
+                ) from exc
 
     def _rewrap(self, period: str, conn: Connection) -> None:
         """Re-wrap every content of ``period`` still kept under a new KEK, which becomes the live

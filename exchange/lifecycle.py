@@ -134,10 +134,10 @@ class Lifecycle(ControlProtocol):
 
     @staticmethod
     def _origin_of(row: dict[str, Any]) -> tuple[str, str] | None:
-        """The agency and unit that originated a sent message, as signed (None for a row of before
-        migration 0015 whose submitting client was removed and whose content could not be read:
-        then only the system that sent it acts for it)."""
-        if row["origin_unit"] is None:
+        """The agency and unit that originated a sent message, as signed; None when unknown (a row
+        of before migration 0015 whose submitting client was removed and whose content does not
+        open: NULL until the next start, then ``''``): then only the system that sent it acts."""
+        if not row["origin_unit"]:
             return None
         return row["origin_agency"], row["origin_unit"]
 
@@ -147,8 +147,8 @@ class Lifecycle(ControlProtocol):
         reclassifications kept in clear is emptied, each row linked to the sealed control message
         that carried the very same words about the same message (words whose message was destroyed
         are gone with it, as they should be); a sent message whose submitting client was removed
-        (the migration filled the others from the registrations) gets its origin from its content.
-        A message that does not open is logged by id and left. Returns the rows changed."""
+        (the migration filled the others from the registrations) gets its origin from its content,
+        or none (``''``) if it does not open (logged by id). Returns the rows changed."""
         with self.node.db.read() as conn:
             if not repo.rows_before_0015(conn):
                 return 0
@@ -160,47 +160,58 @@ class Lifecycle(ControlProtocol):
             controls = repo.control_messages(
                 conn, [CONSENT_REQUEST, CONSENT_DECISION, RECLASSIFICATION_NOTICE], threads
             )
-            carried: dict[tuple[str, str, str, str], str] = {}  # (type, id, about, words) -> control message
             fields = {
                 CONSENT_REQUEST: ("request_id", "justification"),
                 CONSENT_DECISION: ("request_id", "conditions"),
                 RECLASSIFICATION_NOTICE: ("notice_id", "reason"),
             }
+            carried: dict[
+                tuple[str, str, str], list[tuple[Any, str]]
+            ] = {}  # (type, id, about) -> words, message
             for row in controls:
                 payload = self._payload_or_none(row)
-                if payload is not None:
-                    key, words = fields[row["type"]]
-                    found = _carried(
-                        row["type"], payload.get(key), payload.get("message_id"), payload.get(words)
-                    )
-                    carried.setdefault(found, row["id"])
+                if payload is None or payload.get("decision") == "REVOKED":  # (a revocation carries no words)
+                    continue
+                key, words = fields[row["type"]]
+                about = (row["type"], str(payload.get(key)), str(payload.get("message_id")))
+                carried.setdefault(about, []).append((payload.get(words), row["id"]))
+
+            def link(message_type: str, ref: str, about: str, words: Any) -> str | None:
+                """The control message that carried ``words`` (the very same) about ``about``; for a
+                row a downgrade left with its placeholder, the only one there is, if only one."""
+                found = carried.get((message_type, ref, about), [])
+                if words == DOWNGRADED:
+                    return found[0][1] if len(found) == 1 else None
+                return next((control for said, control in found if said == words), None)
+
             for request in consents:
                 asked, decided = request["justification"], request["conditions"]
                 on = (request["id"], request["message_id"])
+                if asked == DOWNGRADED and decided is None and request["status"] != "pending":
+                    decided = DOWNGRADED  # (its conditions were sealed before the downgrade too)
                 repo.update_consent_request(
                     conn,
                     request["id"],
                     justification=None,
                     conditions=None,
-                    request_control_id=request["request_control_id"]
-                    or carried.get(_carried(CONSENT_REQUEST, *on, asked)),
+                    request_control_id=request["request_control_id"] or link(CONSENT_REQUEST, *on, asked),
                     decision_control_id=request["decision_control_id"]
-                    or (
-                        carried.get(_carried(CONSENT_DECISION, *on, decided)) if decided is not None else None
-                    ),
+                    or (link(CONSENT_DECISION, *on, decided) if decided is not None else None),
                 )
             for history in reclassed:
-                found = _carried(
-                    RECLASSIFICATION_NOTICE, history["notice_id"], history["message_id"], history["reason"]
-                )
+                about = (history["notice_id"], history["message_id"], history["reason"])
                 repo.update_reclassification(
-                    conn, history["id"], reason=None, control_id=history["control_id"] or carried.get(found)
+                    conn,
+                    history["id"],
+                    reason=None,
+                    control_id=history["control_id"] or link(RECLASSIFICATION_NOTICE, *about),
                 )
-            for row in origins:
+            for row in origins:  # ('' where its content does not open: only the system that sent it acts)
                 message = self._payload_or_none(row, whole=True)
-                if message is not None:
-                    origin = message.origin
-                    repo.update_message(conn, row["id"], origin_agency=origin.agency, origin_unit=origin.unit)
+                agency, unit = (
+                    (message.origin.agency, message.origin.unit) if message is not None else ("", "")
+                )
+                repo.update_message(conn, row["id"], origin_agency=agency, origin_unit=unit)
         log.info(
             "rows written before migration 0015 brought under it: the words of %d consent request(s)"
             " and %d reclassification(s) now only in their sealed control messages; %d origin(s) read",
@@ -208,7 +219,8 @@ class Lifecycle(ControlProtocol):
             len(reclassed),
             len(origins),
         )
-        self.node.db.compact(["consent_requests", "reclassifications"])  # the emptied words, out of the files
+        if consents or reclassed:  # the emptied words, out of the database's files
+            self.node.db.compact(["consent_requests", "reclassifications"])
         return len(consents) + len(reclassed) + len(origins)
 
     # --- consent: the receiving side ------------------------------------------------------------------
@@ -591,10 +603,8 @@ class Lifecycle(ControlProtocol):
         return dict(self._transaction(now, work))
 
 
-def _carried(message_type: str, ref: Any, message_id: Any, words: Any) -> tuple[str, str, str, str]:
-    """What links a row of before migration 0015 to the control message that carried its words:
-    the type, the request's or notice's id, the message it is about and the very same words."""
-    return message_type, str(ref), str(message_id), str(words)
+#: what a downgrade below migration 0015 writes where the words were (they stay sealed)
+DOWNGRADED = ""
 
 
 @dataclass(frozen=True)

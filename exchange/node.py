@@ -27,7 +27,7 @@ from exchange.agreement_history import Terms
 from exchange.canonical import sha256_hex
 from exchange.catalogue import NON_PERSONAL_CATEGORIES
 from exchange.config import NodeSettings
-from exchange.content import ContentStore, destroy_after
+from exchange.content import ContentStore, RewrapFailed, destroy_after
 from exchange.crypto import constant_time_equal
 from exchange.db import repo, rows
 from exchange.db.agreement_book import AgreementBook
@@ -708,10 +708,8 @@ class Node(Releases):
         if stored is None:
             try:
                 stored = self._store(envelopes, opened, now, careful=True)
-            except (DatabaseUnavailable, TransactionConflict):
-                raise
-            except Exception:  # the batch's re-wrap at its end failed (a content of the period that
-                log.warning(  # does not open): each destruction re-wraps in its envelope's savepoint
+            except RewrapFailed:  # (a content of the period that does not open): each destruction
+                log.warning(  # re-wraps in its envelope's savepoint, and fails alone
                     "a received batch of %d envelopes is stored again, each destruction on its own",
                     len(envelopes),
                     exc_info=True,

@@ -170,6 +170,7 @@ def create_app(node: Node, transport: PeerTransport | None = None, *, run_worker
     app.add_middleware(
         RequestGuard,
         max_bytes=node.settings.max_body_bytes,
+        body_timeout_seconds=node.settings.body_timeout_seconds,
         raw_paths=raw_paths,
         # the partner node may send one envelope as large as the agreement allows
         # (exchange/envelope/size.py); any other caller of the path is held to the common limit
@@ -184,8 +185,10 @@ def create_app(node: Node, transport: PeerTransport | None = None, *, run_worker
         ConcurrencyLimit,
         total=node.settings.max_requests_in_progress,
         per_caller=node.settings.max_requests_in_progress_per_caller,
+        per_partner=node.settings.max_partner_requests_in_progress,
+        retry_after=node.settings.unavailable_retry_after_seconds,
         caller_of=auth.certificate_of,
-        is_partner=lambda pem: auth.is_partner_node(node, pem),
+        kind_of=lambda pem: auth.caller_kind(node, pem),
     )
     app.add_middleware(SecurityHeaders)  # outermost: the guard's refusals carry the headers too
     observability.install(app, node)  # /metrics, and the request id around everything

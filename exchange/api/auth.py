@@ -11,6 +11,12 @@ CA could carry it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+from typing import Any, TypeVar
+
+import anyio
+import anyio.to_thread
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Scope
@@ -21,6 +27,8 @@ from exchange.errors import Unauthorised
 from exchange.node import Node
 from exchange.observability import MONITORING_ROLE
 from exchange.policy import Actor
+
+T = TypeVar("T")
 
 
 def certificate_of(scope: Scope) -> bytes | None:
@@ -99,21 +107,41 @@ async def registered_client(request: Request) -> Actor:
     return actor
 
 
-def is_partner_node(node: Node, pem: bytes | None) -> bool:
-    """Whether ``pem`` is the partner node's certificate: issued by the partner CA in the agreement,
-    with the agreed node name, the node-to-node purpose and a pinned key (checks cached per
-    certificate)."""
+def claims_partner_node(node: Node, pem: bytes | None) -> bool:
+    """Whether ``pem`` is a node certificate of the partner CA with the agreed node name (its key not
+    checked: no database read, checks cached per certificate; see :func:`is_partner_node`)."""
     if pem is None:
         return False
     partner = node.parties[node.partner_party]
     if not crypto.is_issued_by(pem, partner.ca_certificate.encode()):
         return False
     info = crypto.certificate_info(pem)
-    return (
-        info.common_name == partner.node_name
-        and crypto.NODE_PURPOSE_OID in info.purposes
-        and any(crypto.constant_time_equal(info.public_key_sha256, pin) for pin in node.partner.tls_pins)
-    )
+    return info.common_name == partner.node_name and crypto.NODE_PURPOSE_OID in info.purposes
+
+
+def is_partner_node(node: Node, pem: bytes | None) -> bool:
+    """Whether ``pem`` is the partner node's certificate: issued by the partner CA in the agreement,
+    with the agreed node name, the node-to-node purpose and a pinned key (checks cached per
+    certificate)."""
+    if pem is None or not claims_partner_node(node, pem):
+        return False
+    key = crypto.certificate_info(pem).public_key_sha256
+    return any(crypto.constant_time_equal(key, pin) for pin in node.partner.tls_pins)
+
+
+def caller_kind(node: Node, pem: bytes | None) -> str | None:
+    """What a certificate may be, from cached checks only (for :class:`~exchange.api.guard.ConcurrencyLimit`):
+    ``"partner"`` (it claims to be the partner node), ``"local"`` (a client certificate of this
+    node's CA: a system registered here, or one that is not), or None (nothing here serves it)."""
+    if pem is None:
+        return None
+    if claims_partner_node(node, pem):
+        return "partner"
+    if crypto.is_issued_by(pem, node.parties[node.party].ca_certificate.encode()) and (
+        crypto.NODE_PURPOSE_OID not in crypto.certificate_info(pem).purposes
+    ):
+        return "local"
+    return None
 
 
 async def known_caller(request: Request) -> None:
@@ -127,9 +155,23 @@ async def known_caller(request: Request) -> None:
     await registered_client(request)
 
 
-def partner_node(request: Request) -> None:
+async def in_peer_thread(request: Request, work: Callable[..., T], *args: Any) -> T:
+    """``work(*args)`` in a worker thread of the partner node's own pool
+    (``max_partner_requests_in_progress`` threads, apart from anyio's 40 that the local systems'
+    requests share): local requests by the hundred never keep the partner's deliveries waiting for
+    a thread."""
+    state = request.app.state
+    limiter = getattr(state, "peer_threads", None)
+    if limiter is None:  # (made on the event loop, once)
+        limiter = state.peer_threads = anyio.CapacityLimiter(
+            node_of(request).settings.max_partner_requests_in_progress
+        )
+    return await anyio.to_thread.run_sync(partial(work, *args), limiter=limiter)
+
+
+async def partner_node(request: Request) -> None:
     """FastAPI dependency: admit only the partner node's certificate. Raises Unauthorised (403)."""
     node = node_of(request)
-    if not is_partner_node(node, client_certificate(request)):
+    if not await in_peer_thread(request, is_partner_node, node, client_certificate(request)):
         raise Unauthorised("only the partner node may call this endpoint")
     request.state.client_id = node.parties[node.partner_party].node_name

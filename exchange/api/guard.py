@@ -16,7 +16,9 @@ every answer carries the security headers.
   not hold it), and for an integer beyond ±(2^53 - 1), which JSON parsers read differently and the
   canonical form of a signed message cannot carry (I-JSON, RFC 7493; JCS, RFC 8785), and for a
   number beyond a double's range (``1e400``);
-- 400 for a URL holding a NUL character.
+- 400 for a URL holding a NUL character;
+- 408 for a body not received within ``body_timeout_seconds`` (a slow or stalled sender holding a
+  slot of :class:`ConcurrencyLimit`).
 
 A path may have a larger limit than the others for some callers only (the partner node's envelope
 batches): anyone else is held to the common limit before the body is read.
@@ -29,6 +31,7 @@ intelligence; no proxy or browser may keep them).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from collections.abc import Callable
@@ -141,9 +144,11 @@ class RequestGuard:
         max_bytes: int,
         raw_paths: frozenset[str] = frozenset(),
         path_limits: dict[str, tuple[int, Callable[[Scope], bool]]] | None = None,
+        body_timeout_seconds: float = 30.0,
     ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.body_timeout_seconds = body_timeout_seconds
         self.raw_paths = raw_paths
         #: exact paths with their own limit and who may use it (the partner's envelope batches)
         self.path_limits = path_limits or {}
@@ -166,18 +171,30 @@ class RequestGuard:
             return
         chunks: list[bytes] = []
         seen = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            seen += len(chunk)
-            if seen > max_bytes:
-                await self._too_large(scope, receive, send, max_bytes)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
+        try:
+            async with asyncio.timeout(self.body_timeout_seconds):  # a body that never comes
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return
+                    chunk = message.get("body", b"")
+                    seen += len(chunk)
+                    if seen > max_bytes:
+                        await self._too_large(scope, receive, send, max_bytes)
+                        return
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            response = problems.problem(
+                408,
+                "request-timeout",
+                "The request body did not come in time",
+                f"the body was not received within {self.body_timeout_seconds:g} seconds",
+            )
+            response.headers["connection"] = "close"
+            await response(scope, receive, send)
+            return
         body = b"".join(chunks)
         raw = scope.get("path") in self.raw_paths
         refusal = None if raw else self._check(body, headers.get(b"content-type", b""))
@@ -246,27 +263,39 @@ class RequestGuard:
 
 
 class ConcurrencyLimit:
-    """Bound the requests a process has in progress, before a body is read: at most ``per_caller``
-    for one client certificate, and ``total`` for every caller but the partner node together (so
-    that local systems, however many requests they open, cannot starve the partner's deliveries,
-    and the bodies buffered stay within ``total`` times the body limit). Past either bound: 503
-    problem JSON with ``Retry-After``, the connection closed. Counted per process (asyncio: one
-    event loop, no lock)."""
+    """Bound the requests a process has in progress, before a body is read, by the kind of caller
+    ``kind_of`` tells from its certificate (cached checks, no database):
+
+    - ``"local"`` (a certificate of this node's CA): at most ``per_caller`` each, and ``total`` for
+      all of them together (so the bodies buffered stay within ``total`` times the body limit);
+    - ``"partner"`` (a node certificate of the partner's CA; its key is checked by the route): at
+      most ``per_partner``, outside the total, so local systems cannot starve the partner's
+      deliveries, nor a partner flood them;
+    - None (any other certificate the TLS layer trusts, such as the partner's local systems): 403
+      at once; nothing here serves it.
+
+    Past a bound: 503 problem JSON ``overloaded`` with ``Retry-After``, the connection closed.
+    Counted per process (asyncio: one event loop, no lock); a body that does not come holds its
+    slot at most ``body_timeout_seconds`` (:class:`RequestGuard`)."""
 
     def __init__(
         self,
         app: ASGIApp,
+        *,
         total: int,
         per_caller: int,
+        per_partner: int,
+        retry_after: int,
         caller_of: Callable[[Scope], bytes | None],
-        is_partner: Callable[[bytes | None], bool],
+        kind_of: Callable[[bytes | None], str | None],
     ) -> None:
         self.app = app
         self.total = total
-        self.per_caller = per_caller
+        self.bound = {"local": per_caller, "partner": per_partner}
+        self.retry_after = str(retry_after)
         self.caller_of = caller_of  # the caller's certificate
-        self.is_partner = is_partner
-        self.in_progress = 0  # every caller's but the partner node's
+        self.kind_of = kind_of
+        self.in_progress = 0  # the local callers'
         self.by_caller: dict[bytes | None, int] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -274,12 +303,20 @@ class ConcurrencyLimit:
             await self.app(scope, receive, send)
             return
         caller = self.caller_of(scope)
-        partner = self.is_partner(caller)
-        mine = self.by_caller.get(caller, 0)
-        if mine >= self.per_caller or (not partner and self.in_progress >= self.total):
+        kind = self.kind_of(caller)
+        if kind is None:
+            await problems.problem(
+                403,
+                "forbidden",
+                "The client certificate is not registered for this API",
+                "this certificate is neither of this node's certificate authority nor the partner node's",
+            )(scope, receive, send)
+            return
+        mine, local = self.by_caller.get(caller, 0), kind == "local"
+        if mine >= self.bound[kind] or (local and self.in_progress >= self.total):
             which = (
-                f"this caller has {mine} requests in progress (at most {self.per_caller})"
-                if mine >= self.per_caller
+                f"this caller has {mine} requests in progress (at most {self.bound[kind]})"
+                if mine >= self.bound[kind]
                 else f"the node has {self.in_progress} requests in progress (at most {self.total})"
             )
             response = problems.problem(
@@ -287,16 +324,16 @@ class ConcurrencyLimit:
                 "overloaded",
                 "Too many requests in progress",
                 f"{which}: send again after the Retry-After delay",
-                headers={"retry-after": "1", "connection": "close"},
+                headers={"retry-after": self.retry_after, "connection": "close"},
             )
             await response(scope, receive, send)
             return
         self.by_caller[caller] = mine + 1
-        self.in_progress += 0 if partner else 1
+        self.in_progress += local
         try:
             await self.app(scope, receive, send)
         finally:
-            self.in_progress -= 0 if partner else 1
+            self.in_progress -= local
             left = self.by_caller[caller] - 1
             if left:
                 self.by_caller[caller] = left

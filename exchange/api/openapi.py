@@ -43,7 +43,7 @@ def _problem_statuses(path: str, operation: dict[str, Any]) -> set[int]:
     if any(p.get("in") == "path" for p in parameters):
         statuses.add(404)
     if "requestBody" in operation:
-        statuses |= {400, 413, 415}
+        statuses |= {400, 408, 413, 415}
     declared = {int(code) for code in operation.get("responses", {}) if str(code).isdigit()}
     return statuses | EXTRA_PROBLEMS.get(path, set()) | {s for s in declared if s >= 400}
 

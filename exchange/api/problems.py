@@ -107,13 +107,14 @@ PROBLEM_STATUSES: dict[int, str] = {
     405: "The method is not allowed on this path (see the Allow header)",
     409: "Conflicts with the state already recorded",
     410: "The resource existed but is gone for good",
+    408: "The request body did not arrive within the node's body_timeout_seconds",
     413: "The request body is larger than the node accepts",
     415: "The request body is not application/json",
     422: "Invalid request: names every invalid field",
     500: "Internal error (logged); nothing of the request is revealed",
     502: "The partner node could not be reached",
-    503: "The node cannot serve now (its database unavailable or busy, or a transaction lost a conflict);"
-    " retry after Retry-After seconds",
+    503: "The node cannot serve now (its database unavailable or busy, a transaction lost a conflict,"
+    " or too many requests in progress: `overloaded`); retry after Retry-After seconds",
 }
 
 

@@ -11,7 +11,6 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, Field
-from starlette.concurrency import run_in_threadpool
 
 from exchange.api import models
 from exchange.api.audit_models import (
@@ -23,7 +22,7 @@ from exchange.api.audit_models import (
     MessageHistory,
     Verification,
 )
-from exchange.api.auth import auditor, known_caller, local_client, node_of, partner_node
+from exchange.api.auth import auditor, in_peer_thread, known_caller, local_client, node_of, partner_node
 from exchange.api.problems import problem
 from exchange.auditing import AuditService, EntryFilter
 from exchange.checkpoints import CheckpointService
@@ -189,9 +188,9 @@ class EnvelopeBatch(BaseModel):
     response_model=models.EnvelopeResults,
     response_model_exclude_none=True,
 )
-def receive_envelopes(batch: EnvelopeBatch, request: Request) -> dict[str, Any]:
+async def receive_envelopes(batch: EnvelopeBatch, request: Request) -> dict[str, Any]:
     """One result per envelope, in order: ``accepted`` with a signed receipt, or ``rejected``."""
-    results = node_of(request).receive(batch.envelopes, _now())
+    results = await in_peer_thread(request, node_of(request).receive, batch.envelopes, _now())
     return {
         "results": [
             {"status": "accepted", "receipt": r.receipt} if r.accepted else {"status": "rejected"}
@@ -205,9 +204,9 @@ def receive_envelopes(batch: EnvelopeBatch, request: Request) -> dict[str, Any]:
     summary="This node's record of a message (partner node only)",
     response_model=models.LedgerEntries,
 )
-def peer_message_history(message_id: str, request: Request) -> dict[str, Any]:
+async def peer_message_history(message_id: str, request: Request) -> dict[str, Any]:
     """For the partner's auditors: this node's ledger entries about one message, metadata only."""
-    return {"entries": audit_of(request).message_history(message_id)}
+    return {"entries": await in_peer_thread(request, audit_of(request).message_history, message_id)}
 
 
 class KeySetAnnouncements(BaseModel):
@@ -224,13 +223,13 @@ class KeySetAnnouncements(BaseModel):
         409: {"description": "a version is refused (names why); nothing after it is taken", **PROBLEM}
     },
 )
-def receive_key_sets(body: KeySetAnnouncements, request: Request) -> Any:
+async def receive_key_sets(body: KeySetAnnouncements, request: Request) -> Any:
     """Accept the partner's key-set versions, each on top of the last trusted one (TUF rules:
     no rollback, replay or skipped version; signed by the old and the new signing keys), and answer
     with this node's signed receipt of the version now trusted."""
     node = node_of(request)
     try:
-        return {"receipt": node.accept_key_sets(body.announcements, _now())}
+        return {"receipt": await in_peer_thread(request, node.accept_key_sets, body.announcements, _now())}
     except AnnouncementRejected as exc:
         return problem(409, "key-set-refused", "The key set is refused", str(exc))
 
@@ -238,11 +237,13 @@ def receive_key_sets(body: KeySetAnnouncements, request: Request) -> Any:
 @peer_router.get(
     "/key-sets", summary="This node's key sets (partner node only)", response_model=models.KeySets
 )
-def key_sets(request: Request, after: Annotated[int, Query(ge=0, le=1_000_000)] = 0) -> dict[str, Any]:
+async def key_sets(request: Request, after: Annotated[int, Query(ge=0, le=1_000_000)] = 0) -> dict[str, Any]:
     """Every version of this node's key set after ``after``, oldest first: a partner that met a
     key id it did not know walks them from the version it trusts."""
     node = node_of(request)
-    return {"announcements": node.registry.announcements_after(node.party, after)}
+    return {
+        "announcements": await in_peer_thread(request, node.registry.announcements_after, node.party, after)
+    }
 
 
 WITNESS_STATUS = {"bad-request": 400, "inconsistent": 422}
@@ -290,7 +291,7 @@ async def witness_add_checkpoint(request: Request) -> Response:
     if origin != node_of(request).partner.ledger_origin:
         return problem(404, "unknown-log", "Unknown log", "this node witnesses only its partner's log")
     try:
-        line = await run_in_threadpool(service.witness, add.note, add.old_size, add.proof, _now())
+        line = await in_peer_thread(request, service.witness, add.note, add.old_size, add.proof, _now())
     except CheckpointError as exc:
         return problem(403, "invalid-checkpoint", "The checkpoint is not validly signed", str(exc))
     except CheckpointConflict as exc:

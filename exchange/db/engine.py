@@ -600,20 +600,36 @@ class Database:
             finally:
                 _READING.discard(conn)
 
-    def compact(self, tables: Sequence[str]) -> None:
-        """Rewrite ``tables`` (PostgreSQL: ``VACUUM FULL``) or the whole file (SQLite: ``VACUUM``),
-        so that the values just emptied from them leave the database's files. Backups taken before,
-        and PostgreSQL's WAL archive, keep them until they expire. Outside any transaction; takes
-        the tables' exclusive lock for the rewrite (for a one-time step at start)."""
+    def compact(self, tables: Sequence[str]) -> bool:
+        """Rewrite ``tables`` (PostgreSQL: ``VACUUM FULL``, waiting at most 5 s for their lock) or
+        the whole file (SQLite: ``VACUUM``, then the WAL truncated), so that the values just emptied
+        from them leave the database's files. Backups taken before, and PostgreSQL's WAL archive,
+        keep them until they expire. Outside any transaction. Never raises: returns whether it was
+        done; what stops it is logged with what to run instead."""
+        instead = "VACUUM FULL " + ", ".join(tables) if self.dialect == "postgresql" else "VACUUM"
         raw = self.engine.raw_connection()
         try:
             driver: Any = raw.driver_connection
             if self.dialect == "postgresql":
                 driver.autocommit = True
-                driver.execute("VACUUM FULL " + ", ".join(tables))
-            else:  # (the WAL emptied too: frames of earlier transactions stay in it until truncated)
-                driver.execute("VACUUM")
-                driver.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                driver.execute("SET lock_timeout = '5s'")
+                driver.execute(instead)
+                driver.execute("RESET lock_timeout")
+                return True
+            driver.execute("VACUUM")
+            busy = driver.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            if busy and busy[0]:  # a reader kept the WAL's older frames: they go at a later checkpoint
+                log.warning("the WAL was not truncated after VACUUM (a reader held it): run it again later")
+                return False
+            return True
+        except Exception as exc:  # (a start must not fail on it: the data is right, only the files lag)
+            log.error(
+                "the database could not be compacted (%s): run `%s` when the node is quiet",
+                type(exc).__name__,
+                instead,
+            )
+            raw.invalidate()  # (its session settings are not left to a later user of the pool)
+            return False
         finally:
             raw.close()
 

@@ -51,9 +51,14 @@ def upgrade() -> None:
         WHERE direction = 'out' AND kind = 'information' AND submitted_by IN (SELECT id FROM clients)
         """
     )
+    unknown = sa.text("origin_unit IS NULL")
+    op.create_index(
+        "ix_messages_origin_unknown", "messages", ["id"], postgresql_where=unknown, sqlite_where=unknown
+    )
 
 
 def downgrade() -> None:
+    op.drop_index("ix_messages_origin_unknown", table_name="messages")
     with op.batch_alter_table("messages") as batch:
         batch.drop_column("origin_unit")
         batch.drop_column("origin_agency")

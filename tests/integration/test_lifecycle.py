@@ -968,3 +968,42 @@ def test_conditions_that_say_nothing_are_invalid_input(pair) -> None:  # type: i
             now=now(),
         )
     assert [e.field for e in invalid.value.errors] == ["conditions"]
+
+
+def test_words_survive_going_below_migration_0015_and_back(pair) -> None:  # type: ignore[no-untyped-def]
+    """A downgrade leaves its placeholder where the words were (they stay sealed): the upgrade's
+    next start links each row to the only control message of its request or notice again."""
+    from alembic import command
+
+    from exchange.db.engine import alembic_config, upgrade
+
+    id_dir, my_dir, id_node, my_node = pair
+    sent, _request, polri, d7, boss = _consent_and_reclassification(id_dir, my_dir, id_node, my_node)
+    for node in (id_node, my_node):
+        node.close()
+        command.downgrade(alembic_config(node.db.url), "0014")
+        upgrade(node.db.url)
+    id_node, my_node = Node(load_settings(id_dir.path)), Node(load_settings(my_dir.path))
+    try:
+        assert _words_seen(id_node, my_node, sent, polri, d7, boss) == SEEN
+    finally:
+        id_node.close()
+        my_node.close()
+
+
+def test_a_sent_message_whose_origin_cannot_be_read_is_settled_once(pair) -> None:  # type: ignore[no-untyped-def]
+    id_dir, my_dir, id_node, my_node = pair
+    sent, _request = _asked(id_dir, my_dir, id_node, my_node)
+    with id_node.db.transaction() as conn:  # of before 0015, its client removed, its content unreadable
+        repo.update_message(
+            conn, sent, origin_agency=None, origin_unit=None, content="eyJhbGciOiJBMjU2S1cifQ.a.b.c.d"
+        )
+    id_node.close()
+    id_node = Node(load_settings(id_dir.path))
+    try:
+        with id_node.db.read() as conn:
+            assert (repo_row(id_node, sent)["origin_unit"], repo.rows_before_0015(conn)) == ("", False)
+        assert id_node.lifecycle.consent_requests(supervisor(id_node, id_dir), now()) == []  # unknown origin
+        assert id_node.lifecycle.seal_legacy_rows() == 0  # nothing left for the next start
+    finally:
+        id_node.close()

@@ -1,6 +1,6 @@
 """The bound on requests in progress (``exchange.api.guard.ConcurrencyLimit``), without a server:
-per client certificate, for every caller but the partner node together, and freed when a request
-ends however it ends."""
+per client certificate, for the local systems together, for the partner node apart, a certificate
+nothing here serves refused at once, and every slot freed when its request ends however it ends."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 from exchange.api.guard import ConcurrencyLimit
 
 PARTNER = b"-----BEGIN CERTIFICATE----- partner node"
+STRANGER = b"-----BEGIN CERTIFICATE----- a local system of the partner"
 
 
 def _limited(release: asyncio.Event) -> ConcurrencyLimit:
@@ -28,8 +29,10 @@ def _limited(release: asyncio.Event) -> ConcurrencyLimit:
         app,
         total=3,
         per_caller=2,
+        per_partner=2,
+        retry_after=5,
         caller_of=lambda scope: scope["caller"],
-        is_partner=lambda pem: pem == PARTNER,
+        kind_of=lambda pem: {PARTNER: "partner", STRANGER: None}.get(pem or b"", "local"),
     )
 
 
@@ -60,7 +63,7 @@ def test_requests_in_progress_are_bounded_per_caller_and_in_all_but_the_partner_
         assert (problem["type"].endswith("/overloaded"), problem["status"]) == (True, 503)
         assert "this caller has 2 requests in progress (at most 2)" in problem["detail"]
         assert (own["headers"][b"retry-after"], own["headers"][b"content-type"]) == (
-            b"1",
+            b"5",
             b"application/problem+json",
         )
         other = asyncio.create_task(_call(limit, b"b"))  # another caller: in, the third of all
@@ -68,12 +71,17 @@ def test_requests_in_progress_are_bounded_per_caller_and_in_all_but_the_partner_
         full = await _call(limit, b"c")
         assert full["status"] == 503
         assert "the node has 3 requests in progress (at most 3)" in json.loads(full["body"])["detail"]
-        partner = asyncio.create_task(_call(limit, PARTNER))  # the partner node is not starved
+        partners = [asyncio.create_task(_call(limit, PARTNER)) for _ in range(2)]  # not starved
         await asyncio.sleep(0)
-        assert not partner.done()  # (in progress, not refused)
+        assert not any(p.done() for p in partners)  # (in progress, not refused)
+        flood = await _call(limit, PARTNER)  # nor does it flood: its own bound
+        assert flood["status"] == 503
+        assert "at most 2" in json.loads(flood["body"])["detail"]
+        stranger = await _call(limit, STRANGER)  # nothing here serves it: 403 at once, no slot
+        assert stranger["status"] == 403
         release.set()
-        answers = await asyncio.gather(*first, other, partner)
-        assert [a["status"] for a in answers] == [200, 200, 200, 200]
+        answers = await asyncio.gather(*first, other, *partners)
+        assert [a["status"] for a in answers] == [200, 200, 200, 200, 200]
         assert (limit.in_progress, limit.by_caller) == (0, {})
         assert (await _call(limit, b"c"))["status"] == 200  # the slots are free again
 
@@ -89,5 +97,42 @@ def test_a_request_that_fails_frees_its_slot() -> None:
             with pytest.raises(RuntimeError):
                 await _call(limit, b"a", "/boom")
         assert (limit.in_progress, limit.by_caller) == (0, {})
+
+    asyncio.run(scenario())
+
+
+def test_a_body_that_does_not_come_in_time_is_408_and_frees_its_slot() -> None:
+    from exchange.api.guard import RequestGuard
+
+    async def scenario() -> None:
+        seen: list[bytes] = []
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            seen.append((await receive())["body"])
+
+        guard = RequestGuard(app, max_bytes=1024, body_timeout_seconds=0.05)
+        limit = ConcurrencyLimit(
+            guard,
+            total=1,
+            per_caller=1,
+            per_partner=2,
+            retry_after=5,
+            caller_of=lambda scope: scope["caller"],
+            kind_of=lambda pem: "local",
+        )
+        sent: list[MutableMapping[str, Any]] = []
+
+        async def stalled() -> dict[str, Any]:
+            await asyncio.sleep(3600)  # the body never comes
+            raise AssertionError("not reached")
+
+        async def send(message: MutableMapping[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/messages", "headers": [], "caller": b"a"}
+        await asyncio.wait_for(limit(dict(scope), stalled, send), 5)
+        assert sent[0]["status"] == 408
+        assert json.loads(sent[1]["body"])["type"].endswith("/request-timeout")
+        assert (seen, limit.in_progress, limit.by_caller) == ([], 0, {})
 
     asyncio.run(scenario())
