@@ -196,7 +196,7 @@ class AuditService:
         if where.rule:
             # a rule ref (R-X@1) exactly, or a rule id at any version
             wanted = f" {where.rule} " if "@" in where.rule else f" {where.rule}@"
-            query = query.where(c.rules.contains(wanted))
+            query = query.where(c.rules.contains(wanted, autoescape=True))  # (% and _ are no wildcards)
         if where.since:
             query = query.where(c.at >= where.since)
         if where.until:

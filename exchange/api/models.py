@@ -18,7 +18,9 @@ Int64 = Annotated[int, Field(le=MAX_INT64)]
 
 
 def _rfc3339(value: str | None) -> str | None:
-    """Accept an RFC 3339 date-time with a time zone (``2026-11-23T10:00:00Z``), or nothing."""
+    """Accept an RFC 3339 date-time with a time zone (``2026-11-23T10:00:00Z``), or nothing; the
+    instant in the form the ledger stores its times (UTC, microseconds), so that comparing the text
+    compares the instants (``…T17:00+07:00`` is ``…T10:00:00.000000+00:00``)."""
     if value is None:
         return None
     try:
@@ -27,7 +29,7 @@ def _rfc3339(value: str | None) -> str | None:
         raise ValueError("must be an RFC 3339 date-time such as 2026-11-23T10:00:00Z") from None
     if parsed.tzinfo is None:
         raise ValueError("must name its time zone (Z or +07:00)")
-    return value
+    return parsed.astimezone(dt.UTC).isoformat(timespec="microseconds")
 
 
 RFC3339 = Annotated[str | None, AfterValidator(_rfc3339)]

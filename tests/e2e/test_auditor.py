@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import os
@@ -75,6 +76,22 @@ def test_auditors_see_entries_checkpoints_and_proofs_never_content(
         by_rule = api.request("GET", "/v1/audit/entries", params={"rule": "R-CLEARANCE"}).json()["items"]
         assert by_rule
         assert all("R-CLEARANCE@1" in e["rules"] for e in by_rule)
+        wildcard = api.request("GET", "/v1/audit/entries", params={"rule": "R-%"}).json()["items"]
+        assert wildcard == []  # no rule is named R-%: it is not a pattern
+        # a window given in another time zone selects by the instant, not by the text
+        first = dt.datetime.fromisoformat(history[0]["at"])
+        jakarta = dt.timezone(dt.timedelta(hours=7))
+        for start, end, found in (
+            (first - dt.timedelta(minutes=1), first + dt.timedelta(minutes=1), True),
+            (first + dt.timedelta(seconds=1), first + dt.timedelta(minutes=1), False),
+        ):
+            window = {
+                "message": message_id,
+                "since": start.astimezone(jakarta).isoformat(),
+                "until": end.astimezone(jakarta).isoformat(),
+            }
+            items = api.request("GET", "/v1/audit/entries", params=window).json()["items"]
+            assert (history[0]["seq"] in [e["seq"] for e in items]) is found
         checkpoints = api.request("GET", "/v1/audit/checkpoints").json()
         assert checkpoints["checkpoints"][-1]["cosignature"]
         size = checkpoints["checkpoints"][-1]["size"]
