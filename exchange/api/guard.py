@@ -18,7 +18,9 @@ every answer carries the security headers.
   number beyond a double's range (``1e400``);
 - 400 for a URL holding a NUL character;
 - 408 for a body not received within ``body_timeout_seconds`` (a slow or stalled sender holding a
-  slot of :class:`ConcurrencyLimit`).
+  slot of :class:`ConcurrencyLimit`);
+- 403 for a request a browser sent for a page of another origin (``Sec-Fetch-Site``, ``Origin``):
+  the browser presents the user's client certificate to any page's request.
 
 A path may have a larger limit than the others for some callers only (the partner node's envelope
 batches): anyone else is held to the common limit before the body is read.
@@ -130,6 +132,22 @@ def _malformed(detail: str, message: str | None = None) -> Any:
     return problems.problem(400, "malformed-json", "Malformed JSON", detail, **errors)
 
 
+def _cross_site(scope: Scope, headers: dict[bytes, bytes]) -> bool:
+    """Whether a browser sent this request for a page of another origin (cross-site request
+    forgery: the browser presents the user's client certificate to any page's request). By the
+    Fetch Metadata a browser sends (``Sec-Fetch-Site``; a top-level navigation by GET is let
+    through) and by ``Origin`` (which must be this node's own). Other clients send neither."""
+    site = headers.get(b"sec-fetch-site")
+    navigation = scope["method"] in ("GET", "HEAD") and headers.get(b"sec-fetch-mode") == b"navigate"
+    if site in (b"cross-site", b"same-site") and not navigation:
+        return True
+    origin = headers.get(b"origin")
+    if origin is None:
+        return False
+    host = headers.get(b"host", b"")
+    return origin != b"https://" + host
+
+
 def _is_json(content_type: bytes) -> bool:
     media = content_type.split(b";", 1)[0].strip().lower()
     return media in JSON_TYPES or (media.startswith(b"application/") and media.endswith(b"+json"))
@@ -163,6 +181,15 @@ class RequestGuard:
             )(scope, receive, send)
             return
         headers = dict(scope["headers"])
+        if _cross_site(scope, headers):
+            await problems.problem(
+                403,
+                "cross-site",
+                "A request from another site's page",
+                "a browser sent this request for a page of another origin: the node answers its own"
+                " console's requests only",
+            )(scope, receive, send)
+            return
         own = self.path_limits.get(scope["path"])
         max_bytes = own[0] if own is not None and own[1](scope) else self.max_bytes
         declared = headers.get(b"content-length")

@@ -443,3 +443,27 @@ def test_one_caller_holding_requests_open_gets_503_and_others_are_still_served(
             time.sleep(0.05)
         assert r.status_code == 200
     _no_traceback(polri)
+
+
+def test_a_request_a_browser_sends_for_another_site_s_page_is_refused(
+    nodes: tuple[Running, Running], auditor: ClientFiles
+) -> None:
+    """The browser presents an auditor's client certificate to any page's request: a page of
+    another site could make it start whole-ledger verifications, exports or a revocation. The node
+    refuses what a browser marks cross-site or sends from another origin, before any work; its
+    own console's requests, and a navigation to it, go through."""
+    polri, _ = nodes
+    host = polri.node.url.removeprefix("https://")
+    with polri.client(auditor) as api:
+        for headers in (
+            {"sec-fetch-site": "cross-site", "sec-fetch-mode": "no-cors"},
+            {"sec-fetch-site": "same-site", "sec-fetch-mode": "cors"},
+            {"origin": "https://evil.example"},
+            {"origin": "null"},
+        ):
+            problem = _problem(api.request("POST", "/v1/audit/verify", headers=headers), 403)
+            assert str(problem["type"]).endswith("/cross-site"), headers
+        own = {"sec-fetch-site": "same-origin", "sec-fetch-mode": "cors", "origin": f"https://{host}"}
+        assert api.request("POST", "/v1/audit/verify", headers=own).status_code == 200
+        navigation = {"sec-fetch-site": "cross-site", "sec-fetch-mode": "navigate"}
+        assert api.request("GET", "/audit", headers=navigation).status_code == 200
