@@ -35,7 +35,14 @@ from exchange.ledger.checkpoint import (
     split_note,
 )
 from exchange.ledger.entries import LedgerEntry, decode_leaf
-from exchange.ledger.key_history import PartyAnchor, PartyKeys, moment, open_logged, verify_cosigned
+from exchange.ledger.key_history import (
+    PartyAnchor,
+    PartyKeys,
+    moment,
+    open_logged,
+    revoked_at,
+    verify_cosigned,
+)
 from exchange.ledger.merkle import (
     ProofError,
     SubtreeSource,
@@ -147,7 +154,10 @@ class BundleReport:
         if self.cosigned:
             cosign = "cosigned by " + ", ".join(sorted(self.cosigners))
         else:
-            cosign = "NOT cosigned by the partner: accepted only because --allow-uncosigned was given"
+            cosign = (
+                "NOT cosigned by the partner: accepted only because --allow-uncosigned was given; its"
+                " signing time is not authenticated: check that the key-set versions below are the newest"
+            )
         since = f"; consistent with the checkpoint of size {self.since_size}" if self.since_size else ""
         where = f"the signed checkpoint of size {self.size}"
         versions = ", ".join(f"{party} at version {v}" for party, v in sorted(self.key_versions.items()))
@@ -158,7 +168,18 @@ class BundleReport:
         )
 
 
-def _checkpoint(note: Any, signed_at: Any, keys: AuditKeys, what: str) -> tuple[Checkpoint, dict[str, int]]:
+@dataclass(frozen=True)
+class _Signed:
+    """A bundle's checkpoint as verified: when it says it was signed (a field nothing signs), by
+    which key of the log's history, and the cosigners whose lines verify on it."""
+
+    checkpoint: Checkpoint
+    at: dt.datetime
+    kid: str
+    cosigners: dict[str, int]
+
+
+def _checkpoint(note: Any, signed_at: Any, keys: AuditKeys, what: str) -> _Signed:
     """The checkpoint signed by a key of the log's history in force at ``signed_at``, and the
     cosigners whose lines verify on it: the partner node by a key of its history in force at the
     cosignature's time, further witnesses by the agreement's keys. Lines by unknown keys are ignored."""
@@ -167,14 +188,14 @@ def _checkpoint(note: Any, signed_at: Any, keys: AuditKeys, what: str) -> tuple[
     except ValueError as exc:
         raise LedgerIntegrityError(f"the bundle's {what} has no readable signed_at") from exc
     try:
-        checkpoint, _ = open_logged(str(note), keys.own, at)
+        checkpoint, kid = open_logged(str(note), keys.own, at)
         text, signatures = split_note(checkpoint.note)
         cosigners = known_signatures(text, signatures, keys.witnesses)
         partner_ids = {v.key_id for _, v in keys.partner.verifiers(SIG_COSIGNATURE_V1)}
         for signature in signatures:
             if signature.name == keys.partner.witness_name and signature.key_id in partner_ids:
                 cosigners[signature.name], _ = verify_cosigned(checkpoint, signature.line, keys.partner)
-        return checkpoint, cosigners
+        return _Signed(checkpoint, at, kid, cosigners)
     except CheckpointError as exc:
         held = (
             f"{keys.own.party} at version {keys.own.version}, {keys.partner.party} at {keys.partner.version}"
@@ -224,7 +245,21 @@ def verify_bundle(
         raise LedgerIntegrityError(f"not an {BUNDLE_FORMAT} bundle")
     own_keys, partner_keys = _key_sets(bundle, own, partner)
     keys = AuditKeys(own_keys, partner_keys, tuple(witnesses), skew)
-    checkpoint, cosigners = _checkpoint(bundle.get("checkpoint"), bundle.get("signed_at"), keys, "checkpoint")
+    signed = _checkpoint(bundle.get("checkpoint"), bundle.get("signed_at"), keys, "checkpoint")
+    checkpoint, cosigners = signed.checkpoint, signed.cosigners
+    if partner.witness_name in cosigners and signed.at > dt.datetime.fromtimestamp(
+        cosigners[partner.witness_name], dt.UTC
+    ) + skew + dt.timedelta(seconds=1):
+        raise LedgerIntegrityError(
+            f"the bundle's checkpoint says it was signed at {signed.at.isoformat()}, after the partner"
+            " cosigned it: its signed_at is not the log's"
+        )
+    revoked = revoked_at(own_keys.history, signed.kid)
+    if partner.witness_name not in cosigners and revoked is not None:
+        raise LedgerIntegrityError(
+            f"the bundle's checkpoint is signed by {signed.kid}, revoked at {revoked.isoformat()}, and not"
+            " cosigned by the partner: nothing shows when it was signed (signed_at is not signed)"
+        )
     if partner.witness_name not in cosigners and not allow_uncosigned:
         raise LedgerIntegrityError(
             f"the bundle's checkpoint is not cosigned by the partner node ({partner.witness_name}):"
@@ -264,14 +299,23 @@ def verify_bundle(
                 f"entry {index} is not in the signed tree of size {checkpoint.size}: it was altered ({exc})"
             ) from exc
         decoded.append(entry)
+    try:
+        appended = max(decoded, key=lambda e: moment(e.at))
+    except ValueError as exc:
+        raise LedgerIntegrityError("an entry of the bundle has no readable time") from exc
+    if moment(appended.at) > signed.at + skew:
+        raise LedgerIntegrityError(
+            f"entry {appended.seq} was appended at {appended.at}, after the checkpoint that holds it says"
+            f" it was signed ({signed.at.isoformat()}): its signed_at is not the log's"
+        )
     since = None
     consistency = bundle.get("consistency")
     if consistency is not None and not isinstance(consistency, dict):
         raise LedgerIntegrityError("the bundle's consistency member is not an object")
     if consistency is not None:
-        earlier, _ = _checkpoint(
+        earlier = _checkpoint(
             consistency.get("checkpoint"), consistency.get("signed_at"), keys, "earlier checkpoint"
-        )
+        ).checkpoint
         if earlier.size < end:
             raise LedgerIntegrityError("the bundle's earlier checkpoint does not cover the range")
         proof = unb64_hashes(consistency.get("proof"), "the consistency proof")

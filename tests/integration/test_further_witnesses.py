@@ -54,7 +54,11 @@ def setup(
 
 
 def grow(node: Node, n: int) -> None:
-    node.committer.run(lambda conn, head: repo.append_ledger(conn, head, [EntryDraft(event="x")] * n, "t"))
+    node.committer.run(
+        lambda conn, head: repo.append_ledger(
+            conn, head, [EntryDraft(event="x")] * n, "2026-01-01T00:00:00+00:00"
+        )
+    )
 
 
 def checkpointer(node: Node, partner: Node, witness: MiniWitness) -> Checkpointer:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import datetime as dt
 import json
 from pathlib import Path
 from typing import Any
@@ -30,18 +31,21 @@ ID, MY = Chain("ID"), Chain("MY")  # version 1 of each party's keys, as the agre
 OWN, PARTNER = ID.checkpoint, MY.checkpoint
 ORIGIN, WITNESS = ID.origin, MY.witness
 SIGNED_AT = "2026-11-01T00:00:00+00:00"
+APPENDED_AT = "2026-10-31T23:00:00+00:00"  # every entry before the checkpoints that hold it
+COSIGNED_AT = int(dt.datetime.fromisoformat(SIGNED_AT).timestamp()) + 1
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
 
 
 def cosigned(tree: MemoryTree, size: int) -> str:
     note = sign_checkpoint(ORIGIN, size, root_hash(tree, size), OWN)
     checkpoint = verify_checkpoint(note, origin=ORIGIN, key=OWN)
-    return checkpoint_with(note, [cosign(checkpoint, witness=WITNESS, key=PARTNER, timestamp=1)])
+    return checkpoint_with(note, [cosign(checkpoint, witness=WITNESS, key=PARTNER, timestamp=COSIGNED_AT)])
 
 
 def bundle(n: int, start: int, end: int, first: int | None = None) -> dict[str, Any]:
     leaves = [
-        leaf_bytes(i, "t", EntryDraft(event="e", case_ref="C/1", data={"i": i})).decode() for i in range(n)
+        leaf_bytes(i, APPENDED_AT, EntryDraft(event="e", case_ref="C/1", data={"i": i})).decode()
+        for i in range(n)
     ]
     tree = MemoryTree(leaf_hash(x.encode()) for x in leaves)
     earliest = None
@@ -184,3 +188,65 @@ def test_a_bundle_with_any_member_of_the_wrong_type_is_refused_cleanly(replaceme
             ("agreement", "digest"),
             ("origin",),
         }, path
+
+
+def _own_bundle(
+    chain: Chain, key: Any, *, appended_at: str, signed_at: str, key_sets: dict[str, list[str]]
+) -> dict[str, Any]:
+    """A bundle of three entries appended at ``appended_at`` signed by ``key``, claiming
+    ``signed_at``, not cosigned."""
+    leaves = [
+        leaf_bytes(i, appended_at, EntryDraft(event="message.destroyed", message_id=f"m{i}")).decode()
+        for i in range(3)
+    ]
+    tree = MemoryTree(leaf_hash(x.encode()) for x in leaves)
+    return build_bundle(
+        party="ID",
+        agreement={"version": "v", "digest": "d" * 64},
+        origin=chain.origin,
+        entries=list(enumerate(leaves)),
+        source=tree,
+        checkpoint=sign_checkpoint(chain.origin, 3, root_hash(tree, 3), key),
+        signed_at=signed_at,
+        size=3,
+        key_sets=key_sets,
+    )
+
+
+def test_a_revoked_checkpoint_key_cannot_make_history_by_backdating_its_signed_at() -> None:
+    """``signed_at`` is not signed: a holder of a revoked checkpoint key could claim a time before
+    the revocation. Without the partner's cosignature, a key revoked at any time is refused; and no
+    checkpoint holds an entry appended after it says it was signed."""
+    chain, partner = Chain("ID"), Chain("MY")
+    stolen = chain.checkpoint
+    start = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
+    chain.revoke("checkpoint", at=start + dt.timedelta(hours=3), effective=start + dt.timedelta(hours=2))
+    keys = {"ID": chain.announcements, "MY": partner.announcements}
+    before = (start + dt.timedelta(hours=1)).isoformat()
+    later = (start + dt.timedelta(hours=100)).isoformat()
+    cases = {
+        "backdated": (
+            _own_bundle(chain, stolen, appended_at=before, signed_at=before, key_sets=keys),
+            "revoked at",
+        ),
+        "entries after signing": (
+            _own_bundle(chain, stolen, appended_at=later, signed_at=before, key_sets={"ID": [], "MY": []}),
+            "after the checkpoint that holds it says it was signed",
+        ),
+    }
+    for name, (forged, reason) in cases.items():
+        with pytest.raises(LedgerIntegrityError, match=reason):
+            verify_bundle(
+                json.loads(json.dumps(forged)),
+                own=chain.anchor(),
+                partner=partner.anchor(),
+                allow_uncosigned=True,
+            )
+        assert name
+
+
+def test_a_checkpoint_said_to_be_signed_after_the_partner_cosigned_it_is_refused() -> None:
+    b = bundle(5, 0, 5)
+    b["signed_at"] = "2026-11-02T00:00:00+00:00"  # a day after the cosignature's time
+    with pytest.raises(LedgerIntegrityError, match="after the partner cosigned it"):
+        verify(b)
