@@ -120,6 +120,30 @@ def _entry_view(leaf: str) -> dict[str, Any]:
     }
 
 
+def partner_history(items: Any, message_id: str) -> list[dict[str, Any]]:
+    """The partner node's entries about ``message_id`` as they are shown: each rebuilt from its
+    leaf (every field, and its hash, from the canonical leaf the partner's tree holds, never from
+    what the answer says beside it). Their inclusion in the partner's witnessed log is not proven
+    here: the partner's audit bundle proves it.
+
+    Raises:
+        LedgerIntegrityError: an item is not a ledger leaf, or is about another message.
+    """
+    if not isinstance(items, list):
+        raise LedgerIntegrityError("the partner's answer is not a list of entries")
+    shown = []
+    for n, item in enumerate(items):
+        leaf = item.get("leaf") if isinstance(item, dict) else None
+        try:
+            view = _entry_view(leaf) if isinstance(leaf, str) else None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise LedgerIntegrityError(f"the partner's entry {n} is not a ledger leaf") from exc
+        if view is None or view["message_id"] != message_id:
+            raise LedgerIntegrityError(f"the partner's entry {n} is not a ledger leaf about {message_id}")
+        shown.append(view)
+    return shown
+
+
 class AuditService:
     """Audit use cases over one node's database and agreement."""
 

@@ -43,7 +43,10 @@ class EntriesPage(_Answer):
 
 class MessageHistory(_Answer):
     message_id: str
-    nodes: dict[str, list[AuditEntry]] = Field(description="each node's entries about the message, by party")
+    nodes: dict[str, list[AuditEntry]] = Field(
+        description="each node's entries about the message, by party; the partner's each rebuilt from"
+        " its leaf, their inclusion in its witnessed log not proven here (its audit bundle proves it)"
+    )
     partner_error: str | None = Field(description="why the partner's part is missing, if it is")
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import datetime as dt
+import hashlib
 import logging
+import re
 from importlib.resources import files
 from typing import Annotated, Any
 
@@ -24,7 +27,7 @@ from exchange.api.audit_models import (
 )
 from exchange.api.auth import auditor, in_peer_thread, known_caller, local_client, node_of, partner_node
 from exchange.api.problems import problem
-from exchange.auditing import AuditService, EntryFilter
+from exchange.auditing import AuditService, EntryFilter, partner_history
 from exchange.checkpoints import CheckpointService
 from exchange.db import repo
 from exchange.errors import CheckpointConflict, FieldError, InvalidInput, LedgerIntegrityError, TransportError
@@ -372,7 +375,9 @@ def audit_entries(
 )
 def audit_message_history(message_id: str, request: Request) -> dict[str, Any]:
     """This node's ledger entries about the message and the partner node's (fetched over the peer
-    link; metadata only). ``partner_error`` says why the partner's part is missing, if it is."""
+    link; metadata only; each of the partner's rebuilt from its leaf, its inclusion in the partner's
+    log not proven here: the partner's audit bundle proves it). ``partner_error`` says why the
+    partner's part is missing, if it is."""
     node = node_of(request)
     own = audit_of(request).message_history(message_id)
     partner: list[dict[str, Any]] = []
@@ -382,9 +387,11 @@ def audit_message_history(message_id: str, request: Request) -> dict[str, Any]:
         error = "no peer link in this process"
     else:
         try:
-            partner = transport.message_history(message_id)
+            partner = partner_history(transport.message_history(message_id), message_id)
         except TransportError as exc:
             error = str(exc)
+        except LedgerIntegrityError as exc:  # shown as the partner's error, never as its history
+            error = f"the partner's answer is refused: {exc}"
     return {
         "message_id": message_id,
         "nodes": {node.party: own, node.partner_party: partner},
@@ -463,14 +470,26 @@ def audit_export(
 
 
 console_router = APIRouter(tags=["auditors"], dependencies=[Depends(auditor)])
-CONSOLE_HTML = files("exchange.api").joinpath("static/audit.html")
-CONSOLE_CSP = "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'"
+CONSOLE_HTML = files("exchange.api").joinpath("static/audit.html").read_text()
+
+
+def _inline_hashes(html: str, tag: str) -> str:
+    """The CSP source list allowing exactly the inline ``<tag>`` blocks of ``html`` (by SHA-256)."""
+    blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", html, flags=re.DOTALL)
+    return " ".join(
+        f"'sha256-{base64.b64encode(hashlib.sha256(b.encode()).digest()).decode()}'" for b in blocks
+    )
+
+
+#: only the console's own script and style run (never an injected one), it talks to this node only,
+#: and no form or <base> sends anything elsewhere
+CONSOLE_CSP = (
+    f"default-src 'none'; connect-src 'self'; script-src {_inline_hashes(CONSOLE_HTML, 'script')};"
+    f" style-src {_inline_hashes(CONSOLE_HTML, 'style')}; base-uri 'none'; form-action 'self'"
+)
 
 
 @console_router.get("/audit", summary="The auditor console (HTML)", response_class=HTMLResponse)
 def audit_console() -> HTMLResponse:
     """A browser console over the audit API, for clients registered with the AUDITOR role."""
-    return HTMLResponse(
-        CONSOLE_HTML.read_text(),
-        headers={"content-security-policy": CONSOLE_CSP},
-    )
+    return HTMLResponse(CONSOLE_HTML, headers={"content-security-policy": CONSOLE_CSP})

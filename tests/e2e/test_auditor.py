@@ -256,6 +256,8 @@ def test_the_console_in_a_real_browser(audited: tuple[Running, ClientFiles, str]
             ignore_https_errors=False,
         )
         page = context.new_page()
+        refused: list[str] = []  # what the content security policy blocked (an injected script would be)
+        page.on("console", lambda m: refused.append(m.text) if "Content Security Policy" in m.text else None)
         page.goto(f"{polri.node.url}/audit")
         expect(page.locator("#node")).to_have_text("ID-node/ledger")
         expect(page.locator("#entries tbody tr").first).to_be_visible()
@@ -286,6 +288,11 @@ def test_the_console_in_a_real_browser(audited: tuple[Running, ClientFiles, str]
         download_info.value.save_as(path)
         assert json.loads(path.read_text())["format"] == "exchange-audit-bundle/3"
         page.screenshot(path=str(tmp_path / "console.png"), full_page=True)
+        assert refused == []  # the console's own script and style run under its hash-only policy
+        assert (
+            "unsafe-inline"
+            not in context.request.get(f"{polri.node.url}/audit").headers["content-security-policy"]
+        )
         context.close()
         browser.close()
     os.environ.pop("NODE_EXTRA_CA_CERTS", None)
