@@ -25,7 +25,7 @@ from exchange.agreement import Agreement
 from exchange.config import NodeSettings
 from exchange.db import repo
 from exchange.db.engine import Database
-from exchange.db.schema import ledger_entries
+from exchange.db.schema import checkpoints, ledger_entries, witnessed
 from exchange.errors import Busy, InvalidInput, LedgerIntegrityError, NotFound
 from exchange.keys.registry import KeyRegistry, anchor
 from exchange.ledger import decode_leaf
@@ -157,8 +157,9 @@ class AuditService:
         concurrent: int | None = None,
         workers: int | None = None,
     ) -> None:
-        """``concurrent``: verifications at once (default: unbounded, one pool per verification, as
-        the CLI wants); with it, one shared pool of ``workers`` processes (default: one per core)."""
+        """``concurrent``: verifications at once, and exports at once (default: unbounded, one pool
+        per verification, as the CLI wants); with it, one shared pool of ``workers`` processes
+        (default: one per core)."""
         self.db = db
         self.agreement = agreement
         self.party = party
@@ -167,6 +168,7 @@ class AuditService:
         self.own = party_anchor(agreement, party)
         self.partner_anchor = party_anchor(agreement, self.partner)
         self._slots = threading.BoundedSemaphore(concurrent) if concurrent else None
+        self._export_slots = threading.BoundedSemaphore(concurrent) if concurrent else None
         self._workers = workers
         self._pool: ProcessPoolExecutor | None = None
         self._pool_lock = threading.Lock()
@@ -235,12 +237,17 @@ class AuditService:
         items: list[dict[str, Any]] = self.entries(EntryFilter(message_id=message_id), limit=1000)["items"]
         return items
 
-    def checkpoints(self) -> dict[str, Any]:
-        """Every signed checkpoint with its cosignature, and every partner checkpoint witnessed."""
+    def checkpoints(
+        self, *, before: int | None = None, witnessed_before: int | None = None, limit: int = 100
+    ) -> dict[str, Any]:
+        """The newest ``limit`` signed checkpoints below size ``before`` (any size if None) with
+        their cosignatures, and the newest ``limit`` partner checkpoints witnessed below
+        ``witnessed_before``, each oldest first, with the cursors to page back (None once the
+        oldest is shown)."""
         with self.db.read() as conn:
-            own = repo.all_checkpoints(conn)
-            seen = repo.all_witnessed(conn)
-            further = repo.witness_cosignatures_by_size(conn)
+            own = repo.newest_below(conn, checkpoints, before, limit)
+            seen = repo.newest_below(conn, witnessed, witnessed_before, limit)
+            further = repo.witness_cosignatures_by_size(conn, [int(r["size"]) for r in own])
         keys = self.keys()
         return {
             "origin": keys.own.origin,
@@ -268,6 +275,8 @@ class AuditService:
                 }
                 for r in seen
             ],
+            "next_before": int(own[0]["size"]) if len(own) == limit else None,
+            "next_witnessed_before": int(seen[0]["size"]) if len(seen) == limit else None,
         }
 
     def _size(self, conn: sa.Connection, size: int | None) -> int:
@@ -378,7 +387,19 @@ class AuditService:
 
         Raises:
             InvalidInput: a bad range. NotFound: no signed checkpoint covers the range yet.
+            Busy: ``concurrent`` exports are already running (each costs a CPU-second and a bundle
+                of up to MAX_EXPORT entries in memory).
         """
+        if self._export_slots is None:
+            return self._export(start, end)
+        if not self._export_slots.acquire(blocking=False):
+            raise Busy("an export is already running; retry when it ends")
+        try:
+            return self._export(start, end)
+        finally:
+            self._export_slots.release()
+
+    def _export(self, start: int, end: int | None) -> dict[str, Any]:
         with self.db.read() as conn:
             checkpoint = repo.latest_checkpoint(conn, cosigned=True) or repo.latest_checkpoint(conn)
             if checkpoint is None:

@@ -88,8 +88,15 @@ class Checkpoints(_Answer):
         description="every note verifier key: each checkpoint key of both parties' key histories, and"
         " the further witnesses' keys the agreement pins"
     )
-    checkpoints: list[OwnCheckpoint]
-    witnessed: list[WitnessedCheckpoint] = Field(description="the partner's checkpoints this node cosigned")
+    checkpoints: list[OwnCheckpoint] = Field(description="the newest `limit` below `before`, oldest first")
+    witnessed: list[WitnessedCheckpoint] = Field(
+        description="the partner's checkpoints this node cosigned: the newest `limit` below"
+        " `witnessed_before`, oldest first"
+    )
+    next_before: int | None = Field(description="pass as `before` for older checkpoints (null: none older)")
+    next_witnessed_before: int | None = Field(
+        description="pass as `witnessed_before` for older witnessed ones (null: none older)"
+    )
 
 
 class InclusionProof(_Answer):

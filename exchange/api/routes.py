@@ -404,10 +404,17 @@ def audit_message_history(message_id: str, request: Request) -> dict[str, Any]:
     summary="Signed checkpoints, cosignatures, witnessed checkpoints, verifier keys",
     response_model=Checkpoints,
 )
-def audit_checkpoints(request: Request) -> dict[str, Any]:
-    """Every checkpoint this node signed with its cosignatures, every partner checkpoint it
-    witnessed, and the note verifier keys (name+keyid+base64) that check them."""
-    return audit_of(request).checkpoints()
+def audit_checkpoints(
+    request: Request,
+    before: Annotated[int | None, Query(ge=1, le=models.MAX_INT64, description="sizes below this")] = None,
+    witnessed_before: Annotated[int | None, Query(ge=1, le=models.MAX_INT64)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> dict[str, Any]:
+    """The newest checkpoints this node signed with their cosignatures, the newest partner
+    checkpoints it witnessed (``limit`` of each, oldest first; ``next_before`` and
+    ``next_witnessed_before`` page back), and the note verifier keys (name+keyid+base64) that
+    check them."""
+    return audit_of(request).checkpoints(before=before, witnessed_before=witnessed_before, limit=limit)
 
 
 @audit_router.get("/proofs/inclusion", summary="Inclusion proof of an entry", response_model=InclusionProof)

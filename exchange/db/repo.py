@@ -1037,6 +1037,15 @@ def all_checkpoints(conn: Connection) -> list[dict[str, Any]]:
     return [dict(r._mapping) for r in conn.execute(sa.select(checkpoints).order_by(checkpoints.c.size))]
 
 
+def newest_below(conn: Connection, table: sa.Table, before: int | None, limit: int) -> list[dict[str, Any]]:
+    """The ``limit`` rows of a table keyed by ``size`` (checkpoints, witnessed) with the largest sizes
+    below ``before`` (all sizes if None), in order of size."""
+    query = sa.select(table).order_by(table.c.size.desc()).limit(limit)
+    if before is not None:
+        query = query.where(table.c.size < before)
+    return [dict(r._mapping) for r in reversed(conn.execute(query).all())]
+
+
 def record_witness_cosignature(conn: Connection, size: int, witness: str, line: str, at: str) -> None:
     """Keep a further witness's cosignature of our checkpoint of ``size`` (once per witness)."""
     exists = conn.execute(
@@ -1059,10 +1068,16 @@ def latest_cosigned_by(conn: Connection, witness: str) -> int:
     return int(value) if value is not None else 0
 
 
-def witness_cosignatures_by_size(conn: Connection) -> dict[int, dict[str, str]]:
-    """Every further witness cosignature: size -> {witness name: line}."""
+def witness_cosignatures_by_size(
+    conn: Connection, sizes: Sequence[int] | None = None
+) -> dict[int, dict[str, str]]:
+    """Every further witness cosignature (of the checkpoints of these ``sizes``): size -> {witness
+    name: line}."""
     found: dict[int, dict[str, str]] = {}
-    for row in conn.execute(sa.select(witness_cosignatures).order_by(witness_cosignatures.c.size)):
+    query = sa.select(witness_cosignatures).order_by(witness_cosignatures.c.size)
+    if sizes is not None:
+        query = query.where(witness_cosignatures.c.size.in_(list(sizes)))
+    for row in conn.execute(query):
         found.setdefault(int(row.size), {})[str(row.witness)] = str(row.cosignature)
     return found
 

@@ -153,3 +153,35 @@ def test_an_announcement_deleted_from_the_database_breaks_the_audit(
     with pytest.raises(LedgerIntegrityError, match="records MY's key set version 2") as broken:
         service.verify()
     assert broken.value.seq == accepted.seq
+
+
+def test_checkpoints_come_a_page_at_a_time_and_exports_one_at_a_time(nodes: Pair) -> None:
+    """An auditor's listing of checkpoints is bounded (one is signed every few seconds, for
+    years), paged back by size; and exports beyond the service's concurrency are Busy (503)."""
+    from exchange.errors import Busy
+
+    _, _, id_node, my_node = nodes
+    checkpointer = Checkpointer(CheckpointService(id_node), Loopback(my_node), 1)
+    now = dt.datetime.now(dt.UTC).isoformat()
+    for _ in range(5):
+        id_node.committer.run(lambda conn, head: repo.append_ledger(conn, head, [EntryDraft(event="x")], now))
+        checkpointer.run_once()
+    service = AuditService(id_node.db, id_node.agreement, id_node.party, concurrent=1)
+    everything = service.checkpoints(limit=1000)["checkpoints"]
+    assert len(everything) == 5
+    pages, before = [], None
+    while True:
+        page = service.checkpoints(before=before, limit=2)
+        pages.append([c["size"] for c in page["checkpoints"]])
+        before = page["next_before"]
+        if before is None:
+            break
+    assert pages == [
+        [c["size"] for c in everything[3:]],
+        [c["size"] for c in everything[1:3]],
+        [everything[0]["size"]],
+    ]
+    assert service._export_slots is not None
+    with service._export_slots, pytest.raises(Busy):  # an export under way
+        service.export(0)
+    assert service.export(0)["entries"]
