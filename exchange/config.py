@@ -90,7 +90,9 @@ class NodeSettings(BaseSettings):
         description="requests a process serves at once for the partner node (outside the total)",
     )
     body_timeout_seconds: float = Field(
-        default=30.0, gt=0, description="how long a request's body may take to arrive (408 past it)"
+        default=30.0,
+        gt=0,
+        description="how long a request's body may stall, nothing of it arriving (408 past it)",
     )
     clock_skew_seconds: int = Field(default=300, ge=0)
     replay_window_seconds: int = Field(default=30 * 86400, gt=0)
@@ -219,13 +221,20 @@ class NodeSettings(BaseSettings):
         " checks its coordination connection (PostgreSQL): a dead leader is replaced within about this",
     )
     audit_verify_concurrency: int = Field(
-        default=1, ge=1, le=16, description="whole-ledger verifications the API runs at once; more answer 503"
+        default=1,
+        ge=1,
+        le=16,
+        description="whole-ledger verifications, and audit exports, the API runs at once (each);"
+        " more answer 503",
     )
     audit_verify_workers: int = Field(
         default=2, ge=1, le=64, description="processes of the one pool that verifies the ledger for the API"
     )
     unavailable_retry_after_seconds: int = Field(
-        default=5, ge=1, description="the Retry-After of a 503 while the database is unavailable"
+        default=5,
+        ge=1,
+        description="the Retry-After of a 503 while the database is unavailable or too many requests"
+        " are in progress",
     )
 
     @classmethod

@@ -165,23 +165,28 @@ class Lifecycle(ControlProtocol):
                 CONSENT_DECISION: ("request_id", "conditions"),
                 RECLASSIFICATION_NOTICE: ("notice_id", "reason"),
             }
-            carried: dict[
-                tuple[str, str, str], list[tuple[Any, str]]
-            ] = {}  # (type, id, about) -> words, message
+            # (type, id, about, direction) -> the words and the id of each control message that
+            # carried them; none the node refused (a partner's reusing an id it knew, a late one)
+            refused = {
+                str(e.data.get("control")) for e in repo.entries_of(conn, [LedgerEvent.CONTROL_REJECTED])
+            }
+            carried: dict[tuple[str, str, str, str], list[tuple[Any, str]]] = {}
             for row in controls:
-                payload = self._payload_or_none(row)
+                payload = self._payload_or_none(row) if row["id"] not in refused else None
                 if payload is None or payload.get("decision") == "REVOKED":  # (a revocation carries no words)
                     continue
                 key, words = fields[row["type"]]
-                about = (row["type"], str(payload.get(key)), str(payload.get("message_id")))
+                about = (row["type"], str(payload.get(key)), str(payload.get("message_id")), row["direction"])
                 carried.setdefault(about, []).append((payload.get(words), row["id"]))
+            targets = repo.get_messages(conn, [r["message_id"] for r in reclassed])
 
-            def link(message_type: str, ref: str, about: str, words: Any) -> str | None:
-                """The control message that carried ``words`` (the very same) about ``about``; for a
-                row a downgrade left with its placeholder, the only one there is, if only one."""
-                found = carried.get((message_type, ref, about), [])
+            def link(message_type: str, ref: str, about: str, direction: str, words: Any) -> str | None:
+                """The control message that carried ``words`` (the very same) about ``about`` in
+                ``direction``; for a row a downgrade left with its placeholder, the first this node
+                sent (it never reuses an id), or the only one it received, if only one."""
+                found = carried.get((message_type, ref, about, direction), [])
                 if words == DOWNGRADED:
-                    return found[0][1] if len(found) == 1 else None
+                    return found[0][1] if found and (direction == "out" or len(found) == 1) else None
                 return next((control for said, control in found if said == words), None)
 
             for request in consents:
@@ -189,22 +194,30 @@ class Lifecycle(ControlProtocol):
                 on = (request["id"], request["message_id"])
                 if asked == DOWNGRADED and decided is None and request["status"] != "pending":
                     decided = DOWNGRADED  # (its conditions were sealed before the downgrade too)
+                # the request went the row's way (out: we asked), the decision the other way
+                answered = "in" if request["direction"] == "out" else "out"
                 repo.update_consent_request(
                     conn,
                     request["id"],
                     justification=None,
                     conditions=None,
-                    request_control_id=request["request_control_id"] or link(CONSENT_REQUEST, *on, asked),
+                    request_control_id=request["request_control_id"]
+                    or link(CONSENT_REQUEST, *on, request["direction"], asked),
                     decision_control_id=request["decision_control_id"]
-                    or (link(CONSENT_DECISION, *on, decided) if decided is not None else None),
+                    or (link(CONSENT_DECISION, *on, answered, decided) if decided is not None else None),
                 )
             for history in reclassed:
-                about = (history["notice_id"], history["message_id"], history["reason"])
+                target = targets.get(history["message_id"])  # the notice went the message's way
+                way = target["direction"] if target else ""
+                notice = link(
+                    RECLASSIFICATION_NOTICE,
+                    history["notice_id"],
+                    history["message_id"],
+                    way,
+                    history["reason"],
+                )
                 repo.update_reclassification(
-                    conn,
-                    history["id"],
-                    reason=None,
-                    control_id=history["control_id"] or link(RECLASSIFICATION_NOTICE, *about),
+                    conn, history["id"], reason=None, control_id=history["control_id"] or notice
                 )
             for row in origins:  # ('' where its content does not open: only the system that sent it acts)
                 message = self._payload_or_none(row, whole=True)

@@ -177,7 +177,7 @@ def create_app(node: Node, transport: PeerTransport | None = None, *, run_worker
         path_limits={
             PEER_PATH: (
                 peer_body_limit(fixed.max_envelope_bytes),
-                lambda scope: auth.is_partner_node(node, auth.certificate_of(scope)),
+                lambda scope: auth.held_partner_node(node, auth.certificate_of(scope)),  # (no database read)
             )
         },
     )

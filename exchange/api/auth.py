@@ -129,14 +129,25 @@ def is_partner_node(node: Node, pem: bytes | None) -> bool:
     return any(crypto.constant_time_equal(key, pin) for pin in node.partner.tls_pins)
 
 
+def held_partner_node(node: Node, pem: bytes | None) -> bool:
+    """:func:`is_partner_node` by the pins this process last read (no database read: for the event
+    loop; a key announced since is taken once the pins are read again, within a second of use)."""
+    if pem is None or not claims_partner_node(node, pem):
+        return False
+    key = crypto.certificate_info(pem).public_key_sha256
+    return any(crypto.constant_time_equal(key, pin) for pin in node.registry.held_tls_pins())
+
+
 def caller_kind(node: Node, pem: bytes | None) -> str | None:
     """What a certificate may be, from cached checks only (for :class:`~exchange.api.guard.ConcurrencyLimit`):
-    ``"partner"`` (it claims to be the partner node), ``"local"`` (a client certificate of this
-    node's CA: a system registered here, or one that is not), or None (nothing here serves it)."""
+    ``"partner"`` (the partner node, by the pins held), ``"unpinned"`` (a node certificate of the
+    partner's CA with its name but a key not pinned, as held: a key just rotated, or a forgery),
+    ``"local"`` (a client certificate of this node's CA: a system registered here, or one that is
+    not), or None (nothing here serves it)."""
     if pem is None:
         return None
     if claims_partner_node(node, pem):
-        return "partner"
+        return "partner" if held_partner_node(node, pem) else "unpinned"
     if crypto.is_issued_by(pem, node.parties[node.party].ca_certificate.encode()) and (
         crypto.NODE_PURPOSE_OID not in crypto.certificate_info(pem).purposes
     ):

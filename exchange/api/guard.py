@@ -17,7 +17,7 @@ every answer carries the security headers.
   canonical form of a signed message cannot carry (I-JSON, RFC 7493; JCS, RFC 8785), and for a
   number beyond a double's range (``1e400``);
 - 400 for a URL holding a NUL character;
-- 408 for a body not received within ``body_timeout_seconds`` (a slow or stalled sender holding a
+- 408 for a body of which nothing arrives for ``body_timeout_seconds`` (a stalled sender holding a
   slot of :class:`ConcurrencyLimit`);
 - 403 for a request a browser sent for a page of another origin (``Sec-Fetch-Site``, ``Origin``):
   the browser presents the user's client certificate to any page's request.
@@ -45,6 +45,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from exchange.api import problems
 
 JSON_TYPES = (b"application/json",)
+#: the pages a link or a bookmark on another site may open (a navigation): the auditor console's
+NAVIGABLE_PATHS = frozenset({"/audit"})
 
 SECURITY_HEADERS: dict[str, str] = {
     "strict-transport-security": "max-age=31536000",
@@ -136,10 +138,16 @@ def _cross_site(scope: Scope, headers: dict[bytes, bytes]) -> bool:
     """Whether a browser sent this request for a page of another origin (cross-site request
     forgery: the browser presents the user's client certificate to any page's request). By the
     Fetch Metadata a browser sends (``Sec-Fetch-Site``; a top-level navigation by GET is let
-    through) and by ``Origin`` (which must be this node's own). Other clients send neither."""
+    through to the console's page only: any other, an export or a message's content, would do work
+    or ledger a read in the user's name) and by ``Origin`` (which must be this node's own). Other
+    clients send neither."""
     site = headers.get(b"sec-fetch-site")
-    navigation = scope["method"] in ("GET", "HEAD") and headers.get(b"sec-fetch-mode") == b"navigate"
-    if site in (b"cross-site", b"same-site") and not navigation:
+    navigation = (
+        scope["method"] in ("GET", "HEAD")
+        and headers.get(b"sec-fetch-mode") == b"navigate"
+        and scope["path"] in NAVIGABLE_PATHS
+    )
+    if site in (b"cross-site", b"same-site") and not navigation:  # (same-origin, none: the user's own)
         return True
     origin = headers.get(b"origin")
     if origin is None:
@@ -198,30 +206,29 @@ class RequestGuard:
             return
         chunks: list[bytes] = []
         seen = 0
-        try:
-            async with asyncio.timeout(self.body_timeout_seconds):  # a body that never comes
-                while True:
-                    message = await receive()
-                    if message["type"] == "http.disconnect":
-                        return
-                    chunk = message.get("body", b"")
-                    seen += len(chunk)
-                    if seen > max_bytes:
-                        await self._too_large(scope, receive, send, max_bytes)
-                        return
-                    chunks.append(chunk)
-                    if not message.get("more_body", False):
-                        break
-        except TimeoutError:
-            response = problems.problem(
-                408,
-                "request-timeout",
-                "The request body did not come in time",
-                f"the body was not received within {self.body_timeout_seconds:g} seconds",
-            )
-            response.headers["connection"] = "close"
-            await response(scope, receive, send)
-            return
+        while True:
+            try:  # a body that stalls (however slowly a large one comes, as long as it comes)
+                message = await asyncio.wait_for(receive(), self.body_timeout_seconds)
+            except TimeoutError:
+                response = problems.problem(
+                    408,
+                    "request-timeout",
+                    "The request body stalled",
+                    f"no part of the body was received for {self.body_timeout_seconds:g} seconds",
+                )
+                response.headers["connection"] = "close"
+                await response(scope, receive, send)
+                return
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            if seen > max_bytes:
+                await self._too_large(scope, receive, send, max_bytes)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
         body = b"".join(chunks)
         raw = scope.get("path") in self.raw_paths
         refusal = None if raw else self._check(body, headers.get(b"content-type", b""))
@@ -295,9 +302,10 @@ class ConcurrencyLimit:
 
     - ``"local"`` (a certificate of this node's CA): at most ``per_caller`` each, and ``total`` for
       all of them together (so the bodies buffered stay within ``total`` times the body limit);
-    - ``"partner"`` (a node certificate of the partner's CA; its key is checked by the route): at
-      most ``per_partner``, outside the total, so local systems cannot starve the partner's
-      deliveries, nor a partner flood them;
+    - ``"partner"`` (the partner node, by its pinned key): at most ``per_partner`` in all, outside
+      the total, so local systems cannot starve the partner's deliveries, nor a partner flood them;
+    - ``"unpinned"`` (a node certificate of the partner's CA with its name, a key not pinned as
+      held: just rotated, or a forgery): at most 2 in all, outside both;
     - None (any other certificate the TLS layer trusts, such as the partner's local systems): 403
       at once; nothing here serves it.
 
@@ -318,7 +326,7 @@ class ConcurrencyLimit:
     ) -> None:
         self.app = app
         self.total = total
-        self.bound = {"local": per_caller, "partner": per_partner}
+        self.bound = {"local": per_caller, "partner": per_partner, "unpinned": 2}
         self.retry_after = str(retry_after)
         self.caller_of = caller_of  # the caller's certificate
         self.kind_of = kind_of
@@ -339,6 +347,8 @@ class ConcurrencyLimit:
                 "this certificate is neither of this node's certificate authority nor the partner node's",
             )(scope, receive, send)
             return
+        if kind != "local":  # one bucket for each kind of node certificate, whatever the certificate
+            caller = kind.encode()
         mine, local = self.by_caller.get(caller, 0), kind == "local"
         if mine >= self.bound[kind] or (local and self.in_progress >= self.total):
             which = (

@@ -29,7 +29,10 @@ def _rfc3339(value: str | None) -> str | None:
         raise ValueError("must be an RFC 3339 date-time such as 2026-11-23T10:00:00Z") from None
     if parsed.tzinfo is None:
         raise ValueError("must name its time zone (Z or +07:00)")
-    return parsed.astimezone(dt.UTC).isoformat(timespec="microseconds")
+    try:
+        return parsed.astimezone(dt.UTC).isoformat(timespec="microseconds")
+    except OverflowError:  # (0001-01-01T00:00+01:00 is before year 1 in UTC)
+        raise ValueError("must be a time between the years 1 and 9999 in UTC") from None
 
 
 RFC3339 = Annotated[str | None, AfterValidator(_rfc3339)]

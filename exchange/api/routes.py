@@ -407,7 +407,9 @@ def audit_message_history(message_id: str, request: Request) -> dict[str, Any]:
 def audit_checkpoints(
     request: Request,
     before: Annotated[int | None, Query(ge=1, le=models.MAX_INT64, description="sizes below this")] = None,
-    witnessed_before: Annotated[int | None, Query(ge=1, le=models.MAX_INT64)] = None,
+    witnessed_before: Annotated[
+        int | None, Query(ge=1, le=models.MAX_INT64, description="witnessed sizes below this")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> dict[str, Any]:
     """The newest checkpoints this node signed with their cosignatures, the newest partner

@@ -542,8 +542,8 @@ def threads_of(conn: Connection, message_ids: Sequence[str]) -> list[str]:
 
 
 def control_messages(conn: Connection, types: Sequence[str], threads: Sequence[str]) -> list[dict[str, Any]]:
-    """The stored control messages of these types in these threads whose content is kept, oldest
-    stored first."""
+    """The stored control messages of these types in these threads whose content is kept, in the
+    order they were signed (the partner's by its clock)."""
     if not threads:
         return []
     query = (
@@ -554,7 +554,7 @@ def control_messages(conn: Connection, types: Sequence[str], threads: Sequence[s
             messages.c.thread_id.in_(list(threads)),
             messages.c.content.is_not(None),
         )
-        .order_by(messages.c.updated_at, messages.c.id)
+        .order_by(messages.c.created_at, messages.c.id)
     )
     return [dict(r._mapping) for r in conn.execute(query)]
 

@@ -239,6 +239,12 @@ class KeyRegistry:
                 self._reload()
             return self._cache[party]
 
+    def held_tls_pins(self) -> tuple[str, ...]:
+        """The partner node's TLS key pins as this process last read them, without reading the
+        database (for the event loop; empty before the first read)."""
+        held = self._cache.get(self.partner)
+        return held.current.tls_pins if held is not None else ()
+
     def refresh(self) -> None:
         """Read the table again now (after this process stored a version)."""
         with self._lock:

@@ -91,14 +91,27 @@ def leaf_bytes(seq: int, at: str, draft: EntryDraft) -> bytes:
 
 
 def decode_leaf(leaf: bytes) -> LedgerEntry:
-    """The entry a leaf encodes. Raises ``ValueError`` if it is not a ledger leaf."""
+    """The entry a leaf encodes. Raises ``ValueError`` if it is not a ledger leaf: another format,
+    a member missing or of another type (``schemas/ledger-leaf.schema.json``)."""
     doc = json.loads(leaf)
     if not isinstance(doc, dict) or doc.get("format") != LEAF_FORMAT:
         raise ValueError("not a ledger leaf")
+    texts = ("message_id", "case_ref", "actor", "decision")
+    if (
+        type(doc.get("seq")) is not int
+        or doc["seq"] < 0
+        or not isinstance(doc.get("at"), str)
+        or not isinstance(doc.get("event"), str)
+        or any(not (doc.get(k) is None or isinstance(doc.get(k), str)) for k in texts)
+        or not isinstance(doc.get("rules"), list)
+        or not all(isinstance(r, str) for r in doc["rules"])
+        or not isinstance(doc.get("data"), dict)
+    ):
+        raise ValueError("not a ledger leaf: a member is missing or of another type")
     return LedgerEntry(
-        seq=int(doc["seq"]),
-        at=str(doc["at"]),
-        event=str(doc["event"]),
+        seq=doc["seq"],
+        at=doc["at"],
+        event=doc["event"],
         message_id=doc["message_id"],
         case_ref=doc["case_ref"],
         actor=doc["actor"],

@@ -76,6 +76,8 @@ def test_auditors_see_entries_checkpoints_and_proofs_never_content(
         by_rule = api.request("GET", "/v1/audit/entries", params={"rule": "R-CLEARANCE"}).json()["items"]
         assert by_rule
         assert all("R-CLEARANCE@1" in e["rules"] for e in by_rule)
+        for edge in ("0001-01-01T00:00+01:00", "9999-12-31T23:59-01:00"):  # beyond the years in UTC
+            assert api.request("GET", "/v1/audit/entries", params={"since": edge}).status_code == 422
         wildcard = api.request("GET", "/v1/audit/entries", params={"rule": "R-%"}).json()["items"]
         assert wildcard == []  # no rule is named R-%: it is not a pattern
         # a window given in another time zone selects by the instant, not by the text

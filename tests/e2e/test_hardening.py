@@ -466,4 +466,6 @@ def test_a_request_a_browser_sends_for_another_site_s_page_is_refused(
         own = {"sec-fetch-site": "same-origin", "sec-fetch-mode": "cors", "origin": f"https://{host}"}
         assert api.request("POST", "/v1/audit/verify", headers=own).status_code == 200
         navigation = {"sec-fetch-site": "cross-site", "sec-fetch-mode": "navigate"}
-        assert api.request("GET", "/audit", headers=navigation).status_code == 200
+        assert api.request("GET", "/audit", headers=navigation).status_code == 200  # a link to the console
+        # a link, a window or a frame another site opens on work or a ledgered read: refused
+        _problem(api.request("GET", "/v1/audit/export", params={"from": 0}, headers=navigation), 403)

@@ -754,11 +754,11 @@ def test_consent_and_reclassification_words_are_read_from_sealed_messages_never_
         verified(node)
 
 
-def test_words_kept_in_clear_before_migration_0015_are_sealed_at_start(pair) -> None:  # type: ignore[no-untyped-def]
+def _partner_reuses_the_ids(id_node: Node, my_node: Node, sent: str, request: str) -> None:
+    """The partner sends a consent request and a reclassification notice reusing the ids it knows,
+    with words of its own: refused at Polri, but stored (sealed) there."""
     from exchange.control import CONSENT_REQUEST, RECLASSIFICATION_NOTICE
 
-    id_dir, my_dir, id_node, my_node = pair
-    sent, request, polri, d7, boss = _consent_and_reclassification(id_dir, my_dir, id_node, my_node)
     with id_node.db.read() as conn:
         target = repo.get_message(conn, sent)
         (notice,) = conn.execute(sa.text("select id from messages where type = 'RECLASSIFICATION_NOTICE'"))
@@ -788,16 +788,14 @@ def test_words_kept_in_clear_before_migration_0015_are_sealed_at_start(pair) -> 
         kinds = sa.text(
             "select type, count(*) from messages where direction = 'in' and kind = 'control' group by type"
         )
-        received = dict(conn.execute(kinds).all())  # the genuine request, and both forgeries, kept
+        received = {str(t): int(n) for t, n in conn.execute(kinds)}  # the genuine one, both forgeries, kept
     assert (received[CONSENT_REQUEST], received[RECLASSIFICATION_NOTICE]) == (2, 1)
-    with id_node.db.transaction() as conn:  # the forgeries found first: only the words tell them apart
-        conn.execute(
-            sa.text(
-                "update messages set updated_at = '2000-01-01T00:00:00+00:00' where kind = 'control'"
-                " and id not in (select request_control_id from consent_requests)"
-                " and id not in (select control_id from reclassifications)"
-            )
-        )
+
+
+def test_words_kept_in_clear_before_migration_0015_are_sealed_at_start(pair) -> None:  # type: ignore[no-untyped-def]
+    id_dir, my_dir, id_node, my_node = pair
+    sent, request, polri, d7, boss = _consent_and_reclassification(id_dir, my_dir, id_node, my_node)
+    _partner_reuses_the_ids(id_node, my_node, sent, request)
     for node in (id_node, my_node):  # the rows as an older version wrote them: words, no references
         with node.db.transaction() as conn:
             conn.execute(
@@ -978,7 +976,8 @@ def test_words_survive_going_below_migration_0015_and_back(pair) -> None:  # typ
     from exchange.db.engine import alembic_config, upgrade
 
     id_dir, my_dir, id_node, my_node = pair
-    sent, _request, polri, d7, boss = _consent_and_reclassification(id_dir, my_dir, id_node, my_node)
+    sent, request, polri, d7, boss = _consent_and_reclassification(id_dir, my_dir, id_node, my_node)
+    _partner_reuses_the_ids(id_node, my_node, sent, request)  # (refused: never the only candidate)
     for node in (id_node, my_node):
         node.close()
         command.downgrade(alembic_config(node.db.url), "0014")

@@ -48,11 +48,13 @@ class Client:
 
 
 @pytest.fixture
-def pair(tmp_path: Path) -> Iterator[tuple[Node, Node, Client]]:
+def pair(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Node, Node, Client]]:
     id_dir, my_dir = make_pair(tmp_path)
     id_node, my_node = Node(load_settings(id_dir.path)), Node(load_settings(my_dir.path))
     app = create_app(my_node, run_worker=False)
-    app.dependency_overrides[partner_node] = lambda: None  # the TLS identity is not what is tested here
+    # the TLS identity is not what is tested here: the caller (no certificate) is taken for the partner
+    app.dependency_overrides[partner_node] = lambda: None
+    monkeypatch.setattr("exchange.api.auth.caller_kind", lambda node, pem: "partner")
     yield id_node, my_node, Client(app)
     id_node.close()
     my_node.close()

@@ -15,6 +15,8 @@ from exchange.api.guard import ConcurrencyLimit
 
 PARTNER = b"-----BEGIN CERTIFICATE----- partner node"
 STRANGER = b"-----BEGIN CERTIFICATE----- a local system of the partner"
+FORGED = b"-----BEGIN CERTIFICATE----- a node certificate of the partner's CA, its key not pinned"
+ROTATED = b"-----BEGIN CERTIFICATE----- the partner node again, a second certificate"
 
 
 def _limited(release: asyncio.Event) -> ConcurrencyLimit:
@@ -32,7 +34,9 @@ def _limited(release: asyncio.Event) -> ConcurrencyLimit:
         per_partner=2,
         retry_after=5,
         caller_of=lambda scope: scope["caller"],
-        kind_of=lambda pem: {PARTNER: "partner", STRANGER: None}.get(pem or b"", "local"),
+        kind_of=lambda pem: {PARTNER: "partner", ROTATED: "partner", STRANGER: None, FORGED: "unpinned"}.get(
+            pem or b"", "local"
+        ),
     )
 
 
@@ -74,14 +78,17 @@ def test_requests_in_progress_are_bounded_per_caller_and_in_all_but_the_partner_
         partners = [asyncio.create_task(_call(limit, PARTNER)) for _ in range(2)]  # not starved
         await asyncio.sleep(0)
         assert not any(p.done() for p in partners)  # (in progress, not refused)
-        flood = await _call(limit, PARTNER)  # nor does it flood: its own bound
+        flood = await _call(limit, ROTATED)  # nor does it flood: one bound, whatever its certificates
         assert flood["status"] == 503
         assert "at most 2" in json.loads(flood["body"])["detail"]
+        forged = [asyncio.create_task(_call(limit, FORGED)) for _ in range(2)]  # a bucket of its own
+        await asyncio.sleep(0)
+        assert (await _call(limit, FORGED))["status"] == 503
         stranger = await _call(limit, STRANGER)  # nothing here serves it: 403 at once, no slot
         assert stranger["status"] == 403
         release.set()
-        answers = await asyncio.gather(*first, other, *partners)
-        assert [a["status"] for a in answers] == [200, 200, 200, 200, 200]
+        answers = await asyncio.gather(*first, other, *partners, *forged)
+        assert [a["status"] for a in answers] == [200] * 7
         assert (limit.in_progress, limit.by_caller) == (0, {})
         assert (await _call(limit, b"c"))["status"] == 200  # the slots are free again
 

@@ -35,6 +35,12 @@ def test_the_partner_s_entries_are_what_their_leaves_say() -> None:
         [{"leaf": 7}],
         ["a string"],
         [{"leaf": _leaf(1, "m2")}],  # about another message
+        [{"leaf": _leaf(1, "m1").replace('"seq":1', '"seq":-1')}],  # members of another type
+        [{"leaf": _leaf(1, "m1").replace('"rules":[]', '"rules":"R-X"')}],
+        [{"leaf": _leaf(1, "m1").replace('"actor":null', '"actor":{}')}],
+        [{"leaf": _leaf(1, "m1").replace('"seq":1', '"seq":1.7')}],
+        [{"leaf": _leaf(1, "m1").replace(",", ", ", 1)}],  # not canonical: not what the tree hashed
+        [{"leaf": "[" * 100_000}],  # nested past the parser's depth
     ],
 )
 def test_an_answer_that_is_not_leaves_about_the_message_is_refused(answer: object) -> None:
