@@ -160,7 +160,10 @@ async def known_caller(request: Request) -> None:
     system, an auditor, a local system). Raises Unauthorised (403) for any other certificate the
     TLS layer trusts (an unregistered or removed client, another certificate of the partner's CA)."""
     node = node_of(request)
-    if is_partner_node(node, certificate_of(request.scope)):
+    pem = certificate_of(request.scope)
+    if claims_partner_node(node, pem) and (
+        held_partner_node(node, pem) or await in_peer_thread(request, is_partner_node, node, pem)
+    ):  # (by the pins held, else read in a worker thread: no database read on the event loop)
         request.state.client_id = node.parties[node.partner_party].node_name
         return
     await registered_client(request)
