@@ -28,11 +28,11 @@ from exchange.db.engine import Database
 from exchange.db.schema import checkpoints, ledger_entries, witnessed
 from exchange.errors import Busy, InvalidInput, LedgerIntegrityError, NotFound
 from exchange.keys.registry import KeyRegistry, anchor
-from exchange.ledger import EntryDraft, decode_leaf, leaf_bytes
+from exchange.ledger import decode_leaf
 from exchange.ledger.audit import SIGNED_EVENTS, AuditKeys, AuditReport, verify_audit
 from exchange.ledger.bundle import build_bundle
 from exchange.ledger.checkpoint import SIG_COSIGNATURE_V1, SIG_ED25519, checkpoint_with
-from exchange.ledger.entries import LedgerEntry
+from exchange.ledger.entries import LedgerEntry, decode_canonical_leaf
 from exchange.ledger.events import KEY_SET_RECORDED
 from exchange.ledger.key_history import PartyAnchor, PartyKeys
 from exchange.ledger.log import combine_ranges, verify_range
@@ -104,8 +104,10 @@ class EntryFilter:
     until: str | None = None
 
 
-def _entry_view(leaf: str) -> dict[str, Any]:
-    entry = decode_leaf(leaf.encode())
+def _entry_view(leaf: str, entry: LedgerEntry | None = None) -> dict[str, Any]:
+    """An entry as the audit API shows it: the fields of its leaf (``entry``, if decoded already),
+    the leaf and its hash."""
+    entry = entry or decode_leaf(leaf.encode())
     return {
         "seq": entry.seq,
         "at": entry.at,
@@ -128,7 +130,7 @@ def partner_history(items: Any, message_id: str) -> list[dict[str, Any]]:
     here: the partner's audit bundle proves it.
 
     Raises:
-        LedgerIntegrityError: an item is not a ledger leaf, or is about another message.
+        LedgerIntegrityError: an item is not a canonical ledger leaf, or is about another message.
     """
     if not isinstance(items, list):
         raise LedgerIntegrityError("the partner's answer is not a list of entries")
@@ -136,28 +138,13 @@ def partner_history(items: Any, message_id: str) -> list[dict[str, Any]]:
     for n, item in enumerate(items):
         leaf = item.get("leaf") if isinstance(item, dict) else None
         try:
-            entry = decode_leaf(leaf.encode()) if isinstance(leaf, str) else None
-            # the leaf as this code would write it, byte for byte: every field of its type
-            canonical = entry is not None and leaf_bytes(entry.seq, entry.at, _draft_of(entry)) == entry.leaf
-        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+            entry = decode_canonical_leaf(leaf.encode()) if isinstance(leaf, str) else None
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise LedgerIntegrityError(f"the partner's entry {n} is not a ledger leaf") from exc
-        if entry is None or not canonical or entry.message_id != message_id:
+        if entry is None or entry.message_id != message_id:
             raise LedgerIntegrityError(f"the partner's entry {n} is not a ledger leaf about {message_id}")
-        shown.append(_entry_view(str(leaf)))
+        shown.append(_entry_view(str(leaf), entry))
     return shown
-
-
-def _draft_of(entry: LedgerEntry) -> EntryDraft:
-    """The draft a leaf was made of (to make the leaf again and compare)."""
-    return EntryDraft(
-        event=entry.event,
-        message_id=entry.message_id,
-        case_ref=entry.case_ref,
-        actor=entry.actor,
-        decision=entry.decision,
-        rules=tuple(entry.rules),
-        data=dict(entry.data),
-    )
 
 
 class AuditService:

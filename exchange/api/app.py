@@ -17,6 +17,7 @@ import exchange
 from exchange.api import auth, lifecycle_routes, observability, openapi, problems
 from exchange.api.guard import ConcurrencyLimit, RequestGuard, SecurityHeaders
 from exchange.api.routes import (
+    CONSOLE_PATH,
     WITNESS_PATH,
     audit_router,
     client_router,
@@ -171,13 +172,14 @@ def create_app(node: Node, transport: PeerTransport | None = None, *, run_worker
         RequestGuard,
         max_bytes=node.settings.max_body_bytes,
         body_timeout_seconds=node.settings.body_timeout_seconds,
+        navigable=frozenset({CONSOLE_PATH}),
         raw_paths=raw_paths,
         # the partner node may send one envelope as large as the agreement allows
         # (exchange/envelope/size.py); any other caller of the path is held to the common limit
         path_limits={
             PEER_PATH: (
                 peer_body_limit(fixed.max_envelope_bytes),
-                lambda scope: auth.held_partner_node(node, auth.certificate_of(scope)),  # (no database read)
+                lambda scope: auth.is_partner_node(node, auth.certificate_of(scope), held=True),
             )
         },
     )

@@ -119,23 +119,16 @@ def claims_partner_node(node: Node, pem: bytes | None) -> bool:
     return info.common_name == partner.node_name and crypto.NODE_PURPOSE_OID in info.purposes
 
 
-def is_partner_node(node: Node, pem: bytes | None) -> bool:
+def is_partner_node(node: Node, pem: bytes | None, *, held: bool = False) -> bool:
     """Whether ``pem`` is the partner node's certificate: issued by the partner CA in the agreement,
     with the agreed node name, the node-to-node purpose and a pinned key (checks cached per
-    certificate)."""
+    certificate). ``held``: by the pins this process last read, without reading the database (for
+    the event loop; a key announced since is taken once the pins are read again)."""
     if pem is None or not claims_partner_node(node, pem):
         return False
+    pins = node.registry.held_tls_pins() if held else node.partner.tls_pins
     key = crypto.certificate_info(pem).public_key_sha256
-    return any(crypto.constant_time_equal(key, pin) for pin in node.partner.tls_pins)
-
-
-def held_partner_node(node: Node, pem: bytes | None) -> bool:
-    """:func:`is_partner_node` by the pins this process last read (no database read: for the event
-    loop; a key announced since is taken once the pins are read again, within a second of use)."""
-    if pem is None or not claims_partner_node(node, pem):
-        return False
-    key = crypto.certificate_info(pem).public_key_sha256
-    return any(crypto.constant_time_equal(key, pin) for pin in node.registry.held_tls_pins())
+    return any(crypto.constant_time_equal(key, pin) for pin in pins)
 
 
 def caller_kind(node: Node, pem: bytes | None) -> str | None:
@@ -147,7 +140,7 @@ def caller_kind(node: Node, pem: bytes | None) -> str | None:
     if pem is None:
         return None
     if claims_partner_node(node, pem):
-        return "partner" if held_partner_node(node, pem) else "unpinned"
+        return "partner" if is_partner_node(node, pem, held=True) else "unpinned"
     if crypto.is_issued_by(pem, node.parties[node.party].ca_certificate.encode()) and (
         crypto.NODE_PURPOSE_OID not in crypto.certificate_info(pem).purposes
     ):
@@ -162,7 +155,7 @@ async def known_caller(request: Request) -> None:
     node = node_of(request)
     pem = certificate_of(request.scope)
     if claims_partner_node(node, pem) and (
-        held_partner_node(node, pem) or await in_peer_thread(request, is_partner_node, node, pem)
+        is_partner_node(node, pem, held=True) or await in_peer_thread(request, is_partner_node, node, pem)
     ):  # (by the pins held, else read in a worker thread: no database read on the event loop)
         request.state.client_id = node.parties[node.partner_party].node_name
         return

@@ -45,8 +45,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from exchange.api import problems
 
 JSON_TYPES = (b"application/json",)
-#: the pages a link or a bookmark on another site may open (a navigation): the auditor console's
-NAVIGABLE_PATHS = frozenset({"/audit"})
+#: requests in progress for every node certificate of the partner's CA whose key is not pinned as
+#: held (a key rotated this second, or a forgery): a floor, not a policy, so not a setting
+UNPINNED_IN_PROGRESS = 2
 
 SECURITY_HEADERS: dict[str, str] = {
     "strict-transport-security": "max-age=31536000",
@@ -134,7 +135,7 @@ def _malformed(detail: str, message: str | None = None) -> Any:
     return problems.problem(400, "malformed-json", "Malformed JSON", detail, **errors)
 
 
-def _cross_site(scope: Scope, headers: dict[bytes, bytes]) -> bool:
+def _cross_site(scope: Scope, headers: dict[bytes, bytes], navigable: frozenset[str]) -> bool:
     """Whether a browser sent this request for a page of another origin (cross-site request
     forgery: the browser presents the user's client certificate to any page's request). By the
     Fetch Metadata a browser sends (``Sec-Fetch-Site``; a top-level navigation by GET is let
@@ -145,7 +146,7 @@ def _cross_site(scope: Scope, headers: dict[bytes, bytes]) -> bool:
     navigation = (
         scope["method"] in ("GET", "HEAD")
         and headers.get(b"sec-fetch-mode") == b"navigate"
-        and scope["path"] in NAVIGABLE_PATHS
+        and scope["path"] in navigable
     )
     if site in (b"cross-site", b"same-site") and not navigation:  # (same-origin, none: the user's own)
         return True
@@ -171,10 +172,13 @@ class RequestGuard:
         raw_paths: frozenset[str] = frozenset(),
         path_limits: dict[str, tuple[int, Callable[[Scope], bool]]] | None = None,
         body_timeout_seconds: float = 30.0,
+        navigable: frozenset[str] = frozenset(),
     ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.body_timeout_seconds = body_timeout_seconds
+        #: the pages a link on another site may open (a navigation): the auditor console's
+        self.navigable = navigable
         self.raw_paths = raw_paths
         #: exact paths with their own limit and who may use it (the partner's envelope batches)
         self.path_limits = path_limits or {}
@@ -189,7 +193,7 @@ class RequestGuard:
             )(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        if _cross_site(scope, headers):
+        if _cross_site(scope, headers, self.navigable):
             await problems.problem(
                 403,
                 "cross-site",
@@ -305,7 +309,7 @@ class ConcurrencyLimit:
     - ``"partner"`` (the partner node, by its pinned key): at most ``per_partner`` in all, outside
       the total, so local systems cannot starve the partner's deliveries, nor a partner flood them;
     - ``"unpinned"`` (a node certificate of the partner's CA with its name, a key not pinned as
-      held: just rotated, or a forgery): at most 2 in all, outside both;
+      held: just rotated, or a forgery): at most :data:`UNPINNED_IN_PROGRESS` in all, outside both;
     - None (any other certificate the TLS layer trusts, such as the partner's local systems): 403
       at once; nothing here serves it.
 
@@ -326,7 +330,7 @@ class ConcurrencyLimit:
     ) -> None:
         self.app = app
         self.total = total
-        self.bound = {"local": per_caller, "partner": per_partner, "unpinned": 2}
+        self.bound = {"local": per_caller, "partner": per_partner, "unpinned": UNPINNED_IN_PROGRESS}
         self.retry_after = str(retry_after)
         self.caller_of = caller_of  # the caller's certificate
         self.kind_of = kind_of

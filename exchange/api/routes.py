@@ -498,7 +498,10 @@ CONSOLE_CSP = (
 )
 
 
-@console_router.get("/audit", summary="The auditor console (HTML)", response_class=HTMLResponse)
+CONSOLE_PATH = "/audit"
+
+
+@console_router.get(CONSOLE_PATH, summary="The auditor console (HTML)", response_class=HTMLResponse)
 def audit_console() -> HTMLResponse:
     """A browser console over the audit API, for clients registered with the AUDITOR role."""
     return HTMLResponse(CONSOLE_HTML, headers={"content-security-policy": CONSOLE_CSP})

@@ -120,3 +120,23 @@ def decode_leaf(leaf: bytes) -> LedgerEntry:
         data=doc["data"],
         leaf=leaf,
     )
+
+
+def decode_canonical_leaf(leaf: bytes) -> LedgerEntry:
+    """:func:`decode_leaf` of a leaf from elsewhere (a partner's answer), which must also be, byte
+    for byte, the leaf :func:`leaf_bytes` makes of what it says (RFC 8785): what a tree holds.
+
+    Raises ``ValueError`` if it is not."""
+    entry = decode_leaf(leaf)
+    draft = EntryDraft(
+        event=entry.event,
+        message_id=entry.message_id,
+        case_ref=entry.case_ref,
+        actor=entry.actor,
+        decision=entry.decision,
+        rules=entry.rules,
+        data=dict(entry.data),
+    )
+    if leaf_bytes(entry.seq, entry.at, draft) != leaf:
+        raise ValueError("not a canonical ledger leaf")
+    return entry
